@@ -1,0 +1,81 @@
+"""The shared layer stack: `x + mixer(norm(x))`, then `x + ffn(norm(x))`, one mixer per layer from a pattern."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from mmeff.blocks import Cache, build
+from mmeff.config import BackboneConfig, ConfigError
+
+
+def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
+    """Expand items like 'gla*3' and cycle the result to `depth` layers."""
+    layers: list[str] = []
+    for item in pattern:
+        name, _, times = item.partition("*")
+        try:
+            count = int(times) if times else 1
+        except ValueError:
+            raise ConfigError(f"backbone.pattern: bad item {item!r}; expected NAME or NAME*COUNT") from None
+        layers += [name.strip()] * count
+    if not layers:
+        raise ConfigError("backbone.pattern: empty; name at least one token mixer")
+    if depth is not None:
+        layers = [layers[i % len(layers)] for i in range(depth)]
+    return layers
+
+
+class Layer(nn.Module):
+    """One pre-norm residual layer: a token mixer then a channel mixer."""
+
+    def __init__(self, mixer: nn.Module, ffn: nn.Module | None, norm: str, dim: int, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = build(norm, dim)
+        self.mixer = mixer
+        self.norm2 = build(norm, dim) if ffn is not None else None
+        self.ffn = ffn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache))
+        if self.ffn is not None:
+            x = x + self.drop_path(self.ffn(self.norm2(x)))
+        return x
+
+
+class Backbone(nn.Module):
+    """Tokens [B, T, D] -> hidden states [B, T, D] through the configured layers."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.names = expand_pattern(cfg.pattern, cfg.depth)
+        rates = torch.linspace(0, cfg.drop_path, len(self.names)).tolist()
+        self.layers = nn.ModuleList(
+            Layer(self._mixer(name), self._ffn(), cfg.norm, cfg.dim, rate) for name, rate in zip(self.names, rates)
+        )
+        self.norm = build(cfg.norm, cfg.dim) if cfg.final_norm else nn.Identity()
+
+    def _mixer(self, name: str) -> nn.Module:
+        options = dict(self.cfg.mixers.get(name, {}))
+        kind = options.pop("type", name)  # an alias in `mixers` may name its block type
+        options.setdefault("causal", self.cfg.causal)
+        return build(kind, self.cfg.dim, where=f"backbone.mixers.{name}", **options)
+
+    def _ffn(self) -> nn.Module | None:
+        if self.cfg.ffn == "none":
+            return None
+        return build(self.cfg.ffn, self.cfg.dim, where="backbone.ffn_options", **self.cfg.ffn_options)
+
+    def new_cache(self) -> list[Cache]:
+        """An empty decoding cache, one entry per layer."""
+        return [Cache() for _ in self.layers]
+
+    def forward(self, x: torch.Tensor, cache: list[Cache] | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"Backbone expects tokens [B, T, {self.cfg.dim}], got {tuple(x.shape)}")
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache=cache[i] if cache is not None else None)
+        return self.norm(x)

@@ -1,0 +1,20 @@
+"""Decoding state a token mixer fills on prefill and reuses step by step."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Cache(dict):
+    """Per-layer decoding state: tensors by name (KV, recurrent state, conv state) plus `offset`.
+
+    `offset` counts the tokens already consumed, so positions (RoPE, windows) continue correctly.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the tensors of this cache."""
+        return sum(t.numel() * t.element_size() for t in self.values() if isinstance(t, torch.Tensor))

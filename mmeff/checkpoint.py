@@ -1,0 +1,104 @@
+"""Checkpoint folders: `config.yaml` + `model.safetensors`, written atomically, loaded without pickle."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file, load_model, save_model
+from torch import nn
+
+from mmeff import config as config_mod
+from mmeff.config import RunConfig
+
+log = logging.getLogger("mmeff")
+
+CONFIG, WEIGHTS = "config.yaml", "model.safetensors"
+
+
+def export(model: nn.Module, cfg: RunConfig, out: str | Path, extra: dict[str, str] | None = None) -> Path:
+    """Write `out/` (config + weights + optional extra text files) via a temp folder and a rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config_mod.save(cfg, tmp / CONFIG)
+        save_model(model, str(tmp / WEIGHTS))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check(path: Path) -> None:
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an mmeff checkpoint folder: {name} is missing")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """The run config stored in checkpoint folder `path`."""
+    path = Path(path)
+    _check(path)
+    return config_mod.parse(yaml.safe_load((path / CONFIG).read_text()))
+
+
+def load(path: str | Path, map_location: str = "cpu") -> nn.Module:
+    """Rebuild the model of checkpoint folder `path` and load its weights (no unpickling)."""
+    from mmeff.tasks import build_model
+
+    path = Path(path)
+    model = build_model(load_config(path))
+    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=map_location)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config's model; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+@dataclass
+class InitReport:
+    """What `init_from` did: tensors loaded, left new, and skipped with the reason."""
+
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"init_from: {len(self.loaded)} tensors loaded, {len(self.new)} new, {len(self.skipped)} skipped"]
+        lines += [f"  skipped {k}: {why}" for k, why in self.skipped.items()]
+        lines += [f"  new {k}" for k in self.new[:20]] + ([f"  ... {len(self.new) - 20} more new"] if len(self.new) > 20 else [])
+        return "\n".join(lines)
+
+
+def init_from(model: nn.Module, path: str | Path) -> InitReport:
+    """Load the tensors of checkpoint `path` whose names and shapes match `model`; report the rest."""
+    path = Path(path)
+    _check(path)
+    src = load_file(str(path / WEIGHTS))
+    own = model.state_dict()
+    report = InitReport()
+    take = {}
+    for name, t in src.items():
+        if name not in own:
+            report.skipped[name] = "not in the new model"
+        elif own[name].shape != t.shape:
+            report.skipped[name] = f"shape {tuple(t.shape)} in the checkpoint, {tuple(own[name].shape)} in the new model"
+        else:
+            take[name] = t
+            report.loaded.append(name)
+    report.new = [k for k in own if k not in take]
+    model.load_state_dict(take, strict=False)
+    log.info("%s", report)
+    return report

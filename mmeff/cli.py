@@ -1,0 +1,115 @@
+"""The `mmeff` command line: fit, validate, test, shards, blocks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from mmeff.config import ConfigError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {}
+
+
+def command(fn: Callable[[argparse.Namespace, list[str]], int]) -> Callable[[argparse.Namespace, list[str]], int]:
+    """Register `cmd_<name>` as the handler of subcommand <name>."""
+    COMMANDS[fn.__name__.removeprefix("cmd_")] = fn
+    return fn
+
+
+def _overrides(rest: list[str]) -> list[str]:
+    bad = [a for a in rest if not a.startswith("--") or "=" not in a]
+    if bad:
+        raise ConfigError(f"unrecognised arguments {bad}; config overrides look like --key.path=value")
+    return rest
+
+
+@command
+def cmd_fit(args: argparse.Namespace, rest: list[str]) -> int:
+    from mmeff import config, trainer
+
+    trainer.fit(config.load(args.config, _overrides(rest)), resume=args.resume)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, rest: list[str], split: str) -> int:
+    from mmeff import config, trainer
+
+    cfg = config.load(args.config, _overrides(rest))
+    metrics = trainer.evaluate(cfg, args.ckpt or cfg.out_dir / "export", split)
+    for key in sorted(metrics, key=lambda k: (k.endswith("acc"), k)):
+        print(f"{key}: {metrics[key]:.4f}")
+    return 0
+
+
+@command
+def cmd_validate(args: argparse.Namespace, rest: list[str]) -> int:
+    return _evaluate(args, rest, "val")
+
+
+@command
+def cmd_test(args: argparse.Namespace, rest: list[str]) -> int:
+    return _evaluate(args, rest, "test")
+
+
+@command
+def cmd_shards(args: argparse.Namespace, rest: list[str]) -> int:
+    import yaml
+
+    from mmeff.data import build_shards
+
+    options = {}
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        options[key] = yaml.safe_load(value)
+    counts = build_shards(args.src, args.out, source=args.source, **options)
+    print(" ".join(f"{split}={n}" for split, n in counts.items()), f"samples written to {args.out}")
+    return 0
+
+
+@command
+def cmd_blocks(args: argparse.Namespace, rest: list[str]) -> int:
+    from mmeff import blocks
+
+    for kind in ("mixer", "ffn", "norm"):
+        for name in blocks.names(kind):
+            print(f"{name:16s} {kind:6s} {blocks.entry(name).summary}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="mmeff", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit", help="train a run config (extra --key.path=value args override it)")
+    f.add_argument("config")
+    f.add_argument("--resume", help="'last', a run folder or a .ckpt file to continue from")
+    for name in ("validate", "test"):
+        e = sub.add_parser(name, help=f"evaluate an exported checkpoint on the {name} split")
+        e.add_argument("config")
+        e.add_argument("--ckpt", help="checkpoint folder (default: <run_dir>/export)")
+    s = sub.add_parser("shards", help="write WebDataset shards from a folder, a CSV/JSONL manifest or a bundled source")
+    s.add_argument("src", nargs="?", help="folder (class/xxx.ext) or .csv/.jsonl manifest")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--source", help="bundled data set, e.g. digits")
+    s.add_argument("--option", "-o", action="append", help="source option KEY=VALUE (repeatable)")
+    sub.add_parser("blocks", help="list the registered blocks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mmeff` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args, rest = parser().parse_known_args(argv)
+    if rest and args.command not in ("fit", "validate", "test"):
+        parser().error(f"unrecognised arguments: {' '.join(rest)}")
+    try:
+        return COMMANDS[args.command](args, rest)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"mmeff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

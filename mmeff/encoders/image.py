@@ -1,0 +1,106 @@
+"""Image tokenizer: patch embedding, interpolatable 2-D position embedding, class token or mean pooling."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from PIL import Image
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from torch import nn
+from torchvision.transforms import v2
+
+from mmeff.config import register_section
+
+
+@register_section("encoder", "image")
+@dataclass
+class ImageEncoderConfig:
+    """Patch tokenizer options; `key` is the image field of the shard samples."""
+
+    name: str = "image"
+    image_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 1
+    key: str = "png"
+    pool: Literal["cls", "mean"] = "cls"
+    cls_position: Literal["first", "middle", "last"] = "first"
+    scan: Literal["raster", "column"] = "raster"
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    augment: bool = True
+    rotate: float = 10.0
+    translate: float = 0.1
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+
+
+class ImageEncoder(nn.Module):
+    """Images [B, C, H, W] -> tokens [B, T, D]; `pool` turns backbone output into one vector."""
+
+    def __init__(self, cfg: ImageEncoderConfig, dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch = PatchEmbed(
+            cfg.image_size, cfg.patch_size, cfg.in_chans, dim, flatten=False, output_fmt="NHWC", strict_img_size=False
+        )
+        self.grid = self.patch.grid_size
+        self.pos = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.pool == "cls" else None
+        trunc_normal_(self.pos, std=0.02)
+        if self.cls is not None:
+            trunc_normal_(self.cls, std=0.02)
+
+    def _cls_index(self, n: int) -> int:
+        return {"first": 0, "middle": n // 2, "last": n}[self.cfg.cls_position]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != self.cfg.in_chans:
+            raise ValueError(f"ImageEncoder expects images [B, {self.cfg.in_chans}, H, W], got {tuple(images.shape)}")
+        x = self.patch(images)  # [B, h, w, D]
+        B, h, w, D = x.shape
+        pos = self.pos if (h, w) == tuple(self.grid) else resample_abs_pos_embed(self.pos, (h, w), self.grid, 0)
+        x = x.reshape(B, h * w, D) + pos
+        if self.cfg.scan == "column":
+            x = x.view(B, h, w, D).transpose(1, 2).reshape(B, h * w, D)
+        if self.cls is not None:
+            i = self._cls_index(x.shape[1])
+            x = torch.cat([x[:, :i], self.cls.expand(B, -1, -1), x[:, i:]], dim=1)
+        return x
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """One vector per sample: the class token's output, or the mean over tokens."""
+        if self.cls is None:
+            return hidden.mean(dim=1)
+        return hidden[:, self._cls_index(hidden.shape[1] - 1)]
+
+
+class ImageTransform:
+    """Decode the image bytes of a shard sample, resize, augment (training) and normalise."""
+
+    def __init__(self, cfg: ImageEncoderConfig, train: bool) -> None:
+        self.key, self.mode = cfg.key, "L" if cfg.in_chans == 1 else "RGB"
+        steps: list = [v2.PILToTensor(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)]
+        if train and cfg.augment:
+            steps.append(v2.RandomAffine(cfg.rotate, (cfg.translate, cfg.translate), tuple(cfg.scale)))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+        self.steps = v2.Compose(steps)
+
+    def __call__(self, sample: dict) -> torch.Tensor:
+        data = sample[self.key]
+        try:
+            image = Image.open(io.BytesIO(data)).convert(self.mode)
+        except Exception as e:  # noqa: BLE001  (PIL raises many kinds)
+            raise ValueError(f"field {self.key!r} is not a decodable image: {e}") from None
+        return self.steps(image)
+
+
+def build(cfg: ImageEncoderConfig, dim: int) -> ImageEncoder:
+    """The image tokenizer of `cfg` with token width `dim`."""
+    return ImageEncoder(cfg, dim)
+
+
+def make_transform(cfg: ImageEncoderConfig, train: bool) -> ImageTransform:
+    """Per-sample image preprocessing."""
+    return ImageTransform(cfg, train)

@@ -1,0 +1,108 @@
+"""What every task's LightningModule shares: optimizer, schedule, parameter groups, data counters."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from mmeff.config import ConfigError, RunConfig
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def set_trainable(model: nn.Module, freeze: list[str], train: list[str]) -> None:
+    """Freeze parameters matching `freeze`; if `train` is set, only parameters matching it train."""
+    for pattern in freeze + train:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in model.named_parameters()):
+            raise ConfigError(f"freeze/train pattern {pattern!r} matches no parameter of the model")
+    for name, p in model.named_parameters():
+        p.requires_grad_((not train or _matches(name, train)) and not _matches(name, freeze))
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    return p.dim() < 2 or name.endswith((".pos", ".cls")) or "norm" in name.split(".")[-2:][0]
+
+
+def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases/norms/embeddings of position, per-pattern lr multipliers."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = next((m for pat, m in cfg.optim.groups.items() if fnmatch.fnmatchcase(name, pat)), 1.0)
+        groups.setdefault((mult, _no_decay(name, p)), []).append(p)
+    return [
+        {"params": ps, "lr": cfg.optim.lr * mult, "weight_decay": 0.0 if nd else cfg.optim.weight_decay}
+        for (mult, nd), ps in groups.items()
+    ]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TaskModule(L.LightningModule):
+    """Base LightningModule: owns the model, the optimizer and schedule, and logs skipped samples."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.skipped = 0
+        set_trainable(model, cfg.freeze, cfg.train)
+
+    def step(self, batch: dict, stage: str) -> torch.Tensor:
+        """The task's loss on `batch`, logging its metrics under `stage/`; each task defines it."""
+        raise NotImplementedError
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the `aux_loss` tensors blocks left on themselves in the last forward (e.g. MoE balancing)."""
+        losses = [m.aux_loss for m in self.model.modules() if getattr(m, "aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.skipped += int(torch.as_tensor(batch.get("_skipped", 0)).sum())
+        self.log("data/skipped", float(self.skipped), reduce_fx="max")
+        loss = self.step(batch, "train")
+        aux = self.aux_loss()
+        if aux is not None:
+            self.log("train/aux_loss", aux, on_step=True)
+            loss = loss + aux
+        if batch_idx % self.cfg.trainer.log_every_n_steps == 0:
+            self.log_block_stats()
+        return loss
+
+    def log_block_stats(self) -> None:
+        """Log `stats()` of every block that has one (expert load, router entropy, ...) under `blocks/`."""
+        for name, m in self.model.named_modules():
+            stats = getattr(m, "stats", None)
+            if callable(stats):
+                for key, value in stats().items():
+                    self.log(f"blocks/{name}/{key}", float(value), on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(param_groups(self.model, self.cfg), lr=o.lr, betas=tuple(o.betas))
+        if o.schedule == "constant":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(o.warmup_steps, total // 2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,49 @@
+"""Image tokenizer: shapes, pooling choices, position interpolation, transform."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from mmeff.encoders.image import ImageEncoder, ImageEncoderConfig, ImageTransform
+
+
+@pytest.mark.parametrize("pool, where", [("cls", "first"), ("cls", "middle"), ("cls", "last"), ("mean", "first")])
+def test_tokens_and_pool(pool, where):
+    enc = ImageEncoder(ImageEncoderConfig(image_size=16, patch_size=4, pool=pool, cls_position=where), dim=24)
+    tokens = enc(torch.randn(3, 1, 16, 16))
+    assert tokens.shape == (3, 16 + (pool == "cls"), 24)
+    assert enc.pool(tokens).shape == (3, 24)
+    if pool == "cls":
+        i = {"first": 0, "middle": 8, "last": 16}[where]
+        assert torch.equal(tokens[:, i], enc.cls.expand(3, 1, 24)[:, 0])
+        assert torch.equal(enc.pool(tokens), tokens[:, i])
+
+
+def test_position_embedding_interpolates_to_other_sizes():
+    enc = ImageEncoder(ImageEncoderConfig(image_size=16, patch_size=4, pool="mean"), dim=24)
+    assert enc(torch.randn(1, 1, 32, 32)).shape == (1, 64, 24)
+
+
+def test_column_scan_is_a_transpose_of_raster():
+    raster = ImageEncoder(ImageEncoderConfig(image_size=8, patch_size=4, pool="mean"), dim=8)
+    column = ImageEncoder(ImageEncoderConfig(image_size=8, patch_size=4, pool="mean", scan="column"), dim=8)
+    column.load_state_dict(raster.state_dict())
+    x = torch.randn(1, 1, 8, 8)
+    assert torch.equal(column(x)[:, [0, 2, 1, 3]], raster(x))
+
+
+def test_wrong_channels_named():
+    enc = ImageEncoder(ImageEncoderConfig(image_size=16, patch_size=4), dim=8)
+    with pytest.raises(ValueError, match=r"images \[B, 1, H, W\], got \(2, 3, 16, 16\)"):
+        enc(torch.randn(2, 3, 16, 16))
+
+
+def test_transform_decodes_resizes_and_normalises():
+    buf = io.BytesIO()
+    Image.new("L", (32, 32), color=255).save(buf, format="PNG")
+    out = ImageTransform(ImageEncoderConfig(image_size=16), train=False)({"png": buf.getvalue()})
+    assert out.shape == (1, 16, 16) and torch.allclose(out, torch.ones_like(out))
+    with pytest.raises(ValueError, match="'png' is not a decodable image"):
+        ImageTransform(ImageEncoderConfig(), train=False)({"png": b"garbage"})

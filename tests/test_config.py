@@ -1,0 +1,97 @@
+"""Config loading: every kind of error names the key path; overrides; round trip."""
+
+import pytest
+import yaml
+
+from mmeff import config
+from mmeff.config import ConfigError
+
+BASE = {
+    "name": "t",
+    "encoder": {"name": "image", "image_size": 16, "patch_size": 4},
+    "task": {"name": "classify", "num_classes": 10},
+    "backbone": {"dim": 32, "pattern": ["attn"]},
+}
+
+
+def _with(**patch):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    for path, value in patch.items():
+        node = data
+        *parents, last = path.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return data
+
+
+def test_valid_config_parses_with_types():
+    cfg = config.parse(_with(optim__lr=1))
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.encoder.image_size == 16 and cfg.task.num_classes == 10
+    assert str(cfg.out_dir) == "runs/t"
+
+
+@pytest.mark.parametrize(
+    "patch, fragment",
+    [
+        ({"backbone__dimm": 3}, "unknown key backbone.dimm"),
+        ({"optim__lr": "fast"}, "optim.lr: got 'fast'"),
+        ({"trainer__logger": "wandb"}, "trainer.logger: got 'wandb'"),
+        ({"backbone__pattern": "attn"}, "backbone.pattern: got 'attn'"),
+        ({"encoder__pool": "max"}, "encoder.pool"),
+        ({"task__name": "segment"}, "task.name: got 'segment'; expected one of"),
+        ({"data__batch_size": True}, "data.batch_size: got True"),
+        ({"topping": 1}, "unknown key topping"),
+    ],
+)
+def test_errors_name_the_key(patch, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(").replace("'", "'")):
+        config.parse(_with(**patch))
+
+
+def test_missing_required_key():
+    data = _with()
+    del data["encoder"]
+    with pytest.raises(ConfigError, match="missing required key encoder"):
+        config.parse(data)
+
+
+def test_error_lists_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        config.parse(_with(trainer__logger="wandb"))
+    assert "'csv'" in str(e.value) and "'tensorboard'" in str(e.value)
+
+
+def test_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    cfg = config.load(path, ["--backbone.dim=64", "--backbone.pattern=[attn, attn]", "--trainer.max_epochs=3"])
+    assert cfg.backbone.dim == 64 and cfg.backbone.pattern == ["attn", "attn"] and cfg.trainer.max_epochs == 3
+    config.save(cfg, tmp_path / "resolved.yaml")
+    again = config.load(tmp_path / "resolved.yaml")
+    assert config.to_dict(again) == config.to_dict(cfg)
+    with pytest.raises(ConfigError, match="unknown key backbone.width"):
+        config.load(path, ["--backbone.width=3"])
+    with pytest.raises(ConfigError, match="expected --key.path=value"):
+        config.load(path, ["--backbone.dim"])
+
+
+def test_bad_block_option_names_the_key():
+    from mmeff.backbone import Backbone
+
+    cfg = config.parse(_with(backbone__mixers={"attn": {"headz": 2}}))
+    with pytest.raises(ConfigError, match="backbone.mixers.attn.headz"):
+        Backbone(cfg.backbone)
+    cfg = config.parse(_with(backbone__pattern=["nope"]))
+    with pytest.raises(ConfigError, match="unknown block 'nope'"):
+        Backbone(cfg.backbone)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
