@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+
 import torch
 from timm.layers import DropPath
 from torch import nn
 
 from mmeff.blocks import Cache, build
 from mmeff.config import BackboneConfig, ConfigError
+
+log = logging.getLogger("mmeff")
 
 
 def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
@@ -37,9 +42,11 @@ class Layer(nn.Module):
         self.norm2 = build(norm, dim) if ffn is not None else None
         self.ffn = ffn
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.takes_docs = "docs" in inspect.signature(mixer.forward).parameters
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache))
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, docs: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {"docs": docs} if docs is not None and self.takes_docs else {}
+        x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache, **extra))
         if self.ffn is not None:
             x = x + self.drop_path(self.ffn(self.norm2(x)))
         return x
@@ -54,9 +61,11 @@ class Backbone(nn.Module):
         self.names = expand_pattern(cfg.pattern, cfg.depth)
         rates = torch.linspace(0, cfg.drop_path, len(self.names)).tolist()
         self.layers = nn.ModuleList(
-            Layer(self._mixer(name), self._ffn(), cfg.norm, cfg.dim, rate) for name, rate in zip(self.names, rates)
+            Layer(self._mixer(name), self._ffn(i), cfg.norm, cfg.dim, rate)
+            for i, (name, rate) in enumerate(zip(self.names, rates))
         )
         self.norm = build(cfg.norm, cfg.dim) if cfg.final_norm else nn.Identity()
+        self._told_docs = False
 
     def _mixer(self, name: str) -> nn.Module:
         options = dict(self.cfg.mixers.get(name, {}))
@@ -64,18 +73,36 @@ class Backbone(nn.Module):
         options.setdefault("causal", self.cfg.causal)
         return build(kind, self.cfg.dim, where=f"backbone.mixers.{name}", **options)
 
-    def _ffn(self) -> nn.Module | None:
+    def _ffn(self, index: int) -> nn.Module | None:
         if self.cfg.ffn == "none":
             return None
-        return build(self.cfg.ffn, self.cfg.dim, where="backbone.ffn_options", **self.cfg.ffn_options)
+        options = dict(self.cfg.ffn_options)
+        if self.cfg.ffn == "moe" and "layers" in options:  # MoE on the listed layers only, `dense` elsewhere
+            layers, dense = options.pop("layers"), options.pop("dense", "swiglu")
+            dense_options = options.pop("dense_options", {})
+            if not isinstance(layers, list) or not all(isinstance(i, int) and 0 <= i < len(self.names) for i in layers):
+                raise ConfigError(
+                    f"backbone.ffn_options.layers: expected layer indices in [0, {len(self.names)}), got {layers!r}"
+                )
+            if index not in layers:
+                return build(dense, self.cfg.dim, where="backbone.ffn_options.dense_options", **dense_options)
+        return build(self.cfg.ffn, self.cfg.dim, where="backbone.ffn_options", **options)
 
     def new_cache(self) -> list[Cache]:
         """An empty decoding cache, one entry per layer."""
         return [Cache() for _ in self.layers]
 
-    def forward(self, x: torch.Tensor, cache: list[Cache] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: list[Cache] | None = None, docs: torch.Tensor | None = None) -> torch.Tensor:
+        """`docs` [B, T] (document index per token) keeps packed documents apart in mixers that take it."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"Backbone expects tokens [B, T, {self.cfg.dim}], got {tuple(x.shape)}")
+        if docs is not None and docs.shape != x.shape[:2]:
+            raise ValueError(f"docs must be [B, T] = {tuple(x.shape[:2])}, got {tuple(docs.shape)}")
+        if docs is not None and not self._told_docs:
+            leaky = sorted({n for n, layer in zip(self.names, self.layers) if not layer.takes_docs})
+            if leaky:
+                log.info("document boundaries are not kept by mixers %s (they see packed documents as one)", leaky)
+            self._told_docs = True
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache=cache[i] if cache is not None else None)
+            x = layer(x, cache=cache[i] if cache is not None else None, docs=docs)
         return self.norm(x)

@@ -78,6 +78,26 @@ def cmd_blocks(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+@command
+def cmd_tokenizer(args: argparse.Namespace, rest: list[str]) -> int:
+    from mmeff.data.text import training_texts
+    from mmeff.encoders.text import train_bpe
+
+    tokenizer = train_bpe(training_texts(args.src), args.vocab_size)
+    print(f"{tokenizer.vocab_size}-token BPE tokenizer written to {tokenizer.save(args.out)}")
+    return 0
+
+
+@command
+def cmd_audio_stats(args: argparse.Namespace, rest: list[str]) -> int:
+    from mmeff import config
+    from mmeff.encoders.audio import compute_stats
+
+    mean, std = compute_stats(config.load(args.config))
+    print(f"norm_mean: {mean:.6g}\nnorm_std: {std:.6g}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="mmeff", description=__doc__)
@@ -95,12 +115,25 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--source", help="bundled data set, e.g. digits")
     s.add_argument("--option", "-o", action="append", help="source option KEY=VALUE (repeatable)")
     sub.add_parser("blocks", help="list the registered blocks")
+    t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (train text of a config or shard folder, or text/JSONL)")
+    t.add_argument("action", choices=["train"])
+    t.add_argument("src", help="run config (.yaml), text shard folder, or .txt/.jsonl file or folder")
+    t.add_argument("--vocab-size", type=int, required=True, help="ids in all, special tokens included")
+    t.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    a = sub.add_parser("audio-stats", help="print the log-mel mean/std of a config's train shards (encoder.norm_mean/norm_std)")
+    a.add_argument("config")
+    a.set_defaults(command="audio_stats")  # the handler's name: cmd_audio_stats
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmeff` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("mmeff")  # Lightning configures its own loggers; only ours get this handler
+    if not root.handlers:
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
     args, rest = parser().parse_known_args(argv)
     if rest and args.command not in ("fit", "validate", "test"):
         parser().error(f"unrecognised arguments: {' '.join(rest)}")

@@ -1,0 +1,299 @@
+"""Loading shards: per-rank and per-worker shard splits, skip counting, and a Lightning DataModule."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import logging
+import math
+import os
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, default_collate
+
+from mmeff.config import DataConfig
+from mmeff.data.shards import INDEX, build_shards, count_samples, read_index
+
+logger = logging.getLogger("mmeff.data")
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+SPLITS = ("train", "val", "test")
+# What reading a broken (truncated, garbage, badly compressed) tar file raises.
+_SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
+
+
+class SkipCounter:
+    """Counts the samples and shards skipped in this process (or raises on the first when `strict`)."""
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        self.total = 0
+        self._pending = 0
+
+    def skip(self, message: str) -> None:
+        """Raise `message` if strict; else log it as a warning and count one skip."""
+        if self.strict:
+            raise RuntimeError(message)
+        logger.warning(message)
+        self.total += 1
+        self._pending += 1
+
+    def take(self) -> int:
+        """The number of skips since the previous call."""
+        pending, self._pending = self._pending, 0
+        return pending
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches of a shard list: endless and shuffled for train (fixed length), one pass for eval."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        sizes: list[int],
+        transform: Transform,
+        batch_size: int,
+        train: bool,
+        world_size: int,
+        rank: int,
+        workers: int,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        epoch: int = 0,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        self.shards, self.sizes = shards, dict(zip(shards, sizes))
+        self.transform, self.batch_size, self.train = transform, batch_size, train
+        self.world_size, self.rank = world_size, rank
+        self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, epoch
+        self.counter = SkipCounter(strict)
+        if train:
+            self.length = max(1, sum(sizes) // (world_size * batch_size))
+        else:
+            # Each worker batches its own shards, so each ends with its own partial batch.
+            mine, workers = shards[rank::world_size], max(1, workers)
+            per_worker = [sum(self.sizes[s] for s in mine[w::workers]) for w in range(workers)]
+            self.length = sum(math.ceil(n / batch_size) for n in per_worker)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (all workers together)."""
+        return self.length
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """One epoch of batches (in a DataLoader worker: that worker's share)."""
+        # Counted here, eagerly: with persistent workers each worker's copy counts the same epochs.
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self._epoch(epoch)
+
+    def _epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        _, _, worker, workers = wds.utils.pytorch_worker_info()
+        # Same order on every rank (seeded by epoch); the rank is explicit because wds.split_by_node
+        # reads it from the environment / torch.distributed, which make_loader's callers need not set up.
+        order = wds.SimpleShardList(self.shards, seed=self.seed + epoch if self.train else None)
+        urls = [s["url"] for s in wds.split_by_worker(itertools.islice(order, self.rank, None, self.world_size))]
+        batches = wds.batched(self.batch_size, collation_fn=self._collate)(self._samples(urls, epoch, worker))
+        if not self.train:
+            yield from batches
+            return
+        quota = self.length // workers + (worker < self.length % workers)
+        done = 0
+        for batch in itertools.islice(batches, quota):
+            done += 1
+            yield batch
+        if done < quota:
+            raise RuntimeError(
+                f"training data: rank {self.rank} worker {worker} got no usable sample from its shards "
+                f"{urls} after {done} of {quota} batches (every shard or sample was skipped)"
+            )
+
+    def _samples(self, urls: list[str], epoch: int, worker: int) -> Iterator[dict[str, Any]]:
+        """Transformed samples of `urls`: one pass for eval, shuffled passes without end for train."""
+        if not urls:
+            return
+        for n in itertools.count() if self.train else range(1):
+            stages: list[Any] = [wds.SimpleShardList(urls), self._read]
+            if self.train:
+                seed = wds.utils.make_seed(self.seed, epoch, self.rank, worker, n)
+                stages.append(wds.shuffle(self.shuffle_buffer, seed=seed))
+            stages.append(self._apply)
+            produced = 0
+            for sample in wds.DataPipeline(*stages):
+                produced += 1
+                yield sample
+            if not produced:  # everything was skipped: stop rather than loop forever
+                return
+
+    def _read(self, shards: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        """Raw samples of each shard; the rest of a corrupt or truncated shard is skipped and counted."""
+        for shard in shards:
+            url, n = shard["url"], 0
+            try:
+                for sample in wds.tarfile_samples([shard]):
+                    n += 1
+                    yield sample
+            except _SHARD_ERRORS as e:
+                self.counter.skip(f"skipping corrupt shard {url} after {n} sample(s): {_reason(e)}")
+                continue
+            if n < self.sizes[url]:
+                self.counter.skip(f"skipping truncated shard {url}: it ended after {n} of {self.sizes[url]} samples")
+
+    def _apply(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The transform of each sample; one that lacks a field (KeyError) or cannot be decoded (ValueError) is skipped and counted."""
+        for raw in samples:
+            try:
+                sample = self.transform(raw)
+            except (KeyError, ValueError) as e:
+                why = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) and e.args else str(e)
+                self.counter.skip(f"skipping sample {raw.get('__key__')!r} in shard {raw.get('__url__')}: {why}")
+                continue
+            yield sample
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**default_collate(samples), "_skipped": self.counter.take()}
+
+
+def _reason(e: BaseException) -> str:
+    """A short description of a shard read error (webdataset appends the stream and url to its args)."""
+    text = getattr(e, "strerror", None) or (e.args[0] if e.args and isinstance(e.args[0], str) else "")
+    return f"{type(e).__name__}: {text.split(' @ ')[0].splitlines()[0].rstrip(': ')}" if text else type(e).__name__
+
+
+def make_loader(
+    cfg: DataConfig,
+    split: str,
+    transform: Transform,
+    train: bool,
+    world_size: int = 1,
+    rank: int = 0,
+    epoch: int = 0,
+) -> DataLoader:
+    """A DataLoader of `split`'s batches for one rank (`epoch`: the first epoch's number, for the shard order)."""
+    shards = find_shards(cfg, split)
+    workers = cfg.num_workers
+    if train and len(shards) < world_size * max(1, workers):
+        raise ValueError(
+            f"{split} split: {len(shards)} shard(s) cannot feed {world_size} rank(s) x {max(1, workers)} "
+            f"loader worker(s); write at least {world_size * max(1, workers)} shards (smaller maxcount) "
+            "or use fewer workers"
+        )
+    if not train and len(shards[rank::world_size]) < workers:
+        mine = len(shards[rank::world_size])
+        logger.info(
+            "%s split: rank %d has %d shard(s), so it uses as many loader workers, not %d", split, rank, mine, workers
+        )
+        workers = mine
+    dataset = ShardStream(
+        shards,
+        _shard_sizes(shards, cfg.strict),
+        transform,
+        cfg.batch_size if train else cfg.eval_batch_size or cfg.batch_size,
+        train,
+        world_size,
+        rank,
+        workers,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        epoch=epoch,
+        strict=cfg.strict,
+    )
+    # Persistent workers keep their dataset copy, whose epoch counter sets each epoch's shard order.
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def find_shards(cfg: DataConfig, split: str) -> list[str]:
+    """Absolute paths of the shards matching `cfg.<split>` (glob or {a..b} braces) under `cfg.root`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    pattern = getattr(cfg, split)
+    if pattern is None:
+        raise ValueError(f"data.{split} is not set, so there are no {split} shards")
+    root = Path(cfg.root)
+    found, unmatched = [], []
+    for part in wds.shardlists.expand_urls(pattern):
+        matches = sorted(glob.glob(str(root / part)))
+        if matches:
+            found.extend(matches)
+        else:
+            unmatched.append(part)
+    if unmatched:
+        what = "matches nothing" if not found else f"has no match for {', '.join(unmatched[:3])}"
+        hint = f"; write them with `mmeff shards --source {cfg.source} {cfg.root}`" if cfg.source else ""
+        raise FileNotFoundError(f"no {split} shards: pattern {pattern!r} {what} in {root.absolute()}{hint}")
+    return [os.path.abspath(p) for p in dict.fromkeys(found)]
+
+
+def _shard_sizes(shards: list[str], strict: bool) -> list[int]:
+    """Samples per shard: from the `index.json` beside it where it is listed, else by listing the tar."""
+    known: dict[str, int] = {}
+    for folder in {os.path.dirname(s) for s in shards}:
+        if os.path.isfile(os.path.join(folder, INDEX)):
+            for split, entry in read_index(folder).items():
+                if split != "meta" and "counts" in entry:
+                    known.update({os.path.join(folder, n): c for n, c in zip(entry["shards"], entry["counts"])})
+    return [known[s] if s in known else _listed_size(s, strict) for s in shards]
+
+
+def _listed_size(shard: str, strict: bool) -> int:
+    try:
+        return count_samples(Path(shard))
+    except _SHARD_ERRORS as e:
+        message = f"cannot list shard {shard} ({_reason(e)}); counting it as 0 samples"
+        if strict:
+            raise RuntimeError(message) from e
+        logger.warning(message)
+        return 0
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Train / val / test loaders over `cfg`'s shards, split for the attached trainer's ranks."""
+
+    def __init__(self, cfg: DataConfig, train_transform: Transform, eval_transform: Transform) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+
+    def prepare_data(self) -> None:
+        """Write `cfg.source`'s shards into `cfg.root` when it has no train shards yet (once per node)."""
+        if self.cfg.source is None:
+            return
+        try:
+            find_shards(self.cfg, "train")
+        except FileNotFoundError:
+            logger.info("writing the %s shards into %s", self.cfg.source, self.cfg.root)
+            build_shards(None, self.cfg.root, source=self.cfg.source)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None:
+            world_size, rank, epoch = 1, 0, 0
+        else:
+            world_size, rank, epoch = trainer.world_size, trainer.global_rank, trainer.current_epoch
+        transform = self.train_transform if train else self.eval_transform
+        return make_loader(self.cfg, split, transform, train, world_size, rank, epoch=epoch)
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless shuffled train batches, a fixed number per epoch on every rank."""
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Each val sample once across ranks (no loader when `cfg.val` is unset)."""
+        return self._loader("val", False) if self.cfg.val else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Each test sample once across ranks (no loader when `cfg.test` is unset)."""
+        return self._loader("test", False) if self.cfg.test else []
