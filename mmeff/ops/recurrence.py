@@ -1,0 +1,182 @@
+"""Shared core of the linear-sequence ops: one gated (delta-)linear recurrence, recurrent and chunked.
+
+Per batch and head, with state S_t of shape [K, V]:
+
+    S'_t = diag(exp(g_t)) S_{t-1}                      (g_t: scalar or per key channel; none = 0)
+    S_t  = S'_t + k_t v_t^T                            (additive rule)
+    S_t  = S'_t + beta_t k_t (v_t - S'^T_t k_t)^T      (delta rule)
+    o_t  = scale * S_t^T q_t
+
+"recurrent" runs this step by step (the reference); "chunk" is the equivalent chunked parallel form:
+within a chunk every position is expressed through the chunk's entry state S_0 plus the chunk's own
+contribution, computed with decay-masked score matrices (the delta rule through the UT transform
+(I + M)^{-1}) or, for per-channel decay with a narrow value, by stepping through all chunks at once;
+S_0 is passed chunk to chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Mode = Literal["chunk", "recurrent"]
+
+# Sub-chunk length for per-key-channel decay scores; bounds the exact [c, c, K] pairwise-decay tensor.
+_SUBCHUNK = 16
+# Value width up to which per-channel-decay chunks are stepped through rather than scored pairwise.
+_NARROW_VALUE = 4
+
+
+def linear_recurrence(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor] = None,
+    beta: Optional[Tensor] = None,
+    *,
+    scale: float = 1.0,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+    mode: Mode = "chunk",
+    chunk_size: int = 64,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Run the recurrence on q, k [B,T,H,K], v [B,T,H,V], log_decay [B,T,H] or [B,T,H,K], beta [B,T,H]."""
+    if mode not in ("chunk", "recurrent"):
+        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    batch, seqlen, heads, dk = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if log_decay is not None and log_decay.shape not in ((batch, seqlen, heads), (batch, seqlen, heads, dk)):
+        raise ValueError(f"log_decay must be [B,T,H] or [B,T,H,K], got {tuple(log_decay.shape)}")
+    if beta is not None and beta.shape != (batch, seqlen, heads):
+        raise ValueError(f"beta must be [B,T,H], got {tuple(beta.shape)}")
+
+    out_dtype = v.dtype
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
+    q = q * scale
+    # No decay is a zero scalar log-decay: one code path, negligible cost.
+    if log_decay is None:
+        g = q.new_zeros(batch, heads, seqlen, 1)
+    else:
+        g = log_decay.float()
+        g = (g.unsqueeze(-1) if g.dim() == 3 else g).transpose(1, 2)
+    if beta is not None:
+        beta = beta.transpose(1, 2).float().unsqueeze(-1)
+    if initial_state is None:
+        state = q.new_zeros(batch, heads, dk, v.shape[-1])
+    else:
+        state = initial_state.float()
+
+    if mode == "recurrent":
+        o, state = _recurrent(q, k, v, g, beta, state)
+    else:
+        o, state = _chunked(q, k, v, g, beta, state, chunk_size)
+    return o.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
+
+
+def _recurrent(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], state: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Step-by-step definition on [B,H,T,*] fp32 tensors."""
+    outs = []
+    for t in range(q.shape[2]):
+        state = state * g[:, :, t, :, None].exp()
+        k_t = k[:, :, t]
+        u = v[:, :, t]
+        if beta is not None:
+            u = beta[:, :, t] * (u - torch.einsum("bhkv,bhk->bhv", state, k_t))
+        state = state + k_t[..., :, None] * u[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], state))
+    return torch.stack(outs, dim=2), state
+
+
+def _chunked(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], state: Tensor, chunk_size: int
+) -> Tuple[Tensor, Tensor]:
+    """Chunked parallel form on [B,H,T,*] fp32 tensors; T is zero-padded to a whole number of chunks."""
+    seqlen = q.shape[2]
+    size = min(chunk_size, seqlen)
+    pad = -seqlen % size
+
+    def split(x: Tensor) -> Tensor:
+        # Padded steps have k = v = beta = 0 and no decay, so they leave the state unchanged.
+        return F.pad(x, (0, 0, 0, pad)).unflatten(2, (-1, size))
+
+    q, k, v, g = (split(x) for x in (q, k, v, g))
+    b = g.cumsum(dim=-2)  # log decay from the chunk start, inclusive: [B,H,N,C,1 or K]
+    q_in = q * b.exp()  # reads the chunk's entry state
+    chunk_decay = b[..., -1, :, None].exp()  # [B,H,N,1 or K,1]
+
+    # Per chunk: o = q_in S_0 + local_o and S_C = chunk_decay * S_0 + local_s (- k_out^T w S_0 for the
+    # delta rule), where local_o / local_s are the outputs and exit state of the chunk run from S_0 = 0.
+    w = None
+    if beta is None and b.shape[-1] > 1 and v.shape[-1] <= _NARROW_VALUE:
+        # Per-channel decay with a narrow value (the selective scan): states are smaller than the
+        # [c, c, K] pairwise decays, so step through all chunks at once instead.
+        heads, nchunks = q.shape[1:3]
+        local_o, local_s = _recurrent(
+            *(x.flatten(1, 2) for x in (q, k, v, g)),
+            None,
+            q.new_zeros(q.shape[0], heads * nchunks, k.shape[-1], v.shape[-1]),
+        )
+        local_o, local_s = local_o.unflatten(1, (heads, nchunks)), local_s.unflatten(1, (heads, nchunks))
+    else:
+        scores = _decayed_scores(q, k, b, strict=False)
+        k_out = k * (b[..., -1:, :] - b).exp()  # writes into the chunk's exit state
+        u = v
+        if beta is not None:
+            beta = split(beta)
+            # Delta rule within a chunk: U = (I + M)^{-1} (beta V - beta (K * exp(b)) S_0) = u - w S_0 with
+            # M_ts = beta_t <k_t, k_s>_decayed for s < t; the unit diagonal is implied by unitriangular.
+            m = beta * _decayed_scores(k, k, b, strict=True)
+            rhs = torch.cat([beta * v, beta * k * b.exp()], dim=-1)
+            sol = torch.linalg.solve_triangular(m, rhs, upper=False, unitriangular=True)
+            u, w = sol.split([v.shape[-1], k.shape[-1]], dim=-1)
+            q_in = q_in - scores @ w
+        local_o, local_s = scores @ u, k_out.transpose(-1, -2) @ u
+
+    outs = []
+    for n in range(q.shape[2]):
+        outs.append(q_in[:, :, n] @ state + local_o[:, :, n])
+        exit_state = chunk_decay[:, :, n] * state + local_s[:, :, n]
+        if w is not None:
+            exit_state = exit_state - k_out[:, :, n].transpose(-1, -2) @ (w[:, :, n] @ state)
+        state = exit_state
+    o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :seqlen]
+    return o, state
+
+
+def _masked_exp(x: Tensor, keep: Tensor) -> Tensor:
+    """exp(x) where keep, else 0; masking before exp avoids overflow and inf * 0 in the backward."""
+    return x.masked_fill(~keep, float("-inf")).exp()
+
+
+def _decayed_scores(x: Tensor, y: Tensor, b: Tensor, strict: bool) -> Tensor:
+    """S_ts = sum_k x_tk y_sk exp(b_tk - b_sk) for s <= t (s < t if strict), else 0; x, y, b: [..., C, K|1]."""
+    size = x.shape[-2]
+    causal = torch.ones(size, size, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+    if b.shape[-1] == 1:
+        return (x @ y.transpose(-1, -2)) * _masked_exp(b - b.transpose(-1, -2), causal)
+
+    # Per-key-channel decay: exp(b_t - b_s) does not factor stably, so sub-chunk: exact pairwise
+    # exponents inside each diagonal block, and for earlier blocks a reference point r between s and t
+    # (the position just before t's sub-chunk), exp(b_t - b_s) = exp(b_t - b_r) exp(b_r - b_s), both <= 1.
+    sub = _SUBCHUNK if size % _SUBCHUNK == 0 else size
+    nsub = size // sub
+    xs, ys, bs = (a.unflatten(-2, (nsub, sub)) for a in (x, y, b))
+    diag_decay = _masked_exp(bs[..., :, None, :] - bs[..., None, :, :], causal[:sub, :sub, None])
+    diag = torch.einsum("...itk,...isk,...itsk->...its", xs, ys, diag_decay)
+
+    b_ref = torch.cat([torch.zeros_like(b[..., :1, :]), b[..., sub - 1 : size - 1 : sub, :]], dim=-2)
+    before = torch.arange(size, device=x.device) < torch.arange(0, size, sub, device=x.device)[:, None]
+    x_ref = xs * (bs - b_ref[..., :, None, :]).exp()
+    y_ref = y[..., None, :, :] * _masked_exp(b_ref[..., :, None, :] - b[..., None, :, :], before[..., None])
+    off = (x_ref @ y_ref.transpose(-1, -2)).unflatten(-1, (nsub, sub))  # [..., i, t, j, s]
+    block_eye = torch.eye(nsub, dtype=x.dtype, device=x.device)[:, None, :, None]
+    full = off + diag[..., :, :, None, :] * block_eye
+    return full.reshape(*full.shape[:-4], size, size)
