@@ -14,6 +14,10 @@ from mmeff.config import BackboneConfig, ConfigError
 
 log = logging.getLogger("mmeff")
 
+# Per-batch context a mixer may take as a keyword: `docs` [B, T] document index per token (packed
+# documents stay apart); `prefix` (int) leading tokens that see each other both ways (prefix LM).
+CONTEXT = ("docs", "prefix")
+
 
 def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
     """Expand items like 'gla*3' and cycle the result to `depth` layers."""
@@ -42,10 +46,10 @@ class Layer(nn.Module):
         self.norm2 = build(norm, dim) if ffn is not None else None
         self.ffn = ffn
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.takes_docs = "docs" in inspect.signature(mixer.forward).parameters
+        self.takes = set(inspect.signature(mixer.forward).parameters) & set(CONTEXT)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, docs: torch.Tensor | None = None) -> torch.Tensor:
-        extra = {"docs": docs} if docs is not None and self.takes_docs else {}
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, **context: object) -> torch.Tensor:
+        extra = {k: v for k, v in context.items() if v is not None and k in self.takes}
         x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache, **extra))
         if self.ffn is not None:
             x = x + self.drop_path(self.ffn(self.norm2(x)))
@@ -92,17 +96,19 @@ class Backbone(nn.Module):
         """An empty decoding cache, one entry per layer."""
         return [Cache() for _ in self.layers]
 
-    def forward(self, x: torch.Tensor, cache: list[Cache] | None = None, docs: torch.Tensor | None = None) -> torch.Tensor:
-        """`docs` [B, T] (document index per token) keeps packed documents apart in mixers that take it."""
+    def forward(
+        self, x: torch.Tensor, cache: list[Cache] | None = None, docs: torch.Tensor | None = None, prefix: int | None = None
+    ) -> torch.Tensor:
+        """Hidden states of tokens `x`; `docs` and `prefix` (see CONTEXT) reach the mixers that take them."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"Backbone expects tokens [B, T, {self.cfg.dim}], got {tuple(x.shape)}")
         if docs is not None and docs.shape != x.shape[:2]:
             raise ValueError(f"docs must be [B, T] = {tuple(x.shape[:2])}, got {tuple(docs.shape)}")
         if docs is not None and not self._told_docs:
-            leaky = sorted({n for n, layer in zip(self.names, self.layers) if not layer.takes_docs})
+            leaky = sorted({n for n, layer in zip(self.names, self.layers) if "docs" not in layer.takes})
             if leaky:
                 log.info("document boundaries are not kept by mixers %s (they see packed documents as one)", leaky)
             self._told_docs = True
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache=cache[i] if cache is not None else None, docs=docs)
+            x = layer(x, cache=cache[i] if cache is not None else None, docs=docs, prefix=prefix)
         return self.norm(x)

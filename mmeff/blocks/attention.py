@@ -1,18 +1,143 @@
-"""Softmax attention through `scaled_dot_product_attention`, with MQA/GQA, RoPE and a KV cache."""
+"""Softmax attention: one projection / RoPE / KV-cache / mask path shared by every variant.
+
+`SoftmaxAttention.forward` is the whole flow: `project` (queries + the per-token tensors to cache) ->
+`remember` (KV cache, appended or a ring bounded by `cache_bound`) -> `attend` (the mask predicate
+of `mask` through `mmeff.ops.flex.attention`) -> `merge` (heads -> output projection). Variants
+override only the step they change: sparse masks (mmeff/blocks/sparse.py), latent projections,
+head routing and quantised scores (mmeff/blocks/efficient.py).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.registry import register
+from mmeff.ops import flex, masks
+from mmeff.ops.masks import MaskMod
 from mmeff.ops.rope import apply_rope, rope_angles
 
 
+def slot_positions(n: int, bound: tuple[int, int] | None, device: torch.device) -> Tensor:
+    """Token positions held by the cache slots after `n` tokens: all of them, or the first `keep` and a ring of `window`."""
+    if bound is None or n <= sum(bound):
+        return torch.arange(n, device=device)
+    keep, window = bound
+    slots = torch.arange(keep + window, device=device)
+    return torch.where(slots < keep, slots, n - 1 - (n - 1 - slots) % window)
+
+
+def remember(cache: Cache, new: dict[str, Tensor], bound: tuple[int, int] | None) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Add the per-token tensors `new` ([B, h, T, d] each) to `cache`; return what the queries attend over and its positions.
+
+    Positions are None when nothing was cached before (keys aligned with the queries). With `bound`
+    = (keep, window) the cache holds the first `keep` tokens plus a ring buffer of the latest `window`
+    (slot of position p: p < keep ? p : keep + (p - keep) % window), so its size never grows past them.
+    """
+    n = cache.offset
+    T = next(iter(new.values())).shape[2]
+    device = next(iter(new.values())).device
+    cache.offset += T
+    if n == 0:
+        full, positions = new, None
+    else:
+        positions = torch.cat([slot_positions(n, bound, device), torch.arange(n, n + T, device=device)])
+        full = {name: torch.cat([cache[name], t], dim=2) for name, t in new.items()}
+    if bound is None or n + T <= sum(bound):
+        cache.update(full)
+    else:
+        held = min(n, sum(bound))
+        kept = slot_positions(n + T, bound, device)
+        index = torch.where(kept < n, torch.arange(kept.numel(), device=device), held + kept - n)
+        cache.update({name: t.index_select(2, index) for name, t in full.items()})
+    return full, positions
+
+
+class SoftmaxAttention(nn.Module):
+    """The shared flow of every softmax-attention mixer; subclasses define `project` and may override any step."""
+
+    per_head_mask = False  # True where `mask` depends on the head (FlexAttention then needs one block mask per head)
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: int | None,
+        causal: bool,
+        rope: bool,
+        rope_base: float,
+        dropout: float,
+        bias: bool,
+    ) -> None:
+        super().__init__()
+        kv_heads = kv_heads or heads
+        if dim % heads or heads % kv_heads:
+            raise ValueError(f"dim={dim} must divide by heads={heads}, and heads by kv_heads={kv_heads}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.causal, self.rope, self.rope_base, self.dropout = causal, rope, rope_base, dropout
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Queries [B, H, T, Dk] and the per-token tensors to cache, each [B, h, T, d]."""
+        raise NotImplementedError
+
+    def mask(self, length: int, device: torch.device) -> MaskMod | None:
+        """Which keys each query may see among `length` positions (a `mmeff.ops.masks` predicate); None: all."""
+        return masks.causal() if self.causal else None
+
+    def cache_bound(self) -> tuple[int, int] | None:
+        """(first tokens kept, recent window) that bound a causal decoding cache; None keeps every token."""
+        return None
+
+    def rotate(self, pos: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+        """RoPE at positions `pos` on each [B, T, h, d] tensor (unchanged when `rope` is off)."""
+        if not self.rope:
+            return xs
+        cos, sin = rope_angles(pos, xs[0].shape[-1], self.rope_base)
+        return tuple(apply_rope(x, cos, sin) for x in xs)
+
+    def attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        offset: int,
+        kv_pos: Tensor | None,
+        mask: MaskMod | None,
+        scale: float | None = None,
+        block: BlockMask | None = None,
+    ) -> Tensor:
+        """`mmeff.ops.flex.attention` for queries at positions offset.. over keys at `kv_pos` (None: aligned)."""
+        q_pos = None if kv_pos is None else torch.arange(offset, offset + q.shape[2], device=q.device)
+        return flex.attention(
+            q, k, v, mask, q_pos=q_pos, kv_pos=kv_pos, per_head=self.per_head_mask,
+            dropout=self.dropout if self.training else 0.0, scale=scale, block=block,
+        )
+
+    def attend(self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None) -> Tensor:
+        """Per-head outputs [B, H, T, Dv] of the queries over the cached and new tokens."""
+        mask = self.mask(offset + q.shape[2], q.device)
+        return self.attention(q, kv["k"], kv["v"], offset, kv_pos, mask)
+
+    def merge(self, o: Tensor, x: Tensor) -> Tensor:
+        """Heads [B, H, T, Dv] -> [B, T, D] through the output projection."""
+        B, H, T, _ = o.shape
+        return self.out(o.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+        offset = cache.offset if cache is not None else 0
+        pos = torch.arange(offset, offset + x.shape[1], device=x.device)
+        q, kv = self.project(x, pos)
+        kv_pos = None
+        if cache is not None:
+            kv, kv_pos = remember(cache, kv, self.cache_bound() if self.causal else None)
+        return self.merge(self.attend(q, kv, offset, kv_pos), x)
+
+
 @register("attn")
-class Attention(nn.Module):
+class Attention(SoftmaxAttention):
     """Multi-head softmax attention (Vaswani et al., 2017) with GQA/MQA `kv_heads` (Ainslie et al., 2023)."""
 
     def __init__(
@@ -27,43 +152,15 @@ class Attention(nn.Module):
         bias: bool = False,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        kv_heads = kv_heads or heads
-        if dim % heads or heads % kv_heads:
-            raise ValueError(f"dim={dim} must divide by heads={heads}, and heads by kv_heads={kv_heads}")
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.causal, self.rope, self.rope_base, self.dropout = causal, rope, rope_base, dropout
+        super().__init__(dim, heads, kv_heads, causal, rope, rope_base, dropout, bias)
         self.q = nn.Linear(dim, dim, bias=bias)
-        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(dim, 2 * self.kv_heads * self.head_dim, bias=bias)
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         B, T, _ = x.shape
         q = self.q_norm(self.q(x).view(B, T, self.heads, self.head_dim))
         k, v = self.kv(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
-        k = self.k_norm(k)
-        offset = cache.offset if cache is not None else 0
-        if self.rope:
-            cos, sin = rope_angles(torch.arange(offset, offset + T, device=x.device), self.head_dim, self.rope_base)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-            cache.offset += T
-        mask, is_causal = None, self.causal
-        if self.causal and offset > 0:
-            # Queries sit at the end of the key sequence; SDPA's is_causal aligns them to its start.
-            is_causal = False
-            if T > 1:
-                qpos = torch.arange(offset, offset + T, device=x.device)
-                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= qpos[:, None]
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.kv_heads != self.heads,
-        )
-        return self.out(o.transpose(1, 2).reshape(B, T, -1))
+        q, k = self.rotate(pos, q, self.k_norm(k))
+        return q.transpose(1, 2), {"k": k.transpose(1, 2), "v": v.transpose(1, 2)}

@@ -1,0 +1,279 @@
+"""Linear-attention token mixers: one block shape, six recurrences from `mmeff.ops`.
+
+Every mixer here is `LinearMixer`: q/k/v projection -> optional short conv -> q/k feature map ->
+recurrence with a fixed-size state [B, H, K, V] -> per-head norm -> optional swish output gate ->
+output projection. The subclasses only add their gates and name their op. Scan routes for
+bidirectional inputs come from `ScanMixer` (mmeff/blocks/scan.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmeff import ops
+from mmeff.blocks.cache import Cache
+from mmeff.blocks.conv import ShortConv
+from mmeff.blocks.registry import register
+from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter
+from mmeff.ops.rope import apply_rope, rope_angles
+
+Recurred = tuple[Tensor, Tensor | None]  # (o [B, T, H, V], final state [B, H, K, V] or None)
+
+FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "elu": lambda x: F.elu(x) + 1.0,
+    "relu": F.relu,
+    "silu": F.silu,
+    "l2": lambda x: F.normalize(x, dim=-1),
+}
+
+
+class LinearMixer(ScanMixer):
+    """Shared linear-attention block; subclasses set `defaults`, add `gates` and call their op in `recur`.
+
+    Options: heads, expand_k / expand_v (key / value width as a multiple of dim), conv_size (short
+    conv over q, k, v; 0 = none), feature_map (on q and k: identity, elu (elu+1), relu, silu, l2),
+    norm (per-head 'rms', 'group' or 'none'), gate (swish output gate), scale (q scale; None = K**-0.5),
+    chunk_size, and the scan options of ScanMixer.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool = True,
+        heads: int = 4,
+        expand_k: float = 1.0,
+        expand_v: float = 1.0,
+        conv_size: int = 0,
+        feature_map: str = "identity",
+        norm: str = "rms",
+        gate: bool = False,
+        scale: float | None = None,
+        bias: bool = False,
+        **scan_options: Any,
+    ) -> None:
+        super().__init__(causal=causal, **scan_options)
+        self.key_dim, self.value_dim = int(dim * expand_k), int(dim * expand_v)
+        if self.key_dim % heads or self.value_dim % heads:
+            raise ValueError(f"key width {self.key_dim} and value width {self.value_dim} must divide by heads={heads}")
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+        self.heads, self.scale = heads, scale
+        self.feature = FEATURE_MAPS[feature_map]
+        width = 2 * self.key_dim + self.value_dim
+        self.qkv = nn.Linear(dim, width, bias=bias)
+        self.conv = ShortConv(width, conv_size, bias=False) if conv_size else None
+        self.gate = nn.Linear(dim, self.value_dim, bias=bias) if gate else None
+        self.norm = GroupedNorm(self.value_dim, heads, norm)
+        self.out = nn.Linear(self.value_dim, dim, bias=bias)
+
+    def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-token inputs of the recurrence besides q, k, v (decays, betas), [B, T, H(, K)]."""
+        return []
+
+    def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
+        """The op: q, k [B, T, H, K], v [B, T, H, V] -> (o [B, T, H, V], final state)."""
+        raise NotImplementedError
+
+    def position_qk(self, q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook for position encodings of q, k (RetNet's rotation); identity by default."""
+        return q, k
+
+    def initial_state(self, cache: Cache | None, batch: int) -> torch.Tensor | None:
+        """The state the recurrence starts from: the cached one, else zeros (None)."""
+        return cache.get("state") if cache is not None else None
+
+    def project(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        return [self.qkv(x), *self.gates(x)], (self.gate(x) if self.gate is not None else None)
+
+    def mix(self, streams: list[torch.Tensor], cache: Cache | None) -> torch.Tensor:
+        qkv, *gates = streams
+        batch, length = qkv.shape[:2]
+        if self.conv is not None:
+            qkv = self.conv(qkv, cache)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in qkv.split([self.key_dim, self.key_dim, self.value_dim], -1))
+        q, k = self.position_qk(self.feature(q), self.feature(k), cache.offset if cache is not None else 0)
+        o, state = self.recur(
+            q,
+            k,
+            v,
+            gates,
+            mode=self.mode(length),
+            chunk_size=self.chunk_size,
+            initial_state=self.initial_state(cache, batch),
+            output_final_state=cache is not None,
+            scale=self.scale,
+        )
+        if cache is not None:
+            cache["state"] = state
+        return o.flatten(-2)
+
+    def output(self, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return self.out(self.norm(y, gate))
+
+
+@register("linear_attn")
+class LinearAttention(LinearMixer):
+    """Linear attention (Katharopoulos et al., 2020 'Transformers are RNNs') with a feature map.
+
+    feature_map: elu (elu+1, the paper's), relu or identity; `normalize` divides by
+    phi(q)^T sum phi(k) as the paper does (default: on unless feature_map is identity), computed
+    on the same recurrence by appending a ones channel to v.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {"feature_map": "elu", "norm": "none"}
+
+    def __init__(self, dim: int, *, causal: bool = True, normalize: bool | None = None, eps: float = 1e-6, **options: Any) -> None:
+        options = {**self.defaults, **options}
+        super().__init__(dim, causal=causal, **options)
+        self.normalize = options["feature_map"] != "identity" if normalize is None else normalize
+        self.eps = eps
+
+    def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
+        if not self.normalize:
+            return ops.linear_attention(q, k, v, **kw)
+        state = kw.pop("initial_state")
+        ones = v.new_ones(*v.shape[:-1], 1)
+        o, state = ops.linear_attention(q, k, torch.cat([v, ones], -1), initial_state=state, **kw)
+        return o[..., :-1] / (o[..., -1:] + self.eps), state
+
+
+@register("retnet")
+class RetNet(LinearMixer):
+    """Multi-scale retention (Sun et al., 2023 'Retentive Network'): fixed per-head decays, group norm, swish gate.
+
+    Head h decays by gamma_h = 1 - 2^(-5-h); q, k are rotated by position (`rope`: the paper's
+    e^{in theta}, without xPos' extra scaling); values are 2x wide (expand_v=2) as in the paper.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {"expand_v": 2.0, "norm": "group", "gate": True}
+
+    def __init__(self, dim: int, *, causal: bool = True, rope: bool = True, rope_base: float = 10000.0, **options: Any) -> None:
+        super().__init__(dim, causal=causal, **{**self.defaults, **options})
+        if rope and (self.key_dim // self.heads) % 2:
+            raise ValueError(f"rope needs an even key width per head, got {self.key_dim // self.heads}")
+        self.rope, self.rope_base = rope, rope_base
+        gamma = 1 - 2.0 ** (-5.0 - torch.arange(self.heads, dtype=torch.float32))
+        self.register_buffer("log_decay", gamma.log(), persistent=False)
+
+    def position_qk(self, q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.rope:
+            return q, k
+        positions = torch.arange(offset, offset + q.shape[1], device=q.device)
+        cos, sin = rope_angles(positions, q.shape[-1], self.rope_base)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
+        return ops.retention(q, k, v, self.log_decay, **kw)
+
+
+@register("gla")
+class GLA(LinearMixer):
+    """Gated linear attention (Yang et al., 2023 'Gated Linear Attention Transformers'): data-dependent key-wise decay.
+
+    log_g = logsigmoid(W2 W1 x) / gate_normalizer with a rank-`gate_rank` gate projection, swish output
+    gate and per-head RMSNorm; key width dim/2 (expand_k=0.5) as in the paper.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {"expand_k": 0.5, "gate": True}
+
+    def __init__(
+        self, dim: int, *, causal: bool = True, gate_rank: int = 16, gate_normalizer: float = 16.0, **options: Any
+    ) -> None:
+        super().__init__(dim, causal=causal, **{**self.defaults, **options})
+        self.gate_normalizer = gate_normalizer
+        self.decay = nn.Sequential(nn.Linear(dim, gate_rank, bias=False), nn.Linear(gate_rank, self.key_dim))
+
+    def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        log_g = F.logsigmoid(self.decay(x).float()) / self.gate_normalizer
+        return [log_g.unflatten(-1, (self.heads, -1))]
+
+    def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
+        return ops.gated_linear_attention(q, k, v, gates[0], **kw)
+
+
+class _BetaMixer(LinearMixer):
+    """Delta-rule mixers: a per-head write strength beta = sigmoid(W_b x) (scaled by `beta_scale`)."""
+
+    beta_scale: float = 1.0
+
+    def __init__(self, dim: int, *, causal: bool = True, **options: Any) -> None:
+        super().__init__(dim, causal=causal, **options)
+        self.beta = nn.Linear(dim, self.heads, bias=False)
+
+    def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.beta_scale * torch.sigmoid(self.beta(x).float())]
+
+
+@register("deltanet")
+class DeltaNet(_BetaMixer):
+    """DeltaNet (Yang et al., 2024 'Parallelizing Linear Transformers with the Delta Rule over Sequence Length').
+
+    Short conv (silu) on q, k, v, L2-normalised q and k, beta = sigmoid(W_b x), per-head RMSNorm.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {"conv_size": 4, "feature_map": "l2"}
+
+    def __init__(self, dim: int, *, causal: bool = True, **options: Any) -> None:
+        super().__init__(dim, causal=causal, **{**self.defaults, **options})
+
+    def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
+        return ops.delta_rule(q, k, v, gates[0], **kw)
+
+
+@register("gated_deltanet")
+class GatedDeltaNet(_BetaMixer):
+    """Gated DeltaNet (Yang et al., 2024 'Gated Delta Networks'): delta rule with a Mamba-2 style decay alpha.
+
+    log alpha = -exp(A_log) * softplus(W_a x + dt_bias) per head (A ~ U(0, 16), Mamba's dt init),
+    beta = sigmoid(W_b x), short conv, L2 q/k, RMSNorm with swish output gate, values 2x wide.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {"conv_size": 4, "feature_map": "l2", "gate": True, "expand_v": 2.0}
+
+    def __init__(self, dim: int, *, causal: bool = True, **options: Any) -> None:
+        super().__init__(dim, causal=causal, **{**self.defaults, **options})
+        self.alpha = nn.Linear(dim, self.heads, bias=False)
+        self.A_log = no_decay_parameter(torch.empty(self.heads).uniform_(1e-4, 16).log())
+        self.dt_bias = no_decay_parameter(dt_bias_init(self.heads))
+
+    def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        log_g = -self.A_log.float().exp() * F.softplus(self.alpha(x).float() + self.dt_bias)
+        return [log_g, *super().gates(x)]
+
+    def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
+        return ops.gated_delta_rule(q, k, v, gates[0], gates[1], **kw)
+
+
+@register("ttt")
+class TTTLinear(_BetaMixer):
+    """TTT-Linear (Sun et al., 2024 'Learning to (Learn at Test Time)'): the state is a linear model trained per token.
+
+    W_t = W_{t-1} - eta_t grad ||W^T k_t - v_t||^2 / 2 = W_{t-1} + eta_t k_t (v_t - W_{t-1}^T k_t)^T is
+    exactly the delta rule with beta = eta_t = base_lr * sigmoid(W_lr x); the output is W_t^T q_t
+    (scale 1). W_0 is learned per head. k, q are L2-normalised (keeps the inner step stable),
+    with the Mamba-backbone short conv and swish output gate of the paper's TTT-Linear (M).
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {"conv_size": 4, "feature_map": "l2", "gate": True, "scale": 1.0}
+
+    def __init__(self, dim: int, *, causal: bool = True, base_lr: float = 1.0, **options: Any) -> None:
+        super().__init__(dim, causal=causal, **{**self.defaults, **options})
+        self.beta_scale = base_lr
+        self.W0 = nn.Parameter(torch.randn(self.heads, self.key_dim // self.heads, self.value_dim // self.heads) * 0.02)
+
+    def initial_state(self, cache: Cache | None, batch: int) -> torch.Tensor:
+        state = super().initial_state(cache, batch)
+        return self.W0.float().expand(batch, *self.W0.shape) if state is None else state
+
+    def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
+        return ops.delta_rule(q, k, v, gates[0], **kw)
+
+

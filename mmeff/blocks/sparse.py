@@ -1,0 +1,205 @@
+"""Sparse softmax attention: `attn` with a sparse mask (static or chosen per query), the rest of its path shared.
+
+Static masks: sliding, dilated, longformer, bigbird; dynamic: block_topk; training-free: sink. Each
+keeps `attn`'s options (heads, kv_heads, rope, rope_base, qk_norm, bias, dropout) and weights, so an
+`attn` checkpoint loads into any of them. The masks live in `mmeff.ops.masks`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmeff.blocks.attention import Attention
+from mmeff.blocks.registry import register
+from mmeff.ops import flex, masks
+from mmeff.ops.masks import MaskMod
+
+
+@register("sliding")
+class SlidingWindow(Attention):
+    """Sliding-window attention (Beltagy et al., 2020 'Longformer'): the `window` latest keys, or a centred window when bidirectional.
+
+    Decoding keeps a ring buffer of `window` keys: memory does not grow with the generated length.
+    """
+
+    def __init__(self, dim: int, *, window: int = 256, causal: bool = True, **options: Any) -> None:
+        super().__init__(dim, causal=causal, **options)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+
+    def mask(self, length: int, device: torch.device) -> MaskMod | None:
+        if (self.window if self.causal else self.window // 2 + 1) >= length:
+            return super().mask(length, device)  # the window spans the sequence: plain (flash) attention
+        return self.pattern(length, device)
+
+    def pattern(self, length: int, device: torch.device) -> MaskMod:
+        """The sparse mask, for sequences longer than the window."""
+        return masks.sliding_window(self.window, self.causal)
+
+    def cache_bound(self) -> tuple[int, int] | None:
+        return (0, self.window)
+
+
+@register("longformer")
+class Longformer(SlidingWindow):
+    """Longformer attention (Beltagy et al., 2020): a sliding window plus `global_tokens` leading tokens (e.g. a class token) seen by and seeing all.
+
+    Causal decoding keeps the global tokens and a ring buffer of the window.
+    """
+
+    def __init__(self, dim: int, *, window: int = 256, global_tokens: int = 1, causal: bool = True, **options: Any) -> None:
+        super().__init__(dim, window=window, causal=causal, **options)
+        self.global_tokens = global_tokens
+
+    def pattern(self, length: int, device: torch.device) -> MaskMod:
+        return masks.longformer(self.window, self.global_tokens, self.causal)
+
+    def cache_bound(self) -> tuple[int, int] | None:
+        return (self.global_tokens, self.window)
+
+
+@register("sink")
+class Sink(Longformer):
+    """StreamingLLM attention sinks (Xiao et al., 2023): the first `sinks` tokens plus the `window` latest, with a bounded cache.
+
+    Training-free: it has `attn`'s weights, so a model trained with full causal attention decodes
+    with it (pattern `sink` in place of `attn`) in constant memory. Positions stay absolute (RoPE
+    distances to the sinks keep growing); its forward is the same sink + window mask, so cached
+    decoding equals it.
+    """
+
+    def __init__(self, dim: int, *, sinks: int = 4, window: int = 1024, causal: bool = True, **options: Any) -> None:
+        if not causal:
+            raise ValueError("sink is a causal (streaming decoding) mixer; use longformer for bidirectional inputs")
+        super().__init__(dim, window=window, global_tokens=sinks, causal=True, **options)
+
+    def pattern(self, length: int, device: torch.device) -> MaskMod:
+        return masks.sink(self.global_tokens, self.window)
+
+
+@register("bigbird")
+class BigBird(Longformer):
+    """BigBird attention (Zaheer et al., 2020): window + global tokens + `random_blocks` seeded random key blocks per query block of `block` tokens.
+
+    Causal rows draw only earlier blocks and never change with the length, so decoding (with a
+    full cache: random blocks reach anywhere back) sees what training saw.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        window: int = 128,
+        global_tokens: int = 1,
+        block: int = 64,
+        random_blocks: int = 2,
+        seed: int = 0,
+        causal: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(dim, window=window, global_tokens=global_tokens, causal=causal, **options)
+        self.block, self.random_blocks, self.seed = block, random_blocks, seed
+
+    def pattern(self, length: int, device: torch.device) -> MaskMod:
+        n_blocks = -(-flex.padded(length) // self.block)
+        return masks.bigbird(
+            self.window, self.global_tokens, self.block, self.random_blocks, self.seed, self.causal, n_blocks, device
+        )
+
+    def cache_bound(self) -> tuple[int, int] | None:
+        return None
+
+
+@register("dilated")
+class Dilated(Attention):
+    """Dilated / strided attention (Child et al., 2019 'Sparse Transformers'; Beltagy et al., 2020 'Longformer' dilation): head h sees every `dilation[h]`-th key, `window[h]` of them.
+
+    `window` and `dilation` are an int or a list cycled over the heads; a window of None is unbounded.
+    The Sparse Transformer's strided pattern with stride s is `window: [s, null]`, `dilation: [1, s]`.
+    """
+
+    per_head_mask = True
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        window: int | Sequence[int | None] = 64,
+        dilation: int | Sequence[int] = (1, 2, 4, 8),
+        causal: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(dim, causal=causal, **options)
+        self.windows = masks.per_head(window, self.heads)
+        self.dilations = masks.per_head(dilation, self.heads)
+
+    def mask(self, length: int, device: torch.device) -> MaskMod | None:
+        return masks.dilated(self.windows, self.dilations, self.causal, device)
+
+    def cache_bound(self) -> tuple[int, int] | None:
+        if max(self.windows) == masks.UNBOUNDED:
+            return None
+        return (0, max(w * d for w, d in zip(self.windows, self.dilations)))
+
+
+@register("block_topk")
+class BlockTopK(Attention):
+    """Mixture of block attention (Lu et al., 2025 'MoBA'; Yuan et al., 2025 'NSA' selection): each query attends its own block plus the `topk` key blocks whose mean key scores highest.
+
+    Keys are mean-pooled per `block`; a query scores the blocks with q . mean(k) (per head) and
+    keeps the best `topk` besides its own. Causal: only complete earlier blocks compete and the own
+    block is causally masked, and each query selects for itself, so no token's selection depends on
+    a later one and decoding equals the forward. `query_block` (bidirectional only): the queries of
+    a block share one selection made by their mean query, which FlexAttention runs block-sparse.
+    """
+
+    per_head_mask = True
+
+    def __init__(
+        self, dim: int, *, block: int = 64, topk: int = 4, query_block: bool = False, causal: bool = True, **options: Any
+    ) -> None:
+        super().__init__(dim, causal=causal, **options)
+        if block < 1 or topk < 0:
+            raise ValueError(f"need block >= 1 and topk >= 0, got block={block}, topk={topk}")
+        if query_block and causal:
+            raise ValueError("query_block needs causal=False: a shared selection would let a query see its block's later queries")
+        self.block, self.topk, self.query_block = block, topk, query_block
+
+    @torch.no_grad()
+    def select(self, q: Tensor, k: Tensor, q_pos: Tensor) -> Tensor:
+        """Selected key blocks [B, H, Tq, n_blocks] (bool) of queries at `q_pos` over keys at 0..Tk-1."""
+        B, H, T, D = q.shape
+        n_blocks = -(-k.shape[2] // self.block)
+        filled = F.pad(torch.ones_like(k[0, 0, :, :1]), (0, 0, 0, n_blocks * self.block - k.shape[2]))
+        pooled = F.pad(k, (0, 0, 0, n_blocks * self.block - k.shape[2])).view(B, self.kv_heads, n_blocks, self.block, D)
+        pooled = (pooled.sum(3) / filled.view(n_blocks, self.block, 1).sum(1)).repeat_interleave(H // self.kv_heads, 1)
+        group = self.block if self.query_block else 1
+        if group > 1:
+            q = F.pad(q, (0, 0, 0, -T % group)).unflatten(2, (-1, group)).mean(3)
+            q_pos = q_pos[::group]
+        own = (q_pos // self.block)[:, None]
+        blocks = torch.arange(n_blocks, device=q.device)
+        compete = blocks < own if self.causal else blocks != own
+        scores = (q @ pooled.transpose(-1, -2)).masked_fill(~compete, float("-inf"))
+        best = scores.topk(min(self.topk, n_blocks), dim=-1).indices
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
+        chosen = (chosen & compete) | (blocks == own)
+        return chosen.repeat_interleave(group, 2)[:, :, :T]
+
+    def attend(self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None) -> Tensor:
+        k, v = kv["k"], kv["v"]
+        q_pos = torch.arange(offset, offset + q.shape[2], device=q.device)
+        chosen = self.select(q, k, q_pos)
+        # FlexAttention may ask the mask about positions up to its padded tile: cover them.
+        pad_q = flex.padded(q.shape[2]) - q.shape[2]
+        pad_blocks = -(-flex.padded(k.shape[2]) // self.block) - chosen.shape[3]
+        mask = masks.selected_blocks(F.pad(chosen, (0, pad_blocks, 0, pad_q)), self.block, self.causal, offset)
+        block = None
+        if flex.wants_flex(q, kv_pos is None, self.dropout if self.training else 0.0):
+            block = flex.selection_block_mask(chosen, self.block, mask, k.shape[2])
+        return self.attention(q, k, v, offset, kv_pos, mask, block=block)

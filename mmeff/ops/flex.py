@@ -1,0 +1,130 @@
+"""Masked softmax attention: FlexAttention on CUDA, a dense boolean mask through SDPA as the reference.
+
+`attention(q, k, v, mask)` takes a `mmeff.ops.masks` predicate and picks the engine:
+- no mask, or the causal mask over aligned positions: SDPA (flash) directly;
+- CUDA, aligned positions (no cached keys before the queries), no dropout (FlexAttention has none):
+  FlexAttention, compiled once, with the block mask built once per (mask, shape, device) and cached;
+- otherwise (CPU, decoding from a cache, attention dropout): the predicate materialised as a dense
+  boolean mask for `scaled_dot_product_attention`.
+`MMEFF_ATTENTION=reference` (or `engine="reference"`) forces the dense path everywhere; `flex` forces
+FlexAttention (eager on CPU: for parity tests only, it materialises the scores).
+Layout [B, H, T, D]; grouped keys/values (fewer heads than queries) are shared as in GQA.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from mmeff.ops import masks
+from mmeff.ops.masks import MaskMod
+
+Engine = Literal["auto", "flex", "reference"]
+BLOCK = 128  # FlexAttention's block-mask tile; captured tables must cover positions padded to it
+
+
+def default_engine() -> Engine:
+    """The engine asked for by the environment: MMEFF_ATTENTION = auto (default) | flex | reference."""
+    value = os.environ.get("MMEFF_ATTENTION", "auto")
+    if value not in ("auto", "flex", "reference"):
+        raise ValueError(f"MMEFF_ATTENTION must be auto, flex or reference, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def padded(length: int) -> int:
+    """`length` rounded up to FlexAttention's tile, the largest position a mask_mod may be asked about."""
+    return -(-length // BLOCK) * BLOCK
+
+
+@lru_cache(maxsize=64)
+def block_mask(mask: MaskMod, batch: int | None, heads: int | None, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
+    """The FlexAttention block mask of `mask`, built once per shape and device (None: shared over that dim)."""
+    build = _compiled(create_block_mask) if device.type == "cuda" else create_block_mask
+    return build(mask, batch, heads, q_len, kv_len, device=device)
+
+
+@lru_cache(maxsize=None)
+def _compiled(fn: Callable) -> Callable:
+    # Every (mask, shape) pair is its own graph of the one flex_attention function; past dynamo's
+    # default of 8 it would silently fall back to the eager kernel, which materialises the scores.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=False)
+
+
+def flex(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None = None) -> Tensor:
+    """FlexAttention with a prepared block mask: compiled on CUDA, eager elsewhere."""
+    fn = _compiled(flex_attention) if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, causal: bool = False, dropout: float = 0.0, scale: float | None = None
+) -> Tensor:
+    """`scaled_dot_product_attention` with grouped heads; `mask` is boolean (True: attend)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def wants_flex(q: Tensor, aligned: bool, dropout: float, engine: Engine | None = None) -> bool:
+    """Whether `attention` runs FlexAttention for these queries (see the module docstring)."""
+    engine = engine or default_engine()
+    return aligned and dropout == 0.0 and (engine == "flex" or (engine == "auto" and q.is_cuda))
+
+
+def selection_block_mask(selected: Tensor, block: int, mask: MaskMod, kv_len: int) -> BlockMask:
+    """Block mask of a dynamic selection `selected` [B, H, Tq, n_blocks] of key blocks of `block` tokens.
+
+    A tile of queries visits the union of the tiles its queries selected; `mask` (the exact per-query
+    predicate) is applied inside those tiles.
+    """
+    B, H, Tq, n_blocks = selected.shape
+    q_tiles, kv_tiles = padded(Tq) // BLOCK, padded(kv_len) // BLOCK
+    per_tile = F.pad(selected, (0, 0, 0, q_tiles * BLOCK - Tq)).view(B, H, q_tiles, BLOCK, n_blocks).any(3)
+    starts = torch.arange(n_blocks, device=selected.device) * block
+    tiles = torch.arange(kv_tiles, device=selected.device)
+    covers = (tiles >= (starts // BLOCK)[:, None]) & (tiles <= ((starts + block - 1) // BLOCK)[:, None])
+    touched = (per_tile.float() @ covers.float()) > 0  # [B, H, q_tiles, kv_tiles]
+    counts = touched.sum(-1, dtype=torch.int32)
+    order = touched.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    return BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=BLOCK, mask_mod=mask, seq_lengths=(Tq, kv_len))
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: MaskMod | None,
+    *,
+    q_pos: Tensor | None = None,
+    kv_pos: Tensor | None = None,
+    per_head: bool = False,
+    dropout: float = 0.0,
+    scale: float | None = None,
+    block: BlockMask | None = None,
+    engine: Engine | None = None,
+) -> Tensor:
+    """Attention of q [B, H, Tq, D] over k, v [B, Hkv, Tk, D*] where `mask` allows; None: every key.
+
+    Positions default to aligned (0..Tq-1 and 0..Tk-1); with cached keys pass their absolute positions.
+    `per_head`: the mask differs between heads. `block`: a prebuilt block mask for a dynamic `mask`.
+    """
+    if mask is None:
+        return sdpa(q, k, v, dropout=dropout, scale=scale)
+    aligned = q_pos is None and kv_pos is None
+    if aligned and mask is masks.causal():
+        return sdpa(q, k, v, causal=True, dropout=dropout, scale=scale)
+    if wants_flex(q, aligned, dropout, engine):
+        if block is None:
+            block = block_mask(mask, None, q.shape[1] if per_head else None, q.shape[2], k.shape[2], q.device)
+        return flex(q, k, v, block, scale)
+    q_pos = torch.arange(q.shape[2], device=q.device) if q_pos is None else q_pos
+    kv_pos = torch.arange(k.shape[2], device=q.device) if kv_pos is None else kv_pos
+    dense = masks.dense(mask, q_pos, kv_pos, q.shape[0], q.shape[1])
+    return sdpa(q, k, v, dense, dropout=dropout, scale=scale)

@@ -1,0 +1,77 @@
+"""Expert FFNs on tokens grouped by expert: one grouped matmul per projection, or a per-expert loop reference.
+
+`torch._grouped_mm(x [M, K], w [G, K, N], offs)` (torch 2.8 to 2.11, private) multiplies consecutive row
+groups of `x` by their own `w[g]`; `offs` holds the int32 cumulative group ends. It takes bfloat16 operands
+whose row strides are 16-byte aligned (K and N multiples of 8) and fewer than 1024 groups; group sizes are
+free (zero included). On sm90 it is one CUTLASS kernel without host sync, which `impl='auto'` uses; elsewhere
+it may loop internally or be missing, so 'auto' takes the per-expert loop, which reads the group sizes on
+the host. The rows of `x` here always end at offs[-1] (no padding), so no output row is left unwritten.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Impl = Literal["auto", "grouped", "loop"]
+
+
+def grouped_mm_unsupported(x: Tensor, w: Tensor) -> str:
+    """Why `torch._grouped_mm` cannot take (x [M, K], w [G, K, N]); empty when it can."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        return f"it needs bfloat16 operands, got {x.dtype} and {w.dtype}"
+    if w.shape[1] % 8 or w.shape[2] % 8:
+        return f"it needs both matrix sizes to be multiples of 8 (16-byte rows), got {tuple(w.shape[1:])}"
+    if w.shape[0] >= 1024:
+        return f"it takes fewer than 1024 groups, got {w.shape[0]}"
+    return ""
+
+
+def _fast_device(x: Tensor) -> bool:
+    # Hopper only: on sm100 the kernel has given experts without tokens non-zero weight gradients (pytorch#172439).
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+
+
+def resolve_impl(impl: Impl, x: Tensor, *weights: Tensor) -> Literal["grouped", "loop"]:
+    """'auto': the grouped kernel on Hopper for bf16, else the loop; 'grouped' anywhere torch takes it, else an error."""
+    why = next((r for r in (grouped_mm_unsupported(x, w) for w in weights) if r), "")
+    if impl == "grouped":
+        if why:
+            raise ValueError(f"impl='grouped': torch._grouped_mm cannot run here: {why}")
+        return "grouped"
+    if impl == "auto":
+        return "grouped" if not why and _fast_device(x) else "loop"
+    if impl == "loop":
+        return "loop"
+    raise ValueError(f"impl must be 'auto', 'grouped' or 'loop', got {impl!r}")
+
+
+def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: Literal["grouped", "loop"]) -> Tensor:
+    """Rows of `x` [M, K] in consecutive groups of `counts` [G], group g times `w[g]` [K, N] -> [M, N]."""
+    if impl == "grouped":
+        return torch._grouped_mm(x, w, offs=counts.cumsum(0, dtype=torch.int32))
+    return torch.cat([xg @ wg for xg, wg in zip(x.split(counts.tolist()), w)])
+
+
+def activate(h: Tensor, gated: bool) -> Tensor:
+    """SwiGLU on [gate | up] halves of the last dim, else GELU."""
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+def expert_ffn(x: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor, gated: bool, impl: Impl = "auto") -> Tensor:
+    """Experts on tokens sorted by expert: x [M, D], w_in [E, D, H or 2H], w_out [E, H, D] -> [M, D]."""
+    how = resolve_impl(impl, x, w_in, w_out)
+    return grouped_mm(activate(grouped_mm(x, w_in, counts, how), gated), w_out, counts, how)
+
+
+def padded_expert_ffn(x: Tensor, w_in: Tensor, w_out: Tensor, gated: bool) -> Tensor:
+    """Experts on fixed-capacity slots: x [E, C, D] -> [E, C, D] with two batched matmuls."""
+    return torch.bmm(activate(torch.bmm(x, w_in), gated), w_out)
