@@ -39,11 +39,11 @@ def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
 class Layer(nn.Module):
     """One pre-norm residual layer: a token mixer then a channel mixer."""
 
-    def __init__(self, mixer: nn.Module, ffn: nn.Module | None, norm: str, dim: int, drop_path: float) -> None:
+    def __init__(self, mixer: nn.Module, ffn: nn.Module | None, norm: str, eps: float, dim: int, drop_path: float) -> None:
         super().__init__()
-        self.norm1 = build(norm, dim)
+        self.norm1 = build(norm, dim, eps=eps)
         self.mixer = mixer
-        self.norm2 = build(norm, dim) if ffn is not None else None
+        self.norm2 = build(norm, dim, eps=eps) if ffn is not None else None
         self.ffn = ffn
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.takes = set(inspect.signature(mixer.forward).parameters) & set(CONTEXT)
@@ -65,10 +65,10 @@ class Backbone(nn.Module):
         self.names = expand_pattern(cfg.pattern, cfg.depth)
         rates = torch.linspace(0, cfg.drop_path, len(self.names)).tolist()
         self.layers = nn.ModuleList(
-            Layer(self._mixer(name), self._ffn(i), cfg.norm, cfg.dim, rate)
+            Layer(self._mixer(name), self._ffn(i), cfg.norm, cfg.norm_eps, cfg.dim, rate)
             for i, (name, rate) in enumerate(zip(self.names, rates))
         )
-        self.norm = build(cfg.norm, cfg.dim) if cfg.final_norm else nn.Identity()
+        self.norm = build(cfg.norm, cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self._told_docs = False
 
     def _mixer(self, name: str) -> nn.Module:

@@ -98,6 +98,46 @@ def cmd_audio_stats(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+@command
+def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.image or args.audio:
+        from mmeff.tasks.caption import run_caption
+
+        return run_caption(args)
+    if args.prompt is None:
+        raise ConfigError("generate: give --prompt TEXT (LM), or --image/--audio FILE (captioner)")
+    from mmeff.generate import run_generate
+
+    return run_generate(args)
+
+
+@command
+def cmd_chat(args: argparse.Namespace, rest: list[str]) -> int:
+    from mmeff.generate import run_chat
+
+    return run_chat(args)
+
+
+@command
+def cmd_convert(args: argparse.Namespace, rest: list[str]) -> int:
+    from mmeff.convert import convert_hf
+
+    print(f"converted {args.src} to the mmeff checkpoint {convert_hf(args.src, args.out)}")
+    return 0
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of `mmeff.generate.Sampling` (unset ones keep its defaults)."""
+    p.add_argument("--max-new-tokens", type=int, help="default 128")
+    p.add_argument("--temperature", type=float, help="default 1.0; 0 is greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability mass")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already in the context")
+    p.add_argument("--stop", action="append", help="stop string (repeatable), trimmed from the output")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--greedy", action="store_true", default=None, help="always take the most likely token")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="mmeff", description=__doc__)
@@ -123,6 +163,20 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audio-stats", help="print the log-mel mean/std of a config's train shards (encoder.norm_mean/norm_std)")
     a.add_argument("config")
     a.set_defaults(command="audio_stats")  # the handler's name: cmd_audio_stats
+    g = sub.add_parser("generate", help="continue a prompt with an LM checkpoint (streams text, then tokens/s)")
+    g.add_argument("ckpt", help="checkpoint folder")
+    g.add_argument("--prompt", help="text to continue (with --image/--audio: the start of the caption)")
+    media = g.add_mutually_exclusive_group()
+    media.add_argument("--image", help="image file to caption (caption checkpoint)")
+    media.add_argument("--audio", help="audio file to caption or transcribe (caption checkpoint)")
+    _sampling_flags(g)
+    c = sub.add_parser("chat", help="interactive chat with an LM checkpoint: one line per turn from stdin, EOF ends")
+    c.add_argument("ckpt", help="checkpoint folder")
+    _sampling_flags(c)
+    v = sub.add_parser("convert", help="import a Hugging Face LlamaForCausalLM / Mamba2ForCausalLM folder as an mmeff checkpoint")
+    v.add_argument("format", choices=["hf"])
+    v.add_argument("src", help="Hugging Face model folder (config.json + safetensors weights)")
+    v.add_argument("out", help="checkpoint folder to write")
     return p
 
 
