@@ -58,6 +58,7 @@ class BackboneConfig:
     ffn: str = "swiglu"  # channel mixer name from the registry, or "none"
     ffn_options: dict[str, Any] = field(default_factory=dict)
     norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
     mixers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mixer-name options
     drop_path: float = 0.0
     final_norm: bool = True
@@ -76,7 +77,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
-    check_val_every_n_epoch: int = 1
+    check_val_every_n_epoch: int | None = 1  # None: validate by `kwargs.val_check_interval` steps only
     num_sanity_val_steps: int = 0
     enable_progress_bar: bool = True
     logger: Literal["auto", "csv", "tensorboard", "none"] = "auto"
@@ -115,6 +116,7 @@ class RunConfig:
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns kept fixed
     train: list[str] = field(default_factory=list)  # if set, only these patterns train
     upcycle: bool = False  # with init_from: dense MLP weights initialise every MoE expert
+    lora: dict[str, Any] = field(default_factory=dict)  # LoRA adapters: targets, rank, alpha, dropout (mmeff.lora)
 
     @property
     def out_dir(self) -> Path:
