@@ -59,6 +59,7 @@ class SoftmaxAttention(nn.Module):
     """The shared flow of every softmax-attention mixer; subclasses define `project` and may override any step."""
 
     per_head_mask = False  # True where `mask` depends on the head (FlexAttention then needs one block mask per head)
+    _context: tuple[Tensor | None, int | None] = (None, None)  # (docs, prefix) of the call in progress
 
     def __init__(
         self,
@@ -111,9 +112,20 @@ class SoftmaxAttention(nn.Module):
     ) -> Tensor:
         """`mmeff.ops.flex.attention` for queries at positions offset.. over keys at `kv_pos` (None: aligned)."""
         q_pos = None if kv_pos is None else torch.arange(offset, offset + q.shape[2], device=q.device)
+        docs, prefix = self._context
+        engine = None
+        if prefix:
+            mask = masks.with_prefix(mask, prefix)
+        if docs is not None:
+            mask = masks.within_documents(mask, docs)
+            # Documents differ per sample: a block mask of this batch's own, never cached.
+            if block is not None:
+                engine = "reference"  # a prebuilt (selection) block mask knows nothing of the documents
+            elif flex.wants_flex(q, kv_pos is None, self.dropout if self.training else 0.0):
+                block = flex.create_block_mask(mask, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
         return flex.attention(
             q, k, v, mask, q_pos=q_pos, kv_pos=kv_pos, per_head=self.per_head_mask,
-            dropout=self.dropout if self.training else 0.0, scale=scale, block=block,
+            dropout=self.dropout if self.training else 0.0, scale=scale, block=block, engine=engine,
         )
 
     def attend(self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None) -> Tensor:
@@ -126,14 +138,21 @@ class SoftmaxAttention(nn.Module):
         B, H, T, _ = o.shape
         return self.out(o.transpose(1, 2).reshape(B, T, -1))
 
-    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache | None = None, docs: Tensor | None = None, prefix: int | None = None) -> Tensor:
+        """`docs` [B, T]: attend within each packed document (training); `prefix`: leading tokens seen both ways."""
+        if docs is not None and cache is not None:
+            raise ValueError("docs (packed documents) is for training and evaluation; decoding takes one sequence per row")
         offset = cache.offset if cache is not None else 0
         pos = torch.arange(offset, offset + x.shape[1], device=x.device)
         q, kv = self.project(x, pos)
         kv_pos = None
         if cache is not None:
             kv, kv_pos = remember(cache, kv, self.cache_bound() if self.causal else None)
-        return self.merge(self.attend(q, kv, offset, kv_pos), x)
+        self._context = (docs, prefix)  # read by `attention`, which every variant's `attend` calls
+        try:
+            return self.merge(self.attend(q, kv, offset, kv_pos), x)
+        finally:
+            del self._context
 
 
 @register("attn")

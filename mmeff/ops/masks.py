@@ -138,3 +138,25 @@ def per_head(values: int | Sequence[int | None], heads: int) -> tuple[int, ...]:
     if not items:
         raise ValueError("expected an int or a non-empty list")
     return tuple(UNBOUNDED if items[i % len(items)] is None else int(items[i % len(items)]) for i in range(heads))
+
+
+@lru_cache(maxsize=64)
+def with_prefix(base: MaskMod | None, prefix: int) -> MaskMod | None:
+    """`base` plus every key among the first `prefix` tokens: the prefix sees itself both ways (prefix LM)."""
+    if base is None:
+        return None
+
+    def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return base(b, h, q, kv) | (kv < prefix)
+
+    return mask
+
+
+def within_documents(base: MaskMod | None, docs: Tensor) -> MaskMod:
+    """`base` restricted to keys of the query's own document; `docs` [B, T] holds each token's document index."""
+
+    def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        same = docs[b, q] == docs[b, kv]
+        return same if base is None else same & base(b, h, q, kv)
+
+    return mask
