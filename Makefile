@@ -12,6 +12,16 @@ CONFIG ?= configs/vision/digits.yaml
 
 .PHONY: run test install install-dev system-deps clean
 
+# espeak-ng synthesises the spoken-digits set; pocketsphinx-testdata holds real recordings for the tests.
+# Installed with apt where that works (root on Debian); otherwise those parts say how to get them.
+SYSTEM_PKGS := espeak-ng pocketsphinx-testdata
+system-deps:
+	@if command -v espeak-ng >/dev/null && [ -d /usr/share/pocketsphinx ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null) \
+	  || echo "warning: could not apt-get install $(SYSTEM_PKGS); the audio data sets and tests will say so"; \
+	else echo "note: install $(SYSTEM_PKGS) (apt-get) for the spoken-digits data set and the audio tests"; fi
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -38,7 +48,7 @@ run: install data/digits/index.json
 	$(BIN)/mmeff fit $(CONFIG)
 	$(BIN)/mmeff test $(CONFIG)
 
-test: install-dev
+test: install-dev system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ def espeak() -> str:
     """Path of the espeak-ng binary, or a FileNotFoundError saying how to install it."""
     path = shutil.which("espeak-ng")
     if path is None:
-        raise FileNotFoundError(f"the spoken-digits source synthesises speech with espeak-ng, not found on PATH; {INSTALL_HINT}")
+        raise FileNotFoundError(f"the spoken-digits source synthesises speech with espeak-ng, not on PATH; {INSTALL_HINT}")
     return path
 
 
@@ -65,21 +66,27 @@ def _noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return noise / np.sqrt(np.mean(noise**2))
 
 
+@dataclass
 class _Renderer:
     """Synthesises an utterance and turns it into a noisy, gain-varied clip of encoded 16-bit audio."""
 
-    def __init__(self, exe: str, sample_rate: int, seconds: float, snr_db: list[float], gain_db: list[float], fmt: str, seed: int) -> None:
-        self.exe, self.sample_rate, self.seconds, self.fmt, self.seed = exe, sample_rate, seconds, fmt, seed
-        self.snr_db, self.gain_db = snr_db, gain_db
+    exe: str
+    sample_rate: int
+    seconds: float
+    snr_db: Sequence[float]
+    gain_db: Sequence[float]
+    fmt: str
+    seed: int
 
     def _speech(self, u: _Utterance) -> np.ndarray:
         import soundfile as sf
         from scipy.signal import resample_poly
 
-        cmd = [self.exe, "-v", f"{u.accent}+{u.voice}", "-s", str(u.speed), "-p", str(u.pitch), "--stdout", DIGITS[u.digit]]
+        voice = f"{u.accent}+{u.voice}"
+        cmd = [self.exe, "-v", voice, "-s", str(u.speed), "-p", str(u.pitch), "--stdout", DIGITS[u.digit]]
         run = subprocess.run(cmd, capture_output=True, check=False)
         if run.returncode != 0 or not run.stdout:
-            raise RuntimeError(f"espeak-ng failed for voice {u.accent}+{u.voice}: {run.stderr.decode(errors='replace').strip()}")
+            raise RuntimeError(f"espeak-ng failed for voice {voice}: {run.stderr.decode(errors='replace').strip()}")
         wave, rate = sf.read(io.BytesIO(run.stdout), dtype="float64")
         loud = np.flatnonzero(np.abs(wave) > 0.01 * np.abs(wave).max())  # trim espeak's silence, keep 10 ms
         margin = rate // 100
@@ -102,7 +109,8 @@ class _Renderer:
         clip += _noise(kind, n, rng) * np.sqrt(np.mean(speech**2)) * 10 ** (-snr / 20)
         clip *= 10 ** (gain / 20) / np.abs(clip).max()  # peak at `gain` dB below full scale
         buf = io.BytesIO()
-        sf.write(buf, np.round(clip * 32767).astype(np.int16), self.sample_rate, format=self.fmt.upper(), subtype="PCM_16")
+        pcm = np.round(clip * 32767).astype(np.int16)
+        sf.write(buf, pcm, self.sample_rate, format=self.fmt.upper(), subtype="PCM_16")
         info = {"word": DIGITS[u.digit], "voice": u.voice, "accent": u.accent, "speed": u.speed, "pitch": u.pitch,
                 "noise": kind, "snr_db": round(snr, 2), "gain_db": round(gain, 2)}  # fmt: skip
         return {"__key__": u.key, self.fmt: buf.getvalue(), "cls": u.digit, "json": info}
@@ -110,23 +118,22 @@ class _Renderer:
 
 def build(
     out_dir: Path,
-    voices: list[str] = VOICES,
-    accents: list[str] = ("en-us", "en-gb", "en-gb-x-rp"),
-    speeds: list[int] = (140, 190),
-    pitches: list[int] = (35, 65),
+    voices: Sequence[str] = VOICES,
+    accents: Sequence[str] = ("en-us", "en-gb", "en-gb-x-rp"),
+    speeds: Sequence[int] = (140, 190),
+    pitches: Sequence[int] = (35, 65),
     val_voices: int = 8,
     test_voices: int = 12,
     seconds: float = 1.0,
     sample_rate: int = 16000,
-    snr_db: list[float] = (10.0, 40.0),
-    gain_db: list[float] = (-20.0, -1.0),
+    snr_db: Sequence[float] = (10.0, 40.0),  # background noise below the speech, range drawn from
+    gain_db: Sequence[float] = (-20.0, -1.0),  # clip peak below full scale, range drawn from
     format: str = "flac",
     seed: int = 0,
     workers: int = 2,
     maxcount: int = 500,
 ) -> dict[str, int]:
-    """Write train/val/test shards of every digit x voice x accent x speed x pitch; the voices of the
-    val and test splits (a seeded draw of `val_voices` and `test_voices`) are never in train."""
+    """Shards of every digit x voice x accent x speed x pitch; val and test voices (seeded draw) are not in train."""
     from mmeff.data import write_shards
 
     exe = espeak()
@@ -134,7 +141,7 @@ def build(
         raise ValueError(f"spoken-digits format {format!r}: expected 'flac' or 'wav'")
     voices = sorted(set(voices))
     if val_voices + test_voices >= len(voices):
-        raise ValueError(f"spoken-digits: {len(voices)} voices leave none for training after {val_voices} val + {test_voices} test")
+        raise ValueError(f"spoken-digits: {len(voices)} voices leave none to train on after {val_voices} val + {test_voices} test")
     rng = np.random.default_rng(seed)
     order = [voices[i] for i in rng.permutation(len(voices))]
     split_voices = {
@@ -142,7 +149,7 @@ def build(
         "val": sorted(order[:val_voices]),
         "test": sorted(order[val_voices : val_voices + test_voices]),
     }
-    render = _Renderer(exe, sample_rate, seconds, list(snr_db), list(gain_db), format, seed)
+    render = _Renderer(exe, sample_rate, seconds, snr_db, gain_db, format, seed)
     meta = {"classes": list(DIGITS), "sample_rate": sample_rate, "voices": split_voices}
     counts = {}
     with ThreadPoolExecutor(max(1, workers)) as pool:
