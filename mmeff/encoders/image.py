@@ -8,11 +8,11 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from torch import nn
+from timm.layers import PatchEmbed
 from torchvision.transforms import v2
 
 from mmeff.config import register_section
+from mmeff.encoders.common import GridTokens
 
 
 @register_section("encoder", "image")
@@ -36,44 +36,24 @@ class ImageEncoderConfig:
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(GridTokens):
     """Images [B, C, H, W] -> tokens [B, T, D]; `pool` turns backbone output into one vector."""
 
     def __init__(self, cfg: ImageEncoderConfig, dim: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.patch = PatchEmbed(
+        patch = PatchEmbed(
             cfg.image_size, cfg.patch_size, cfg.in_chans, dim, flatten=False, output_fmt="NHWC", strict_img_size=False
         )
-        self.grid = self.patch.grid_size
-        self.pos = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.pool == "cls" else None
-        trunc_normal_(self.pos, std=0.02)
-        if self.cls is not None:
-            trunc_normal_(self.cls, std=0.02)
-
-    def _cls_index(self, n: int) -> int:
-        return {"first": 0, "middle": n // 2, "last": n}[self.cfg.cls_position]
+        super().__init__(dim, patch.grid_size, cfg.pool, cfg.cls_position)
+        self.cfg = cfg
+        self.patch = patch
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != self.cfg.in_chans:
             raise ValueError(f"ImageEncoder expects images [B, {self.cfg.in_chans}, H, W], got {tuple(images.shape)}")
-        x = self.patch(images)  # [B, h, w, D]
-        B, h, w, D = x.shape
-        pos = self.pos if (h, w) == tuple(self.grid) else resample_abs_pos_embed(self.pos, (h, w), self.grid, 0)
-        x = x.reshape(B, h * w, D) + pos
+        x = self.add_position(self.patch(images))  # [B, h, w, D]
         if self.cfg.scan == "column":
-            x = x.view(B, h, w, D).transpose(1, 2).reshape(B, h * w, D)
-        if self.cls is not None:
-            i = self._cls_index(x.shape[1])
-            x = torch.cat([x[:, :i], self.cls.expand(B, -1, -1), x[:, i:]], dim=1)
-        return x
-
-    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        """One vector per sample: the class token's output, or the mean over tokens."""
-        if self.cls is None:
-            return hidden.mean(dim=1)
-        return hidden[:, self._cls_index(hidden.shape[1] - 1)]
+            x = x.transpose(1, 2)
+        return self.add_cls(x.flatten(1, 2))
 
 
 class ImageTransform:
