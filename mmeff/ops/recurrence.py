@@ -12,17 +12,26 @@ within a chunk every position is expressed through the chunk's entry state S_0 p
 contribution, computed with decay-masked score matrices (the delta rule through the UT transform
 (I + M)^{-1}) or, for per-channel decay with a narrow value, by stepping through all chunks at once;
 S_0 is passed chunk to chunk.
+
+On CUDA, mode "chunk" runs mmeff's Triton kernels (mmeff.kernels) when they cover the call and
+MMEFF_TRITON=1 is set (opt-in until their GPU parity suite passes on Hopper);
+MMEFF_FORCE_REFERENCE=1 in the environment keeps the PyTorch path.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+import logging
+import os
+from typing import Callable, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Mode = Literal["chunk", "recurrent"]
+
+logger = logging.getLogger("mmeff.ops")
+_logged: set[str] = set()
 
 # Sub-chunk length for per-key-channel decay scores; bounds the exact [c, c, K] pairwise-decay tensor.
 _SUBCHUNK = 16
@@ -42,8 +51,13 @@ def linear_recurrence(
     output_final_state: bool = False,
     mode: Mode = "chunk",
     chunk_size: int = 64,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Run the recurrence on q, k [B,T,H,K], v [B,T,H,V], log_decay [B,T,H] or [B,T,H,K], beta [B,T,H]."""
+    """Run the recurrence on q, k [B,T,H,K], v [B,T,H,V], log_decay [B,T,H] or [B,T,H,K], beta [B,T,H].
+
+    cu_seqlens (int32 [N+1], B = 1) packs N independent sequences along T, each starting from its own
+    initial_state [N,H,K,V] (zeros if none) and giving its own final state [N,H,K,V].
+    """
     if mode not in ("chunk", "recurrent"):
         raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
     if chunk_size < 1:
@@ -55,7 +69,78 @@ def linear_recurrence(
         raise ValueError(f"log_decay must be [B,T,H] or [B,T,H,K], got {tuple(log_decay.shape)}")
     if beta is not None and beta.shape != (batch, seqlen, heads):
         raise ValueError(f"beta must be [B,T,H], got {tuple(beta.shape)}")
+    if cu_seqlens is not None and (batch != 1 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2):
+        raise ValueError(f"cu_seqlens must be [N+1] with batch size 1, got {tuple(cu_seqlens.shape)}, B={batch}")
 
+    kernel = _triton_kernel(q, k, v, log_decay, beta, initial_state, cu_seqlens, mode)
+    if kernel is not None:
+        return kernel(q, k, v, log_decay, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+    if cu_seqlens is None:
+        o, state = _torch_recurrence(q, k, v, log_decay, beta, scale, initial_state, mode, chunk_size)
+        return o, (state if output_final_state else None)
+    outs, states = [], []
+    bounds = cu_seqlens.tolist()
+    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = (None if x is None else x[:, start:end] for x in (q, k, v, log_decay, beta))
+        s0 = None if initial_state is None else initial_state[n : n + 1]
+        o, state = _torch_recurrence(*part, scale, s0, mode, chunk_size)
+        outs.append(o)
+        states.append(state)
+    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
+
+
+def _triton_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor],
+    beta: Optional[Tensor],
+    initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    mode: Mode,
+) -> Optional[Callable[..., Tuple[Tensor, Optional[Tensor]]]]:
+    """mmeff.kernels.linear_recurrence_triton if it serves this call, else None; logs each choice once."""
+    kernel, reason = None, None
+    if os.environ.get("MMEFF_FORCE_REFERENCE") == "1":
+        reason = "MMEFF_FORCE_REFERENCE=1"
+    elif os.environ.get("MMEFF_TRITON") != "1":
+        # Opt-in until tests/gpu/test_kernels_gpu.py has passed on Hopper (interpreter-tested only so far).
+        reason = "MMEFF_TRITON=1 not set"
+    elif mode != "chunk":
+        reason = f"mode={mode!r}"
+    elif not q.is_cuda:
+        reason = "inputs not on CUDA"
+    else:
+        try:  # Triton is imported only here, for CUDA inputs
+            from mmeff import kernels
+        except Exception as exc:  # a broken Triton install fails in many ways
+            reason = f"Triton kernels unavailable: {exc!r}"
+        else:
+            if kernels.supports(q, k, v, log_decay, beta, initial_state, cu_seqlens):
+                kernel = kernels.linear_recurrence_triton
+            else:
+                reason = "case not covered by the Triton kernels"
+    path = "mmeff Triton kernels" if reason is None else f"torch {mode} path ({reason})"
+    message = f"linear_recurrence: {path}"
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
+    return kernel
+
+
+def _torch_recurrence(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor],
+    beta: Optional[Tensor],
+    scale: float,
+    initial_state: Optional[Tensor],
+    mode: Mode,
+    chunk_size: int,
+) -> Tuple[Tensor, Tensor]:
+    """The PyTorch recurrence of one batch: (o [B,T,H,V] in v's dtype, final state fp32)."""
+    batch, seqlen, heads, dk = q.shape
     out_dtype = v.dtype
     q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
     q = q * scale
@@ -72,11 +157,13 @@ def linear_recurrence(
     else:
         state = initial_state.float()
 
-    if mode == "recurrent":
+    if seqlen == 0:
+        o = v
+    elif mode == "recurrent":
         o, state = _recurrent(q, k, v, g, beta, state)
     else:
         o, state = _chunked(q, k, v, g, beta, state, chunk_size)
-    return o.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
+    return o.transpose(1, 2).to(out_dtype), state
 
 
 def _recurrent(

@@ -1,0 +1,104 @@
+"""Triton kernels of the linear-recurrence family (linear attention, retention, GLA, (gated) delta rule, SSD).
+
+`linear_recurrence_triton` has the semantics of `mmeff.ops.linear_recurrence` (mode "chunk") on CUDA
+tensors, plus packed variable-length batches; `supports` says whether it covers a call. Importing this
+package imports Triton, so mmeff.ops imports it only when it dispatches a CUDA call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from mmeff.kernels.chunk import ChunkRecurrence
+from mmeff.kernels.recurrent import fused_recurrent
+from mmeff.kernels.utils import KEY_GATE, NO_GATE, SCALAR_GATE, make_chunks
+
+__all__ = ["linear_recurrence_triton", "supports", "MAX_KEY_DIM", "RECURRENT_MAX_LEN"]
+
+# Widest key dimension: the backward holds a chunk's full [64, K] key tile and [K, 64] state tile.
+MAX_KEY_DIM = 256
+# Longest sequence the fused step-by-step kernel runs (decoding, short prefills; forward only).
+RECURRENT_MAX_LEN = 16
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd will need gradients of any of tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _max_len(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    """Longest sequence of the batch (a host sync for packed batches)."""
+    return q.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+
+
+
+
+def supports(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor] = None,
+    beta: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+) -> bool:
+    """Whether linear_recurrence_triton covers this call: CUDA, fp32/bf16/fp16, K <= MAX_KEY_DIM; per-key
+    decay together with the delta rule only through the fused recurrent kernel."""
+    if not (q.is_cuda and {q.dtype, k.dtype, v.dtype} <= set(_DTYPES) and q.shape[-1] <= MAX_KEY_DIM):
+        return False
+    if log_decay is not None and log_decay.dim() == 4 and beta is not None:
+        grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
+        return not grad and _max_len(q, cu_seqlens) <= RECURRENT_MAX_LEN
+    return True
+
+
+def linear_recurrence_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor] = None,
+    beta: Optional[Tensor] = None,
+    scale: float = 1.0,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+    chunk_size: int = 64,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """mmeff.ops.linear_recurrence on q, k [B,T,H,K], v [B,T,H,V], log_decay [B,T,H] or [B,T,H,K], beta
+    [B,T,H]; with cu_seqlens (int32 [N+1], B = 1) the N packed sequences are independent and
+    initial_state / the final state are [N,H,K,V]. chunk_size is rounded to 16, 32 or 64. Without
+    gradients, sequences of at most RECURRENT_MAX_LEN steps take the fused step-by-step kernel."""
+    batch, seqlen, heads, dk = q.shape
+    if cu_seqlens is not None and batch != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
+    out_dtype = v.dtype
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+    def packed(x: Optional[Tensor], to: torch.dtype) -> Optional[Tensor]:
+        return None if x is None else x.to(to).reshape(1, batch * seqlen, *x.shape[2:]).contiguous()
+
+    size = 1 << max(4, min(6, (max(chunk_size, 1) - 1).bit_length()))
+    chunks = make_chunks(cu_seqlens, batch, seqlen, size, q.device)
+    # No chunk at all (empty sequences) leaves nothing to differentiate but has no chunk grid either.
+    short = chunks.max_len <= RECURRENT_MAX_LEN and not _needs_grad(q, k, v, log_decay, beta, initial_state)
+    fused = short or chunks.num_chunks == 0
+    if initial_state is not None and initial_state.shape != (chunks.num_seqs, heads, dk, v.shape[-1]):
+        raise ValueError(f"initial_state must be [N,H,K,V], got {tuple(initial_state.shape)}")
+    gate = (NO_GATE if log_decay is None else (KEY_GATE if log_decay.dim() == 4 else SCALAR_GATE)).value
+    args = (
+        packed(q, dtype),
+        packed(k, dtype),
+        packed(v, dtype),
+        packed(log_decay, torch.float32),
+        packed(beta, torch.float32),
+        None if initial_state is None else initial_state.float().contiguous(),
+    )
+    if fused:
+        o, ht = fused_recurrent(*args[:5], scale, args[5], chunks, gate, output_final_state)
+    else:
+        o, ht = ChunkRecurrence.apply(*args, scale, chunks, gate, output_final_state)
+    return o.reshape(v.shape).to(out_dtype), (ht if output_final_state else None)

@@ -1,0 +1,69 @@
+"""Chunked linear recurrence on the GPU: the autograd function that runs the kernels of each pass in order.
+
+Forward: gate cumsum (utils) -> WY representation (chunk_delta, delta rule) or GLA scores (chunk_gla)
+-> chunk-entry states (chunk_h) -> outputs (chunk_o). Backward recomputes the states rather than
+keeping them, then: dh pass (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's own finishing kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mmeff.kernels.chunk_delta import wy_bwd, wy_fwd
+from mmeff.kernels.chunk_gla import intra_bwd, intra_scores
+from mmeff.kernels.chunk_h import bwd_dh, fwd_h
+from mmeff.kernels.chunk_o import bwd_dqk, dv_local, fwd_o
+from mmeff.kernels.utils import KEY_GATE, Chunks, chunk_cumsum
+
+
+def _forward_states(
+    q: Tensor, k: Tensor, v: Tensor, b: Optional[Tensor], beta: Optional[Tensor], h0: Optional[Tensor],
+    chunks: Chunks, gate: int, output_final_state: bool,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """Everything the outputs and gradients read: states h, the values to mix (v or v~), GLA scores A,
+    the WY pieces X and w, and the final state."""
+    X = w = A = None
+    values = v
+    if beta is not None:
+        X, w, values = wy_fwd(k, v, b, beta, chunks, gate)
+    if gate == KEY_GATE:
+        A = intra_scores(q, k, b, chunks)
+    h, v_new, ht = fwd_h(k, values, w, b, h0, chunks, gate, output_final_state)
+    return h, (v if w is None else v_new), A, X, w, ht
+
+
+class ChunkRecurrence(torch.autograd.Function):
+    """(o, final state) of packed [1, T, H, *] inputs; g is the raw log decay (fp32), beta fp32 or None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, chunks, gate, output_final_state):  # type: ignore[override]
+        b = None if g is None else chunk_cumsum(g, chunks)
+        h, values, A, _, _, ht = _forward_states(q, k, v, b, beta, h0, chunks, gate, output_final_state)
+        o = fwd_o(q, k, values, h, b, A, chunks, gate, scale)
+        ctx.save_for_backward(q, k, v, b, beta, h0)
+        ctx.scale, ctx.chunks, ctx.gate = scale, chunks, gate
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dht):  # type: ignore[override]
+        q, k, v, b, beta, h0 = ctx.saved_tensors
+        scale, chunks, gate = ctx.scale, ctx.chunks, ctx.gate
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        h, values, A, X, w, _ = _forward_states(q, k, v, b, beta, h0, chunks, gate, False)
+        local = None if beta is None else dv_local(q, k, b, do, chunks, gate, scale)
+        want_dh0 = h0 is not None and ctx.needs_input_grad[5]
+        dh, dh0, dv_new = bwd_dh(q, k, w, b, do, local, dht, chunks, gate, scale, want_dh0)
+        parts = bwd_dqk(q, k, values, h, dh, b, A, do, dv_new, chunks, gate, scale)
+        dq, dk, dv, dg, dbeta = parts["dq"], parts["dk"], parts["dv"], parts["dg"], None
+        if gate == KEY_GATE:
+            dq, dk, dg = intra_bwd(q, k, b, parts, chunks)
+        if beta is not None:
+            dk, dv, dbeta, dg = wy_bwd(k, v, b, beta, X, parts, dv_new, chunks, gate)
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None

@@ -1,0 +1,265 @@
+"""Chunk-parallel outputs and their gradients, given the chunk-entry states of chunk_h.
+
+Per chunk with entry state h_n, gate cumsum b and intra-chunk scores P (P_ij = q_i k_j exp(b_i - b_j)
+for j <= i; GLA's per-key version comes precomputed from chunk_gla):
+
+    o = scale * ((q * exp(b)) h_n + P v)
+
+Backward, with dh = dL/dh_{n+1}: dq = scale (do h_n^T) exp(b) + dS k, dk = (v dh^T) exp(b_C - b) + dS^T q,
+dv = (k exp(b_C - b)) dh + scale P^T do with dS = scale (do v^T) * decay; the log-decay gradient is the
+reverse cumsum of q.dq - k.dk, plus exp(b_C) <h_n, dh> + sum_s k_s.dk_s(state part) at the last step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mmeff.kernels.chunk_h import scalar_gate
+from mmeff.kernels.utils import (
+    KEY_GATE,
+    SCALAR_GATE,
+    Chunks,
+    autotune,
+    chunk_bounds,
+    empty,
+    load_tile,
+    load_tile_t,
+    masked_exp,
+    mm,
+    pow2,
+    precision,
+    rev_cumsum,
+    store_tile,
+    warps,
+)
+
+
+@triton.jit
+def scores_t(q, k, b, tok, nr, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+             GATE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """P^T [BT, BT] of one chunk for a scalar or no gate: (j, i) -> sum_k k_j q_i exp(b_i - b_j) for j <= i."""
+    off = (tok * H + i_h) * K
+    pt = tl.zeros([BT, BT], dtype=tl.float32)
+    for c in range(0, K, BK):
+        pt += mm(load_tile(k + off, 0, nr, H * K, c, K, BT, BK), load_tile_t(q + off, 0, nr, H * K, c, K, BT, BK), PREC)
+    rows = tl.arange(0, BT)
+    upper = (rows[:, None] <= rows[None, :]) & (rows < nr)[None, :]
+    if GATE == SCALAR_GATE:
+        bc, _ = scalar_gate(b, tok, nr, i_h, H, BT)
+        return pt * masked_exp(bc[None, :] - bc[:, None], upper)
+    return tl.where(upper, pt, 0.0)
+
+
+@autotune(warps(42, 82), key=["H", "K", "V", "BT", "BK", "BV", "GATE"])
+@triton.jit
+def _fwd_o_kernel(
+    q, k, v, h, b, A, o, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
+    DT = q.dtype.element_ty
+    cv = i_v * BV
+    rows = tl.arange(0, BT)
+    off = (tok * H + i_h) * K
+    hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    s = tl.zeros([BT, BT], dtype=tl.float32)
+    for c in range(0, K, BK):
+        qc = load_tile(q + off, 0, nr, H * K, c, K, BT, BK)
+        if GATE == KEY_GATE:
+            qc = (qc * masked_exp(load_tile(b + off, 0, nr, H * K, c, K, BT, BK), (rows < nr)[:, None])).to(DT)
+        else:
+            s += mm(qc, load_tile_t(k + off, 0, nr, H * K, c, K, BT, BK), PREC)
+        acc += mm(qc, load_tile(hp, c, K, V, cv, V, BK, BV), PREC)
+    causal = (rows[:, None] >= rows[None, :]) & (rows < nr)[:, None]
+    if GATE == SCALAR_GATE:
+        bc, _ = scalar_gate(b, tok, nr, i_h, H, BT)
+        acc *= masked_exp(bc, rows < nr)[:, None]
+        s *= masked_exp(bc[:, None] - bc[None, :], causal)
+    elif GATE == KEY_GATE:
+        s = load_tile(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT)
+    else:
+        s = tl.where(causal, s, 0.0)
+    vc = load_tile(v + (tok * H + i_h) * V, 0, nr, H * V, cv, V, BT, BV)
+    store_tile(o + (tok * H + i_h) * V, scale * (acc + mm(s.to(DT), vc, PREC)), 0, nr, H * V, cv, V, BT, BV)
+
+
+@autotune(warps(42), key=["H", "K", "V", "BT", "BK", "BV", "GATE"])
+@triton.jit
+def _dv_local_kernel(
+    q, k, b, do, dv, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
+    pt = scores_t(q, k, b, tok, nr, i_h, H, K, BT, BK, GATE, PREC)
+    off = (tok * H + i_h) * V
+    doc = load_tile(do + off, 0, nr, H * V, i_v * BV, V, BT, BV)
+    store_tile(dv + off, scale * mm(pt.to(do.dtype.element_ty), doc, PREC), 0, nr, H * V, i_v * BV, V, BT, BV)
+
+
+@autotune(warps(42, 82), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"])
+@triton.jit
+def _bwd_dqk_kernel(
+    q, k, v, h, dh, b, A, do, dv_new, dq, dk, dv, dw, dg, dA, dg_last, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Full key width per program (BK >= K); value tiles are looped over. For the delta rule v is v~ and,
+    # instead of dv, dw = -dv~ h^T is produced; dk and the decay gradient are then partial (chunk_delta
+    # adds the terms of w and of the triangular solve). For GLA, the inter-chunk parts of dq and dk, the
+    # score gradient dA and the last-step decay term are produced for chunk_gla to finish.
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
+    DT = q.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < nr
+    last = tl.minimum(nr, BT) - 1
+    # Masks also drop steps past the sequence: their zero gate cumsum would make exp(b_i - b_j) overflow.
+    causal = (rows[:, None] >= rows[None, :]) & valid[:, None]
+    upper = (rows[:, None] <= rows[None, :]) & valid[None, :]
+    off = (tok * H + i_h) * K
+    voff = (tok * H + i_h) * V
+    hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
+    dhp = dh + (i_c.to(tl.int64) * H + i_h) * K * V
+    qc = load_tile(q + off, 0, nr, H * K, 0, K, BT, BK)
+    kc = load_tile(k + off, 0, nr, H * K, 0, K, BT, BK)
+
+    if GATE == SCALAR_GATE:
+        bc, bl = scalar_gate(b, tok, nr, i_h, H, BT)
+        from_start = masked_exp(bc, valid)[:, None]
+        to_end = masked_exp(bl - bc, valid)[:, None]
+        whole = tl.exp(bl)
+    elif GATE == KEY_GATE:
+        bq = load_tile(b + off, 0, nr, H * K, 0, K, BT, BK)
+        bl = tl.load(b + off + last * H * K + tl.arange(0, BK), mask=tl.arange(0, BK) < K, other=0.0)
+        from_start = masked_exp(bq, valid[:, None])
+        to_end = masked_exp(bl[None, :] - bq, valid[:, None])
+        whole = tl.exp(bl)
+    else:
+        from_start = tl.where(valid, 1.0, 0.0)[:, None]
+        to_end = from_start
+        whole = 1.0
+    kdec = (kc * to_end).to(DT)
+    if not DELTA:
+        if GATE == KEY_GATE:
+            pt = (load_tile_t(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT) * scale).to(DT)
+        else:
+            pt = (scores_t(q, k, b, tok, nr, i_h, H, K, BT, BK, GATE, PREC) * scale).to(DT)
+
+    dq_acc = tl.zeros([BT, BK], dtype=tl.float32)
+    dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
+    dw_acc = tl.zeros([BT, BK], dtype=tl.float32)
+    ds = tl.zeros([BT, BT], dtype=tl.float32)
+    ds_t = tl.zeros([BT, BT], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for cv in range(0, V, BV):
+        vc = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV)
+        doc = load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV)
+        h_t = load_tile_t(hp, 0, K, V, cv, V, BK, BV)
+        dh_t = load_tile_t(dhp, 0, K, V, cv, V, BK, BV)
+        dq_acc += mm(doc, h_t, PREC)
+        dk_acc += mm(vc, dh_t, PREC)
+        hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
+        ds += mm(doc, tl.trans(vc), PREC)
+        if GATE != KEY_GATE:
+            ds_t += mm(vc, tl.trans(doc), PREC)
+        if DELTA:
+            dw_acc += mm(load_tile(dv_new + voff, 0, nr, H * V, cv, V, BT, BV).to(DT), h_t, PREC)
+        else:
+            dvc = mm(kdec, load_tile(dhp, 0, K, V, cv, V, BK, BV), PREC) + mm(pt, doc, PREC)
+            store_tile(dv + voff, dvc, 0, nr, H * V, cv, V, BT, BV)
+
+    dqc = dq_acc * from_start * scale
+    dkc = dk_acc * to_end
+    # d/d b_C of exp(b_C) h_n + sum_s exp(b_C - b_s) k_s v_s^T, the state passed to the next chunk.
+    g_last = hdh * whole + tl.sum(kc.to(tl.float32) * dkc, 0)
+    if GATE == KEY_GATE:
+        store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
+        store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
+        store_tile(dA + (tok * H + i_h) * BT, tl.where(causal, ds * scale, 0.0), 0, nr, H * BT, 0, BT, BT, BT)
+        tl.store(dg_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, BK), g_last, mask=tl.arange(0, BK) < K)
+    else:
+        if GATE == SCALAR_GATE:
+            ds *= masked_exp(bc[:, None] - bc[None, :], causal)
+            ds_t *= masked_exp(bc[None, :] - bc[:, None], upper)
+        else:
+            ds = tl.where(causal, ds, 0.0)
+            ds_t = tl.where(upper, ds_t, 0.0)
+        dqc += mm((ds * scale).to(DT), kc, PREC)
+        dkc += mm((ds_t * scale).to(DT), qc, PREC)
+        store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
+        store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
+        if DELTA:
+            store_tile(dw + off, -dw_acc, 0, nr, H * K, 0, K, BT, BK)
+        if GATE == SCALAR_GATE:
+            g_step = tl.sum(qc.to(tl.float32) * dqc, 1) - tl.sum(kc.to(tl.float32) * dkc, 1)
+            g_step += tl.where(rows == last, tl.sum(g_last, 0), 0.0)
+            if not DELTA:
+                g_step = rev_cumsum(g_step, 0)
+            tl.store(dg + (tok + rows) * H + i_h, g_step, mask=valid)
+
+
+def fwd_o(
+    q: Tensor, k: Tensor, v: Tensor, h: Tensor, b: Optional[Tensor], A: Optional[Tensor], chunks: Chunks,
+    gate: int, scale: float,
+) -> Tensor:  # fmt: skip
+    """Outputs [1, T, H, V] in v's dtype; A: GLA's intra-chunk scores, else computed here."""
+    heads, dk, dv = q.shape[2], q.shape[3], v.shape[3]
+    o = empty(v.shape, v.dtype, v.device)
+    bv = min(64, pow2(dv))
+    _fwd_o_kernel[(chunks.num_chunks, triton.cdiv(dv, bv), heads)](
+        q, k, v, h, b, A, o, chunks.cu_seqlens, chunks.indices, scale,
+        H=heads, K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate, PREC=precision(q.dtype),
+    )  # fmt: skip
+    return o
+
+
+def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chunks, gate: int, scale: float) -> Tensor:
+    """scale * P^T do per chunk, fp32: the intra-chunk part of the value gradient."""
+    heads, dk, dv = q.shape[2], q.shape[3], do.shape[3]
+    out = empty(do.shape, torch.float32, do.device)
+    bv = min(64, pow2(dv))
+    _dv_local_kernel[(chunks.num_chunks, triton.cdiv(dv, bv), heads)](
+        q, k, b, do, out, chunks.cu_seqlens, chunks.indices, scale,
+        H=heads, K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate, PREC=precision(q.dtype),
+    )  # fmt: skip
+    return out
+
+
+def bwd_dqk(
+    q: Tensor, k: Tensor, v: Tensor, h: Tensor, dh: Tensor, b: Optional[Tensor], A: Optional[Tensor], do: Tensor,
+    dv_new: Optional[Tensor], chunks: Chunks, gate: int, scale: float,
+) -> dict:  # fmt: skip
+    """Gradients of one chunk pass (see _bwd_dqk_kernel): dq, dk, and dv, dw, dg, dA, dg_last as apply."""
+    heads, dk_, dv_ = q.shape[2], q.shape[3], v.shape[3]
+    delta, key_gate = dv_new is not None, gate == KEY_GATE
+    partial = delta or key_gate
+
+    def new(like: Tensor, last: int, fp32: bool = False) -> Tensor:
+        return empty((*like.shape[:3], last), torch.float32 if fp32 else like.dtype, like.device)
+
+    out = {
+        "dq": new(q, dk_, key_gate),
+        "dk": new(k, dk_, partial),
+        "dv": None if delta else new(v, dv_),
+        "dw": new(k, dk_, True) if delta else None,
+        "dg": empty(q.shape[:3], torch.float32, q.device) if gate == SCALAR_GATE else None,
+        "dA": new(q, chunks.size, True) if key_gate else None,
+        "dg_last": empty((chunks.num_chunks, heads, dk_), torch.float32, q.device) if key_gate else None,
+    }
+    _bwd_dqk_kernel[(chunks.num_chunks, heads)](
+        q, k, v, h, dh, b, A, do, dv_new, out["dq"], out["dk"], out["dv"], out["dw"], out["dg"], out["dA"],
+        out["dg_last"], chunks.cu_seqlens, chunks.indices, scale,
+        H=heads, K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)),
+        GATE=gate, DELTA=delta, PREC=precision(q.dtype),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,188 @@
+"""Shared pieces of the linear-recurrence kernels: packed-sequence chunk metadata, launch configs, tile helpers.
+
+Every kernel works on the packed layout [1, T_total, H, D] with `cu_seqlens` marking sequence starts
+(a fixed-length batch [B, T] is B sequences of length T), so one code path serves both.
+
+Hopper note: Triton 3.4 to 3.7.0 miscompiles `tl.dot(tl.trans(x), y)` when x is itself the result of a
+`tl.dot` (fla issues #640, #984). The kernels therefore never transpose a computed tile: a transposed
+operand is either loaded transposed from memory or computed directly in transposed form.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Read once, as triton.jit does when it decorates the kernels of this package.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Gate kinds (constexpr GATE): no decay, one log decay per head and step, one per key channel. Compiled
+# kernels may read globals only as tl.constexpr; the host passes and compares their plain `.value`.
+NO_GATE, SCALAR_GATE, KEY_GATE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Sub-chunk length inside a chunk (GLA's pairwise decays, the delta rule's triangular solve).
+SUB = 16
+# Tests set this: every buffer the kernels allocate starts as NaN, so an element left unwritten shows.
+POISON = False
+
+
+def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A new buffer for a kernel to fill (NaN-filled when POISON is set)."""
+    if POISON:
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def autotune(configs: Sequence[triton.Config], key: list[str]):
+    """triton.autotune over `configs`; the interpreter cannot benchmark, so it gets the first one only."""
+    return triton.autotune(configs=list(configs)[:1] if INTERPRET else list(configs), key=key)
+
+
+def warps(*choices: int) -> list[triton.Config]:
+    """One config per (num_warps, num_stages) choice, given as num_warps * 10 + num_stages."""
+    return [triton.Config({}, num_warps=c // 10, num_stages=c % 10) for c in choices]
+
+
+def pow2(n: int, floor: int = 16) -> int:
+    """Smallest power of two >= n and >= floor (tl.dot needs every dimension >= 16)."""
+    return max(floor, triton.next_power_of_2(n))
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 for fp32 inputs (parity), tensor-core default otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Chunk layout of a packed batch: sequence bounds and, per global chunk, its sequence and index."""
+
+    cu_seqlens: Tensor  # int32 [N+1]
+    indices: Tensor  # int32 [NT, 2]: (sequence, chunk within the sequence)
+    offsets: Tensor  # int32 [N]: global index of each sequence's first chunk
+    num_seqs: int
+    num_chunks: int
+    size: int
+    max_len: int
+
+
+def make_chunks(cu_seqlens: Optional[Tensor], batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
+    """Chunk layout for `batch` sequences of `seqlen` steps, or for the packed sequences of `cu_seqlens`."""
+    if cu_seqlens is None:
+        per = triton.cdiv(seqlen, size)
+        seq = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        idx = torch.arange(per, dtype=torch.int32, device=device)
+        return Chunks(
+            cu_seqlens=seq * seqlen,
+            indices=torch.stack([seq[:-1].repeat_interleave(per), idx.repeat(batch)], dim=1).contiguous(),
+            offsets=seq[:-1] * per,
+            num_seqs=batch,
+            num_chunks=batch * per,
+            size=size,
+            max_len=seqlen,
+        )
+    bounds = cu_seqlens.tolist()  # one host sync: the grids need the chunk count
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    counts = [triton.cdiv(n, size) for n in lengths]
+    pairs = [(n, c) for n, count in enumerate(counts) for c in range(count)]
+    return Chunks(
+        cu_seqlens=cu_seqlens.to(device=device, dtype=torch.int32).contiguous(),
+        indices=torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device),
+        offsets=torch.tensor([0, *accumulate(counts)][:-1], dtype=torch.int32, device=device),
+        num_seqs=len(lengths),
+        num_chunks=len(pairs),
+        size=size,
+        max_len=max(lengths, default=0),
+    )
+
+
+@triton.jit
+def seq_bounds(cu_seqlens, i_n):
+    """(first token as int64, length) of sequence i_n."""
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    return bos, (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+
+
+@triton.jit
+def chunk_bounds(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
+    """For global chunk i_c: (sequence, chunk within it, first token as int64, valid rows in the chunk)."""
+    i_n = tl.load(chunk_indices + i_c * 2)
+    i_t = tl.load(chunk_indices + i_c * 2 + 1)
+    bos, T = seq_bounds(cu_seqlens, i_n)
+    return i_n, i_t, bos + i_t * BT, T - i_t * BT
+
+
+@triton.jit
+def load_tile(ptr, r0, nr, sr, c0, nc, BR: tl.constexpr, BC: tl.constexpr):
+    """[BR, BC] tile at (r0, c0) of an [nr, nc] matrix with row stride sr; zero outside it."""
+    r = r0 + tl.arange(0, BR)
+    c = c0 + tl.arange(0, BC)
+    return tl.load(ptr + r[:, None] * sr + c[None, :], mask=(r[:, None] < nr) & (c[None, :] < nc), other=0.0)
+
+
+@triton.jit
+def load_tile_t(ptr, r0, nr, sr, c0, nc, BR: tl.constexpr, BC: tl.constexpr):
+    """The same tile as load_tile, loaded transposed: [BC, BR]."""
+    r = r0 + tl.arange(0, BR)
+    c = c0 + tl.arange(0, BC)
+    return tl.load(ptr + r[None, :] * sr + c[:, None], mask=(r[None, :] < nr) & (c[:, None] < nc), other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, x, r0, nr, sr, c0, nc, BR: tl.constexpr, BC: tl.constexpr):
+    """Store the [BR, BC] tile x at (r0, c0) of an [nr, nc] matrix with row stride sr, cast to ptr's type."""
+    r = r0 + tl.arange(0, BR)
+    c = c0 + tl.arange(0, BC)
+    tl.store(ptr + r[:, None] * sr + c[None, :], x.to(ptr.dtype.element_ty), mask=(r[:, None] < nr) & (c[None, :] < nc))
+
+
+@triton.jit
+def load_vec(ptr, r0, nr, sr, BR: tl.constexpr):
+    """[BR] vector at r0 of an [nr] vector with stride sr; zero outside it."""
+    r = r0 + tl.arange(0, BR)
+    return tl.load(ptr + r * sr, mask=r < nr, other=0.0)
+
+
+@triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """fp32-accumulated a @ b with both operands in a's dtype."""
+    return tl.dot(a, b.to(a.dtype), input_precision=PREC)
+
+
+@triton.jit
+def masked_exp(x, keep):
+    """exp(x) where keep, else 0; selecting (not multiplying) keeps inf * 0 out."""
+    return tl.where(keep, tl.exp(tl.where(keep, x, 0.0)), 0.0)
+
+
+@triton.jit
+def rev_cumsum(x, axis: tl.constexpr):
+    """Inclusive reverse cumulative sum along axis."""
+    return tl.sum(x, axis, keep_dims=True) - tl.cumsum(x, axis) + x
+
+
+@triton.jit
+def _cumsum_kernel(g, b, cu_seqlens, chunk_indices,
+                   H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
+    off = (tok * H + i_h) * D
+    x = load_tile(g + off, 0, nr, H * D, 0, D, BT, BD).to(tl.float32)
+    store_tile(b + off, tl.cumsum(x, 0), 0, nr, H * D, 0, D, BT, BD)
+
+
+def chunk_cumsum(g: Tensor, chunks: Chunks) -> Tensor:
+    """Chunk-local inclusive cumulative sum of a log decay g [1, T, H] or [1, T, H, K], fp32."""
+    heads, dim = g.shape[2], (g.shape[3] if g.dim() == 4 else 1)
+    b = empty(g.shape, torch.float32, g.device)
+    if chunks.num_chunks:
+        _cumsum_kernel[(chunks.num_chunks, heads)](
+            g, b, chunks.cu_seqlens, chunks.indices, heads, dim, chunks.size, pow2(dim, 1)
+        )
+    return b

@@ -1,0 +1,178 @@
+"""GPU parity of mmeff's Triton kernels (mmeff.kernels) with the PyTorch reference at real sizes; skipped
+without CUDA. Run: `pytest tests/gpu/test_kernels_gpu.py -q`.
+
+Error per tensor (output, final state, every gradient): ||kernel - reference|| / ||reference|| < 1e-4 with
+fp32 inputs, < 1e-2 with bf16 inputs. The reference is mmeff's PyTorch path (MMEFF_FORCE_REFERENCE=1,
+mode "chunk", itself tested against the step-by-step recurrence on CPU; the step-by-step form itself for
+the fused recurrent kernel), run in fp32 on the same (bf16-rounded) inputs. Every check draws fresh random
+inputs, and every buffer the kernels allocate starts as NaN, so an element left unwritten fails the check.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from kernel_cases import KINDS, compare, forward_backward, make_inputs, norm_error  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _triton_kernels_on(monkeypatch):
+    """The kernels are opt-in (MMEFF_TRITON=1) until this suite passes on Hopper."""
+    monkeypatch.setenv("MMEFF_TRITON", "1")
+
+from mmeff import ops  # noqa: E402
+from mmeff.ops.recurrence import linear_recurrence  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+HEADS = 4  # one head count everywhere: it is a compile-time constant of the kernels
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would run the GPU tests in the interpreter")
+    import mmeff.kernels
+
+    return mmeff.kernels
+
+
+@pytest.fixture(autouse=True)
+def poison(kernels, monkeypatch):
+    monkeypatch.setattr(kernels.utils, "POISON", True)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A different seed for every check."""
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+def reference(monkeypatch, **kwargs):
+    """linear_recurrence on mmeff's PyTorch path."""
+    with monkeypatch.context() as m:
+        m.setenv("MMEFF_FORCE_REFERENCE", "1")
+        return linear_recurrence(**kwargs)
+
+
+def assert_parity(kernels, monkeypatch, inputs, dtype, cu_seqlens=None):
+    got = forward_backward(partial(kernels.linear_recurrence_triton, cu_seqlens=cu_seqlens), inputs)
+    ref = forward_backward(partial(reference, monkeypatch, cu_seqlens=cu_seqlens), inputs, upcast=True)
+    assert got[0].dtype == dtype
+    errors = compare(got, ref, norm_error)
+    assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
+@DTYPES
+@pytest.mark.parametrize("batch,seqlen", [(2, 1000), (1, 65536)], ids=["B2-T1000", "B1-T65536"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity(kernels, monkeypatch, seed, kind, batch, seqlen, dtype):
+    inputs = make_inputs(kind, batch, seqlen, HEADS, 64, 64, dtype=dtype, device="cuda", seed=seed)
+    assert_parity(kernels, monkeypatch, inputs, dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parity_wide_keys(kernels, monkeypatch, seed, kind):
+    inputs = make_inputs(kind, 1, 3000, HEADS, 128, 32, dtype=torch.bfloat16, device="cuda", seed=seed)
+    assert_parity(kernels, monkeypatch, inputs, torch.bfloat16)
+
+
+@DTYPES
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_sequences(kernels, monkeypatch, seed, kind, dtype):
+    lengths = [1, 63, 64, 65, 0, 3000, 1500, 4096]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    inputs = make_inputs(kind, 1, sum(lengths), HEADS, 64, 64, dtype=dtype, device="cuda", seed=seed,
+                         num_states=len(lengths))  # fmt: skip
+    assert_parity(kernels, monkeypatch, inputs, dtype, cu_seqlens)
+
+
+@DTYPES
+@pytest.mark.parametrize("kind", [*KINDS, "gla_delta"])
+def test_fused_recurrent(kernels, monkeypatch, seed, kind, dtype):
+    # Decoding-sized packed sequences without gradients: the fused step-by-step kernel.
+    monkeypatch.setattr(kernels.ChunkRecurrence, "apply", None)
+    lengths = [1, 16, 0, 7, 1]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    inputs = make_inputs("gla" if kind == "gla_delta" else kind, 1, sum(lengths), HEADS, 64, 64, dtype=dtype,
+                         device="cuda", seed=seed, num_states=len(lengths))  # fmt: skip
+    if kind == "gla_delta":
+        inputs["beta"] = torch.rand(1, sum(lengths), HEADS, device="cuda").to(dtype)
+    with torch.no_grad():
+        o, state = kernels.linear_recurrence_triton(**inputs, scale=0.5, output_final_state=True, cu_seqlens=cu_seqlens)
+        up = {n: None if t is None else t.float() for n, t in inputs.items()}
+        o_ref, state_ref = linear_recurrence(**up, scale=0.5, output_final_state=True, mode="recurrent",
+                                             cu_seqlens=cu_seqlens)  # fmt: skip
+    errors = {"o": norm_error(o, o_ref), "final_state": norm_error(state, state_ref)}
+    assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
+def _op_calls(seqlen: int, dtype: torch.dtype, seed: int) -> dict:
+    """Each linear-family op of mmeff.ops as (call, inputs) on CUDA."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, fn=lambda x: x, time_series: bool = True) -> torch.Tensor:
+        x = fn(torch.randn(*shape, generator=gen)).cuda()
+        return x.to(dtype) if time_series else x
+
+    B, T, H, D = 2, seqlen, HEADS, 64
+    qkv = {"q": randn(B, T, H, D), "k": randn(B, T, H, D, fn=lambda x: F.normalize(x, dim=-1)), "v": randn(B, T, H, D)}
+    beta = randn(B, T, H, fn=torch.sigmoid)
+    head_gate = randn(B, T, H, fn=lambda x: F.logsigmoid(x + 3), time_series=False)
+    key_gate = randn(B, T, H, D, fn=lambda x: F.logsigmoid(x + 3))
+    retention_decay = randn(H, fn=lambda x: F.logsigmoid(x + 3), time_series=False)
+    scan = {"u": randn(B, 32, T), "delta": randn(B, 32, T), "A": -randn(32, 16, fn=torch.exp, time_series=False),
+            "B": randn(B, 16, T), "C": randn(B, 16, T), "D": randn(32, time_series=False)}  # fmt: skip
+    return {
+        "linear_attention": (ops.linear_attention, qkv),
+        "retention": (ops.retention, {**qkv, "log_decay": retention_decay}),
+        "gated_linear_attention": (ops.gated_linear_attention, {**qkv, "log_g": key_gate}),
+        "delta_rule": (ops.delta_rule, {**qkv, "beta": beta}),
+        "gated_delta_rule": (ops.gated_delta_rule, {**qkv, "log_g": head_gate, "beta": beta}),
+        "ssd": (
+            partial(ops.ssd, dt_softplus=True, backend="torch"),
+            {"x": randn(B, T, H, D), "dt": randn(B, T, H), "A": -randn(H, fn=torch.exp, time_series=False),
+             "B": randn(B, T, 1, D), "C": randn(B, T, 1, D), "D": randn(H, time_series=False)},
+        ),
+        "selective_scan": (partial(ops.selective_scan, delta_softplus=True, backend="torch"), scan),
+    }  # fmt: skip
+
+
+@DTYPES
+@pytest.mark.parametrize(
+    "op", ["linear_attention", "retention", "gated_linear_attention", "delta_rule", "gated_delta_rule", "ssd",
+           "selective_scan"],
+)  # fmt: skip
+def test_ops_dispatch(kernels, monkeypatch, seed, op, dtype):
+    # The ops pick the kernels on CUDA in mode "chunk" and agree with MMEFF_FORCE_REFERENCE=1.
+    fn, inputs = _op_calls(777, dtype, seed)[op]
+    calls = []
+    original = kernels.linear_recurrence_triton
+    monkeypatch.setattr(kernels, "linear_recurrence_triton", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+
+    def run(force_reference: bool):
+        leaves = {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in inputs.items()}
+        with monkeypatch.context() as m:
+            if force_reference:
+                m.setenv("MMEFF_FORCE_REFERENCE", "1")
+            out = fn(**leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda()
+        grads = torch.autograd.grad((out.float() * weights).sum(), list(leaves.values()))
+        return out, dict(zip(leaves, grads))
+
+    out, grads = run(False)
+    assert calls, "the Triton kernels did not run"
+    out_ref, grads_ref = run(True)
+    errors = {"out": norm_error(out, out_ref), **{f"d{n}": norm_error(grads[n], grads_ref[n]) for n in grads}}
+    assert all(e < TOL[dtype] for e in errors.values()), errors

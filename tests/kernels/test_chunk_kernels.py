@@ -1,0 +1,86 @@
+"""Triton kernels under the interpreter (CPU) against the step-by-step reference, forward and every gradient.
+
+Tolerance, per tensor (output, final state, each gradient): max |kernel - reference| <= TOL * max(1, max
+|reference|), TOL = 1e-4 for fp32 inputs (measured ~1e-6) and 5e-3 for fp16 (measured ~7e-4). bf16 is
+checked on the GPU only: the interpreter's bf16 tl.dot is wrong. Every buffer the kernels allocate starts
+as NaN, so an element a kernel fails to write shows up as NaN.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from kernel_cases import KINDS, compare, forward_backward, make_inputs, max_error
+
+from mmeff.ops.recurrence import linear_recurrence
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+reference = partial(linear_recurrence, mode="recurrent")
+
+
+@pytest.fixture(autouse=True)
+def poison(kernels, monkeypatch):
+    monkeypatch.setattr(kernels.utils, "POISON", True)
+
+
+def check(kernels, inputs, tol, chunk_size, cu_seqlens=None):
+    kernel = partial(kernels.linear_recurrence_triton, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+    got = forward_backward(kernel, inputs)
+    ref = forward_backward(partial(reference, cu_seqlens=cu_seqlens), inputs, upcast=True)
+    assert got[0].dtype == inputs["v"].dtype and got[1].dtype == torch.float32
+    errors = compare(got, ref, max_error)
+    assert all(e <= tol for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunk_matches_reference(kernels, kind):
+    # Two chunks of 32, the second with 13 steps: 2 sub-chunks per chunk (GLA blocks, delta-rule solve).
+    check(kernels, make_inputs(kind, 2, 45, 2, 16, 32, seed=1), TOL[torch.float32], chunk_size=32)
+
+
+@pytest.mark.parametrize("kind", ["gla", "gated_delta_rule"])
+def test_chunk_64(kernels, kind):
+    # The GPU's chunk size: 4 sub-chunks; key and value widths differ (32, 16); 70 = 64 + 6 steps.
+    check(kernels, make_inputs(kind, 1, 70, 1, 32, 16, seed=2), TOL[torch.float32], chunk_size=64)
+
+
+@pytest.mark.parametrize("kind", ["scalar_decay", "gla", "gated_delta_rule"])
+def test_packed_sequences(kernels, kind):
+    # Four sequences (one empty, one of a single chunk + 5 steps), states reset at each start.
+    cu_seqlens = torch.tensor([0, 9, 9, 30, 36], dtype=torch.int32)
+    inputs = make_inputs(kind, 1, 36, 2, 16, 16, seed=3, num_states=4)
+    check(kernels, inputs, TOL[torch.float32], chunk_size=16, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("kind", ["linear_attention", "gla", "gated_delta_rule"])
+def test_fp16(kernels, kind):
+    check(kernels, make_inputs(kind, 1, 40, 2, 16, 16, dtype=torch.float16, seed=4), TOL[torch.float16], chunk_size=16)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "gla_delta"])
+def test_fused_recurrent(kernels, monkeypatch, kind):
+    # Short sequences without gradients take the fused step-by-step kernel (packed here, one empty);
+    # it alone covers per-key decay with the delta rule.
+    monkeypatch.setattr(kernels.ChunkRecurrence, "apply", None)
+    cu_seqlens = torch.tensor([0, 1, 1, 13, 29], dtype=torch.int32)
+    inputs = make_inputs("gla" if kind == "gla_delta" else kind, 1, 29, 2, 16, 16, seed=5, num_states=4)
+    if kind == "gla_delta":
+        inputs["beta"] = torch.rand(1, 29, 2)
+    assert kernels.RECURRENT_MAX_LEN >= 16
+    with torch.no_grad():
+        got = kernels.linear_recurrence_triton(**inputs, scale=0.5, output_final_state=True, cu_seqlens=cu_seqlens)
+    ref = reference(**inputs, scale=0.5, output_final_state=True, cu_seqlens=cu_seqlens)
+    errors = {"o": max_error(got[0], ref[0]), "final_state": max_error(got[1], ref[1])}
+    assert all(e <= TOL[torch.float32] for e in errors.values()), errors
+
+
+def test_supports_and_errors(kernels):
+    q = torch.randn(1, 8, 2, 16)
+    assert not kernels.supports(q, q, q)  # CPU tensors: the ops keep their PyTorch path
+    with pytest.raises(ValueError, match="batch size 1"):
+        kernels.linear_recurrence_triton(torch.randn(2, 8, 2, 16), *[torch.randn(2, 8, 2, 16)] * 2,
+                                         cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))  # fmt: skip
+    with pytest.raises(ValueError, match="initial_state"):
+        kernels.linear_recurrence_triton(q, q, q, initial_state=torch.zeros(2, 2, 16, 16))
