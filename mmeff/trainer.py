@@ -11,8 +11,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from safetensors.torch import load_file
 
-from mmeff import checkpoint, config as config_mod
+from mmeff import checkpoint, config as config_mod, lora
+from mmeff.blocks.moe import upcycle_state
 from mmeff.config import ConfigError, RunConfig
 from mmeff.data import ShardDataModule
 from mmeff.tasks import build_model, build_task, transforms
@@ -33,7 +35,8 @@ class ExportBest(Callback):
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             task.load_state_dict(state)
-        path = checkpoint.export(task.model, self.cfg, self.cfg.out_dir / "export", extra=getattr(task, "export_files", None))
+        model, cfg = lora.merged(task.model, self.cfg)  # LoRA adapters folded into plain weights
+        path = checkpoint.export(model, cfg, cfg.out_dir / "export", extra=getattr(task, "export_files", None))
         print(f"exported {'best' if best else 'last'} weights to {path}")
 
 
@@ -106,6 +109,8 @@ def _resume_path(cfg: RunConfig, resume: str | None) -> str | None:
 
 def fit(cfg: RunConfig, resume: str | None = None) -> L.Trainer:
     """Train `cfg`; resume from a run folder, a .ckpt file or 'last' (this run's own last checkpoint)."""
+    if cfg.upcycle and not cfg.init_from:
+        raise ConfigError("upcycle: true needs init_from: the dense checkpoint folder to upcycle")
     ckpt_path = _resume_path(cfg, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +118,13 @@ def fit(cfg: RunConfig, resume: str | None = None) -> L.Trainer:
     model = build_model(cfg)
     if cfg.init_from:
         print(checkpoint.init_from(model, cfg.init_from))
-    task = build_task(cfg, model)
+        if cfg.upcycle:
+            upcycled = upcycle_state(load_file(str(Path(cfg.init_from) / checkpoint.WEIGHTS)), model)
+            model.load_state_dict(upcycled, strict=False)
+            print(f"upcycle: {len(upcycled)} MoE tensors initialised from the dense ffn weights")
+    if cfg.lora:
+        print(lora.apply(model, cfg.lora))
+    task = build_task(lora.task_config(cfg), model)
     trainer = build_trainer(cfg)
     trainer.fit(task, datamodule=ShardDataModule(cfg.data, *transforms(cfg)), ckpt_path=ckpt_path)
     return trainer

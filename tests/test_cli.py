@@ -111,8 +111,10 @@ def test_resume_after_kill_continues_from_saved_step(tiny_config):
 
 def test_two_process_ddp(tiny_config):
     cfg_path = tiny_config(**{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 6, "trainer.max_epochs": None})
+    # Two ranks on two cores: one thread each, or their OpenMP threads spin against each other.
     proc = subprocess.run(
-        [sys.executable, "-m", "mmeff", "fit", str(cfg_path)], env=ENV, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mmeff", "fit", str(cfg_path)],
+        env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=2" in proc.stdout + proc.stderr or "GLOBAL_RANK: 1" in proc.stdout + proc.stderr

@@ -16,5 +16,9 @@ class Cache(dict):
         self.offset = 0
 
     def nbytes(self) -> int:
-        """Bytes held by the tensors of this cache."""
-        return sum(t.numel() * t.element_size() for t in self.values() if isinstance(t, torch.Tensor))
+        """Bytes held by the tensors of this cache, including those of nested caches (hybrid mixers)."""
+        return sum(
+            v.numel() * v.element_size() if isinstance(v, torch.Tensor) else v.nbytes()
+            for v in self.values()
+            if isinstance(v, (torch.Tensor, Cache))
+        )

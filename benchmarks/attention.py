@@ -1,0 +1,152 @@
+"""GPU benchmark of the attention mixers: forward + backward at a fixed token budget, KV-cache bytes per token, int8 error.
+
+One run on a CUDA machine (bf16, 65,536 tokens per batch, 16 heads x 64, T = 2k / 8k / 32k):
+    python benchmarks/attention.py --out benchmarks/results/attention_h100.md
+Rows: causal SDPA (`attn`), FlexAttention sliding window 1024 (`sliding`), block top-k with blocks
+of 64 and top 16 (`block_topk`, causal: each query selects for itself), `mla`, and for reference
+bidirectional SDPA beside bidirectional `block_topk` whose query blocks share a selection (block-sparse).
+Each cell times the whole mixer (projections included): the median of `--iters` steps after
+warm-up (FlexAttention compiles on its first call per shape), and the peak memory of a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmeff import blocks
+
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "attn: causal SDPA": ("attn", {}),
+    "sliding: window 1024, FlexAttention": ("sliding", {"window": 1024}),
+    "block_topk: block 64, top 16, FlexAttention": ("block_topk", {"block": 64, "topk": 16}),
+    "mla: latent dim/4 + rope key head_dim/2, SDPA": ("mla", {}),
+    "attn: bidirectional SDPA": ("attn", {"causal": False}),
+    "block_topk: shared query blocks, bidirectional": ("block_topk", {"block": 64, "topk": 16, "query_block": True, "causal": False}),
+}
+
+
+def time_step(layer: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> tuple[float, float]:
+    """Median milliseconds of forward + backward, and peak GiB of one step."""
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        x.grad = None
+        layer(x).backward(grad)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def speed_table(args: argparse.Namespace) -> list[str]:
+    dim = args.heads * args.head_dim
+    lines = ["| mixer | " + " | ".join(f"T={T} (B={args.tokens // T})" for T in args.lengths) + " |"]
+    lines.append("|---" * (len(args.lengths) + 1) + "|")
+    baseline: dict[int, float] = {}
+    for label, (name, options) in ROWS.items():
+        if args.rows and not any(r in label for r in args.rows):
+            continue
+        cells = []
+        for T in args.lengths:
+            torch.manual_seed(0)
+            layer = blocks.build(name, dim, heads=args.heads, **options).cuda().to(torch.bfloat16)
+            x = torch.randn(args.tokens // T, T, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            try:
+                ms, gib = time_step(layer, x, args.warmup, args.iters)
+            except torch.cuda.OutOfMemoryError:
+                cells.append("OOM")
+                continue
+            finally:
+                del layer, x
+                torch.cuda.empty_cache()
+            baseline.setdefault(T, ms)  # the first row, causal SDPA
+            cells.append(f"{ms:.1f} ms ({baseline[T] / ms:.2f}x), {gib:.1f} GiB")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def cache_table(args: argparse.Namespace) -> list[str]:
+    """KV-cache bytes per token (bf16) at equal width, measured from a prefilled cache."""
+    dim, T = args.heads * args.head_dim, 64
+    rows = {
+        f"attn (MHA, {args.heads} KV heads)": ("attn", {}),
+        "attn (GQA, 4 KV heads)": ("attn", {"kv_heads": 4}),
+        "attn (MQA, 1 KV head)": ("attn", {"kv_heads": 1}),
+        "mla": ("mla", {}),
+    }
+    lines = ["| cache | bytes / token | vs MHA |", "|---|---|---|"]
+    full = None
+    for label, (name, options) in rows.items():
+        layer = blocks.build(name, dim, heads=args.heads, **options).cuda().to(torch.bfloat16).eval()
+        cache = blocks.Cache()
+        with torch.no_grad():
+            layer(torch.randn(1, T, dim, device="cuda", dtype=torch.bfloat16), cache)
+        per_token = cache.nbytes() / T
+        full = full or per_token
+        if name == "mla":
+            label = f"mla (latent {layer.kv_rank} + rope key {layer.rope_dim})"
+        lines.append(f"| {label} | {per_token:.0f} | {full / per_token:.1f}x smaller |")
+    return lines
+
+
+def quant_error(args: argparse.Namespace) -> list[str]:
+    """Relative error ||quant_attn - attn|| / ||attn|| of the same weights on random inputs."""
+    dim = args.heads * args.head_dim
+    lines = ["| quant_attn vs attn | relative L2 error |", "|---|---|"]
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        exact = blocks.build("attn", dim, heads=args.heads).cuda().to(dtype)
+        quant = blocks.build("quant_attn", dim, heads=args.heads).cuda().to(dtype)
+        quant.load_state_dict(exact.state_dict())
+        x = torch.randn(4, 2048, dim, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            a, b = exact(x).float(), quant(x).float()
+        lines.append(f"| T=2048, {str(dtype).removeprefix('torch.')} | {float((b - a).norm() / a.norm()):.4f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="markdown file to write")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per batch (B = tokens // T)")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rows", nargs="*", help="only the rows whose label contains one of these (default: all)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
+    header = [
+        f"# Attention mixers: forward + backward, bf16, {args.tokens} tokens per batch, {args.heads} heads x {args.head_dim}",
+        "",
+        f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}. Cells: median step time (speed-up over causal SDPA), peak memory.",
+        "",
+    ]
+    body = speed_table(args) + [""] + cache_table(args) + [""] + quant_error(args)
+    text = "\n".join(header + body) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

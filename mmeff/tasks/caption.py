@@ -1,0 +1,285 @@
+"""Captioning: image or audio tokens, projected, form a prefix of the shared causal backbone; the caption's text
+tokens (<bos> caption <eos>) follow, and only they are predicted. Decoding is the LM's (mmeff.generate), after the prefix.
+
+Parameter names: `encoder.media` (the modality tokenizer of config `encoder`), `encoder.proj` (its projection),
+`encoder.embed` (the text embedding, named as in a text LM so that `init_from` an LM checkpoint reuses it),
+`backbone`, `head` (tied to `encoder.embed` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmeff import encoders, metrics
+from mmeff.backbone import Backbone
+from mmeff.blocks import Cache
+from mmeff.config import ConfigError, RunConfig, register_section
+from mmeff.encoders.text import TextEncoder, TextEncoderConfig, Tokenizer, load_tokenizer, tokenizer_files
+from mmeff.tasks.base import TaskModule
+
+IGNORE = -100  # target id that counts in no loss or metric
+
+
+@register_section("task", "caption")
+@dataclass
+class CaptionConfig:
+    """Caption text options (the tokenizer is byte-level unless `tokenizer: bpe` names a tokenizer.json) and decoding."""
+
+    name: str = "caption"
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    tokenizer_path: str | None = None
+    vocab_size: int | None = None  # None: the tokenizer's (written back, so the exported config rebuilds the model)
+    text_key: str = "txt"  # caption field of the shard samples
+    max_len: int = 64  # caption tokens with <bos> and <eos>; longer captions are skipped (and counted)
+    prefix_lm: bool = True  # prefix tokens attend to each other both ways (attention mixers); false: plain causal
+    projector: Literal["linear", "mlp", "none"] = "linear"
+    tie_embeddings: bool = True
+    label_smoothing: float = 0.0
+    generate: bool = True  # val/test: greedy-decode every batch; log exact match, BLEU, CER, WER
+    max_new_tokens: int | None = None  # decoding limit; None: max_len
+
+
+def text_config(task: CaptionConfig) -> TextEncoderConfig:
+    """The text encoder config that names the caption tokenizer."""
+    return TextEncoderConfig(tokenizer=task.tokenizer, tokenizer_path=task.tokenizer_path, vocab_size=task.vocab_size)
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Raise a ConfigError when `cfg` cannot describe a captioner."""
+    if cfg.encoder.name not in ("image", "audio"):
+        raise ConfigError(f"task caption: encoder.name must be 'image' or 'audio' (the prefix modality), got {cfg.encoder.name!r}")
+    if not cfg.backbone.causal:
+        raise ConfigError("task caption: backbone.causal must be true (text is predicted left to right after the prefix)")
+    if cfg.task.max_len < 3:
+        raise ConfigError(f"task.max_len must be >= 3 (<bos>, one token, <eos>), got {cfg.task.max_len}")
+
+
+class CaptionEncoder(TextEncoder):
+    """The captioner's tokenizers: `embed` (text ids -> embeddings, the TextEncoder's), `media` (the image or audio
+    tokenizer) and `proj` (media tokens -> prefix embeddings)."""
+
+    def __init__(self, cfg: RunConfig, dim: int) -> None:
+        super().__init__(cfg.task.vocab_size, dim)
+        self.media = encoders.build(cfg.encoder, dim)
+        kind = cfg.task.projector
+        if kind == "linear":
+            self.proj: nn.Module = nn.Linear(dim, dim)
+        elif kind == "mlp":
+            self.proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        else:
+            self.proj = nn.Identity()
+
+    def prefix(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Media inputs (images [B, C, H, W] or features [B, frames, mels]) -> prefix embeddings [B, P, D]."""
+        return self.proj(self.media(inputs))
+
+
+class Captioner(nn.Module):
+    """Media prefix + text through one causal backbone; decodes with mmeff.generate (`embed`, `hidden`, `head`,
+    `new_cache`) after `encode_media` made the prefix embeddings."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
+        check_config(cfg)
+        cfg.task.vocab_size = cfg.task.vocab_size or load_tokenizer(text_config(cfg.task)).vocab_size
+        dim = cfg.backbone.dim
+        self.prefix_lm = cfg.task.prefix_lm
+        self.encoder = CaptionEncoder(cfg, dim)
+        self.backbone = Backbone(cfg.backbone)
+        self.head = nn.Linear(dim, cfg.task.vocab_size, bias=False)
+        if cfg.task.tie_embeddings:
+            self.head.weight = self.encoder.embed.weight
+        self.prefix_tokens: int | None = None  # length of the last prefix made, for `hidden` during generation
+
+    def encode_media(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Prefix embeddings [B, P, D] of media inputs (remembers P for the prefill of `hidden`)."""
+        prefix = self.encoder.prefix(inputs)
+        self.prefix_tokens = prefix.shape[1]
+        return prefix
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text ids [B, T] -> embeddings [B, T, D]."""
+        return self.encoder(tokens)
+
+    def _prefix_arg(self, prefix: int | None) -> int | None:
+        return prefix if self.prefix_lm and prefix else None
+
+    def hidden(self, x: torch.Tensor, cache: list[Cache] | None = None, prefix: int | None = None) -> torch.Tensor:
+        """Embeddings [B, T, D] (prefix first) -> hidden states. Without `prefix`, a sequence that starts from an
+        empty cache (generation's prefill, or uncached decoding) has the prefix of the last `encode_media` call."""
+        fresh = cache is None or not any(c.offset or len(c) for c in cache)
+        if prefix is None and fresh:
+            prefix = self.prefix_tokens
+        return self.backbone(x, cache=cache, prefix=self._prefix_arg(prefix) if fresh else None)
+
+    def new_cache(self) -> list[Cache]:
+        """An empty decoding cache."""
+        return self.backbone.new_cache()
+
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Media inputs and text ids [B, L] (<bos> first) -> next-token logits at the text positions [B, L, V]."""
+        prefix = self.encode_media(inputs)
+        P = prefix.shape[1]
+        x = torch.cat([prefix, self.embed(tokens).to(prefix.dtype)], dim=1)
+        return self.head(self.backbone(x, prefix=self._prefix_arg(P))[:, P:])
+
+
+def caption_targets(tokens: torch.Tensor, prefix_len: int, pad_id: int) -> torch.Tensor:
+    """Targets of every position of the sequence prefix + tokens[:, :-1]: [B, P + L - 1], IGNORE at the prefix
+    (and its last position, whose next token <bos> is given) and at padding; tokens[:, 1:] at the text positions."""
+    targets = tokens[:, 1:].masked_fill(tokens[:, 1:] == pad_id, IGNORE)
+    ignored = torch.full((tokens.shape[0], prefix_len), IGNORE, dtype=targets.dtype, device=targets.device)
+    return torch.cat([ignored, targets], dim=1)
+
+
+class CaptionTransform:
+    """Shard sample -> {'input': media tensor, 'tokens': [max_len] ids (<bos> caption <eos> <pad>...), 'text': caption}."""
+
+    def __init__(self, cfg: RunConfig, train: bool) -> None:
+        check_config(cfg)
+        self.media = encoders.make_transform(cfg.encoder, train)
+        self.tokenizer = load_tokenizer(text_config(cfg.task))
+        self.key, self.max_len = cfg.task.text_key, cfg.task.max_len
+
+    def __call__(self, sample: dict) -> dict[str, Any]:
+        raw = sample[self.key]
+        text = (raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)).strip()
+        tok = self.tokenizer
+        ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
+        if len(ids) > self.max_len:
+            raise ValueError(f"caption of {len(ids)} tokens (with <bos>/<eos>) is longer than task.max_len = {self.max_len}")
+        tokens = torch.full((self.max_len,), tok.pad_id, dtype=torch.long)
+        tokens[: len(ids)] = torch.tensor(ids)
+        return {"input": self.media(sample), "tokens": tokens, "text": text}
+
+
+def build_model(cfg: RunConfig) -> Captioner:
+    """The captioner of run config `cfg`."""
+    return Captioner(cfg)
+
+
+def make_transform(cfg: RunConfig, train: bool) -> CaptionTransform:
+    """Per-sample transform: media input, padded caption ids, caption text."""
+    return CaptionTransform(cfg, train)
+
+
+def caption(
+    model: Captioner,
+    inputs: torch.Tensor,
+    tokenizer: Tokenizer,
+    sampling: Any = None,
+    prompt: str = "",
+    max_new_tokens: int = 64,
+) -> list[str]:
+    """Captions of a batch of media inputs: greedy unless `sampling` (mmeff.generate.Sampling) says otherwise;
+    decoding continues <bos> + `prompt` after the prefix and stops at <eos>."""
+    from mmeff.generate import Sampling, generate
+
+    sampling = sampling or Sampling(max_new_tokens=max_new_tokens, greedy=True)
+    with torch.inference_mode():
+        prefix = model.encode_media(inputs)
+    prompts = [[tokenizer.bos_id, *tokenizer.encode(prompt)]] * inputs.shape[0]
+    result = generate(model, prompts, sampling, tokenizer, prefix_embeds=prefix)
+    return [prompt + text for text in result.texts] if prompt else result.texts
+
+
+class Task(TaskModule):
+    """Cross-entropy on the caption tokens only; val/test add teacher-forced token accuracy and, from greedy
+    captions, exact match, BLEU (sacrebleu), character and word error rates over the epoch."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
+        super().__init__(cfg, model)
+        text = text_config(cfg.task)
+        self.tokenizer = load_tokenizer(text)
+        self.pad_id = self.tokenizer.pad_id
+        self.export_files = tokenizer_files(text)
+        self.outputs: dict[str, dict[str, list]] = {}
+
+    def step(self, batch: dict, stage: str) -> torch.Tensor:
+        tokens = batch["tokens"]
+        width = int((tokens != self.pad_id).sum(1).max())  # drop the columns that are padding in every row
+        tokens = tokens[:, :width]
+        logits = self.model(batch["input"], tokens[:, :-1])
+        targets = caption_targets(tokens, 0, self.pad_id)
+        smoothing = self.cfg.task.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, label_smoothing=smoothing)
+        correct, count = metrics.token_accuracy(logits, targets, IGNORE)
+        n = tokens.shape[0]
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
+        self.log(f"{stage}/token_acc", correct / max(1, count), on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
+        if stage != "train" and self.cfg.task.generate:
+            hyps = caption(self.model, batch["input"], self.tokenizer, max_new_tokens=self.max_new_tokens)
+            out = self.outputs.setdefault(stage, {"hyps": [], "refs": []})
+            out["hyps"] += hyps
+            out["refs"] += list(batch["text"])
+        return loss
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.cfg.task.max_new_tokens or self.cfg.task.max_len
+
+    def _log_generated(self, stage: str) -> None:
+        out = self.outputs.pop(stage, None)
+        if not out:
+            return
+        hyps, refs = out["hyps"], out["refs"]
+        self.log(f"{stage}/exact", metrics.exact_match(hyps, refs), prog_bar=True)
+        self.log(f"{stage}/bleu", metrics.bleu(hyps, refs))
+        self.log(f"{stage}/cer", metrics.cer(hyps, refs), prog_bar=True)
+        self.log(f"{stage}/wer", metrics.wer(hyps, refs))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_generated("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_generated("test")
+
+
+def media_sample(cfg: RunConfig, path: str | Path) -> dict[str, Any]:
+    """A shard-like sample holding the bytes of an image or audio file under the field the encoder reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    data = path.read_bytes()
+    if cfg.encoder.name == "image":
+        return {cfg.encoder.key: data}
+    ext = path.suffix.lstrip(".").lower()
+    return {ext if ext in cfg.encoder.keys else cfg.encoder.keys[0]: data}
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """`mmeff generate CKPT --image FILE` (or `--audio FILE`): print the caption, then the speed to stderr."""
+    import time
+
+    from mmeff import checkpoint
+    from mmeff.generate import sampling_from_args
+
+    cfg = checkpoint.load_config(args.ckpt)
+    if cfg.task.name != "caption":
+        raise ConfigError(f"{args.ckpt}: task {cfg.task.name!r} is not a captioner; --image/--audio need a caption checkpoint")
+    kind = "image" if args.image else "audio"
+    if cfg.encoder.name != kind:
+        raise ConfigError(f"{args.ckpt}: the captioner reads {cfg.encoder.name}, not {kind} (use --{cfg.encoder.name})")
+    model = checkpoint.load(args.ckpt)
+    path = Path(args.ckpt)
+    tokenizer = load_tokenizer(path if (path / "tokenizer.json").is_file() else text_config(cfg.task))
+    inputs = make_transform(cfg, train=False).media(media_sample(cfg, args.image or args.audio))[None]
+    sampling = sampling_from_args(args)
+    if args.max_new_tokens is None:
+        sampling.max_new_tokens = cfg.task.max_new_tokens or cfg.task.max_len
+    if args.temperature is None and args.top_k is None and args.top_p is None:
+        sampling.greedy = True  # a caption is the most likely text unless sampling is asked for
+    start = time.perf_counter()
+    text = caption(model, inputs, tokenizer, sampling, prompt=args.prompt or "")[0]
+    print(text, flush=True)
+    print(f"captioned in {time.perf_counter() - start:.3f}s", file=sys.stderr)
+    return 0

@@ -1,0 +1,182 @@
+"""Linear-attention and SSM mixers: training path, decoding with a fixed-size cache, bidirectional scans, hybrid heads."""
+
+import pytest
+import torch
+
+from mmeff import blocks, ops
+from mmeff.backbone import Backbone
+from mmeff.blocks.scan import ScanMixer
+from mmeff.config import BackboneConfig, ConfigError
+
+SCANNED = [n for n in blocks.names("mixer") if issubclass(blocks.entry(n).cls, ScanMixer)]
+MIXERS = SCANNED + ["hybrid_heads"]
+# Small state sizes keep the tests fast; every other option is the block's default.
+SMALL = {"mamba2": {"d_state": 16, "head_dim": 16}, "hybrid_heads": {"ssm_options": {"d_state": 16, "head_dim": 16}}}
+
+
+def make(name: str, dim: int = 32, **options) -> torch.nn.Module:
+    return blocks.build(name, dim, **{**SMALL.get(name, {}), **options})
+
+
+def test_registered():
+    expected = {"linear_attn", "retnet", "gla", "deltanet", "gated_deltanet", "ttt", "mamba", "mamba2"}
+    assert expected <= set(SCANNED)
+    for name in MIXERS:
+        summary = blocks.entry(name).summary
+        assert summary and "20" in summary, f"{name}: docstring must name its paper"
+
+
+@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("dim, T, causal", [(32, 1, True), (64, 37, True), (32, 1, False), (32, 37, False)])
+def test_forward_backward(name, dim, T, causal):
+    torch.manual_seed(0)
+    block = make(name, dim, causal=causal)
+    x = torch.randn(2, T, dim, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    grads = [p.grad for p in block.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _decode(block: torch.nn.Module, x: torch.Tensor, cache: blocks.Cache, sizes: list[int]) -> list[torch.Tensor]:
+    outs, start = [], 0
+    for size in sizes:
+        outs.append(block(x[:, start : start + size], cache))
+        start += size
+    return outs
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_decode_equals_forward(name):
+    torch.manual_seed(0)
+    # chunk_size 4 makes the 5-token prefill span two chunks
+    options = {"chunk_size": 4} if name in SCANNED else {"ssm_options": {**SMALL[name]["ssm_options"], "chunk_size": 4}}
+    block = make(name, **options).eval()
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        full = block(x)
+        cache = blocks.Cache()
+        steps = _decode(block, x, cache, [5, 1, 1, 1, 1, 3])
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+    assert cache.offset == 12
+
+
+@pytest.mark.parametrize("name", SCANNED)
+def test_cache_is_fixed_size(name):
+    torch.manual_seed(0)
+    block = make(name).eval()
+    x = torch.randn(2, 10, 32)
+    cache = blocks.Cache()
+    with torch.no_grad():
+        block(x[:, :5], cache)
+        size, keys = cache.nbytes(), set(cache)
+        assert "state" in keys and size > 0
+        for t in range(5, 10):
+            block(x[:, t : t + 1], cache)
+            assert cache.nbytes() == size and set(cache) == keys
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_causality_and_bidirectional(name):
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    causal, bi = make(name, causal=True).eval(), make(name, causal=False).eval()
+    with torch.no_grad():
+        assert torch.allclose(causal(x)[:, :-1], causal(x2)[:, :-1], atol=1e-6)
+        y, y2 = bi(x), bi(x2)
+    assert y.shape == x.shape
+    assert not torch.allclose(y[:, 0], y2[:, 0], atol=1e-6), "bidirectional output at 0 must see later tokens"
+
+
+@pytest.mark.parametrize("name", SCANNED + ["hybrid_heads"])
+def test_cross_scan_with_class_token(name):
+    torch.manual_seed(0)
+    grid = {"grid": [3, 4], "prefix_tokens": 1}
+    block = make(name, causal=False, scan="cross", **grid).eval()
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y[:, 0].sum().backward()  # the class token reads every image token
+    assert (x.grad[:, 1:].abs().sum(-1) > 0).all()
+    with pytest.raises(ValueError, match="grid"):
+        block(torch.randn(2, 12, 32))
+
+
+def test_routes_map_back_to_token_order():
+    """Each route's outputs return to their token: a cumulative sum along the route, checked by hand."""
+    from mmeff.blocks.scan import Routes
+
+    x = torch.randn(1, 7, 1)  # one class token + a 2x3 grid
+    cumsum = lambda s: s[0].cumsum(1)  # noqa: E731
+    body = x[:, 1:, 0].view(2, 3)
+    raster, column = body.reshape(-1), body.t().reshape(-1)
+    cls = x[0, 0, 0]
+
+    def route(seq: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(7)
+        c = torch.cat([seq, cls[None]]).cumsum(0)
+        out[1 + order], out[0] = c[:-1], c[-1]
+        return out
+
+    r = torch.arange(6)
+    c = r.view(2, 3).t().reshape(-1)
+    expect = {
+        "forward": route(raster, r),
+        "bi": (route(raster, r) + route(raster.flip(0), r.flip(0))) / 2,
+        "cross": (route(raster, r) + route(column, c) + route(raster.flip(0), r.flip(0)) + route(column.flip(0), c.flip(0))) / 4,
+    }
+    for scan, want in expect.items():
+        got = Routes(False, scan, grid=[2, 3], prefix_tokens=1)(cumsum, [x])
+        torch.testing.assert_close(got[0, :, 0], want)
+    assert Routes(True).is_identity and Routes(True).permutations(5, x.device) == [None]
+
+
+def test_scan_option_errors():
+    with pytest.raises(ConfigError, match="causal"):
+        blocks.build("gla", 32, causal=True, scan="bi")
+    with pytest.raises(ConfigError, match="grid"):
+        blocks.build("mamba", 32, causal=False, scan="cross")
+    with pytest.raises(ConfigError, match="unexpected keyword"):
+        blocks.build("deltanet", 32, not_an_option=1)
+    bi = blocks.build("gla", 32, causal=False)
+    with pytest.raises(ValueError, match="causal=true"):
+        bi(torch.randn(1, 3, 32), blocks.Cache())
+
+
+def test_column_order_and_forward_only_scan():
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 32)
+    fwd = blocks.build("gla", 32, causal=False, scan="forward", order="column", grid=[2, 3]).eval()
+    # column-major: token 3 (row 1, col 0) is read 2nd, so it reaches token 1 (row 0, col 1), read 3rd
+    x2 = x.clone()
+    x2[:, 3] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(fwd(x)[:, 1], fwd(x2)[:, 1])
+        assert torch.allclose(fwd(x)[:, 0], fwd(x2)[:, 0])
+
+
+def test_hybrid_backbone_decodes():
+    torch.manual_seed(0)
+    cfg = BackboneConfig(dim=32, pattern=["gla", "mamba2", "attn"], mixers={"mamba2": {"d_state": 16, "head_dim": 16}})
+    bb = Backbone(cfg).eval()
+    x = torch.randn(2, 9, 32)
+    cache = bb.new_cache()
+    with torch.no_grad():
+        out = torch.cat([bb(x[:, :5], cache), bb(x[:, 5:6], cache), bb(x[:, 6:], cache)], 1)
+        torch.testing.assert_close(out, bb(x), atol=1e-4, rtol=1e-4)
+
+
+def test_ttt_step_is_a_gradient_step():
+    """TTT-Linear's update W - lr * grad 1/2 ||W^T k - v||^2 is the delta rule with beta = lr."""
+    torch.manual_seed(0)
+    W = torch.randn(1, 1, 8, 4, requires_grad=True)
+    k = torch.nn.functional.normalize(torch.randn(1, 1, 1, 8), dim=-1)
+    v, lr = torch.randn(1, 1, 1, 4), torch.tensor([[[0.3]]])
+    loss = 0.5 * ((W[0, 0].t() @ k[0, 0, 0] - v[0, 0, 0]) ** 2).sum()
+    (grad,) = torch.autograd.grad(loss, W)
+    _, state = ops.delta_rule(k, k, v, lr, initial_state=W.detach(), output_final_state=True, mode="recurrent")
+    torch.testing.assert_close(state, W.detach() - 0.3 * grad)
