@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
@@ -69,30 +70,51 @@ def load(path: str | Path, map_location: str = "cpu") -> nn.Module:
 
 @dataclass
 class InitReport:
-    """What `init_from` did: tensors loaded, left new, and skipped with the reason."""
+    """What `init_from` did: tensors loaded (`resized`: vocabulary tensors of which only the shared rows loaded),
+    left new, and skipped with the reason."""
 
     loaded: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    resized: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"init_from: {len(self.loaded)} tensors loaded, {len(self.new)} new, {len(self.skipped)} skipped"]
+        resized = f" ({len(self.resized)} of them vocabulary rows only)" if self.resized else ""
+        lines = [f"init_from: {len(self.loaded)} tensors loaded{resized}, {len(self.new)} new, {len(self.skipped)} skipped"]
+        lines += [f"  resized {k}: {what}" for k, what in self.resized.items()]
         lines += [f"  skipped {k}: {why}" for k, why in self.skipped.items()]
         lines += [f"  new {k}" for k in self.new[:20]] + ([f"  ... {len(self.new) - 20} more new"] if len(self.new) > 20 else [])
         return "\n".join(lines)
 
 
+def vocab_tensors(model: nn.Module) -> set[str]:
+    """Names of the tensors with one row per token id: embedding tables and the output `head`."""
+    names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return names | ({"head.weight"} if isinstance(getattr(model, "head", None), nn.Linear) else set())
+
+
 def init_from(model: nn.Module, path: str | Path) -> InitReport:
-    """Load the tensors of checkpoint `path` whose names and shapes match `model`; report the rest."""
+    """Load the tensors of checkpoint `path` whose names and shapes match `model`; report the rest.
+
+    A vocabulary tensor (`vocab_tensors`) whose row count differs (e.g. a diffusion LM's added <mask> id) loads the
+    rows both have; the other rows keep their fresh initialisation.
+    """
     path = Path(path)
     _check(path)
     src = load_file(str(path / WEIGHTS))
     own = model.state_dict()
+    vocab = vocab_tensors(model)
     report = InitReport()
     take = {}
     for name, t in src.items():
         if name not in own:
             report.skipped[name] = "not in the new model"
+        elif name in vocab and own[name].dim() == t.dim() and own[name].shape[1:] == t.shape[1:]:
+            rows, have = min(len(t), len(own[name])), len(own[name])
+            take[name] = t if len(t) == have else torch.cat([t[:rows], own[name][rows:].to(t.dtype)])
+            report.loaded.append(name)
+            if len(t) != have:
+                report.resized[name] = f"rows 0-{rows - 1} loaded; the checkpoint has {len(t)} token ids, the new model {have}"
         elif own[name].shape != t.shape:
             report.skipped[name] = f"shape {tuple(t.shape)} in the checkpoint, {tuple(own[name].shape)} in the new model"
         else:

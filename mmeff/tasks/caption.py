@@ -28,10 +28,10 @@ from mmeff.tasks.base import TaskModule
 IGNORE = -100  # target id that counts in no loss or metric
 
 
-@register_section("task", "caption")
 @dataclass
-class CaptionConfig:
-    """Caption text options (the tokenizer is byte-level unless `tokenizer: bpe` names a tokenizer.json) and decoding."""
+class CaptionTextConfig:
+    """Caption text options shared by the captioners (the tokenizer is byte-level unless `tokenizer: bpe` names a
+    tokenizer.json), and what val/test decode."""
 
     name: str = "caption"
     tokenizer: Literal["byte", "bpe"] = "byte"
@@ -39,27 +39,41 @@ class CaptionConfig:
     vocab_size: int | None = None  # None: the tokenizer's (written back, so the exported config rebuilds the model)
     text_key: str = "txt"  # caption field of the shard samples
     max_len: int = 64  # caption tokens with <bos> and <eos>; longer captions are skipped (and counted)
-    prefix_lm: bool = True  # prefix tokens attend to each other both ways (attention mixers); false: plain causal
     projector: Literal["linear", "mlp", "none"] = "linear"
     tie_embeddings: bool = True
+    generate: bool = True  # val/test: decode every batch; log exact match, BLEU, CER, WER
+    max_new_tokens: int | None = None  # decoding limit (diffusion: the answer length); None: max_len (diffusion: max_len - 1)
+
+
+@register_section("task", "caption")
+@dataclass
+class CaptionConfig(CaptionTextConfig):
+    """Autoregressive captioning options: prefix attention and label smoothing on top of the caption text options."""
+
+    prefix_lm: bool = True  # prefix tokens attend to each other both ways (attention mixers); false: plain causal
     label_smoothing: float = 0.0
-    generate: bool = True  # val/test: greedy-decode every batch; log exact match, BLEU, CER, WER
-    max_new_tokens: int | None = None  # decoding limit; None: max_len
 
 
-def text_config(task: CaptionConfig) -> TextEncoderConfig:
+def text_config(task: CaptionTextConfig) -> TextEncoderConfig:
     """The text encoder config that names the caption tokenizer."""
     return TextEncoderConfig(tokenizer=task.tokenizer, tokenizer_path=task.tokenizer_path, vocab_size=task.vocab_size)
 
 
-def check_config(cfg: RunConfig) -> None:
-    """Raise a ConfigError when `cfg` cannot describe a captioner."""
+def check_media(cfg: RunConfig) -> None:
+    """Raise a ConfigError when `cfg` has no media prefix or caption room (any captioner's checks)."""
     if cfg.encoder.name not in ("image", "audio"):
-        raise ConfigError(f"task caption: encoder.name must be 'image' or 'audio' (the prefix modality), got {cfg.encoder.name!r}")
-    if not cfg.backbone.causal:
-        raise ConfigError("task caption: backbone.causal must be true (text is predicted left to right after the prefix)")
+        raise ConfigError(
+            f"task {cfg.task.name}: encoder.name must be 'image' or 'audio' (the prefix modality), got {cfg.encoder.name!r}"
+        )
     if cfg.task.max_len < 3:
         raise ConfigError(f"task.max_len must be >= 3 (<bos>, one token, <eos>), got {cfg.task.max_len}")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Raise a ConfigError when `cfg` cannot describe an autoregressive captioner."""
+    check_media(cfg)
+    if not cfg.backbone.causal:
+        raise ConfigError("task caption: backbone.causal must be true (text is predicted left to right after the prefix)")
 
 
 class CaptionEncoder(TextEncoder):
@@ -84,14 +98,16 @@ class CaptionEncoder(TextEncoder):
 
 class Captioner(nn.Module):
     """Media prefix + text through one causal backbone; decodes with mmeff.generate (`embed`, `hidden`, `head`,
-    `new_cache`) after `encode_media` made the prefix embeddings."""
+    `new_cache`) after `encode_media` made the prefix embeddings. Subclasses change `check` (the config rules)."""
+
+    check = staticmethod(check_config)
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
-        check_config(cfg)
+        self.check(cfg)
         cfg.task.vocab_size = cfg.task.vocab_size or load_tokenizer(text_config(cfg.task)).vocab_size
         dim = cfg.backbone.dim
-        self.prefix_lm = cfg.task.prefix_lm
+        self.prefix_lm = getattr(cfg.task, "prefix_lm", False)  # configs without it see everything both ways
         self.encoder = CaptionEncoder(cfg, dim)
         self.backbone = Backbone(cfg.backbone)
         self.head = nn.Linear(dim, cfg.task.vocab_size, bias=False)
@@ -144,7 +160,7 @@ class CaptionTransform:
     """Shard sample -> {'input': media tensor, 'tokens': [max_len] ids (<bos> caption <eos> <pad>...), 'text': caption}."""
 
     def __init__(self, cfg: RunConfig, train: bool) -> None:
-        check_config(cfg)
+        check_media(cfg)
         self.media = encoders.make_transform(cfg.encoder, train)
         self.tokenizer = load_tokenizer(text_config(cfg.task))
         self.key, self.max_len = cfg.task.text_key, cfg.task.max_len
@@ -256,6 +272,14 @@ def media_sample(cfg: RunConfig, path: str | Path) -> dict[str, Any]:
     return {ext if ext in cfg.encoder.keys else cfg.encoder.keys[0]: data}
 
 
+def media_input(cfg: RunConfig, args: argparse.Namespace) -> torch.Tensor:
+    """The `--image` / `--audio` file of `args` as the captioner's input batch of one (its encoder must read that kind)."""
+    kind = "image" if args.image else "audio"
+    if cfg.encoder.name != kind:
+        raise ConfigError(f"{args.ckpt}: the captioner reads {cfg.encoder.name}, not {kind} (use --{cfg.encoder.name})")
+    return make_transform(cfg, train=False).media(media_sample(cfg, args.image or args.audio))[None]
+
+
 def run_caption(args: argparse.Namespace) -> int:
     """`mmeff generate CKPT --image FILE` (or `--audio FILE`): print the caption, then the speed to stderr."""
     import time
@@ -265,14 +289,12 @@ def run_caption(args: argparse.Namespace) -> int:
 
     cfg = checkpoint.load_config(args.ckpt)
     if cfg.task.name != "caption":
-        raise ConfigError(f"{args.ckpt}: task {cfg.task.name!r} is not a captioner; --image/--audio need a caption checkpoint")
-    kind = "image" if args.image else "audio"
-    if cfg.encoder.name != kind:
-        raise ConfigError(f"{args.ckpt}: the captioner reads {cfg.encoder.name}, not {kind} (use --{cfg.encoder.name})")
+        hint = " (sample it with --sampler diffusion)" if cfg.task.name == "diffusion_caption" else ""
+        raise ConfigError(f"{args.ckpt}: task {cfg.task.name!r} is not an autoregressive captioner{hint}")
+    inputs = media_input(cfg, args)
     model = checkpoint.load(args.ckpt)
     path = Path(args.ckpt)
     tokenizer = load_tokenizer(path if (path / "tokenizer.json").is_file() else text_config(cfg.task))
-    inputs = make_transform(cfg, train=False).media(media_sample(cfg, args.image or args.audio))[None]
     sampling = sampling_from_args(args)
     if args.max_new_tokens is None:
         sampling.max_new_tokens = cfg.task.max_new_tokens or cfg.task.max_len
