@@ -100,6 +100,13 @@ def cmd_audio_stats(args: argparse.Namespace, rest: list[str]) -> int:
 
 @command
 def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.sampler == "diffusion":
+        from mmeff.diffusion_sampling import run_diffusion
+
+        return run_diffusion(args)
+    given = [flag for flag, name in DIFFUSION_FLAGS.items() if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"generate: {', '.join(given)} need --sampler diffusion")
     if args.image or args.audio:
         from mmeff.tasks.caption import run_caption
 
@@ -124,6 +131,18 @@ def cmd_convert(args: argparse.Namespace, rest: list[str]) -> int:
 
     print(f"converted {args.src} to the mmeff checkpoint {convert_hf(args.src, args.out)}")
     return 0
+
+
+DIFFUSION_FLAGS = {"--steps": "steps", "--gen-len": "gen_len", "--block-len": "block_len", "--remasking": "remasking"}
+
+
+def _diffusion_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of `mmeff.diffusion_sampling.DiffusionSampling` (with --temperature and --seed)."""
+    p.add_argument("--sampler", choices=["ar", "diffusion"], default="ar", help="ar: token by token; diffusion: parallel unmasking")
+    p.add_argument("--steps", type=int, help="diffusion: forward passes in all (default: --gen-len)")
+    p.add_argument("--gen-len", type=int, help="diffusion: answer tokens (default: --max-new-tokens or 128; captions: max_len - 1)")
+    p.add_argument("--block-len", type=int, help="diffusion: semi-autoregressive block length (default: one block)")
+    p.add_argument("--remasking", choices=["low_confidence", "random"], help="diffusion: which predictions each step commits")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -170,6 +189,7 @@ def parser() -> argparse.ArgumentParser:
     media.add_argument("--image", help="image file to caption (caption checkpoint)")
     media.add_argument("--audio", help="audio file to caption or transcribe (caption checkpoint)")
     _sampling_flags(g)
+    _diffusion_flags(g)
     c = sub.add_parser("chat", help="interactive chat with an LM checkpoint: one line per turn from stdin, EOF ends")
     c.add_argument("ckpt", help="checkpoint folder")
     _sampling_flags(c)

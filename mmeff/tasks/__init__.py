@@ -12,6 +12,7 @@ _MODULES = {
     "lm": "mmeff.tasks.lm",
     "caption": "mmeff.tasks.caption",
     "diffusion": "mmeff.tasks.diffusion",
+    "diffusion_caption": "mmeff.tasks.diffusion_caption",
 }
 
 
