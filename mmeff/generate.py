@@ -261,7 +261,8 @@ def load_lm(path: str | Path) -> tuple[nn.Module, Tokenizer]:
     cfg = checkpoint.load_config(path)
     model = checkpoint.load(path)
     if not all(hasattr(model, name) for name in ("embed", "hidden", "head", "new_cache")):
-        raise ConfigError(f"{path}: task {cfg.task.name!r} is not a language model; generation needs an LM checkpoint")
+        hint = " (sample it with --sampler diffusion)" if cfg.task.name == "diffusion" else ""
+        raise ConfigError(f"{path}: task {cfg.task.name!r} is not a language model; generation needs an LM checkpoint{hint}")
     tokenizer = load_tokenizer(path if (path / TOKENIZER_FILE).is_file() else cfg.encoder)
     return model, tokenizer
 

@@ -218,6 +218,8 @@ def test_text_fit_export_generate_and_test(tmp_path, text_shards, capsys):
     assert main(["test", str(path)]) == 0
     assert {line.split(":")[0] for line in capsys.readouterr().out.splitlines()} >= {"test/loss", "test/bpb"}
     assert main(["generate", str(export), "--prompt", "x", "--steps", "4"]) == 2  # diffusion flags need --sampler diffusion
+    assert main(["generate", str(export), "--prompt", "x"]) == 2
+    assert "--sampler diffusion" in capsys.readouterr().err
     assert main(["generate", str(export), "--image", "x.png", "--sampler", "diffusion"]) == 2  # a text model
 
 
