@@ -88,8 +88,7 @@ def _intra_bwd_kernel(
     last = tl.minimum(nr, BT) - 1
     g_last = load_tile(dg_last + (i_c.to(tl.int64) * H + i_h) * K, 0, 1, K, c, K, 1, BK)
     carry = tl.zeros([1, BK], dtype=tl.float32)
-    for n in tl.static_range(BT // BC):
-        i = BT // BC - 1 - n
+    for i in tl.static_range(BT // BC - 1, -1, -1):
         r0 = i * BC
         ri = r0 + tl.arange(0, BC)
         vi = (ri < nr)[:, None]
