@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -105,6 +104,8 @@ def audio_bytes(sample: dict, keys: list[str]) -> bytes:
 
 def decode(data: bytes, sample_rate: int) -> torch.Tensor:
     """Mono float waveform [N] at `sample_rate` from encoded audio bytes (any format soundfile reads)."""
+    import soundfile as sf  # only where audio is decoded: text-only and GPU images need not have libsndfile
+
     try:
         wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except sf.LibsndfileError as e:
