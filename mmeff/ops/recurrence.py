@@ -13,9 +13,9 @@ contribution, computed with decay-masked score matrices (the delta rule through 
 (I + M)^{-1}) or, for per-channel decay with a narrow value, by stepping through all chunks at once;
 S_0 is passed chunk to chunk.
 
-On CUDA, mode "chunk" runs mmeff's Triton kernels (mmeff.kernels) when they cover the call and
-MMEFF_TRITON=1 is set (opt-in until their GPU parity suite passes on Hopper);
-MMEFF_FORCE_REFERENCE=1 in the environment keeps the PyTorch path.
+On CUDA, mode "chunk" runs mmeff's Triton kernels (mmeff.kernels) when they cover the call (their
+parity suite, tests/gpu/test_kernels_gpu.py, passes on Hopper); MMEFF_FORCE_REFERENCE=1 in the
+environment keeps the PyTorch path.
 """
 
 from __future__ import annotations
@@ -103,9 +103,6 @@ def _triton_kernel(
     kernel, reason = None, None
     if os.environ.get("MMEFF_FORCE_REFERENCE") == "1":
         reason = "MMEFF_FORCE_REFERENCE=1"
-    elif os.environ.get("MMEFF_TRITON") != "1":
-        # Opt-in until tests/gpu/test_kernels_gpu.py has passed on Hopper (interpreter-tested only so far).
-        reason = "MMEFF_TRITON=1 not set"
     elif mode != "chunk":
         reason = f"mode={mode!r}"
     elif not q.is_cuda:

@@ -24,11 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from kernel_cases import KINDS, compare, forward_backward, make_inputs, norm_error  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _triton_kernels_on(monkeypatch):
-    """The kernels are opt-in (MMEFF_TRITON=1) until this suite passes on Hopper."""
-    monkeypatch.setenv("MMEFF_TRITON", "1")
-
 from mmeff import ops  # noqa: E402
 from mmeff.ops.recurrence import linear_recurrence  # noqa: E402
 
