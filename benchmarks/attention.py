@@ -7,6 +7,8 @@ of 64 and top 16 (`block_topk`, causal: each query selects for itself), `mla`, a
 bidirectional SDPA beside bidirectional `block_topk` whose query blocks share a selection (block-sparse).
 Each cell times the whole mixer (projections included): the median of `--iters` steps after
 warm-up (FlexAttention compiles on its first call per shape), and the peak memory of a step.
+A second table times the attention op alone (`mmeff.ops.flex.attention` on given q, k, v), the
+quantity the issue's SDPA and FlexAttention figures measure.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from mmeff import blocks
+from mmeff.ops import flex, masks
 
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "attn: causal SDPA": ("attn", {}),
@@ -52,6 +55,42 @@ def time_step(layer: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> tup
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+CORE_ROWS: dict[str, Any] = {
+    "causal SDPA (flash)": masks.causal(),
+    "sliding window 1024, FlexAttention": masks.sliding_window(1024),
+}
+
+
+class Core(nn.Module):
+    """The attention op alone: x [3, B, H, T, D] holds q, k, v."""
+
+    def __init__(self, mask: Any) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return flex.attention(x[0], x[1], x[2], self.mask)
+
+
+def core_table(args: argparse.Namespace) -> list[str]:
+    """Forward + backward of the attention op alone, per mask, at each T."""
+    lines = ["| attention op | " + " | ".join(f"T={T}" for T in args.lengths) + " |", "|---" * (len(args.lengths) + 1) + "|"]
+    baseline: dict[int, float] = {}
+    for label, mask in CORE_ROWS.items():
+        cells = []
+        for T in args.lengths:
+            torch.manual_seed(0)
+            shape = (3, args.tokens // T, args.heads, T, args.head_dim)
+            x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            ms, _ = time_step(Core(mask), x, args.warmup, args.iters)
+            del x
+            baseline.setdefault(T, ms)
+            cells.append(f"{ms:.1f} ms ({baseline[T] / ms:.2f}x)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def speed_table(args: argparse.Namespace) -> list[str]:
@@ -141,7 +180,7 @@ def main() -> None:
         f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}. Cells: median step time (speed-up over causal SDPA), peak memory.",
         "",
     ]
-    body = speed_table(args) + [""] + cache_table(args) + [""] + quant_error(args)
+    body = speed_table(args) + [""] + core_table(args) + [""] + cache_table(args) + [""] + quant_error(args)
     text = "\n".join(header + body) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
