@@ -36,11 +36,14 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def time_step(layer: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> tuple[float, float]:
     """Median milliseconds of forward + backward, and peak GiB of one step."""
-    grad = torch.randn_like(x)
+    grads: list[torch.Tensor] = []
 
     def step() -> None:
         x.grad = None
-        layer(x).backward(grad)
+        out = layer(x)
+        if not grads:
+            grads.append(torch.randn_like(out))
+        out.backward(grads[0])
 
     for _ in range(warmup):
         step()
