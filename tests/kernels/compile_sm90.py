@@ -1,0 +1,136 @@
+"""Compile every Triton kernel launch of mmeff.kernels for Hopper (sm90) on a machine without a GPU.
+
+The interpreter accepts code that compiled Triton rejects (e.g. a `tl.static_range` bound that is not a
+constexpr, globals that are not `tl.constexpr`). This script runs the kernels' public entry point under
+`TRITON_INTERPRET=1` at small sizes, records the signature and constexprs of each distinct launch, then
+compiles each one in a second process with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
+Slow (minutes: ptxas runs for every variant), hence a script and not part of `make test`:
+
+    python tests/kernels/compile_sm90.py [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}
+
+
+def record(out: str) -> None:
+    """Run fwd+bwd of every kernel kind under the interpreter; write each distinct launch to `out` (JSON)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: dict[tuple, dict] = {}
+
+    def note(fn_wrapper: InterpretedFunction, args: tuple, kwargs: dict) -> None:
+        fn = fn_wrapper.fn
+        names = list(fn_wrapper.arg_names)
+        bound = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
+        consts = {p.name for p in inspect.signature(fn).parameters.values() if "constexpr" in str(p.annotation)}
+        sig, cx = {}, {}
+        for n in names:
+            v = bound.get(n)
+            if isinstance(v, torch.Tensor):
+                sig[n] = "*" + DTYPES[str(v.dtype).removeprefix("torch.")]
+            elif v is None or n in consts or isinstance(v, bool) or not isinstance(v, (int, float)):
+                sig[n], cx[n] = "constexpr", getattr(v, "value", v)
+            else:
+                sig[n] = "fp32" if isinstance(v, float) else "i32"
+        opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+        key = (fn.__module__, fn.__qualname__, json.dumps(sig, sort_keys=True), json.dumps(cx, sort_keys=True, default=str))
+        launches.setdefault(key, {"module": fn.__module__, "name": fn.__qualname__, "sig": sig, "cx": cx, "opts": opts})
+
+    init, getitem = InterpretedFunction.__init__, InterpretedFunction.__getitem__
+
+    def patched_init(self, fn, **kw):
+        init(self, fn, **kw)
+        run = self.run
+        self.run = lambda *a, **k: (note(self, a, k), run(*a, **k))[1]
+
+    def patched_getitem(self, grid):
+        launch = getitem(self, grid)
+        return lambda *a, **k: (note(self, a, k), launch(*a, **k))[1]
+
+    InterpretedFunction.__init__, InterpretedFunction.__getitem__ = patched_init, patched_getitem
+    from mmeff.kernels import linear_recurrence_triton
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for gate in ("none", "head", "key"):
+            for delta in (False, True):
+                if gate == "key" and delta:
+                    continue  # the chunk path falls back to PyTorch; the fused recurrent kernel covers it below
+                for T in (80, 8):  # chunked fwd+bwd, and the fused recurrent kernel (short, no grad)
+                    grad = T > 16
+                    q, k, v = (torch.randn(2, T, 2, 64, dtype=dtype, requires_grad=grad) for _ in range(3))
+                    g = None if gate == "none" else -torch.rand(2, T, 2, *([64] if gate == "key" else []))
+                    beta = torch.rand(2, T, 2) if delta else None
+                    h0 = torch.randn(2, 2, 64, 64)
+                    for t in (g, beta, h0):
+                        if t is not None:
+                            t.requires_grad_(grad)
+                    o, ht = linear_recurrence_triton(q, k, v, g, beta, 0.125, h0, True)
+                    if grad:
+                        (o.float().sum() + ht.sum()).backward()
+    with open(out, "w") as f:
+        json.dump(list(launches.values()), f)
+    print(f"{len(launches)} distinct launches recorded", flush=True)
+
+
+def compile_all(path: str, arch: int) -> int:
+    """Compile each recorded launch for sm`arch`; the number that failed."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    failed = 0
+    for launch in json.load(open(path)):
+        fn = getattr(importlib.import_module(launch["module"]), launch["name"])
+        while not isinstance(fn, JITFunction):  # autotune / heuristics wrappers
+            fn = fn.fn
+        constants = {(fn.arg_names.index(n),): v for n, v in launch["cx"].items()}
+        start = time.time()
+        try:
+            kernel = triton.compile(
+                ASTSource(fn, launch["sig"], constants), target=GPUTarget("cuda", arch, 32), options=launch["opts"] or {"num_warps": 4}
+            )
+            print(f"ok   {launch['name']:22s} {time.time() - start:6.1f}s shared memory {kernel.metadata.shared} B", flush=True)
+        except Exception as e:  # report every failing variant, not just the first
+            failed += 1
+            print(f"FAIL {launch['name']} {launch['cx']}\n{e}", flush=True)
+    return failed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--record-to", help=argparse.SUPPRESS)  # the interpreter phase, in its own process
+    args = p.parse_args()
+    if args.record_to is None and os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the compile phase needs compiled Triton (the recording sets it itself)")
+    if args.record_to:
+        record(args.record_to)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.json")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        subprocess.run([sys.executable, __file__, "--record-to", path], check=True, env=env)
+        failed = compile_all(path, args.arch)
+    print(f"{failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
