@@ -14,7 +14,6 @@ quantity the issue's SDPA and FlexAttention figures measure.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from mmeff import blocks
 from mmeff.ops import flex, masks
+from timing import cuda_median_ms  # benchmarks/timing.py, beside this script
 
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "attn: causal SDPA": ("attn", {}),
@@ -45,19 +45,7 @@ def time_step(layer: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> tup
             grads.append(torch.randn_like(out))
         out.backward(grads[0])
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    return cuda_median_ms(step, warmup, iters)
 
 
 CORE_ROWS: dict[str, Any] = {

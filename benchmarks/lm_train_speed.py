@@ -9,7 +9,6 @@ loss, backward, optimizer step on B x T tokens. Median of `--iters` steps after 
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from mmeff import config
 from mmeff.tasks.lm import LanguageModel
+from timing import cuda_median_ms  # benchmarks/timing.py, beside this script
 
 MIXERS = {"attn": {"heads": 16}, "gla": {"heads": 4}, "mamba2": {}, "gated_deltanet": {"heads": 8}}
 
@@ -47,19 +47,7 @@ def step_ms(model: LanguageModel, tokens: torch.Tensor, warmup: int, iters: int)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    return cuda_median_ms(step, warmup, iters)
 
 
 def main() -> None:

@@ -260,9 +260,10 @@ def load_lm(path: str | Path) -> tuple[nn.Module, Tokenizer]:
     path = Path(path)
     cfg = checkpoint.load_config(path)
     model = checkpoint.load(path)
+    if cfg.task.name == "diffusion":  # its model has the LM's parts, but a bidirectional backbone cannot decode
+        raise ConfigError(f"{path}: task 'diffusion' is a masked diffusion LM; sample it with --sampler diffusion")
     if not all(hasattr(model, name) for name in ("embed", "hidden", "head", "new_cache")):
-        hint = " (sample it with --sampler diffusion)" if cfg.task.name == "diffusion" else ""
-        raise ConfigError(f"{path}: task {cfg.task.name!r} is not a language model; generation needs an LM checkpoint{hint}")
+        raise ConfigError(f"{path}: task {cfg.task.name!r} is not a language model; generation needs an LM checkpoint")
     tokenizer = load_tokenizer(path if (path / TOKENIZER_FILE).is_file() else cfg.encoder)
     return model, tokenizer
 

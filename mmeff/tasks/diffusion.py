@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmeff import encoders
-from mmeff.backbone import Backbone
 from mmeff.config import ConfigError, RunConfig, register_section
 from mmeff.encoders.text import TextEncoderConfig, Tokenizer, load_tokenizer, tokenizer_files
 from mmeff.tasks.base import TaskModule
-from mmeff.tasks.lm import _Sums, token_bytes
+from mmeff.tasks.lm import LanguageModel, _Sums, token_bytes
 
 
 @dataclass
@@ -126,30 +125,11 @@ class MaskedDiffusion:
         self._eval_generator = None
 
 
-class DiffusionLM(nn.Module):
-    """Text embedding + bidirectional backbone + vocabulary head (named as mmeff.tasks.lm.LanguageModel's parts);
+class DiffusionLM(LanguageModel):
+    """mmeff.tasks.lm.LanguageModel (same parts and names, so AR checkpoints load) on a bidirectional backbone;
     `embed`, `hidden` and `head` are what mmeff.diffusion_sampling calls."""
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__()
-        check_config(cfg)
-        self.encoder = encoders.build(cfg.encoder, cfg.backbone.dim)
-        self.backbone = Backbone(cfg.backbone)
-        self.head = nn.Linear(cfg.backbone.dim, cfg.encoder.vocab_size, bias=False)
-        if cfg.task.tie_embeddings:
-            self.head.weight = self.encoder.embed.weight
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> embeddings [B, T, D]."""
-        return self.encoder(tokens)
-
-    def hidden(self, x: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings [B, T, D] -> final hidden states [B, T, D], every position seeing every other (of its document)."""
-        return self.backbone(x, docs=docs)
-
-    def forward(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
-        """Noisy token ids [B, T] -> logits of the clean token at every position [B, T, V]."""
-        return self.head(self.hidden(self.embed(tokens), docs=docs))
+    check = staticmethod(check_config)
 
 
 def build_model(cfg: RunConfig) -> DiffusionLM:

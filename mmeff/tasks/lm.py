@@ -49,9 +49,11 @@ class LanguageModel(nn.Module):
     those four (e.g. a captioner) decodes the same way.
     """
 
+    check = staticmethod(check_config)  # subclasses (the diffusion LM) change the config rules
+
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
-        check_config(cfg)
+        self.check(cfg)
         self.encoder = encoders.build(cfg.encoder, cfg.backbone.dim)
         self.backbone = Backbone(cfg.backbone)
         self.head = nn.Linear(cfg.backbone.dim, cfg.encoder.vocab_size, bias=False)
