@@ -23,7 +23,8 @@ Options (`backbone.ffn_options`):
   multiplicative input jitter / additive logit noise.
 - `impl: auto | grouped | loop`: dropless execution by `torch._grouped_mm`, one per projection ('auto' on
   Hopper in bf16, e.g. under bf16-mixed autocast; no host sync), or the per-expert loop reference (CPU and
-  everything else). Capacity and expert-choice modes run fixed [E, C] slots through two batched matmuls.
+  everything else). Dispatch, combine and SwiGLU around the matmuls are Triton kernels on CUDA
+  (mmeff.kernels.moe), plain PyTorch elsewhere. Capacity and expert-choice modes run fixed [E, C] slots through two batched matmuls.
 
 Per-layer MoE: `layers: [i, ...]` in `ffn_options` builds MoE only at those layer indices and the
 `dense` block (default swiglu) with `dense_options` elsewhere (see `Backbone._ffn`).
@@ -114,10 +115,8 @@ class MoE(nn.Module):
 
     def _logits(self, flat: Tensor) -> Tensor:
         with torch.autocast(flat.device.type, enabled=False):  # routing decisions in float32
-            x = flat.float()
-            if self.training:
-                x = rt.jitter(x, self.router_jitter)
-            logits = F.linear(x, self.router.weight.float())
+            x = rt.jitter(flat.float(), self.router_jitter) if self.training and self.router_jitter > 0 else flat
+            logits = rt.router_logits(x, self.router.weight)
         if self.training and self.router_noise > 0:
             logits = logits + torch.randn_like(logits) * self.router_noise
         return logits
@@ -136,20 +135,20 @@ class MoE(nn.Module):
             weights, experts = rt.topk_route(scores, self.top_k, self.expert_bias, self.renormalize)
             load = rt.expert_load(experts, self.num_experts)
             if self.capacity_factor is None:
-                slots, dropped = self._dropless(xe, experts, load, w_in, w_out), load.new_zeros(())
+                y, dropped = self._dropless(xe, experts, weights, load, w_in, w_out), load.new_zeros(())
             else:
                 slots, dropped = self._capacity(xe, experts, w_in, w_out)
-            y = torch.bmm(weights.to(dtype).unsqueeze(1), slots.view(-1, self.top_k, shape[-1])).squeeze(1)
+                y = torch.bmm(weights.to(dtype).unsqueeze(1), slots.view(-1, self.top_k, shape[-1])).squeeze(1)
         if self.shared is not None:
             y = y + self.shared(flat)
         self._observe(logits, scores, experts, load, dropped)
         return y.view(shape)
 
-    def _dropless(self, x: Tensor, experts: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
-        """Every assignment's expert output [N * k, D] in (token, choice) order, grouped by expert for the matmuls."""
-        order = experts.reshape(-1).argsort(stable=True)
-        out = grouped.expert_ffn(x[order // self.top_k], counts, w_in, w_out, self.gated, self.impl)
-        return torch.empty_like(out).index_copy(0, order, out)  # order is a permutation: every row is written
+    def _dropless(self, x: Tensor, experts: Tensor, weights: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+        """Every token's weighted sum of its k expert outputs [N, D], the assignments grouped by expert for the matmuls."""
+        order, inv = grouped.sort_assignments(experts)
+        rows = grouped.dispatch(x, order, inv, self.top_k)
+        return grouped.combine(grouped.expert_ffn(rows, counts, w_in, w_out, self.gated, self.impl), order, inv, weights)
 
     def _capacity(self, x: Tensor, experts: Tensor, w_in: Tensor, w_out: Tensor) -> tuple[Tensor, Tensor]:
         """Expert outputs [N * k, D] with C slots per expert; overflowing assignments get zeros. Also the drop count."""

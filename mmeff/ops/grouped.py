@@ -6,10 +6,16 @@ whose row strides are 16-byte aligned (K and N multiples of 8) and fewer than 10
 free (zero included). On sm90 it is one CUTLASS kernel without host sync, which `impl='auto'` uses; elsewhere
 it may loop internally or be missing, so 'auto' takes the per-expert loop, which reads the group sizes on
 the host. The rows of `x` here always end at offs[-1] (no padding), so no output row is left unwritten.
+
+Around the matmuls, `dispatch` copies each token's row to its k assignments in expert order, `combine` sums
+the expert outputs back per token with the routing weights, and `activate` applies SwiGLU: on CUDA through the
+Triton kernels of mmeff.kernels.moe (one pass each, no atomics), elsewhere (or with MMEFF_FORCE_REFERENCE=1)
+in plain PyTorch.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -58,8 +64,43 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: Literal["grouped", "l
     return torch.cat([xg @ wg for xg, wg in zip(x.split(counts.tolist()), w)])
 
 
+def _kernels(x: Tensor) -> bool:
+    return x.is_cuda and os.environ.get("MMEFF_FORCE_REFERENCE") != "1"
+
+
+def sort_assignments(experts: Tensor) -> tuple[Tensor, Tensor]:
+    """(order, inv) of the assignments `experts` [N, k]: their flat indices n * k + j sorted by expert (stable),
+    and the inverse permutation (the sorted row of each assignment)."""
+    order = experts.reshape(-1).argsort(stable=True)
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, inv
+
+
+def dispatch(x: Tensor, order: Tensor, inv: Tensor, k: int) -> Tensor:
+    """Token rows x [N, D] -> one row per assignment, in sorted order [N * k, D]."""
+    if _kernels(x):
+        from mmeff.kernels.moe import Dispatch
+
+        return Dispatch.apply(x, order, inv, k)
+    return x[order // k]
+
+
+def combine(rows: Tensor, order: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
+    """Sorted expert outputs rows [N * k, D] -> per-token sums weighted by `weights` [N, k] -> [N, D]."""
+    if _kernels(rows):
+        from mmeff.kernels.moe import Combine
+
+        return Combine.apply(rows, order, inv, weights)
+    n, k = weights.shape
+    return torch.bmm(weights.to(rows.dtype).unsqueeze(1), rows[inv].view(n, k, -1)).squeeze(1)
+
+
 def activate(h: Tensor, gated: bool) -> Tensor:
     """SwiGLU on [gate | up] halves of the last dim, else GELU."""
+    if gated and _kernels(h):
+        from mmeff.kernels.moe import SwiGLU
+
+        return SwiGLU.apply(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
     if gated:
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -14,9 +14,11 @@ computed in float32 whatever the model dtype.
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Score = Literal["softmax", "sigmoid"]
@@ -25,6 +27,30 @@ Score = Literal["softmax", "sigmoid"]
 def jitter(x: Tensor, eps: float) -> Tensor:
     """Multiply `x` by uniform noise in [1 - eps, 1 + eps] (Switch's router input jitter)."""
     return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps) if eps > 0 else x
+
+
+class _HalfLogits(torch.autograd.Function):
+    """x [N, D] @ w [E, D]^T of bf16/fp16 inputs, accumulated and returned in float32 in one matmul (what
+    x.float() @ w.float().t() computes, without the float copies and the float32 SIMT matmul)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        return grad @ w, grad.t() @ x
+
+
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """Router logits [N, E] in float32 of tokens x [N, D] and router rows `weight` [E, D]."""
+    half = x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    if half and x.is_cuda and os.environ.get("MMEFF_FORCE_REFERENCE") != "1":
+        return _HalfLogits.apply(x, weight)
+    return F.linear(x.float(), weight.float())
 
 
 def router_scores(logits: Tensor, score: Score = "softmax") -> Tensor:
