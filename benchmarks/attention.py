@@ -3,12 +3,14 @@
 One run on a CUDA machine (bf16, 65,536 tokens per batch, 16 heads x 64, T = 2k / 8k / 32k):
     python benchmarks/attention.py --out benchmarks/results/attention_h100.md
 Rows: causal SDPA (`attn`), FlexAttention sliding window 1024 (`sliding`), block top-k with blocks
-of 64 and top 16 (`block_topk`, causal: each query selects for itself), `mla`, and for reference
-bidirectional SDPA beside bidirectional `block_topk` whose query blocks share a selection (block-sparse).
+of 64 and top 16 (`block_topk`: each query selecting for itself, or groups of 64 / 128 queries sharing one
+selection, which runs block-sparse), `mla`, and for reference bidirectional SDPA beside bidirectional
+`block_topk` with shared selections.
 Each cell times the whole mixer (projections included): the median of `--iters` steps after
 warm-up (FlexAttention compiles on its first call per shape), and the peak memory of a step.
-A second table times the attention op alone (`mmeff.ops.flex.attention` on given q, k, v), the
-quantity the issue's SDPA and FlexAttention figures measure.
+A second table times the attention op alone on given q, k, v (`mmeff.ops.flex.attention`; for block_topk
+its `attend`: selection, block mask and FlexAttention), the quantity the issue's SDPA and FlexAttention
+figures measure.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from timing import cuda_median_ms  # benchmarks/timing.py, beside this script
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "attn: causal SDPA": ("attn", {}),
     "sliding: window 1024, FlexAttention": ("sliding", {"window": 1024}),
-    "block_topk: block 64, top 16, FlexAttention": ("block_topk", {"block": 64, "topk": 16}),
+    "block_topk: block 64, top 16, per query": ("block_topk", {"block": 64, "topk": 16}),
+    "block_topk: block 64, top 16, groups of 64 queries": ("block_topk", {"block": 64, "topk": 16, "query_block": 64}),
+    "block_topk: block 64, top 16, groups of 128 queries": ("block_topk", {"block": 64, "topk": 16, "query_block": 128}),
     "mla: latent dim/4 + rope key head_dim/2, SDPA": ("mla", {}),
     "attn: bidirectional SDPA": ("attn", {"causal": False}),
-    "block_topk: shared query blocks, bidirectional": ("block_topk", {"block": 64, "topk": 16, "query_block": True, "causal": False}),
+    "block_topk: groups of 128 queries, bidirectional": ("block_topk", {"block": 64, "topk": 16, "query_block": 128, "causal": False}),
 }
 
 
@@ -48,34 +52,41 @@ def time_step(layer: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> tup
     return cuda_median_ms(step, warmup, iters)
 
 
-CORE_ROWS: dict[str, Any] = {
-    "causal SDPA (flash)": masks.causal(),
-    "sliding window 1024, FlexAttention": masks.sliding_window(1024),
+CORE_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "causal SDPA (flash)": ("attn", {}),
+    "sliding window 1024, FlexAttention": ("sliding", {"window": 1024}),
+    "block_topk block 64, top 16, per query": ("block_topk", {"block": 64, "topk": 16}),
+    "block_topk block 64, top 16, groups of 64 queries": ("block_topk", {"block": 64, "topk": 16, "query_block": 64}),
+    "block_topk block 64, top 16, groups of 128 queries": ("block_topk", {"block": 64, "topk": 16, "query_block": 128}),
 }
 
 
 class Core(nn.Module):
-    """The attention op alone: x [3, B, H, T, D] holds q, k, v."""
+    """The attention op of a mixer alone (its `attend`, no projections): x [3, B, H, T, D] holds q, k, v."""
 
-    def __init__(self, mask: Any) -> None:
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.mask = mask
+        self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return flex.attention(x[0], x[1], x[2], self.mask)
+        self.layer._context = (None, None, None)
+        return self.layer.attend(x[0], {"k": x[1], "v": x[2]}, 0, None)
 
 
 def core_table(args: argparse.Namespace) -> list[str]:
     """Forward + backward of the attention op alone, per mask, at each T."""
     lines = ["| attention op | " + " | ".join(f"T={T}" for T in args.lengths) + " |", "|---" * (len(args.lengths) + 1) + "|"]
     baseline: dict[int, float] = {}
-    for label, mask in CORE_ROWS.items():
+    dim = args.heads * args.head_dim
+    for label, (name, options) in CORE_ROWS.items():
+        if args.rows and not any(r in label for r in args.rows):
+            continue
         cells = []
         for T in args.lengths:
             torch.manual_seed(0)
             shape = (3, args.tokens // T, args.heads, T, args.head_dim)
             x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            ms, _ = time_step(Core(mask), x, args.warmup, args.iters)
+            ms, _ = time_step(Core(blocks.build(name, dim, heads=args.heads, **options)), x, args.warmup, args.iters)
             del x
             baseline.setdefault(T, ms)
             cells.append(f"{ms:.1f} ms ({baseline[T] / ms:.2f}x)")
@@ -162,6 +173,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rows", nargs="*", help="only the rows whose label contains one of these (default: all)")
+    parser.add_argument("--tables", nargs="*", default=["speed", "core", "cache", "quant"], help="which tables to make")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
@@ -171,7 +183,8 @@ def main() -> None:
         f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}. Cells: median step time (speed-up over causal SDPA), peak memory.",
         "",
     ]
-    body = speed_table(args) + [""] + core_table(args) + [""] + cache_table(args) + [""] + quant_error(args)
+    makers = {"speed": speed_table, "core": core_table, "cache": cache_table, "quant": quant_error}
+    body = [line for name in args.tables for line in makers[name](args) + [""]]
     text = "\n".join(header + body) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

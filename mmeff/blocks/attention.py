@@ -59,7 +59,7 @@ class SoftmaxAttention(nn.Module):
     """The shared flow of every softmax-attention mixer; subclasses define `project` and may override any step."""
 
     per_head_mask = False  # True where `mask` depends on the head (FlexAttention then needs one block mask per head)
-    _context: tuple[Tensor | None, int | None] = (None, None)  # (docs, prefix) of the call in progress
+    _context: tuple[Tensor | None, int | None, Cache | None] = (None, None, None)  # (docs, prefix, cache) of the call in progress
 
     def __init__(
         self,
@@ -112,7 +112,7 @@ class SoftmaxAttention(nn.Module):
     ) -> Tensor:
         """`mmeff.ops.flex.attention` for queries at positions offset.. over keys at `kv_pos` (None: aligned)."""
         q_pos = None if kv_pos is None else torch.arange(offset, offset + q.shape[2], device=q.device)
-        docs, prefix = self._context
+        docs, prefix, _ = self._context
         engine = None
         if prefix:
             mask = masks.with_prefix(mask, prefix)
@@ -148,7 +148,7 @@ class SoftmaxAttention(nn.Module):
         kv_pos = None
         if cache is not None:
             kv, kv_pos = remember(cache, kv, self.cache_bound() if self.causal else None)
-        self._context = (docs, prefix)  # read by `attention`, which every variant's `attend` calls
+        self._context = (docs, prefix, cache)  # read by `attention`, which every variant's `attend` calls
         try:
             return self.merge(self.attend(q, kv, offset, kv_pos), x)
         finally:

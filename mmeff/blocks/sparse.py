@@ -151,55 +151,84 @@ class Dilated(Attention):
 class BlockTopK(Attention):
     """Mixture of block attention (Lu et al., 2025 'MoBA'; Yuan et al., 2025 'NSA' selection): each query attends its own block plus the `topk` key blocks whose mean key scores highest.
 
-    Keys are mean-pooled per `block`; a query scores the blocks with q . mean(k) (per head) and
-    keeps the best `topk` besides its own. Causal: only complete earlier blocks compete and the own
-    block is causally masked, and each query selects for itself, so no token's selection depends on
-    a later one and decoding equals the forward. `query_block` (bidirectional only): the queries of
-    a block share one selection made by their mean query, which FlexAttention runs block-sparse.
+    Keys are mean-pooled per `block`; a gate query scores the blocks with q . mean(k) (per head) and
+    the best `topk` of the competing blocks are kept. `query_block` = 0: every query is its own gate
+    and competes over the complete blocks before its own. `query_block` = n: consecutive groups of n
+    queries share one selection, which FlexAttention runs block-sparse (tiles of whole groups); each
+    query then also sees the blocks its group spans, and the blocks before them compete. Causal groups
+    select with their first query, so no selection depends on a later token and cached decoding
+    (which keeps that query) equals the forward; bidirectional groups select with their mean query.
     """
 
     per_head_mask = True
 
     def __init__(
-        self, dim: int, *, block: int = 64, topk: int = 4, query_block: bool = False, causal: bool = True, **options: Any
+        self, dim: int, *, block: int = 64, topk: int = 4, query_block: int = 0, causal: bool = True, **options: Any
     ) -> None:
         super().__init__(dim, causal=causal, **options)
+        if isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 0:
+            raise ValueError(f"query_block is a number of queries sharing a selection (0: none), got {query_block!r}")
         if block < 1 or topk < 0:
             raise ValueError(f"need block >= 1 and topk >= 0, got block={block}, topk={topk}")
-        if query_block and causal:
-            raise ValueError("query_block needs causal=False: a shared selection would let a query see its block's later queries")
         self.block, self.topk, self.query_block = block, topk, query_block
 
+    def gates(self, q: Tensor, offset: int, carried: Tensor | None = None) -> Tensor:
+        """Gate queries [B, H, groups, D] of the query groups that positions offset.. touch; `carried` [B, H, 1, D]:
+        the first query of a causal group that began before `offset` (kept by the decoding cache)."""
+        g = self.query_block
+        if g <= 1:
+            return q
+        T = q.shape[2]
+        starts = torch.arange(offset // g, (offset + T - 1) // g + 1, device=q.device) * g - offset
+        if not self.causal:
+            if offset % g:
+                raise ValueError("bidirectional query groups need queries that start a group")
+            return F.pad(q, (0, 0, 0, -T % g)).unflatten(2, (-1, g)).sum(3) / (T - starts).clamp(max=g)[:, None]
+        gates = q[:, :, starts.clamp(min=0)]
+        if offset % g:
+            if carried is None:
+                raise ValueError(f"block_topk: queries from position {offset} continue a query group; pass the decoding cache")
+            gates[:, :, :1] = carried
+        return gates
+
     @torch.no_grad()
-    def select(self, q: Tensor, k: Tensor, q_pos: Tensor) -> Tensor:
-        """Selected key blocks [B, H, Tq, n_blocks] (bool) of queries at `q_pos` over keys at 0..Tk-1."""
-        B, H, T, D = q.shape
+    def select(self, gates: Tensor, k: Tensor, offset: int, q_len: int) -> Tensor:
+        """Selected key blocks [B, H, groups, n_blocks] (bool) of the query groups (or queries) at offset..offset+q_len-1
+        with gate queries `gates`, over keys at 0..Tk-1."""
+        B, H, _, D = gates.shape
+        g = max(self.query_block, 1)
         n_blocks = -(-k.shape[2] // self.block)
-        filled = F.pad(torch.ones_like(k[0, 0, :, :1]), (0, 0, 0, n_blocks * self.block - k.shape[2]))
-        pooled = F.pad(k, (0, 0, 0, n_blocks * self.block - k.shape[2])).view(B, self.kv_heads, n_blocks, self.block, D)
-        pooled = (pooled.sum(3) / filled.view(n_blocks, self.block, 1).sum(1)).repeat_interleave(H // self.kv_heads, 1)
-        group = self.block if self.query_block else 1
-        if group > 1:
-            q = F.pad(q, (0, 0, 0, -T % group)).unflatten(2, (-1, group)).mean(3)
-            q_pos = q_pos[::group]
-        own = (q_pos // self.block)[:, None]
-        blocks = torch.arange(n_blocks, device=q.device)
-        compete = blocks < own if self.causal else blocks != own
-        scores = (q @ pooled.transpose(-1, -2)).masked_fill(~compete, float("-inf"))
+        pad = n_blocks * self.block - k.shape[2]
+        counts = torch.full((n_blocks, 1), float(self.block), device=k.device)
+        counts[-1] -= pad
+        blocks_k = (F.pad(k, (0, 0, 0, pad)) if pad else k).view(B, self.kv_heads, n_blocks, self.block, D)
+        pooled = (blocks_k.sum(3, dtype=torch.float32) / counts).repeat_interleave(H // self.kv_heads, 1)
+        starts = torch.arange(offset // g, (offset + q_len - 1) // g + 1, device=gates.device) * g
+        first = (starts // self.block)[:, None]  # the group's own blocks start here
+        blocks = torch.arange(n_blocks, device=gates.device)
+        if self.causal:
+            own = blocks >= first  # the causal mask hides the later ones
+        else:
+            own = (blocks >= first) & (blocks <= ((starts + g).clamp(max=offset + q_len) - 1)[:, None] // self.block)
+        compete = blocks < first if self.causal else ~own
+        scores = (gates.float() @ pooled.transpose(-1, -2)).masked_fill(~compete, float("-inf"))
         best = scores.topk(min(self.topk, n_blocks), dim=-1).indices
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
-        chosen = (chosen & compete) | (blocks == own)
-        return chosen.repeat_interleave(group, 2)[:, :, :T]
+        return (chosen & compete) | own
 
     def attend(self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None) -> Tensor:
         k, v = kv["k"], kv["v"]
-        q_pos = torch.arange(offset, offset + q.shape[2], device=q.device)
-        chosen = self.select(q, k, q_pos)
+        cache = self._context[2]
+        gates = self.gates(q, offset, cache.get("gate") if cache is not None else None)
+        if cache is not None and self.query_block > 1 and self.causal:
+            cache["gate"] = gates[:, :, -1:]
+        chosen = self.select(gates, k, offset, q.shape[2])
+        g = max(self.query_block, 1)
         # FlexAttention may ask the mask about positions up to its padded tile: cover them.
-        pad_q = flex.padded(q.shape[2]) - q.shape[2]
+        pad_rows = (offset + flex.padded(q.shape[2]) - 1) // g - offset // g + 1 - chosen.shape[2]
         pad_blocks = -(-flex.padded(k.shape[2]) // self.block) - chosen.shape[3]
-        mask = masks.selected_blocks(F.pad(chosen, (0, pad_blocks, 0, pad_q)), self.block, self.causal, offset)
+        mask = masks.selected_blocks(F.pad(chosen, (0, pad_blocks, 0, pad_rows)), self.block, self.causal, g, offset // g)
         block = None
         if flex.wants_flex(q, kv_pos is None, self.dropout if self.training else 0.0):
-            block = flex.selection_block_mask(chosen, self.block, mask, k.shape[2])
+            block = flex.selection_block_mask(chosen, self.block, g, mask, q.shape[2], k.shape[2], self.causal)
         return self.attention(q, k, v, offset, kv_pos, mask, block=block)

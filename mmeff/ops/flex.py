@@ -52,17 +52,32 @@ def block_mask(mask: MaskMod, batch: int | None, heads: int | None, q_len: int, 
 
 
 @lru_cache(maxsize=None)
-def _compiled(fn: Callable) -> Callable:
+def _compiled(fn: Callable, mode: str | None = None) -> Callable:
     # Every (mask, shape) pair is its own graph of the one flex_attention function; past dynamo's
     # default of 8 it would silently fall back to the eager kernel, which materialises the scores.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None = None) -> Tensor:
-    """FlexAttention with a prepared block mask: compiled on CUDA, eager elsewhere."""
-    fn = _compiled(flex_attention) if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    """FlexAttention with a prepared block mask: compiled on CUDA, eager elsewhere.
+
+    Key tiles narrower than BLOCK (dynamic selections of small key blocks) need kernel tiles that divide them.
+    torch 2.11 offers none by default for the backward on Hopper, only under max-autotune, so those calls
+    compile in that mode (tens of seconds, once per shape) with the tiles pinned, which makes every candidate
+    the same kernel: the same speed in every run.
+    """
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    kv_tile = mask.BLOCK_SIZE[1]
+    if kv_tile >= BLOCK:
+        fn, options = _compiled(flex_attention), None
+    else:
+        fn = _compiled(flex_attention, "max-autotune-no-cudagraphs")
+        tile = min(64, kv_tile)
+        options = {"fwd_BLOCK_M": BLOCK, "fwd_BLOCK_N": kv_tile, "num_warps": 4, "num_stages": 3}
+        options |= {f"bwd_BLOCK_{name}": tile for name in ("M1", "N1", "M2", "N2")}
+    return fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
 
 
 def sdpa(
@@ -86,22 +101,42 @@ def wants_flex(q: Tensor, aligned: bool, dropout: float, engine: Engine | None =
     return aligned and dropout == 0.0 and (engine == "flex" or (engine == "auto" and q.is_cuda))
 
 
-def selection_block_mask(selected: Tensor, block: int, mask: MaskMod, kv_len: int) -> BlockMask:
-    """Block mask of a dynamic selection `selected` [B, H, Tq, n_blocks] of key blocks of `block` tokens.
+def selection_block_mask(selected: Tensor, block: int, group: int, mask: MaskMod, q_len: int, kv_len: int, causal: bool) -> BlockMask:
+    """Block mask of a dynamic selection `selected` [B, H, rows, n_blocks] of key blocks of `block` tokens, one row
+    per group of `group` queries (aligned positions).
 
-    A tile of queries visits the union of the tiles its queries selected; `mask` (the exact per-query
-    predicate) is applied inside those tiles.
+    Query tiles are BLOCK long; key tiles are the key blocks themselves when those are 16, 32 or 64 long, else
+    BLOCK. A tile of queries visits the union of the key tiles its queries selected. Tiles that every query of
+    the tile selected whole (and, causal, that lie before the diagonal) are full and skip the predicate; in the
+    others `mask` (the exact per-query predicate) is applied.
     """
-    B, H, Tq, n_blocks = selected.shape
-    q_tiles, kv_tiles = padded(Tq) // BLOCK, padded(kv_len) // BLOCK
-    per_tile = F.pad(selected, (0, 0, 0, q_tiles * BLOCK - Tq)).view(B, H, q_tiles, BLOCK, n_blocks).any(3)
+    B, H, rows, n_blocks = selected.shape
+    kv_tile = block if block in (16, 32, 64) else BLOCK
+    q_tiles, kv_tiles = padded(q_len) // BLOCK, -(-kv_len // kv_tile)
+    if BLOCK % group:  # groups straddle tiles: go through one row per query
+        selected, group = selected.repeat_interleave(group, 2), 1
+    if causal:  # drop the blocks that start after a row's last query
+        last = (torch.arange(selected.shape[2], device=selected.device) + 1) * group - 1
+        selected = selected & (torch.arange(n_blocks, device=selected.device) * block <= last[:, None])
+    per = BLOCK // group
+    tiled = F.pad(selected, (0, 0, 0, q_tiles * per - selected.shape[2])).view(B, H, q_tiles, per, n_blocks)
     starts = torch.arange(n_blocks, device=selected.device) * block
     tiles = torch.arange(kv_tiles, device=selected.device)
-    covers = (tiles >= (starts // BLOCK)[:, None]) & (tiles <= ((starts + block - 1) // BLOCK)[:, None])
-    touched = (per_tile.float() @ covers.float()) > 0  # [B, H, q_tiles, kv_tiles]
-    counts = touched.sum(-1, dtype=torch.int32)
-    order = touched.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
-    return BlockMask.from_kv_blocks(counts, order, BLOCK_SIZE=BLOCK, mask_mod=mask, seq_lengths=(Tq, kv_len))
+    covers = ((tiles >= (starts // kv_tile)[:, None]) & (tiles <= ((starts + block - 1) // kv_tile)[:, None])).float()
+    touched = (tiled.any(3).float() @ covers) > 0  # [B, H, q_tiles, kv_tiles]
+    full = touched & ((~tiled.all(3)).float() @ covers == 0)
+    if causal:  # a key tile is before a query tile's first query, or overlaps its queries, or lies after them
+        q_start = torch.arange(q_tiles, device=selected.device)[:, None] * BLOCK
+        touched &= tiles * kv_tile < q_start + BLOCK
+        full &= (tiles + 1) * kv_tile <= q_start + 1
+    partial = touched & ~full
+
+    def listed(table: Tensor) -> tuple[Tensor, Tensor]:
+        return table.sum(-1, dtype=torch.int32), table.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+
+    return BlockMask.from_kv_blocks(
+        *listed(partial), *listed(full), BLOCK_SIZE=(BLOCK, kv_tile), mask_mod=mask, seq_lengths=(q_len, kv_len)
+    )
 
 
 def attention(

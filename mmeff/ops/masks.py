@@ -114,11 +114,12 @@ def bigbird(
     return mask
 
 
-def selected_blocks(selected: Tensor, block: int, causal: bool, q_start: int = 0) -> MaskMod:
-    """Dynamic block selection: query q sees key block j where `selected[b, h, q - q_start, j]` (MoBA, NSA)."""
+def selected_blocks(selected: Tensor, block: int, causal: bool, group: int = 1, first_row: int = 0) -> MaskMod:
+    """Dynamic block selection (MoBA, NSA): query q sees key block j where `selected[b, h, q // group - first_row, j]`
+    (one row per query, or per group of `group` queries sharing a selection)."""
 
     def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        keep = selected[b, h, q - q_start, kv // block]
+        keep = selected[b, h, q // group - first_row, kv // block]
         return keep & (q >= kv) if causal else keep
 
     return mask

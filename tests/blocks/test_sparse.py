@@ -20,9 +20,10 @@ SPARSE = {
     "longformer": {"window": 6, "global_tokens": 2},
     "bigbird": {"window": 4, "global_tokens": 1, "block": 4, "random_blocks": 2},
     "block_topk": {"block": 4, "topk": 2},
+    "block_topk_shared": {"block": 4, "topk": 2, "query_block": 8},
     "sink": {"sinks": 2, "window": 6},
 }
-BIDIRECTIONAL = {**{n: o for n, o in SPARSE.items() if n != "sink"}, "block_topk_shared": {"block": 4, "topk": 2, "query_block": True}}
+BIDIRECTIONAL = {n: o for n, o in SPARSE.items() if n != "sink"}
 
 
 CASES = [pytest.param(n, True, id=f"{n}-causal") for n in sorted(SPARSE)] + [
@@ -31,7 +32,7 @@ CASES = [pytest.param(n, True, id=f"{n}-causal") for n in sorted(SPARSE)] + [
 
 
 def build(name: str, causal: bool = True, dim: int = 32, heads: int = 4, **extra) -> torch.nn.Module:
-    options = {**(SPARSE.get(name) or BIDIRECTIONAL[name]), **extra}
+    options = {**SPARSE[name], **extra}
     return blocks.build(name.removesuffix("_shared"), dim, causal=causal, heads=heads, **options)
 
 
@@ -143,13 +144,34 @@ def test_block_topk_selects_its_own_block_and_topk_others(causal):
     layer: BlockTopK = build("block_topk", causal)
     q, k = torch.randn(2, 4, 37, 8), torch.randn(2, 4, 37, 8)
     pos = torch.arange(37)
-    chosen = layer.select(q, k, pos)  # [B, H, T, blocks]
+    chosen = layer.select(layer.gates(q, 0), k, 0, 37)  # [B, H, T, blocks]
     own = pos // layer.block
     assert chosen[..., torch.arange(37), own].all()
     competitors = own if causal else torch.full_like(own, chosen.shape[-1] - 1)
-    assert torch.equal(chosen.sum(-1), (1 + competitors.clamp(max=layer.topk)).expand(2, 4, 37))
+    expected = (1 + competitors.clamp(max=layer.topk)).expand(2, 4, 37)
     if causal:
-        assert not (chosen & (torch.arange(chosen.shape[-1]) > own[:, None])).any()
+        expected = expected + (chosen.shape[-1] - 1 - own)  # the later blocks count as own; the causal mask hides them
+    assert torch.equal(chosen.sum(-1), expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_topk_query_groups_share_one_selection(causal):
+    # Groups of 8 queries over blocks of 4: each group sees the blocks it spans and topk of the others,
+    # chosen by its first query (causal) or its mean query (bidirectional).
+    torch.manual_seed(0)
+    layer: BlockTopK = build("block_topk", causal, query_block=8)
+    q, k = torch.randn(2, 4, 37, 8), torch.randn(2, 4, 37, 8)
+    gates = layer.gates(q, 0)
+    assert gates.shape == (2, 4, 5, 8)
+    expected_gate = q[:, :, ::8] if causal else torch.stack([q[:, :, i : i + 8].mean(2) for i in range(0, 37, 8)], 2)
+    torch.testing.assert_close(gates, expected_gate)
+    chosen = layer.select(gates, k, 0, 37)
+    for row in range(5):
+        spanned = torch.arange(chosen.shape[-1])
+        spanned = (spanned >= 2 * row) if causal else (spanned >= 2 * row) & (spanned <= min(2 * row + 1, 9))
+        assert chosen[:, :, row, spanned].all()
+        others = int((~spanned & (torch.arange(chosen.shape[-1]) < 2 * row if causal else ~spanned)).sum())
+        assert torch.equal(chosen[:, :, row, ~spanned].sum(-1), torch.full((2, 4), min(layer.topk, others)))
 
 
 def test_block_topk_picks_the_block_holding_the_matching_key():
@@ -157,12 +179,12 @@ def test_block_topk_picks_the_block_holding_the_matching_key():
     k = torch.randn(1, 1, 32, 8) * 0.1
     k[0, 0, 9] = 5 * torch.ones(8)  # block 2 stands out for a query along ones
     q = torch.ones(1, 1, 1, 8)
-    chosen = layer.select(q, k, torch.tensor([31]))
+    chosen = layer.select(q, k, 31, 1)
     assert chosen[0, 0, 0].nonzero().flatten().tolist() == [2, 7]
 
 
 def test_options_are_checked():
-    with pytest.raises(ValueError, match="query_block needs causal=False"):
+    with pytest.raises(ValueError, match="query_block is a number"):
         blocks.build("block_topk", 32, query_block=True)
     with pytest.raises(ValueError, match="sink is a causal"):
         blocks.build("sink", 32, causal=False)
@@ -197,7 +219,7 @@ CUDA_CASES = [c for c in CASES if c.values[1] or c.values[0] in ("longformer", "
 def test_cuda_flex_matches_reference(name, causal, monkeypatch):
     """Compiled FlexAttention on CUDA (bf16, lengths off the 128 tile) against the dense reference."""
     torch.manual_seed(0)
-    options = BIDIRECTIONAL.get(name) or SPARSE[name]
+    options = SPARSE[name]
     larger = {key: value for key, value in (("window", 100), ("block", 64)) if key in options}
     layer = build(name, causal, dim=512, heads=8, **larger).cuda().bfloat16()
     x = torch.randn(2, 700, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -103,17 +103,19 @@ def test_random_blocks_are_seeded_and_counted(causal):
         assert torch.equal(masks.random_blocks(16, 3, 0, causal)[:10, :10], table)
 
 
+@pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("causal", [True, False])
-def test_selected_blocks_matches_definition(causal):
+def test_selected_blocks_matches_definition(causal, group):
     torch.manual_seed(0)
     B, H, block, q_start = 2, 3, 4, 5
     q_pos, kv_pos = list(range(q_start, q_start + 9)), list(range(14))
-    selected = torch.rand(B, H, len(q_pos), 4) < 0.5
+    first = q_start // group
+    selected = torch.rand(B, H, (q_pos[-1] // group) - first + 1, 4) < 0.5
 
     def rule(b: int, h: int, q: int, kv: int) -> bool:
-        return bool(selected[b, h, q - q_start, kv // block]) and (kv <= q or not causal)
+        return bool(selected[b, h, q // group - first, kv // block]) and (kv <= q or not causal)
 
-    mask = masks.selected_blocks(selected, block, causal, q_start)
+    mask = masks.selected_blocks(selected, block, causal, group, first)
     assert torch.equal(dense(mask, B, H, q_pos, kv_pos), brute(rule, B, H, q_pos, kv_pos))
 
 
@@ -128,18 +130,42 @@ def test_flex_engine_agrees_with_dense(case):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("block", [16, 64, 200])
-def test_selection_block_mask_visits_exactly_the_selected_tiles(block):
+def _tile_table(counts: torch.Tensor, indices: torch.Tensor, kv_tiles: int) -> torch.Tensor:
+    """Bool [B, H, q_tiles, kv_tiles] of the tiles a BlockMask lists (counts [B, H, q_tiles], indices [..., n])."""
+    listed = torch.arange(indices.shape[-1]) < counts[..., None]
+    table = torch.zeros(*counts.shape, kv_tiles + 1, dtype=torch.bool)
+    return table.scatter_(-1, torch.where(listed, indices.long(), kv_tiles), True)[..., :kv_tiles]
+
+
+@pytest.mark.parametrize(
+    "block, group, causal, density",
+    [(16, 1, False, 0.1), (64, 1, True, 0.1), (200, 1, False, 0.1), (64, 64, True, 0.9), (64, 128, True, 0.5), (32, 48, False, 0.5)],
+)
+def test_selection_block_mask_visits_exactly_the_selected_tiles(block, group, causal, density):
+    # Every tile with an allowed pair is visited; the tiles marked full allow every pair (they skip the predicate).
     torch.manual_seed(0)
     B, H, Tq, Tk = 2, 2, 300, 300
-    n_blocks = -(-Tk // block)
-    selected = torch.rand(B, H, Tq, n_blocks) < 0.1
-    mask = masks.selected_blocks(selected, block, causal=False)
-    tiles = flex.selection_block_mask(selected, block, mask, Tk).to_dense().bool()  # [B, H, q_tiles, kv_tiles]
-    allowed = masks.dense(mask, torch.arange(Tq), torch.arange(Tk), B, H)
-    pad = (0, flex.padded(Tk) - Tk, 0, flex.padded(Tq) - Tq)
-    per_tile = torch.nn.functional.pad(allowed, pad).unflatten(2, (-1, flex.BLOCK)).unflatten(4, (-1, flex.BLOCK))
-    assert torch.equal(tiles, per_tile.any(5).any(3))
+    n_blocks, rows = -(-Tk // block), -(-Tq // group)
+    selected = torch.rand(B, H, rows, n_blocks) < density
+    padded = torch.nn.functional.pad(selected, (0, 4, 0, 4))
+    mask = masks.selected_blocks(padded, block, causal, group)
+    bm = flex.selection_block_mask(selected, block, group, mask, Tq, Tk, causal)
+    kv_tile = block if block <= 64 else flex.BLOCK  # key blocks of 16, 32 or 64 are tiles themselves
+    assert bm.BLOCK_SIZE == (flex.BLOCK, kv_tile)
+    q_tiles, kv_tiles = flex.padded(Tq) // flex.BLOCK, -(-Tk // kv_tile)
+    tiles = bm.to_dense().bool()[:, :, :q_tiles, :kv_tiles]
+    allowed = masks.dense(mask, torch.arange(Tq), torch.arange(Tk), B, H).expand(B, H, Tq, Tk)
+    pad = (0, kv_tiles * kv_tile - Tk, 0, flex.padded(Tq) - Tq)
+
+    def per_tile(table: torch.Tensor) -> torch.Tensor:
+        return table.unflatten(2, (-1, flex.BLOCK)).unflatten(4, (-1, kv_tile))
+
+    assert torch.equal(tiles, per_tile(torch.nn.functional.pad(allowed, pad)).any(5).any(3))
+    full = _tile_table(bm.full_kv_num_blocks, bm.full_kv_indices, kv_tiles)
+    everywhere = per_tile(torch.nn.functional.pad(allowed, pad, value=True))
+    assert not (full & ~everywhere.all(5).all(3)).any()
+    if group == 64 and causal:  # dense selections leave whole tiles below the diagonal to skip the predicate
+        assert full.any()
 
 
 def test_dense_mask_broadcasts_only_where_it_varies():
