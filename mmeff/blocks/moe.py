@@ -24,7 +24,8 @@ Options (`backbone.ffn_options`):
 - `impl: auto | grouped | loop`: dropless execution by `torch._grouped_mm`, one per projection ('auto' on
   Hopper in bf16, e.g. under bf16-mixed autocast; no host sync), or the per-expert loop reference (CPU and
   everything else). Dispatch, combine and SwiGLU around the matmuls are Triton kernels on CUDA
-  (mmeff.kernels.moe), plain PyTorch elsewhere. Capacity and expert-choice modes run fixed [E, C] slots through two batched matmuls.
+  (mmeff.kernels.moe), plain PyTorch elsewhere. Capacity and expert-choice modes run fixed [E, C] slots
+  through two batched matmuls.
 
 Per-layer MoE: `layers: [i, ...]` in `ffn_options` builds MoE only at those layer indices and the
 `dense` block (default swiglu) with `dense_options` elsewhere (see `Backbone._ffn`).
@@ -40,7 +41,6 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmeff.blocks.ffn import MLP, SwiGLU, _hidden

@@ -15,12 +15,13 @@ in plain PyTorch.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmeff.ops.fastpath import cuda_fast_path
 
 Impl = Literal["auto", "grouped", "loop"]
 
@@ -64,10 +65,6 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: Literal["grouped", "l
     return torch.cat([xg @ wg for xg, wg in zip(x.split(counts.tolist()), w)])
 
 
-def _kernels(x: Tensor) -> bool:
-    return x.is_cuda and os.environ.get("MMEFF_FORCE_REFERENCE") != "1"
-
-
 def sort_assignments(experts: Tensor) -> tuple[Tensor, Tensor]:
     """(order, inv) of the assignments `experts` [N, k]: their flat indices n * k + j sorted by expert (stable),
     and the inverse permutation (the sorted row of each assignment)."""
@@ -78,7 +75,7 @@ def sort_assignments(experts: Tensor) -> tuple[Tensor, Tensor]:
 
 def dispatch(x: Tensor, order: Tensor, inv: Tensor, k: int) -> Tensor:
     """Token rows x [N, D] -> one row per assignment, in sorted order [N * k, D]."""
-    if _kernels(x):
+    if cuda_fast_path(x):
         from mmeff.kernels.moe import Dispatch
 
         return Dispatch.apply(x, order, inv, k)
@@ -87,7 +84,7 @@ def dispatch(x: Tensor, order: Tensor, inv: Tensor, k: int) -> Tensor:
 
 def combine(rows: Tensor, order: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
     """Sorted expert outputs rows [N * k, D] -> per-token sums weighted by `weights` [N, k] -> [N, D]."""
-    if _kernels(rows):
+    if cuda_fast_path(rows):
         from mmeff.kernels.moe import Combine
 
         return Combine.apply(rows, order, inv, weights)
@@ -97,7 +94,7 @@ def combine(rows: Tensor, order: Tensor, inv: Tensor, weights: Tensor) -> Tensor
 
 def activate(h: Tensor, gated: bool) -> Tensor:
     """SwiGLU on [gate | up] halves of the last dim, else GELU."""
-    if gated and _kernels(h):
+    if gated and cuda_fast_path(h):
         from mmeff.kernels.moe import SwiGLU
 
         return SwiGLU.apply(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)

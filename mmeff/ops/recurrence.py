@@ -21,12 +21,13 @@ environment keeps the PyTorch path.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmeff.ops.fastpath import force_reference
 
 Mode = Literal["chunk", "recurrent"]
 
@@ -101,7 +102,7 @@ def _triton_kernel(
 ) -> Optional[Callable[..., Tuple[Tensor, Optional[Tensor]]]]:
     """mmeff.kernels.linear_recurrence_triton if it serves this call, else None; logs each choice once."""
     kernel, reason = None, None
-    if os.environ.get("MMEFF_FORCE_REFERENCE") == "1":
+    if force_reference():
         reason = "MMEFF_FORCE_REFERENCE=1"
     elif mode != "chunk":
         reason = f"mode={mode!r}"

@@ -14,12 +14,13 @@ computed in float32 whatever the model dtype.
 from __future__ import annotations
 
 import math
-import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmeff.ops.fastpath import cuda_fast_path
 
 Score = Literal["softmax", "sigmoid"]
 
@@ -48,7 +49,7 @@ class _HalfLogits(torch.autograd.Function):
 def router_logits(x: Tensor, weight: Tensor) -> Tensor:
     """Router logits [N, E] in float32 of tokens x [N, D] and router rows `weight` [E, D]."""
     half = x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
-    if half and x.is_cuda and os.environ.get("MMEFF_FORCE_REFERENCE") != "1":
+    if half and cuda_fast_path(x):
         return _HalfLogits.apply(x, weight)
     return F.linear(x.float(), weight.float())
 

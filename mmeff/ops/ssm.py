@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import types
 from typing import Callable, Literal, Optional, Tuple, Union
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmeff.ops.fastpath import force_reference
 from mmeff.ops.recurrence import Mode, linear_recurrence
 
 __all__ = ["selective_scan", "ssd"]
@@ -189,7 +189,7 @@ def _mamba_kernel(
     kernel, reason = None, None
     if backend == "torch":
         reason = "backend='torch'"
-    elif backend == "auto" and os.environ.get("MMEFF_FORCE_REFERENCE") == "1":
+    elif backend == "auto" and force_reference():
         reason = "MMEFF_FORCE_REFERENCE=1"
     elif mode != "chunk":
         reason = f"mode={mode!r}"
