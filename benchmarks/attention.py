@@ -67,14 +67,17 @@ class Core(nn.Module):
         return self.layer.attend(x[0], {"k": x[1], "v": x[2]}, 0, None)
 
 
+def picked(rows: dict[str, tuple[str, dict[str, Any]]], args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, mixer, options) of the rows that `--rows` asks for (all without it)."""
+    return [(label, name, options) for label, (name, options) in rows.items() if not args.rows or any(r in label for r in args.rows)]
+
+
 def core_table(args: argparse.Namespace) -> list[str]:
     """Forward + backward of the attention op alone, per mask, at each T."""
     lines = ["| attention op | " + " | ".join(f"T={T}" for T in args.lengths) + " |", "|---" * (len(args.lengths) + 1) + "|"]
     baseline: dict[int, float] = {}
     dim = args.heads * args.head_dim
-    for label, (name, options) in CORE_ROWS.items():
-        if args.rows and not any(r in label for r in args.rows):
-            continue
+    for label, name, options in picked(CORE_ROWS, args):
         cells = []
         for T in args.lengths:
             torch.manual_seed(0)
@@ -94,9 +97,7 @@ def speed_table(args: argparse.Namespace) -> list[str]:
     lines = ["| mixer | " + " | ".join(f"T={T} (B={args.tokens // T})" for T in args.lengths) + " |"]
     lines.append("|---" * (len(args.lengths) + 1) + "|")
     baseline: dict[int, float] = {}
-    for label, (name, options) in ROWS.items():
-        if args.rows and not any(r in label for r in args.rows):
-            continue
+    for label, name, options in picked(ROWS, args):
         cells = []
         for T in args.lengths:
             torch.manual_seed(0)
