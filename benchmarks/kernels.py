@@ -164,6 +164,18 @@ def bench(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor], reps: int 
     return sorted(fwd)[reps // 2], sorted(total)[reps // 2]
 
 
+def profile(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor]) -> str:
+    """Table of the GPU kernels of one forward + backward (run after bench, so compiled and tuned)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60)
+
+
 def failure(exc: BaseException) -> str:
     """One-line description of a failed case."""
     text = str(exc).strip().splitlines()
@@ -227,6 +239,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="run only rows whose 'problem implementation' contains one of these")
     p.add_argument("--budget-s", type=float, default=330.0, help="start no case after this many seconds")
     p.add_argument("--plot-only", action="store_true", help="draw the PNG from --out-dir's JSON and exit")
+    p.add_argument("--profile", action="store_true", help="also print each case's GPU kernels (torch.profiler)")
     args = p.parse_args()
     if args.plot_only:
         saved = json.loads((args.out_dir / f"{NAME}.json").read_text())
@@ -275,6 +288,8 @@ def main() -> None:
                     row.gflop, row.gbyte = flops / 1e9, nbytes / 1e9
                     if impl == "mmeff" and not kernel_calls:
                         row.note = "PyTorch path, not the Triton kernels"
+                    if args.profile:
+                        print(f"T={T} {problem} {impl}\n{profile(fn, list(x.values()))}", flush=True)
                 except Exception as exc:  # noqa: BLE001  (a peer's failure is a result to report)
                     row.note = failure(exc)
                 torch.cuda.empty_cache()

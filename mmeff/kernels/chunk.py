@@ -1,8 +1,9 @@
 """Chunked linear recurrence on the GPU: the autograd function that runs the kernels of each pass in order.
 
-Forward: gate cumsum (utils) -> WY representation (chunk_delta, delta rule) or GLA scores (chunk_gla)
--> chunk-entry states (chunk_h) -> outputs (chunk_o). Backward recomputes the states rather than
-keeping them, then: dh pass (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's own finishing kernel.
+Forward: gate cumsum (utils) -> WY representation (chunk_delta, delta rule) or the GLA scores of chunks
+past the span limit (chunk_gla) -> chunk-entry states (chunk_h) -> outputs (chunk_o). Backward recomputes
+the states rather than keeping them, then: dh pass (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's own
+finishing kernel.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from mmeff.kernels.utils import KEY_GATE, Chunks, chunk_cumsum
 
 
 def _forward_states(
-    q: Tensor, k: Tensor, v: Tensor, b: Optional[Tensor], beta: Optional[Tensor], h0: Optional[Tensor],
-    chunks: Chunks, gate: int, output_final_state: bool,
+    q: Tensor, k: Tensor, v: Tensor, b: Optional[Tensor], span: Optional[Tensor], beta: Optional[Tensor],
+    h0: Optional[Tensor], chunks: Chunks, gate: int, output_final_state: bool,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # fmt: skip
     """Everything the outputs and gradients read: states h, the values to mix (v or v~), GLA scores A,
     the WY pieces X and w, and the final state."""
@@ -31,7 +32,7 @@ def _forward_states(
     if beta is not None:
         X, w, values = wy_fwd(k, v, b, beta, chunks, gate)
     if gate == KEY_GATE:
-        A = intra_scores(q, k, b, chunks)
+        A = intra_scores(q, k, b, span, chunks)
     h, v_new, ht = fwd_h(k, values, w, b, h0, chunks, gate, output_final_state)
     return h, (v if w is None else v_new), A, X, w, ht
 
@@ -41,10 +42,10 @@ class ChunkRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunks, gate, output_final_state):  # type: ignore[override]
-        b = None if g is None else chunk_cumsum(g, chunks)
-        h, values, A, _, _, ht = _forward_states(q, k, v, b, beta, h0, chunks, gate, output_final_state)
-        o = fwd_o(q, k, values, h, b, A, chunks, gate, scale)
-        ctx.save_for_backward(q, k, v, b, beta, h0)
+        b, span = (None, None) if g is None else chunk_cumsum(g, chunks)
+        h, values, A, _, _, ht = _forward_states(q, k, v, b, span, beta, h0, chunks, gate, output_final_state)
+        o = fwd_o(q, k, values, h, b, span, A, chunks, gate, scale)
+        ctx.save_for_backward(q, k, v, b, span, beta, h0)
         ctx.scale, ctx.chunks, ctx.gate = scale, chunks, gate
         ctx.set_materialize_grads(False)
         return o, ht
@@ -52,18 +53,18 @@ class ChunkRecurrence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dht):  # type: ignore[override]
-        q, k, v, b, beta, h0 = ctx.saved_tensors
+        q, k, v, b, span, beta, h0 = ctx.saved_tensors
         scale, chunks, gate = ctx.scale, ctx.chunks, ctx.gate
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        h, values, A, X, w, _ = _forward_states(q, k, v, b, beta, h0, chunks, gate, False)
+        h, values, A, X, w, _ = _forward_states(q, k, v, b, span, beta, h0, chunks, gate, False)
         local = None if beta is None else dv_local(q, k, b, do, chunks, gate, scale)
         want_dh0 = h0 is not None and ctx.needs_input_grad[5]
         dh, dh0, dv_new = bwd_dh(q, k, w, b, do, local, dht, chunks, gate, scale, want_dh0)
-        parts = bwd_dqk(q, k, values, h, dh, b, A, do, dv_new, chunks, gate, scale)
-        dq, dk, dv, dg, dbeta = parts["dq"], parts["dk"], parts["dv"], parts["dg"], None
+        parts = bwd_dqk(q, k, values, h, dh, b, span, A, do, dv_new, chunks, gate, scale)
         if gate == KEY_GATE:
-            dq, dk, dg = intra_bwd(q, k, b, parts, chunks)
+            intra_bwd(q, k, b, span, parts, chunks)
+        dq, dk, dv, dg, dbeta = parts["dq"], parts["dk"], parts["dv"], parts["dg"], None
         if beta is not None:
             dk, dv, dbeta, dg = wy_bwd(k, v, b, beta, X, parts, dv_new, chunks, gate)
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None

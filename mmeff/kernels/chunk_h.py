@@ -1,8 +1,9 @@
 """The sequential passes over chunks: chunk-entry states h_n forward, their gradients dh_n backward.
 
-One program per (sequence, head, value tile) holds a [K, BV] fp32 state and walks the sequence's chunks
-in order (forward) or in reverse (backward); everything else is chunk-parallel (chunk_o, chunk_gla,
-chunk_delta). With gate cumsum b (chunk-local), per chunk:
+One program per (sequence, head, value tile, key tile) holds a [BK, BV] fp32 state and walks the
+sequence's chunks in order (forward) or in reverse (backward); everything else is chunk-parallel (chunk_o,
+chunk_gla, chunk_delta). Key rows of the state are independent except under the delta rule (v~ = u - w h
+reads all of them), whose programs hold every key. With gate cumsum b (chunk-local), per chunk:
 
     forward:  h_{n+1} = exp(b_C) h_n + (k * exp(b_C - b))^T v~        (v~ = v, or u - w h_n for the delta rule)
     backward: dh_n    = exp(b_C) dh_{n+1} + scale (q * exp(b))^T do    (- w^T dv~ for the delta rule, with
@@ -44,10 +45,11 @@ def scalar_gate(b, tok, nr, i_h, H: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def chunk_decay(b, tok, nr, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+def chunk_decay(b, tok, nr, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                 GATE: tl.constexpr):  # fmt: skip
-    """Decays of one chunk, as [BK, BT] (key, step): exp(b) (start -> step) and exp(b_C - b) (step -> end),
-    and exp(b_C) [BK, 1] (whole chunk); ones where there is no gate, zeros on rows past the sequence."""
+    """Decays of one chunk for keys ck..ck+BK, as [BK, BT] (key, step): exp(b) (start -> step) and
+    exp(b_C - b) (step -> end), and exp(b_C) [BK, 1] (whole chunk); ones where there is no gate, zeros on
+    rows past the sequence."""
     rows = tl.arange(0, BT)
     valid = (rows < nr)[None, :]
     last = tl.minimum(nr, BT) - 1
@@ -56,8 +58,9 @@ def chunk_decay(b, tok, nr, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.conste
         bc = bc[None, :]
         return masked_exp(bc, valid), masked_exp(bl - bc, valid), tl.zeros([BK, 1], dtype=tl.float32) + tl.exp(bl)
     elif GATE == KEY_GATE:
-        bc = load_tile_t(b + (tok * H + i_h) * K, 0, nr, H * K, 0, K, BT, BK)
-        bl = tl.load(b + ((tok + last) * H + i_h) * K + tl.arange(0, BK), mask=tl.arange(0, BK) < K, other=0.0)[:, None]
+        bc = load_tile_t(b + (tok * H + i_h) * K, 0, nr, H * K, ck, K, BT, BK)
+        keys = ck + tl.arange(0, BK)
+        bl = tl.load(b + ((tok + last) * H + i_h) * K + keys, mask=keys < K, other=0.0)[:, None]
         return masked_exp(bc, valid), masked_exp(bl - bc, valid), tl.exp(bl)
     else:
         ones = tl.where(valid, 1.0, 0.0) + tl.zeros([BK, 1], dtype=tl.float32)
@@ -71,28 +74,28 @@ def _fwd_h_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T = seq_bounds(cu_seqlens, i_n)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    cv = i_v * BV
+    cv, ck = i_v * BV, i_k * BK
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        state += load_tile(h0 + i_nh.to(tl.int64) * K * V, 0, K, V, cv, V, BK, BV)
+        state += load_tile(h0 + i_nh.to(tl.int64) * K * V, ck, K, V, cv, V, BK, BV)
     for i_t in range(tl.cdiv(T, BT)):
         tok = bos + i_t * BT
         nr = T - i_t * BT
-        store_tile(h + ((c0 + i_t) * H + i_h) * K * V, state, 0, K, V, cv, V, BK, BV)
-        kt = load_tile_t(k + (tok * H + i_h) * K, 0, nr, H * K, 0, K, BT, BK)
+        store_tile(h + ((c0 + i_t) * H + i_h) * K * V, state, ck, K, V, cv, V, BK, BV)
+        kt = load_tile_t(k + (tok * H + i_h) * K, 0, nr, H * K, ck, K, BT, BK)
         vc = load_tile(v + (tok * H + i_h) * V, 0, nr, H * V, cv, V, BT, BV)
         if DELTA:
             wc = load_tile(w + (tok * H + i_h) * K, 0, nr, H * K, 0, K, BT, BK)
             vc = vc.to(tl.float32) - mm(wc, state, PREC)
             store_tile(v_new + (tok * H + i_h) * V, vc, 0, nr, H * V, cv, V, BT, BV)
-        _, to_end, whole = chunk_decay(b, tok, nr, i_h, H, K, BT, BK, GATE)
+        _, to_end, whole = chunk_decay(b, tok, nr, i_h, ck, H, K, BT, BK, GATE)
         state = state * whole + mm((kt * to_end).to(k.dtype.element_ty), vc, PREC)
     if STORE_HT:
-        store_tile(ht + i_nh.to(tl.int64) * K * V, state, 0, K, V, cv, V, BK, BV)
+        store_tile(ht + i_nh.to(tl.int64) * K * V, state, ck, K, V, cv, V, BK, BV)
 
 
 @autotune(warps(42, 43), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"])
@@ -102,22 +105,22 @@ def _bwd_dh_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T = seq_bounds(cu_seqlens, i_n)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    cv = i_v * BV
+    cv, ck = i_v * BV, i_k * BK
     NT = tl.cdiv(T, BT)
     grad = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        grad += load_tile(dht + i_nh.to(tl.int64) * K * V, 0, K, V, cv, V, BK, BV)
+        grad += load_tile(dht + i_nh.to(tl.int64) * K * V, ck, K, V, cv, V, BK, BV)
     for j in range(NT):
         i_t = NT - 1 - j
         tok = bos + i_t * BT
         nr = T - i_t * BT
-        store_tile(dh + ((c0 + i_t) * H + i_h) * K * V, grad, 0, K, V, cv, V, BK, BV)
-        from_start, to_end, whole = chunk_decay(b, tok, nr, i_h, H, K, BT, BK, GATE)
-        qt = load_tile_t(q + (tok * H + i_h) * K, 0, nr, H * K, 0, K, BT, BK)
+        store_tile(dh + ((c0 + i_t) * H + i_h) * K * V, grad, ck, K, V, cv, V, BK, BV)
+        from_start, to_end, whole = chunk_decay(b, tok, nr, i_h, ck, H, K, BT, BK, GATE)
+        qt = load_tile_t(q + (tok * H + i_h) * K, 0, nr, H * K, ck, K, BT, BK)
         doc = load_tile(do + (tok * H + i_h) * V, 0, nr, H * V, cv, V, BT, BV)
         update = mm((qt * from_start * scale).to(q.dtype.element_ty), doc, PREC)
         if DELTA:
@@ -132,16 +135,22 @@ def _bwd_dh_kernel(
             update -= mm(wt, dvc, PREC)
         grad = grad * whole + update
     if STORE_DH0:
-        store_tile(dh0 + i_nh.to(tl.int64) * K * V, grad, 0, K, V, cv, V, BK, BV)
+        store_tile(dh0 + i_nh.to(tl.int64) * K * V, grad, ck, K, V, cv, V, BK, BV)
 
 
-def value_block(V: int, programs: int, device: torch.device) -> int:
-    """Value tile of a sequential pass: halved (down to 16) while too few programs would leave SMs idle."""
+def state_blocks(K: int, V: int, programs: int, split_keys: bool, device: torch.device) -> Tuple[int, int]:
+    """Key and value tiles of a sequential pass: the larger one halved (keys down to 32 where they may be
+    split, values down to 16) while too few programs would leave SMs idle."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-    bv = min(64, pow2(V))
-    while bv > 16 and programs * triton.cdiv(V, bv) < 2 * sms:
-        bv //= 2
-    return bv
+    bk, bv = pow2(K), min(64, pow2(V))
+    while programs * triton.cdiv(K, bk) * triton.cdiv(V, bv) < 2 * sms:
+        if split_keys and bk > 32 and bk >= bv:
+            bk //= 2
+        elif bv > 16:
+            bv //= 2
+        else:
+            break
+    return bk, bv
 
 
 def fwd_h(
@@ -157,13 +166,13 @@ def fwd_h(
     """Chunk-entry states h [NT, H, K, V] (k's dtype), v~ = u - w h for the delta rule (w given, v = u),
     and the final states [N, H, K, V] fp32 if asked."""
     heads, dk, dv = k.shape[2], k.shape[3], v.shape[3]
-    bv = value_block(dv, chunks.num_seqs * heads, k.device)
+    bk, bv = state_blocks(dk, dv, chunks.num_seqs * heads, w is None, k.device)
     h = empty((chunks.num_chunks, heads, dk, dv), k.dtype, k.device)
     v_new = empty(v.shape, v.dtype, v.device) if w is not None else None
     ht = empty((chunks.num_seqs, heads, dk, dv), torch.float32, k.device) if output_final_state else None
-    _fwd_h_kernel[(chunks.num_seqs * heads, triton.cdiv(dv, bv))](
+    _fwd_h_kernel[(chunks.num_seqs * heads, triton.cdiv(dv, bv), triton.cdiv(dk, bk))](
         k, v, w, b, h, v_new, h0, ht, chunks.cu_seqlens, chunks.offsets,
-        H=heads, K=dk, V=dv, BT=chunks.size, BK=pow2(dk), BV=bv,
+        H=heads, K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
         GATE=gate, DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=output_final_state, PREC=precision(k.dtype),
     )  # fmt: skip
     return h, v_new, ht
@@ -185,13 +194,13 @@ def bwd_dh(
     """Gradients dh [NT, H, K, V] w.r.t. each chunk's exit state, the initial-state gradient [N, H, K, V]
     fp32 if asked, and for the delta rule (w given) the full gradient of v~, fp32."""
     heads, dk, dv = q.shape[2], q.shape[3], do.shape[3]
-    bv = value_block(dv, chunks.num_seqs * heads, q.device)
+    bk, bv = state_blocks(dk, dv, chunks.num_seqs * heads, w is None, q.device)
     dh = empty((chunks.num_chunks, heads, dk, dv), q.dtype, q.device)
     dv_new = empty(do.shape, torch.float32, do.device) if w is not None else None
     dh0 = empty((chunks.num_seqs, heads, dk, dv), torch.float32, q.device) if initial_grad else None
-    _bwd_dh_kernel[(chunks.num_seqs * heads, triton.cdiv(dv, bv))](
+    _bwd_dh_kernel[(chunks.num_seqs * heads, triton.cdiv(dv, bv), triton.cdiv(dk, bk))](
         q, k, w, b, do, dv_local, dh, dv_new, dht, dh0, chunks.cu_seqlens, chunks.offsets, scale,
-        H=heads, K=dk, V=dv, BT=chunks.size, BK=pow2(dk), BV=bv,
+        H=heads, K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
         GATE=gate, DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=initial_grad, PREC=precision(q.dtype),
     )  # fmt: skip
     return dh, dh0, dv_new

@@ -33,7 +33,9 @@ from mmeff.kernels.utils import (
     mm,
     pow2,
     precision,
+    ref_row,
     rev_cumsum,
+    span_limit,
     store_tile,
     warps,
 )
@@ -55,13 +57,24 @@ def scores_t(q, k, b, tok, nr, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.con
     return tl.where(upper, pt, 0.0)
 
 
+@triton.jit
+def factored_key(k, b, off, ref, nr, c, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """GLA's k * exp(b_ref - b) for key slice c of a chunk, loaded transposed: [BK, BT]."""
+    valid = (tl.arange(0, BT) < nr)[None, :]
+    b_ref = load_tile_t(b + off, ref, nr, H * K, c, K, 1, BK)
+    decay = masked_exp(b_ref - load_tile_t(b + off, 0, nr, H * K, c, K, BT, BK), valid)
+    return load_tile_t(k + off, 0, nr, H * K, c, K, BT, BK) * decay
+
+
 @autotune(warps(42, 82), key=["H", "K", "V", "BT", "BK", "BV", "GATE"])
 @triton.jit
 def _fwd_o_kernel(
-    q, k, v, h, b, A, o, cu_seqlens, chunk_indices, scale,
+    q, k, v, h, b, span, A, o, cu_seqlens, chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, PREC: tl.constexpr,
+    GATE: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
+    # GLA chunks within the span limit get their scores here as (q exp(b - b_ref)) (k exp(b_ref - b))^T; the
+    # others read them from chunk_gla's sub-chunk kernel.
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     DT = q.dtype.element_ty
@@ -69,12 +82,20 @@ def _fwd_o_kernel(
     rows = tl.arange(0, BT)
     off = (tok * H + i_h) * K
     hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
+    if GATE == KEY_GATE:
+        fast = tl.load(span + i_c.to(tl.int64) * H + i_h) <= LIMIT
+        ref = ref_row(nr, BT)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     s = tl.zeros([BT, BT], dtype=tl.float32)
     for c in range(0, K, BK):
         qc = load_tile(q + off, 0, nr, H * K, c, K, BT, BK)
         if GATE == KEY_GATE:
-            qc = (qc * masked_exp(load_tile(b + off, 0, nr, H * K, c, K, BT, BK), (rows < nr)[:, None])).to(DT)
+            bc = load_tile(b + off, 0, nr, H * K, c, K, BT, BK)
+            if fast:
+                b_ref = load_tile(b + off, ref, nr, H * K, c, K, 1, BK)
+                q_ref = (qc * masked_exp(bc - b_ref, (rows < nr)[:, None])).to(DT)
+                s += mm(q_ref, factored_key(k, b, off, ref, nr, c, H, K, BT, BK).to(DT), PREC)
+            qc = (qc * masked_exp(bc, (rows < nr)[:, None])).to(DT)
         else:
             s += mm(qc, load_tile_t(k + off, 0, nr, H * K, c, K, BT, BK), PREC)
         acc += mm(qc, load_tile(hp, c, K, V, cv, V, BK, BV), PREC)
@@ -84,7 +105,10 @@ def _fwd_o_kernel(
         acc *= masked_exp(bc, rows < nr)[:, None]
         s *= masked_exp(bc[:, None] - bc[None, :], causal)
     elif GATE == KEY_GATE:
-        s = load_tile(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT)
+        if fast:
+            s = tl.where(causal, s, 0.0)
+        else:
+            s = load_tile(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT)
     else:
         s = tl.where(causal, s, 0.0)
     vc = load_tile(v + (tok * H + i_h) * V, 0, nr, H * V, cv, V, BT, BV)
@@ -109,14 +133,16 @@ def _dv_local_kernel(
 @autotune(warps(42, 82), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"])
 @triton.jit
 def _bwd_dqk_kernel(
-    q, k, v, h, dh, b, A, do, dv_new, dq, dk, dv, dw, dg, dA, dg_last, cu_seqlens, chunk_indices, scale,
+    q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, cu_seqlens,
+    chunk_indices, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr,
+    GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # Full key width per program (BK >= K); value tiles are looped over. For the delta rule v is v~ and,
     # instead of dv, dw = -dv~ h^T is produced; dk and the decay gradient are then partial (chunk_delta
-    # adds the terms of w and of the triangular solve). For GLA, the inter-chunk parts of dq and dk, the
-    # score gradient dA and the last-step decay term are produced for chunk_gla to finish.
+    # adds the terms of w and of the triangular solve). GLA chunks within the span limit are finished here
+    # through the factored scores; for the others the inter-chunk parts of dq and dk (dq_part, dk_part),
+    # the score gradient dA and the last-step decay term go to chunk_gla's sub-chunk kernel.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     DT = q.dtype.element_ty
@@ -139,7 +165,9 @@ def _bwd_dqk_kernel(
         to_end = masked_exp(bl - bc, valid)[:, None]
         whole = tl.exp(bl)
     elif GATE == KEY_GATE:
+        fast = tl.load(span + i_c.to(tl.int64) * H + i_h) <= LIMIT
         bq = load_tile(b + off, 0, nr, H * K, 0, K, BT, BK)
+        b_ref = load_tile(b + off, ref_row(nr, BT), nr, H * K, 0, K, 1, BK)
         bl = tl.load(b + off + last * H * K + tl.arange(0, BK), mask=tl.arange(0, BK) < K, other=0.0)
         from_start = masked_exp(bq, valid[:, None])
         to_end = masked_exp(bl[None, :] - bq, valid[:, None])
@@ -151,7 +179,12 @@ def _bwd_dqk_kernel(
     kdec = (kc * to_end).to(DT)
     if not DELTA:
         if GATE == KEY_GATE:
-            pt = (load_tile_t(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT) * scale).to(DT)
+            if fast:
+                q_ref = (qc * masked_exp(bq - b_ref, valid[:, None])).to(DT)
+                k_ref = (kc * masked_exp(b_ref - bq, valid[:, None])).to(DT)
+                pt = (tl.where(upper, mm(k_ref, tl.trans(q_ref), PREC), 0.0) * scale).to(DT)
+            else:
+                pt = (load_tile_t(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT) * scale).to(DT)
         else:
             pt = (scores_t(q, k, b, tok, nr, i_h, H, K, BT, BK, GATE, PREC) * scale).to(DT)
 
@@ -170,8 +203,7 @@ def _bwd_dqk_kernel(
         dk_acc += mm(vc, dh_t, PREC)
         hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
         ds += mm(doc, tl.trans(vc), PREC)
-        if GATE != KEY_GATE:
-            ds_t += mm(vc, tl.trans(doc), PREC)
+        ds_t += mm(vc, tl.trans(doc), PREC)
         if DELTA:
             dw_acc += mm(load_tile(dv_new + voff, 0, nr, H * V, cv, V, BT, BV).to(DT), h_t, PREC)
         else:
@@ -182,19 +214,29 @@ def _bwd_dqk_kernel(
     dkc = dk_acc * to_end
     # d/d b_C of exp(b_C) h_n + sum_s exp(b_C - b_s) k_s v_s^T, the state passed to the next chunk.
     g_last = hdh * whole + tl.sum(kc.to(tl.float32) * dkc, 0)
+    ds = tl.where(causal, ds * scale, 0.0)
     if GATE == KEY_GATE:
-        store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
-        store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
-        store_tile(dA + (tok * H + i_h) * BT, tl.where(causal, ds * scale, 0.0), 0, nr, H * BT, 0, BT, BT, BT)
-        tl.store(dg_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, BK), g_last, mask=tl.arange(0, BK) < K)
+        if fast:
+            e_q = masked_exp(bq - b_ref, valid[:, None])
+            e_k = masked_exp(b_ref - bq, valid[:, None])
+            dqc += mm(ds.to(DT), (kc * e_k).to(DT), PREC) * e_q
+            dkc += mm((tl.where(upper, ds_t, 0.0) * scale).to(DT), (qc * e_q).to(DT), PREC) * e_k
+            g_step = qc.to(tl.float32) * dqc - kc.to(tl.float32) * dkc + tl.where((rows == last)[:, None], g_last, 0.0)
+            store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
+            store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
+            store_tile(dg + off, rev_cumsum(g_step, 0), 0, nr, H * K, 0, K, BT, BK)
+        else:
+            store_tile(dq_part + off, dqc, 0, nr, H * K, 0, K, BT, BK)
+            store_tile(dk_part + off, dkc, 0, nr, H * K, 0, K, BT, BK)
+            store_tile(dA + (tok * H + i_h) * BT, ds, 0, nr, H * BT, 0, BT, BT, BT)
+            tl.store(dg_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, BK), g_last, mask=tl.arange(0, BK) < K)
     else:
         if GATE == SCALAR_GATE:
             ds *= masked_exp(bc[:, None] - bc[None, :], causal)
             ds_t *= masked_exp(bc[None, :] - bc[:, None], upper)
         else:
-            ds = tl.where(causal, ds, 0.0)
             ds_t = tl.where(upper, ds_t, 0.0)
-        dqc += mm((ds * scale).to(DT), kc, PREC)
+        dqc += mm(ds.to(DT), kc, PREC)
         dkc += mm((ds_t * scale).to(DT), qc, PREC)
         store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
         store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
@@ -209,16 +251,17 @@ def _bwd_dqk_kernel(
 
 
 def fwd_o(
-    q: Tensor, k: Tensor, v: Tensor, h: Tensor, b: Optional[Tensor], A: Optional[Tensor], chunks: Chunks,
-    gate: int, scale: float,
+    q: Tensor, k: Tensor, v: Tensor, h: Tensor, b: Optional[Tensor], span: Optional[Tensor], A: Optional[Tensor],
+    chunks: Chunks, gate: int, scale: float,
 ) -> Tensor:  # fmt: skip
-    """Outputs [1, T, H, V] in v's dtype; A: GLA's intra-chunk scores, else computed here."""
+    """Outputs [1, T, H, V] in v's dtype; A: GLA's intra-chunk scores of the chunks past the span limit."""
     heads, dk, dv = q.shape[2], q.shape[3], v.shape[3]
     o = empty(v.shape, v.dtype, v.device)
     bv = min(64, pow2(dv))
     _fwd_o_kernel[(chunks.num_chunks, triton.cdiv(dv, bv), heads)](
-        q, k, v, h, b, A, o, chunks.cu_seqlens, chunks.indices, scale,
-        H=heads, K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate, PREC=precision(q.dtype),
+        q, k, v, h, b, span, A, o, chunks.cu_seqlens, chunks.indices, scale,
+        H=heads, K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate, LIMIT=span_limit(q.dtype),
+        PREC=precision(q.dtype),
     )  # fmt: skip
     return o
 
@@ -236,30 +279,32 @@ def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chun
 
 
 def bwd_dqk(
-    q: Tensor, k: Tensor, v: Tensor, h: Tensor, dh: Tensor, b: Optional[Tensor], A: Optional[Tensor], do: Tensor,
-    dv_new: Optional[Tensor], chunks: Chunks, gate: int, scale: float,
+    q: Tensor, k: Tensor, v: Tensor, h: Tensor, dh: Tensor, b: Optional[Tensor], span: Optional[Tensor],
+    A: Optional[Tensor], do: Tensor, dv_new: Optional[Tensor], chunks: Chunks, gate: int, scale: float,
 ) -> dict:  # fmt: skip
-    """Gradients of one chunk pass (see _bwd_dqk_kernel): dq, dk, and dv, dw, dg, dA, dg_last as apply."""
+    """Gradients of one chunk pass (see _bwd_dqk_kernel): dq, dk, and dv, dw, dg, and for GLA the partial
+    dq_part, dk_part, dA, dg_last of the chunks past the span limit."""
     heads, dk_, dv_ = q.shape[2], q.shape[3], v.shape[3]
     delta, key_gate = dv_new is not None, gate == KEY_GATE
-    partial = delta or key_gate
 
     def new(like: Tensor, last: int, fp32: bool = False) -> Tensor:
         return empty((*like.shape[:3], last), torch.float32 if fp32 else like.dtype, like.device)
 
     out = {
-        "dq": new(q, dk_, key_gate),
-        "dk": new(k, dk_, partial),
+        "dq": new(q, dk_),
+        "dk": new(k, dk_, delta),
         "dv": None if delta else new(v, dv_),
         "dw": new(k, dk_, True) if delta else None,
-        "dg": empty(q.shape[:3], torch.float32, q.device) if gate == SCALAR_GATE else None,
+        "dg": new(q, dk_, True) if key_gate else (empty(q.shape[:3], torch.float32, q.device) if gate == SCALAR_GATE else None),
+        "dq_part": new(q, dk_, True) if key_gate else None,
+        "dk_part": new(k, dk_, True) if key_gate else None,
         "dA": new(q, chunks.size, True) if key_gate else None,
         "dg_last": empty((chunks.num_chunks, heads, dk_), torch.float32, q.device) if key_gate else None,
     }
+    names = ("dq", "dk", "dv", "dw", "dg", "dq_part", "dk_part", "dA", "dg_last")
     _bwd_dqk_kernel[(chunks.num_chunks, heads)](
-        q, k, v, h, dh, b, A, do, dv_new, out["dq"], out["dk"], out["dv"], out["dw"], out["dg"], out["dA"],
-        out["dg_last"], chunks.cu_seqlens, chunks.indices, scale,
+        q, k, v, h, dh, b, span, A, do, dv_new, *(out[n] for n in names), chunks.cu_seqlens, chunks.indices, scale,
         H=heads, K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)),
-        GATE=gate, DELTA=delta, PREC=precision(q.dtype),
+        GATE=gate, DELTA=delta, LIMIT=span_limit(q.dtype), PREC=precision(q.dtype),
     )  # fmt: skip
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -168,21 +168,40 @@ def rev_cumsum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _cumsum_kernel(g, b, cu_seqlens, chunk_indices,
-                   H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+def ref_row(nr, BT: tl.constexpr):
+    """Reference step of a chunk for GLA's factored scores: the middle of its valid steps."""
+    return (tl.minimum(nr, BT) - 1) // 2
+
+
+@triton.jit
+def _cumsum_kernel(g, b, span, cu_seqlens, chunk_indices,
+                   H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, SPAN: tl.constexpr):  # fmt: skip
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     off = (tok * H + i_h) * D
-    x = load_tile(g + off, 0, nr, H * D, 0, D, BT, BD).to(tl.float32)
-    store_tile(b + off, tl.cumsum(x, 0), 0, nr, H * D, 0, D, BT, BD)
+    cum = tl.cumsum(load_tile(g + off, 0, nr, H * D, 0, D, BT, BD).to(tl.float32), 0)
+    store_tile(b + off, cum, 0, nr, H * D, 0, D, BT, BD)
+    if SPAN:
+        rows = tl.arange(0, BT)
+        ref = tl.sum(tl.where((rows == ref_row(nr, BT))[:, None], cum, 0.0), 0)
+        keep = (rows < nr)[:, None] & (tl.arange(0, BD) < D)[None, :]
+        tl.store(span + i_c.to(tl.int64) * H + i_h, tl.max(tl.max(tl.where(keep, tl.abs(cum - ref[None, :]), 0.0), 1), 0))
 
 
-def chunk_cumsum(g: Tensor, chunks: Chunks) -> Tensor:
-    """Chunk-local inclusive cumulative sum of a log decay g [1, T, H] or [1, T, H, K], fp32."""
+def chunk_cumsum(g: Tensor, chunks: Chunks) -> Tuple[Tensor, Optional[Tensor]]:
+    """Chunk-local inclusive cumulative sum b of a log decay g [1, T, H] or [1, T, H, K], fp32; for per-key
+    decays also each chunk's span [NT, H]: max |b_t - b_ref| over its steps and channels (see ref_row)."""
     heads, dim = g.shape[2], (g.shape[3] if g.dim() == 4 else 1)
     b = empty(g.shape, torch.float32, g.device)
+    span = empty((chunks.num_chunks, heads), torch.float32, g.device) if g.dim() == 4 else None
     if chunks.num_chunks:
         _cumsum_kernel[(chunks.num_chunks, heads)](
-            g, b, chunks.cu_seqlens, chunks.indices, heads, dim, chunks.size, pow2(dim, 1)
+            g, b, span, chunks.cu_seqlens, chunks.indices, heads, dim, chunks.size, pow2(dim, 1), span is not None
         )
-    return b
+    return b, span
+
+
+def span_limit(dtype: torch.dtype) -> float:
+    """Largest chunk span (chunk_cumsum) for which GLA's scores are taken as one factored matmul: the factors
+    exp(b_t - b_ref) and exp(b_ref - b_s) stay below exp(limit) in the dtype the matmul reads."""
+    return 4.0 if dtype == torch.float16 else 30.0

@@ -76,6 +76,15 @@ def test_parity(kernels, monkeypatch, seed, kind, batch, seqlen, dtype):
     assert_parity(kernels, monkeypatch, inputs, dtype)
 
 
+@DTYPES
+@pytest.mark.parametrize("gates", ["mild", "mixed"])
+def test_parity_gla_factored(kernels, monkeypatch, seed, gates, dtype):
+    # GLA's chunks within the span limit (all with mild gates, the first half with mixed ones) take the
+    # factored scores; the strong gates of test_parity keep every chunk on the sub-chunk kernels.
+    inputs = make_inputs("gla", 1, 65536, HEADS, 64, 64, dtype=dtype, device="cuda", seed=seed, gates=gates)
+    assert_parity(kernels, monkeypatch, inputs, dtype)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_parity_wide_keys(kernels, monkeypatch, seed, kind):
     inputs = make_inputs(kind, 1, 3000, HEADS, 128, 32, dtype=torch.bfloat16, device="cuda", seed=seed)

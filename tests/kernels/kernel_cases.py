@@ -44,11 +44,14 @@ def make_inputs(
     device: str = "cpu",
     seed: int = 0,
     num_states: Optional[int] = None,
+    gates: str = "strong",
 ) -> Dict[str, Optional[Tensor]]:
     """q, k, v (and beta) in dtype, log_decay and initial_state ([num_states or batch, H, K, V]) in fp32.
 
-    Log decays are logsigmoid(4 x) (x standard normal), from about -20 to ~0, and -100 (state wiped) at
-    one step in ten: a chunk's gate cumsum then reaches -1000s, far past exp's fp32 range.
+    Log decays, x standard normal: "strong": logsigmoid(4 x), from about -20 to ~0, and -100 (state wiped)
+    at one step in ten, so a chunk's gate cumsum reaches -1000s, far past exp's fp32 range; "mild":
+    logsigmoid(x) / 16 as in GLA (every chunk within the kernels' span limit); "mixed": mild, with the wipes
+    of "strong" in the second half of the steps only (chunks on both of GLA's paths in one call).
     """
     decay, delta = KINDS[kind]
     gen = torch.Generator().manual_seed(seed)
@@ -67,7 +70,11 @@ def make_inputs(
     if decay is not None:
         shape = (batch, seqlen, heads) if decay == "head" else (batch, seqlen, heads, dk)
         wipe = torch.rand(*shape, generator=gen) < 0.1
-        inputs["log_decay"] = F.logsigmoid(4 * randn(*shape)).masked_fill(wipe, -100.0)
+        if gates == "strong":
+            inputs["log_decay"] = F.logsigmoid(4 * randn(*shape)).masked_fill(wipe, -100.0)
+        else:
+            wipe[:, : seqlen // 2] = False
+            inputs["log_decay"] = (F.logsigmoid(randn(*shape)) / 16).masked_fill(wipe & (gates == "mixed"), -100.0)
     inputs["initial_state"] = randn(num_states or batch, heads, dk, dv)
     low = {"q", "k", "v", "beta"}
     return {

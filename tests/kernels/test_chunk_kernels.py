@@ -46,6 +46,29 @@ def test_chunk_64(kernels, kind):
     check(kernels, make_inputs(kind, 1, 70, 1, 32, 16, seed=2), TOL[torch.float32], chunk_size=64)
 
 
+@pytest.mark.parametrize("gates,dtype", [("mild", torch.float32), ("mixed", torch.float32), ("mild", torch.float16)])
+def test_gla_factored_scores(kernels, gates, dtype):
+    # Chunks within the span limit take the factored scores (all of them with mild gates; with mixed gates
+    # the first chunks, while the wiped ones take the sub-chunk kernels), beside the strong gates above.
+    inputs = make_inputs("gla", 2, 150, 2, 32, 16, dtype=dtype, seed=6, gates=gates)
+    b, span = kernels.utils.chunk_cumsum(inputs["log_decay"].reshape(1, 300, 2, 32), _chunks(kernels, 2, 150, 32))
+    fast = span <= kernels.utils.span_limit(dtype)
+    assert fast.all() if gates == "mild" else (fast.any() and not fast.all())
+    check(kernels, inputs, TOL[dtype], chunk_size=32)
+
+
+@pytest.mark.parametrize("kind", ["scalar_decay", "gla", "delta_rule"])
+def test_split_state_tiles(kernels, monkeypatch, kind):
+    # On a GPU with few (sequence, head) pairs the sequential passes split the state into key and value
+    # tiles (the delta rule into value tiles only); on the CPU they never would, so force the smallest.
+    monkeypatch.setattr(kernels.chunk_h, "state_blocks", lambda K, V, n, split, device: (16 if split else K, 16))
+    check(kernels, make_inputs(kind, 1, 50, 1, 32, 32, seed=7), TOL[torch.float32], chunk_size=16)
+
+
+def _chunks(kernels, batch, seqlen, size):
+    return kernels.utils.make_chunks(None, batch, seqlen, size, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("kind", ["scalar_decay", "gla", "gated_delta_rule"])
 def test_packed_sequences(kernels, kind):
     # Four sequences (one empty, one of a single chunk + 5 steps), states reset at each start.
