@@ -56,16 +56,20 @@ def build_trainer(cfg: RunConfig, monitor: bool = True) -> L.Trainer:
     """A Lightning Trainer from `cfg.trainer`, with checkpointing, lr monitor and loggers."""
     t = cfg.trainer
     has_val = monitor and cfg.data.val is not None
-    ckpt = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=cfg.out_dir / "checkpoints",
         monitor=t.monitor if has_val else None,
         mode="max" if t.monitor.endswith(("acc", "bleu", "exact")) else "min",
         save_top_k=t.save_top_k if has_val else 1,
-        save_last=True,
+        save_last=not has_val,
         filename="{epoch}-{step}",
     )
     loggers = _loggers(cfg)
-    callbacks: list[Callback] = [ckpt, ExportBest(cfg)]
+    callbacks: list[Callback] = [best, ExportBest(cfg)]
+    if has_val:
+        # Lightning's save_last copies a checkpoint only when `best` writes one (a new best), so --resume
+        # would lose the epochs since; this one rewrites last.ckpt after every epoch.
+        callbacks.insert(1, ModelCheckpoint(dirpath=cfg.out_dir / "checkpoints", filename="last", enable_version_counter=False))
     if loggers:
         callbacks.append(LearningRateMonitor("step"))
     try:

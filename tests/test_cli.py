@@ -109,6 +109,17 @@ def test_resume_after_kill_continues_from_saved_step(tiny_config):
     assert new_steps and min(new_steps) >= saved
 
 
+def test_last_checkpoint_follows_training_not_the_best(tiny_config):
+    # lr 0: val/acc never improves after epoch 0, so only the first epoch is a best; last.ckpt (what
+    # --resume reads) must still hold the end of training.
+    cfg_path = tiny_config(**{"trainer.max_epochs": 3, "optim.lr": 0.0})
+    trainer = mmeff.trainer.fit(config.load(cfg_path))
+    checkpoints = _run_dir(cfg_path) / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == trainer.global_step and last["epoch"] == 2
+    assert [p.name for p in checkpoints.glob("epoch=*.ckpt")] == [f"epoch=0-step={trainer.global_step // 3}.ckpt"]
+
+
 def test_two_process_ddp(tiny_config):
     cfg_path = tiny_config(**{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 6, "trainer.max_epochs": None})
     # Two ranks on two cores: one thread each, or their OpenMP threads spin against each other.
