@@ -33,6 +33,7 @@ from mmeff.kernels.utils import (
     pow2,
     precision,
     seq_bounds,
+    sm_count,
     store_tile,
     warps,
 )
@@ -141,9 +142,8 @@ def _bwd_dh_kernel(
 def state_blocks(K: int, V: int, programs: int, split_keys: bool, device: torch.device) -> Tuple[int, int]:
     """Key and value tiles of a sequential pass: the larger one halved (keys down to 32 where they may be
     split, values down to 16) while too few programs would leave SMs idle."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
     bk, bv = pow2(K), min(64, pow2(V))
-    while programs * triton.cdiv(K, bk) * triton.cdiv(V, bv) < 2 * sms:
+    while programs * triton.cdiv(K, bk) * triton.cdiv(V, bv) < 2 * sm_count(device):
         if split_keys and bk > 32 and bk >= bv:
             bk //= 2
         elif bv > 16:

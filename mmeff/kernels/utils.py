@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 from typing import Optional, Sequence, Tuple
 
@@ -72,21 +73,27 @@ class Chunks:
     max_len: int
 
 
+@lru_cache(maxsize=64)
+def _fixed_chunks(batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
+    """Chunk layout of `batch` sequences of `seqlen` steps (cached: it is rebuilt on every call otherwise)."""
+    per = triton.cdiv(seqlen, size)
+    seq = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    idx = torch.arange(per, dtype=torch.int32, device=device)
+    return Chunks(
+        cu_seqlens=seq * seqlen,
+        indices=torch.stack([seq[:-1].repeat_interleave(per), idx.repeat(batch)], dim=1).contiguous(),
+        offsets=seq[:-1] * per,
+        num_seqs=batch,
+        num_chunks=batch * per,
+        size=size,
+        max_len=seqlen,
+    )
+
+
 def make_chunks(cu_seqlens: Optional[Tensor], batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
     """Chunk layout for `batch` sequences of `seqlen` steps, or for the packed sequences of `cu_seqlens`."""
     if cu_seqlens is None:
-        per = triton.cdiv(seqlen, size)
-        seq = torch.arange(batch + 1, dtype=torch.int32, device=device)
-        idx = torch.arange(per, dtype=torch.int32, device=device)
-        return Chunks(
-            cu_seqlens=seq * seqlen,
-            indices=torch.stack([seq[:-1].repeat_interleave(per), idx.repeat(batch)], dim=1).contiguous(),
-            offsets=seq[:-1] * per,
-            num_seqs=batch,
-            num_chunks=batch * per,
-            size=size,
-            max_len=seqlen,
-        )
+        return _fixed_chunks(batch, seqlen, size, torch.device(device))
     bounds = cu_seqlens.tolist()  # one host sync: the grids need the chunk count
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     counts = [triton.cdiv(n, size) for n in lengths]
@@ -100,6 +107,12 @@ def make_chunks(cu_seqlens: Optional[Tensor], batch: int, seqlen: int, size: int
         size=size,
         max_len=max(lengths, default=0),
     )
+
+
+@lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (0 elsewhere)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 @triton.jit
