@@ -18,14 +18,16 @@ instead of a time, in the same run. Results are rewritten after every case (mark
 when matplotlib imports), so a run cut short still leaves them; cases not started within --budget-s are
 marked as such. `--plot-only` draws the PNG from a previous run's JSON.
 
-    python benchmarks/kernels.py --out-dir benchmarks/results
+    python benchmarks/kernels.py --warm --out-dir benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 import time
 import types
 from dataclasses import asdict, dataclass
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 TOKENS, HEADS, DIM, CHUNK = 65536, 16, 64, 64
 PEAK_FLOPS, PEAK_BYTES = 790e12, 3.0e12
 NAME = "kernels_h100"
+COLORS = {"mmeff": "C1", "fla": "C0", "mamba-ssm": "C2", "torch SDPA": "C3"}  # one color per implementation
 
 
 @dataclass
@@ -222,13 +225,39 @@ def plot(rows: List[Row], out_dir: Path) -> None:
         for impl in sorted({r.impl for r in rows if r.problem == problem}):
             points = sorted((r.T, r.total_ms) for r in rows if (r.problem, r.impl) == (problem, impl) and r.total_ms)
             if points:
-                ax.plot(*zip(*points), marker="o", label=impl)
+                ax.plot(*zip(*points), marker="o", label=impl, color=COLORS.get(impl))
         ax.set(title=problem, xscale="log", yscale="log", xlabel="T (65,536 tokens per batch)")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("fwd+bwd ms (bf16, 16 heads x 64)")
     fig.tight_layout()
     fig.savefig(out_dir / f"{NAME}.png", dpi=120)
     plt.close(fig)
+
+
+def warm(args: argparse.Namespace) -> None:
+    """Run every selected row once, each in its own process and all at once, so that the timed run finds every
+    kernel compiled in Triton's on-disk cache (a fresh machine otherwise compiles one row after another).
+    Autotuning is not cached, so the timed run still tunes each kernel alone on the GPU."""
+    x = inputs(min(args.T))
+    names = [f"{problem} {impl}" for problem, impl, _ in cases(x)]
+    del x
+    names = [n for n in names if not args.only or any(s in n for s in args.only)]
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--T", *map(str, args.T), "--only", name, "--reps", "1",
+                 "--out-dir", f"{tmp}/{i}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            for i, name in enumerate(names)
+        ]  # fmt: skip
+        deadline = time.time() + args.warm_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(f"warm-up: {len(names)} rows compiled in parallel", flush=True)
 
 
 def main() -> None:
@@ -240,6 +269,9 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=330.0, help="start no case after this many seconds")
     p.add_argument("--plot-only", action="store_true", help="draw the PNG from --out-dir's JSON and exit")
     p.add_argument("--profile", action="store_true", help="also print each case's GPU kernels (torch.profiler)")
+    p.add_argument("--warm", action="store_true", help="first compile every row in parallel processes (see warm)")
+    p.add_argument("--warm-s", type=float, default=300.0, help="time limit of the parallel warm-up")
+    p.add_argument("--reps", type=int, default=3, help="timed calls per row (median)")
     args = p.parse_args()
     if args.plot_only:
         saved = json.loads((args.out_dir / f"{NAME}.json").read_text())
@@ -261,7 +293,7 @@ def main() -> None:
     header = (
         f"# Linear-family kernels on the GPU\n\nDevice: {torch.cuda.get_device_name()}; "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
-        + f". bf16, {TOKENS} tokens per batch, {HEADS} heads x {DIM}; median of 3 after a warm-up call. FLOPs and "
+        + f". bf16, {TOKENS} tokens per batch, {HEADS} heads x {DIM}; median of {args.reps} after a warm-up call. FLOPs and "
         "bytes are modelled (benchmarks/kernels.py, `cost`), their % against 790 TFLOP/s and 3.0 TB/s.\n\n"
     )
 
@@ -270,6 +302,8 @@ def main() -> None:
     original = mmeff.kernels.linear_recurrence_triton
     mmeff.kernels.linear_recurrence_triton = lambda *a, **kw: kernel_calls.append(1) or original(*a, **kw)
 
+    if args.warm:
+        warm(args)
     torch.manual_seed(0)
     start, rows = time.time(), []
     for T in args.T:
@@ -283,7 +317,7 @@ def main() -> None:
             else:
                 kernel_calls.clear()
                 try:
-                    row.fwd_ms, row.total_ms = bench(fn, list(x.values()))
+                    row.fwd_ms, row.total_ms = bench(fn, list(x.values()), args.reps)
                     flops, nbytes = cost(problem, T)
                     row.gflop, row.gbyte = flops / 1e9, nbytes / 1e9
                     if impl == "mmeff" and not kernel_calls:
