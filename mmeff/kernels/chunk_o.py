@@ -216,7 +216,7 @@ def _bwd_dqk_kernel(
     g_last = hdh * whole + tl.sum(kc.to(tl.float32) * dkc, 0)
     ds = tl.where(causal, ds * scale, 0.0)
     if GATE == KEY_GATE:
-        if fast:
+        if fast:  # the factors again rather than two more [BT, BK] fp32 tiles live across the value loop
             e_q = masked_exp(bq - b_ref, valid[:, None])
             e_k = masked_exp(b_ref - bq, valid[:, None])
             dqc += mm(ds.to(DT), (kc * e_k).to(DT), PREC) * e_q

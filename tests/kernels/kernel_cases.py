@@ -54,6 +54,8 @@ def make_inputs(
     of "strong" in the second half of the steps only (chunks on both of GLA's paths in one call).
     """
     decay, delta = KINDS[kind]
+    if gates not in ("strong", "mild", "mixed"):
+        raise ValueError(f"gates must be 'strong', 'mild' or 'mixed', got {gates!r}")
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> Tensor:
