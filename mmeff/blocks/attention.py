@@ -152,7 +152,8 @@ class SoftmaxAttention(nn.Module):
         try:
             return self.merge(self.attend(q, kv, offset, kv_pos), x)
         finally:
-            del self._context
+            # Reset rather than `del`: torch.compile traces attribute writes, not deletions.
+            self._context = (None, None, None)
 
 
 @register("attn")

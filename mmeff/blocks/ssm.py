@@ -27,6 +27,7 @@ class Mamba(ScanMixer):
 
     in_proj -> (x, z); x: causal depthwise conv + silu -> x_proj -> (dt, B, C); dt_proj (rank
     `dt_rank`) -> selective scan with per-channel A [d_inner, d_state], skip D and silu(z) gating -> out_proj.
+    `backend` picks the scan's implementation (mmeff.ops.selective_scan: auto, torch, mamba_ssm).
     """
 
     def __init__(
@@ -45,11 +46,13 @@ class Mamba(ScanMixer):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
+        backend: str = "auto",
         **scan_options: Any,
     ) -> None:
         super().__init__(causal=causal, **scan_options)
         inner = int(expand * dim)
-        self.d_state = d_state
+        ops.ssm.check_backend(backend)
+        self.d_state, self.backend = d_state, backend
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.in_proj = nn.Linear(dim, 2 * inner, bias=bias)
         self.conv = ShortConv(inner, d_conv, bias=conv_bias)
@@ -91,6 +94,7 @@ class Mamba(ScanMixer):
             mode=self.mode(x.shape[1]),
             chunk_size=self.chunk_size,
             initial_state=cache.get("state") if cache is not None else None,
+            backend=self.backend,
         )
         if cache is not None:
             y, cache["state"] = y
@@ -106,7 +110,8 @@ class Mamba2(ScanMixer):
 
     in_proj -> (z, xBC, dt); xBC: causal depthwise conv + silu -> (x [heads x head_dim], B, C
     [ngroups x d_state]); SSD with scalar A per head, dt_bias, skip D -> gated RMSNorm
-    norm(y * silu(z)) per group -> out_proj.
+    norm(y * silu(z)) per group -> out_proj. `backend` picks SSD's implementation (mmeff.ops.ssd: auto,
+    torch = mmeff's Triton kernels on CUDA / PyTorch elsewhere, mamba_ssm).
     """
 
     def __init__(
@@ -127,10 +132,13 @@ class Mamba2(ScanMixer):
         norm_before_gate: bool = False,
         conv_bias: bool = True,
         bias: bool = False,
+        backend: str = "auto",
         **scan_options: Any,
     ) -> None:
         super().__init__(causal=causal, **scan_options)
         inner = int(expand * dim)
+        ops.ssm.check_backend(backend)
+        self.backend = backend
         if inner % head_dim:
             raise ValueError(f"expand * dim = {inner} must divide by head_dim={head_dim}")
         self.heads, self.head_dim = inner // head_dim, head_dim
@@ -169,6 +177,7 @@ class Mamba2(ScanMixer):
             initial_states=cache.get("state") if cache is not None else None,
             return_final_states=cache is not None,
             mode=self.mode(x.shape[1]),
+            backend=self.backend,
         )
         if cache is not None:
             y, cache["state"] = y

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -40,9 +40,12 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Ten
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
-def autotune(configs: Sequence[triton.Config], key: list[str]):
-    """triton.autotune over `configs`; the interpreter cannot benchmark, so it gets the first one only."""
-    return triton.autotune(configs=list(configs)[:1] if INTERPRET else list(configs), key=key)
+def autotune(configs: Sequence[triton.Config], key: list[str], prune: Optional[Callable[..., list]] = None):
+    """triton.autotune over `configs`; the interpreter cannot benchmark, so it gets the first one only.
+    `prune(configs, named_args, **constexprs)` drops the configs a launch must not use (Triton calls it only
+    when there are several)."""
+    configs = list(configs)[:1] if INTERPRET else list(configs)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
 
 
 def warps(*choices: int) -> list[triton.Config]:

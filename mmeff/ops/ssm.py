@@ -79,10 +79,12 @@ def ssd(
         dt = F.softplus(dt)  # threshold 20, as mamba-ssm's kernel
     dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
     xf = x.float()
+    # q, k, v stay in x's dtype (the PyTorch path computes in fp32 anyway): fp32 would send 16-bit models to
+    # the kernels' fp32 build, which for d_state 128 compiles for minutes and runs several times slower.
     y, state = linear_recurrence(
-        C.float().repeat_interleave(heads // groups, dim=2),
-        B.float().repeat_interleave(heads // groups, dim=2),
-        xf * dt[..., None],
+        C.to(x.dtype).repeat_interleave(heads // groups, dim=2),
+        B.to(x.dtype).repeat_interleave(heads // groups, dim=2),
+        (xf * dt[..., None]).to(x.dtype),
         dt * A.float(),
         scale=1.0,
         initial_state=None if initial_states is None else initial_states.transpose(-1, -2),
@@ -175,6 +177,12 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor
     return y.to(dtype)
 
 
+def check_backend(backend: str) -> None:
+    """Raise a ValueError unless `backend` is one of auto, torch, mamba_ssm."""
+    if backend not in ("auto", "torch", "mamba_ssm"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'mamba_ssm', got {backend!r}")
+
+
 def _mamba_kernel(
     op: str,
     backend: Backend,
@@ -184,8 +192,7 @@ def _mamba_kernel(
     unsupported: Optional[str] = None,
 ) -> Optional[Callable]:
     """mamba-ssm function to run for this call, or None for mmeff's path; logs each choice once."""
-    if backend not in ("auto", "torch", "mamba_ssm"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'mamba_ssm', got {backend!r}")
+    check_backend(backend)
     kernel, reason = None, None
     if backend == "torch":
         reason = "backend='torch'"

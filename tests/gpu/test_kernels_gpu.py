@@ -30,7 +30,7 @@ from mmeff.ops.recurrence import linear_recurrence  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-HEADS = 4  # one head count everywhere: it is a compile-time constant of the kernels
+HEADS = 4  # the head count of the generic checks (a compile-time constant: each count compiles anew)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,26 @@ def test_parity_gla_factored(kernels, monkeypatch, seed, gates, dtype):
 def test_parity_wide_keys(kernels, monkeypatch, seed, kind):
     inputs = make_inputs(kind, 1, 3000, HEADS, 128, 32, dtype=torch.bfloat16, device="cuda", seed=seed)
     assert_parity(kernels, monkeypatch, inputs, torch.bfloat16)
+
+
+# The shapes the mixers hand the kernels in the 12-layer, width-1024 LM of benchmarks/lm_train_speed.py (T = 16k):
+# gla (4 heads, K 128, V 256) and with 16 heads (K 32, V 64), mamba2's SSD (32 heads, d_state 128 as K, head_dim 64
+# as V; mmeff.ops.ssd runs it in fp32), gated_deltanet (8 heads, K 128, V 256).
+MODEL_SHAPES = {
+    "gla-4x128x256": ("gla", 4, 128, 256, torch.bfloat16),
+    "gla-16x32x64": ("gla", 16, 32, 64, torch.bfloat16),
+    "ssd-32x128x64-fp32": ("scalar_decay", 32, 128, 64, torch.float32),
+    "gated_delta-8x128x256": ("gated_delta_rule", 8, 128, 256, torch.bfloat16),
+    "delta-8x128x256": ("delta_rule", 8, 128, 256, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("shape", MODEL_SHAPES)
+def test_parity_model_shapes(kernels, monkeypatch, seed, shape):
+    kind, heads, dk, dv, dtype = MODEL_SHAPES[shape]
+    gates = "mild" if kind == "gla" else "strong"
+    inputs = make_inputs(kind, 1, 16384, heads, dk, dv, dtype=dtype, device="cuda", seed=seed, gates=gates)
+    assert_parity(kernels, monkeypatch, inputs, dtype)
 
 
 @DTYPES

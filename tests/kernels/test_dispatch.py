@@ -62,3 +62,15 @@ def test_interpreter_leaves_no_trace():
     assert os.environ.get("TRITON_INTERPRET") == env
     assert sys.modules["triton"] is triton and not any(n.startswith("mmeff.kernels") for n in sys.modules)
     assert dict(vars(tl)) == saved
+
+
+def test_gla_backward_skips_miscompiled_configs():
+    # 4-warp builds of the GLA backward give wrong dq/dk on an H100 with 16-bit inputs (kernels_notes.md).
+    from mmeff.kernels.chunk_o import _sm90_safe_configs
+    from mmeff.kernels.utils import KEY_GATE, SCALAR_GATE, warps
+
+    configs = warps(42, 82, 22)
+    bf16, fp32 = ({"q": torch.empty(1, dtype=dt)} for dt in (torch.bfloat16, torch.float32))
+    assert [c.num_warps for c in _sm90_safe_configs(configs, bf16, GATE=KEY_GATE.value)] == [8, 2]
+    assert _sm90_safe_configs(configs, fp32, GATE=KEY_GATE.value) == configs
+    assert _sm90_safe_configs(configs, bf16, GATE=SCALAR_GATE.value) == configs
