@@ -149,7 +149,7 @@ def cases(x: Dict[str, torch.Tensor]) -> List[Tuple[str, str, Callable[[], torch
     return sorted(rows, key=lambda row: row[1] != "mmeff")
 
 
-def bench(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor], reps: int = 3) -> Tuple[float, float]:
+def bench(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor], reps: int = 10) -> Tuple[float, float]:
     """Median (forward ms, forward + backward ms) after one warm-up call (compilation, autotuning)."""
     fwd, total = [], []
     for i in range(reps + 1):
@@ -271,7 +271,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also print each case's GPU kernels (torch.profiler)")
     p.add_argument("--warm", action="store_true", help="first compile every row in parallel processes (see warm)")
     p.add_argument("--warm-s", type=float, default=300.0, help="time limit of the parallel warm-up")
-    p.add_argument("--reps", type=int, default=3, help="timed calls per row (median)")
+    p.add_argument("--reps", type=int, default=10, help="timed calls per row (median)")
     args = p.parse_args()
     if args.plot_only:
         saved = json.loads((args.out_dir / f"{NAME}.json").read_text())

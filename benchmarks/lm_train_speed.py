@@ -3,9 +3,9 @@
 Each model: byte vocabulary, SwiGLU, fp32 weights under bf16 autocast, AdamW; one step = forward, next-token
 loss, backward, optimizer step on B x T tokens. Median of `--iters` steps after `--warmup`. `--compile` runs every
 model through torch.compile. `--profile` adds, per row, where one step's GPU time goes: matmuls, softmax attention,
-the recurrence kernels (mmeff's or mamba-ssm's), the optimizer, and the rest (norms, activations, casts, copies).
-The share both models pay alike bounds the speed-up a mixer can bring. `--out` is rewritten after every row, so a
-run cut short keeps its rows.
+the recurrence kernels (mmeff's or mamba-ssm's), short convolutions, the optimizer, and the rest (norms,
+activations, casts, copies). The share both models pay alike bounds the speed-up a mixer can bring. `--out` is
+rewritten after every row, so a run cut short keeps its rows.
 
     python benchmarks/lm_train_speed.py --T 16384 32768 65536 --mixers attn gla --profile --out DIR/lm.md
 """
@@ -85,6 +85,8 @@ def mmeff_kernels() -> set[str]:
 
 CATEGORIES = [  # first match wins; the rest is "other"
     ("softmax attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
+    # The mixers' short depthwise convolutions (F.conv1d): native, cuDNN or implicit-GEMM kernels.
+    ("conv", re.compile(r"conv|cudnn|fprop|dgrad|wgrad", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma|sm90_|sm80_", re.I)),
     ("optimizer", re.compile(r"multi_tensor|adam|foreach", re.I)),
     ("recurrence kernels", re.compile(r"^_(chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum)")),  # mamba-ssm
@@ -122,7 +124,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     ours = mmeff_kernels() if args.profile else set()
-    kinds = ["matmul", "softmax attention", "recurrence kernels", "optimizer", "other"]
+    kinds = ["matmul", "softmax attention", "recurrence kernels", "conv", "optimizer", "other"]
     columns = ["mixer", "params", "T", "ms / step", "tokens/s", f"vs {args.mixers[0]}", "peak GiB"]
     columns += [f"{k} ms" for k in kinds] if args.profile else []
     rows, base = [], {}
