@@ -2,8 +2,8 @@
 
 Forward: gate cumsum (utils) -> WY representation (chunk_delta, delta rule) or the GLA scores of chunks
 past the span limit (chunk_gla) -> chunk-entry states (chunk_h) -> outputs (chunk_o). Backward keeps the WY
-pieces of the forward, recomputes the states (and GLA's sub-chunk scores) rather than keeping them, then: dh pass (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's own
-finishing kernel.
+pieces of the forward but recomputes the states (and GLA's sub-chunk scores), then: dh pass (chunk_h) -> dq, dk,
+dv (chunk_o) -> the kind's own finishing kernel.
 """
 
 from __future__ import annotations

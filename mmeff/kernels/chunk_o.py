@@ -132,7 +132,7 @@ def _dv_local_kernel(
 
 def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) -> list:
     """Configs of _bwd_dqk_kernel for this launch: no 4-warp ones for GLA on 16-bit inputs, which Triton 3.5 / 3.6
-    compile wrongly on an H100 (dq, dk, dg off by 100%+ at K = 32 with every num_stages; 2 and 8 warps and fp32
+    compile wrongly on an H100 (dq, dk, dg off by 85-370% at K = 32 with every num_stages; 2 and 8 warps and fp32
     exact; bisection in benchmarks/results/kernels_notes.md)."""
     if constexprs["GATE"] == KEY_GATE.value and named_args["q"].dtype != torch.float32:
         return [c for c in configs if c.num_warps != 4]

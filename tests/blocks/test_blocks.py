@@ -81,15 +81,18 @@ def test_backbone_rejects_wrong_width():
         bb(torch.randn(2, 4, 16))
 
 
-def test_ssm_backend_option():
-    # `backend` reaches mmeff.ops (torch: mmeff's own path) and a bad one fails when the block is built.
+def test_ssm_backend_option(monkeypatch):
+    # `backend` reaches mmeff.ops, and a bad one fails when the block is built.
+    from mmeff import ops
     from mmeff.config import ConfigError
 
-    torch.manual_seed(0)
+    seen = []
+    for op in ("ssd", "selective_scan"):
+        original = getattr(ops, op)
+        monkeypatch.setattr(ops, op, lambda *a, _f=original, **kw: seen.append(kw["backend"]) or _f(*a, **kw))
     x = torch.randn(1, 9, 32)
     for name in ("mamba", "mamba2"):
-        auto, own = blocks.build(name, 32), blocks.build(name, 32, backend="torch")
-        own.load_state_dict(auto.state_dict())
-        torch.testing.assert_close(own(x), auto(x))  # on CPU auto takes mmeff's path too
+        assert blocks.build(name, 32, backend="torch")(x).shape == x.shape
         with pytest.raises(ConfigError, match="backend must be"):
             blocks.build(name, 32, backend="cuda")
+    assert seen == ["torch", "torch"]
