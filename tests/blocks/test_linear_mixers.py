@@ -5,7 +5,7 @@ import torch
 
 from mmeff import blocks, ops
 from mmeff.backbone import Backbone
-from mmeff.blocks.scan import ScanMixer
+from mmeff.blocks.scan import GroupedNorm, ScanMixer
 from mmeff.config import BackboneConfig, ConfigError
 
 SCANNED = [n for n in blocks.names("mixer") if issubclass(blocks.entry(n).cls, ScanMixer)]
@@ -180,3 +180,23 @@ def test_ttt_step_is_a_gradient_step():
     (grad,) = torch.autograd.grad(loss, W)
     _, state = ops.delta_rule(k, k, v, lr, initial_state=W.detach(), output_final_state=True, mode="recurrent")
     torch.testing.assert_close(state, W.detach() - 0.3 * grad)
+
+
+@pytest.mark.parametrize("kind", ["rms", "group"])
+@pytest.mark.parametrize("gate_first", [False, True])
+def test_grouped_norm_matches_its_definition(kind, gate_first):
+    # Per group of channels: (y - mean if group) / sqrt(mean of squares + eps), then the per-channel affine and the
+    # silu(z) gate before (Mamba-2) or after (GLA, RetNet) the norm.
+    torch.manual_seed(0)
+    norm = GroupedNorm(12, 3, kind, gate_first=gate_first, eps=1e-3)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    y, z = torch.randn(2, 5, 12) * 3 + 1, torch.randn(2, 5, 12)
+    g = (y * torch.nn.functional.silu(z) if gate_first else y).unflatten(-1, (3, 4))
+    if kind == "group":
+        g = g - g.mean(-1, keepdim=True)
+    want = (g / (g.square().mean(-1, keepdim=True) + 1e-3).sqrt()).flatten(-2) * norm.weight
+    want = want + (norm.bias if kind == "group" else 0)
+    want = want if gate_first else want * torch.nn.functional.silu(z)
+    torch.testing.assert_close(norm(y, z), want)
