@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--mixers", nargs="+", default=list(MIXERS), help="the first is the reference of 'vs'")
+    p.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=list(MIXERS), help="the first is the reference of 'vs'")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile every model")

@@ -16,7 +16,7 @@ import functools
 import logging
 import sys
 import types
-from typing import Callable, Literal, Optional, Tuple, Union
+from typing import Callable, Literal, Optional, Tuple, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -178,9 +178,9 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor
 
 
 def check_backend(backend: str) -> None:
-    """Raise a ValueError unless `backend` is one of auto, torch, mamba_ssm."""
-    if backend not in ("auto", "torch", "mamba_ssm"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'mamba_ssm', got {backend!r}")
+    """Raise a ValueError unless `backend` is one of `Backend`'s values."""
+    if backend not in get_args(Backend):
+        raise ValueError(f"backend must be one of {', '.join(map(repr, get_args(Backend)))}, got {backend!r}")
 
 
 def _mamba_kernel(
