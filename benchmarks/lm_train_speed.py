@@ -67,14 +67,14 @@ def train_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], Non
 
 
 def mmeff_kernels() -> set[str]:
-    """Names of mmeff's Triton kernels (as the profiler lists them)."""
+    """Names of mmeff's recurrence kernels (as the profiler lists them); the conv and MoE kernels are not."""
     import triton
 
     import mmeff.kernels  # noqa: F401  (imports every kernel module)
 
     names = set()
     for name, module in sys.modules.items():
-        if name.startswith("mmeff.kernels"):
+        if name.startswith("mmeff.kernels") and name not in ("mmeff.kernels.conv", "mmeff.kernels.moe"):
             for obj in vars(module).values():
                 while hasattr(obj, "fn") and not isinstance(obj, triton.runtime.JITFunction):
                     obj = obj.fn  # autotuners and heuristics wrap the JITFunction
@@ -84,9 +84,10 @@ def mmeff_kernels() -> set[str]:
 
 
 CATEGORIES = [  # first match wins; the rest is "other"
-    ("softmax attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
-    # The mixers' short depthwise convolutions (F.conv1d): native, cuDNN or implicit-GEMM kernels.
-    ("conv", re.compile(r"conv|cudnn|fprop|dgrad|wgrad", re.I)),
+    # cuDNN's SDPA runs helper kernels named cudnn::fusion::... beside its flash kernels.
+    ("softmax attention", re.compile(r"flash|fmha|attention|sdpa|cudnn::fusion", re.I)),
+    # The mixers' short depthwise convolutions: mmeff's kernels, or F.conv1d's native, cuDNN or implicit-GEMM ones.
+    ("conv", re.compile(r"_conv_(fwd|bwd)_kernel|conv(?!ert)|cudnn|fprop|dgrad|wgrad", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma|sm90_|sm80_", re.I)),
     ("optimizer", re.compile(r"multi_tensor|adam|foreach", re.I)),
     ("recurrence kernels", re.compile(r"^_(chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum)")),  # mamba-ssm

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmeff.blocks.cache import Cache
+from mmeff.ops.conv import causal_conv1d
 
-_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "identity": lambda x: x}
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "identity": "identity"}
 
 
 class ShortConv(nn.Module):
@@ -32,11 +33,9 @@ class ShortConv(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, key: str = "conv") -> torch.Tensor:
         """x [B, T, C] -> [B, T, C]; reads and updates `cache[key]` when a cache is given."""
-        xt = x.transpose(1, 2)  # [B, C, T]
-        width = self.kernel_size - 1
         prev = cache.get(key) if cache is not None else None
-        full = F.pad(xt, (width, 0)) if prev is None else torch.cat([prev.to(xt.dtype), xt], dim=-1)
         if cache is not None:
+            xt, width = x.transpose(1, 2), self.kernel_size - 1
+            full = F.pad(xt, (width, 0)) if prev is None else torch.cat([prev.to(xt.dtype), xt], dim=-1)
             cache[key] = full[..., full.shape[-1] - width :].clone()  # a copy: do not pin `full`
-        y = F.conv1d(full, self.conv.weight, self.conv.bias, groups=self.conv.groups)
-        return self.activation(y).transpose(1, 2)
+        return causal_conv1d(x, self.conv.weight.squeeze(1), self.conv.bias, self.activation, prev)

@@ -5,7 +5,7 @@ Within a chunk, with A_ij = beta_i <k_i, k_j> exp(b_i - b_j) for j < i and X = (
     w = X (beta * k * exp(b)),  u = X (beta * v),  v~ = u - w h_n
 
 so the chunk acts like linear attention with values v~ (chunk_h computes v~ on its way; chunk_o takes
-it). X comes from blockwise forward substitution over sub-chunks of SUB rows, in place in its buffer.
+it). X is built in place in its buffer: 16 x 16 diagonal blocks inverted in registers, then merged by matmuls.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from torch import Tensor
 from mmeff.kernels.chunk_h import scalar_gate
 from mmeff.kernels.utils import (
     SCALAR_GATE,
-    SUB,
     Chunks,
     autotune,
     chunk_bounds,
@@ -39,31 +38,71 @@ from mmeff.kernels.utils import (
 
 
 @triton.jit
-def _solve_unit_lower(ptr, nr, sr, BT: tl.constexpr, BC: tl.constexpr):
-    """In place: the strictly lower [BT, BT] matrix A at ptr (row stride sr, rows >= nr absent) becomes
-    (I + A)^{-1}, one block row of BC rows at a time; its rows are rewritten only once no longer read."""
-    cols = tl.arange(0, BT)
-    sub = tl.arange(0, BC)
-    for i in tl.static_range(BT // BC):
-        r0 = i * BC
-        x = tl.where((r0 + sub)[:, None] == cols[None, :], 1.0, 0.0)
-        for m in tl.static_range(i):
-            a_im = load_tile(ptr, r0, nr, sr, m * BC, BT, BC, BC)
-            x -= tl.dot(a_im, load_tile(ptr, m * BC, nr, sr, 0, BT, BC, BT), input_precision="ieee")
-        for r in range(1, BC):
-            a_r = tl.load(ptr + (r0 + r) * sr + r0 + sub, mask=(sub < r) & (r0 + r < nr), other=0.0)
-            x -= tl.where(sub[:, None] == r, tl.sum(a_r[:, None] * x, 0)[None, :], 0.0)
-        tl.debug_barrier()
-        store_tile(ptr, x, r0, nr, sr, 0, BT, BC, BT)
-        tl.debug_barrier()
+def _invert_diagonal_blocks(ptr, n, sr, BT: tl.constexpr):
+    """In place: each 16 x 16 diagonal block A_bb of the strictly lower A at ptr (rows >= n absent) becomes
+    (I + A_bb)^{-1}, the four at once as a [4, 16, 16] tile, by forward substitution over their rows."""
+    blk = tl.arange(0, 4)[:, None, None] * 16
+    i = tl.arange(0, 16)[None, :, None]
+    j = tl.arange(0, 16)[None, None, :]
+    x = tl.where((i == j) & (blk >= 0), 1.0, 0.0)
+    b2 = tl.arange(0, 4)[:, None] * 16
+    j2 = tl.arange(0, 16)[None, :]
+    for r in tl.static_range(1, 16):
+        # Row r of every block: X_r = e_r - sum_{m < r} A_rm X_m, the rows m < r being final.
+        a_r = tl.load(ptr + (b2 + r) * sr + b2 + j2, mask=(j2 < r) & (b2 + r < n), other=0.0)
+        x -= tl.where(i == r, tl.sum(a_r[:, :, None] * x, 1)[:, None, :], 0.0)
+    tl.debug_barrier()
+    tl.store(ptr + (blk + i) * sr + blk + j, x, mask=(blk + i < n) & (blk + j < BT))
 
 
-@autotune(warps(42), key=["H", "K", "V", "BT", "BC", "BK", "BV", "GATE"])
+@triton.jit
+def _dot(a, b):
+    """Exact fp32 product of two [16, 16] blocks."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _invert_unit_lower(ptr, nr, sr, BT: tl.constexpr):
+    """In place: the strictly lower [BT, BT] matrix A at ptr (BT <= 64, row stride sr, rows >= nr absent)
+    becomes X = (I + A)^{-1}: first its 16 x 16 diagonal blocks X_ii, then each block below them,
+    X_ij = -X_ii sum_{j <= m < i} A_im X_mj, by matmuls. Blocks past BT load as zero and are not stored."""
+    n = tl.minimum(nr, BT)
+    _invert_diagonal_blocks(ptr, n, sr, BT)
+    tl.debug_barrier()
+    x00 = load_tile(ptr, 0, n, sr, 0, BT, 16, 16)
+    x11 = load_tile(ptr, 16, n, sr, 16, BT, 16, 16)
+    x22 = load_tile(ptr, 32, n, sr, 32, BT, 16, 16)
+    x33 = load_tile(ptr, 48, n, sr, 48, BT, 16, 16)
+    a10 = load_tile(ptr, 16, n, sr, 0, BT, 16, 16)
+    a20 = load_tile(ptr, 32, n, sr, 0, BT, 16, 16)
+    a21 = load_tile(ptr, 32, n, sr, 16, BT, 16, 16)
+    a30 = load_tile(ptr, 48, n, sr, 0, BT, 16, 16)
+    a31 = load_tile(ptr, 48, n, sr, 16, BT, 16, 16)
+    a32 = load_tile(ptr, 48, n, sr, 32, BT, 16, 16)
+    x10 = -_dot(x11, _dot(a10, x00))
+    x21 = -_dot(x22, _dot(a21, x11))
+    x32 = -_dot(x33, _dot(a32, x22))
+    x20 = -_dot(x22, _dot(a20, x00) + _dot(a21, x10))
+    x31 = -_dot(x33, _dot(a31, x11) + _dot(a32, x21))
+    x30 = -_dot(x33, _dot(a30, x00) + _dot(a31, x10) + _dot(a32, x20))
+    tl.debug_barrier()
+    store_tile(ptr, x10, 16, n, sr, 0, BT, 16, 16)
+    store_tile(ptr, x20, 32, n, sr, 0, BT, 16, 16)
+    store_tile(ptr, x21, 32, n, sr, 16, BT, 16, 16)
+    store_tile(ptr, x30, 48, n, sr, 0, BT, 16, 16)
+    store_tile(ptr, x31, 48, n, sr, 16, BT, 16, 16)
+    store_tile(ptr, x32, 48, n, sr, 32, BT, 16, 16)
+    tl.debug_barrier()
+
+
+# On 4 warps Triton 3.6 miscompiles both WY kernels on an H100 at K = 128, V = 32 (u, dv, dbeta wrong; the wide-key
+# GPU test) and ptxas fails on the backward at K = 256; 8 and 2 warps are right (kernels_notes.md, fifth session).
+@autotune(warps(82, 22), key=["H", "K", "V", "BT", "BK", "BV", "GATE"])
 @triton.jit
 def _wy_fwd_kernel(
     k, v, b, beta, X, w, u, cu_seqlens, chunk_indices,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
@@ -85,7 +124,7 @@ def _wy_fwd_kernel(
         kb = kc * bet[:, None]
     store_tile(X + xoff, a * bet[:, None], 0, nr, H * BT, 0, BT, BT, BT)
     tl.debug_barrier()
-    _solve_unit_lower(X + xoff, nr, H * BT, BT, BC)
+    _invert_unit_lower(X + xoff, nr, H * BT, BT)
     x = load_tile(X + xoff, 0, nr, H * BT, 0, BT, BT, BT).to(DT)
     store_tile(w + off, mm(x, kb, PREC), 0, nr, H * K, 0, K, BT, BK)
     for cv in range(0, V, BV):
@@ -93,22 +132,21 @@ def _wy_fwd_kernel(
         store_tile(u + voff, mm(x, vb, PREC), 0, nr, H * V, cv, V, BT, BV)
 
 
-@autotune(warps(42, 82), key=["H", "K", "V", "BT", "BK", "BV", "GATE"])
+@autotune(warps(82, 22), key=["H", "K", "V", "BT", "BK", "BV", "GATE"])  # no 4 warps: see _wy_fwd_kernel
 @triton.jit
 def _wy_bwd_kernel(
-    k, v, b, beta, X, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, cu_seqlens, chunk_indices,
+    k, v, b, beta, X, dw, du, dk_in, dg_in, dk, dv, dbeta, dg, dA, cu_seqlens, chunk_indices,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # Transposed products are computed as such (X^T, dX^T loaded or built from transposed loads), never
-    # by transposing a computed tile (see utils).
+    # Transposed products are computed as such: X^T and (through the scratch buffer dA) dA^T are loaded
+    # transposed from memory, never made by transposing a computed tile (see utils).
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     DT = k.dtype.element_ty
     rows = tl.arange(0, BT)
     valid = rows < nr
     strict = (rows[:, None] > rows[None, :]) & valid[:, None]
-    strict_t = (rows[:, None] < rows[None, :]) & valid[None, :]
     off = (tok * H + i_h) * K
     voff = (tok * H + i_h) * V
     xoff = (tok * H + i_h) * BT
@@ -119,37 +157,33 @@ def _wy_bwd_kernel(
         bc, _ = scalar_gate(b, tok, nr, i_h, H, BT)
         eb = masked_exp(bc, valid)
         decay = masked_exp(bc[:, None] - bc[None, :], strict)
-        decay_t = masked_exp(bc[None, :] - bc[:, None], strict_t)
     else:
         eb = tl.where(valid, 1.0, 0.0)
         decay = tl.where(strict, 1.0, 0.0)
-        decay_t = tl.where(strict_t, 1.0, 0.0)
-    x = load_tile(X + xoff, 0, nr, H * BT, 0, BT, BT, BT).to(DT)
     x_t = load_tile_t(X + xoff, 0, nr, H * BT, 0, BT, BT, BT).to(DT)
     kscale = bet * eb
-    kb = (kc * kscale[:, None]).to(DT)
 
-    # w = X kb: d kb = X^T dw, dX = dw kb^T (and dX^T = kb dw^T); u = X (beta v) likewise.
+    # w = X kb: d kb = X^T dw, dX = dw kb^T; u = X (beta v) likewise.
     dwc = load_tile(dw + off, 0, nr, H * K, 0, K, BT, BK)
     dkb = mm(x_t, dwc, PREC)
     dx = mm(dwc.to(DT), kt * kscale[None, :], PREC)
-    dx_t = mm(kb, load_tile_t(dw + off, 0, nr, H * K, 0, K, BT, BK), PREC)
     dbet = tl.sum(dkb * kc * eb[:, None], 1)
     dk_w = dkb * kscale[:, None]
     for cv in range(0, V, BV):
         vc = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV)
         duc = load_tile(du + voff, 0, nr, H * V, cv, V, BT, BV)
         dx += mm(duc.to(DT), load_tile_t(v + voff, 0, nr, H * V, cv, V, BT, BV) * bet[None, :], PREC)
-        dx_t += mm((vc * bet[:, None]).to(DT), load_tile_t(du + voff, 0, nr, H * V, cv, V, BT, BV), PREC)
         dvb = mm(x_t, duc, PREC)
         dbet += tl.sum(dvb * vc, 1)
         store_tile(dv + voff, dvb * bet[:, None], 0, nr, H * V, cv, V, BT, BV)
 
     # X = (I + A)^{-1}: dA = -X^T dX X^T (strictly lower), with the decay folded in: da = dA * decay.
     da = -mm(mm(x_t, dx, PREC).to(DT), x_t, PREC) * decay
-    da_t = -mm(mm(x, dx_t, PREC).to(DT), x, PREC) * decay_t
+    store_tile(dA + xoff, da, 0, nr, H * BT, 0, BT, BT, BT)
+    tl.debug_barrier()
+    da_t = load_tile_t(dA + xoff, 0, nr, H * BT, 0, BT, BT, BT)
     kk = mm(kc, kt, PREC)
-    dk_a = mm(da.to(DT), kc, PREC) * bet[:, None] + mm(da_t.to(DT), kc * bet[:, None], PREC)
+    dk_a = mm(da.to(DT), kc, PREC) * bet[:, None] + mm(da_t, kc * bet[:, None], PREC)
     dbet += tl.sum(da * kk, 1)
     dkc = load_tile(dk_in + off, 0, nr, H * K, 0, K, BT, BK) + dk_w + dk_a
     store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
@@ -169,7 +203,7 @@ def wy_fwd(
     w, u = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
     _wy_fwd_kernel[(chunks.num_chunks, heads)](
         k, v, b, beta, X, w, u, chunks.cu_seqlens, chunks.indices,
-        H=heads, K=dk, V=dv, BT=chunks.size, BC=SUB, BK=pow2(dk), BV=min(64, pow2(dv)), GATE=gate,
+        H=heads, K=dk, V=dv, BT=chunks.size, BK=pow2(dk), BV=min(64, pow2(dv)), GATE=gate,
         PREC=precision(k.dtype),
     )  # fmt: skip
     return X, w, u
@@ -184,8 +218,9 @@ def wy_bwd(
     dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
     dbeta = empty(beta.shape, torch.float32, k.device)
     dg = empty(beta.shape, torch.float32, k.device) if gate == SCALAR_GATE else None
+    scratch = empty(X.shape, k.dtype, k.device)  # dA, read back transposed
     _wy_bwd_kernel[(chunks.num_chunks, heads)](
-        k, v, b, beta, X, parts["dw"], dv_new, parts["dk"], parts["dg"], dk, dv, dbeta, dg,
+        k, v, b, beta, X, parts["dw"], dv_new, parts["dk"], parts["dg"], dk, dv, dbeta, dg, scratch,
         chunks.cu_seqlens, chunks.indices,
         H=heads, K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)), GATE=gate,
         PREC=precision(k.dtype),

@@ -1,10 +1,12 @@
 """Functional sequence-mixing ops: linear attention family and state-space models, layout [B, T, H, D]."""
 
+from mmeff.ops.conv import causal_conv1d
 from mmeff.ops.linear import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention, retention
 from mmeff.ops.recurrence import linear_recurrence
 from mmeff.ops.ssm import selective_scan, ssd
 
 __all__ = [
+    "causal_conv1d",
     "delta_rule",
     "gated_delta_rule",
     "gated_linear_attention",

@@ -200,3 +200,21 @@ def test_grouped_norm_matches_its_definition(kind, gate_first):
     want = want + (norm.bias if kind == "group" else 0)
     want = want if gate_first else want * torch.nn.functional.silu(z)
     torch.testing.assert_close(norm(y, z), want)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "linear_attn"])
+def test_recurrence_runs_in_the_values_dtype(name, monkeypatch):
+    # CUDA autocast computes F.normalize (the l2 feature map) in fp32 while v stays bf16; the recurrence must
+    # still get bf16 q and k, or it runs its slow fp32 kernels. The fp32 feature map imitates that here.
+    block = make(name, 64).to(torch.bfloat16)
+    monkeypatch.setattr(block, "feature", lambda x: torch.nn.functional.normalize(x.float(), dim=-1))
+    seen = []
+    recur = block.recur
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return recur(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(block, "recur", spy)
+    block(torch.randn(2, 5, 64, dtype=torch.bfloat16))
+    assert seen == [(torch.bfloat16,) * 3]

@@ -93,7 +93,7 @@ def test_parity_wide_keys(kernels, monkeypatch, seed, kind):
 
 # The shapes the mixers hand the kernels in the 12-layer, width-1024 LM of benchmarks/lm_train_speed.py (T = 16k):
 # gla (4 heads, K 128, V 256) and with 16 heads (K 32, V 64), mamba2's SSD (32 heads, d_state 128 as K, head_dim 64
-# as V; mmeff.ops.ssd runs it in fp32), gated_deltanet (8 heads, K 128, V 256).
+# as V; checked here in fp32, the dtype of an fp32 model), gated_deltanet (8 heads, K 128, V 256).
 MODEL_SHAPES = {
     "gla-4x128x256": ("gla", 4, 128, 256, torch.bfloat16),
     "gla-16x32x64": ("gla", 16, 32, 64, torch.bfloat16),
@@ -199,4 +199,34 @@ def test_ops_dispatch(kernels, monkeypatch, seed, op, dtype):
     assert calls, "the Triton kernels did not run"
     out_ref, grads_ref = run(True)
     errors = {"out": norm_error(out, out_ref), **{f"d{n}": norm_error(grads[n], grads_ref[n]) for n in grads}}
+    assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
+@DTYPES
+def test_short_conv(kernels, seed, dtype):
+    # mmeff.ops.conv's kernel (silu, bias) against F.conv1d in fp32 on the same inputs: the LM's gated_deltanet
+    # width at T = 16k in bf16, and partial tiles with a batch in fp32.
+    from mmeff.ops.conv import causal_conv1d, causal_conv1d_reference
+
+    shape = (1, 16384, 4096) if dtype == torch.bfloat16 else (2, 1000, 300)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+    weight = torch.randn(shape[-1], 4, device="cuda", generator=gen) / 2
+    bias = torch.randn(shape[-1], device="cuda", generator=gen)
+    dy = torch.randn(shape, device="cuda", generator=gen)
+
+    def run(fn, upcast):
+        leaves = [(t.float() if upcast else t).detach().clone().requires_grad_() for t in (x, weight, bias)]
+        y = fn(*leaves)
+        return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
+
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        expected = run(causal_conv1d_reference, upcast=True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    actual = run(causal_conv1d, upcast=False)
+    assert actual[0].dtype == dtype
+    errors = {n: norm_error(a.float(), e) for n, a, e in zip(["y", "dx", "dweight", "dbias"], actual, expected)}
     assert all(e < TOL[dtype] for e in errors.values()), errors

@@ -74,3 +74,11 @@ def test_gla_backward_skips_miscompiled_configs():
     assert [c.num_warps for c in _sm90_safe_configs(configs, bf16, GATE=KEY_GATE.value)] == [8, 2]
     assert _sm90_safe_configs(configs, fp32, GATE=KEY_GATE.value) == configs
     assert _sm90_safe_configs(configs, bf16, GATE=SCALAR_GATE.value) == configs
+
+
+def test_wy_kernels_skip_miscompiled_configs():
+    # 4-warp builds of both delta-rule WY kernels are wrong (or fail in ptxas) on an H100 (kernels_notes.md).
+    from mmeff.kernels import chunk_delta
+
+    for kernel in (chunk_delta._wy_fwd_kernel, chunk_delta._wy_bwd_kernel):
+        assert kernel.configs and all(c.num_warps != 4 for c in kernel.configs)
