@@ -27,7 +27,7 @@ def causal_conv1d(
         raise ValueError(f"activation must be 'silu' or 'identity', got {activation!r}")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"x must be [B, T, C] and weight [C, W], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if prev is None and cuda_fast_path(x):
+    if prev is None and x.numel() and cuda_fast_path(x):
         from mmeff.kernels.conv import CausalConv
 
         return CausalConv.apply(x, weight, bias, activation == "silu")

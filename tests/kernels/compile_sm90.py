@@ -1,9 +1,9 @@
 """Compile every Triton kernel launch of mmeff.kernels for Hopper (sm90) on a machine without a GPU.
 
 The interpreter accepts code that compiled Triton rejects (e.g. a `tl.static_range` bound that is not a
-constexpr, globals that are not `tl.constexpr`). This script runs the kernels' public entry point under
-`TRITON_INTERPRET=1` at small sizes, records the signature and constexprs of each distinct launch, then
-compiles each one in a second process with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
+constexpr, globals that are not `tl.constexpr`). This script runs the kernels' entry points (the recurrence and
+the short conv) under `TRITON_INTERPRET=1` at small sizes, records the signature and constexprs of each distinct
+launch, then compiles each one in a second process with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
 Slow (minutes: ptxas runs for every variant), hence a script and not part of `make test`:
 
     python tests/kernels/compile_sm90.py [--arch 90]
@@ -81,6 +81,14 @@ def record(out: str) -> None:
                     o, ht = linear_recurrence_triton(q, k, v, g, beta, 0.125, h0, True)
                     if grad:
                         (o.float().sum() + ht.sum()).backward()
+    from mmeff.kernels.conv import CausalConv
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for bias, silu in ((True, True), (False, False)):
+            x = torch.randn(2, 70, 130, dtype=dtype, requires_grad=True)
+            weight = torch.randn(130, 4, requires_grad=True)
+            b = torch.randn(130, requires_grad=True) if bias else None
+            CausalConv.apply(x, weight, b, silu).float().sum().backward()
     with open(out, "w") as f:
         json.dump(list(launches.values()), f)
     print(f"{len(launches)} distinct launches recorded", flush=True)
