@@ -52,7 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     lines = [
-        f"Device: {device}; torch {torch.__version__}. bf16 x [1, {args.T}, C], kernel width 4, SiLU; median of {args.iters}.",
+        f"Device: {device}; torch {torch.__version__}. bf16 x [1, {args.T}, C], kernel width 4, SiLU; "
+        f"median of {args.iters}.",
         "",
         "| C | implementation | fwd ms | fwd+bwd ms | vs F.conv1d (fwd+bwd) | % of 3.0 TB/s (fwd+bwd) |",
         "|---:|---|---:|---:|---:|---:|",

@@ -19,7 +19,11 @@ Activation = Literal["silu", "identity"]
 
 
 def causal_conv1d(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Activation = "silu", prev: Optional[Tensor] = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Activation = "silu",
+    prev: Optional[Tensor] = None,
 ) -> Tensor:
     """act(bias[c] + sum_j weight[c, j] x[t - W + 1 + j, c]) for x [B, T, C], weight [C, W]: each output reads
     its own and the W - 1 previous steps, taken from `prev` [B, C, W - 1] (the steps before x) or zeros."""
@@ -35,7 +39,11 @@ def causal_conv1d(
 
 
 def causal_conv1d_reference(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Activation = "silu", prev: Optional[Tensor] = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Activation = "silu",
+    prev: Optional[Tensor] = None,
 ) -> Tensor:
     """causal_conv1d through F.conv1d, in x's dtype (weight and bias are cast to it, as autocast would)."""
     width = weight.shape[1] - 1

@@ -3,7 +3,8 @@
 The interpreter accepts code that compiled Triton rejects (e.g. a `tl.static_range` bound that is not a
 constexpr, globals that are not `tl.constexpr`). This script runs the kernels' entry points (the recurrence and
 the short conv) under `TRITON_INTERPRET=1` at small sizes, records the signature and constexprs of each distinct
-launch, then compiles each one in a second process with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
+launch, then compiles each one in a second process with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
 Slow (minutes: ptxas runs for every variant), hence a script and not part of `make test`:
 
     python tests/kernels/compile_sm90.py [--arch 90]
