@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmeff.blocks.cache import Cache
-from mmeff.ops.conv import causal_conv1d
+from mmeff.ops.conv import causal_conv1d, with_history
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "identity": "identity"}
 
@@ -35,7 +34,6 @@ class ShortConv(nn.Module):
         """x [B, T, C] -> [B, T, C]; reads and updates `cache[key]` when a cache is given."""
         prev = cache.get(key) if cache is not None else None
         if cache is not None:
-            xt, width = x.transpose(1, 2), self.kernel_size - 1
-            full = F.pad(xt, (width, 0)) if prev is None else torch.cat([prev.to(xt.dtype), xt], dim=-1)
-            cache[key] = full[..., full.shape[-1] - width :].clone()  # a copy: do not pin `full`
+            full = with_history(x, prev, self.kernel_size - 1)
+            cache[key] = full[..., x.shape[1] :].clone()  # the last kernel_size - 1 steps; a copy: do not pin `full`
         return causal_conv1d(x, self.conv.weight.squeeze(1), self.conv.bias, self.activation, prev)

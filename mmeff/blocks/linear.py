@@ -100,8 +100,8 @@ class LinearMixer(ScanMixer):
             qkv = self.conv(qkv, cache)
         q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in qkv.split([self.key_dim, self.key_dim, self.value_dim], -1))
         q, k = self.position_qk(self.feature(q), self.feature(k), cache.offset if cache is not None else 0)
-        # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would
-        # run its fp32 kernels (10-100x slower than bf16) on bf16 values.
+        # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run
+        # its fp32 kernels (exact fp32 matmuls, no tensor cores) on bf16 values; the LM's gated_deltanet stalled so.
         q, k = q.to(v.dtype), k.to(v.dtype)
         o, state = self.recur(
             q,

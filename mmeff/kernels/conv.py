@@ -104,6 +104,7 @@ def _conv_bwd_kernel(x, w, bias, dy, dx, dw_part, db_part, T, C, NT, W: tl.const
 
 
 def _grid(x: Tensor):
+    """Launch grid of x [B, T, C]: row tiles x channel blocks (tuned BC) x sequences."""
     return lambda meta: (triton.cdiv(x.shape[1], BLOCK_T), triton.cdiv(x.shape[2], meta["BC"]), x.shape[0])
 
 

@@ -27,7 +27,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Gate kinds (constexpr GATE): no decay, one log decay per head and step, one per key channel. Compiled
 # kernels may read globals only as tl.constexpr; the host passes and compares their plain `.value`.
 NO_GATE, SCALAR_GATE, KEY_GATE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-# Sub-chunk length inside a chunk (GLA's pairwise decays; the delta rule's solve inverts 16 x 16 blocks too).
+# Sub-chunk length inside a chunk (GLA's pairwise decays).
 SUB = 16
 # Tests set this: every buffer the kernels allocate starts as NaN, so an element left unwritten shows.
 POISON = False

@@ -31,6 +31,10 @@ def causal_conv1d(
         raise ValueError(f"activation must be 'silu' or 'identity', got {activation!r}")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"x must be [B, T, C] and weight [C, W], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if prev is not None and prev.shape != (x.shape[0], x.shape[2], weight.shape[1] - 1):
+        raise ValueError(
+            f"prev must be [B, C, W - 1] = {(x.shape[0], x.shape[2], weight.shape[1] - 1)}, got {tuple(prev.shape)}"
+        )
     if prev is None and x.numel() and cuda_fast_path(x):
         from mmeff.kernels.conv import CausalConv
 
@@ -38,17 +42,15 @@ def causal_conv1d(
     return causal_conv1d_reference(x, weight, bias, activation, prev)
 
 
-def causal_conv1d_reference(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    activation: Activation = "silu",
-    prev: Optional[Tensor] = None,
-) -> Tensor:
+def with_history(x: Tensor, prev: Optional[Tensor], width: int) -> Tensor:
+    """x [B, T, C] as [B, C, width + T]: the `width` steps before it (`prev`, or zeros) followed by x."""
+    xt = x.transpose(1, 2)
+    return F.pad(xt, (width, 0)) if prev is None else torch.cat([prev.to(xt.dtype), xt], dim=-1)
+
+
+def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation,
+                            prev: Optional[Tensor] = None) -> Tensor:  # fmt: skip
     """causal_conv1d through F.conv1d, in x's dtype (weight and bias are cast to it, as autocast would)."""
-    width = weight.shape[1] - 1
-    xt = x.transpose(1, 2)  # [B, C, T]
-    full = F.pad(xt, (width, 0)) if prev is None else torch.cat([prev.to(xt.dtype), xt], dim=-1)
     b = None if bias is None else bias.to(x.dtype)
-    y = F.conv1d(full, weight.to(x.dtype).unsqueeze(1), b, groups=x.shape[-1])
+    y = F.conv1d(with_history(x, prev, weight.shape[1] - 1), weight.to(x.dtype).unsqueeze(1), b, groups=x.shape[-1])
     return (F.silu(y) if activation == "silu" else y).transpose(1, 2)
