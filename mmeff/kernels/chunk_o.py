@@ -139,7 +139,8 @@ def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) ->
     return configs
 
 
-@autotune(warps(42, 82, 22), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"], prune=_sm90_safe_configs)
+# 8 warps first: the pinned config (utils.autotune) runs unpruned, so it must be right for GLA too.
+@autotune(warps(82, 42, 22), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"], prune=_sm90_safe_configs)
 @triton.jit
 def _bwd_dqk_kernel(
     q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, cu_seqlens,

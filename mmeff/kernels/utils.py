@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.autotuner import Autotuner
 
 # Read once, as triton.jit does when it decorates the kernels of this package.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -40,12 +41,37 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Ten
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+def pinning_requested() -> bool:
+    """Whether MMEFF_TRITON_PIN=1 asks every autotuned kernel to run its first config only (see autotune)."""
+    return os.environ.get("MMEFF_TRITON_PIN") == "1"
+
+
+# Every autotuned kernel of the package with its full config list, for pin_configs.
+_TUNED: list[tuple[Autotuner, list[triton.Config]]] = []
+
+
 def autotune(configs: Sequence[triton.Config], key: list[str], prune: Optional[Callable[..., list]] = None):
-    """triton.autotune over `configs`; the interpreter cannot benchmark, so it gets the first one only.
-    `prune(configs, named_args, **constexprs)` drops the configs a launch must not use (Triton calls it only
-    when there are several)."""
-    configs = list(configs)[:1] if INTERPRET else list(configs)
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
+    """triton.autotune over `configs`, whose first one is the pinned config: safe on every launch (Hopper
+    miscompiles excluded) and what the interpreter runs, as it cannot benchmark. MMEFF_TRITON_PIN=1 at import
+    (or pin_configs) keeps that one only: one compile per shape and no benchmarking (tests, compile-bound
+    runs). `prune(configs, named_args, **constexprs)` drops the configs a launch must not use (Triton calls it
+    only when there are several)."""
+    configs = list(configs)
+
+    def wrap(fn: Callable) -> Autotuner:
+        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+        _TUNED.append((tuner, configs))
+        tuner.configs = configs[:1] if INTERPRET or pinning_requested() else configs
+        return tuner
+
+    return wrap
+
+
+def pin_configs(pinned: bool) -> None:
+    """Run every autotuned kernel on its first config only (True) or tune over all of them again (False).
+    Triton benchmarks only kernels with several configs, so a pinned kernel never fills the tuning cache."""
+    for tuner, configs in _TUNED:
+        tuner.configs = configs[:1] if pinned or INTERPRET else configs
 
 
 def warps(*choices: int) -> list[triton.Config]:
@@ -76,9 +102,18 @@ class Chunks:
     max_len: int
 
 
-@lru_cache(maxsize=64)
-def _fixed_chunks(batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
-    """Chunk layout of `batch` sequences of `seqlen` steps (cached: it is rebuilt on every call otherwise)."""
+def _device_key(device: torch.device) -> tuple:
+    """Cache key of the device (index made explicit) and, on CUDA, of its current stream: cached index tensors
+    are written by an asynchronous kernel on the stream they were made on."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (device,)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return (torch.device("cuda", index), torch.cuda.current_stream(index).cuda_stream)
+
+
+def _build_fixed_chunks(batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
+    """Chunk layout of `batch` sequences of `seqlen` steps."""
     per = triton.cdiv(seqlen, size)
     seq = torch.arange(batch + 1, dtype=torch.int32, device=device)
     idx = torch.arange(per, dtype=torch.int32, device=device)
@@ -93,12 +128,28 @@ def _fixed_chunks(batch: int, seqlen: int, size: int, device: torch.device) -> C
     )
 
 
+@lru_cache(maxsize=64)
+def _cached_fixed_chunks(batch: int, seqlen: int, size: int, device_key: tuple) -> Chunks:
+    return _build_fixed_chunks(batch, seqlen, size, device_key[0])
+
+
 def make_chunks(cu_seqlens: Optional[Tensor], batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
-    """Chunk layout for `batch` sequences of `seqlen` steps, or for the packed sequences of `cu_seqlens`."""
+    """Chunk layout for `batch` sequences of `seqlen` steps, or for the packed sequences of `cu_seqlens`,
+    which must bound all `batch * seqlen` tokens (a bound past them would send the kernels out of bounds).
+    Fixed-length layouts are cached per shape, device and stream (they cost host time on every call
+    otherwise), except while a CUDA graph is captured: its tensors would hold nothing until a replay."""
     if cu_seqlens is None:
-        return _fixed_chunks(batch, seqlen, size, torch.device(device))
-    bounds = cu_seqlens.tolist()  # one host sync: the grids need the chunk count
+        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return _build_fixed_chunks(batch, seqlen, size, device)
+        return _cached_fixed_chunks(batch, seqlen, size, _device_key(device))
+    bounds = cu_seqlens.reshape(-1).tolist()  # one host sync: the grids need the chunk count
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    if cu_seqlens.dim() != 1 or not bounds or bounds[0] != 0 or bounds[-1] != batch * seqlen or min(lengths, default=0) < 0:
+        shown = bounds if len(bounds) <= 8 else [*bounds[:4], "...", *bounds[-3:]]
+        raise ValueError(
+            f"cu_seqlens must be a 1-d tensor rising from 0 to the {batch * seqlen} tokens of the batch, got "
+            f"{shown} (shape {tuple(cu_seqlens.shape)})"
+        )
     counts = [triton.cdiv(n, size) for n in lengths]
     pairs = [(n, c) for n, count in enumerate(counts) for c in range(count)]
     return Chunks(
@@ -112,10 +163,17 @@ def make_chunks(cu_seqlens: Optional[Tensor], batch: int, seqlen: int, size: int
     )
 
 
-@lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (0 elsewhere)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit

@@ -1,16 +1,20 @@
-"""GPU parity of mmeff's Triton kernels (mmeff.kernels) with the PyTorch reference at real sizes; skipped
-without CUDA. Run: `pytest tests/gpu/test_kernels_gpu.py -q`.
+"""GPU parity of mmeff's Triton kernels (mmeff.kernels) with the PyTorch reference at real sizes: every
+recurrence kind forward and backward, fixed-length and packed (cu_seqlens), the fused recurrent decode kernel,
+the short convolution and the MoE glue. Skipped without CUDA (conftest).
 
 Error per tensor (output, final state, every gradient): ||kernel - reference|| / ||reference|| < 1e-4 with
 fp32 inputs, < 1e-2 with bf16 inputs. The reference is mmeff's PyTorch path (MMEFF_FORCE_REFERENCE=1,
 mode "chunk", itself tested against the step-by-step recurrence on CPU; the step-by-step form itself for
 the fused recurrent kernel), run in fp32 on the same (bf16-rounded) inputs. Every check draws fresh random
 inputs, and every buffer the kernels allocate starts as NaN, so an element left unwritten fails the check.
+
+Compile cost: Triton compiles each kernel once per (dtype, H, K, V, tile sizes, gate kind); the batch and the
+sequence lengths are runtime values. So the checks share one head count and width (HEADS, WIDTH) wherever
+the shape itself is not the point, and each (kind, dtype) is one xdist group: one worker compiles its kernels.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import zlib
 from functools import partial
@@ -23,28 +27,21 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from kernel_cases import KINDS, compare, forward_backward, make_inputs, norm_error  # noqa: E402
 
-
 from mmeff import ops  # noqa: E402
 from mmeff.ops.recurrence import linear_recurrence  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-HEADS = 4  # the head count of the generic checks (a compile-time constant: each count compiles anew)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HEADS, WIDTH = 4, 64  # head count and key/value width of the generic checks
+pytestmark = pytest.mark.usefixtures("poison")
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 would run the GPU tests in the interpreter")
-    import mmeff.kernels
-
-    return mmeff.kernels
-
-
-@pytest.fixture(autouse=True)
-def poison(kernels, monkeypatch):
-    monkeypatch.setattr(kernels.utils, "POISON", True)
+def cases(kinds, dtypes=DTYPES):
+    """(kind, dtype) parameters, each in the xdist group of its kernels."""
+    return pytest.mark.parametrize(
+        "kind,dtype",
+        [pytest.param(k, DTYPES[d], id=f"{k}-{d}", marks=pytest.mark.xdist_group(f"{k}-{d}")) for k in kinds for d in dtypes],
+    )
 
 
 @pytest.fixture
@@ -68,32 +65,44 @@ def assert_parity(kernels, monkeypatch, inputs, dtype, cu_seqlens=None):
     assert all(e < TOL[dtype] for e in errors.values()), errors
 
 
-@DTYPES
+@cases(KINDS)
 @pytest.mark.parametrize("batch,seqlen", [(2, 1000), (1, 65536)], ids=["B2-T1000", "B1-T65536"])
-@pytest.mark.parametrize("kind", KINDS)
 def test_parity(kernels, monkeypatch, seed, kind, batch, seqlen, dtype):
-    inputs = make_inputs(kind, batch, seqlen, HEADS, 64, 64, dtype=dtype, device="cuda", seed=seed)
+    inputs = make_inputs(kind, batch, seqlen, HEADS, WIDTH, WIDTH, dtype=dtype, device="cuda", seed=seed)
     assert_parity(kernels, monkeypatch, inputs, dtype)
 
 
-@DTYPES
+@cases(["gla"])
 @pytest.mark.parametrize("gates", ["mild", "mixed"])
-def test_parity_gla_factored(kernels, monkeypatch, seed, gates, dtype):
+def test_parity_gla_factored(kernels, monkeypatch, seed, gates, kind, dtype):
     # GLA's chunks within the span limit (all with mild gates, the first half with mixed ones) take the
     # factored scores; the strong gates of test_parity keep every chunk on the sub-chunk kernels.
-    inputs = make_inputs("gla", 1, 65536, HEADS, 64, 64, dtype=dtype, device="cuda", seed=seed, gates=gates)
+    inputs = make_inputs(kind, 1, 65536, HEADS, WIDTH, WIDTH, dtype=dtype, device="cuda", seed=seed, gates=gates)
     assert_parity(kernels, monkeypatch, inputs, dtype)
 
 
+@cases(KINDS, ["bf16"])
+def test_packed_sequences(kernels, monkeypatch, seed, kind, dtype):
+    # Varlen: sequences of 1, 63, 64, 65 steps (last chunk of 1 row, full, one past), an empty one, and long ones.
+    lengths = [1, 63, 64, 65, 0, 3000, 1500, 4096]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    inputs = make_inputs(kind, 1, sum(lengths), HEADS, WIDTH, WIDTH, dtype=dtype, device="cuda", seed=seed,
+                         num_states=len(lengths))  # fmt: skip
+    assert_parity(kernels, monkeypatch, inputs, dtype, cu_seqlens)
+
+
+@pytest.mark.xdist_group("wide")
 @pytest.mark.parametrize("kind", KINDS)
 def test_parity_wide_keys(kernels, monkeypatch, seed, kind):
+    # K = 128 with V = 32: the shape where Hopper miscompiled the 4-warp WY builds.
     inputs = make_inputs(kind, 1, 3000, HEADS, 128, 32, dtype=torch.bfloat16, device="cuda", seed=seed)
     assert_parity(kernels, monkeypatch, inputs, torch.bfloat16)
 
 
 # The shapes the mixers hand the kernels in the 12-layer, width-1024 LM of benchmarks/lm_train_speed.py (T = 16k):
-# gla (4 heads, K 128, V 256) and with 16 heads (K 32, V 64), mamba2's SSD (32 heads, d_state 128 as K, head_dim 64
-# as V; checked here in fp32, the dtype of an fp32 model), gated_deltanet (8 heads, K 128, V 256).
+# gla (4 heads, K 128, V 256) and with 16 heads (K 32, V 64: where Hopper miscompiled the 4-warp GLA backward),
+# mamba2's SSD (32 heads, d_state 128 as K, head_dim 64 as V; fp32, the dtype of an fp32 model), gated_deltanet
+# (8 heads, K 128, V 256). Each is its own set of compiles.
 MODEL_SHAPES = {
     "gla-4x128x256": ("gla", 4, 128, 256, torch.bfloat16),
     "gla-16x32x64": ("gla", 16, 32, 64, torch.bfloat16),
@@ -103,7 +112,7 @@ MODEL_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("shape", MODEL_SHAPES)
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=pytest.mark.xdist_group(s)) for s in MODEL_SHAPES])
 def test_parity_model_shapes(kernels, monkeypatch, seed, shape):
     kind, heads, dk, dv, dtype = MODEL_SHAPES[shape]
     gates = "mild" if kind == "gla" else "strong"
@@ -111,32 +120,23 @@ def test_parity_model_shapes(kernels, monkeypatch, seed, shape):
     assert_parity(kernels, monkeypatch, inputs, dtype)
 
 
-@DTYPES
-@pytest.mark.parametrize("kind", KINDS)
-def test_packed_sequences(kernels, monkeypatch, seed, kind, dtype):
-    lengths = [1, 63, 64, 65, 0, 3000, 1500, 4096]
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    inputs = make_inputs(kind, 1, sum(lengths), HEADS, 64, 64, dtype=dtype, device="cuda", seed=seed,
-                         num_states=len(lengths))  # fmt: skip
-    assert_parity(kernels, monkeypatch, inputs, dtype, cu_seqlens)
-
-
-@DTYPES
+@pytest.mark.xdist_group("recurrent")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 @pytest.mark.parametrize("kind", [*KINDS, "gla_delta"])
 def test_fused_recurrent(kernels, monkeypatch, seed, kind, dtype):
     # Decoding-sized packed sequences without gradients: the fused step-by-step kernel.
     monkeypatch.setattr(kernels.ChunkRecurrence, "apply", None)
     lengths = [1, 16, 0, 7, 1]
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    inputs = make_inputs("gla" if kind == "gla_delta" else kind, 1, sum(lengths), HEADS, 64, 64, dtype=dtype,
+    inputs = make_inputs("gla" if kind == "gla_delta" else kind, 1, sum(lengths), HEADS, WIDTH, WIDTH, dtype=dtype,
                          device="cuda", seed=seed, num_states=len(lengths))  # fmt: skip
     if kind == "gla_delta":
         inputs["beta"] = torch.rand(1, sum(lengths), HEADS, device="cuda").to(dtype)
     with torch.no_grad():
         o, state = kernels.linear_recurrence_triton(**inputs, scale=0.5, output_final_state=True, cu_seqlens=cu_seqlens)
         up = {n: None if t is None else t.float() for n, t in inputs.items()}
-        o_ref, state_ref = linear_recurrence(**up, scale=0.5, output_final_state=True, mode="recurrent",
-                                             cu_seqlens=cu_seqlens)  # fmt: skip
+        o_ref, state_ref = reference(monkeypatch, **up, scale=0.5, output_final_state=True, mode="recurrent",
+                                     cu_seqlens=cu_seqlens)  # fmt: skip
     errors = {"o": norm_error(o, o_ref), "final_state": norm_error(state, state_ref)}
     assert all(e < TOL[dtype] for e in errors.values()), errors
 
@@ -149,7 +149,7 @@ def _op_calls(seqlen: int, dtype: torch.dtype, seed: int) -> dict:
         x = fn(torch.randn(*shape, generator=gen)).cuda()
         return x.to(dtype) if time_series else x
 
-    B, T, H, D = 2, seqlen, HEADS, 64
+    B, T, H, D = 2, seqlen, HEADS, WIDTH
     qkv = {"q": randn(B, T, H, D), "k": randn(B, T, H, D, fn=lambda x: F.normalize(x, dim=-1)), "v": randn(B, T, H, D)}
     beta = randn(B, T, H, fn=torch.sigmoid)
     head_gate = randn(B, T, H, fn=lambda x: F.logsigmoid(x + 3), time_series=False)
@@ -164,19 +164,22 @@ def _op_calls(seqlen: int, dtype: torch.dtype, seed: int) -> dict:
         "delta_rule": (ops.delta_rule, {**qkv, "beta": beta}),
         "gated_delta_rule": (ops.gated_delta_rule, {**qkv, "log_g": head_gate, "beta": beta}),
         "ssd": (
-            partial(ops.ssd, dt_softplus=True, backend="torch"),
+            partial(ops.ssd, dt_softplus=True, backend="triton"),
             {"x": randn(B, T, H, D), "dt": randn(B, T, H), "A": -randn(H, fn=torch.exp, time_series=False),
              "B": randn(B, T, 1, D), "C": randn(B, T, 1, D), "D": randn(H, time_series=False)},
         ),
-        "selective_scan": (partial(ops.selective_scan, delta_softplus=True, backend="torch"), scan),
+        "selective_scan": (partial(ops.selective_scan, delta_softplus=True, backend="triton"), scan),
     }  # fmt: skip
 
 
-@DTYPES
-@pytest.mark.parametrize(
-    "op", ["linear_attention", "retention", "gated_linear_attention", "delta_rule", "gated_delta_rule", "ssd",
-           "selective_scan"],
-)  # fmt: skip
+# op -> the kernel kind it runs (its xdist group, so that it reuses that group's compiles)
+OP_KINDS = {"linear_attention": "linear_attention", "retention": "scalar_decay", "gated_linear_attention": "gla",
+            "delta_rule": "delta_rule", "gated_delta_rule": "gated_delta_rule", "ssd": "scalar_decay",
+            "selective_scan": "gla"}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+@pytest.mark.parametrize("op", [pytest.param(o, marks=pytest.mark.xdist_group(f"{k}-ops")) for o, k in OP_KINDS.items()])
 def test_ops_dispatch(kernels, monkeypatch, seed, op, dtype):
     # The ops pick the kernels on CUDA in mode "chunk" and agree with MMEFF_FORCE_REFERENCE=1.
     fn, inputs = _op_calls(777, dtype, seed)[op]
@@ -197,12 +200,15 @@ def test_ops_dispatch(kernels, monkeypatch, seed, op, dtype):
 
     out, grads = run(False)
     assert calls, "the Triton kernels did not run"
+    calls.clear()
     out_ref, grads_ref = run(True)
+    assert not calls, "MMEFF_FORCE_REFERENCE=1 still ran the Triton kernels"
     errors = {"out": norm_error(out, out_ref), **{f"d{n}": norm_error(grads[n], grads_ref[n]) for n in grads}}
     assert all(e < TOL[dtype] for e in errors.values()), errors
 
 
-@DTYPES
+@pytest.mark.xdist_group("conv")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 def test_short_conv(kernels, seed, dtype):
     # mmeff.ops.conv's kernel (silu, bias) against F.conv1d in fp32 on the same inputs: the LM's gated_deltanet
     # width at T = 16k in bf16, and partial tiles with a batch in fp32.
@@ -230,3 +236,78 @@ def test_short_conv(kernels, seed, dtype):
     assert actual[0].dtype == dtype
     errors = {n: norm_error(a.float(), e) for n, a, e in zip(["y", "dx", "dweight", "dbias"], actual, expected)}
     assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
+@pytest.mark.xdist_group("moe")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+def test_moe_glue(kernels, monkeypatch, seed, dtype):
+    # Dispatch, weighted combine and SwiGLU (mmeff.kernels.moe) at an LM layer's size - 16k tokens, top-2 of
+    # 8 experts, width 1024 (not a power of two: 2816 hidden) - against their PyTorch reference, forward and
+    # every gradient, computed in fp32 on the same inputs.
+    from mmeff.kernels import moe
+    from mmeff.ops import grouped
+
+    tokens, k, dim, hidden = 16384, 2, 1024, 2816
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(tokens, dim, device="cuda", generator=gen).to(dtype)
+    experts = torch.randint(0, 8, (tokens, k), device="cuda", generator=gen)
+    weights = torch.rand(tokens, k, device="cuda", generator=gen).softmax(-1)
+    order, inv = grouped.sort_assignments(experts)
+    rows = torch.randn(tokens * k, dim, device="cuda", generator=gen).to(dtype)
+    h = torch.randn(tokens * k, 2 * hidden, device="cuda", generator=gen).to(dtype)
+    checks = {
+        "dispatch": (lambda a: moe.Dispatch.apply(a, order, inv, k), lambda a: grouped.dispatch(a, order, inv, k), [x]),
+        "combine": (lambda r, w: moe.Combine.apply(r, order, inv, w), lambda r, w: grouped.combine(r, order, inv, w),
+                    [rows, weights]),
+        "swiglu": (moe.SwiGLU.apply, lambda a: grouped.activate(a, True), [h]),
+    }  # fmt: skip
+
+    def run(fn, inputs, upcast):
+        leaves = [(t.float() if upcast else t).detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        grad = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        return [out, *torch.autograd.grad(out, leaves, grad.to(out.dtype))]
+
+    errors = {}
+    for name, (kernel, ref, inputs) in checks.items():
+        actual = run(kernel, inputs, upcast=False)
+        with monkeypatch.context() as m:
+            m.setenv("MMEFF_FORCE_REFERENCE", "1")
+            expected = run(ref, inputs, upcast=True)
+        assert actual[0].dtype == dtype, name
+        errors |= {f"{name}[{i}]": norm_error(a.float(), e) for i, (a, e) in enumerate(zip(actual, expected))}
+    assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
+@pytest.mark.xdist_group("int32")
+def test_offsets_past_int32(kernels):
+    # 2**31 + 2**26 elements per q/k/v tensor (B x T x H x K): every element offset must be 64-bit. Only the first
+    # and the last 4096 tokens are nonzero: the middle's outputs must be zero (written: buffers start as NaN),
+    # the head's must equal the kernel's on the head alone, and the tail's the kernel's on the tail alone started
+    # from the head's final state (which the zero middle carries over unchanged). Forward only (13 GB of inputs).
+    heads, width, part = 16, 64, 4096
+    seqlen = 2**21 + 2**16
+    assert seqlen * heads * width > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.zeros(1, seqlen, heads, width, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for t in (q, k, v):
+        for rows in (slice(0, part), slice(seqlen - part, seqlen)):
+            t[:, rows] = torch.randn(1, part, heads, width, device="cuda", generator=gen).to(t.dtype)
+
+    def run(rows: slice, **kwargs):
+        return kernels.linear_recurrence_triton(*(t[:, rows].contiguous() for t in (q, k, v)), scale=0.125, **kwargs)
+
+    with torch.no_grad():
+        o, _ = run(slice(None))
+        head, state = run(slice(0, part), output_final_state=True)
+        tail, _ = run(slice(seqlen - part, seqlen), initial_state=state)
+    assert norm_error(o[:, :part], head) < TOL[torch.bfloat16]
+    assert norm_error(o[:, -part:], tail) < TOL[torch.bfloat16]
+    assert not o[:, part:-part].any(), "the zero middle has nonzero (or unwritten NaN) outputs"
+
+
+@cases(["scalar_decay", "gated_delta_rule"], ["bf16"])
+def test_long_sequence(kernels, monkeypatch, seed, kind, dtype):
+    # T = 128k in one sequence, forward and backward (the kinds whose fp32 reference stays small at that length).
+    inputs = make_inputs(kind, 1, 131072, HEADS, WIDTH, WIDTH, dtype=dtype, device="cuda", seed=seed)
+    assert_parity(kernels, monkeypatch, inputs, dtype)

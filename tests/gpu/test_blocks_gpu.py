@@ -1,0 +1,145 @@
+"""Every token mixer's whole block, and the MoE channel mixer, on the GPU against the same block with
+MMEFF_FORCE_REFERENCE=1: bf16 autocast, forward and backward, at a realistic size (B = 2, T = 2048, dim = 512),
+causal and bidirectional (the scan mixers' default `scan: bi` there), and causal over packed documents
+(`Layout.docs`: the varlen kernels, the document masks). Skipped without CUDA (conftest).
+
+Both runs use the same weights and input; the fast run must have reached the fast path the mixer is built
+on (FlexAttention for the sparse mixers, mmeff's Triton kernels for the linear ones, torch._grouped_mm for the
+MoE), and the reference run none of them. Error per tensor (the output, the input gradient, each parameter
+gradient): ||fast - reference|| / ||reference|| < 2e-2 and max |fast - reference| / max |reference| < 5e-2
+(both runs are bf16 computations of the same function; they differ by rounding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Iterator
+
+import pytest
+import torch
+
+import mmeff.blocks as blocks
+
+BATCH, LENGTH, DIM = 2, 2048, 512
+NORM_TOL, MAX_TOL = 2e-2, 5e-2
+SPARSE = {"sliding", "longformer", "sink", "bigbird", "dilated", "block_topk"}
+LINEAR = {"linear_attn", "retnet", "gla", "deltanet", "gated_deltanet", "ttt"}
+# The fast path each mixer must reach on CUDA (mamba / mamba2 / hybrid_heads: mamba-ssm or Triton, either).
+FAST = {**dict.fromkeys(SPARSE, "flex"), **dict.fromkeys(LINEAR, "triton")}
+# Mixers also run over packed documents: the recurrences (varlen kernels) and two FlexAttention masks.
+PACKED = LINEAR | {"mamba", "mamba2", "attn", "sliding"}
+MIXERS = blocks.names("mixer")
+
+
+@contextlib.contextmanager
+def fast_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
+    """Count the calls of every fast entry point (FlexAttention, mmeff's Triton kernels, torch._grouped_mm)."""
+    import mmeff.kernels
+    import mmeff.kernels.conv
+    import mmeff.kernels.moe
+    import mmeff.ops.flex
+
+    calls: Counter = Counter()
+    with monkeypatch.context() as m:
+
+        def spy(owner: object, name: str, label: str) -> None:
+            original = getattr(owner, name)
+            m.setattr(owner, name, lambda *a, **k: calls.update([label]) or original(*a, **k))
+
+        spy(mmeff.ops.flex, "flex", "flex")
+        spy(mmeff.kernels, "linear_recurrence_triton", "triton")
+        spy(mmeff.kernels.conv.CausalConv, "apply", "triton_conv")
+        for cls in ("Dispatch", "Combine", "SwiGLU"):
+            spy(getattr(mmeff.kernels.moe, cls), "apply", "triton_moe")
+        if hasattr(torch, "_grouped_mm"):
+            spy(torch, "_grouped_mm", "grouped_mm")
+        yield calls
+
+
+def run_block(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+    """Output, input gradient and parameter gradients of one bf16-autocast forward and backward."""
+    block.zero_grad(set_to_none=True)
+    leaf = x.detach().clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = block(leaf, **kwargs)
+    out.float().backward(grad)
+    found = {"out": out.detach().float(), "dx": leaf.grad}
+    found |= {f"d{n}": p.grad.float() for n, p in block.named_parameters() if p.grad is not None}
+    return found
+
+
+def errors(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """(norm-relative, max-relative) error of every tensor; a tensor only one run has counts as failed."""
+    assert fast.keys() == ref.keys(), f"gradients differ in which parameters they reach: {fast.keys() ^ ref.keys()}"
+    out = {}
+    for name, a in fast.items():
+        b = ref[name]
+        diff = (a - b).float()
+        out[name] = ((diff.norm() / b.norm().clamp(min=1e-30)).item(), (diff.abs().max() / b.abs().max().clamp(min=1e-30)).item())
+    return out
+
+
+def compare(monkeypatch, block, expect: str | None, **kwargs) -> None:
+    """Run block fast and with MMEFF_FORCE_REFERENCE=1; check the fast path ran and the results agree."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(BATCH, LENGTH, DIM, device="cuda", generator=gen)
+    grad = torch.randn(BATCH, LENGTH, DIM, device="cuda", generator=gen)
+    with fast_calls(monkeypatch) as calls:
+        fast = run_block(block, x, grad, **kwargs)
+        fast_calls_seen = dict(calls)
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setenv("MMEFF_FORCE_REFERENCE", "1")
+            ref = run_block(block, x, grad, **kwargs)
+    assert not calls, f"MMEFF_FORCE_REFERENCE=1 still ran fast paths: {dict(calls)}"
+    if expect is not None:
+        assert fast_calls_seen.get(expect), f"the fast run did not reach {expect} (calls: {fast_calls_seen})"
+    assert all(t.isfinite().all() for t in fast.values()), "non-finite values in the fast run"
+    found = errors(fast, ref)
+    bad = {n: e for n, e in found.items() if e[0] >= NORM_TOL or e[1] >= MAX_TOL}
+    worst = max(found.items(), key=lambda kv: kv[1][0])
+    assert not bad, f"(norm, max) relative errors past ({NORM_TOL}, {MAX_TOL}): {bad}; worst overall {worst}"
+
+
+def build(name: str, dim: int, **options) -> torch.nn.Module:
+    """The block on CUDA with seeded weights; a mixer without that form (sink is causal only) is skipped."""
+    torch.manual_seed(0)
+    try:
+        return blocks.build(name, dim, **options).cuda()
+    except Exception as e:  # ConfigError wraps the block's ValueError
+        if options.get("causal") is False:
+            pytest.skip(f"{name} has no bidirectional form: {e}")
+        raise
+
+
+def mixer_params(forms: list[str]):
+    return pytest.mark.parametrize(
+        "name,form",
+        [pytest.param(n, f, id=f"{n}-{f}", marks=pytest.mark.xdist_group(f"block-{n}")) for n in MIXERS for f in forms
+         if f != "packed" or n in PACKED],
+    )  # fmt: skip
+
+
+@mixer_params(["causal", "bidirectional", "packed"])
+def test_mixer_block(monkeypatch, name, form):
+    block = build(name, DIM, causal=form != "bidirectional")
+    kwargs = {}
+    if form == "packed":
+        from mmeff.blocks.layout import Layout
+
+        # Per row: documents of 700, 1 and 1347 tokens, then 2047 and 1 (boundaries off the 64-token chunks).
+        docs = torch.tensor([[0] * 700 + [1] + [2] * 1347, [0] * 2047 + [1]], device="cuda")
+        kwargs["layout"] = Layout(docs=docs)
+    compare(monkeypatch, block, FAST.get(name) if form != "packed" or name in LINEAR else None, **kwargs)
+
+
+@pytest.mark.xdist_group("block-moe")
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (16, 1)])
+def test_moe_block(monkeypatch, experts, top_k):
+    # The dropless MoE FFN: grouped GEMMs (torch._grouped_mm on Hopper in bf16) and the Triton glue.
+    block = build("moe", DIM, num_experts=experts, top_k=top_k, hidden=704)
+    with torch.no_grad():  # clear routing decisions: float rounding must not flip a token's expert
+        block.router.weight.mul_(100)
+    expect = "grouped_mm" if torch.cuda.get_device_capability()[0] == 9 else "triton_moe"
+    compare(monkeypatch, block, expect)
