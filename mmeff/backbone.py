@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-import logging
-
 import torch
 from timm.layers import DropPath
 from torch import nn
 
-from mmeff.blocks import Cache, build
+from mmeff.blocks import Cache, Layout, Tokens, build
 from mmeff.config import BackboneConfig, ConfigError
-
-log = logging.getLogger("mmeff")
-
-# Per-batch context a mixer may take as a keyword: `docs` [B, T] document index per token (packed
-# documents stay apart); `prefix` (int) leading tokens that see each other both ways (prefix LM).
-CONTEXT = ("docs", "prefix")
 
 
 def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
@@ -46,11 +37,9 @@ class Layer(nn.Module):
         self.norm2 = build(norm, dim, eps=eps) if ffn is not None else None
         self.ffn = ffn
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.takes = set(inspect.signature(mixer.forward).parameters) & set(CONTEXT)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, **context: object) -> torch.Tensor:
-        extra = {k: v for k, v in context.items() if v is not None and k in self.takes}
-        x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache, **extra))
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, layout: Layout | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache, layout=layout))
         if self.ffn is not None:
             x = x + self.drop_path(self.ffn(self.norm2(x)))
         return x
@@ -69,7 +58,6 @@ class Backbone(nn.Module):
             for i, (name, rate) in enumerate(zip(self.names, rates))
         )
         self.norm = build(cfg.norm, cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
-        self._told_docs = False
 
     def _mixer(self, name: str) -> nn.Module:
         options = dict(self.cfg.mixers.get(name, {}))
@@ -97,18 +85,15 @@ class Backbone(nn.Module):
         return [Cache() for _ in self.layers]
 
     def forward(
-        self, x: torch.Tensor, cache: list[Cache] | None = None, docs: torch.Tensor | None = None, prefix: int | None = None
+        self, x: torch.Tensor | Tokens, cache: list[Cache] | None = None, layout: Layout | None = None
     ) -> torch.Tensor:
-        """Hidden states of tokens `x`; `docs` and `prefix` (see CONTEXT) reach the mixers that take them."""
+        """Hidden states of tokens `x` ([B, T, D], or an encoder's `Tokens` with their layout); `layout` reaches every mixer."""
+        if isinstance(x, Tokens):
+            x, layout = x.x, layout or x.layout
         if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"Backbone expects tokens [B, T, {self.cfg.dim}], got {tuple(x.shape)}")
-        if docs is not None and docs.shape != x.shape[:2]:
-            raise ValueError(f"docs must be [B, T] = {tuple(x.shape[:2])}, got {tuple(docs.shape)}")
-        if docs is not None and not self._told_docs:
-            leaky = sorted({n for n, layer in zip(self.names, self.layers) if "docs" not in layer.takes})
-            if leaky:
-                log.info("document boundaries are not kept by mixers %s (they see packed documents as one)", leaky)
-            self._told_docs = True
+        layout = layout or Layout()
+        layout.check(x.shape[0], x.shape[1])
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache=cache[i] if cache is not None else None, docs=docs, prefix=prefix)
+            x = layer(x, cache=cache[i] if cache is not None else None, layout=layout)
         return self.norm(x)

@@ -8,21 +8,18 @@ forward passes produce `gen_len` tokens. The model needs `embed(ids)`, `hidden(x
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from mmeff.blocks import Layout
 from mmeff.config import ConfigError
-from mmeff.encoders.text import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from mmeff.encoders.text import Tokenizer
 
 Remasking = Literal["low_confidence", "random"]
-DIFFUSION_TASKS = ("diffusion", "diffusion_caption")
 
 
 @dataclass
@@ -79,10 +76,11 @@ def schedule(gen_len: int, steps: int, block_len: int) -> list[tuple[int, int, l
 
 def masked_logits(model: nn.Module, ids: torch.Tensor, start: int, prefix_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, T - start, V] of positions `start:` of `ids` [B, T] after the optional media prefix."""
-    x = model.embed(ids)
+    x, layout = model.embed(ids), None
     if prefix_embeds is not None:
         x = torch.cat([prefix_embeds.to(x.dtype), x], dim=1)
-    return model.head(model.hidden(x)[:, x.shape[1] - ids.shape[1] + start :])
+        layout = Layout(prefix=prefix_embeds.shape[1])
+    return model.head(model.hidden(x, layout=layout)[:, x.shape[1] - ids.shape[1] + start :])
 
 
 @torch.inference_mode()
@@ -174,44 +172,3 @@ def diffusion_generate(
     return DiffusionGeneration(
         tokens, [tokenizer.decode(t) for t in tokens], sampling.gen_len, out.forward_passes, out.ids.numel(), seconds
     )
-
-
-def run_diffusion(args: argparse.Namespace) -> int:
-    """`mmeff generate CKPT --sampler diffusion` with `--prompt TEXT` (diffusion LM) or `--image/--audio FILE`
-    (diffusion captioner): print the text, then forward passes per token and tokens/s to stderr."""
-    from mmeff import checkpoint
-    from mmeff.generate import encode_prompt
-    from mmeff.tasks.caption import media_input, text_config
-
-    cfg = checkpoint.load_config(args.ckpt)
-    if cfg.task.name not in DIFFUSION_TASKS:
-        raise ConfigError(f"{args.ckpt}: task {cfg.task.name!r} is not a diffusion model; --sampler diffusion needs a "
-                          f"{' or '.join(DIFFUSION_TASKS)} checkpoint (use --sampler ar)")
-    captioner = cfg.task.name == "diffusion_caption"
-    if captioner != bool(args.image or args.audio):
-        raise ConfigError(f"{args.ckpt}: a {cfg.task.name} checkpoint samples from "
-                          f"{'--image/--audio FILE' if captioner else '--prompt TEXT'}")
-    path = Path(args.ckpt)
-    tokenizer = load_tokenizer(path if (path / TOKENIZER_FILE).is_file() else text_config(cfg.task) if captioner else cfg.encoder)
-    inputs = media_input(cfg, args) if captioner else None
-    model = checkpoint.load(args.ckpt)
-    if captioner:
-        prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt or "")]
-        default_len = cfg.task.max_len - len(prompt)
-    else:
-        prompt = encode_prompt(tokenizer, args.prompt or "")
-        default_len = args.max_new_tokens or 128
-    sampling = DiffusionSampling(
-        gen_len=args.gen_len or default_len,
-        steps=args.steps,
-        block_len=args.block_len,
-        remasking=args.remasking or "low_confidence",
-        temperature=args.temperature or 0.0,
-        seed=args.seed,
-    )
-    prefix = model.encode_media(inputs) if captioner else None
-    result = diffusion_generate(model, torch.tensor([prompt]), tokenizer, sampling, prefix)
-    print((args.prompt or "") + result.texts[0] if captioner else result.texts[0], flush=True)
-    print(result.speed(), file=sys.stderr)
-    return 0
-

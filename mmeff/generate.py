@@ -8,19 +8,16 @@ own cache, so every sequence sees exactly the state it would see alone.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import TextIO
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from mmeff.blocks import Layout
 from mmeff.config import ConfigError
-from mmeff.encoders.text import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from mmeff.encoders.text import Tokenizer
 
 TextCallback = Callable[[int, str], None]  # (prompt index, newly final text)
 USER, ASSISTANT = "User:", "Assistant:"  # `mmeff chat` turns
@@ -160,13 +157,15 @@ class _Group:
         """Set `logits` [G, V] of the next position: prefill (new=None), or one step with the ids `new` [G]."""
         if new is not None:
             self.context = torch.cat([self.context, new[:, None]], dim=1)
+        layout = None
         if self.cache is not None and new is not None:
             x = model.embed(new[:, None])
         else:
             x = model.embed(self.context)
             if self.prefix is not None:
                 x = torch.cat([self.prefix.to(x.dtype), x], dim=1)
-        self.logits = model.head(model.hidden(x, cache=self.cache)[:, -1])
+                layout = Layout(prefix=self.prefix.shape[1])
+        self.logits = model.head(model.hidden(x, cache=self.cache, layout=layout)[:, -1])
 
 
 def _sync(device: torch.device) -> None:
@@ -253,73 +252,6 @@ def generate(
     )
 
 
-def load_lm(path: str | Path) -> tuple[nn.Module, Tokenizer]:
-    """The model of LM checkpoint folder `path` and its tokenizer (the folder's tokenizer.json, else the config's)."""
-    from mmeff import checkpoint
-
-    path = Path(path)
-    cfg = checkpoint.load_config(path)
-    model = checkpoint.load(path)
-    if cfg.task.name == "diffusion":  # its model has the LM's parts, but a bidirectional backbone cannot decode
-        raise ConfigError(f"{path}: task 'diffusion' is a masked diffusion LM; sample it with --sampler diffusion")
-    if not all(hasattr(model, name) for name in ("embed", "hidden", "head", "new_cache")):
-        raise ConfigError(f"{path}: task {cfg.task.name!r} is not a language model; generation needs an LM checkpoint")
-    tokenizer = load_tokenizer(path if (path / TOKENIZER_FILE).is_file() else cfg.encoder)
-    return model, tokenizer
-
-
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """The ids of `text`; an empty prompt is <eos>, the token before every packed training document."""
     return tokenizer.encode(text) or [tokenizer.eos_id]
-
-
-def sampling_from_args(args: argparse.Namespace) -> Sampling:
-    """The `Sampling` of the command-line flags that were given (`mmeff generate` / `mmeff chat`)."""
-    names = [f.name for f in fields(Sampling)]
-    return Sampling(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
-
-
-def _writer(out: TextIO) -> TextCallback:
-    def write(index: int, piece: str) -> None:
-        out.write(piece)
-        out.flush()
-
-    return write
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    """`mmeff generate CKPT --prompt TEXT`: stream the continuation to stdout, then the speed to stderr."""
-    model, tokenizer = load_lm(args.ckpt)
-    prompt = encode_prompt(tokenizer, args.prompt)
-    result = generate(model, [prompt], sampling_from_args(args), tokenizer, on_text=_writer(sys.stdout))
-    print(flush=True)
-    print(result.speed(), file=sys.stderr)
-    return 0
-
-
-def run_chat(args: argparse.Namespace) -> int:
-    """`mmeff chat CKPT`: each stdin line is a user turn, the reply streams; the conversation so far is the prompt."""
-    from mmeff import checkpoint
-
-    inp, out, err = sys.stdin, sys.stdout, sys.stderr
-    model, tokenizer = load_lm(args.ckpt)
-    sampling = sampling_from_args(args)
-    sampling.stop = [*sampling.stop, f"\n{USER}"]
-    # The conversation is re-read every turn, keeping the last tokens that fit the trained context.
-    keep = max(1, checkpoint.load_config(args.ckpt).encoder.seq_len - sampling.max_new_tokens)
-    conversation = ""
-    interactive = inp.isatty()
-    while True:
-        if interactive:
-            err.write("> ")
-            err.flush()
-        line = inp.readline()
-        if not line:
-            return 0
-        conversation += f"{USER} {line.rstrip(chr(10))}\n{ASSISTANT}"
-        prompt = encode_prompt(tokenizer, conversation)[-keep:]
-        result = generate(model, [prompt], sampling, tokenizer, on_text=_writer(out))
-        print(file=out, flush=True)
-        conversation += result.texts[0] + "\n"
-        if interactive:
-            print(result.speed(), file=err)

@@ -9,11 +9,15 @@ head routing and quantised scores (mmeff/blocks/efficient.py).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from mmeff.blocks.cache import Cache
+from mmeff.blocks.layout import Layout
+from mmeff.ops.varlen import cu_seqlens_from_docs
 from mmeff.blocks.registry import register
 from mmeff.ops import flex, masks
 from mmeff.ops.masks import MaskMod
@@ -59,7 +63,6 @@ class SoftmaxAttention(nn.Module):
     """The shared flow of every softmax-attention mixer; subclasses define `project` and may override any step."""
 
     per_head_mask = False  # True where `mask` depends on the head (FlexAttention then needs one block mask per head)
-    _context: tuple[Tensor | None, int | None, Cache | None] = (None, None, None)  # (docs, prefix, cache) of the call in progress
 
     def __init__(
         self,
@@ -107,17 +110,19 @@ class SoftmaxAttention(nn.Module):
         offset: int,
         kv_pos: Tensor | None,
         mask: MaskMod | None,
+        layout: Layout,
         scale: float | None = None,
         block: BlockMask | None = None,
     ) -> Tensor:
-        """`mmeff.ops.flex.attention` for queries at positions offset.. over keys at `kv_pos` (None: aligned)."""
+        """`mmeff.ops.flex.attention` for queries at positions offset.. over keys at `kv_pos` (None: aligned),
+        kept within the documents and prefix of `layout`."""
         q_pos = None if kv_pos is None else torch.arange(offset, offset + q.shape[2], device=q.device)
-        docs, prefix, _ = self._context
-        engine = None
-        if prefix:
-            mask = masks.with_prefix(mask, prefix)
+        docs, engine = layout.docs, None
+        if layout.prefix:
+            mask = masks.with_prefix(mask, layout.prefix)
         if docs is not None:
-            mask = masks.within_documents(mask, docs)
+            first = torch.arange(docs.shape[1], device=docs.device) - layout.replace(offset=0).positions(docs.shape[1], docs.device)
+            mask = masks.within_documents(mask, docs, first)
             # Documents differ per sample: a block mask of this batch's own, never cached.
             if block is not None:
                 engine = "reference"  # a prebuilt (selection) block mask knows nothing of the documents
@@ -128,32 +133,43 @@ class SoftmaxAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0, scale=scale, block=block, engine=engine,
         )
 
-    def attend(self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None, layout: Layout, cache: Cache | None
+    ) -> Tensor:
         """Per-head outputs [B, H, T, Dv] of the queries over the cached and new tokens."""
         mask = self.mask(offset + q.shape[2], q.device)
-        return self.attention(q, kv["k"], kv["v"], offset, kv_pos, mask)
+        return self.attention(q, kv["k"], kv["v"], offset, kv_pos, mask, layout)
 
     def merge(self, o: Tensor, x: Tensor) -> Tensor:
         """Heads [B, H, T, Dv] -> [B, T, D] through the output projection."""
         B, H, T, _ = o.shape
         return self.out(o.transpose(1, 2).reshape(B, T, -1))
 
-    def forward(self, x: Tensor, cache: Cache | None = None, docs: Tensor | None = None, prefix: int | None = None) -> Tensor:
-        """`docs` [B, T]: attend within each packed document (training); `prefix`: leading tokens seen both ways."""
-        if docs is not None and cache is not None:
-            raise ValueError("docs (packed documents) is for training and evaluation; decoding takes one sequence per row")
+    def forward(self, x: Tensor, cache: Cache | None = None, layout: Layout | None = None) -> Tensor:
+        """Tokens [B, T, D] -> [B, T, D]; `layout` keeps packed documents apart and opens the prefix both ways."""
+        layout = layout or Layout()
+        if layout.docs is not None and cache is not None:
+            raise ValueError("layout.docs (packed documents) is for training and evaluation; decoding takes one sequence per row")
         offset = cache.offset if cache is not None else 0
-        pos = torch.arange(offset, offset + x.shape[1], device=x.device)
+        pos = layout.replace(offset=layout.offset + offset).positions(x.shape[1], x.device)  # RoPE positions
         q, kv = self.project(x, pos)
         kv_pos = None
         if cache is not None:
             kv, kv_pos = remember(cache, kv, self.cache_bound() if self.causal else None)
-        self._context = (docs, prefix, cache)  # read by `attention`, which every variant's `attend` calls
-        try:
-            return self.merge(self.attend(q, kv, offset, kv_pos), x)
-        finally:
-            # Reset rather than `del`: torch.compile traces attribute writes, not deletions.
-            self._context = (None, None, None)
+        return self.merge(self.attend(q, kv, offset, kv_pos, layout, cache), x)
+
+
+def per_document(fn: Callable[..., tuple[Tensor, ...]], docs: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+    """Apply `fn` to each document's tokens of `xs` [B, h, T, d] separately (`docs` [B, T]), reassembled in place:
+    for steps whose statistics span tokens (block scores, quantisation scales), so no document sees another."""
+    T = docs.shape[1]
+    bounds = cu_seqlens_from_docs(docs).tolist()
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        b, t0 = divmod(start, T)
+        parts.append(fn(*(x[b : b + 1, :, t0 : t0 + end - start] for x in xs)))
+    # Documents come in flattened B*T order: [1, h, B*T, d] -> [B, h, T, d].
+    return tuple(torch.cat([p[i] for p in parts], dim=2)[0].unflatten(1, (-1, T)).transpose(0, 1) for i in range(len(parts[0])))
 
 
 @register("attn")

@@ -7,6 +7,7 @@ from torch import nn
 
 from mmeff.blocks.cache import Cache
 from mmeff.ops.conv import causal_conv1d, with_history
+from mmeff.ops.varlen import seq_idx_from_cu_seqlens
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "identity": "identity"}
 
@@ -30,10 +31,14 @@ class ShortConv(nn.Module):
         # nn.Conv1d only holds the weight [C, 1, K] and bias and gives them PyTorch's default init.
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=bias)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, key: str = "conv") -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]; reads and updates `cache[key]` when a cache is given."""
+    def forward(
+        self, x: torch.Tensor, cache: Cache | None = None, key: str = "conv", cu_seqlens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; reads and updates `cache[key]` when a cache is given; taps never cross the
+        document boundaries `cu_seqlens` (int32 [N+1] over the flattened tokens)."""
         prev = cache.get(key) if cache is not None else None
         if cache is not None:
             full = with_history(x, prev, self.kernel_size - 1)
             cache[key] = full[..., x.shape[1] :].clone()  # the last kernel_size - 1 steps; a copy: do not pin `full`
-        return causal_conv1d(x, self.conv.weight.squeeze(1), self.conv.bias, self.activation, prev)
+        docs = None if cu_seqlens is None else seq_idx_from_cu_seqlens(cu_seqlens, x.shape[0] * x.shape[1]).view(x.shape[:2])
+        return causal_conv1d(x, self.conv.weight.squeeze(1), self.conv.bias, self.activation, prev, docs=docs)

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmeff.blocks.attention import Attention, SoftmaxAttention
+from mmeff.blocks.attention import Attention, SoftmaxAttention, per_document
+from mmeff.blocks.cache import Cache
+from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
 from mmeff.ops.routing import router_scores, switch_aux_loss, topk_route
 
@@ -67,7 +69,9 @@ class LatentAttention(SoftmaxAttention):
         q = torch.cat([q_nope, q_rope], -1).transpose(1, 2)
         return q, {"latent": self.kv_norm(latent).unsqueeze(1), "k_rope": k_rope.transpose(1, 2)}
 
-    def attend(self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None, layout: Layout, cache: Cache | None
+    ) -> Tensor:
         latent, k_rope = kv["latent"], kv["k_rope"]  # [B, 1, S, kv_rank], [B, 1, S, rope_dim]
         mask = self.mask(offset + q.shape[2], q.device)
         up = self.kv_up.weight.view(self.heads, 2 * self.head_dim, self.kv_rank)
@@ -75,10 +79,10 @@ class LatentAttention(SoftmaxAttention):
         if kv_pos is None:
             k_nope, v = torch.einsum("bsr,hdr->bhsd", latent[:, 0], up).split(self.head_dim, -1)
             k = torch.cat([k_nope, k_rope.expand(-1, self.heads, -1, -1)], -1)
-            return self.attention(q, k, v, offset, kv_pos, mask)
+            return self.attention(q, k, v, offset, kv_pos, mask, layout)
         q_nope, q_rope = q.split([self.head_dim, self.rope_dim], -1)
         q_latent = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, up_k), q_rope], -1)
-        o = self.attention(q_latent, torch.cat([latent, k_rope], -1), latent, offset, kv_pos, mask, scale=q.shape[-1] ** -0.5)
+        o = self.attention(q_latent, torch.cat([latent, k_rope], -1), latent, offset, kv_pos, mask, layout, scale=q.shape[-1] ** -0.5)
         return torch.einsum("bhtr,hdr->bhtd", o, up_v)
 
 
@@ -171,6 +175,13 @@ class QuantAttention(Attention):
             raise ValueError(f"v_dtype must be 'bf16' or 'fp32', got {v_dtype!r}")
         self.q_block, self.k_block, self.smooth_k, self.v_dtype = q_block, k_block, smooth_k, v_dtype
 
-    def attend(self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None) -> Tensor:
-        q, k, v = sage_inputs(q, kv["k"], kv["v"], self.q_block, self.k_block, self.smooth_k, self.v_dtype)
-        return super().attend(q, {"k": k, "v": v}, offset, kv_pos)
+    def attend(
+        self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None, layout: Layout, cache: Cache | None
+    ) -> Tensor:
+        quantise = lambda q, k, v: sage_inputs(q, k, v, self.q_block, self.k_block, self.smooth_k, self.v_dtype)  # noqa: E731
+        if layout.docs is None:
+            q, k, v = quantise(q, kv["k"], kv["v"])
+        else:  # block scales and the key mean span tokens: take them within each document
+            q, k, v = per_document(quantise, layout.docs, q, kv["k"], kv["v"])
+        return super().attend(q, {"k": k, "v": v}, offset, kv_pos, layout, cache)
+

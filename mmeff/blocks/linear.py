@@ -18,7 +18,7 @@ from mmeff import ops
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.conv import ShortConv
 from mmeff.blocks.registry import register
-from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter
+from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter, packed
 from mmeff.ops.rope import apply_rope, rope_angles
 
 Recurred = tuple[Tensor, Tensor | None]  # (o [B, T, H, V], final state [B, H, K, V] or None)
@@ -87,17 +87,17 @@ class LinearMixer(ScanMixer):
         return q, k
 
     def initial_state(self, cache: Cache | None, batch: int) -> torch.Tensor | None:
-        """The state the recurrence starts from: the cached one, else zeros (None)."""
+        """The state the recurrence starts from (`batch` sequences): the cached one, else zeros (None)."""
         return cache.get("state") if cache is not None else None
 
     def project(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         return [self.qkv(x), *self.gates(x)], (self.gate(x) if self.gate is not None else None)
 
-    def mix(self, streams: list[torch.Tensor], cache: Cache | None) -> torch.Tensor:
-        qkv, *gates = streams
-        batch, length = qkv.shape[:2]
+    def mix(self, streams: list[torch.Tensor], cache: Cache | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        batch, length = streams[0].shape[:2]
+        qkv, *gates = (packed(s, cu_seqlens) for s in streams)  # packed documents: one row that cu_seqlens bounds
         if self.conv is not None:
-            qkv = self.conv(qkv, cache)
+            qkv = self.conv(qkv, cache, cu_seqlens=cu_seqlens)
         q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in qkv.split([self.key_dim, self.key_dim, self.value_dim], -1))
         q, k = self.position_qk(self.feature(q), self.feature(k), cache.offset if cache is not None else 0)
         # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run
@@ -110,13 +110,14 @@ class LinearMixer(ScanMixer):
             gates,
             mode=self.mode(length),
             chunk_size=self.chunk_size,
-            initial_state=self.initial_state(cache, batch),
+            initial_state=self.initial_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1),
             output_final_state=cache is not None,
             scale=self.scale,
+            cu_seqlens=cu_seqlens,
         )
         if cache is not None:
             cache["state"] = state
-        return o.flatten(-2)
+        return o.flatten(-2).view(batch, length, -1)
 
     def output(self, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         return self.out(self.norm(y, gate))

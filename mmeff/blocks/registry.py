@@ -1,65 +1,64 @@
-"""One registry from config names to block classes (token mixers, channel mixers, norms)."""
+"""The registry of blocks (token mixers, channel mixers, norms): config names -> classes, with their options."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 
 from mmeff.config import ConfigError
+from mmeff.registry import Entry, Registry
 
-
-@dataclass(frozen=True)
-class Entry:
-    """A registered block: its class, kind ('mixer', 'ffn' or 'norm') and one-line summary."""
-
-    cls: type[nn.Module]
-    kind: str
-    summary: str
-
-
-_REGISTRY: dict[str, Entry] = {}
+BLOCKS: Registry[type[nn.Module]] = Registry("block")
 
 
 def register(name: str, kind: str = "mixer") -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make `cls` buildable as `build(name, dim, **options)`."""
-
-    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"block name {name!r} registered twice")
-        summary = (inspect.getdoc(cls) or "").splitlines()[0] if cls.__doc__ else ""
-        _REGISTRY[name] = Entry(cls, kind, summary)
-        return cls
-
-    return wrap
+    """Class decorator: make `cls` buildable as `build(name, dim, **options)`; kind: 'mixer', 'ffn' or 'norm'."""
+    return BLOCKS.register(name, kind=kind)
 
 
 def names(kind: str | None = None) -> list[str]:
     """Registered block names, optionally only those of one kind."""
-    return sorted(n for n, e in _REGISTRY.items() if kind is None or e.kind == kind)
+    return BLOCKS.names(kind)
 
 
-def entry(name: str) -> Entry:
-    """The registry entry of `name`, with a clear error listing the known names."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown block {name!r}; registered: {', '.join(names())}")
-    return _REGISTRY[name]
+def entry(name: str) -> Entry[type[nn.Module]]:
+    """The registry entry of `name` (`.cls`, `.kind`, `.summary`), with a clear error listing the known names."""
+    return BLOCKS.entry(name)
 
 
-def build(name: str, dim: int, where: str = "", **options: Any) -> nn.Module:
+def options(cls: type) -> dict[str, inspect.Parameter] | None:
+    """The keyword options of block class `cls` (beyond `dim`), or None if it takes any.
+
+    A constructor with `**options` passes them on to its base class (the convention of every block), so the
+    options are collected up the class hierarchy until a constructor without `**`.
+    """
+    found: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass is nn.Module:
+            return found  # reached the end of the forwarding chain
+        params = inspect.signature(klass.__init__).parameters
+        for name, p in params.items():
+            if name not in ("self", "dim") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                found.setdefault(name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return found
+    return None
+
+
+def build(name: str, dim: int, where: str = "", **kwargs: Any) -> nn.Module:
     """Build block `name` of width `dim`; unknown or mistyped options are a ConfigError naming `where`."""
     cls = entry(name).cls
-    params = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    allowed = [p for p in params if p not in ("self", "dim") and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
-    if not takes_any:
-        for key in options:
+    allowed = options(cls)
+    if allowed is not None:
+        for key in kwargs:
             if key not in allowed:
                 prefix = f"{where}." if where else ""
-                raise ConfigError(f"unknown option {prefix}{key} for block {name!r}; allowed: {', '.join(allowed)}")
+                raise ConfigError(f"unknown option {prefix}{key} for block {name!r}; allowed: {', '.join(sorted(allowed))}")
     try:
-        return cls(dim, **options)
+        return cls(dim, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where or name}: cannot build {name!r} with {options}: {e}") from None
+        raise ConfigError(f"{where or name}: cannot build {name!r} with {kwargs}: {e}") from None

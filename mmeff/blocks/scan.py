@@ -4,13 +4,15 @@ A recurrent mixer reads tokens in one order. For causal models that is the token
 bidirectional inputs (vision, audio) the recurrence runs along several routes and the outputs,
 mapped back to token order, are averaged:
 
-- ``scan: forward``: one route (``order: raster`` = token order, or ``column``: column-major over `grid`);
+- ``scan: forward``: one route (``order: raster`` = token order, or ``column``: column-major in each
+  frame of the layout's grid);
 - ``scan: bi``: that route and its reverse (Vision Mamba, Zhu et al., 2024) - the default when causal=false;
 - ``scan: cross``: VMamba's four routes (Liu et al., 2024): raster, column-major and both reversed.
 
-``grid: [h, w]`` gives the image token layout (needed by ``column`` and ``cross``); ``prefix_tokens``
-leading tokens (class tokens) are not part of the grid: every route reads them last, so each
-route's state has seen the whole sequence when it reaches them.
+The token grid and the class tokens come from the call's `Layout`: its `special` leading tokens and
+any tokens after the grid are read last on every route, so each route's state has seen the whole
+sequence when it reaches them. Packed documents (`layout.docs`) are scanned each on its own: the
+recurrence restarts at every boundary (`cu_seqlens`), and the reverse route reverses each document.
 
 Routes are stacked along the batch dimension, so the recurrence runs once for all of them, with
 shared weights. Only the order-dependent part of a mixer (short conv + recurrence, `mix`) runs per
@@ -20,91 +22,89 @@ route; projections, gates and output norms are per token and run once (`project`
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from mmeff.blocks.cache import Cache
+from mmeff.blocks.layout import Layout
+from mmeff.ops.varlen import cu_seqlens_from_docs
 
 ScanKind = Literal["forward", "bi", "cross"]
 Order = Literal["raster", "column"]
+# A route: None (token order), "flip" (token order reversed) or gather indices [T].
+Route = Union[None, str, Tensor]
+# What `mix` runs on: token streams in scan order and the document boundaries over their flattened tokens.
+MixFn = Callable[[list[Tensor], Union[Tensor, None]], Tensor]
 
 
 class Routes:
     """The token orders a mixer scans along, and how route outputs go back to token order."""
 
-    def __init__(
-        self,
-        causal: bool,
-        scan: ScanKind | None = None,
-        order: Order = "raster",
-        grid: Sequence[int] | None = None,
-        prefix_tokens: int = 0,
-    ) -> None:
+    def __init__(self, causal: bool, scan: ScanKind | None = None, order: Order = "raster") -> None:
         scan = scan or ("forward" if causal else "bi")
         if scan not in ("forward", "bi", "cross"):
             raise ValueError(f"scan must be 'forward', 'bi' or 'cross', got {scan!r}")
         if order not in ("raster", "column"):
             raise ValueError(f"order must be 'raster' or 'column', got {order!r}")
-        if causal and (scan != "forward" or order != "raster" or prefix_tokens):
-            raise ValueError("a causal mixer scans forward in token order; scan/order/prefix_tokens need causal=false")
-        if grid is not None and (len(grid) != 2 or min(grid) < 1):
-            raise ValueError(f"grid must be [h, w], got {grid!r}")
-        if grid is None and (scan == "cross" or order == "column"):
-            raise ValueError(f"scan={scan!r}, order={order!r} needs the token grid: grid: [h, w]")
-        if prefix_tokens < 0:
-            raise ValueError(f"prefix_tokens must be >= 0, got {prefix_tokens}")
-        self.scan, self.order, self.prefix = scan, order, prefix_tokens
-        self.grid = tuple(grid) if grid is not None else None
-        self._perms: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        if causal and (scan != "forward" or order != "raster"):
+            raise ValueError("a causal mixer scans forward in token order; scan/order need causal=false")
+        self.scan, self.order, self.causal = scan, order, causal
 
     @property
     def is_identity(self) -> bool:
-        """True when the only route is the token order itself (what decoding with a cache needs)."""
-        return self.scan == "forward" and self.order == "raster" and self.prefix == 0
+        """True when the only route is the token order (what decoding with a cache needs)."""
+        return self.scan == "forward" and self.order == "raster"
 
-    def permutations(self, length: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Per route: (gather indices, inverse indices) over `length` tokens, or None for token order."""
-        key = (length, str(device))
-        if key not in self._perms:
-            self._perms[key] = [self._inverse(p) for p in self._routes(length, device)]
-        return self._perms[key]
-
-    def _routes(self, length: int, device: torch.device) -> list[torch.Tensor | None]:
-        body = length - self.prefix
-        if body < 0 or (self.grid is not None and body != self.grid[0] * self.grid[1]):
-            expect = f"{self.prefix} + {self.grid[0]}*{self.grid[1]}" if self.grid else f">= {self.prefix}"
-            raise ValueError(f"scan over {length} tokens, expected prefix_tokens + grid = {expect}")
+    def routes(self, length: int, layout: Layout, device: torch.device) -> list[Route]:
+        """The routes over `length` tokens laid out as `layout`."""
+        if self.causal:
+            return [None]
+        plain = layout.special == 0 and (layout.grid is None or layout.grid_tokens == length)
+        if self.order == "raster" and self.scan != "cross" and (plain or layout.docs is not None):
+            return [None, "flip"] if self.scan == "bi" else [None]
+        if layout.docs is not None:
+            raise ValueError(f"scan={self.scan!r}, order={self.order!r} over packed documents: only raster forward/bi scans keep documents apart")
+        if layout.grid is None and (self.scan == "cross" or self.order == "column"):
+            raise ValueError(f"scan={self.scan!r}, order={self.order!r} needs the token grid; the encoder's layout has none")
+        body = layout.grid_tokens or length - layout.special
         raster = torch.arange(body, device=device)
-        column = raster.view(*self.grid).t().reshape(-1) if self.grid is not None else None
+        column = raster.view(*layout.grid).transpose(1, 2).reshape(-1) if layout.grid is not None else None
         if self.scan == "cross":
             bodies = [raster, column, raster.flip(0), column.flip(0)]
         else:
             first = column if self.order == "column" else raster
             bodies = [first] + ([first.flip(0)] if self.scan == "bi" else [])
-        prefix = torch.arange(self.prefix, device=device)
-        routes: list[torch.Tensor | None] = []
-        for b in bodies:
-            perm = torch.cat([b + self.prefix, prefix])
-            routes.append(None if torch.equal(perm, torch.arange(length, device=device)) else perm)
-        return routes
+        rest = torch.cat([torch.arange(layout.special, device=device), torch.arange(layout.special + body, length, device=device)])
+        return [torch.cat([b + layout.special, rest]) for b in bodies]
 
-    @staticmethod
-    def _inverse(perm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if perm is None else (perm, torch.argsort(perm))
-
-    def __call__(self, fn: Callable[[list[torch.Tensor]], torch.Tensor], streams: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, fn: MixFn, streams: list[Tensor], layout: Layout) -> Tensor:
         """Run `fn` on the token streams [B, T, ...] along every route; mean of the outputs in token order."""
         batch, length = streams[0].shape[:2]
-        perms = self.permutations(length, streams[0].device)
-        if len(perms) == 1 and perms[0] is None:
-            return fn(streams)
-        stacked = [torch.cat([s if p is None else s.index_select(1, p[0]) for p in perms]) for s in streams]
-        ys = fn(stacked).unflatten(0, (len(perms), batch))
-        out = [ys[r] if p is None else ys[r].index_select(1, p[1]) for r, p in enumerate(perms)]
-        return torch.stack(out).mean(0)
+        routes = self.routes(length, layout, streams[0].device)
+        docs = layout.docs
+        if routes == [None]:
+            return fn(streams, layout.cu_seqlens)
+        stacked = [torch.cat([_along(s, r) for r in routes]) for s in streams]
+        cu_seqlens = None if docs is None else cu_seqlens_from_docs(torch.cat([_along(docs, r) for r in routes]))
+        ys = fn(stacked, cu_seqlens).unflatten(0, (len(routes), batch))
+        return torch.stack([_back(ys[i], r) for i, r in enumerate(routes)]).mean(0)
+
+
+def _along(x: Tensor, route: Route) -> Tensor:
+    """`x` [B, T, ...] in the order of `route`."""
+    if route is None:
+        return x
+    return x.flip(1) if isinstance(route, str) else x.index_select(1, route)
+
+
+def _back(y: Tensor, route: Route) -> Tensor:
+    """A route's output [B, T, ...] back in token order."""
+    if route is None or isinstance(route, str):
+        return _along(y, route)
+    return y.index_select(1, torch.argsort(route))
 
 
 class ScanMixer(nn.Module):
@@ -115,30 +115,24 @@ class ScanMixer(nn.Module):
     routes and counts the consumed tokens in `cache.offset`.
     """
 
-    def __init__(
-        self,
-        *,
-        causal: bool = True,
-        scan: ScanKind | None = None,
-        order: Order = "raster",
-        grid: Sequence[int] | None = None,
-        prefix_tokens: int = 0,
-        chunk_size: int = 64,
-    ) -> None:
+    def __init__(self, *, causal: bool = True, scan: ScanKind | None = None, order: Order = "raster", chunk_size: int = 64) -> None:
         super().__init__()
         self.causal = causal
-        self.routes = Routes(causal, scan, order, grid, prefix_tokens)
+        self.routes = Routes(causal, scan, order)
         self.chunk_size = chunk_size
 
-    def project(self, x: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+    def project(self, x: Tensor) -> tuple[list[Tensor], Any]:
         """x [B, T, D] -> (token streams [B, T, ...] that `mix` scans, per-token extras for `output`)."""
         raise NotImplementedError
 
-    def mix(self, streams: list[torch.Tensor], cache: Cache | None) -> torch.Tensor:
-        """The order-dependent part on streams in scan order -> [B, T, ...]; fills `cache` when given."""
+    def mix(self, streams: list[Tensor], cache: Cache | None, cu_seqlens: Tensor | None) -> Tensor:
+        """The order-dependent part on streams in scan order -> [B, T, ...]; fills `cache` when given.
+
+        `cu_seqlens` (int32 [N+1], or None) bounds the documents over the flattened B*T tokens: the state
+        (and the short conv) restarts at each boundary."""
         raise NotImplementedError
 
-    def output(self, y: torch.Tensor, extras: Any) -> torch.Tensor:
+    def output(self, y: Tensor, extras: Any) -> Tensor:
         """Route-averaged `mix` output and the extras of `project` -> [B, T, D]."""
         raise NotImplementedError
 
@@ -147,17 +141,24 @@ class ScanMixer(nn.Module):
         """The op mode: chunked for training and prefill, the plain recurrence for one-token steps."""
         return "recurrent" if length == 1 else "chunk"
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    def forward(self, x: Tensor, cache: Cache | None = None, layout: Layout | None = None) -> Tensor:
+        layout = layout or Layout()
         if cache is not None and not self.routes.is_identity:
             raise ValueError(
-                f"{type(self).__name__} scans {self.routes.scan!r} (causal={self.causal}): "
-                "decoding with a cache needs causal=true"
+                f"{type(self).__name__} scans {self.routes.scan!r} (causal={self.causal}): decoding with a cache needs causal=true"
             )
+        if cache is not None and layout.docs is not None:
+            raise ValueError("layout.docs (packed documents) is for training and evaluation; decoding takes one sequence per row")
         streams, extras = self.project(x)
-        y = self.routes(lambda s: self.mix(s, cache), streams)
+        y = self.routes(lambda s, cu: self.mix(s, cache, cu), streams, layout)
         if cache is not None:
             cache.offset += x.shape[1]
         return self.output(y, extras)
+
+
+def packed(x: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """[B, T, ...] as the one packed row [1, B*T, ...] that `cu_seqlens` bounds (unchanged without it)."""
+    return x if cu_seqlens is None else x.flatten(0, 1).unsqueeze(0)
 
 
 class GroupedNorm(nn.Module):

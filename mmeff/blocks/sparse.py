@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmeff.blocks.attention import Attention
+from mmeff.blocks.attention import Attention, per_document
+from mmeff.blocks.cache import Cache
+from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
 from mmeff.ops import flex, masks
 from mmeff.ops.masks import MaskMod
@@ -216,9 +218,13 @@ class BlockTopK(Attention):
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
         return (chosen & compete) | own
 
-    def attend(self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, kv: dict[str, Tensor], offset: int, kv_pos: Tensor | None, layout: Layout, cache: Cache | None
+    ) -> Tensor:
         k, v = kv["k"], kv["v"]
-        cache = self._context[2]
+        if layout.docs is not None:  # block scores span documents: select within each document on its own
+            alone = layout.replace(docs=None)
+            return per_document(lambda q, k, v: (self.attend(q, {"k": k, "v": v}, 0, None, alone, None),), layout.docs, q, k, v)[0]
         gates = self.gates(q, offset, cache.get("gate") if cache is not None else None)
         if cache is not None and self.query_block > 1 and self.causal:
             cache["gate"] = gates[:, :, -1:]
@@ -231,4 +237,4 @@ class BlockTopK(Attention):
         block = None
         if flex.wants_flex(q, kv_pos is None, self.dropout if self.training else 0.0):
             block = flex.selection_block_mask(chosen, self.block, g, mask, q.shape[2], k.shape[2], self.causal)
-        return self.attention(q, k, v, offset, kv_pos, mask, block=block)
+        return self.attention(q, k, v, offset, kv_pos, mask, layout, block=block)

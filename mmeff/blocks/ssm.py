@@ -18,7 +18,7 @@ from mmeff import ops
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.conv import ShortConv
 from mmeff.blocks.registry import register
-from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter
+from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter, packed
 
 
 @register("mamba")
@@ -75,9 +75,10 @@ class Mamba(ScanMixer):
     def project(self, x: Tensor) -> tuple[list[Tensor], None]:
         return list(self.in_proj(x).chunk(2, dim=-1)), None
 
-    def mix(self, streams: list[Tensor], cache: Cache | None) -> Tensor:
-        x, z = streams
-        x = self.conv(x, cache)
+    def mix(self, streams: list[Tensor], cache: Cache | None, cu_seqlens: Tensor | None) -> Tensor:
+        batch, length = streams[0].shape[:2]
+        x, z = (packed(s, cu_seqlens) for s in streams)
+        x = self.conv(x, cache, cu_seqlens=cu_seqlens)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.t()  # the bias is added (in fp32) by the scan
         y = ops.selective_scan(
@@ -95,10 +96,11 @@ class Mamba(ScanMixer):
             chunk_size=self.chunk_size,
             initial_state=cache.get("state") if cache is not None else None,
             backend=self.backend,
+            cu_seqlens=cu_seqlens,
         )
         if cache is not None:
             y, cache["state"] = y
-        return y.transpose(1, 2)
+        return y.transpose(1, 2).reshape(batch, length, -1)
 
     def output(self, y: Tensor, extras: None) -> Tensor:
         return self.out(y)
@@ -160,9 +162,10 @@ class Mamba2(ScanMixer):
         z, xBC, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.ngroups * self.d_state, self.heads], -1)
         return [xBC, dt], z
 
-    def mix(self, streams: list[Tensor], cache: Cache | None) -> Tensor:
-        xBC, dt = streams
-        xBC = self.conv(xBC, cache)
+    def mix(self, streams: list[Tensor], cache: Cache | None, cu_seqlens: Tensor | None) -> Tensor:
+        batch, length = streams[0].shape[:2]
+        xBC, dt = (packed(s, cu_seqlens) for s in streams)
+        xBC = self.conv(xBC, cache, cu_seqlens=cu_seqlens)
         x, B, C = xBC.split([self.inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         y = ops.ssd(
             x.unflatten(-1, (self.heads, self.head_dim)),
@@ -178,10 +181,11 @@ class Mamba2(ScanMixer):
             return_final_states=cache is not None,
             mode=self.mode(x.shape[1]),
             backend=self.backend,
+            cu_seqlens=cu_seqlens,
         )
         if cache is not None:
             y, cache["state"] = y
-        return y.flatten(-2)
+        return y.flatten(-2).view(batch, length, -1)
 
     def output(self, y: Tensor, z: Tensor) -> Tensor:
         return self.out(self.norm(y, z))

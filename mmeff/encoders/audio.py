@@ -14,11 +14,12 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from mmeff.config import ConfigError, DataConfig, RunConfig, register_section
+from mmeff.config import ENCODERS, ConfigError
+from mmeff.blocks import Tokens
 from mmeff.encoders.common import GridTokens
 
 
-@register_section("encoder", "audio")
+@ENCODERS.register("audio")
 @dataclass
 class AudioEncoderConfig:
     """Frontend and token options; the first of `keys` present in a shard sample holds the audio bytes."""
@@ -77,7 +78,7 @@ class AudioEncoder(GridTokens):
         self.cfg = cfg
         self.proj = proj
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor) -> Tokens:
         mels = self.cfg.num_mel_bins
         if features.dim() != 3 or features.shape[2] != mels:
             raise ValueError(f"AudioEncoder expects features [B, frames, {mels}], got {tuple(features.shape)}")
@@ -91,7 +92,7 @@ class AudioEncoder(GridTokens):
             k = self.cfg.frame_stack
             x = F.pad(features, (0, 0, 0, -T % k)).reshape(B, 1, -1, k * mels)
             x = self.add_position(self.proj(x))
-        return self.add_cls(x.reshape(B, -1, x.shape[-1]))
+        return self.tokens(x)
 
 
 def audio_bytes(sample: dict, keys: list[str]) -> bytes:
@@ -161,37 +162,6 @@ class AudioTransform:
         if self.masks is not None:
             x = self.masks(x.T.unsqueeze(0))[0].T  # torchaudio masks take [..., freq, time]
         return x
-
-
-class _Moments:
-    """Shard sample -> the sum, sum of squares and count of its log-mel values (unpadded, unnormalised)."""
-
-    def __init__(self, cfg: AudioEncoderConfig) -> None:
-        self.cfg = cfg
-
-    def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
-        x = fbank(decode(audio_bytes(sample, self.cfg.keys), self.cfg.sample_rate), self.cfg).double()
-        return {"moments": torch.stack([x.sum(), (x**2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])}
-
-
-def compute_stats(cfg: RunConfig | DataConfig, encoder_cfg: AudioEncoderConfig | None = None) -> tuple[float, float]:
-    """Log-mel mean and std over the train shards of `cfg` (written first from `data.source` if absent)."""
-    from mmeff.data import ShardDataModule, make_loader
-
-    data = cfg.data if isinstance(cfg, RunConfig) else cfg
-    enc = encoder_cfg if encoder_cfg is not None else getattr(cfg, "encoder", None)
-    if not isinstance(enc, AudioEncoderConfig):
-        raise ConfigError(f"audio statistics need encoder.name: audio, got {getattr(enc, 'name', enc)!r}")
-    moments = _Moments(enc)
-    ShardDataModule(data, moments, moments).prepare_data()
-    total = torch.zeros(3, dtype=torch.float64)
-    for batch in make_loader(data, "train", moments, train=False):
-        total += batch["moments"].sum(0)
-    s, sq, n = total.tolist()
-    if n == 0:
-        raise ValueError(f"no audio in the train shards of {data.root}")
-    mean = s / n
-    return mean, math.sqrt(max(sq / n - mean**2, 0.0))
 
 
 def build(cfg: AudioEncoderConfig, dim: int) -> AudioEncoder:

@@ -8,6 +8,8 @@ import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
+from mmeff.blocks import Layout, Tokens
+
 
 class GridTokens(nn.Module):
     """Learned position embedding on a token grid (resampled to other grids) and optional class token."""
@@ -43,6 +45,17 @@ class GridTokens(nn.Module):
             return x
         i = self._cls_index(x.shape[1])
         return torch.cat([x[:, :i], self.cls.expand(x.shape[0], -1, -1), x[:, i:]], dim=1)
+
+    def tokens(self, grid: torch.Tensor) -> Tokens:
+        """Grid tokens [B, h, w, D] (position added) -> `Tokens` in raster order with the class token and their layout.
+
+        The layout names the grid unless a class token sits in its middle (then it is one plain sequence)."""
+        B, h, w, D = grid.shape
+        x = self.add_cls(grid.reshape(B, h * w, D))
+        if self.cls is not None and self.cls_position == "middle":
+            return Tokens(x, Layout())
+        first = self.cls is not None and self.cls_position == "first"
+        return Tokens(x, Layout(grid=(1, h, w), special=int(first)))
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """One vector per sample: the class token's output, or the mean over tokens."""

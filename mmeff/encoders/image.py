@@ -11,11 +11,12 @@ from PIL import Image
 from timm.layers import PatchEmbed
 from torchvision.transforms import v2
 
-from mmeff.config import register_section
+from mmeff.blocks import Tokens
+from mmeff.config import ENCODERS
 from mmeff.encoders.common import GridTokens
 
 
-@register_section("encoder", "image")
+@ENCODERS.register("image")
 @dataclass
 class ImageEncoderConfig:
     """Patch tokenizer options; `key` is the image field of the shard samples."""
@@ -47,13 +48,13 @@ class ImageEncoder(GridTokens):
         self.cfg = cfg
         self.patch = patch
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> Tokens:
         if images.dim() != 4 or images.shape[1] != self.cfg.in_chans:
             raise ValueError(f"ImageEncoder expects images [B, {self.cfg.in_chans}, H, W], got {tuple(images.shape)}")
         x = self.add_position(self.patch(images))  # [B, h, w, D]
         if self.cfg.scan == "column":
             x = x.transpose(1, 2)
-        return self.add_cls(x.flatten(1, 2))
+        return self.tokens(x)
 
 
 class ImageTransform:

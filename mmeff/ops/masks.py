@@ -153,11 +153,19 @@ def with_prefix(base: MaskMod | None, prefix: int) -> MaskMod | None:
     return mask
 
 
-def within_documents(base: MaskMod | None, docs: Tensor) -> MaskMod:
-    """`base` restricted to keys of the query's own document; `docs` [B, T] holds each token's document index."""
+def within_documents(base: MaskMod | None, docs: Tensor, first: Tensor | None = None) -> MaskMod:
+    """`base` restricted to keys of the query's own document; `docs` [B, T] holds each token's document index.
+
+    With `first` [B, T] (the index of each token's document start), `base` sees positions within the
+    document, so position-dependent masks (global tokens, sinks, blocks) start afresh in each document."""
 
     def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         same = docs[b, q] == docs[b, kv]
-        return same if base is None else same & base(b, h, q, kv)
+        if base is None:
+            return same
+        if first is None:
+            return same & base(b, h, q, kv)
+        start = first[b, q]
+        return same & base(b, h, q - start, kv - start)
 
     return mask

@@ -8,8 +8,6 @@ Parameter names: `encoder.media` (the modality tokenizer of config `encoder`), `
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +18,8 @@ from torch import nn
 
 from mmeff import encoders, metrics
 from mmeff.backbone import Backbone
-from mmeff.blocks import Cache
-from mmeff.config import ConfigError, RunConfig, register_section
+from mmeff.blocks import Cache, Layout
+from mmeff.config import TASKS, ConfigError, RunConfig
 from mmeff.encoders.text import TextEncoder, TextEncoderConfig, Tokenizer, load_tokenizer, tokenizer_files
 from mmeff.tasks.base import TaskModule
 
@@ -45,7 +43,7 @@ class CaptionTextConfig:
     max_new_tokens: int | None = None  # decoding limit (diffusion: the answer length); None: max_len (diffusion: max_len - 1)
 
 
-@register_section("task", "caption")
+@TASKS.register("caption")
 @dataclass
 class CaptionConfig(CaptionTextConfig):
     """Autoregressive captioning options: prefix attention and label smoothing on top of the caption text options."""
@@ -93,7 +91,7 @@ class CaptionEncoder(TextEncoder):
 
     def prefix(self, inputs: torch.Tensor) -> torch.Tensor:
         """Media inputs (images [B, C, H, W] or features [B, frames, mels]) -> prefix embeddings [B, P, D]."""
-        return self.proj(self.media(inputs))
+        return self.proj(self.media(inputs).x)
 
 
 class Captioner(nn.Module):
@@ -113,28 +111,21 @@ class Captioner(nn.Module):
         self.head = nn.Linear(dim, cfg.task.vocab_size, bias=False)
         if cfg.task.tie_embeddings:
             self.head.weight = self.encoder.embed.weight
-        self.prefix_tokens: int | None = None  # length of the last prefix made, for `hidden` during generation
 
     def encode_media(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Prefix embeddings [B, P, D] of media inputs (remembers P for the prefill of `hidden`)."""
-        prefix = self.encoder.prefix(inputs)
-        self.prefix_tokens = prefix.shape[1]
-        return prefix
+        """Prefix embeddings [B, P, D] of media inputs."""
+        return self.encoder.prefix(inputs)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text ids [B, T] -> embeddings [B, T, D]."""
         return self.encoder(tokens)
 
-    def _prefix_arg(self, prefix: int | None) -> int | None:
-        return prefix if self.prefix_lm and prefix else None
-
-    def hidden(self, x: torch.Tensor, cache: list[Cache] | None = None, prefix: int | None = None) -> torch.Tensor:
-        """Embeddings [B, T, D] (prefix first) -> hidden states. Without `prefix`, a sequence that starts from an
-        empty cache (generation's prefill, or uncached decoding) has the prefix of the last `encode_media` call."""
-        fresh = cache is None or not any(c.offset or len(c) for c in cache)
-        if prefix is None and fresh:
-            prefix = self.prefix_tokens
-        return self.backbone(x, cache=cache, prefix=self._prefix_arg(prefix) if fresh else None)
+    def hidden(self, x: torch.Tensor, cache: list[Cache] | None = None, layout: Layout | None = None) -> torch.Tensor:
+        """Embeddings [B, T, D] (media prefix first) -> hidden states; `layout.prefix` is the media prefix's length,
+        which sees itself both ways when the task is a prefix LM."""
+        if layout is not None and not self.prefix_lm:
+            layout = layout.replace(prefix=0)
+        return self.backbone(x, cache=cache, layout=layout)
 
     def new_cache(self) -> list[Cache]:
         """An empty decoding cache."""
@@ -145,7 +136,7 @@ class Captioner(nn.Module):
         prefix = self.encode_media(inputs)
         P = prefix.shape[1]
         x = torch.cat([prefix, self.embed(tokens).to(prefix.dtype)], dim=1)
-        return self.head(self.backbone(x, prefix=self._prefix_arg(P))[:, P:])
+        return self.head(self.hidden(x, layout=Layout(prefix=P))[:, P:])
 
 
 def caption_targets(tokens: torch.Tensor, prefix_len: int, pad_id: int) -> torch.Tensor:
@@ -270,38 +261,3 @@ def media_sample(cfg: RunConfig, path: str | Path) -> dict[str, Any]:
         return {cfg.encoder.key: data}
     ext = path.suffix.lstrip(".").lower()
     return {ext if ext in cfg.encoder.keys else cfg.encoder.keys[0]: data}
-
-
-def media_input(cfg: RunConfig, args: argparse.Namespace) -> torch.Tensor:
-    """The `--image` / `--audio` file of `args` as the captioner's input batch of one (its encoder must read that kind)."""
-    kind = "image" if args.image else "audio"
-    if cfg.encoder.name != kind:
-        raise ConfigError(f"{args.ckpt}: the captioner reads {cfg.encoder.name}, not {kind} (use --{cfg.encoder.name})")
-    return make_transform(cfg, train=False).media(media_sample(cfg, args.image or args.audio))[None]
-
-
-def run_caption(args: argparse.Namespace) -> int:
-    """`mmeff generate CKPT --image FILE` (or `--audio FILE`): print the caption, then the speed to stderr."""
-    import time
-
-    from mmeff import checkpoint
-    from mmeff.generate import sampling_from_args
-
-    cfg = checkpoint.load_config(args.ckpt)
-    if cfg.task.name != "caption":
-        hint = " (sample it with --sampler diffusion)" if cfg.task.name == "diffusion_caption" else ""
-        raise ConfigError(f"{args.ckpt}: task {cfg.task.name!r} is not an autoregressive captioner{hint}")
-    inputs = media_input(cfg, args)
-    model = checkpoint.load(args.ckpt)
-    path = Path(args.ckpt)
-    tokenizer = load_tokenizer(path if (path / "tokenizer.json").is_file() else text_config(cfg.task))
-    sampling = sampling_from_args(args)
-    if args.max_new_tokens is None:
-        sampling.max_new_tokens = cfg.task.max_new_tokens or cfg.task.max_len
-    if args.temperature is None and args.top_k is None and args.top_p is None:
-        sampling.greedy = True  # a caption is the most likely text unless sampling is asked for
-    start = time.perf_counter()
-    text = caption(model, inputs, tokenizer, sampling, prompt=args.prompt or "")[0]
-    print(text, flush=True)
-    print(f"captioned in {time.perf_counter() - start:.3f}s", file=sys.stderr)
-    return 0

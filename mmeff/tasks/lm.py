@@ -14,13 +14,13 @@ from torchmetrics.aggregation import SumMetric
 
 from mmeff import encoders
 from mmeff.backbone import Backbone
-from mmeff.blocks import Cache
-from mmeff.config import ConfigError, RunConfig, register_section
+from mmeff.blocks import Cache, Layout
+from mmeff.config import TASKS, ConfigError, RunConfig
 from mmeff.encoders.text import TextEncoderConfig, Tokenizer, load_tokenizer, tokenizer_files
 from mmeff.tasks.base import TaskModule
 
 
-@register_section("task", "lm")
+@TASKS.register("lm")
 @dataclass
 class LMConfig:
     """Next-token prediction on packed text; `eos_bytes` is what an <eos> target counts in bits per byte."""
@@ -64,9 +64,9 @@ class LanguageModel(nn.Module):
         """Token ids [B, T] -> embeddings [B, T, D]."""
         return self.encoder(tokens)
 
-    def hidden(self, x: torch.Tensor, cache: list[Cache] | None = None, docs: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, cache: list[Cache] | None = None, layout: Layout | None = None) -> torch.Tensor:
         """Embeddings [B, T, D] -> final hidden states [B, T, D] (decoding: reads and fills `cache`)."""
-        return self.backbone(x, cache=cache, docs=docs)
+        return self.backbone(x, cache=cache, layout=layout)
 
     def new_cache(self) -> list[Cache]:
         """An empty decoding cache."""
@@ -74,7 +74,7 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [B, T] (and their document indices) -> next-token logits [B, T, V]."""
-        return self.head(self.hidden(self.embed(tokens), docs=docs))
+        return self.head(self.hidden(self.embed(tokens), layout=None if docs is None else Layout(docs=docs)))
 
 
 def token_bytes(tokenizer: Tokenizer, vocab_size: int, eos_bytes: int = 1) -> torch.Tensor:

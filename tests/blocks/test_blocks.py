@@ -1,4 +1,4 @@
-"""Every registered block builds, runs forward and backward at two sizes; attention decodes like it forwards."""
+"""Channel mixers and norms build and run forward and backward at two sizes (token mixers: test_mixer_harness.py)."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from mmeff.backbone import Backbone, expand_pattern
 from mmeff.config import BackboneConfig
 
 
-@pytest.mark.parametrize("name", blocks.names())
+@pytest.mark.parametrize("name", blocks.names("ffn") + blocks.names("norm"))
 @pytest.mark.parametrize("dim, T", [(32, 5), (64, 33)])
 def test_forward_backward(name, dim, T):
     torch.manual_seed(0)

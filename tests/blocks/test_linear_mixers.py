@@ -5,6 +5,7 @@ import torch
 
 from mmeff import blocks, ops
 from mmeff.backbone import Backbone
+from mmeff.blocks import Layout
 from mmeff.blocks.scan import GroupedNorm, ScanMixer
 from mmeff.config import BackboneConfig, ConfigError
 
@@ -95,15 +96,15 @@ def test_causality_and_bidirectional(name):
 @pytest.mark.parametrize("name", SCANNED + ["hybrid_heads"])
 def test_cross_scan_with_class_token(name):
     torch.manual_seed(0)
-    grid = {"grid": [3, 4], "prefix_tokens": 1}
-    block = make(name, causal=False, scan="cross", **grid).eval()
+    layout = Layout(grid=(1, 3, 4), special=1)  # what the image encoder gives for a class token and a 3x4 grid
+    block = make(name, causal=False, scan="cross").eval()
     x = torch.randn(2, 13, 32, requires_grad=True)
-    y = block(x)
+    y = block(x, layout=layout)
     assert y.shape == x.shape and torch.isfinite(y).all()
     y[:, 0].sum().backward()  # the class token reads every image token
     assert (x.grad[:, 1:].abs().sum(-1) > 0).all()
     with pytest.raises(ValueError, match="grid"):
-        block(torch.randn(2, 12, 32))
+        block(torch.randn(2, 13, 32))  # no grid in the layout
 
 
 def test_routes_map_back_to_token_order():
@@ -111,7 +112,7 @@ def test_routes_map_back_to_token_order():
     from mmeff.blocks.scan import Routes
 
     x = torch.randn(1, 7, 1)  # one class token + a 2x3 grid
-    cumsum = lambda s: s[0].cumsum(1)  # noqa: E731
+    cumsum = lambda s, cu_seqlens: s[0].cumsum(1)  # noqa: E731
     body = x[:, 1:, 0].view(2, 3)
     raster, column = body.reshape(-1), body.t().reshape(-1)
     cls = x[0, 0, 0]
@@ -130,17 +131,17 @@ def test_routes_map_back_to_token_order():
         "cross": (route(raster, r) + route(column, c) + route(raster.flip(0), r.flip(0)) + route(column.flip(0), c.flip(0))) / 4,
     }
     for scan, want in expect.items():
-        got = Routes(False, scan, grid=[2, 3], prefix_tokens=1)(cumsum, [x])
+        got = Routes(False, scan)(cumsum, [x], Layout(grid=(1, 2, 3), special=1))
         torch.testing.assert_close(got[0, :, 0], want)
-    assert Routes(True).is_identity and Routes(True).permutations(5, x.device) == [None]
+    assert Routes(True).is_identity and Routes(True).routes(5, Layout(), x.device) == [None]
 
 
 def test_scan_option_errors():
     with pytest.raises(ConfigError, match="causal"):
         blocks.build("gla", 32, causal=True, scan="bi")
-    with pytest.raises(ConfigError, match="grid"):
-        blocks.build("mamba", 32, causal=False, scan="cross")
-    with pytest.raises(ConfigError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match="grid"):
+        blocks.build("mamba", 32, causal=False, scan="cross")(torch.randn(1, 4, 32))
+    with pytest.raises(ConfigError, match="unknown option not_an_option"):
         blocks.build("deltanet", 32, not_an_option=1)
     bi = blocks.build("gla", 32, causal=False)
     with pytest.raises(ValueError, match="causal=true"):
@@ -150,7 +151,8 @@ def test_scan_option_errors():
 def test_column_order_and_forward_only_scan():
     torch.manual_seed(0)
     x = torch.randn(1, 6, 32)
-    fwd = blocks.build("gla", 32, causal=False, scan="forward", order="column", grid=[2, 3]).eval()
+    block = blocks.build("gla", 32, causal=False, scan="forward", order="column").eval()
+    fwd = lambda x: block(x, layout=Layout(grid=(1, 2, 3)))  # noqa: E731
     # column-major: token 3 (row 1, col 0) is read 2nd, so it reaches token 1 (row 0, col 1), read 3rd
     x2 = x.clone()
     x2[:, 3] += 1.0

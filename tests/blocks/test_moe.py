@@ -81,7 +81,7 @@ def test_grouped_kernel_matches_loop_bf16():
 
 
 def test_grouped_impl_refuses_unsupported_inputs():
-    with pytest.raises(ValueError, match="bfloat16"):
+    with pytest.raises(RuntimeError, match="bfloat16"):
         moe(impl="grouped")(torch.randn(2, 3, 16))
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from mmeff.blocks import Layout
 from mmeff import checkpoint, config
 from mmeff.cli import main
 from mmeff.config import ConfigError
@@ -68,7 +69,7 @@ def test_loss_is_the_cross_entropy_of_the_text_positions_only(tmp_path):
     with torch.no_grad():
         prefix = model.encode_media(batch["input"])
         assert prefix.shape[1] == 4
-        hidden = model.backbone(torch.cat([prefix, model.embed(tokens[:, :-1])], 1), prefix=4)
+        hidden = model.backbone(torch.cat([prefix, model.embed(tokens[:, :-1])], 1), layout=Layout(prefix=4))
         logits = model.head(hidden)
     targets = caption_targets(tokens, 4, TOK.pad_id)  # one per position of prefix + tokens[:, :-1]
     assert targets.shape == logits.shape[:2]
@@ -84,9 +85,9 @@ def test_prefix_length_reaches_the_backbone_in_training_and_prefill_only():
     seen = []
     forward = model.backbone.forward
 
-    def spy(x, cache=None, docs=None, prefix=None):
-        seen.append((x.shape[1], prefix))
-        return forward(x, cache=cache, docs=docs, prefix=prefix)
+    def spy(x, cache=None, layout=None):
+        seen.append((x.shape[1], layout.prefix if layout is not None and layout.prefix else None))
+        return forward(x, cache=cache, layout=layout)
 
     model.backbone.forward = spy
     images = torch.randn(2, 1, 16, 16)

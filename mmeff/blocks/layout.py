@@ -1,0 +1,91 @@
+"""The token layout: what travels with tokens [B, T, D] from the tokenizer through every mixer.
+
+Encoders emit `Tokens(x, layout)`; the backbone hands `layout` to each token mixer, which reads what
+it needs: document boundaries of packed sequences, the prefix-LM prefix, the token grid of images
+and audio, the position of the first token. Nothing of it is copied into mixer options or kept on a
+module between calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from mmeff.ops.varlen import cu_seqlens_from_docs
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """Per-batch token layout.
+
+    - `docs` [B, T]: document id per token of packed sequences; a document is a run of equal ids
+      along a row, and packed documents never see each other in any mixer (None: one document per row).
+    - `prefix`: leading tokens that see each other both ways in a causal model (prefix LM).
+    - `grid` (t, h, w): tokens `special .. special + t*h*w` are this grid in raster order (images,
+      spectrogram patches, video); `special` leading tokens (class tokens) are not part of it.
+    - `offset`: position of the first token (RoPE and windows continue from it).
+    """
+
+    docs: Tensor | None = None
+    prefix: int = 0
+    grid: tuple[int, int, int] | None = None
+    special: int = 0
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.docs is not None and self.docs.dim() != 2:
+            raise ValueError(f"Layout.docs must be [B, T], got {tuple(self.docs.shape)}")
+        if self.grid is not None and (len(self.grid) != 3 or min(self.grid) < 1):
+            raise ValueError(f"Layout.grid must be (t, h, w) of positive sizes, got {self.grid!r}")
+        if min(self.prefix, self.special, self.offset) < 0:
+            raise ValueError(f"Layout prefix, special and offset must be >= 0, got {self.prefix}, {self.special}, {self.offset}")
+
+    def replace(self, **changes: object) -> Layout:
+        """A copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def check(self, batch: int, length: int) -> None:
+        """Raise a ValueError naming the mismatch unless this layout describes tokens [batch, length, ...]."""
+        if self.docs is not None and tuple(self.docs.shape) != (batch, length):
+            raise ValueError(f"layout docs must be [B, T] = {(batch, length)}, got {tuple(self.docs.shape)}")
+        if self.grid is not None and self.special + self.grid_tokens > length:
+            raise ValueError(f"layout grid {self.grid} after {self.special} special tokens needs {self.special + self.grid_tokens} tokens, got {length}")
+
+    @property
+    def grid_tokens(self) -> int:
+        """Number of grid tokens (0 without a grid)."""
+        return 0 if self.grid is None else self.grid[0] * self.grid[1] * self.grid[2]
+
+    @cached_property
+    def starts(self) -> Tensor | None:
+        """[B, T] bool: the first token of each document (None without `docs`)."""
+        if self.docs is None:
+            return None
+        first = torch.ones_like(self.docs[:, :1], dtype=torch.bool)
+        return torch.cat([first, self.docs[:, 1:] != self.docs[:, :-1]], dim=1)
+
+    def positions(self, length: int, device: torch.device) -> Tensor:
+        """Positions of the tokens: [T] from `offset`, or [B, T] restarting at each document (a packed document
+        sits at the positions it would have alone)."""
+        if self.docs is None:
+            return torch.arange(self.offset, self.offset + length, device=device)
+        index = torch.arange(length, device=device).expand_as(self.docs)
+        first = torch.where(self.starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        return self.offset + index - first
+
+    @cached_property
+    def cu_seqlens(self) -> Tensor | None:
+        """int32 [N + 1]: document boundaries over the flattened B*T tokens (None without `docs`)."""
+        return None if self.docs is None else cu_seqlens_from_docs(self.docs)
+
+
+@dataclass
+class Tokens:
+    """Token embeddings [B, T, D] and their layout: what an encoder hands the backbone."""
+
+    x: Tensor
+    layout: Layout = field(default_factory=Layout)
