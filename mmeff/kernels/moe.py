@@ -87,6 +87,7 @@ def _block(n: int) -> int:
 
 def gather_sum(src: Tensor, index: Tensor, weight: Tensor | None, k: int) -> Tensor:
     """out[n] = sum_j weight[n, j] * src[index[n * k + j]] (weight None: 1) -> [len(index) // k, D] in src's dtype."""
+    src, index = src.contiguous(), index.contiguous()  # the kernel reads rows of D elements at stride D
     D = src.shape[1]
     out = empty((index.numel() // k, D), src.dtype, src.device)
     block = _block(D)
@@ -115,8 +116,8 @@ class Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: Tensor, order: Tensor, inv: Tensor, weight: Tensor) -> Tensor:
-        weight = weight.float().contiguous()
-        ctx.save_for_backward(rows, order, weight)
+        rows, weight = rows.contiguous(), weight.float().contiguous()
+        ctx.save_for_backward(rows, order.contiguous(), weight)
         return gather_sum(rows, inv, weight, weight.shape[1])
 
     @staticmethod

@@ -65,3 +65,16 @@ def test_dispatch_combine_swiglu_match_reference(moe_kernels, monkeypatch, dtype
             assert a.dtype == b.dtype and a.shape == b.shape, (name, i)
             error = (a.float() - b.float()).abs().max().item()
             assert error <= tol * max(1.0, b.float().abs().max().item()), (name, i, error)
+
+
+def test_gather_reads_non_contiguous_rows(moe_kernels):
+    # The kernels index rows at stride D: a strided input (here every other column of a wider buffer) must be
+    # made contiguous first, or they read the wrong elements (past the tensor's end for its last rows).
+    gen = torch.Generator().manual_seed(0)
+    experts = torch.randint(0, 4, (9, 2), generator=gen)
+    order, inv = grouped.sort_assignments(experts)
+    rows = torch.randn(18, 32, generator=gen)[:, ::2]
+    weights = torch.rand(9, 2, generator=gen)
+    expected = (weights[..., None] * rows[inv].view(9, 2, -1)).sum(1)
+    assert torch.allclose(moe_kernels.Combine.apply(rows, order, inv, weights), expected, atol=1e-6)
+    assert torch.allclose(moe_kernels.gather_sum(rows, inv, None, 2), rows[inv].view(9, 2, -1).sum(1), atol=1e-6)
