@@ -1,0 +1,162 @@
+"""One decoding step for sequences at different positions, on top of the per-layer `Cache` API.
+
+A `Cache` holds one `offset` for all the rows of a batch. A serving batch holds sequences that
+joined at different times, so each sequence keeps its own caches (one batch-1 `Cache` per layer)
+and `step` runs one token of every sequence through the model's own forward, with each layer's
+token mixer wrapped by a `RowMixer` for the duration of the step:
+
+- state-only mixers (linear attention without positions, Mamba, Mamba-2): the rows' fixed-size
+  states are concatenated along the batch, the mixer runs once, the new states are split back;
+- plain causal `attn` (an unbounded KV cache): each row's new token is projected and rotated at its
+  own position, and attends over its own keys, right-padded to the longest row and masked;
+- any other mixer (bounded or latent caches, RetNet's positions, hybrids): the rows at the same
+  offset (equal cache shapes) run together as one batch of the mixer itself.
+
+Everything outside the mixers (embedding, norms, FFN, head) runs once for all rows. Each row sees
+exactly the state it would see alone, so greedy text equals one-by-one generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmeff.blocks.attention import Attention
+from mmeff.blocks.cache import Cache
+from mmeff.blocks.linear import LinearMixer
+from mmeff.blocks.ssm import Mamba, Mamba2
+
+
+class RowCaches(Cache):
+    """The per-sequence caches of one layer ([1, ...] tensors each), handed to a `RowMixer` as its cache."""
+
+    def __init__(self, rows: Sequence[Cache]) -> None:
+        super().__init__()
+        self.rows = list(rows)
+
+
+def mixer_kind(mixer: nn.Module) -> str:
+    """'state' (offset-free fixed-size state), 'attn' (padded per-row KV) or 'group' (rows of equal offset)."""
+    if isinstance(mixer, (Mamba, Mamba2)) or (
+        isinstance(mixer, LinearMixer) and type(mixer).position_qk is LinearMixer.position_qk
+    ):
+        return "state"
+    if type(mixer) is Attention and mixer.causal and mixer.cache_bound() is None:
+        return "attn"
+    return "group"
+
+
+def _signature(cache: Cache) -> tuple:
+    return tuple(
+        (k, _signature(v) if isinstance(v, Cache) else (tuple(v.shape[1:]), v.dtype)) for k, v in sorted(cache.items())
+    )
+
+
+def stack(caches: Sequence[Cache]) -> Cache:
+    """One batch cache of equally shaped batch-1 caches (nested caches too), with the first one's offset."""
+    out = Cache()
+    out.offset = caches[0].offset
+    for key, value in caches[0].items():
+        out[key] = stack([c[key] for c in caches]) if isinstance(value, Cache) else torch.cat([c[key] for c in caches])
+    return out
+
+
+def unstack(batch: Cache, caches: Sequence[Cache], tokens: int) -> None:
+    """Write row i of `batch` back into `caches[i]` (nested caches too); every offset advances by `tokens`."""
+    for cache in caches:
+        cache.offset += tokens
+    for key, value in batch.items():
+        if isinstance(value, Cache):
+            unstack(value, [c.setdefault(key, Cache()) for c in caches], tokens)
+        else:
+            for i, cache in enumerate(caches):
+                cache[key] = value[i : i + 1]
+
+
+def _attend_rows(mixer: Attention, x: Tensor, caches: Sequence[Cache]) -> Tensor:
+    """`attn` over x [N, T, D] where row i continues `caches[i]` at its own offset; appends each row's keys/values."""
+    N, T, _ = x.shape
+    offsets = [c.offset for c in caches]
+    # Projections, q/k norms and RoPE act per token: the N rows' tokens as one sequence [1, N*T, D] with
+    # each token at its own position give every row exactly its own q, k and v.
+    pos = torch.tensor([o + t for o in offsets for t in range(T)], device=x.device)
+    q, kv = mixer.project(x.reshape(1, N * T, -1), pos)
+    q = q.unflatten(2, (N, T)).transpose(0, 2).squeeze(2)  # [1, H, N*T, d] -> [N, H, T, d]
+    new = {name: t.unflatten(2, (N, T)).transpose(0, 2).squeeze(2) for name, t in kv.items()}
+    lengths = [o + T for o in offsets]
+    longest = max(lengths)
+    padded = {}
+    for name, t in new.items():
+        full = t.new_zeros(N, t.shape[1], longest, t.shape[3])
+        for i, cache in enumerate(caches):
+            if offsets[i]:
+                full[i, :, : offsets[i]] = cache[name][0]
+            full[i, :, offsets[i] : lengths[i]] = t[i]
+            cache[name] = full[i : i + 1, :, : lengths[i]]
+        padded[name] = full
+    for cache in caches:
+        cache.offset += T
+    key_pos = torch.arange(longest, device=x.device)
+    query_pos = torch.tensor(offsets, device=x.device)[:, None] + torch.arange(T, device=x.device)
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [N, T, L]: causal within each row's own keys
+    k, v = padded["k"], padded["v"]
+    if mixer.kv_heads != mixer.heads:
+        k, v = (t.repeat_interleave(mixer.heads // mixer.kv_heads, dim=1) for t in (k, v))
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None])
+    return mixer.merge(o, x)
+
+
+class RowMixer(nn.Module):
+    """Wraps a token mixer: with a `RowCaches` cache it steps every row at its own offset, otherwise it is the mixer."""
+
+    def __init__(self, mixer: nn.Module) -> None:
+        super().__init__()
+        self.inner = mixer
+        self.kind = mixer_kind(mixer)
+
+    def forward(self, x: Tensor, cache: Cache | None = None, **context: Any) -> Tensor:
+        if not isinstance(cache, RowCaches):
+            return self.inner(x, cache=cache, **context)
+        if self.kind == "attn":
+            return _attend_rows(self.inner, x, cache.rows)
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(cache.rows):
+            key = _signature(row) if self.kind == "state" else (row.offset, _signature(row))
+            groups.setdefault(key, []).append(i)
+        out = torch.empty_like(x)
+        for members in groups.values():
+            rows = [cache.rows[i] for i in members]
+            batch = stack(rows)
+            index = torch.tensor(members, device=x.device)
+            y = self.inner(x.index_select(0, index), cache=batch)
+            unstack(batch, rows, x.shape[1])
+            out = out.index_copy(0, index, y.to(out.dtype))
+        return out
+
+
+@contextmanager
+def row_mixers(backbone: nn.Module) -> Iterator[None]:
+    """Wrap every layer's token mixer in a `RowMixer` while the block runs (the model is unchanged after)."""
+    layers = list(backbone.layers)
+    mixers = [layer.mixer for layer in layers]
+    try:
+        for layer, mixer in zip(layers, mixers):
+            layer.mixer = RowMixer(mixer)
+        yield
+    finally:
+        for layer, mixer in zip(layers, mixers):
+            layer.mixer = mixer
+
+
+def step(model: nn.Module, tokens: Tensor, caches: Sequence[list[Cache]]) -> Tensor:
+    """Next-token logits [N, V] after feeding tokens [N, T] to N sequences, each with its own per-layer caches."""
+    layers = len(caches[0])
+    batch = [RowCaches([c[i] for c in caches]) for i in range(layers)]
+    with row_mixers(model.backbone):
+        hidden = model.hidden(model.embed(tokens), cache=batch)
+    return model.head(hidden[:, -1])
