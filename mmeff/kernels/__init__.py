@@ -1,7 +1,7 @@
 """Triton kernels of the linear-recurrence family (linear attention, retention, GLA, (gated) delta rule, SSD).
 
-`linear_recurrence_triton` has the semantics of `mmeff.ops.linear_recurrence` (mode "chunk") on CUDA
-tensors, plus packed variable-length batches; `supports` says whether it covers a call. Importing this
+`linear_recurrence_triton` has the semantics of `mmeff.ops.linear_recurrence` on CUDA tensors, packed
+variable-length batches included; `unsupported` says why it cannot take a call (mmeff.ops.dispatch asks). Importing this
 package imports Triton, so mmeff.ops imports it only when it dispatches a CUDA call.
 """
 
@@ -16,12 +16,16 @@ from mmeff.kernels.chunk import ChunkRecurrence
 from mmeff.kernels.recurrent import fused_recurrent
 from mmeff.kernels.utils import KEY_GATE, NO_GATE, SCALAR_GATE, make_chunks
 
-__all__ = ["linear_recurrence_triton", "supports", "MAX_KEY_DIM", "RECURRENT_MAX_LEN"]
+__all__ = ["linear_recurrence_triton", "unsupported", "MAX_HEADS", "MAX_KEY_DIM", "MAX_TOKENS", "RECURRENT_MAX_LEN"]
 
 # Widest key dimension: the backward holds a chunk's full [64, K] key tile and [K, 64] state tile.
 MAX_KEY_DIM = 256
 # Longest sequence the fused step-by-step kernel runs (decoding, short prefills; forward only).
 RECURRENT_MAX_LEN = 16
+# Tokens of a call (B * T): sequence bounds (cu_seqlens) are int32; every element offset is computed in int64.
+MAX_TOKENS = 2**31
+# Heads: the chunk-parallel kernels launch one grid row per head along a grid dimension of at most 65535.
+MAX_HEADS = 65535
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -35,9 +39,7 @@ def _max_len(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
     return q.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
 
 
-
-
-def supports(
+def unsupported(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -45,15 +47,29 @@ def supports(
     beta: Optional[Tensor] = None,
     initial_state: Optional[Tensor] = None,
     cu_seqlens: Optional[Tensor] = None,
-) -> bool:
-    """Whether linear_recurrence_triton covers this call: CUDA, fp32/bf16/fp16, K <= MAX_KEY_DIM; per-key
-    decay together with the delta rule only through the fused recurrent kernel."""
-    if not (q.is_cuda and {q.dtype, k.dtype, v.dtype} <= set(_DTYPES) and q.shape[-1] <= MAX_KEY_DIM):
-        return False
+    mode: str = "chunk",
+) -> str:
+    """Why linear_recurrence_triton cannot take this call on CUDA tensors, "" when it can: fp32/bf16/fp16,
+    K <= MAX_KEY_DIM, token and head counts within the kernels' index range; per-key decay together with the
+    delta rule, and mode "recurrent", only through the forward-only fused recurrent kernel."""
+    if not {q.dtype, k.dtype, v.dtype} <= set(_DTYPES):
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (the kernels take float32, bfloat16, float16)"
+    if q.shape[-1] > MAX_KEY_DIM:
+        return f"key dim {q.shape[-1]} > {MAX_KEY_DIM}"
+    tokens, heads = q.shape[0] * q.shape[1], q.shape[2]
+    if tokens >= MAX_TOKENS:
+        return f"B*T = {tokens} tokens (q {tuple(q.shape)}): token indices and cu_seqlens are int32, limit 2**31 - 1"
+    if heads > MAX_HEADS:
+        return f"{heads} heads (q {tuple(q.shape)}): a launch grid dimension holds at most {MAX_HEADS}"
+    grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
+    if mode == "recurrent":
+        return "mode='recurrent' with gradients (the fused recurrent kernel is forward-only)" if grad else ""
     if log_decay is not None and log_decay.dim() == 4 and beta is not None:
-        grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
-        return not grad and _max_len(q, cu_seqlens) <= RECURRENT_MAX_LEN
-    return True
+        if grad:
+            return "per-key decay with the delta rule and gradients (no chunked kernel)"
+        if _max_len(q, cu_seqlens) > RECURRENT_MAX_LEN:
+            return f"per-key decay with the delta rule past {RECURRENT_MAX_LEN} steps (no chunked kernel)"
+    return ""
 
 
 def linear_recurrence_triton(
@@ -67,11 +83,13 @@ def linear_recurrence_triton(
     output_final_state: bool = False,
     cu_seqlens: Optional[Tensor] = None,
     chunk_size: int = 64,
+    mode: str = "chunk",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """mmeff.ops.linear_recurrence on q, k [B,T,H,K], v [B,T,H,V], log_decay [B,T,H] or [B,T,H,K], beta
     [B,T,H]; with cu_seqlens (int32 [N+1], B = 1) the N packed sequences are independent and
-    initial_state / the final state are [N,H,K,V]. chunk_size is rounded to 16, 32 or 64. Without
-    gradients, sequences of at most RECURRENT_MAX_LEN steps take the fused step-by-step kernel."""
+    initial_state / the final state are [N,H,K,V]. chunk_size is rounded to 16, 32 or 64. Mode "recurrent"
+    (no gradients) takes the fused step-by-step kernel, as do, without gradients, sequences of at most
+    RECURRENT_MAX_LEN steps."""
     batch, seqlen, heads, dk = q.shape
     if cu_seqlens is not None and batch != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
@@ -83,9 +101,11 @@ def linear_recurrence_triton(
 
     size = 1 << max(4, min(6, (max(chunk_size, 1) - 1).bit_length()))
     chunks = make_chunks(cu_seqlens, batch, seqlen, size, q.device)
+    grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
+    if mode == "recurrent" and grad:
+        raise ValueError("mode='recurrent' runs the forward-only fused kernel: no gradients")
     # No chunk at all (empty sequences) leaves nothing to differentiate but has no chunk grid either.
-    short = chunks.max_len <= RECURRENT_MAX_LEN and not _needs_grad(q, k, v, log_decay, beta, initial_state)
-    fused = short or chunks.num_chunks == 0
+    fused = mode == "recurrent" or (chunks.max_len <= RECURRENT_MAX_LEN and not grad) or chunks.num_chunks == 0
     if initial_state is not None and initial_state.shape != (chunks.num_seqs, heads, dk, v.shape[-1]):
         raise ValueError(f"initial_state must be [N,H,K,V], got {tuple(initial_state.shape)}")
     gate = (NO_GATE if log_decay is None else (KEY_GATE if log_decay.dim() == 4 else SCALAR_GATE)).value

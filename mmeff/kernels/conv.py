@@ -4,7 +4,9 @@
 
 The forward reads each input tile once per tap (the taps overlap, so the re-reads hit the cache) and writes y.
 The backward recomputes the pre-activation where it needs it instead of saving it, and writes dx plus per-tile
-partial sums of dw and dbias, which the host adds up: no atomics, so the result is deterministic.
+partial sums of dw and dbias, which the host adds up: no atomics, so the result is deterministic. With packed
+documents (`runs` [B, T], each token's document index within its row) a tap reading another document reads 0.
+One program per (sequence and row tile, channel block): the grid's first dimension has no 65535 limit.
 """
 
 from __future__ import annotations
@@ -35,8 +37,17 @@ def _tile_offsets(b, t, c0, T, C, BT: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _pre_activation(x, w, bias, b, t0, c0, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                    HAS_BIAS: tl.constexpr):  # fmt: skip
+def _same_doc(runs, b, t, u, T, DOCS: tl.constexpr):
+    """[BT] mask: rows t and u of sequence b are in the same document (always, without documents)."""
+    if DOCS:
+        rt = tl.load(runs + b * T + t, mask=(t >= 0) & (t < T), other=-1)
+        return rt == tl.load(runs + b * T + u, mask=(u >= 0) & (u < T), other=-2)
+    return t == t
+
+
+@triton.jit
+def _pre_activation(x, w, bias, runs, b, t0, c0, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
     """bias + sum_j w[:, j] x[t - (W - 1) + j] for rows t0..t0 + BT of sequence b, fp32 [BT, BC]."""
     cols = c0 + tl.arange(0, BC)
     rows = t0 + tl.arange(0, BT)
@@ -44,31 +55,41 @@ def _pre_activation(x, w, bias, b, t0, c0, T, C, W: tl.constexpr, BT: tl.constex
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(W):
-        off, mask = _tile_offsets(b, rows - (W - 1) + j, c0, T, C, BT, BC)
+        src = rows - (W - 1) + j
+        off, mask = _tile_offsets(b, src, c0, T, C, BT, BC)
+        mask &= _same_doc(runs, b, src, rows, T, DOCS)[:, None]
         tap = tl.load(w + cols * W + j, mask=cols < C, other=0.0).to(tl.float32)
         acc += tl.load(x + off, mask=mask, other=0.0).to(tl.float32) * tap[None, :]
     return acc
 
 
-@autotune(_configs((128, 4), (64, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU"])
 @triton.jit
-def _conv_fwd_kernel(x, w, bias, y, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, SILU: tl.constexpr):  # fmt: skip
-    i_t, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    pre = _pre_activation(x, w, bias, b, i_t * BT, i_c * BC, T, C, W, BT, BC, HAS_BIAS)
+def _tile(NT):
+    """(sequence as int64, row tile) of this program."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // NT, (pid % NT).to(tl.int32)
+
+
+@autotune(_configs((128, 4), (64, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
+@triton.jit
+def _conv_fwd_kernel(x, w, bias, runs, y, T, C, NT, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
+    b, i_t = _tile(NT)
+    i_c = tl.program_id(1)
+    pre = _pre_activation(x, w, bias, runs, b, i_t * BT, i_c * BC, T, C, W, BT, BC, HAS_BIAS, DOCS)
     out = pre * tl.sigmoid(pre) if SILU else pre
     off, mask = _tile_offsets(b, i_t * BT + tl.arange(0, BT), i_c * BC, T, C, BT, BC)
     tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _pre_activation_grad(x, w, bias, dy, b, t0, c0, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, SILU: tl.constexpr):  # fmt: skip
+def _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, W: tl.constexpr, BT: tl.constexpr,
+                         BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
     """Gradient of the pre-activation at rows t0..t0 + BT of sequence b (zero past the sequence), fp32."""
     off, mask = _tile_offsets(b, t0 + tl.arange(0, BT), c0, T, C, BT, BC)
     g = tl.load(dy + off, mask=mask, other=0.0).to(tl.float32)
     if SILU:
-        pre = _pre_activation(x, w, bias, b, t0, c0, T, C, W, BT, BC, HAS_BIAS)
+        pre = _pre_activation(x, w, bias, runs, b, t0, c0, T, C, W, BT, BC, HAS_BIAS, DOCS)
         sig = tl.sigmoid(pre)
         g *= sig * (1.0 + pre * (1.0 - sig))
     return g
@@ -76,27 +97,31 @@ def _pre_activation_grad(x, w, bias, dy, b, t0, c0, T, C, W: tl.constexpr, BT: t
 
 # The backward holds about six fp32 [BT, BC] tiles at once. Its first version, BC = 128 on 4 warps (64 values
 # a tile and thread), took 16.8 ms fwd+bwd at C = 4096, T = 16k on an H100, 4.6x F.conv1d's time: register spills.
-@autotune(_configs((64, 8), (64, 4), (128, 8), (32, 4)), key=["C", "W", "HAS_BIAS", "SILU"])
+@autotune(_configs((64, 8), (64, 4), (128, 8), (32, 4)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
 @triton.jit
-def _conv_bwd_kernel(x, w, bias, dy, dx, dw_part, db_part, T, C, NT, W: tl.constexpr, BT: tl.constexpr,
-                     BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):  # fmt: skip
-    # Input row t feeds output rows t + s (s = 0 .. W - 1) through tap W - 1 - s, so dx[t] sums the
-    # pre-activation gradients of those rows.
-    i_t, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+def _conv_bwd_kernel(x, w, bias, runs, dy, dx, dw_part, db_part, T, C, NT, W: tl.constexpr, BT: tl.constexpr,
+                     BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
+    # Input row t feeds output rows t + s (s = 0 .. W - 1, same document) through tap W - 1 - s, so dx[t] sums
+    # the pre-activation gradients of those rows.
+    b, i_t = _tile(NT)
+    i_c = tl.program_id(1)
     t0, c0 = i_t * BT, i_c * BC
     cols = c0 + tl.arange(0, BC)
     rows = t0 + tl.arange(0, BT)
-    g_own = _pre_activation_grad(x, w, bias, dy, b, t0, c0, T, C, W, BT, BC, HAS_BIAS, SILU)
+    g_own = _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, W, BT, BC, HAS_BIAS, SILU, DOCS)
     dx_acc = g_own * tl.load(w + cols * W + (W - 1), mask=cols < C, other=0.0).to(tl.float32)[None, :]
     for s in tl.static_range(1, W):
-        g = _pre_activation_grad(x, w, bias, dy, b, t0 + s, c0, T, C, W, BT, BC, HAS_BIAS, SILU)
+        g = _pre_activation_grad(x, w, bias, runs, dy, b, t0 + s, c0, T, C, W, BT, BC, HAS_BIAS, SILU, DOCS)
+        g = tl.where(_same_doc(runs, b, rows, rows + s, T, DOCS)[:, None], g, 0.0)
         dx_acc += g * tl.load(w + cols * W + (W - 1 - s), mask=cols < C, other=0.0).to(tl.float32)[None, :]
     off, mask = _tile_offsets(b, rows, c0, T, C, BT, BC)
     tl.store(dx + off, dx_acc.to(dx.dtype.element_ty), mask=mask)
     # Partial weight and bias gradients of this tile's output rows: [tile, W, C] and [tile, C].
     tile = b * NT + i_t
     for j in tl.static_range(W):
-        off, mask = _tile_offsets(b, rows - (W - 1) + j, c0, T, C, BT, BC)
+        src = rows - (W - 1) + j
+        off, mask = _tile_offsets(b, src, c0, T, C, BT, BC)
+        mask &= _same_doc(runs, b, src, rows, T, DOCS)[:, None]
         xj = tl.load(x + off, mask=mask, other=0.0).to(tl.float32)
         tl.store(dw_part + (tile * W + j) * C + cols, tl.sum(xj * g_own, 0), mask=cols < C)
     if HAS_BIAS:
@@ -104,37 +129,47 @@ def _conv_bwd_kernel(x, w, bias, dy, dx, dw_part, db_part, T, C, NT, W: tl.const
 
 
 def _grid(x: Tensor):
-    """Launch grid of x [B, T, C]: row tiles x channel blocks (tuned BC) x sequences."""
-    return lambda meta: (triton.cdiv(x.shape[1], BLOCK_T), triton.cdiv(x.shape[2], meta["BC"]), x.shape[0])
+    """Launch grid of x [B, T, C]: sequences x row tiles, channel blocks (tuned BC)."""
+    return lambda meta: (x.shape[0] * triton.cdiv(x.shape[1], BLOCK_T), triton.cdiv(x.shape[2], meta["BC"]))
+
+
+def unsupported(x: Tensor, weight: Tensor) -> str:
+    """Why CausalConv cannot take x [B, T, C] (CUDA) with weight [C, W], "" when it can."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {x.dtype} (the kernels take float32, bfloat16, float16)"
+    return ""
 
 
 class CausalConv(torch.autograd.Function):
-    """act(causal depthwise conv) of x [B, T, C] with weight [C, W] and bias [C] or None; y in x's dtype."""
+    """act(causal depthwise conv) of x [B, T, C] with weight [C, W] and bias [C] or None; y in x's dtype.
+    `runs` [B, T] int32 (mmeff.ops.varlen.doc_runs) or None: taps read zero across documents."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,  # type: ignore[override]
+                runs: Optional[Tensor] = None) -> Tensor:  # fmt: skip
         x, weight = x.contiguous(), weight.contiguous()
+        runs = None if runs is None else runs.to(torch.int32).contiguous()
         y = empty(x.shape, x.dtype, x.device)
         _conv_fwd_kernel[_grid(x)](
-            x, weight, bias, y, x.shape[1], x.shape[2], W=weight.shape[1], BT=BLOCK_T, HAS_BIAS=bias is not None,
-            SILU=silu,
+            x, weight, bias, runs, y, x.shape[1], x.shape[2], triton.cdiv(x.shape[1], BLOCK_T), W=weight.shape[1],
+            BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=runs is not None,
         )  # fmt: skip
-        ctx.save_for_backward(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, runs)
         ctx.silu = silu
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, runs = ctx.saved_tensors
         row_tiles = triton.cdiv(x.shape[1], BLOCK_T)
         tiles = row_tiles * x.shape[0]
         dx = empty(x.shape, x.dtype, x.device)
         dw_part = empty((tiles, *weight.shape[::-1]), torch.float32, x.device)
         db_part = None if bias is None else empty((tiles, x.shape[2]), torch.float32, x.device)
         _conv_bwd_kernel[_grid(x)](
-            x, weight, bias, dy.contiguous(), dx, dw_part, db_part, x.shape[1], x.shape[2], row_tiles,
-            W=weight.shape[1], BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=ctx.silu,
+            x, weight, bias, runs, dy.contiguous(), dx, dw_part, db_part, x.shape[1], x.shape[2], row_tiles,
+            W=weight.shape[1], BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=ctx.silu, DOCS=runs is not None,
         )  # fmt: skip
         dw = dw_part.sum(0).t().to(weight.dtype)
         db = None if bias is None else db_part.sum(0).to(bias.dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None

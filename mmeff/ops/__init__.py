@@ -1,15 +1,19 @@
 """Functional sequence-mixing ops: linear attention family and state-space models, layout [B, T, H, D]."""
 
 from mmeff.ops.conv import causal_conv1d
+from mmeff.ops.noncausal import global_linear_attention
 from mmeff.ops.linear import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention, retention
 from mmeff.ops.recurrence import linear_recurrence
 from mmeff.ops.ssm import selective_scan, ssd
+from mmeff.ops.varlen import cu_seqlens_from_docs
 
 __all__ = [
     "causal_conv1d",
+    "cu_seqlens_from_docs",
     "delta_rule",
     "gated_delta_rule",
     "gated_linear_attention",
+    "global_linear_attention",
     "linear_attention",
     "linear_recurrence",
     "retention",

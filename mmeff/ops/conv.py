@@ -1,8 +1,9 @@
 """Causal depthwise short convolution over [B, T, C] (H3, Mamba and DeltaNet's short conv), with its activation.
 
-On CUDA (without a decoding state) it runs mmeff.kernels.conv: PyTorch's depthwise F.conv1d reaches about 6% of
-an H100's memory bandwidth at thousands of channels over long sequences (benchmarks/short_conv.py;
-pytorch/pytorch#192902). Elsewhere, or with MMEFF_FORCE_REFERENCE=1, the F.conv1d reference below.
+backend (mmeff.ops.dispatch) "triton" runs mmeff.kernels.conv (CUDA, no decoding state): PyTorch's depthwise
+F.conv1d reaches about 6% of an H100's memory bandwidth at thousands of channels over long sequences
+(benchmarks/short_conv.py; pytorch/pytorch#192902). "torch" runs the F.conv1d reference below; "auto" the
+kernel where it covers the call. With `docs`, no output reads a token of another document.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmeff.ops.fastpath import cuda_fast_path
+from mmeff.ops import dispatch
+from mmeff.ops.dispatch import Backend
+from mmeff.ops.varlen import doc_runs
 
 Activation = Literal["silu", "identity"]
 
@@ -24,9 +27,14 @@ def causal_conv1d(
     bias: Optional[Tensor] = None,
     activation: Activation = "silu",
     prev: Optional[Tensor] = None,
+    *,
+    docs: Optional[Tensor] = None,
+    backend: Backend = "auto",
 ) -> Tensor:
     """act(bias[c] + sum_j weight[c, j] x[t - W + 1 + j, c]) for x [B, T, C], weight [C, W]: each output reads
-    its own and the W - 1 previous steps, taken from `prev` [B, C, W - 1] (the steps before x) or zeros."""
+    its own and the W - 1 previous steps, taken from `prev` [B, C, W - 1] (the steps before x) or zeros.
+    `docs` [B, T] (document id per token, see mmeff.ops.varlen): a step of another document reads as zero;
+    `prev` continues each row's first document."""
     if activation not in ("silu", "identity"):
         raise ValueError(f"activation must be 'silu' or 'identity', got {activation!r}")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
@@ -35,11 +43,20 @@ def causal_conv1d(
         raise ValueError(
             f"prev must be [B, C, W - 1] = {(x.shape[0], x.shape[2], weight.shape[1] - 1)}, got {tuple(prev.shape)}"
         )
-    if prev is None and x.numel() and cuda_fast_path(x):
-        from mmeff.kernels.conv import CausalConv
+    if docs is not None and docs.shape != x.shape[:2]:
+        raise ValueError(f"docs must be [B, T] = {tuple(x.shape[:2])}, got {tuple(docs.shape)}")
+    runs = None if docs is None else doc_runs(docs)
 
-        return CausalConv.apply(x, weight, bias, activation == "silu")
-    return causal_conv1d_reference(x, weight, bias, activation, prev)
+    def triton() -> str:
+        if prev is not None:
+            return "a decoding state (prev)"
+        if not x.numel():
+            return "empty input"
+        return dispatch.triton_unsupported(x, "conv", lambda conv: conv.unsupported(x, weight))
+
+    if dispatch.choose("causal_conv1d", backend, [("triton", triton)], ("auto", "torch", "triton")) == "triton":
+        return dispatch.triton_kernels("conv").CausalConv.apply(x, weight, bias, activation == "silu", runs)
+    return causal_conv1d_reference(x, weight, bias, activation, prev, runs)
 
 
 def with_history(x: Tensor, prev: Optional[Tensor], width: int) -> Tensor:
@@ -49,8 +66,20 @@ def with_history(x: Tensor, prev: Optional[Tensor], width: int) -> Tensor:
 
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Activation,
-                            prev: Optional[Tensor] = None) -> Tensor:  # fmt: skip
-    """causal_conv1d through F.conv1d, in x's dtype (weight and bias are cast to it, as autocast would)."""
+                            prev: Optional[Tensor] = None, runs: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+    """causal_conv1d through F.conv1d, in x's dtype (weight and bias are cast to it, as autocast would); with
+    `runs` (mmeff.ops.varlen.doc_runs of the documents) tap by tap, each masked to the output's document."""
+    width = weight.shape[1]
     b = None if bias is None else bias.to(x.dtype)
-    y = F.conv1d(with_history(x, prev, weight.shape[1] - 1), weight.to(x.dtype).unsqueeze(1), b, groups=x.shape[-1])
+    history = with_history(x, prev, width - 1)
+    if runs is None:
+        y = F.conv1d(history, weight.to(x.dtype).unsqueeze(1), b, groups=x.shape[-1])
+    else:
+        seqlen = x.shape[1]
+        runs = F.pad(runs, (width - 1, 0))  # the history continues the first document
+        y = sum(
+            weight[:, j, None].to(x.dtype) * history[..., j : j + seqlen] * (runs[:, None, j : j + seqlen] == runs[:, None, width - 1 :])
+            for j in range(width)
+        )
+        y = y if b is None else y + b[:, None]
     return (F.silu(y) if activation == "silu" else y).transpose(1, 2)

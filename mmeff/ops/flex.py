@@ -6,8 +6,9 @@
   FlexAttention, compiled once, with the block mask built once per (mask, shape, device) and cached;
 - otherwise (CPU, decoding from a cache, attention dropout): the predicate materialised as a dense
   boolean mask for `scaled_dot_product_attention`.
-`MMEFF_ATTENTION=reference` (or `engine="reference"`) forces the dense path everywhere; `flex` forces
-FlexAttention (eager on CPU: for parity tests only, it materialises the scores).
+`engine` is the op's backend: `MMEFF_ATTENTION=reference` (or `engine="reference"`) forces the dense path
+everywhere; `flex` takes FlexAttention wherever it applies (eager on CPU: for parity tests only, it
+materialises the scores). MMEFF_FORCE_REFERENCE=1 forces the dense path too (mmeff.ops.dispatch decides).
 Layout [B, H, T, D]; grouped keys/values (fewer heads than queries) are shared as in GQA.
 """
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from mmeff.ops import masks
+from mmeff.ops import dispatch, masks
 from mmeff.ops.masks import MaskMod
 
 Engine = Literal["auto", "flex", "reference"]
@@ -98,7 +99,16 @@ def sdpa(
 def wants_flex(q: Tensor, aligned: bool, dropout: float, engine: Engine | None = None) -> bool:
     """Whether `attention` runs FlexAttention for these queries (see the module docstring)."""
     engine = engine or default_engine()
-    return aligned and dropout == 0.0 and (engine == "flex" or (engine == "auto" and q.is_cuda))
+
+    def check() -> str:
+        if not aligned:
+            return "keys at given positions (decoding from a cache)"
+        if dropout:
+            return "attention dropout (FlexAttention has none)"
+        return "inputs not on CUDA" if engine == "auto" and not dispatch.on_cuda(q) else ""
+
+    backend = "torch" if engine == "reference" else "auto"
+    return dispatch.choose("attention", backend, [("flex", check)], ("auto", "torch")) == "flex"
 
 
 def selection_block_mask(selected: Tensor, block: int, group: int, mask: MaskMod, q_len: int, kv_len: int, causal: bool) -> BlockMask:

@@ -5,12 +5,13 @@ groups of `x` by their own `w[g]`; `offs` holds the int32 cumulative group ends.
 whose row strides are 16-byte aligned (K and N multiples of 8) and fewer than 1024 groups; group sizes are
 free (zero included). On sm90 it is one CUTLASS kernel without host sync, which `impl='auto'` uses; elsewhere
 it may loop internally or be missing, so 'auto' takes the per-expert loop, which reads the group sizes on
-the host. The rows of `x` here always end at offs[-1] (no padding), so no output row is left unwritten.
+the host. `impl` is the matmuls' backend (mmeff.ops.dispatch): 'grouped' insists on torch._grouped_mm,
+'loop' is the reference; MMEFF_FORCE_REFERENCE=1 takes the loop whatever `impl` says. The rows of `x` here always end at offs[-1] (no padding), so no output row is left unwritten.
 
 Around the matmuls, `dispatch` copies each token's row to its k assignments in expert order, `combine` sums
-the expert outputs back per token with the routing weights, and `activate` applies SwiGLU: on CUDA through the
-Triton kernels of mmeff.kernels.moe (one pass each, no atomics), elsewhere (or with MMEFF_FORCE_REFERENCE=1)
-in plain PyTorch.
+the expert outputs back per token with the routing weights, and `activate` applies SwiGLU: with backend 'auto'
+(on CUDA) or 'triton' through the Triton kernels of mmeff.kernels.moe (one pass each, no atomics), else (or
+with MMEFF_FORCE_REFERENCE=1) in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmeff.ops.fastpath import cuda_fast_path
+from mmeff.ops import dispatch as dispatcher
+from mmeff.ops.dispatch import Backend
 
 Impl = Literal["auto", "grouped", "loop"]
+_IMPL_BACKEND = {"auto": "auto", "grouped": "grouped_mm", "loop": "torch"}
+_GLUE_BACKENDS = ("auto", "torch", "triton")
 
 
 def grouped_mm_unsupported(x: Tensor, w: Tensor) -> str:
@@ -39,23 +43,26 @@ def grouped_mm_unsupported(x: Tensor, w: Tensor) -> str:
     return ""
 
 
-def _fast_device(x: Tensor) -> bool:
-    # Hopper only: on sm100 the kernel has given experts without tokens non-zero weight gradients (pytorch#172439).
-    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
-
-
 def resolve_impl(impl: Impl, x: Tensor, *weights: Tensor) -> Literal["grouped", "loop"]:
     """'auto': the grouped kernel on Hopper for bf16, else the loop; 'grouped' anywhere torch takes it, else an error."""
-    why = next((r for r in (grouped_mm_unsupported(x, w) for w in weights) if r), "")
-    if impl == "grouped":
-        if why:
-            raise ValueError(f"impl='grouped': torch._grouped_mm cannot run here: {why}")
-        return "grouped"
-    if impl == "auto":
-        return "grouped" if not why and _fast_device(x) else "loop"
-    if impl == "loop":
-        return "loop"
-    raise ValueError(f"impl must be 'auto', 'grouped' or 'loop', got {impl!r}")
+    if impl not in _IMPL_BACKEND:
+        raise ValueError(f"impl must be 'auto', 'grouped' or 'loop', got {impl!r}")
+
+    def check() -> str:
+        why = next((r for r in (grouped_mm_unsupported(x, w) for w in weights) if r), "")
+        # Hopper only for 'auto': on sm100 the kernel has given experts without tokens non-zero weight
+        # gradients (pytorch#172439).
+        if not why and impl == "auto" and not (dispatcher.on_cuda(x) and dispatcher.capability(x)[0] == 9):
+            why = "not on a Hopper GPU (sm90)"
+        return why
+
+    backend = dispatcher.choose("expert_ffn", _IMPL_BACKEND[impl], [("grouped_mm", check)], tuple(_IMPL_BACKEND.values()))
+    return "grouped" if backend == "grouped_mm" else "loop"
+
+
+def _glue(op: str, x: Tensor, backend: Backend) -> bool:
+    """Whether the MoE glue op `op` runs mmeff.kernels.moe's Triton kernel on `x`."""
+    return dispatcher.choose(op, backend, [("triton", lambda: dispatcher.triton_unsupported(x, "moe"))], _GLUE_BACKENDS) == "triton"
 
 
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: Literal["grouped", "loop"]) -> Tensor:
@@ -73,31 +80,25 @@ def sort_assignments(experts: Tensor) -> tuple[Tensor, Tensor]:
     return order, inv
 
 
-def dispatch(x: Tensor, order: Tensor, inv: Tensor, k: int) -> Tensor:
+def dispatch(x: Tensor, order: Tensor, inv: Tensor, k: int, backend: Backend = "auto") -> Tensor:
     """Token rows x [N, D] -> one row per assignment, in sorted order [N * k, D]."""
-    if cuda_fast_path(x):
-        from mmeff.kernels.moe import Dispatch
-
-        return Dispatch.apply(x, order, inv, k)
+    if _glue("moe_dispatch", x, backend):
+        return dispatcher.triton_kernels("moe").Dispatch.apply(x, order, inv, k)
     return x[order // k]
 
 
-def combine(rows: Tensor, order: Tensor, inv: Tensor, weights: Tensor) -> Tensor:
+def combine(rows: Tensor, order: Tensor, inv: Tensor, weights: Tensor, backend: Backend = "auto") -> Tensor:
     """Sorted expert outputs rows [N * k, D] -> per-token sums weighted by `weights` [N, k] -> [N, D]."""
-    if cuda_fast_path(rows):
-        from mmeff.kernels.moe import Combine
-
-        return Combine.apply(rows, order, inv, weights)
+    if _glue("moe_combine", rows, backend):
+        return dispatcher.triton_kernels("moe").Combine.apply(rows, order, inv, weights)
     n, k = weights.shape
     return torch.bmm(weights.to(rows.dtype).unsqueeze(1), rows[inv].view(n, k, -1)).squeeze(1)
 
 
-def activate(h: Tensor, gated: bool) -> Tensor:
+def activate(h: Tensor, gated: bool, backend: Backend = "auto") -> Tensor:
     """SwiGLU on [gate | up] halves of the last dim, else GELU."""
-    if gated and cuda_fast_path(h):
-        from mmeff.kernels.moe import SwiGLU
-
-        return SwiGLU.apply(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
+    if gated and _glue("moe_swiglu", h, backend):
+        return dispatcher.triton_kernels("moe").SwiGLU.apply(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
     if gated:
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up

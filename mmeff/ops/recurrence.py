@@ -13,26 +13,26 @@ contribution, computed with decay-masked score matrices (the delta rule through 
 (I + M)^{-1}) or, for per-channel decay with a narrow value, by stepping through all chunks at once;
 S_0 is passed chunk to chunk.
 
-On CUDA, mode "chunk" runs mmeff's Triton kernels (mmeff.kernels) when they cover the call (their
-parity suite, tests/gpu/test_kernels_gpu.py, passes on Hopper); MMEFF_FORCE_REFERENCE=1 in the
-environment keeps the PyTorch path.
+`mode` names the algorithm, `backend` the implementation (mmeff.ops.dispatch): "triton" runs mmeff's
+kernels (mmeff.kernels, CUDA; their parity suite is tests/gpu/test_kernels_gpu.py) - the chunked kernels,
+or for mode "recurrent" (no gradients) the fused step-by-step one -, "torch" the PyTorch forms below,
+"auto" the kernels when they cover the call.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Callable, Literal, Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmeff.ops.fastpath import force_reference
+from mmeff.ops import dispatch
+from mmeff.ops.dispatch import Backend
 
 Mode = Literal["chunk", "recurrent"]
-
-logger = logging.getLogger("mmeff.ops")
-_logged: set[str] = set()
+# The backends of the recurrence and of the ops built on it alone.
+BACKENDS = ("auto", "torch", "triton")
 
 # Sub-chunk length for per-key-channel decay scores; bounds the exact [c, c, K] pairwise-decay tensor.
 _SUBCHUNK = 16
@@ -53,11 +53,13 @@ def linear_recurrence(
     mode: Mode = "chunk",
     chunk_size: int = 64,
     cu_seqlens: Optional[Tensor] = None,
+    backend: Backend = "auto",
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Run the recurrence on q, k [B,T,H,K], v [B,T,H,V], log_decay [B,T,H] or [B,T,H,K], beta [B,T,H].
 
     cu_seqlens (int32 [N+1], B = 1) packs N independent sequences along T, each starting from its own
-    initial_state [N,H,K,V] (zeros if none) and giving its own final state [N,H,K,V].
+    initial_state [N,H,K,V] (zeros if none) and giving its own final state [N,H,K,V]. backend: auto, torch
+    or triton (mmeff.ops.dispatch).
     """
     if mode not in ("chunk", "recurrent"):
         raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
@@ -70,27 +72,24 @@ def linear_recurrence(
         raise ValueError(f"log_decay must be [B,T,H] or [B,T,H,K], got {tuple(log_decay.shape)}")
     if beta is not None and beta.shape != (batch, seqlen, heads):
         raise ValueError(f"beta must be [B,T,H], got {tuple(beta.shape)}")
+    check_cu_seqlens(cu_seqlens, batch)
+
+    def triton() -> str:
+        return triton_check(q, k, v, log_decay, beta, initial_state, cu_seqlens, mode)
+
+    impl = dispatch.choose("linear_recurrence", backend, [("triton", triton)], BACKENDS)
+    return run_recurrence(
+        impl, q, k, v, log_decay, beta, scale, initial_state, output_final_state, mode, chunk_size, cu_seqlens
+    )
+
+
+def check_cu_seqlens(cu_seqlens: Optional[Tensor], batch: int) -> None:
+    """Raise a ValueError unless cu_seqlens is None or [N+1] with batch size 1."""
     if cu_seqlens is not None and (batch != 1 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2):
         raise ValueError(f"cu_seqlens must be [N+1] with batch size 1, got {tuple(cu_seqlens.shape)}, B={batch}")
 
-    kernel = _triton_kernel(q, k, v, log_decay, beta, initial_state, cu_seqlens, mode)
-    if kernel is not None:
-        return kernel(q, k, v, log_decay, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
-    if cu_seqlens is None:
-        o, state = _torch_recurrence(q, k, v, log_decay, beta, scale, initial_state, mode, chunk_size)
-        return o, (state if output_final_state else None)
-    outs, states = [], []
-    bounds = cu_seqlens.tolist()
-    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        part = (None if x is None else x[:, start:end] for x in (q, k, v, log_decay, beta))
-        s0 = None if initial_state is None else initial_state[n : n + 1]
-        o, state = _torch_recurrence(*part, scale, s0, mode, chunk_size)
-        outs.append(o)
-        states.append(state)
-    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
 
-
-def _triton_kernel(
+def triton_check(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -99,31 +98,47 @@ def _triton_kernel(
     initial_state: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     mode: Mode,
-) -> Optional[Callable[..., Tuple[Tensor, Optional[Tensor]]]]:
-    """mmeff.kernels.linear_recurrence_triton if it serves this call, else None; logs each choice once."""
-    kernel, reason = None, None
-    if force_reference():
-        reason = "MMEFF_FORCE_REFERENCE=1"
-    elif mode != "chunk":
-        reason = f"mode={mode!r}"
-    elif not q.is_cuda:
-        reason = "inputs not on CUDA"
-    else:
-        try:  # Triton is imported only here, for CUDA inputs
-            from mmeff import kernels
-        except Exception as exc:  # a broken Triton install fails in many ways
-            reason = f"Triton kernels unavailable: {exc!r}"
-        else:
-            if kernels.supports(q, k, v, log_decay, beta, initial_state, cu_seqlens):
-                kernel = kernels.linear_recurrence_triton
-            else:
-                reason = "case not covered by the Triton kernels"
-    path = "mmeff Triton kernels" if reason is None else f"torch {mode} path ({reason})"
-    message = f"linear_recurrence: {path}"
-    if message not in _logged:
-        _logged.add(message)
-        logger.info(message)
-    return kernel
+) -> str:
+    """Why mmeff's Triton kernels cannot run this recurrence, "" when they can (a dispatch.Check)."""
+    return dispatch.triton_unsupported(
+        q, ask=lambda kernels: kernels.unsupported(q, k, v, log_decay, beta, initial_state, cu_seqlens, mode)
+    )
+
+
+def run_recurrence(
+    impl: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor],
+    beta: Optional[Tensor],
+    scale: float,
+    initial_state: Optional[Tensor],
+    output_final_state: bool,
+    mode: Mode,
+    chunk_size: int,
+    cu_seqlens: Optional[Tensor],
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """The recurrence by `impl` ("triton" or "torch"), on arguments linear_recurrence has checked."""
+    if impl == "triton":
+        return dispatch.triton_kernels().linear_recurrence_triton(
+            q, k, v, log_decay, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size, mode
+        )
+    if cu_seqlens is None:
+        o, state = _torch_recurrence(q, k, v, log_decay, beta, scale, initial_state, mode, chunk_size)
+        return o, (state if output_final_state else None)
+    outs, states = [], []
+    bounds = cu_seqlens.tolist()
+    if initial_state is not None and initial_state.shape[0] != len(bounds) - 1:
+        raise ValueError(f"initial_state must be [N,H,K,V] with N = {len(bounds) - 1} sequences, "
+                         f"got {tuple(initial_state.shape)}")  # fmt: skip
+    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = (None if x is None else x[:, start:end] for x in (q, k, v, log_decay, beta))
+        s0 = None if initial_state is None else initial_state[n : n + 1]
+        o, state = _torch_recurrence(*part, scale, s0, mode, chunk_size)
+        outs.append(o)
+        states.append(state)
+    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
 
 
 def _torch_recurrence(

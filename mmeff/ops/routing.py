@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmeff.ops.fastpath import cuda_fast_path
+from mmeff.ops.dispatch import cuda_fast_path
 
 Score = Literal["softmax", "sigmoid"]
 

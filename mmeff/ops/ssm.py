@@ -5,32 +5,32 @@ Both follow mamba-ssm's argument names and semantics (`mamba_chunk_scan_combined
 scaled by dt, decay exp(dt * A) (scalar per head for SSD, per state channel for the selective scan,
 whose D channels become heads with value dim 1), scale 1.
 
-Backend: "auto" runs mamba-ssm when the inputs are on CUDA, mode is "chunk" and mamba-ssm imports,
-else mmeff's own path; "torch" always runs mmeff's path; "mamba_ssm" insists on mamba-ssm.
-MMEFF_FORCE_REFERENCE=1 in the environment makes "auto" behave as "torch".
+`backend` (mmeff.ops.dispatch): "auto" runs mamba-ssm's kernel when it covers the call, else mmeff's
+Triton kernels when they do, else PyTorch; "mamba_ssm" and "triton" insist on theirs; "torch" is
+PyTorch. `cu_seqlens` (int32 [N+1], batch 1) packs N sequences along T, states reset at each start,
+initial and final states per sequence; mamba-ssm takes it for SSD as `seq_idx` (and `cu_seqlens` for
+the final states), not for the selective scan, whose CUDA kernel has no variable-length form.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 import types
-from typing import Callable, Literal, Optional, Tuple, Union, get_args
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmeff.ops.fastpath import force_reference
-from mmeff.ops.recurrence import Mode, linear_recurrence
+from mmeff.ops import dispatch
+from mmeff.ops.dispatch import Backend, check_backend
+from mmeff.ops.recurrence import Mode, check_cu_seqlens, run_recurrence, triton_check
+from mmeff.ops.varlen import seq_idx_from_cu_seqlens
 
-__all__ = ["selective_scan", "ssd"]
+__all__ = ["check_backend", "selective_scan", "ssd"]
 
-Backend = Literal["auto", "torch", "mamba_ssm"]
-
-logger = logging.getLogger("mmeff.ops")
-_logged: set[str] = set()
+logger = dispatch.logger
 
 
 def ssd(
@@ -49,11 +49,55 @@ def ssd(
     mode: Mode = "chunk",
     dt_limit: Tuple[float, float] = (0.0, float("inf")),
     backend: Backend = "auto",
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Mamba-2 SSD as mamba_chunk_scan_combined: x [B,T,H,P], dt [B,T,H], A [H], B/C [B,T,G,N]."""
-    kernel = _mamba_kernel("ssd", backend, mode, x, _load_mamba_ssd)
-    if kernel is not None:
-        return kernel(
+    """Mamba-2 SSD as mamba_chunk_scan_combined: x [B,T,H,P], dt [B,T,H], A [H], B/C [B,T,G,N]; with
+    cu_seqlens [N+1] (B = 1) initial_states and the final states are [N,H,P,N]."""
+    heads, groups = x.shape[2], B.shape[2]
+    if heads % groups or C.shape[2] != groups:
+        raise ValueError(f"groups of B {tuple(B.shape)} / C {tuple(C.shape)} must divide heads {heads}")
+    check_cu_seqlens(cu_seqlens, x.shape[0])
+
+    @functools.cache
+    def recurrence() -> dict:
+        dtf = dt.float()
+        if dt_bias is not None:
+            dtf = dtf + dt_bias.float()
+        if dt_softplus:
+            dtf = F.softplus(dtf)  # threshold 20, as mamba-ssm's kernel
+        dtf = dtf.clamp(min=dt_limit[0], max=dt_limit[1])
+        # q, k, v stay in x's dtype (the PyTorch path computes in fp32 anyway): fp32 would send 16-bit models to
+        # the kernels' fp32 build, which for d_state 128 compiles for minutes and runs several times slower.
+        return dict(
+            q=C.to(x.dtype).repeat_interleave(heads // groups, dim=2),
+            k=B.to(x.dtype).repeat_interleave(heads // groups, dim=2),
+            v=(x.float() * dtf[..., None]).to(x.dtype),
+            log_decay=dtf * A.float(),
+            beta=None,
+            initial_state=None if initial_states is None else initial_states.transpose(-1, -2),
+            cu_seqlens=cu_seqlens,
+            mode=mode,
+        )
+
+    def mamba() -> str:
+        if mode != "chunk":
+            return f"mode={mode!r} (its SSD is chunked)"
+        if not dispatch.on_cuda(x):
+            return "inputs not on CUDA"
+        if cu_seqlens is not None and initial_states is not None:
+            return "packed sequences with initial states (it starts only the first sequence from a given state)"
+        if cu_seqlens is not None and return_final_states and dispatch.needs_grad(x, dt, A, B, C, D, z, dt_bias):
+            return "final states of packed sequences with gradients (its varlen states have no backward)"
+        return "" if _load_mamba_ssd() is not None else "mamba-ssm not importable"
+
+    impl = dispatch.choose("ssd", backend, [("mamba_ssm", mamba), ("triton", lambda: triton_check(**recurrence()))])
+    if impl == "mamba_ssm":
+        packed = {}
+        if cu_seqlens is not None:
+            packed = dict(seq_idx=seq_idx_from_cu_seqlens(cu_seqlens, x.shape[1])[None])
+            if return_final_states:  # mamba-ssm's per-sequence final states
+                packed.update(cu_seqlens=cu_seqlens, return_varlen_states=True)
+        return _load_mamba_ssd()(
             x,
             dt,
             A,
@@ -66,35 +110,16 @@ def ssd(
             initial_states=initial_states,
             dt_softplus=dt_softplus,
             dt_limit=dt_limit,
-            return_final_states=return_final_states,
+            return_final_states=return_final_states and cu_seqlens is None,
+            **packed,
         )
-
-    heads, groups = x.shape[2], B.shape[2]
-    if heads % groups or C.shape[2] != groups:
-        raise ValueError(f"groups of B {tuple(B.shape)} / C {tuple(C.shape)} must divide heads {heads}")
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)  # threshold 20, as mamba-ssm's kernel
-    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    xf = x.float()
-    # q, k, v stay in x's dtype (the PyTorch path computes in fp32 anyway): fp32 would send 16-bit models to
-    # the kernels' fp32 build, which for d_state 128 compiles for minutes and runs several times slower.
-    y, state = linear_recurrence(
-        C.to(x.dtype).repeat_interleave(heads // groups, dim=2),
-        B.to(x.dtype).repeat_interleave(heads // groups, dim=2),
-        (xf * dt[..., None]).to(x.dtype),
-        dt * A.float(),
-        scale=1.0,
-        initial_state=None if initial_states is None else initial_states.transpose(-1, -2),
-        output_final_state=return_final_states,
-        mode=mode,
-        chunk_size=chunk_size,
+    args = recurrence()
+    y, state = run_recurrence(
+        impl, **args, scale=1.0, output_final_state=return_final_states, chunk_size=chunk_size
     )
     if D is not None and D.dim() == 1:
         D = D[:, None]
-    out = _skip_and_gate(y, xf, D, z, x.dtype)
+    out = _skip_and_gate(y, x.float(), D, z, x.dtype)
     return (out, state.transpose(-1, -2).contiguous()) if return_final_states else out
 
 
@@ -113,14 +138,50 @@ def selective_scan(
     chunk_size: int = 64,
     initial_state: Optional[Tensor] = None,
     backend: Backend = "auto",
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Mamba-1 selective scan as selective_scan_fn: u/delta [B,D,T], A [D,N], B/C [D,N], [B,N,T] or [B,G,N,T]."""
+    """Mamba-1 selective scan as selective_scan_fn: u/delta [B,D,T], A [D,N], B/C [D,N], [B,N,T] or [B,G,N,T];
+    with cu_seqlens [N+1] (B = 1) initial_state and the last states are [N,D,N]."""
     if A.is_complex():
         raise NotImplementedError("selective_scan supports real A only")
-    unsupported = None if initial_state is None else "initial_state is not supported by selective_scan_fn"
-    kernel = _mamba_kernel("selective_scan", backend, mode, u, _load_mamba_selective_scan, unsupported)
-    if kernel is not None:
-        return kernel(
+    batch, dim, seqlen = u.shape
+    check_cu_seqlens(cu_seqlens, batch)
+
+    @functools.cache
+    def recurrence() -> dict:
+        d = delta.float()
+        if delta_bias is not None:
+            d = d + delta_bias.float()[:, None]
+        if delta_softplus:
+            d = F.softplus(d)
+        d = d.transpose(1, 2)  # [B,T,D]
+        return dict(
+            q=_scan_input(C, batch, dim, seqlen),
+            k=_scan_input(B, batch, dim, seqlen),
+            v=(d * u.float().transpose(1, 2))[..., None],
+            log_decay=d[..., None] * A.float(),
+            beta=None,
+            initial_state=None if initial_state is None else initial_state[..., None],
+            cu_seqlens=cu_seqlens,
+            mode=mode,
+        )
+
+    def mamba() -> str:
+        if mode != "chunk":
+            return f"mode={mode!r} (its scan is chunked)"
+        if not dispatch.on_cuda(u):
+            return "inputs not on CUDA"
+        if initial_state is not None:
+            return "initial_state (selective_scan_fn takes none)"
+        if cu_seqlens is not None:
+            return "packed sequences (selective_scan_fn has no variable-length form)"
+        return "" if _load_mamba_selective_scan() is not None else "mamba-ssm's CUDA selective scan not importable"
+
+    impl = dispatch.choose(
+        "selective_scan", backend, [("mamba_ssm", mamba), ("triton", lambda: triton_check(**recurrence()))]
+    )
+    if impl == "mamba_ssm":
+        return _load_mamba_selective_scan()(
             u,
             delta,
             A,
@@ -132,27 +193,10 @@ def selective_scan(
             delta_softplus=delta_softplus,
             return_last_state=return_last_state,
         )
-
-    batch, dim, seqlen = u.shape
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    delta = delta.transpose(1, 2)  # [B,T,D]
-    uf = u.float()
-    y, state = linear_recurrence(
-        _scan_input(C, batch, dim, seqlen),
-        _scan_input(B, batch, dim, seqlen),
-        (delta * uf.transpose(1, 2))[..., None],
-        delta[..., None] * A.float(),
-        scale=1.0,
-        initial_state=None if initial_state is None else initial_state[..., None],
-        output_final_state=return_last_state,
-        mode=mode,
-        chunk_size=chunk_size,
+    y, state = run_recurrence(
+        impl, **recurrence(), scale=1.0, output_final_state=return_last_state, chunk_size=chunk_size
     )
-    out = _skip_and_gate(y[..., 0].transpose(1, 2), uf, None if D is None else D[:, None], z, u.dtype)
+    out = _skip_and_gate(y[..., 0].transpose(1, 2), u.float(), None if D is None else D[:, None], z, u.dtype)
     return (out, state[..., 0]) if return_last_state else out
 
 
@@ -175,46 +219,6 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(dtype)
-
-
-def check_backend(backend: str) -> None:
-    """Raise a ValueError unless `backend` is one of `Backend`'s values."""
-    if backend not in get_args(Backend):
-        raise ValueError(f"backend must be one of {', '.join(map(repr, get_args(Backend)))}, got {backend!r}")
-
-
-def _mamba_kernel(
-    op: str,
-    backend: Backend,
-    mode: Mode,
-    x: Tensor,
-    loader: Callable[[], Optional[Callable]],
-    unsupported: Optional[str] = None,
-) -> Optional[Callable]:
-    """mamba-ssm function to run for this call, or None for mmeff's path; logs each choice once."""
-    check_backend(backend)
-    kernel, reason = None, None
-    if backend == "torch":
-        reason = "backend='torch'"
-    elif backend == "auto" and force_reference():
-        reason = "MMEFF_FORCE_REFERENCE=1"
-    elif mode != "chunk":
-        reason = f"mode={mode!r}"
-    elif not x.is_cuda:
-        reason = "inputs not on CUDA"
-    elif unsupported is not None:
-        reason = unsupported
-    else:
-        kernel = loader()
-        if kernel is None:
-            reason = "mamba-ssm not importable"
-    if reason is not None and backend == "mamba_ssm":
-        raise RuntimeError(f"{op}: backend='mamba_ssm' requested but {reason}")
-    message = f"{op}: mamba-ssm kernel" if reason is None else f"{op}: mmeff torch {mode} path ({reason})"
-    if message not in _logged:
-        _logged.add(message)
-        logger.info(message)
-    return kernel
 
 
 @functools.lru_cache(maxsize=None)

@@ -101,7 +101,9 @@ def test_fused_recurrent(kernels, monkeypatch, kind):
 
 def test_supports_and_errors(kernels):
     q = torch.randn(1, 8, 2, 16)
-    assert not kernels.supports(q, q, q)  # CPU tensors: the ops keep their PyTorch path
+    assert kernels.unsupported(q, q, q) == ""  # the device is mmeff.ops.dispatch's to check
+    wide = torch.randn(1, 8, 2, kernels.MAX_KEY_DIM + 1)
+    assert "key dim" in kernels.unsupported(wide, wide, q)
     with pytest.raises(ValueError, match="batch size 1"):
         kernels.linear_recurrence_triton(torch.randn(2, 8, 2, 16), *[torch.randn(2, 8, 2, 16)] * 2,
                                          cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmeff.ops import selective_scan, ssd
+from mmeff.ops import dispatch, selective_scan, ssd
 from mmeff.ops import ssm as ssm_module
 
 MODES = ["chunk", "recurrent"]
@@ -294,16 +294,17 @@ def test_backend_selection_on_cpu(monkeypatch: pytest.MonkeyPatch, caplog: pytes
     x = torch.randn(1, 5, 2, 4)
     args = (x, torch.rand(1, 5, 2), -torch.rand(2), torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4))
     ref = ssd(*args, backend="torch")
-    monkeypatch.setattr(ssm_module, "_logged", set())  # the choice is logged once per process
+    monkeypatch.setattr(dispatch, "_logged", set())  # each choice is logged once per process
     with caplog.at_level("INFO", logger="mmeff.ops"):
         torch.testing.assert_close(ssd(*args), ref)
-    assert any("inputs not on CUDA" in r.getMessage() for r in caplog.records)
-    monkeypatch.setenv("MMEFF_FORCE_REFERENCE", "1")
-    torch.testing.assert_close(ssd(*args), ref)
-    with pytest.raises(RuntimeError, match="mamba_ssm"):
-        ssd(*args, backend="mamba_ssm")
-    with pytest.raises(ValueError, match="backend"):
-        ssd(*args, backend="triton")  # type: ignore[arg-type]
+    assert "ssd: torch (mamba_ssm: inputs not on CUDA; triton: inputs not on CUDA)" in caplog.messages
+    for backend in ("mamba_ssm", "triton"):
+        with pytest.raises(RuntimeError, match=f"ssd: backend='{backend}' requested but .*inputs not on CUDA"):
+            ssd(*args, backend=backend)
+    monkeypatch.setenv("MMEFF_FORCE_REFERENCE", "1")  # overrides any backend
+    torch.testing.assert_close(ssd(*args, backend="mamba_ssm"), ref)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ssd(*args, backend="cuda")  # type: ignore[arg-type]
 
 
 def test_mamba_loaders_fail_soft_without_leftovers() -> None:
@@ -336,7 +337,7 @@ def test_mamba_kernels_match_torch_path() -> None:
               dt_softplus=True, initial_states=torch.randn(batch, H, P, N, device=dev, generator=gen),
               return_final_states=True)
     y_k, h_k = ssd(*args, *bc, **kw, backend="mamba_ssm")
-    y_t, h_t = ssd(*args, *bc, **kw, backend="torch")
+    y_t, h_t = ssd(*args, *bc, **kw, backend="triton")
     _close(y_k, y_t, rtol=1e-3, atol=1e-3)
     _close(h_k, h_t, rtol=1e-3, atol=1e-3)
     if ssm_module._load_mamba_selective_scan() is not None:
@@ -347,6 +348,6 @@ def test_mamba_kernels_match_torch_path() -> None:
                  torch.randn(batch, N, T, device=dev, generator=gen))
         skw = dict(D=torch.randn(dim, device=dev, generator=gen), delta_softplus=True, return_last_state=True)
         out_k, last_k = selective_scan(*sargs, **skw, backend="mamba_ssm")
-        out_t, last_t = selective_scan(*sargs, **skw, backend="torch")
+        out_t, last_t = selective_scan(*sargs, **skw, backend="triton")
         _close(out_k, out_t, rtol=1e-3, atol=1e-3)
         _close(last_k, last_t, rtol=1e-3, atol=1e-3)
