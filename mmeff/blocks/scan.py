@@ -7,7 +7,9 @@ mapped back to token order, are averaged:
 - ``scan: forward``: one route (``order: raster`` = token order, or ``column``: column-major in each
   frame of the layout's grid);
 - ``scan: bi``: that route and its reverse (Vision Mamba, Zhu et al., 2024) - the default when causal=false;
-- ``scan: cross``: VMamba's four routes (Liu et al., 2024): raster, column-major and both reversed.
+- ``scan: cross``: VMamba's four routes (Liu et al., 2024): raster, column-major and both reversed;
+- ``scan: global``: no route: every token reads one state summed over its whole sequence (mixers without
+  decay or delta rule only, i.e. ``linear_attn``: the non-causal form, two matmuls instead of a scan).
 
 The token grid and the class tokens come from the call's `Layout`: its `special` leading tokens and
 any tokens after the grid are read last on every route, so each route's state has seen the whole
@@ -32,7 +34,7 @@ from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.ops.varlen import cu_seqlens_from_docs
 
-ScanKind = Literal["forward", "bi", "cross"]
+ScanKind = Literal["forward", "bi", "cross", "global"]
 Order = Literal["raster", "column"]
 # A route: None (token order), "flip" (token order reversed) or gather indices [T].
 Route = Union[None, str, Tensor]
@@ -45,8 +47,8 @@ class Routes:
 
     def __init__(self, causal: bool, scan: ScanKind | None = None, order: Order = "raster") -> None:
         scan = scan or ("forward" if causal else "bi")
-        if scan not in ("forward", "bi", "cross"):
-            raise ValueError(f"scan must be 'forward', 'bi' or 'cross', got {scan!r}")
+        if scan not in ("forward", "bi", "cross", "global"):
+            raise ValueError(f"scan must be 'forward', 'bi', 'cross' or 'global', got {scan!r}")
         if order not in ("raster", "column"):
             raise ValueError(f"order must be 'raster' or 'column', got {order!r}")
         if causal and (scan != "forward" or order != "raster"):
@@ -60,7 +62,7 @@ class Routes:
 
     def routes(self, length: int, layout: Layout, device: torch.device) -> list[Route]:
         """The routes over `length` tokens laid out as `layout`."""
-        if self.causal:
+        if self.causal or self.scan == "global":
             return [None]
         plain = layout.special == 0 and (layout.grid is None or layout.grid_tokens == length)
         if self.order == "raster" and self.scan != "cross" and (plain or layout.docs is not None):
@@ -115,8 +117,12 @@ class ScanMixer(nn.Module):
     routes and counts the consumed tokens in `cache.offset`.
     """
 
+    supports_global = False  # whether `mix` has a form without a scan (scan: global)
+
     def __init__(self, *, causal: bool = True, scan: ScanKind | None = None, order: Order = "raster", chunk_size: int = 64) -> None:
         super().__init__()
+        if scan == "global" and not self.supports_global:
+            raise ValueError(f"scan: global needs a mixer without decay or delta rule (linear_attn), not {type(self).__name__}")
         self.causal = causal
         self.routes = Routes(causal, scan, order)
         self.chunk_size = chunk_size

@@ -125,3 +125,23 @@ def test_docs_with_a_cache_is_an_error():
     for name in ("attn", "gla"):
         with pytest.raises(ValueError, match="docs"):
             build(name, True)(torch.randn(1, 3, DIM), Cache(), Layout(docs=torch.zeros(1, 3, dtype=torch.long)))
+
+
+def test_global_scan_is_the_noncausal_form():
+    # linear_attn with scan: global: every token reads phi(q)^T sum_s phi(k_s) v_s^T / phi(q)^T sum_s phi(k_s).
+    import torch.nn.functional as F
+
+    mixer = blocks.build("linear_attn", DIM, causal=False, scan="global", heads=2).eval()
+    x = torch.randn(2, 11, DIM)
+    q, k, v = (t.unflatten(-1, (2, -1)) for t in mixer.qkv(x).chunk(3, -1))
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    num = torch.einsum("bthk,bshk,bshv->bthv", q, k, v)
+    den = torch.einsum("bthk,bshk->bth", q, k)[..., None]
+    want = mixer.out((num / (den + mixer.eps * 16**0.5)).flatten(-2))  # eps is added after the K**-0.5 scale
+    torch.testing.assert_close(mixer(x), want, atol=1e-5, rtol=1e-4)
+    docs = torch.tensor([[0] * 4 + [1] * 7, [0] * 11])
+    packed = mixer(x, layout=Layout(docs=docs))
+    torch.testing.assert_close(packed[0, 4:], mixer(x[:1, 4:])[0], **TOL)
+    torch.testing.assert_close(packed[1], mixer(x[1:])[0], **TOL)
+    with pytest.raises(Exception, match="global"):
+        blocks.build("gla", DIM, causal=False, scan="global")
