@@ -6,8 +6,11 @@ causal and bidirectional (the scan mixers' default `scan: bi` there), and causal
 Both runs use the same weights and input; the fast run must have reached the fast path the mixer is built
 on (FlexAttention for the sparse mixers, mmeff's Triton kernels for the linear ones, torch._grouped_mm for the
 MoE), and the reference run none of them. Error per tensor (the output, the input gradient, each parameter
-gradient): ||fast - reference|| / ||reference|| < 2e-2 and max |fast - reference| / max |reference| < 5e-2
-(both runs are bf16 computations of the same function; they differ by rounding).
+gradient): ||fast - reference|| / ||reference|| < 3e-2 and max |fast - reference| / max |reference| < 6e-2.
+Both runs are bf16 computations of the same function and differ by rounding: the reference itself in bf16
+autocast against fp32 (CPU, B = 1, T = 512, dim = 256) is off by up to 1.3e-2 (norm) in outputs and most
+gradients (ttt, deltanet), 1.9e-2 / 2.8e-2 (norm / max) in mamba2's dt_bias gradient (a sum over all tokens).
+A kernel bug (a miscompiled build, an unwritten tile) is off by O(1).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import mmeff.blocks as blocks
 
 BATCH, LENGTH, DIM = 2, 2048, 512
-NORM_TOL, MAX_TOL = 2e-2, 5e-2
+NORM_TOL, MAX_TOL = 3e-2, 6e-2
 SPARSE = {"sliding", "longformer", "sink", "bigbird", "dilated", "block_topk"}
 LINEAR = {"linear_attn", "retnet", "gla", "deltanet", "gated_deltanet", "ttt"}
 # The fast path each mixer must reach on CUDA (mamba / mamba2 / hybrid_heads: mamba-ssm or Triton, either).
