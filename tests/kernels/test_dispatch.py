@@ -1,5 +1,6 @@
 """Dispatch and packed sequences around the kernels, on CPU: the reference's cu_seqlens support, Triton kept
-out of CPU-only imports, and the interpreter fixture leaving no trace for the rest of the suite.
+out of CPU-only imports, the interpreter fixture leaving no trace for the rest of the suite, and packed
+documents through the ops' Triton backend (interpreted, with a faked GPU).
 
 Tolerance of the reference comparisons: max |a - b| <= 1e-4 * max(1, max |b|) (fp32).
 """
@@ -14,6 +15,8 @@ import pytest
 import torch
 from kernel_cases import compare, forward_backward, interpreted_kernels, make_inputs, max_error
 
+from mmeff import ops
+from mmeff.ops import dispatch
 from mmeff.ops.recurrence import linear_recurrence
 
 
@@ -82,3 +85,86 @@ def test_wy_kernels_skip_miscompiled_configs():
 
     for kernel in (chunk_delta._wy_fwd_kernel, chunk_delta._wy_bwd_kernel):
         assert kernel.configs and all(c.num_warps != 4 for c in kernel.configs)
+
+
+# Packed documents through the ops with a faked GPU: the dispatcher sends backend="triton" to the interpreted
+# kernels, which must equal the PyTorch path (packed == separate documents is tests/ops/test_varlen.py's).
+LENGTHS = [5, 17, 1, 9]
+CU = torch.tensor([0, 5, 22, 23, 32], dtype=torch.int32)
+
+
+@pytest.fixture
+def fake_gpu(kernels, monkeypatch):
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    monkeypatch.setattr(kernels.utils, "POISON", True)
+    return kernels
+
+
+def _both_backends(fn, inputs):
+    """fn(backend=..., **leaves) -> tensor or tuple, run by triton and torch: errors of the outputs and grads."""
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in inputs.items()}
+        outs = fn(backend=backend, **leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        gen = torch.Generator().manual_seed(1)
+        sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs).backward()
+        results.append((outs, {n: t.grad for n, t in leaves.items() if t.requires_grad}))
+    (got, got_grads), (ref, ref_grads) = results
+    errors = {f"out{i}": max_error(a, b) for i, (a, b) in enumerate(zip(got, ref))}
+    errors.update({f"d{n}": max_error(got_grads[n], ref_grads[n]) for n in ref_grads})
+    assert all(e <= 1e-4 for e in errors.values()), errors
+
+
+def test_ssd_packed_triton(fake_gpu):
+    gen = torch.Generator().manual_seed(2)
+    T, H, P, G, N = 32, 2, 4, 1, 16
+    inputs = dict(
+        x=torch.randn(1, T, H, P, generator=gen), dt=torch.randn(1, T, H, generator=gen),
+        A=-torch.rand(H, generator=gen) - 0.2, B=torch.randn(1, T, G, N, generator=gen),
+        C=torch.randn(1, T, G, N, generator=gen), D=torch.randn(H, generator=gen),
+        initial_states=torch.randn(len(LENGTHS), H, P, N, generator=gen),
+    )  # fmt: skip
+    _both_backends(
+        lambda **kw: ops.ssd(**kw, dt_softplus=True, chunk_size=16, return_final_states=True, cu_seqlens=CU), inputs
+    )
+
+
+def test_selective_scan_packed_triton(fake_gpu):
+    gen = torch.Generator().manual_seed(3)
+    T, Dm, N = 32, 2, 16
+    inputs = dict(
+        u=torch.randn(1, Dm, T, generator=gen), delta=torch.randn(1, Dm, T, generator=gen),
+        A=-torch.rand(Dm, N, generator=gen) - 0.2, B=torch.randn(1, N, T, generator=gen),
+        C=torch.randn(1, N, T, generator=gen), initial_state=torch.randn(len(LENGTHS), Dm, N, generator=gen),
+    )  # fmt: skip
+    _both_backends(
+        lambda **kw: ops.selective_scan(**kw, delta_softplus=True, chunk_size=16, return_last_state=True,
+                                        cu_seqlens=CU),  # fmt: skip
+        inputs,
+    )
+
+
+def test_conv_docs_triton(fake_gpu):
+    # Boundaries on both sides of the kernel's 64-row tile edge, a one-token document, two rows.
+    gen = torch.Generator().manual_seed(4)
+    docs = torch.zeros(2, 70, dtype=torch.long)
+    docs[0, 30:] = 1
+    docs[0, 63] = 2
+    docs[0, 64:66] = 3
+    docs[1, 65:] = 4
+    inputs = dict(x=torch.randn(2, 70, 12, generator=gen), weight=torch.randn(12, 4, generator=gen),
+                  bias=torch.randn(12, generator=gen))  # fmt: skip
+    _both_backends(lambda **kw: ops.causal_conv1d(**kw, docs=docs), inputs)
+
+
+def test_recurrent_mode_takes_fused_kernel(fake_gpu, monkeypatch):
+    # mode "recurrent" without gradients runs the fused step-by-step kernel (past its chunk-mode length limit).
+    monkeypatch.setattr(fake_gpu.ChunkRecurrence, "apply", None)
+    inputs = make_inputs("gated_delta_rule", 1, 32, 2, 16, 16, seed=5, num_states=len(LENGTHS))
+    with torch.no_grad():
+        got = ops.linear_recurrence(**inputs, mode="recurrent", output_final_state=True, cu_seqlens=CU, backend="triton")
+        ref = ops.linear_recurrence(**inputs, mode="recurrent", output_final_state=True, cu_seqlens=CU, backend="torch")
+    assert max_error(got[0], ref[0]) <= 1e-4 and max_error(got[1], ref[1]) <= 1e-4
+    with pytest.raises(RuntimeError, match="mode='recurrent' with gradients"):
+        ops.linear_recurrence(**{**inputs, "q": inputs["q"].requires_grad_()}, mode="recurrent", backend="triton")
