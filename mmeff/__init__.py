@@ -1,7 +1,22 @@
 """mmeff: efficient sequence-model blocks (linear attention, SSMs, sparse attention, MoE) for every modality."""
 
-from mmeff.checkpoint import load
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from mmeff.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from mmeff.checkpoint import load
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "RunConfig", "load", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # `load` imports torch (seconds): only when used, so that the command line's help and config errors are fast.
+    if name == "load":
+        from mmeff.checkpoint import load
+
+        return load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

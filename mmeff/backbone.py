@@ -7,7 +7,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from mmeff.blocks import Cache, Layout, Tokens, build
-from mmeff.config import BackboneConfig, ConfigError
+from mmeff.config import BackboneConfig, ConfigError, from_dict
 
 
 def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
@@ -48,8 +48,12 @@ class Layer(nn.Module):
 class Backbone(nn.Module):
     """Tokens [B, T, D] -> hidden states [B, T, D] through the configured layers."""
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(self, cfg: BackboneConfig | dict) -> None:
         super().__init__()
+        if isinstance(cfg, dict):  # Backbone({"dim": 64, "pattern": ["gla"]}): checked as the config's backbone section
+            cfg = from_dict(BackboneConfig, cfg, "backbone")
+        if not isinstance(cfg, BackboneConfig):
+            raise ConfigError(f"Backbone takes a BackboneConfig or a dict of its keys, got {type(cfg).__name__}")
         self.cfg = cfg
         self.names = expand_pattern(cfg.pattern, cfg.depth)
         rates = torch.linspace(0, cfg.drop_path, len(self.names)).tolist()

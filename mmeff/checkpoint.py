@@ -15,7 +15,9 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from mmeff import config as config_mod
-from mmeff.config import RunConfig
+from mmeff.config import ConfigError, RunConfig
+from mmeff.encoders.text import TOKENIZER_FILE, TextEncoderConfig, Tokenizer, load_tokenizer
+from mmeff.tasks import build_model
 
 log = logging.getLogger("mmeff")
 
@@ -58,14 +60,28 @@ def load_config(path: str | Path) -> RunConfig:
 
 def load(path: str | Path, map_location: str = "cpu") -> nn.Module:
     """Rebuild the model of checkpoint folder `path` and load its weights (no unpickling)."""
-    from mmeff.tasks import build_model
-
     path = Path(path)
     model = build_model(load_config(path))
     missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=map_location)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config's model; missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def load_lm(path: str | Path) -> tuple[nn.Module, Tokenizer]:
+    """The model of text LM checkpoint folder `path` and its tokenizer (the folder's tokenizer.json, else the
+    config's); any other checkpoint is refused, naming what it is and how to sample it."""
+    path = Path(path)
+    cfg = load_config(path)
+    if cfg.task.name in ("diffusion", "diffusion_caption"):  # a bidirectional backbone cannot decode left to right
+        raise ConfigError(f"{path}: task {cfg.task.name!r} is a masked diffusion model; sample it with mmeff generate --sampler diffusion")
+    if cfg.task.name == "caption":
+        raise ConfigError(f"{path}: task 'caption' is a captioner; caption a file with mmeff generate {path} --{cfg.encoder.name} FILE")
+    if not isinstance(cfg.encoder, TextEncoderConfig) or cfg.task.name != "lm":
+        raise ConfigError(f"{path}: task {cfg.task.name!r} with encoder {cfg.encoder.name!r} is not a language model; "
+                          "generation and chat need a text LM checkpoint (task.name: lm)")
+    tokenizer = load_tokenizer(path if (path / TOKENIZER_FILE).is_file() else cfg.encoder)
+    return load(path), tokenizer
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -11,23 +13,33 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from mmeff.errors import ConfigError
+from mmeff.presets import PRESETS
+from mmeff.registry import Registry
 
-class ConfigError(ValueError):
-    """A config value is unknown, missing or of the wrong type; the message names the key path."""
+# The sections whose dataclass depends on their `name` key. Each encoder and task module registers its config
+# class (`@TASKS.register("lm")`); the tables name those modules so that validating a config imports only the
+# encoder and task it names, after the plain sections are checked.
+ENCODERS: Registry[type] = Registry(
+    "encoder", {"image": "mmeff.encoders.image", "audio": "mmeff.encoders.audio", "text": "mmeff.encoders.text"}
+)
+TASKS: Registry[type] = Registry(
+    "task",
+    {
+        "classify": "mmeff.tasks.classify",
+        "lm": "mmeff.tasks.lm",
+        "caption": "mmeff.tasks.caption",
+        "diffusion": "mmeff.tasks.diffusion",
+        "diffusion_caption": "mmeff.tasks.diffusion_caption",
+    },
+)
+SECTIONS = {"encoder": ENCODERS, "task": TASKS}
 
 
-# Sections whose dataclass depends on their `name` key (encoder, task): kind -> name -> class.
-_SECTIONS: dict[str, dict[str, type]] = {"encoder": {}, "task": {}}
-
-
-def register_section(kind: str, name: str):
-    """Class decorator: make `cls` the config of `kind` section `name` (e.g. encoder 'image')."""
-
-    def wrap(cls: type) -> type:
-        _SECTIONS[kind][name] = cls
-        return cls
-
-    return wrap
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a ConfigError naming `key`, the `value` given and what is `allowed`, unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}; expected {allowed}")
 
 
 @dataclass
@@ -46,6 +58,12 @@ class DataConfig:
     strict: bool = False  # True: a corrupt shard or missing key is an error, not a counted skip
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        require(self.eval_batch_size is None or self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "null or an integer >= 1")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0 (0: load in the main process)")
+        require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
+
 
 @dataclass
 class BackboneConfig:
@@ -62,6 +80,20 @@ class BackboneConfig:
     mixers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mixer-name options
     drop_path: float = 0.0
     final_norm: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.dim >= 1, "backbone.dim", self.dim, "an integer >= 1")
+        require(self.depth is None or self.depth >= 1, "backbone.depth", self.depth, "null (the pattern as written) or an integer >= 1")
+        require(bool(self.pattern), "backbone.pattern", self.pattern, "a non-empty list of token mixers, e.g. [attn]")
+        require(0.0 <= self.drop_path < 1.0, "backbone.drop_path", self.drop_path, "a number in [0, 1)")
+        require(self.norm_eps > 0 and math.isfinite(self.norm_eps), "backbone.norm_eps", self.norm_eps, "a number > 0")
+        used = {item.partition("*")[0].strip() for item in self.pattern}
+        for name in self.mixers:
+            require(name in used, f"backbone.mixers.{name}", self.mixers[name],
+                    f"options of a mixer in backbone.pattern ({', '.join(sorted(used))}); add {name} to the pattern or remove these options")
+
+
+LOGGERS = ("auto", "csv", "tensorboard", "wandb", "none")
 
 
 @dataclass
@@ -80,10 +112,23 @@ class TrainerConfig:
     check_val_every_n_epoch: int | None = 1  # None: validate by `kwargs.val_check_interval` steps only
     num_sanity_val_steps: int = 0
     enable_progress_bar: bool = True
-    logger: Literal["auto", "csv", "tensorboard", "none"] = "auto"
+    logger: str = "auto"  # auto | csv | tensorboard | wandb (offline) | none | a Logger class path
     save_top_k: int = 1
     monitor: str = "val/loss"
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its optimizer step is skipped
+    compile: bool = False  # torch.compile the model (in place: checkpoints keep the plain parameter names)
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(self.max_epochs is None or self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs,
+                "null or an integer >= 1 (max_steps: 0 exports the initial weights)")
+        require(self.max_steps >= -1, "trainer.max_steps", self.max_steps, "-1 (no limit) or an integer >= 0")
+        require(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches, "an integer >= 1")
+        require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, "an integer >= 1")
+        require(self.gradient_clip_val is None or self.gradient_clip_val > 0 and math.isfinite(self.gradient_clip_val),
+                "trainer.gradient_clip_val", self.gradient_clip_val, "null or a number > 0")
+        require(self.logger in LOGGERS or "." in self.logger.strip(".") and " " not in self.logger, "trainer.logger",
+                self.logger, f"{' | '.join(LOGGERS)} or a Logger class path (lightning.pytorch.loggers.CSVLogger)")
 
 
 @dataclass
@@ -97,6 +142,15 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.01
     groups: dict[str, float] = field(default_factory=dict)  # name pattern -> lr multiplier
+
+    def __post_init__(self) -> None:
+        require(self.lr >= 0 and math.isfinite(self.lr), "optim.lr", self.lr, "a finite number >= 0")
+        require(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "optim.weight_decay", self.weight_decay, "a finite number >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        for pattern, mult in self.groups.items():
+            require(mult >= 0 and math.isfinite(mult), f"optim.groups.{pattern}", mult, "a finite lr multiplier >= 0")
 
 
 @dataclass
@@ -155,7 +209,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict):
-            _, item = get_args(tp)
+            key_type, item = get_args(tp)
+            for k in value:
+                if key_type is str and not isinstance(k, str):
+                    raise ConfigError(f"{path}: key {k!r} ({type(k).__name__}) is not a name; expected text keys")
             return {k: _coerce(v, item, f"{path}.{k}") for k, v in value.items()}
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
@@ -180,20 +237,21 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         raise ConfigError(f"{path or '<root>'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(
             f"unknown key {where}{unknown[0]!s}; allowed keys of {path or 'the config'}: {', '.join(sorted(fields))}"
         )
     kwargs = {}
-    for name, f in fields.items():
+    # The encoder and task sections come last: their classes live in modules that import torch.
+    for name, f in sorted(fields.items(), key=lambda item: not path and item[0] in SECTIONS):
         key = f"{path}.{name}" if path else name
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"missing required key {key} ({_describe(hints[name])})")
             continue
-        if name in _SECTIONS and not path:
+        if name in SECTIONS and not path:
             kwargs[name] = _section(name, data[name])
         else:
             kwargs[name] = _coerce(data[name], hints[name], key)
@@ -201,12 +259,13 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
 
 
 def _section(kind: str, data: Any) -> Any:
+    known = SECTIONS[kind].names()
     if not isinstance(data, dict) or "name" not in data:
-        raise ConfigError(f"missing required key {kind}.name; one of: {', '.join(sorted(_SECTIONS[kind]))}")
+        raise ConfigError(f"missing required key {kind}.name; one of: {', '.join(known)}")
     name = data["name"]
-    if name not in _SECTIONS[kind]:
-        raise ConfigError(f"{kind}.name: got {name!r}; expected one of: {', '.join(sorted(_SECTIONS[kind]))}")
-    return from_dict(_SECTIONS[kind][name], data, kind)
+    if not isinstance(name, str) or name not in SECTIONS[kind]:
+        raise ConfigError(f"{kind}.name: got {name!r}; expected one of: {', '.join(known)}")
+    return from_dict(SECTIONS[kind].get(name), data, kind)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -220,6 +279,25 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python objects), also reading YAML 1.2 floats such as `1e-3` as floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-3`), so `lr: 3e-4` would be the string '3e-4'.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely (no Python objects), with YAML 1.2 floats like `1e-3`."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set `a.b.c=value` pairs (values parsed as YAML) into the raw config mapping."""
     for item in overrides:
@@ -227,6 +305,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected --key.path=value")
         key, raw = item.split("=", 1)
+        try:
+            value = yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override --{key}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -234,30 +316,48 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key}: {part} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = value
     return data
 
 
-def _ensure_registered() -> None:
-    import mmeff.encoders  # noqa: F401  (registers encoder sections)
-    import mmeff.tasks  # noqa: F401  (registers task sections)
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`: mappings merge key by key, any other value of `over` replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def parse(data: dict[str, Any]) -> RunConfig:
-    """Validate a raw mapping into a RunConfig."""
-    _ensure_registered()
+    """Validate a raw mapping into a RunConfig (a `preset:` key first fills the sections it names)."""
+    if isinstance(data, dict) and "preset" in data:
+        data = dict(data)
+        name = data.pop("preset")
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ConfigError(f"preset: got {name!r}; expected one of: {', '.join(PRESETS.names())} (mmeff models)")
+        data = merge(PRESETS.get(name).sections, data)
     return from_dict(RunConfig, data)
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config file, apply overrides and validate it."""
+def read(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of one YAML config file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, encoder, backbone, ...), got {type(data).__name__} {data!r:.60}")
+    return data
+
+
+def load(paths: str | Path | list[str | Path], overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML config file(s), later files laid over earlier ones, apply overrides and validate."""
+    data: dict[str, Any] = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        data = merge(data, read(path))
     return parse(apply_overrides(data, overrides or []))
 
 

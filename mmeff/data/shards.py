@@ -8,13 +8,11 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-from webdataset.tariterators import base_plus_ext
-
+from mmeff.config import ConfigError
 from mmeff.data import sources
 
 INDEX = "index.json"
@@ -27,8 +25,15 @@ def write_shards(
     split: str,
     maxcount: int = 100,
     meta: dict[str, Any] | None = None,
+    total: int | None = None,
 ) -> list[Path]:
-    """Write `samples` as `{out_dir}/{split}-{i:06d}.tar` shards and record them in `index.json`."""
+    """Write `samples` as `{out_dir}/{split}-{i:06d}.tar` shards and record them in `index.json`.
+
+    A progress bar (on a terminal) counts the samples, out of `total` (or `len(samples)`) when known.
+    """
+    import webdataset as wds  # imports torch: not needed to list the sources
+    from tqdm import tqdm
+
     out_dir = Path(out_dir)
     if not _SPLIT_NAME.fullmatch(split) or split == "meta":
         raise ValueError(f"split name {split!r}: use letters, digits and _ only (and not 'meta')")
@@ -45,8 +50,9 @@ def write_shards(
     writer = wds.ShardWriter(
         str(out_dir / f"{split}-%06d.tar.tmp"), maxcount=maxcount, post=finished, verbose=0, mtime=0
     )
+    total = total if total is not None else len(samples) if isinstance(samples, Sized) else None
     try:
-        for sample in samples:
+        for sample in tqdm(samples, total=total, desc=f"{out_dir.name}/{split}", unit=" samples", disable=None):
             writer.write(sample)
         if writer.total == 0:
             raise ValueError(f"no samples to write for split {split!r}")
@@ -106,14 +112,21 @@ def count_samples(shard: Path) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _count_keys(path: str, mtime_ns: int, size: int) -> int:
+    from webdataset.tariterators import base_plus_ext
     with tarfile.open(path) as tar:
         return len({base_plus_ext(m.name)[0] for m in tar if m.isreg()} - {None})
 
 
-def build_shards(src: str | None, out: str | Path, source: str | None = None, **options: Any) -> dict[str, int]:
-    """Write shards into `out` from a bundled `source` or a folder / CSV / JSONL manifest `src`."""
-    if (src is None) == (source is None):
-        raise ValueError("give either SRC (a folder or a .csv/.jsonl manifest) or --source NAME, not both")
-    if source is None:
-        return sources.build("folder", Path(out), src=src, **options)
+def build_shards(src: str | None, out: str | Path, /, source: str | None = None, **options: Any) -> dict[str, int]:
+    """Write shards into `out` from a bundled `source` (its options as keywords; `src` may give its `src` option)
+    or from a folder / CSV / JSONL manifest `src`."""
+    if src is None and source is None and "src" not in options:
+        raise ConfigError("give either SRC (a folder or a .csv/.jsonl manifest) or a bundled source (mmeff shards --help lists them)")
+    source = source or "folder"
+    if src is not None:
+        if "src" in options:
+            raise ConfigError(f"SRC {src} and the option src={options['src']} both given; give one")
+        if "src" not in sources.options(source):
+            raise ConfigError(f"shard source {source!r} reads no SRC; its options (-o KEY=VALUE): {sources.describe_options(source) or 'none'}")
+        options["src"] = src
     return sources.build(source, Path(out), **options)

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from mmeff.encoders.text import DOCS_KEY, TOKENS_KEY, ByteTokenizer, Tokenizer, load_tokenizer
+from mmeff import config
+from mmeff.config import ConfigError, RunConfig
+from mmeff.data.shards import INDEX, write_shards
+from mmeff.encoders.text import DOCS_KEY, TOKENIZER_FILE, TOKENS_KEY, ByteTokenizer, TextEncoderConfig, Tokenizer, load_tokenizer
 
 logger = logging.getLogger("mmeff.data")
 
@@ -95,8 +98,6 @@ def write_text_shards(
     maxcount: int = 1000,
 ) -> dict[str, int]:
     """Tokenize, split by document name, pack and write `tokens.npy` / `docs.npy` samples (+ tokenizer.json)."""
-    from mmeff.data import write_shards
-
     tokenizer = tokenizer or ByteTokenizer()
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
     texts: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -113,15 +114,52 @@ def write_text_shards(
     tokenizer.save(out_dir)
     meta = {
         "seq_len": seq_len,
+        "tokenizer": _record(tokenizer),
         "vocab_size": tokenizer.vocab_size,
         "tokens": tokens,
         "documents": {s: len(texts[s]) for s in SPLITS},
     }
     for split, (rows, ids) in packed.items():
         samples = ({"__key__": f"{i:07d}", TOKENS_KEY: _npy(t), DOCS_KEY: _npy(d)} for i, (t, d) in enumerate(zip(rows, ids)))
-        write_shards(samples, out_dir, split, maxcount=maxcount, meta=meta)
+        write_shards(samples, out_dir, split, maxcount=maxcount, meta=meta, total=len(rows))
     logger.info("tokens per split: %s", " ".join(f"{s}={n}" for s, n in tokens.items()))
     return {s: len(packed[s][0]) for s in SPLITS}
+
+
+def _record(tokenizer: Tokenizer) -> dict[str, str]:
+    """What `index.json` records of the tokenizer that wrote the shards."""
+    return {"name": "byte" if isinstance(tokenizer, ByteTokenizer) else "bpe", "sha256": tokenizer.fingerprint}
+
+
+def check_shard_tokenizer(cfg: RunConfig) -> None:
+    """Raise a ConfigError when the text shards of `cfg.data.root` were written with another tokenizer than
+    `cfg.encoder`'s: the model would learn ids that do not mean what its tokenizer reads."""
+    enc = cfg.encoder
+    if not isinstance(enc, TextEncoderConfig):
+        return
+    root = Path(cfg.data.root)
+    index = json.loads((root / INDEX).read_text()) if (root / INDEX).is_file() else {}
+    written = index.get("meta", {}).get("tokenizer")
+    if written is None and (root / TOKENIZER_FILE).is_file():  # shards from before the index recorded it
+        written = _record(load_tokenizer(root))
+    own = _record(load_tokenizer(enc))
+    source = cfg.data.source or "text -o src=YOUR_TEXT"
+    rewrite = f"mmeff shards --source {source}" + (f" -o tokenizer={enc.tokenizer_path}" if own["name"] != "byte" else "") + f" {root}"
+    if written is None:
+        if not index and cfg.data.source and own["name"] != "byte":
+            raise ConfigError(
+                f"data.root {root} has no shards yet, and data.source {cfg.data.source!r} would write them with the byte "
+                f"tokenizer while encoder.tokenizer is {own['name']!r}; write them with it first: {rewrite}"
+            )
+        return
+    if written["sha256"] != own["sha256"]:
+        raise ConfigError(
+            f"{root}: its shards were written with the {written['name']} tokenizer (sha256 {written['sha256'][:12]}), but "
+            f"encoder.tokenizer is {own['name']}"
+            + (f" from {enc.tokenizer_path}" if enc.tokenizer_path and own["name"] != "byte" else "")
+            + f" (sha256 {own['sha256'][:12]}); rewrite the shards with the encoder's tokenizer: {rewrite}"
+            + " (or set encoder.tokenizer to the shards' tokenizer)"
+        )
 
 
 def shard_texts(shards: Iterable[str | Path], tokenizer: Tokenizer) -> Iterator[str]:
@@ -139,8 +177,7 @@ def shard_texts(shards: Iterable[str | Path], tokenizer: Tokenizer) -> Iterator[
 
 def training_texts(src: str | Path) -> Iterator[str]:
     """Text to learn a tokenizer from: the train shards of a run config or of a shard folder, or text/JSONL files."""
-    from mmeff import config
-    from mmeff.data.pipeline import find_shards
+    from mmeff.data.pipeline import find_shards  # imports Lightning: only for shard folders
 
     path = Path(src)
     if path.suffix in (".yaml", ".yml"):

@@ -1,32 +1,49 @@
-"""Modality tokenizers: raw sample -> tensors (`make_transform`) -> tokens [B, T, D] (`build`)."""
+"""Modality tokenizers: raw sample -> tensors (`make_transform`) -> tokens [B, T, D] (`build`).
+
+An encoder is a module that registers its config class with `@ENCODERS.register(NAME)` (mmeff.config.ENCODERS,
+whose table names the module) and provides what `EncoderContract` lists.
+"""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import nn
+from mmeff.config import ENCODERS
+from mmeff.registry import check_contract
 
-_MODULES = {"image": "mmeff.encoders.image", "audio": "mmeff.encoders.audio", "text": "mmeff.encoders.text"}
+if TYPE_CHECKING:
+    from torch import nn
 
 
-def _module(name: str) -> Any:
-    return importlib.import_module(_MODULES[name])
+class EncoderContract(Protocol):
+    """What an encoder module provides besides its registered config class."""
+
+    def build(self, cfg: Any, dim: int) -> nn.Module:
+        """The tokenizer module of encoder config `cfg`, producing tokens of width `dim`."""
+
+    def make_transform(self, cfg: Any, train: bool) -> Callable[[dict], Any]:
+        """Per-sample preprocessing (raw shard sample -> input tensor) for training or evaluation."""
+
+
+_checked: dict[str, ModuleType] = {}
+
+
+def encoder_module(name: str) -> ModuleType:
+    """The module of encoder `name`, checked against `EncoderContract`."""
+    if name not in _checked:
+        module = sys.modules[ENCODERS.get(name).__module__]
+        _checked[name] = check_contract(module, EncoderContract, f"encoder (mmeff.encoders.EncoderContract) for encoder.name {name!r}")
+    return _checked[name]
 
 
 def build(cfg: Any, dim: int) -> nn.Module:
     """The tokenizer module of encoder config `cfg`, producing tokens of width `dim`."""
-    return _module(cfg.name).build(cfg, dim)
+    return encoder_module(cfg.name).build(cfg, dim)
 
 
 def make_transform(cfg: Any, train: bool) -> Callable[[dict], Any]:
     """Per-sample preprocessing of encoder config `cfg` (raw shard sample -> input tensor)."""
-    return _module(cfg.name).make_transform(cfg, train)
-
-
-for _name in _MODULES:  # register each encoder's config section
-    try:
-        _module(_name)
-    except ModuleNotFoundError as e:
-        if e.name != _MODULES[_name]:
-            raise
+    return encoder_module(cfg.name).make_transform(cfg, train)

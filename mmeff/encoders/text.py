@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +17,14 @@ from timm.layers import trunc_normal_
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import nn
 
-from mmeff.config import ConfigError, register_section
+from mmeff.config import ENCODERS, ConfigError
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<mask>")  # <eos> ends a document; <mask> is for diffusion LMs
 TOKENIZER_FILE = "tokenizer.json"
 TOKENS_KEY, DOCS_KEY = "tokens.npy", "docs.npy"
 
 
-@register_section("encoder", "text")
+@ENCODERS.register("text")
 @dataclass
 class TextEncoderConfig:
     """Tokenizer and embedding options; samples hold `seq_len + 1` tokens (inputs and shifted targets)."""
@@ -58,6 +60,13 @@ class Tokenizer:
     def to_hf(self) -> tokenizers.Tokenizer:
         """The Hugging Face `tokenizers.Tokenizer` giving the same ids."""
         raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the vocabulary, merges and special tokens: equal for tokenizers that give the same ids."""
+        spec = json.loads(self.to_hf().to_str())
+        ids = {"model": spec["model"], "added": sorted((t["id"], t["content"]) for t in spec["added_tokens"])}
+        return hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -132,8 +141,9 @@ class HFTokenizer(Tokenizer):
         return self.hf
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> HFTokenizer:
-    """A byte-level BPE tokenizer of `vocab_size` ids (special tokens first) learnt from `texts`."""
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False) -> HFTokenizer:
+    """A byte-level BPE tokenizer of `vocab_size` ids (special tokens first) learnt from `texts` (`show_progress`:
+    the tokenizers library's progress bars)."""
     smallest = 256 + len(SPECIALS)
     if vocab_size < smallest:
         raise ValueError(f"BPE vocab_size {vocab_size}: at least {smallest} (256 bytes + {len(SPECIALS)} special tokens)")
@@ -145,7 +155,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
         min_frequency=min_frequency,
         special_tokens=list(SPECIALS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     hf.train_from_iterator(texts, trainer)
     return HFTokenizer(hf)

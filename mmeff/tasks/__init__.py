@@ -1,44 +1,59 @@
-"""Task heads and LightningModules, chosen by `task.name`."""
+"""Task heads and LightningModules, chosen by `task.name`.
+
+A task is a module that registers its config class with `@TASKS.register(NAME)` (mmeff.config.TASKS, whose
+table names the module) and provides what `TaskContract` lists; `task_module(name)` checks it on first use.
+"""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import nn
+from mmeff.config import TASKS, RunConfig
+from mmeff.registry import check_contract
 
-_MODULES = {
-    "classify": "mmeff.tasks.classify",
-    "lm": "mmeff.tasks.lm",
-    "caption": "mmeff.tasks.caption",
-    "diffusion": "mmeff.tasks.diffusion",
-    "diffusion_caption": "mmeff.tasks.diffusion_caption",
-}
+if TYPE_CHECKING:
+    from torch import nn
 
-
-def _module(name: str) -> Any:
-    return importlib.import_module(_MODULES[name])
+    from mmeff.tasks.base import TaskModule
 
 
-def build_model(cfg: Any) -> nn.Module:
+class TaskContract(Protocol):
+    """What a task module provides besides its registered config class."""
+
+    Task: type[TaskModule]  # the LightningModule: Task(cfg, model)
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        """The plain model (encoder + backbone + head) of run config `cfg`."""
+
+    def make_transform(self, cfg: RunConfig, train: bool) -> Callable[[dict], Any]:
+        """The per-sample transform (raw shard sample -> tensors) for training or evaluation."""
+
+
+_checked: dict[str, ModuleType] = {}
+
+
+def task_module(name: str) -> ModuleType:
+    """The module of task `name`, checked against `TaskContract`."""
+    if name not in _checked:
+        module = sys.modules[TASKS.get(name).__module__]
+        _checked[name] = check_contract(module, TaskContract, f"task (mmeff.tasks.TaskContract) for task.name {name!r}")
+    return _checked[name]
+
+
+def build_model(cfg: RunConfig) -> nn.Module:
     """The plain `nn.Module` (encoder + backbone + head) of run config `cfg`."""
-    return _module(cfg.task.name).build_model(cfg)
+    return task_module(cfg.task.name).build_model(cfg)
 
 
-def build_task(cfg: Any, model: nn.Module | None = None) -> Any:
+def build_task(cfg: RunConfig, model: nn.Module | None = None) -> TaskModule:
     """The LightningModule training `model` (built from `cfg` when not given)."""
-    return _module(cfg.task.name).Task(cfg, model if model is not None else build_model(cfg))
+    return task_module(cfg.task.name).Task(cfg, model if model is not None else build_model(cfg))
 
 
-def transforms(cfg: Any) -> tuple[Any, Any]:
+def transforms(cfg: RunConfig) -> tuple[Callable[[dict], Any], Callable[[dict], Any]]:
     """(train, eval) per-sample transforms of run config `cfg`."""
-    mod = _module(cfg.task.name)
-    return mod.make_transform(cfg, True), mod.make_transform(cfg, False)
-
-
-for _name in _MODULES:  # register each task's config section
-    try:
-        _module(_name)
-    except ModuleNotFoundError as e:
-        if e.name != _MODULES[_name]:
-            raise
+    module = task_module(cfg.task.name)
+    return module.make_transform(cfg, True), module.make_transform(cfg, False)

@@ -11,11 +11,11 @@ from torch import nn
 
 from mmeff import encoders
 from mmeff.backbone import Backbone
-from mmeff.config import RunConfig, register_section
+from mmeff.config import TASKS, RunConfig
 from mmeff.tasks.base import TaskModule
 
 
-@register_section("task", "classify")
+@TASKS.register("classify")
 @dataclass
 class ClassifyConfig:
     """Classification head options; `label_key` is the integer label field of the shard samples."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmeff import encoders
-from mmeff.config import ConfigError, RunConfig, register_section
+from mmeff.config import TASKS, ConfigError, RunConfig
 from mmeff.encoders.text import TextEncoderConfig, Tokenizer, load_tokenizer, tokenizer_files
 from mmeff.tasks.base import TaskModule
 from mmeff.tasks.lm import LanguageModel, _Sums, token_bytes
@@ -34,7 +34,7 @@ class MaskingOptions:
     antithetic: bool = False
 
 
-@register_section("task", "diffusion")
+@TASKS.register("diffusion")
 @dataclass
 class DiffusionConfig(MaskingOptions):
     """Masked diffusion on packed text; `prompt_prob` of the training sequences keep a clean prompt of random length."""

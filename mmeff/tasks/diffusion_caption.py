@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmeff.config import RunConfig, register_section
+from mmeff.config import TASKS, RunConfig
 from mmeff.diffusion_sampling import DiffusionSampling, Remasking, cut_at_eos, diffusion_sample
 from mmeff.tasks import caption
 from mmeff.tasks.diffusion import MaskedDiffusion, MaskingOptions, check_mask_id, check_masking, response_mask, weighted_nll
 
 
-@register_section("task", "diffusion_caption")
+@TASKS.register("diffusion_caption")
 @dataclass
 class DiffusionCaptionConfig(MaskingOptions, caption.CaptionTextConfig):
     """Caption text and masking options, and how val/test sample: `eval_steps` forward passes (None: one per answer

@@ -100,9 +100,9 @@ def test_digits_source(tmp_path):
 
 
 def test_unknown_source_and_options(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown shard source 'nope'; available: .*digits.*folder"):
+    with pytest.raises(ValueError, match=r"unknown shard source 'nope'; bundled sources: .*digits.*folder"):
         build_shards(None, tmp_path, source="nope")
-    with pytest.raises(ValueError, match="unknown option.*colour.*its options: size, maxcount, seed"):
+    with pytest.raises(ValueError, match=r"unknown option.*colour.*its options \(-o KEY=VALUE\): size=32 maxcount=64 seed=0"):
         build_shards(None, tmp_path, source="digits", colour=True)
     with pytest.raises(ValueError, match="either SRC"):
         build_shards(None, tmp_path)

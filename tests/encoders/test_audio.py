@@ -15,7 +15,8 @@ import yaml
 from mmeff.cli import main
 from mmeff.config import DataConfig, parse
 from mmeff.data import build_shards, read_index
-from mmeff.encoders.audio import AudioEncoder, AudioEncoderConfig, AudioTransform, compute_stats, decode, fbank
+from mmeff.data.audio_stats import compute_stats
+from mmeff.encoders.audio import AudioEncoder, AudioEncoderConfig, AudioTransform, decode, fbank
 from mmeff.tasks.classify import build_model
 
 REAL = Path("/usr/share/pocketsphinx/test/data")

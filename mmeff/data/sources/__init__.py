@@ -1,61 +1,77 @@
 """Shard sources: modules that write one data set as WebDataset shards (`mmeff shards --source NAME OUT`).
 
-Convention for a source module `mmeff/data/sources/<name>.py` (NAME on the command line may use `-`
-for `_`, e.g. `spoken-digits` -> `spoken_digits.py`):
+Convention for a source module `mmeff/data/sources/<name>.py`, listed in `SOURCES`' table below:
 
-- a one-line module docstring saying what it writes; `available()` lists it without importing it;
-- `def build(out_dir: Path, **options) -> dict[str, int]`: options are keyword arguments with
-  defaults (one without a default is required, like `folder`'s `src`); it writes the splits
-  (`train`, `val`, `test`) with `mmeff.data.write_shards(samples, out_dir, split, maxcount,
-  meta={"classes": [...]})`, returns the number of samples per split and prints nothing;
+- a one-line module docstring saying what it writes (the summary `mmeff shards --help` shows);
+- `@SOURCES.register(NAME, summary=__doc__)` on `def build(out_dir: Path, **options) -> dict[str, int]`:
+  options are keyword arguments with defaults (one without a default is required, like `folder`'s `src`);
+  it writes the splits (`train`, `val`, `test`) with `mmeff.data.write_shards(samples, out_dir, split,
+  maxcount, meta={"classes": [...]}, total=...)`, returns the number of samples per split and prints nothing;
 - samples are dicts with a `__key__` (no dots) and fields named by extension, as the task
   transforms expect them: raw file bytes or an array under `png` / `wav` / ..., the integer
   label under `cls`, text under `txt`;
 - splits are deterministic: a fixed `seed` option (default 0) and `split_indices` when the data
   set has no official split;
-- heavy or optional imports go inside `build`, so listing and importing sources stays cheap.
+- heavy or optional imports (torch, webdataset, espeak) go inside `build`, so listing the sources stays cheap.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib
-import importlib.util
 import inspect
 import logging
-import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmeff.config import ConfigError
+from mmeff.registry import Registry
+
 logger = logging.getLogger("mmeff.data")
 
-
-def available() -> dict[str, str]:
-    """Bundled source names (with `-` for `_`) -> the first line of their module docstring."""
-    names = {}
-    for module in pkgutil.iter_modules(__path__):
-        origin = importlib.util.find_spec(f"{__name__}.{module.name}").origin
-        doc = ast.get_docstring(ast.parse(Path(origin).read_text())) or ""
-        names[module.name.replace("_", "-")] = doc.strip().splitlines()[0] if doc.strip() else ""
-    return names
+SOURCES: Registry[Callable[..., dict[str, int]]] = Registry(
+    "shard source",
+    {
+        name: f"{__name__}.{name.replace('-', '_')}"
+        for name in ("digits", "digit-scenes", "digit-canvas", "folder", "python-docs", "spoken-digits", "spoken-sentences", "text")
+    },
+)
 
 
-def build(name: str, out_dir: Path, **options: Any) -> dict[str, int]:
+def get(name: str) -> Callable[..., dict[str, int]]:
+    """The build function of source `name` (`_` or `-` between words), or a ConfigError listing the sources."""
+    name = name.replace("_", "-")
+    if name not in SOURCES:
+        raise ConfigError(f"unknown shard source {name!r}; bundled sources: {', '.join(SOURCES.names())} (see mmeff shards --help)")
+    return SOURCES.get(name)
+
+
+def options(name: str) -> dict[str, inspect.Parameter]:
+    """The options of source `name`: its build function's keyword parameters after `out_dir`."""
+    return dict(list(inspect.signature(get(name)).parameters.items())[1:])
+
+
+def describe_options(name: str) -> str:
+    """`-o` options of source `name` as 'key=default' (required ones as 'key=...')."""
+    return " ".join(
+        f"{k}=..." if p.default is inspect.Parameter.empty else f"{k}={_plain(p.default)}" for k, p in options(name).items()
+    )
+
+
+def _plain(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).replace(" ", "")
+
+
+def build(name: str, out_dir: Path, **kwargs: Any) -> dict[str, int]:
     """Run source `name`'s `build(out_dir, **options)`, with clear errors for unknown names and options."""
-    names = available()
-    if name.replace("_", "-") not in names:
-        raise ValueError(f"unknown shard source {name!r}; available: {', '.join(sorted(names))}")
-    fn = importlib.import_module(f"{__name__}.{name.replace('-', '_')}").build
-    params = dict(list(inspect.signature(fn).parameters.items())[1:])
-    unknown = sorted(set(options) - set(params))
-    missing = sorted(k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in options)
+    params = options(name)
+    unknown = sorted(set(kwargs) - set(params))
+    missing = sorted(k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs)
     if unknown or missing:
         problem = f"unknown option(s) {', '.join(unknown)}" if unknown else f"missing option(s) {', '.join(missing)}"
-        raise ValueError(f"shard source {name!r}: {problem}; its options: {', '.join(params) or 'none'}")
-    return fn(out_dir, **options)
+        raise ConfigError(f"shard source {name!r}: {problem}; its options (-o KEY=VALUE): {describe_options(name) or 'none'}")
+    return get(name)(out_dir, **kwargs)
 
 
 def split_indices(labels: Sequence[int], seed: int = 0, test: float = 0.2, val: float = 0.1) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from mmeff.data.sources import SOURCES
 from mmeff.data.sources.digit_scenes import SPLITS, compose, digit_pools
 
 CLASSES = 10
@@ -72,6 +73,7 @@ def canvases(
         }
 
 
+@SOURCES.register("digit-canvas", summary=__doc__)
 def build(
     out_dir: Path,
     size: int = 256,

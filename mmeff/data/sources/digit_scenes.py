@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from mmeff.data.sources import SOURCES
+
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 STYLES = ("layout", "words")
 PLACEMENTS = ("slots", "free")
@@ -107,6 +109,7 @@ def scenes(
         }
 
 
+@SOURCES.register("digit-scenes", summary=__doc__)
 def build(
     out_dir: Path,
     height: int = 16,

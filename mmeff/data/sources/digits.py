@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from mmeff.data.shards import write_shards
-from mmeff.data.sources import split_indices
+from mmeff.data.sources import SOURCES, split_indices
 
 
+@SOURCES.register("digits", summary=__doc__)
 def build(out_dir: Path, size: int = 32, maxcount: int = 64, seed: int = 0) -> dict[str, int]:
     """Write the digits as `png` (size x size, uint8) + `cls` shards, split 72/8/20 train/val/test."""
+    import torch
+    import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mmeff.data.shards import write_shards
-from mmeff.data.sources import split_indices
+from mmeff.data.sources import SOURCES, split_indices
 
 
 class Row(NamedTuple):
@@ -19,6 +19,7 @@ class Row(NamedTuple):
     split: str | None
 
 
+@SOURCES.register("folder", summary=__doc__)
 def build(out_dir: Path, src: str | Path, maxcount: int = 100, seed: int = 0) -> dict[str, int]:
     """Write each file's raw bytes under its extension key (`png`, `wav`, ...) and its class index under `cls`."""
     src = Path(src)

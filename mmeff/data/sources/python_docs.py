@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from mmeff.data.sources import SOURCES
+
 # Test suites, demos, GUI code, vendored or generated data (codec tables), jokes: not documentation.
 SKIP = {
     *("test", "tests", "idle_test", "idlelib", "turtledemo", "tkinter", "lib2to3", "ensurepip", "pydoc_data"),
@@ -82,6 +84,7 @@ def _doc_pages(pattern: str) -> Iterator[tuple[str, str]]:
         yield name, page.read_text(encoding="utf-8")
 
 
+@SOURCES.register("python-docs", summary=__doc__)
 def build(
     out_dir: Path,
     seq_len: int = 256,

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from mmeff.data.sources import SOURCES
+
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # espeak-ng voice variants (espeak-ng-data/voices/!v): each is one speaker; splits never share one.
 VOICES = (
@@ -116,6 +118,7 @@ class _Renderer:
         return {"__key__": u.key, self.fmt: buf.getvalue(), "cls": u.digit, "json": info}
 
 
+@SOURCES.register("spoken-digits", summary=__doc__)
 def build(
     out_dir: Path,
     voices: Sequence[str] = VOICES,
@@ -159,6 +162,6 @@ def build(
                 for v in names for a in sorted(accents) for s in sorted(speeds) for p in sorted(pitches) for d in range(10)
             ]  # fmt: skip
             jobs = [jobs[i] for i in rng.permutation(len(jobs))]  # mixed shards shuffle better
-            write_shards(pool.map(render, jobs), out_dir, split, maxcount=maxcount, meta=meta)
+            write_shards(pool.map(render, jobs), out_dir, split, maxcount=maxcount, meta=meta, total=len(jobs))
             counts[split] = len(jobs)
     return counts

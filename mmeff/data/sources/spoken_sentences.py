@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from mmeff.data.sources import SOURCES
 from mmeff.data.sources.spoken_digits import DIGITS, VOICES, _Renderer, _Utterance, espeak
 
 STYLES = ("digits", "words")
@@ -112,6 +113,7 @@ def sentences(
     return out
 
 
+@SOURCES.register("spoken-sentences", summary=__doc__)
 def build(
     out_dir: Path,
     voices: list[str] = VOICES,
@@ -155,6 +157,6 @@ def build(
             if count <= 0:
                 continue
             jobs = sentences(split, count, by_split[split], sorted(accents), sorted(speeds), sorted(pitches), min_digits, max_digits, list(pause), seed)
-            write_shards(pool.map(render, jobs), out_dir, split, maxcount=maxcount, meta=meta)
+            write_shards(pool.map(render, jobs), out_dir, split, maxcount=maxcount, meta=meta, total=len(jobs))
             counts[split] = count
     return counts

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmeff.data.sources import SOURCES
 
+
+@SOURCES.register("text", summary=__doc__)
 def build(
     out_dir: Path,
     src: str,
