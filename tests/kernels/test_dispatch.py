@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kernel_cases import compare, forward_backward, interpreted_kernels, make_inputs, max_error
 
 from mmeff import ops
@@ -168,3 +169,26 @@ def test_recurrent_mode_takes_fused_kernel(fake_gpu, monkeypatch):
     assert max_error(got[0], ref[0]) <= 1e-4 and max_error(got[1], ref[1]) <= 1e-4
     with pytest.raises(RuntimeError, match="mode='recurrent' with gradients"):
         ops.linear_recurrence(**{**inputs, "q": inputs["q"].requires_grad_()}, mode="recurrent", backend="triton")
+
+
+def test_large_shapes_run_or_are_refused_by_name(monkeypatch):
+    # Every element offset in the kernels is int64 (T = 128k with 2**31 elements runs: the GPU suite's
+    # test_large_shapes); token indices (cu_seqlens) are int32 and the heads sit on a grid dimension of at most
+    # 65535, so past those the dispatcher refuses the kernels, naming the shape. Meta tensors: no memory.
+    from mmeff.ops import recurrence
+
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    too_long = meta(2, 2**30, 1, 16)
+    with pytest.raises(RuntimeError, match=r"B\*T = 2147483648 tokens \(q \(2, 1073741824, 1, 16\)\)"):
+        linear_recurrence(too_long, too_long, too_long, backend="triton")
+    many_heads = meta(1, 4, 70000, 16)
+    with pytest.raises(RuntimeError, match=r"70000 heads \(q \(1, 4, 70000, 16\)\)"):
+        linear_recurrence(many_heads, many_heads, many_heads, backend="triton")
+    monkeypatch.setattr(recurrence, "run_recurrence", lambda impl, *args, **kwargs: impl)
+    assert linear_recurrence(too_long, too_long, too_long) == "torch"  # auto: the PyTorch path
+    big = meta(1, 2**17, 64, 256)  # T = 128k, 2**31 elements per tensor
+    assert linear_recurrence(big, big, big, F.logsigmoid(big[..., 0].float())) == "triton"
