@@ -131,8 +131,9 @@ def test_mixer_block(monkeypatch, name, form):
     if form == "packed":
         from mmeff.blocks.layout import Layout
 
-        # Per row: documents of 700, 1 and 1347 tokens, then 2047 and 1 (boundaries off the 64-token chunks).
-        docs = torch.tensor([[0] * 700 + [1] + [2] * 1347, [0] * 2047 + [1]], device="cuda")
+        # Row 0: documents of 707, 1 and 1340 tokens; row 1: 2047 and 1 (boundaries off the 64-token chunks).
+        first = LENGTH * 11 // 32 + 3
+        docs = torch.tensor([[0] * first + [1] + [2] * (LENGTH - first - 1), [0] * (LENGTH - 1) + [1]], device="cuda")
         kwargs["layout"] = Layout(docs=docs)
     compare(monkeypatch, block, FAST.get(name) if form != "packed" or name in LINEAR else None, **kwargs)
 
