@@ -68,7 +68,7 @@ def mmeff_cases(x: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tens
         "gated_linear_attention": lambda: ops.gated_linear_attention(q, k, v, x["g_key"])[0],
         "delta_rule": lambda: ops.delta_rule(q, k, v, x["beta"])[0],
         "gated_delta_rule": lambda: ops.gated_delta_rule(q, k, v, x["g_head"], x["beta"])[0],
-        "ssd": lambda: ops.ssd(v, x["dt"], x["A"], x["Bm"], x["Cm"], backend="torch"),
+        "ssd": lambda: ops.ssd(v, x["dt"], x["A"], x["Bm"], x["Cm"], backend="triton"),
     }
 
 

@@ -32,7 +32,7 @@ MIXERS = {
     "gla": {"heads": 4},
     "gla_16heads": {"type": "gla", "heads": 16},
     "mamba2": {},  # mmeff.ops.ssd's auto backend: mamba-ssm's kernels where it imports
-    "mamba2_mmeff": {"type": "mamba2", "backend": "torch"},  # mmeff's own SSD kernels
+    "mamba2_mmeff": {"type": "mamba2", "backend": "triton"},  # mmeff's own SSD kernels
     "gated_deltanet": {"heads": 8},
 }
 

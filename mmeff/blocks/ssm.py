@@ -27,7 +27,8 @@ class Mamba(ScanMixer):
 
     in_proj -> (x, z); x: causal depthwise conv + silu -> x_proj -> (dt, B, C); dt_proj (rank
     `dt_rank`) -> selective scan with per-channel A [d_inner, d_state], skip D and silu(z) gating -> out_proj.
-    `backend` picks the scan's implementation (mmeff.ops.selective_scan: auto, torch, mamba_ssm).
+    `backend` picks the scan's implementation (mmeff.ops.selective_scan: auto, torch = PyTorch, triton = mmeff's
+    kernels, mamba_ssm).
     """
 
     def __init__(
@@ -113,7 +114,7 @@ class Mamba2(ScanMixer):
     in_proj -> (z, xBC, dt); xBC: causal depthwise conv + silu -> (x [heads x head_dim], B, C
     [ngroups x d_state]); SSD with scalar A per head, dt_bias, skip D -> gated RMSNorm
     norm(y * silu(z)) per group -> out_proj. `backend` picks SSD's implementation (mmeff.ops.ssd: auto,
-    torch = mmeff's Triton kernels on CUDA / PyTorch elsewhere, mamba_ssm).
+    torch = PyTorch, triton = mmeff's Triton kernels, mamba_ssm).
     """
 
     def __init__(
