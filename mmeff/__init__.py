@@ -8,9 +8,10 @@ from mmeff.config import ConfigError, RunConfig
 
 if TYPE_CHECKING:
     from mmeff.checkpoint import load
+    from mmeff.hub import Model
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "RunConfig", "load", "__version__"]
+__all__ = ["ConfigError", "Model", "RunConfig", "load", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from mmeff.checkpoint import load
 
         return load
+    if name == "Model":  # Model.from_pretrained(DIR): any mmeff checkpoint folder
+        from mmeff.hub import Model
+
+        return Model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

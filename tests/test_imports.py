@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("backbone", "lora"),
     ("encoders",),
     ("data", "generate", "diffusion_sampling"),  # shards and samplers use the tokenizers
-    ("tasks",),
-    ("checkpoint", "convert", "hub"),  # rebuilding a model needs the task registry
+    ("tasks", "hub"),  # hub: the base class of the task models (from_pretrained / save_pretrained)
+    ("checkpoint", "convert"),  # rebuilding a model needs the task registry
     ("trainer", "serve"),
     ("commands", "cli", "__main__", "__init__"),  # the command line and the package facade (lazy attributes)
 ]

@@ -21,6 +21,7 @@ from mmeff.backbone import Backbone
 from mmeff.blocks import Cache, Layout
 from mmeff.config import TASKS, ConfigError, RunConfig
 from mmeff.encoders.text import TextEncoder, TextEncoderConfig, Tokenizer, load_tokenizer, tokenizer_files
+from mmeff.hub import Model
 from mmeff.tasks.base import TaskModule
 
 IGNORE = -100  # target id that counts in no loss or metric
@@ -94,7 +95,7 @@ class CaptionEncoder(TextEncoder):
         return self.proj(self.media(inputs).x)
 
 
-class Captioner(nn.Module):
+class Captioner(Model):
     """Media prefix + text through one causal backbone; decodes with mmeff.generate (`embed`, `hidden`, `head`,
     `new_cache`) after `encode_media` made the prefix embeddings. Subclasses change `check` (the config rules)."""
 

@@ -17,6 +17,7 @@ from mmeff.backbone import Backbone
 from mmeff.blocks import Cache, Layout
 from mmeff.config import TASKS, ConfigError, RunConfig
 from mmeff.encoders.text import TextEncoderConfig, Tokenizer, load_tokenizer, tokenizer_files
+from mmeff.hub import Model
 from mmeff.tasks.base import TaskModule
 
 
@@ -42,7 +43,7 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError(f"task.eos_bytes must be >= 0, got {cfg.task.eos_bytes}")
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(Model):
     """Text embedding + causal backbone + vocabulary head (its weight tied to the embedding when `tie_embeddings`).
 
     Generation (mmeff.generate) uses `embed`, `hidden`, `head` and `new_cache`; any model with
