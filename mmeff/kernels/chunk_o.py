@@ -131,15 +131,21 @@ def _dv_local_kernel(
 
 
 def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) -> list:
-    """Configs of _bwd_dqk_kernel for this launch: no 4-warp ones for GLA on 16-bit inputs, which Triton 3.5 / 3.6
-    compile wrongly on an H100 (dq, dk, dg off by 85-370% at K = 32 with every num_stages; 2 and 8 warps and fp32
-    exact; bisection in benchmarks/results/kernels_notes.md)."""
-    if constexprs["GATE"] == KEY_GATE.value and named_args["q"].dtype != torch.float32:
+    """Configs of _bwd_dqk_kernel for this launch, leaving out the builds Triton 3.5 / 3.6 compile wrongly on Hopper
+    for 16-bit inputs (fp32 and 2 warps are exact in every case measured):
+    - GLA: 4 warps (dq, dk, dg off by 85-370% at K = 32 on an H100; kernels_notes.md);
+    - no gate or a scalar gate, value tiles of 32 or less and keys of 128 or more: 4 and 8 warps (dq off by 70-86%,
+      dv by 25-96% at K = 128 and 256, V = 32; at K = 256 an out-of-bounds shared-memory read, the H200's
+      "illegal memory access"; tests/gpu/bisect_dqk.py, benchmarks/results/gpu_tests_h200.md)."""
+    if named_args["q"].dtype == torch.float32:
+        return configs
+    if constexprs["GATE"] == KEY_GATE.value:
         return [c for c in configs if c.num_warps != 4]
+    if not constexprs["DELTA"] and constexprs["BV"] <= 32 and constexprs["K"] >= 128:
+        return [c for c in configs if c.num_warps == 2]
     return configs
 
 
-# 8 warps first: the pinned config (utils.autotune) runs unpruned, so it must be right for GLA too.
 @autotune(warps(82, 42, 22), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"], prune=_sm90_safe_configs)
 @triton.jit
 def _bwd_dqk_kernel(

@@ -46,32 +46,41 @@ def pinning_requested() -> bool:
     return os.environ.get("MMEFF_TRITON_PIN") == "1"
 
 
-# Every autotuned kernel of the package with its full config list, for pin_configs.
-_TUNED: list[tuple[Autotuner, list[triton.Config]]] = []
+# Every autotuned kernel of the package with its full config list and whether it prunes, for pin_configs.
+_TUNED: list[tuple[Autotuner, list[triton.Config], bool]] = []
+_PINNED = [pinning_requested()]
 
 
 def autotune(configs: Sequence[triton.Config], key: list[str], prune: Optional[Callable[..., list]] = None):
-    """triton.autotune over `configs`, whose first one is the pinned config: safe on every launch (Hopper
-    miscompiles excluded) and what the interpreter runs, as it cannot benchmark. MMEFF_TRITON_PIN=1 at import
-    (or pin_configs) keeps that one only: one compile per shape and no benchmarking (tests, compile-bound
-    runs). `prune(configs, named_args, **constexprs)` drops the configs a launch must not use (Triton calls it
-    only when there are several)."""
+    """triton.autotune over `configs`, whose first one that `prune` keeps is the pinned config. MMEFF_TRITON_PIN=1
+    at import (or pin_configs) runs that one only: one compile per shape, no choice among builds (tests,
+    compile-bound runs); the interpreter, which cannot benchmark, runs the first config. `prune(configs,
+    named_args, **constexprs)` drops the configs a launch must not use (Hopper miscompiles), pinned or not."""
     configs = list(configs)
 
+    def select(candidates: list, named_args: dict, **constexprs: object) -> list:
+        kept = prune(candidates, named_args, **constexprs) if prune else candidates
+        return kept[:1] if _PINNED[0] else kept
+
     def wrap(fn: Callable) -> Autotuner:
-        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
-        _TUNED.append((tuner, configs))
-        tuner.configs = configs[:1] if INTERPRET or pinning_requested() else configs
+        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": select})(fn)
+        _TUNED.append((tuner, configs, prune is not None))
+        _set(tuner, configs, prune is not None)
         return tuner
 
     return wrap
 
 
+def _set(tuner: Autotuner, configs: list[triton.Config], prunes: bool) -> None:
+    # Triton prunes only kernels with several configs: a pruning kernel keeps them all and `select` pins.
+    tuner.configs = configs[:1] if INTERPRET or (_PINNED[0] and not prunes) else configs
+
+
 def pin_configs(pinned: bool) -> None:
-    """Run every autotuned kernel on its first config only (True) or tune over all of them again (False).
-    Triton benchmarks only kernels with several configs, so a pinned kernel never fills the tuning cache."""
-    for tuner, configs in _TUNED:
-        tuner.configs = configs[:1] if pinned or INTERPRET else configs
+    """Run every autotuned kernel on its first safe config only (True) or tune over all of them again (False)."""
+    _PINNED[0] = pinned
+    for tuner, configs, prunes in _TUNED:
+        _set(tuner, configs, prunes)
 
 
 def warps(*choices: int) -> list[triton.Config]:

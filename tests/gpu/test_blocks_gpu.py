@@ -142,7 +142,9 @@ def test_mixer_block(monkeypatch, name, form):
 @pytest.mark.parametrize("experts,top_k", [(8, 2), (16, 1)])
 def test_moe_block(monkeypatch, experts, top_k):
     # The dropless MoE FFN: grouped GEMMs (torch._grouped_mm on Hopper in bf16) and the Triton glue.
-    block = build("moe", DIM, num_experts=experts, top_k=top_k, hidden=704)
+    # top_k 1 routes Switch-style (renormalize off): renormalised, every weight is 1 and the router's gradient is
+    # only the balancing loss's, near zero, so its relative error measured noise (117% on the H200).
+    block = build("moe", DIM, num_experts=experts, top_k=top_k, hidden=704, renormalize=top_k > 1)
     with torch.no_grad():  # clear routing decisions: float rounding must not flip a token's expert
         block.router.weight.mul_(100)
     expect = "grouped_mm" if torch.cuda.get_device_capability()[0] == 9 else "triton_moe"

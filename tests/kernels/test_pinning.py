@@ -24,31 +24,50 @@ def utils():
     utils.pin_configs(utils.pinning_requested())
 
 
+def _launch(dtype: torch.dtype, gate, K: int = 64, BV: int = 64, delta: bool = False) -> tuple[dict, dict]:
+    """(named_args, constexprs) of a launch, as a prune sees them."""
+    return {"q": torch.empty(1, dtype=dtype)}, {"GATE": gate.value, "DELTA": delta, "K": K, "BV": BV}
+
+
+def _running(tuner, configs: list, launch: tuple[dict, dict]) -> list:
+    """The configs `tuner` would run for `launch`."""
+    if len(tuner.configs) == 1:
+        return tuner.configs
+    return tuner.early_config_prune(configs, launch[0], **launch[1])
+
+
 def test_pin_configs_toggles_every_kernel(utils):
     assert len(utils._TUNED) == AUTOTUNED
+    launch = _launch(torch.bfloat16, utils.SCALAR_GATE)
     utils.pin_configs(False)
-    assert [len(t.configs) for t, _ in utils._TUNED] == [len(c) for _, c in utils._TUNED]
-    assert any(len(t.configs) > 1 for t, _ in utils._TUNED)
+    assert [len(t.configs) for t, _, _ in utils._TUNED] == [len(c) for _, c, _ in utils._TUNED]
+    assert any(len(_running(t, c, launch)) > 1 for t, c, _ in utils._TUNED)
     utils.pin_configs(True)
-    assert all(t.configs == c[:1] for t, c in utils._TUNED)
+    assert all(len(_running(t, c, launch)) == 1 for t, c, _ in utils._TUNED)
 
 
-def test_pinned_configs_survive_the_hopper_prunes(utils):
-    # A pinned kernel runs without its prune (Triton prunes only among several configs): its first config must
-    # be one the prune keeps for every launch, i.e. no 4-warp GLA backward on 16-bit inputs (kernels_notes.md).
-    for tuner, configs in utils._TUNED:
-        if tuner.early_config_prune is None:
-            continue
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            for gate in (utils.NO_GATE, utils.SCALAR_GATE, utils.KEY_GATE):
-                kept = tuner.early_config_prune(configs, {"q": torch.empty(1, dtype=dtype)}, GATE=gate.value)
-                assert configs[0] in kept, (tuner.base_fn.__name__, dtype, gate)
+@pytest.mark.parametrize("pinned", [True, False])
+def test_pinned_and_tuned_launches_skip_the_hopper_miscompiles(utils, pinned):
+    # A pinned launch runs the first config its prune keeps; a tuned one chooses among those the prune keeps.
+    from mmeff.kernels import chunk_o
+
+    utils.pin_configs(pinned)
+    tuner = chunk_o._bwd_dqk_kernel
+    configs = next(c for t, c, _ in utils._TUNED if t is tuner)
+    warps = lambda launch: {c.num_warps for c in _running(tuner, configs, launch)}  # noqa: E731
+    assert 4 not in warps(_launch(torch.bfloat16, utils.KEY_GATE))  # GLA: 4 warps miscompile (K = 32)
+    for gate in (utils.NO_GATE, utils.SCALAR_GATE):  # V <= 32 with K >= 128: 4 and 8 warps miscompile
+        assert warps(_launch(torch.bfloat16, gate, K=128, BV=32)) == {2}
+        assert warps(_launch(torch.bfloat16, gate, K=256, BV=32)) == {2}
+        assert len(warps(_launch(torch.bfloat16, gate, K=64, BV=64))) == (1 if pinned else 3)
+    assert len(warps(_launch(torch.float32, utils.KEY_GATE))) == (1 if pinned else 3)  # fp32 is exact everywhere
+    assert warps(_launch(torch.bfloat16, utils.NO_GATE, K=128, BV=32, delta=True)) == ({8} if pinned else {8, 4, 2})
 
 
 def test_pin_env_at_import():
     code = (
         "from mmeff.kernels import chunk, conv, recurrent, utils\n"
-        "assert all(len(t.configs) == 1 for t, _ in utils._TUNED), 'not pinned'\n"
+        "assert utils._PINNED[0] and all(len(t.configs) == 1 for t, _, prunes in utils._TUNED if not prunes), 'not pinned'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"MMEFF_TRITON_PIN": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
