@@ -4,15 +4,18 @@ Each model: byte vocabulary, SwiGLU, fp32 weights under bf16 autocast, AdamW; on
 loss, backward, optimizer step on B x T tokens. Median of `--iters` steps after `--warmup`. `--compile` runs every
 model through torch.compile. `--profile` adds, per row, where one step's GPU time goes: matmuls, softmax attention,
 the recurrence kernels (mmeff's or mamba-ssm's), short convolutions, the optimizer, and the rest (norms,
-activations, casts, copies). The share both models pay alike bounds the speed-up a mixer can bring. `--out` is
-rewritten after every row, so a run cut short keeps its rows.
+activations, casts, copies). The share both models pay alike bounds the speed-up a mixer can bring. `--docs 0 8`
+runs each row unpacked (0: no document boundaries) and with that many packed documents per sequence (varlen: the
+layout's cu_seqlens reach every mixer). `--out` is rewritten after every row, so a run cut short keeps its rows.
 
     python benchmarks/lm_train_speed.py --T 16384 32768 65536 --mixers attn gla --profile --out DIR/lm.md
+    python benchmarks/lm_train_speed.py --T 16384 --mixers attn gla mamba2 --docs 0 8 --out DIR/varlen.md
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 from collections import defaultdict
@@ -51,13 +54,13 @@ def build(mixer: str, dim: int, depth: int, seq_len: int) -> LanguageModel:
     return LanguageModel(cfg).cuda()
 
 
-def train_step(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
-    """One training step of `model` on `tokens` [B, T + 1] (AdamW, bf16 autocast)."""
+def train_step(model: torch.nn.Module, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> Callable[[], None]:
+    """One training step of `model` on `tokens` [B, T + 1] (AdamW, bf16 autocast), packed as `docs` when given."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(tokens[:, :-1])
+            logits = model(tokens[:, :-1], docs=docs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         opt.step()
@@ -121,39 +124,40 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--docs", type=int, nargs="+", default=[0], help="packed documents per sequence (0: no boundaries)")
     p.add_argument("--profile", action="store_true", help="add the GPU time per kernel category of one step")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     ours = mmeff_kernels() if args.profile else set()
     kinds = ["matmul", "softmax attention", "recurrence kernels", "conv", "optimizer", "other"]
-    columns = ["mixer", "params", "T", "ms / step", "tokens/s", f"vs {args.mixers[0]}", "peak GiB"]
+    columns = ["mixer", "params", "T", "docs", "ms / step", "tokens/s", f"vs {args.mixers[0]}", "peak GiB"]
     columns += [f"{k} ms" for k in kinds] if args.profile else []
     rows, base = [], {}
-    for T in args.T:
-        for mixer in args.mixers:
-            torch.manual_seed(0)
-            model = build(mixer, args.dim, args.depth, T)
-            params = sum(q.numel() for q in model.parameters()) / 1e6
-            tokens = torch.randint(0, 256, (args.batch, T + 1), device="cuda")
-            step = train_step(torch.compile(model) if args.compile else model, tokens)
-            try:
-                ms, gib = cuda_median_ms(step, args.warmup, args.iters)
-                split = breakdown(step, ours) if args.profile else {}
-            except torch.cuda.OutOfMemoryError:
-                rows.append(f"| {mixer} | {params:.0f}M | {T} | OOM |" + " |" * (len(columns) - 4))
-                continue
-            finally:
-                del model, step
-                torch.cuda.empty_cache()
-            tok_s = args.batch * T / ms * 1e3
-            base.setdefault(T, tok_s)  # the first mixer is the reference
-            cells = "".join(f" {split.get(k, 0.0):.1f} |" for k in kinds) if args.profile else ""
-            rows.append(
-                f"| {mixer} | {params:.0f}M | {T} | {ms:.0f} | {tok_s:,.0f} | {tok_s / base[T]:.2f}x | {gib:.1f} |{cells}"
-            )
-            print(rows[-1], flush=True)
-            if args.out:
-                args.out.write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{table(args, columns, rows)}\n")
+    for T, mixer, ndocs in itertools.product(args.T, args.mixers, args.docs):
+        torch.manual_seed(0)
+        model = build(mixer, args.dim, args.depth, T)
+        params = sum(q.numel() for q in model.parameters()) / 1e6
+        tokens = torch.randint(0, 256, (args.batch, T + 1), device="cuda")
+        docs = None if not ndocs else (torch.arange(T, device="cuda") * ndocs // T).expand(args.batch, T)
+        step = train_step(torch.compile(model) if args.compile else model, tokens, docs)
+        try:
+            ms, gib = cuda_median_ms(step, args.warmup, args.iters)
+            split = breakdown(step, ours) if args.profile else {}
+        except torch.cuda.OutOfMemoryError:
+            rows.append(f"| {mixer} | {params:.0f}M | {T} | {ndocs} | OOM |" + " |" * (len(columns) - 5))
+            continue
+        finally:
+            del model, step
+            torch.cuda.empty_cache()
+        tok_s = args.batch * T / ms * 1e3
+        base.setdefault(T, tok_s)  # the first row is the reference
+        cells = "".join(f" {split.get(k, 0.0):.1f} |" for k in kinds) if args.profile else ""
+        rows.append(
+            f"| {mixer} | {params:.0f}M | {T} | {ndocs} | {ms:.0f} | {tok_s:,.0f} | {tok_s / base[T]:.2f}x | {gib:.1f} |{cells}"
+        )
+        print(rows[-1], flush=True)
+        if args.out:
+            args.out.write_text(f"Command: `python {' '.join(sys.argv)}`\n\n{table(args, columns, rows)}\n")
     print(table(args, columns, rows))
 
 
