@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs as mmeff checkpoint folders: LlamaForCausalLM (attn + swiglu), Mamba2ForCausalLM (mamba2).
+"""Hugging Face causal LMs <-> mmeff checkpoint folders: LlamaForCausalLM (attn + swiglu) both ways, Mamba2ForCausalLM (mamba2) in.
 
 Only safetensors weights are read (nothing is unpickled). The Hugging Face config maps onto an
 `lm` run config; every weight must find its place, and every mmeff parameter must be filled.
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -190,3 +193,92 @@ def convert_hf(src: str | Path, out: str | Path) -> Path:
     _warn_eps(model, eps)
     extra = {TOKENIZER_FILE: (src / TOKENIZER_FILE).read_text()} if has_tokenizer else None
     return checkpoint.export(model, cfg, out, extra=extra)
+
+
+def _export_llama(model: nn.Module, cfg: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(Llama config.json, Hugging Face state dict) of an mmeff `attn` + `swiglu` + `rmsnorm` LM; a ConfigError names
+    the first config key Llama cannot express."""
+    b = cfg.backbone
+    _require(cfg.task.name == "lm", f"task.name {cfg.task.name!r}; only causal LMs (task.name: lm) map onto Llama")
+    _require(b.ffn == "swiglu" and not b.ffn_options.get("dropout"), f"backbone.ffn {b.ffn!r}; Llama's MLP is swiglu")
+    _require(b.norm == "rmsnorm" and b.final_norm, f"backbone.norm {b.norm!r} / final_norm {b.final_norm}; Llama has rmsnorm and a final norm")
+    layers = model.backbone.layers
+    mixers = [layer.mixer for layer in layers]
+    kinds = sorted({type(m).__name__ for m in mixers})
+    _require(kinds == ["Attention"], f"backbone.pattern {b.pattern}: mixers {kinds}; Llama has softmax attention (attn) only")
+    first, ffn = mixers[0], layers[0].ffn
+    for name in ("heads", "kv_heads", "head_dim", "rope_base"):
+        values = {getattr(m, name) for m in mixers}
+        _require(len(values) == 1, f"layers differ in attention {name} ({sorted(values)}); Llama has one per model")
+    _require(all(m.rope and m.causal for m in mixers), "backbone.mixers.attn: rope and causal must be on")
+    _require(all(isinstance(m.q_norm, nn.Identity) for m in mixers), "backbone.mixers.attn.qk_norm; Llama has no q/k norm")
+    attn_bias, mlp_bias = first.q.bias is not None, ffn.gate.bias is not None
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.encoder.vocab_size,
+        "hidden_size": b.dim,
+        "intermediate_size": ffn.gate.out_features,
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": first.heads,
+        "num_key_value_heads": first.kv_heads,
+        "head_dim": first.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.encoder.seq_len,
+        "rms_norm_eps": b.norm_eps,
+        "rope_theta": first.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": first.rope_base},
+        "attention_bias": attn_bias,
+        "mlp_bias": mlp_bias,
+        "tie_word_embeddings": model.head.weight is model.encoder.embed.weight,
+        "torch_dtype": "float32",
+    }
+    own = model.state_dict()
+    state = {"model.embed_tokens.weight": own["encoder.embed.weight"], "model.norm.weight": own["backbone.norm.weight"]}
+    if not hf["tie_word_embeddings"]:
+        state["lm_head.weight"] = own["head.weight"]
+    kv = first.kv_heads * first.head_dim
+    for i in range(len(layers)):
+        src, dst = f"backbone.layers.{i}.", f"model.layers.{i}."
+        state[dst + "input_layernorm.weight"] = own[src + "norm1.weight"]
+        state[dst + "post_attention_layernorm.weight"] = own[src + "norm2.weight"]
+        parts = ("weight", "bias") if attn_bias else ("weight",)
+        for part in parts:
+            state[f"{dst}self_attn.q_proj.{part}"] = own[f"{src}mixer.q.{part}"]
+            state[f"{dst}self_attn.o_proj.{part}"] = own[f"{src}mixer.out.{part}"]
+            # mmeff's fused kv Linear holds the keys' rows first, then the values'.
+            state[f"{dst}self_attn.k_proj.{part}"], state[f"{dst}self_attn.v_proj.{part}"] = own[f"{src}mixer.kv.{part}"].split(kv)
+        for name in ("gate", "up", "down"):
+            for part in ("weight", "bias") if mlp_bias else ("weight",):
+                state[f"{dst}mlp.{name}_proj.{part}"] = own[f"{src}ffn.{name}.{part}"]
+    return hf, {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def convert_to_hf(ckpt: str | Path, out: str | Path) -> Path:
+    """Write the mmeff `attn` LM checkpoint folder `ckpt` as a Hugging Face Llama folder `out` (config.json,
+    model.safetensors, tokenizer.json + tokenizer_config.json) that transformers' AutoModelForCausalLM loads."""
+    from safetensors.torch import save_file
+
+    from mmeff.encoders.text import load_tokenizer
+
+    ckpt, out = Path(ckpt), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; give a new folder (nothing is overwritten)")
+    cfg = checkpoint.load_config(ckpt)
+    hf, state = _export_llama(checkpoint.load(ckpt), cfg)
+    tokenizer = load_tokenizer(ckpt if (ckpt / TOKENIZER_FILE).is_file() else cfg.encoder)
+    names = tokenizer.to_hf()
+    special = {f"{role}_token": names.id_to_token(getattr(tokenizer, f"{role}_id")) for role in ("bos", "eos", "pad")}
+    hf.update({f"{role}_token_id": getattr(tokenizer, f"{role}_id") for role in ("bos", "eos", "pad")})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / TOKENIZER_FILE).write_text(names.to_str())
+        (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special}, indent=2))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
