@@ -1,10 +1,12 @@
-"""Text generation metrics: exact match, token accuracy, corpus BLEU (sacrebleu), edit distance, CER and WER."""
+"""Metrics: text generation (exact match, token accuracy, corpus BLEU, edit distance, CER, WER) and multi-label classification."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MultilabelAveragePrecision, MultilabelExactMatch
 
 
 def exact_match(hyps: Sequence[str], refs: Sequence[str]) -> float:
@@ -63,6 +65,14 @@ def wer(hyps: Sequence[str], refs: Sequence[str]) -> float:
     """Word error rate: total word-level edit distance over total reference words."""
     edits, length = error_counts(hyps, refs, "word")
     return edits / max(1, length)
+
+
+def multilabel(num_labels: int) -> MetricCollection:
+    """Multi-label metrics fed (probabilities [N, L], multi-hot targets [N, L]): `exact`, the fraction of samples whose
+    predicted set (probability > 0.5) equals the true set, and `map`, the mean over labels of the average precision."""
+    return MetricCollection(
+        {"exact": MultilabelExactMatch(num_labels, threshold=0.5), "map": MultilabelAveragePrecision(num_labels, average="macro")}
+    )
 
 
 def _check(hyps: Sequence[str], refs: Sequence[str]) -> None:

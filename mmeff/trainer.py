@@ -128,6 +128,8 @@ def fit(cfg: RunConfig, resume: str | None = None) -> L.Trainer:
             print(f"upcycle: {len(upcycled)} MoE tensors initialised from the dense ffn weights")
     if cfg.lora:
         print(lora.apply(model, cfg.lora))
+    if cfg.trainer.compile:
+        model.compile()  # nn.Module.compile, not torch.compile(model): state_dict names stay those of the plain model
     task = build_task(lora.task_config(cfg), model)
     trainer = build_trainer(cfg)
     trainer.fit(task, datamodule=ShardDataModule(cfg.data, *transforms(cfg)), ckpt_path=ckpt_path)
