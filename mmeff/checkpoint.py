@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from mmeff import config as config_mod
 from mmeff.config import ConfigError, RunConfig
 from mmeff.encoders.text import TOKENIZER_FILE, TextEncoderConfig, Tokenizer, load_tokenizer
+from mmeff.errors import CheckpointError
 from mmeff.tasks import build_model
 
 log = logging.getLogger("mmeff")
@@ -25,46 +27,101 @@ CONFIG, WEIGHTS = "config.yaml", "model.safetensors"
 
 
 def export(model: nn.Module, cfg: RunConfig, out: str | Path, extra: dict[str, str] | None = None) -> Path:
-    """Write `out/` (config + weights + optional extra text files) via a temp folder and a rename."""
+    """Write `out/` (config + weights + optional extra text files) via a temp folder and a rename.
+
+    Leftovers of an interrupted export (`.<out>.old`, `.<out>.<random>` folders) are recovered or removed first.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = out.with_name(f".{out.name}.old")
     try:
         config_mod.save(cfg, tmp / CONFIG)
         save_model(model, str(tmp / WEIGHTS))
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        old = out.with_name(f".{out.name}.old")
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir() and not out.exists():
+            os.replace(old, out)  # the new export failed after moving the old one aside: put it back
         raise
     return out
+
+
+def recover(out: str | Path) -> Path | None:
+    """Undo what a killed `export(out)` left: restore `.<out>.old` if `out` is gone, delete temp folders.
+
+    Returns `out` when it then holds a complete checkpoint folder, else None.
+    """
+    out = Path(out)
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir() and not out.exists() and _complete(old):
+        os.replace(old, out)  # killed between the two renames of export(): the previous export comes back
+        log.warning("restored the export %s that an interrupted export had moved aside", out)
+    for leftover in out.parent.glob(f".{out.name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return out if _complete(out) else None
+
+
+def _complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in (CONFIG, WEIGHTS))
 
 
 def _check(path: Path) -> None:
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an mmeff checkpoint folder: {name} is missing")
+            old = path.with_name(f".{path.name}.old")
+            hint = f" (an interrupted export left {old}; the next export restores it)" if old.is_dir() else ""
+            raise FileNotFoundError(f"{path} is not an mmeff checkpoint folder: {name} is missing{hint}")
 
 
 def load_config(path: str | Path) -> RunConfig:
     """The run config stored in checkpoint folder `path`."""
     path = Path(path)
     _check(path)
-    return config_mod.parse(yaml.safe_load((path / CONFIG).read_text()))
+    file = path / CONFIG
+    try:
+        data = config_mod.yaml_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not a plain YAML config ({str(e).splitlines()[0]})") from None
+    try:
+        return config_mod.parse(data)
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file; a file of another format or a truncated one names itself."""
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def load(path: str | Path, map_location: str = "cpu") -> nn.Module:
     """Rebuild the model of checkpoint folder `path` and load its weights (no unpickling)."""
     path = Path(path)
     model = build_model(load_config(path))
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=map_location)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config's model; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    file = path / WEIGHTS
+    state = read_weights(file)
+    own = model.state_dict()
+    tied = _tied_names(model)
+    missing = sorted(k for k in own if k not in state and not tied.get(k, set()) & state.keys())
+    unexpected = sorted(k for k in state if k not in own)
+    wrong = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} for the config"
+             for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"shapes differ: {'; '.join(wrong[:3])}"] if wrong else []
+        parts += [f"missing {missing[:5]}"] if missing else []
+        parts += [f"unexpected {unexpected[:5]}"] if unexpected else []
+        raise CheckpointError(f"{file}: the weights do not match {path / CONFIG}'s model; {', '.join(parts)}")
+    model.load_state_dict({k: v.to(map_location) for k, v in state.items()}, strict=False)
     return model.eval()
 
 
@@ -82,6 +139,14 @@ def load_lm(path: str | Path) -> tuple[nn.Module, Tokenizer]:
                           "generation and chat need a text LM checkpoint (task.name: lm)")
     tokenizer = load_tokenizer(path if (path / TOKENIZER_FILE).is_file() else cfg.encoder)
     return load(path), tokenizer
+
+
+def _tied_names(model: nn.Module) -> dict[str, set[str]]:
+    """For each state name, the other names sharing its storage (tied weights, e.g. the LM head and embedding)."""
+    groups: dict[tuple[int, int], set[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset()), set()).add(name)
+    return {name: group - {name} for group in groups.values() for name in group if len(group) > 1}
 
 
 @dataclass
@@ -117,7 +182,7 @@ def init_from(model: nn.Module, path: str | Path) -> InitReport:
     """
     path = Path(path)
     _check(path)
-    src = load_file(str(path / WEIGHTS))
+    src = read_weights(path / WEIGHTS)
     own = model.state_dict()
     vocab = vocab_tensors(model)
     report = InitReport()
@@ -136,7 +201,8 @@ def init_from(model: nn.Module, path: str | Path) -> InitReport:
         else:
             take[name] = t
             report.loaded.append(name)
-    report.new = [k for k in own if k not in take]
+    tied = _tied_names(model)
+    report.loaded += [k for k in own if k not in take and tied.get(k, set()) & take.keys()]  # loaded through its tie
+    report.new = [k for k in own if k not in take and k not in report.loaded]
     model.load_state_dict(take, strict=False)
-    log.info("%s", report)
     return report

@@ -2,31 +2,131 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from safetensors.torch import load_file
+from torch import nn
 
 from mmeff import checkpoint, config as config_mod, lora
 from mmeff.blocks.moe import upcycle_state
 from mmeff.config import ConfigError, RunConfig
 from mmeff.data import ShardDataModule
+from mmeff.data.text import check_shard_tokenizer
+from mmeff.errors import CheckpointError, TrainingError
 from mmeff.tasks import build_model, build_task, transforms
 
 log = logging.getLogger("mmeff")
+
+PARTIAL = ".partial"  # suffix of a checkpoint being written: `.<name>.partial` beside its target
+
+
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of `module` holding a NaN or an infinity."""
+    return [n for n, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint beside its target, in the run folder's own filesystem, then renames it into place.
+
+    Lightning's own writer stages the file in $TMPDIR and moves it across filesystems, which copies over the
+    old file: a full disk or a kill then leaves a truncated `last.ckpt`. Here the old file stays whole until
+    the rename, and a failed write keeps no checkpoint name.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{PARTIAL}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise CheckpointError(
+                    f"cannot write checkpoint {path}: {e.strerror or e}; the checkpoints written before are kept"
+                ) from e
+            raise
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that never saves (nor ranks as best) weights holding a NaN or an infinity."""
+
+    def _finite(self, trainer: L.Trainer) -> bool:
+        bad = nonfinite_tensors(trainer.lightning_module)
+        if bad:
+            log.warning("not checkpointing step %d: %d tensor(s) are not finite, e.g. %s", trainer.global_step, len(bad), bad[0])
+        return not bad
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        return super().check_monitor_top_k(trainer, current) and self._finite(trainer)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self._finite(trainer):
+            super()._save_checkpoint(trainer, filepath)
+
+
+class NonFiniteLoss(Callback):
+    """A NaN or infinite loss (or gradient) stops the run (`trainer.on_nonfinite: stop`) or skips its optimizer
+    step (`skip`). Either way the step's update is not applied: its gradients are dropped before the optimizer
+    sees them. Gradients are checked only without a loss scaler (16-mixed), which skips inf steps itself.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.skipped = 0
+        self._loss: torch.Tensor | None = None
+
+    def on_before_backward(self, trainer: L.Trainer, task: L.LightningModule, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        if self._loss is None or bool(torch.isfinite(self._loss)):  # keep the first bad micro-batch's loss
+            self._loss = loss
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, task: L.LightningModule, optimizer: Any) -> None:
+        loss, self._loss = self._loss, None
+        what = "loss" if loss is not None and not bool(torch.isfinite(loss)) else None
+        if what is None and getattr(trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in task.parameters() if p.grad is not None]
+            if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+                what = "gradient"
+        if not trainer.strategy.reduce_boolean_decision(what is not None, all=False):  # any rank
+            return
+        for p in task.parameters():
+            p.grad = None  # the optimizer skips parameters without a gradient: nothing of this step applies
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
+        value = f"the loss is {float(loss) if loss is not None else math.nan}" + ("" if what != "gradient" else ", its gradient is not finite")
+        if self.mode == "stop":
+            raise TrainingError(
+                f"training stopped at {where}: {value}; this step was not applied and no later "
+                f"checkpoint or export is written. Lower optim.lr (now {optimizer.param_groups[0]['lr']:.3g} in this "
+                "step), or set trainer.on_nonfinite: skip to skip such steps"
+            )
+        self.skipped += 1
+        log.warning("skipping the optimizer step at %s: %s (%d skipped so far)", where, value, self.skipped)
+        task.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
 
 
 class ExportBest(Callback):
     """At the end of fitting, write the best (else last) weights as `<run>/export` on rank zero."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, overwrite: bool = False) -> None:
         self.cfg = cfg
+        self.overwrite = overwrite
 
     def on_fit_end(self, trainer: L.Trainer, task: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -35,15 +135,55 @@ class ExportBest(Callback):
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             task.load_state_dict(state)
+        bad = nonfinite_tensors(task)
+        if bad:
+            raise TrainingError(
+                f"not exporting: {len(bad)} tensor(s) of the {'best' if best else 'last'} weights are not finite "
+                f"(e.g. {bad[0]}); lower optim.lr or check the data"
+            )
         model, cfg = lora.merged(task.model, self.cfg)  # LoRA adapters folded into plain weights
-        path = checkpoint.export(model, cfg, cfg.out_dir / "export", extra=getattr(task, "export_files", None))
+        out = cfg.out_dir / "export"
+        _check_export_free(out, self.overwrite)
+        path = checkpoint.export(model, cfg, out, extra=getattr(task, "export_files", None))
         print(f"exported {'best' if best else 'last'} weights to {path}")
 
 
+class EvalSkips(Callback):
+    """Says how many samples or shards an evaluation skipped, so its metrics are known to cover the rest."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def _count(self, batch: Any) -> None:
+        if isinstance(batch, dict):
+            self.skipped += int(torch.as_tensor(batch.get("_skipped", 0)).sum())
+
+    def on_validation_batch_start(self, trainer: L.Trainer, task: L.LightningModule, batch: Any, *args: Any) -> None:
+        self._count(batch)
+
+    def on_test_batch_start(self, trainer: L.Trainer, task: L.LightningModule, batch: Any, *args: Any) -> None:
+        self._count(batch)
+
+    def report(self, split: str) -> None:
+        """Print the count (nothing when no sample was skipped)."""
+        if self.skipped:
+            print(f"{split}: {self.skipped} sample(s) or shard(s) were skipped (the warnings above name them); "
+                  "the metrics cover the samples that were read")
+
+
 def _loggers(cfg: RunConfig) -> list[Logger] | bool:
+    """The loggers `trainer.logger` names: auto | csv | tensorboard | wandb (offline) | none | a Logger class path."""
     kind = cfg.trainer.logger
     if kind == "none":
         return False
+    if kind == "wandb":
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("trainer.logger: 'wandb' needs the wandb package (pip install wandb)")
+        from lightning.pytorch.loggers import WandbLogger
+
+        return [WandbLogger(name=cfg.name, save_dir=str(cfg.out_dir), offline=True)]
+    if "." in kind:
+        return [_logger_by_path(kind, cfg.out_dir)]
     loggers: list[Logger] = []
     if kind in ("auto", "csv"):
         loggers.append(CSVLogger(cfg.out_dir, name="logs"))
@@ -52,73 +192,139 @@ def _loggers(cfg: RunConfig) -> list[Logger] | bool:
     return loggers
 
 
-def build_trainer(cfg: RunConfig, monitor: bool = True) -> L.Trainer:
-    """A Lightning Trainer from `cfg.trainer`, with checkpointing, lr monitor and loggers."""
+def _logger_by_path(path: str, out_dir: Path) -> Logger:
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"trainer.logger: cannot import {path!r} ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Logger)):
+        raise ConfigError(f"trainer.logger: {path!r} is not a Lightning Logger class")
+    try:
+        return cls(save_dir=str(out_dir))
+    except TypeError:  # a logger without a save_dir argument
+        return cls()
+
+
+def build_trainer(cfg: RunConfig, fitting: bool = True, overwrite: bool = False) -> L.Trainer:
+    """A Lightning Trainer from `cfg.trainer`: with checkpointing, export, lr monitor and loggers when `fitting`.
+
+    `trainer.kwargs` are passed last and win over every option set here.
+    """
     t = cfg.trainer
-    has_val = monitor and cfg.data.val is not None
-    best = ModelCheckpoint(
-        dirpath=cfg.out_dir / "checkpoints",
+    loggers = t.kwargs.get("logger", _loggers(cfg))
+    options: dict[str, Any] = dict(
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        precision=t.precision,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        logger=loggers,
+        callbacks=_fit_callbacks(cfg, overwrite, bool(loggers)) if fitting else [EvalSkips()],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=cfg.out_dir,
+        use_distributed_sampler=False,
+    )
+    if fitting and cfg.data.val is None:
+        options["limit_val_batches"] = 0
+    options.update(t.kwargs)
+    try:
+        return L.Trainer(**options)
+    except (TypeError, ValueError, RuntimeError, MisconfigurationException) as e:
+        raise ConfigError(f"trainer: Lightning rejected the options: {e}") from None
+
+
+def _fit_callbacks(cfg: RunConfig, overwrite: bool, logging_on: bool) -> list[Callback]:
+    t = cfg.trainer
+    has_val = cfg.data.val is not None
+    folder = cfg.out_dir / "checkpoints"
+    best = RunCheckpoint(
+        dirpath=folder,
         monitor=t.monitor if has_val else None,
         mode="max" if t.monitor.endswith(("acc", "bleu", "exact")) else "min",
         save_top_k=t.save_top_k if has_val else 1,
         save_last=not has_val,
         filename="{epoch}-{step}",
     )
-    loggers = _loggers(cfg)
-    callbacks: list[Callback] = [best, ExportBest(cfg)]
+    callbacks: list[Callback] = [best, NonFiniteLoss(t.on_nonfinite), ExportBest(cfg, overwrite)]
     if has_val:
         # Lightning's save_last copies a checkpoint only when `best` writes one (a new best), so --resume
         # would lose the epochs since; this one rewrites last.ckpt after every epoch.
-        callbacks.insert(1, ModelCheckpoint(dirpath=cfg.out_dir / "checkpoints", filename="last", enable_version_counter=False))
-    if loggers:
+        callbacks.insert(1, RunCheckpoint(dirpath=folder, filename="last", enable_version_counter=False))
+    if logging_on:
         callbacks.append(LearningRateMonitor("step"))
+    return callbacks
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be loaded, or None when it loads."""
     try:
-        return L.Trainer(
-            max_epochs=t.max_epochs,
-            max_steps=t.max_steps,
-            precision=t.precision,
-            accelerator=t.accelerator,
-            devices=t.devices,
-            strategy=t.strategy,
-            gradient_clip_val=t.gradient_clip_val,
-            accumulate_grad_batches=t.accumulate_grad_batches,
-            log_every_n_steps=t.log_every_n_steps,
-            check_val_every_n_epoch=t.check_val_every_n_epoch,
-            num_sanity_val_steps=t.num_sanity_val_steps,
-            enable_progress_bar=t.enable_progress_bar,
-            limit_val_batches=None if has_val else 0,
-            logger=loggers,
-            callbacks=callbacks,
-            default_root_dir=cfg.out_dir,
-            use_distributed_sampler=False,
-            **t.kwargs,
-        )
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"trainer: Lightning rejected the options: {e}") from None
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means "not a resume point"
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def _resume_path(cfg: RunConfig, resume: str | None) -> str | None:
+    """The checkpoint to resume from: `resume`'s last.ckpt, else the newest intact checkpoint (said which)."""
     if resume is None:
         return None
     path = cfg.out_dir if resume == "last" else Path(resume)
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                return str(candidate)
-        raise FileNotFoundError(f"--resume {resume}: no last.ckpt under {path} (expected {path}/checkpoints/last.ckpt)")
-    if not path.is_file():
+    if path.is_file():
+        why = _unreadable(path)
+        if why:
+            raise CheckpointError(f"--resume {resume}: {path} cannot be loaded ({why})")
+        return str(path)
+    if not path.is_dir():
         raise FileNotFoundError(f"--resume {resume}: {path} does not exist")
-    return str(path)
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = [p for p in (folder / "last.ckpt",) if p.is_file()] + others
+    if not candidates:
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint under {folder} (expected {folder}/last.ckpt)")
+    broken = []
+    for candidate in candidates:
+        why = _unreadable(candidate)
+        if why is None:
+            if broken:
+                print(f"resume: {'; '.join(broken)}; resuming from the newest intact checkpoint {candidate}")
+            return str(candidate)
+        broken.append(f"{candidate} is unreadable ({why})")
+    raise CheckpointError(f"--resume {resume}: no intact checkpoint under {folder}: {'; '.join(broken)}")
 
 
-def fit(cfg: RunConfig, resume: str | None = None) -> L.Trainer:
-    """Train `cfg`; resume from a run folder, a .ckpt file or 'last' (this run's own last checkpoint)."""
+def _check_export_free(export: Path, overwrite: bool) -> None:
+    if not overwrite and checkpoint.recover(export) is not None:
+        raise TrainingError(
+            f"{export} holds the export of a finished run; pass --overwrite to replace it, or give this run "
+            "another name (--name=NEW)"
+        )
+
+
+def _remove_partial_checkpoints(folder: Path) -> None:
+    """Delete the half-written checkpoints a killed run left (never a complete one)."""
+    for stale in folder.glob(f".*.ckpt{PARTIAL}"):
+        stale.unlink(missing_ok=True)
+
+
+def fit(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> L.Trainer:
+    """Train `cfg`; resume from a run folder, a .ckpt file or 'last' (this run's own last checkpoint).
+
+    An earlier run's export in the run folder is replaced only with `overwrite`.
+    """
     if cfg.upcycle and not cfg.init_from:
         raise ConfigError("upcycle: true needs init_from: the dense checkpoint folder to upcycle")
+    _check_export_free(cfg.out_dir / "export", overwrite)
+    check_shard_tokenizer(cfg)
     ckpt_path = _resume_path(cfg, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    config_mod.save(cfg, cfg.out_dir / "config.yaml")
     model = build_model(cfg)
     if cfg.init_from:
         print(checkpoint.init_from(model, cfg.init_from))
@@ -131,7 +337,11 @@ def fit(cfg: RunConfig, resume: str | None = None) -> L.Trainer:
     if cfg.trainer.compile:
         model.compile()  # nn.Module.compile, not torch.compile(model): state_dict names stay those of the plain model
     task = build_task(lora.task_config(cfg), model)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, overwrite=overwrite)
+    # Written only once the config has built a model and a trainer: a rejected config leaves no run folder.
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(cfg, cfg.out_dir / "config.yaml")
+    _remove_partial_checkpoints(cfg.out_dir / "checkpoints")
     trainer.fit(task, datamodule=ShardDataModule(cfg.data, *transforms(cfg)), ckpt_path=ckpt_path)
     return trainer
 
@@ -142,9 +352,13 @@ def evaluate(cfg: RunConfig, ckpt: str | Path, split: str = "test") -> dict[str,
     model_cfg = checkpoint.load_config(ckpt)
     model_cfg.data, model_cfg.trainer, model_cfg.run_dir, model_cfg.name = cfg.data, cfg.trainer, cfg.run_dir, cfg.name
     model_cfg.freeze, model_cfg.train = [], []
+    check_shard_tokenizer(model_cfg)
     task = build_task(model_cfg, model)
-    trainer = build_trainer(model_cfg, monitor=False)
+    trainer = build_trainer(model_cfg, fitting=False)
     dm = ShardDataModule(cfg.data, *transforms(model_cfg))
     run: Any = trainer.test if split == "test" else trainer.validate
     results = run(task, datamodule=dm, verbose=False)
+    for callback in trainer.callbacks:
+        if isinstance(callback, EvalSkips):
+            callback.report(split)
     return {k: float(v) for k, v in results[0].items()} if results else {}

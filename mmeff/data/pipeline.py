@@ -18,8 +18,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-from mmeff.config import DataConfig
+from mmeff.config import ConfigError, DataConfig
 from mmeff.data.shards import INDEX, build_shards, count_samples, read_index
+from mmeff.errors import DataError, MmeffError
 
 logger = logging.getLogger("mmeff.data")
 
@@ -30,18 +31,18 @@ _SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
 
 
 class SkipCounter:
-    """Counts the samples and shards skipped in this process (or raises on the first when `strict`)."""
+    """Counts the samples and shards skipped in this process (or stops at the first when `strict`)."""
 
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
         self.total = 0
         self._pending = 0
 
-    def skip(self, message: str) -> None:
-        """Raise `message` if strict; else log it as a warning and count one skip."""
+    def skip(self, problem: str) -> None:
+        """Raise a DataError saying `problem` if strict; else log it as a warning and count one skip."""
         if self.strict:
-            raise RuntimeError(message)
-        logger.warning(message)
+            raise DataError(f"{problem} (data.strict: true stops at the first bad shard or sample; false skips and counts them)")
+        logger.warning("skipping %s", problem)
         self.total += 1
         self._pending += 1
 
@@ -109,7 +110,7 @@ class ShardStream(IterableDataset):
             done += 1
             yield batch
         if done < quota:
-            raise RuntimeError(
+            raise DataError(
                 f"training data: rank {self.rank} worker {worker} got no usable sample from its shards "
                 f"{urls} after {done} of {quota} batches (every shard or sample was skipped)"
             )
@@ -140,24 +141,35 @@ class ShardStream(IterableDataset):
                     n += 1
                     yield sample
             except _SHARD_ERRORS as e:
-                self.counter.skip(f"skipping corrupt shard {url} after {n} sample(s): {_reason(e)}")
+                self.counter.skip(f"corrupt shard {url} after {n} sample(s): {_reason(e)}")
                 continue
             if n < self.sizes[url]:
-                self.counter.skip(f"skipping truncated shard {url}: it ended after {n} of {self.sizes[url]} samples")
+                self.counter.skip(f"truncated shard {url}: it ended after {n} of {self.sizes[url]} samples")
 
     def _apply(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """The transform of each sample; one that lacks a field (KeyError) or cannot be decoded (ValueError) is skipped and counted."""
+        """The transform of each sample; one it cannot use (a missing field, bytes that do not decode, a label out of
+        range) is skipped and counted."""
         for raw in samples:
             try:
                 sample = self.transform(raw)
-            except (KeyError, ValueError) as e:
-                why = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) and e.args else str(e)
-                self.counter.skip(f"skipping sample {raw.get('__key__')!r} in shard {raw.get('__url__')}: {why}")
+            except MmeffError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever a sample's bytes make a decoder raise is that sample's fault
+                why = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
+                self.counter.skip(f"sample {_describe(raw)} in shard {raw.get('__url__')}: {why}")
                 continue
             yield sample
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return {**default_collate(samples), "_skipped": self.counter.take()}
+
+
+def _describe(raw: dict[str, Any]) -> str:
+    """A sample's key, with the file it was made from where the shard records it (`src` field)."""
+    src = raw.get("src")
+    if isinstance(src, bytes):
+        src = src.decode("utf-8", "replace")
+    return f"{raw.get('__key__')!r}" + (f" (from {src})" if src else "")
 
 
 def _reason(e: BaseException) -> str:
@@ -179,8 +191,8 @@ def make_loader(
     shards = find_shards(cfg, split)
     workers = cfg.num_workers
     if train and len(shards) < world_size * max(1, workers):
-        raise ValueError(
-            f"{split} split: {len(shards)} shard(s) cannot feed {world_size} rank(s) x {max(1, workers)} "
+        raise ConfigError(
+            f"data.num_workers: {split} split: {len(shards)} shard(s) cannot feed {world_size} rank(s) x {max(1, workers)} "
             f"loader worker(s); write at least {world_size * max(1, workers)} shards (smaller maxcount) "
             "or use fewer workers"
         )
@@ -253,7 +265,7 @@ def _listed_size(shard: str, strict: bool) -> int:
     except _SHARD_ERRORS as e:
         message = f"cannot list shard {shard} ({_reason(e)}); counting it as 0 samples"
         if strict:
-            raise RuntimeError(message) from e
+            raise DataError(message.replace("; counting it as 0 samples", "")) from e
         logger.warning(message)
         return 0
 
