@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MultilabelAveragePrecision, MultilabelExactMatch
+
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
 
 
 def exact_match(hyps: Sequence[str], refs: Sequence[str]) -> float:
@@ -70,6 +72,10 @@ def wer(hyps: Sequence[str], refs: Sequence[str]) -> float:
 def multilabel(num_labels: int) -> MetricCollection:
     """Multi-label metrics fed (probabilities [N, L], multi-hot targets [N, L]): `exact`, the fraction of samples whose
     predicted set (probability > 0.5) equals the true set, and `map`, the mean over labels of the average precision."""
+    # Imported here: torchmetrics takes seconds to import, and only multi-label runs need it.
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MultilabelAveragePrecision, MultilabelExactMatch
+
     return MetricCollection(
         {"exact": MultilabelExactMatch(num_labels, threshold=0.5), "map": MultilabelAveragePrecision(num_labels, average="macro")}
     )

@@ -1,0 +1,425 @@
+"""Training speed of ViT-S/16-shaped backbones: timm's ViT against every bidirectional mmeff token mixer, images and audio.
+
+One step = forward, cross-entropy over 1,000 classes, backward, fused AdamW; bf16 autocast, fp32 weights. Width 384,
+depth 12, 6 heads, patch 16, 3 channels, MLP ratio 4, LayerNorm, mean pooling; about 65k tokens per step: batch
+256 / 64 / 16 / 4 at 224 / 512 / 1024 / 2048 px. `--px audio` is an AST-shaped input: a 10 s clip, 128 mel bins x
+1,000 frames, 16x16 patches at stride 10 (12 x 99 = 1,188 tokens), batch 55.
+
+Rows (`--rows`; a mixer's name selects all its scan rows):
+- `timm`: timm.create_model("vit_small_patch16_224", img_size=px, num_classes=1000, global_pool="avg",
+  class_token=False): mean pooling over the same 196 / 1,024 / ... tokens as mmeff (timm's default class token and
+  token pooling would add one token); for audio the same ViT with AST's strided patch conv. Added to every run: the
+  other rows' `vs_timm` is their img/s over timm's in the same process.
+- mmeff, built by `mmeff.tasks.build_model` from a RunConfig (image or audio encoder + Backbone + classify head:
+  what `mmeff fit` trains): `attn` (the ViT's layer: GELU MLP, LayerNorm, qkv bias), `sliding` (window 256),
+  `block_topk`, and `<mixer>-bi` / `<mixer>-cross` (`scan: bi` / `scan: cross`) for linear_attn, gla, retnet, mamba2,
+  gated_deltanet and `hybrid` ([gla, gla, gla, attn]).
+
+Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, params_m,
+flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
+plain-PyTorch references, MMEFF_FORCE_REFERENCE=1, since it cannot see inside Triton kernels; sliding and
+block_topk references compute dense scores, so theirs is the dense count), floor_ms (those FLOPs for the batch at
+the bf16 matmul rate measured in the same run), ceiling_img_s (the FLOP-matched ceiling: timm's img/s x timm's
+FLOPs / the row's FLOPs) and note (OOM, errors). `--compile` runs every model, timm's too, through torch.compile
+(nn.Module.compile, as `trainer.compile: true`). Results merge into benchmarks/results/vision_speed_<device>.{md,json,png}
+by (row, px, compiled), written after every row, so a run cut short keeps its rows and several runs (eager,
+`--compile`, a few sizes at a time) build one table.
+
+Triton autotunes each mmeff kernel on its first call; `TRITON_CACHE_AUTOTUNING=1` (Triton >= 3.4) keeps the choice
+in the on-disk cache, so a second run, or the compiled run after the eager one, does not tune again:
+
+    TRITON_CACHE_AUTOTUNING=1 python benchmarks/vision_speed.py --px 224 512
+    TRITON_CACHE_AUTOTUNING=1 python benchmarks/vision_speed.py --px 224 512 --compile
+    python benchmarks/vision_speed.py --smoke        # CPU, tiny sizes, fp32: checks every row builds and steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import inspect
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmeff import config
+from mmeff.blocks.scan import ScanMixer
+from mmeff.tasks import build_model
+from timing import cuda_median_ms  # benchmarks/timing.py, beside this script
+
+SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
+SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
+HYBRID = ["gla", "gla", "gla", "attn"]
+FLOP_MATCHED = ("gla-bi", "mamba2-bi")  # rows whose FLOP-matched ceiling the issue sets a goal for (at 224 px)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model and input sizes: the real benchmark, or `--smoke`'s tiny CPU one."""
+
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    patch: int = 16
+    classes: int = 1000
+    tokens: int = 65536  # per step, for the audio batch
+    mels: int = 128
+    frames: int = 1000
+    audio_stride: int = 10
+    window: int = 256
+    block: int = 64
+
+
+REAL = Shape()
+SMOKE = Shape(dim=64, depth=2, heads=2, patch=8, classes=10, tokens=64, mels=32, frames=60, window=8, block=4)
+
+
+def mixer_options(shape: Shape) -> dict[str, dict[str, Any]]:
+    """Options of each mmeff mixer (before `scan`)."""
+    attn = {"heads": shape.heads, "rope": False, "bias": True}
+    return {
+        "attn": attn,
+        "sliding": {**attn, "window": shape.window},
+        "block_topk": {**attn, "block": shape.block, "topk": 4, "query_block": shape.block},
+        "linear_attn": {"heads": shape.heads},
+        "gla": {"heads": shape.heads},
+        "retnet": {"heads": shape.heads},
+        "mamba2": {"d_state": 64, "head_dim": 64},  # as configs/vision/canvas_mamba2.yaml
+        "gated_deltanet": {"heads": shape.heads},
+    }
+
+
+def row_names() -> list[str]:
+    """Every row, timm first."""
+    return ["timm", "attn", "sliding", "block_topk"] + [f"{m}-{s}" for m in SCANNED for s in ("bi", "cross")]
+
+
+def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
+    """The backbone section of an mmeff row."""
+    options = mixer_options(shape)
+    name, _, scan = row.partition("-")
+    pattern = HYBRID if name == "hybrid" else [name]
+    mixers = {m: dict(options[m]) for m in pattern}
+    if scan:
+        for m in pattern:
+            if issubclass(_block(m), ScanMixer):
+                mixers[m]["scan"] = scan
+                if "grid" in inspect.signature(ScanMixer.__init__).parameters:  # before the token layout carried it
+                    mixers[m]["grid"] = list(grid)
+    return {"dim": shape.dim, "depth": shape.depth, "pattern": pattern, "causal": False, "ffn": "mlp",
+            "ffn_options": {"ratio": 4.0}, "norm": "layernorm", "mixers": mixers}  # fmt: skip
+
+
+def _block(name: str) -> type:
+    from mmeff import blocks
+
+    return blocks.entry(name).cls
+
+
+def audio_grid(shape: Shape) -> tuple[int, int]:
+    """(freq, time) patches of the AST-shaped input."""
+    return (shape.mels - 16) // shape.audio_stride + 1, (shape.frames - 16) // shape.audio_stride + 1
+
+
+def build(row: str, px: int | str, shape: Shape) -> tuple[nn.Module, torch.Tensor]:
+    """(model, one input) of `row` at `px` (an image size, or 'audio')."""
+    if row == "timm":
+        return timm_model(px, shape)
+    if px == "audio":
+        freq, time_ = audio_grid(shape)
+        encoder = {"name": "audio", "num_mel_bins": shape.mels, "frames": shape.frames, "patch_size": [16, 16],
+                   "patch_stride": [shape.audio_stride] * 2, "pool": "mean"}  # fmt: skip
+        grid, example = (time_, freq), torch.randn(1, shape.frames, shape.mels)  # tokens time-major (scan: time)
+    else:
+        encoder = {"name": "image", "image_size": px, "patch_size": shape.patch, "in_chans": 3, "pool": "mean",
+                   "mean": [0.5] * 3, "std": [0.5] * 3}  # fmt: skip
+        grid, example = (px // shape.patch, px // shape.patch), torch.randn(1, 3, px, px)
+    cfg = config.parse(
+        {"name": f"vision_speed_{row}", "encoder": encoder, "backbone": backbone(row, shape, grid),
+         "task": {"name": "classify", "num_classes": shape.classes}}
+    )  # fmt: skip
+    return build_model(cfg), example
+
+
+def timm_model(px: int | str, shape: Shape) -> tuple[nn.Module, torch.Tensor]:
+    """timm's ViT-S/16 at `px` (mean pooling, no class token), or the same ViT on AST's strided spectrogram patches."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    size = dict(embed_dim=shape.dim, depth=shape.depth, num_heads=shape.heads, mlp_ratio=4.0)
+    common = dict(num_classes=shape.classes, global_pool="avg", class_token=False)
+    if px != "audio":
+        if shape == REAL:
+            return timm.create_model("vit_small_patch16_224", img_size=px, **common), torch.randn(1, 3, px, px)
+        return VisionTransformer(img_size=px, patch_size=shape.patch, **size, **common), torch.randn(1, 3, px, px)
+    model = VisionTransformer(img_size=(shape.mels, shape.frames), patch_size=16, in_chans=1, **size, **common)
+    # timm's PatchEmbed has no stride: AST's overlapping 16x16 patches at stride 10 are its conv with that stride,
+    # and the position embedding is sized to their grid.
+    freq, time_ = audio_grid(shape)
+    model.patch_embed.proj = nn.Conv2d(1, shape.dim, 16, stride=shape.audio_stride)
+    model.pos_embed = nn.Parameter(torch.zeros(1, freq * time_, shape.dim))
+    return model, torch.randn(1, 1, shape.mels, shape.frames)
+
+
+@contextlib.contextmanager
+def references() -> Iterator[None]:
+    """Every mmeff op on its plain-PyTorch reference (MMEFF_FORCE_REFERENCE=1) inside the block."""
+    old = os.environ.get("MMEFF_FORCE_REFERENCE")
+    os.environ["MMEFF_FORCE_REFERENCE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MMEFF_FORCE_REFERENCE"]
+        else:
+            os.environ["MMEFF_FORCE_REFERENCE"] = old
+
+
+def flops_per_input(model: nn.Module, example: torch.Tensor, classes: int) -> float:
+    """Matmul and attention FLOPs of one forward + backward on one input (FlopCounterMode, references forced)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    target = torch.zeros(example.shape[0], dtype=torch.long, device=example.device)
+    with references(), FlopCounterMode(display=False) as counter, autocast(example.device):
+        F.cross_entropy(model(example).float(), target).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / example.shape[0]
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA; off on the CPU (`--smoke`), whose bf16 matmuls are emulated and slow."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_step(model: nn.Module, inputs: torch.Tensor, classes: int) -> Callable[[], None]:
+    """One training step of `model` on `inputs`: forward, cross-entropy, backward, fused AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    target = torch.randint(0, classes, (inputs.shape[0],), device=inputs.device)
+
+    def step() -> None:
+        with autocast(inputs.device):
+            logits = model(inputs)
+        F.cross_entropy(logits.float(), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> tuple[float, float | None]:
+    """Median milliseconds of `fn` after `warmup` calls, and the peak GiB allocated by those calls (CUDA only)."""
+    if device.type == "cuda":
+        return cuda_median_ms(fn, warmup, reps)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), None
+
+
+def matmul_rate(device: torch.device, n: int) -> float:
+    """FLOP/s of an n x n x n matmul on `device` (bf16 on CUDA, fp32 on the CPU): the rate the floors are counted at."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms, _ = median_ms(lambda: torch.mm(a, b), device, 3, 10)
+    return 2 * n**3 / (ms / 1e3)
+
+
+def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """One record: build, count FLOPs, (compile,) time; errors and OOM become the record's note."""
+    tokens = audio_grid(shape)[0] * audio_grid(shape)[1] if px == "audio" else (px // shape.patch) ** 2
+    batch = max(1, shape.tokens // tokens) if px == "audio" or args.smoke else SIZES[px]
+    record: dict[str, Any] = {"row": row, "px": px, "tokens": tokens, "batch": batch, "compiled": args.compile}
+    torch.manual_seed(0)
+    model = step = None
+    try:
+        model, example = build(row, px, shape)
+        model = model.to(device)
+        record["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        record["flops_per_img"] = flops_per_input(model, example.to(device), shape.classes)
+        if args.compile:
+            torch._dynamo.reset()  # a fresh cache per model: rows would otherwise hit dynamo's recompile limit
+            model.compile()
+        inputs = example.to(device).expand(batch, *example.shape[1:]).clone()
+        step = train_step(model, inputs, shape.classes)
+        ms, peak = median_ms(step, device, args.warmup, args.reps)
+        record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=peak)
+        record["floor_ms"] = record["flops_per_img"] * batch / args.rate * 1e3
+    except torch.cuda.OutOfMemoryError:
+        record["note"] = "OOM"
+    except Exception as e:  # noqa: BLE001  (a row that fails is recorded, the run goes on)
+        text = str(e).strip().splitlines()
+        record["note"] = f"{type(e).__name__}: {text[0][:160] if text else ''}"
+    finally:
+        del model, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def relate(records: list[dict[str, Any]]) -> None:
+    """Fill vs_timm and ceiling_img_s of each record from timm's record of the same run, px and compile setting."""
+    timm = {(r["run"], r["px"], r["compiled"]): r for r in records if r["row"] == "timm" and r.get("img_s")}
+    for r in records:
+        ref = timm.get((r["run"], r["px"], r["compiled"]))
+        if ref and r.get("img_s"):
+            r["vs_timm"] = r["img_s"] / ref["img_s"]
+            r["ceiling_img_s"] = ref["img_s"] * ref["flops_per_img"] / r["flops_per_img"]
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    """Records of earlier runs in `path` (none if it does not exist)."""
+    return json.loads(path.read_text())["records"] if path.is_file() else []
+
+
+def write(records: list[dict[str, Any]], out_dir: Path, name: str) -> None:
+    """JSON, markdown table and plot of `records` (each file replaced atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = {r: i for i, r in enumerate(row_names())}
+    records.sort(key=lambda r: (r["px"] == "audio", str(r["px"]).zfill(5), r["compiled"], order.get(r["row"], 99)))
+    _atomic(out_dir / f"{name}.json", json.dumps({"records": records}, indent=1) + "\n")
+    _atomic(out_dir / f"{name}.md", table(records))
+    plot(records, out_dir / f"{name}.png")
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """Markdown: one table per input size, eager and compiled rows, under the runs' devices and settings."""
+    runs = {(r["device"], r["torch"], f"{r['matmul_tflops']:.3g}") for r in records}
+    lines = [f"Devices: {'; '.join(f'{d} (torch {t}, matmul {f} TFLOP/s measured)' for d, t, f in sorted(runs))}.",
+             "One training step: forward, cross-entropy over 1,000 classes, backward, fused AdamW; bf16 autocast, fp32 "
+             "weights; width 384, depth 12, patch 16, MLP ratio 4, mean pooling. vs timm: img/s over timm ViT-S in the "
+             "same run. GFLOP: one image's forward + backward matmul and attention FLOPs (references; dense for "
+             "sliding / block_topk); floor: the batch's FLOPs at the measured bf16 rate; ceiling: timm img/s x timm "
+             "FLOPs / row FLOPs.", ""]  # fmt: skip
+    columns = ["row", "compiled", "batch", "img/s", "vs timm", "peak GiB", "GFLOP/img", "ms", "floor ms", "ms / floor",
+               "ceiling img/s", "of ceiling", "note"]  # fmt: skip
+    for px in dict.fromkeys(r["px"] for r in records):
+        rows = [r for r in records if r["px"] == px]
+        title = f"{px} px ({rows[0]['tokens']} tokens)" if px != "audio" else f"audio, AST-shaped ({rows[0]['tokens']} tokens)"
+        lines += [f"### {title}", "", "| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(columns) - 3) + "---|"]
+        for r in rows:
+            cells = [r["row"], "yes" if r["compiled"] else "no", str(r["batch"])]
+            if r.get("img_s"):
+                cells += [f"{r['img_s']:,.1f}", _num(r.get("vs_timm"), "{:.2f}x"), _num(r.get("peak_gib"), "{:.1f}"),
+                          f"{r['flops_per_img'] / 1e9:.1f}", f"{r['ms']:.1f}", f"{r['floor_ms']:.1f}",
+                          f"{r['ms'] / r['floor_ms']:.2f}", _num(r.get("ceiling_img_s"), "{:,.0f}"),
+                          _num(r.get("ceiling_img_s") and r["img_s"] / r["ceiling_img_s"], "{:.0%}")]  # fmt: skip
+            else:
+                cells += [""] * 9
+            lines.append("| " + " | ".join(cells + [r.get("note", "")]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "" if value is None else fmt.format(value)
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """img/s relative to timm against image size, eager and compiled panels (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    images = [r for r in records if r["px"] != "audio" and r.get("vs_timm")]
+    modes = sorted({r["compiled"] for r in images})
+    if not modes:
+        return
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    colors = plt.get_cmap("tab20")
+    sizes = sorted({r["px"] for r in images})
+    for ax, compiled in zip(axes[0], modes):
+        for i, row in enumerate(row_names()):
+            points = sorted((r["px"], r["vs_timm"]) for r in images if r["row"] == row and r["compiled"] == compiled)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=row, color=colors(i), linestyle="--" if "cross" in row else "-")
+        ax.set(title=f"{'compiled' if compiled else 'eager'}; {records[0]['device']}", xscale="log", yscale="log",
+               xlabel="image px (about 65k tokens per step)", ylabel="training img/s relative to timm ViT-S")  # fmt: skip
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.minorticks_off()
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=110)
+    os.replace(path.with_name(path.name + ".tmp.png"), path)
+    plt.close(fig)
+
+
+def device_tag(device: torch.device) -> str:
+    """'h200' for an NVIDIA H200, 'cpu' on the CPU."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]", "", torch.cuda.get_device_name(device).split()[-1].lower())
+
+
+def select(names: list[str] | None) -> list[str]:
+    """The rows named (a mixer's name selects its scan rows), timm always first."""
+    rows = row_names()
+    if names:
+        unknown = [n for n in names if not any(r == n or r.startswith(f"{n}-") for r in rows)]
+        if unknown:
+            raise SystemExit(f"vision_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(rows)}")
+        rows = [r for r in rows if r == "timm" or any(r == n or r.startswith(f"{n}-") for n in names)]
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="+", help=f"rows to run (default all): {', '.join(row_names())}")
+    p.add_argument("--px", nargs="+", help="image sizes 224 512 1024 2048 and/or 'audio' (default all)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (timm's too)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    p.add_argument("--reps", type=int, default=10, help="timed steps; the median counts")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, fp32 (a check that every row runs)")
+    p.add_argument("--out-dir", type=Path, help="default: benchmarks/results (--smoke: a temporary folder)")
+    p.add_argument("--name", help="file stem (default vision_speed_<device>)")
+    args = p.parse_args()
+    shape = SMOKE if args.smoke else REAL
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    wanted = [int(x) if x.isdigit() else x for x in (args.px or [*map(str, SIZES), "audio"])]
+    if any(s not in SIZES and s != "audio" for s in wanted):
+        raise SystemExit(f"vision_speed: --px takes {', '.join(map(str, SIZES))} or audio, got {args.px}")
+    sizes = list(dict.fromkeys(32 if args.smoke and s != "audio" else s for s in wanted))  # smoke: 32 px images
+    out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "vision_speed_smoke" if args.smoke else Path(__file__).parent / "results")
+    name = args.name or f"vision_speed_{device_tag(device)}"
+    args.rate = matmul_rate(device, 256 if args.smoke else 8192)
+    run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "matmul_tflops": args.rate / 1e12}  # fmt: skip
+    print(f"{run['device']}: matmul {args.rate / 1e12:.3g} TFLOP/s; writing {out_dir / name}.{{md,json,png}}", flush=True)
+    records = load(out_dir / f"{name}.json")
+    for px in sizes:
+        for row in select(args.rows):
+            record = {**measure(row, px, shape, args, device), **run}
+            records = [r for r in records if (r["row"], r["px"], r["compiled"]) != (row, px, args.compile)] + [record]
+            relate(records)
+            write(records, out_dir, name)
+            print(json.dumps({k: record.get(k) for k in ("row", "px", "img_s", "vs_timm", "peak_gib", "note")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The vision benchmark scripts at tiny sizes on the CPU: every record they promise, written where they say."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """Run benchmarks/<name>.py's main() with `argv`."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def run(name: str, *argv: str) -> None:
+        module = __import__(name)
+        monkeypatch.setattr(sys, "argv", [name, *argv])
+        module.main()
+
+    return run
+
+
+def test_vision_speed_smoke_writes_every_field(script, tmp_path):
+    script("vision_speed", "--smoke", "--rows", "attn", "gla-cross", "--px", "224", "audio", "--warmup", "0", "--reps", "1",
+           "--out-dir", str(tmp_path), "--name", "speed")  # fmt: skip
+    records = json.loads((tmp_path / "speed.json").read_text())["records"]
+    assert [(r["row"], r["px"]) for r in records] == [(row, px) for px in (32, "audio") for row in ("timm", "attn", "gla-cross")]
+    for r in records:
+        assert "note" not in r, r["note"]
+        assert r["img_s"] > 0 and r["flops_per_img"] > 0 and r["floor_ms"] > 0 and r["compiled"] is False
+        assert r["vs_timm"] == pytest.approx(r["img_s"] / next(t["img_s"] for t in records if t["row"] == "timm" and t["px"] == r["px"]))
+    assert (tmp_path / "speed.md").read_text().count("| gla-cross | no |") == 2
+
+
+def test_vision_train_trains_an_mmeff_config_and_timm_and_tests_them(script, tmp_path):
+    from mmeff.data import build_shards
+
+    build_shards(None, tmp_path / "canvas", source="digit-canvas", size=32, train=16, val=8, test=8)
+    overrides = {"data.root": tmp_path / "canvas", "data.num_workers": 0, "data.batch_size": 8, "encoder.image_size": 32,
+                 "backbone.dim": 32, "backbone.depth": 1, "backbone.mixers.gla.heads": 2}  # fmt: skip
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    script("vision_train", str(BENCHMARKS.parent / "configs/vision/canvas_gla.yaml"), "--timm", "vit_small_patch16_224",
+           "--timm-args", "{embed_dim: 32, depth: 1, num_heads: 2}", "--steps", "2", "--skip", "1", *sets,
+           "--out-dir", str(tmp_path), "--name", "train")  # fmt: skip
+    rows = json.loads((tmp_path / "train.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["canvas_gla", "timm vit_small_patch16_224"]
+    for r in rows:
+        assert r["steps"] == 2 and r["img_s"] > 0 and 0 <= r["test_exact"] <= 1 and 0 < r["test_map"] <= 1
