@@ -21,13 +21,17 @@ LAYERS: list[tuple[str, ...]] = [
     ("blocks",),
     ("backbone", "lora"),
     ("encoders",),
-    ("data", "generate", "diffusion_sampling"),  # shards and samplers use the tokenizers
+    ("data", "generate", "diffusion_sampling", "hub"),  # shards, samplers and the Hub mixin use the tokenizers
     ("tasks", "hub"),  # hub: the base class of the task models (from_pretrained / save_pretrained)
     ("checkpoint", "convert"),  # rebuilding a model needs the task registry
     ("trainer", "serve"),
     ("commands", "cli", "__main__", "__init__"),  # the command line and the package facade (lazy attributes)
 ]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
+# Known exceptions, each with its reason: `import mmeff` reaches the whole package through its lazy attributes.
+ALLOWED = {
+    "mmeff.hub -> mmeff": "Model.from_pretrained rebuilds any task's model with mmeff.load, below the tasks that inherit it",
+}
 
 
 def module_name(path: Path) -> str:
@@ -71,7 +75,7 @@ def upward_edges() -> list[str]:
     for path in sorted(PACKAGE.rglob("*.py")):
         src = module_name(path)
         for dst in sorted(imports(path)):
-            if dst != "mmeff" and rank(dst) > rank(src):
+            if rank(dst) > rank(src) and f"{src} -> {dst}" not in ALLOWED:
                 bad.append(f"{src} (layer {rank(src)}) -> {dst} (layer {rank(dst)})")
     return bad
 
@@ -83,7 +87,7 @@ def test_layers_import_downward_only():
 
 def cycles() -> list[list[str]]:
     """Import cycles between mmeff modules (each found once, as the path that closes it)."""
-    graph = {module_name(p): imports(p) for p in PACKAGE.rglob("*.py")}
+    graph = {module_name(p): {d for d in imports(p) if f"{module_name(p)} -> {d}" not in ALLOWED} for p in PACKAGE.rglob("*.py")}
     found, done = [], set()
 
     def visit(node: str, path: list[str]) -> None:
