@@ -55,9 +55,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def kernels():
-    """mmeff.kernels, its autotuned kernels pinned as MMEFF_TRITON_PIN says (it may have been imported before)."""
+    """mmeff.kernels, its autotuned kernels pinned as MMEFF_TRITON_PIN says, for every test (the package may have
+    been imported before this file set the variable)."""
     import mmeff.kernels
 
     mmeff.kernels.utils.pin_configs(mmeff.kernels.utils.pinning_requested())
