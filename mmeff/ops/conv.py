@@ -54,7 +54,7 @@ def causal_conv1d(
             return "empty input"
         return dispatch.triton_unsupported(x, "conv", lambda conv: conv.unsupported(x, weight))
 
-    if dispatch.choose("causal_conv1d", backend, [("triton", triton)], ("auto", "torch", "triton")) == "triton":
+    if dispatch.choose("causal_conv1d", backend, [("triton", triton)]) == "triton":
         return dispatch.triton_kernels("conv").CausalConv.apply(x, weight, bias, activation == "silu", runs)
     return causal_conv1d_reference(x, weight, bias, activation, prev, runs)
 

@@ -27,7 +27,6 @@ from mmeff.ops.dispatch import Backend
 
 Impl = Literal["auto", "grouped", "loop"]
 _IMPL_BACKEND = {"auto": "auto", "grouped": "grouped_mm", "loop": "torch"}
-_GLUE_BACKENDS = ("auto", "torch", "triton")
 
 
 def grouped_mm_unsupported(x: Tensor, w: Tensor) -> str:
@@ -62,7 +61,7 @@ def resolve_impl(impl: Impl, x: Tensor, *weights: Tensor) -> Literal["grouped", 
 
 def _glue(op: str, x: Tensor, backend: Backend) -> bool:
     """Whether the MoE glue op `op` runs mmeff.kernels.moe's Triton kernel on `x`."""
-    return dispatcher.choose(op, backend, [("triton", lambda: dispatcher.triton_unsupported(x, "moe"))], _GLUE_BACKENDS) == "triton"
+    return dispatcher.choose(op, backend, [("triton", lambda: dispatcher.triton_unsupported(x, "moe"))]) == "triton"
 
 
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, impl: Literal["grouped", "loop"]) -> Tensor:

@@ -31,8 +31,6 @@ from mmeff.ops import dispatch
 from mmeff.ops.dispatch import Backend
 
 Mode = Literal["chunk", "recurrent"]
-# The backends of the recurrence and of the ops built on it alone.
-BACKENDS = ("auto", "torch", "triton")
 
 # Sub-chunk length for per-key-channel decay scores; bounds the exact [c, c, K] pairwise-decay tensor.
 _SUBCHUNK = 16
@@ -77,7 +75,7 @@ def linear_recurrence(
     def triton() -> str:
         return triton_check(q, k, v, log_decay, beta, initial_state, cu_seqlens, mode)
 
-    impl = dispatch.choose("linear_recurrence", backend, [("triton", triton)], BACKENDS)
+    impl = dispatch.choose("linear_recurrence", backend, [("triton", triton)])
     return run_recurrence(
         impl, q, k, v, log_decay, beta, scale, initial_state, output_final_state, mode, chunk_size, cu_seqlens
     )

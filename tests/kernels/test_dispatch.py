@@ -75,9 +75,10 @@ def test_gla_backward_skips_miscompiled_configs():
 
     configs = warps(42, 82, 22)
     bf16, fp32 = ({"q": torch.empty(1, dtype=dt)} for dt in (torch.bfloat16, torch.float32))
-    assert [c.num_warps for c in _sm90_safe_configs(configs, bf16, GATE=KEY_GATE.value)] == [8, 2]
-    assert _sm90_safe_configs(configs, fp32, GATE=KEY_GATE.value) == configs
-    assert _sm90_safe_configs(configs, bf16, GATE=SCALAR_GATE.value) == configs
+    launch = dict(DELTA=False, BV=64, K=32)
+    assert [c.num_warps for c in _sm90_safe_configs(configs, bf16, GATE=KEY_GATE.value, **launch)] == [8, 2]
+    assert _sm90_safe_configs(configs, fp32, GATE=KEY_GATE.value, **launch) == configs
+    assert _sm90_safe_configs(configs, bf16, GATE=SCALAR_GATE.value, **launch) == configs
 
 
 def test_wy_kernels_skip_miscompiled_configs():

@@ -148,3 +148,13 @@ def test_mixers_run_forced_reference(fake_gpu, monkeypatch, name, options, dtype
     out = out[0] if isinstance(out, tuple) else out
     out.float().sum().backward()
     assert torch.isfinite(x.grad.float()).all()
+
+
+def test_backend_names_are_checked():
+    q = _randn(1, 6, 2, 8)
+    with pytest.raises(RuntimeError, match="linear_recurrence: backend='mamba_ssm' requested but linear_recurrence has no"):
+        ops.gated_delta_rule(q, q, q, torch.zeros(1, 6, 2), torch.ones(1, 6, 2), backend="mamba_ssm")
+    with pytest.raises(RuntimeError, match="causal_conv1d: backend='triton' requested but .*inputs not on CUDA"):
+        ops.causal_conv1d(q.flatten(2), _randn(16, 4), backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'torch', 'triton', 'mamba_ssm', got 'cuda'"):
+        ops.linear_attention(q, q, q, backend="cuda")  # type: ignore[arg-type]
