@@ -91,9 +91,8 @@ def test_packed_sequences(kernels, monkeypatch, seed, kind, dtype):
     assert_parity(kernels, monkeypatch, inputs, dtype, cu_seqlens)
 
 
-@pytest.mark.xdist_group("wide")
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dk", [128, 256])
+@pytest.mark.parametrize("dk", [pytest.param(d, marks=pytest.mark.xdist_group(f"wide-{d}")) for d in (128, 256)])
 def test_parity_wide_keys(kernels, monkeypatch, seed, kind, dk):
     # V = 32 with K = 128: where Hopper miscompiled the 4-warp WY builds, and the 4- and 8-warp _bwd_dqk builds
     # without a key gate (dq, dv wrong); with K = 256 those read shared memory out of bounds: the H200's
@@ -175,14 +174,17 @@ def _op_calls(seqlen: int, dtype: torch.dtype, seed: int) -> dict:
     }  # fmt: skip
 
 
-# op -> the kernel kind it runs (its xdist group, so that it reuses that group's compiles)
+# op -> the kernel kind it runs (its xdist group with the dtype: it reuses that group's compiles)
 OP_KINDS = {"linear_attention": "linear_attention", "retention": "scalar_decay", "gated_linear_attention": "gla",
             "delta_rule": "delta_rule", "gated_delta_rule": "gated_delta_rule", "ssd": "scalar_decay",
             "selective_scan": "gla"}  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
-@pytest.mark.parametrize("op", [pytest.param(o, marks=pytest.mark.xdist_group(f"{k}-ops")) for o, k in OP_KINDS.items()])
+@pytest.mark.parametrize(
+    "op,dtype",
+    [pytest.param(o, DTYPES[d], id=f"{o}-{d}", marks=pytest.mark.xdist_group(f"{k}-{d}")) for o, k in OP_KINDS.items()
+     for d in DTYPES],
+)  # fmt: skip
 def test_ops_dispatch(kernels, monkeypatch, seed, op, dtype):
     # The ops pick the kernels on CUDA in mode "chunk" and agree with MMEFF_FORCE_REFERENCE=1.
     fn, inputs = _op_calls(777, dtype, seed)[op]
