@@ -292,3 +292,11 @@ def test_models_lists_presets_a_config_can_name(tmp_path, capsys):
     assert cfg.encoder.image_size == 32 and cfg.encoder.patch_size == 16
     with pytest.raises(mmeff.ConfigError, match="preset: got 'vit-xxl'; expected one of: .*vit-s-gla"):
         config.load(path, ["--preset=vit-xxl"])
+
+
+def test_sample_writes_a_shard_sample_as_files(digits_root, tmp_path, capsys):
+    assert main(["sample", str(digits_root), "--index", "2", "--out", str(tmp_path)]) == 0
+    written = sorted(Path(p).name for p in capsys.readouterr().out.split())
+    assert len(written) == 2 and written[0].endswith(".cls") and written[1].endswith(".png")
+    assert (tmp_path / written[1]).read_bytes()[:4] == b"\x89PNG"
+    assert main(["sample", str(digits_root), "--index", "100000"]) == 2

@@ -17,7 +17,7 @@ COMMANDS: Registry[Handler] = Registry(
     "command",
     {
         **dict.fromkeys(("fit", "validate", "test"), "mmeff.commands.train"),
-        **dict.fromkeys(("shards", "tokenizer", "audio-stats"), "mmeff.commands.data"),
+        **dict.fromkeys(("shards", "sample", "tokenizer", "audio-stats"), "mmeff.commands.data"),
         **dict.fromkeys(("blocks", "models"), "mmeff.commands.listing"),
         **dict.fromkeys(("generate", "chat"), "mmeff.commands.generate"),
         "convert": "mmeff.commands.convert",

@@ -88,3 +88,45 @@ def audio_stats(args: argparse.Namespace) -> int:
     mean, std = compute_stats(config.load(args.config))
     print(f"norm_mean: {mean:.6g}\nnorm_std: {std:.6g}")
     return 0
+
+
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="shard folder (mmeff shards OUT)")
+    p.add_argument("--split", default="test", help="split to read (default %(default)s)")
+    p.add_argument("--index", type=int, default=0, help="which sample of the split, from 0 (default %(default)s)")
+    p.add_argument("--out", default=".", help="folder to write the sample's files into (default: here)")
+
+
+@command(
+    "sample", "write one sample of a shard folder as files (an input for generate --image/--audio)", _sample_arguments,
+    examples=[
+        "mmeff sample data/digit_scenes --index 3      # writes ./<key>.png and its caption <key>.txt",
+        "mmeff generate runs/digit_scenes/export --image <key>.png",
+    ],
+)
+def sample(args: argparse.Namespace) -> int:
+    import tarfile
+    from pathlib import Path
+
+    from mmeff.data.shards import read_index
+
+    root, out = Path(args.root), Path(args.out)
+    index = read_index(root)
+    if args.split not in index or args.split == "meta":
+        raise ConfigError(f"{root}: no split {args.split!r}; it has {', '.join(k for k in index if k != 'meta') or 'no shards'}")
+    keys: list[str] = []  # the samples met so far; a sample's files are adjacent in its shard
+    for shard in index[args.split]["shards"]:
+        with tarfile.open(root / shard) as tar:
+            for member in tar:
+                key, _, ext = Path(member.name).name.partition(".")
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                if len(keys) - 1 > args.index:
+                    return 0
+                if len(keys) - 1 == args.index and member.isreg():
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / f"{key}.{ext}").write_bytes(tar.extractfile(member).read())
+                    print(out / f"{key}.{ext}")
+    if len(keys) <= args.index:
+        raise ConfigError(f"{root}: split {args.split!r} holds {len(keys)} samples; --index {args.index} is past its end")
+    return 0

@@ -15,10 +15,8 @@ from mmeff.config import ConfigError
 DIFFUSION_FLAGS = {"--steps": "steps", "--gen-len": "gen_len", "--block-len": "block_len", "--remasking": "remasking"}
 DIFFUSION_TASKS = ("diffusion", "diffusion_caption")
 MEDIA = """an input for --image / --audio:
-  a caption checkpoint reads the files its training shards held; write one from the held-out split with
-    mmeff shards --source digit-scenes data/digit_scenes
-    python -c "import tarfile; t = tarfile.open('data/digit_scenes/test-000000.tar'); \\
-      m = next(m for m in t if m.name.endswith('.png')); open('scene.png', 'wb').write(t.extractfile(m).read())"
+  a captioner reads the kind of file its training shards hold; write one from the held-out split:
+    mmeff sample data/digit_scenes --index 3      # ./test000003.png (and its caption test000003.txt)
   (spoken-sentences shards hold .flac files the same way, for an audio captioner)."""
 
 
