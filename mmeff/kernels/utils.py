@@ -77,10 +77,12 @@ def _set(tuner: Autotuner, configs: list[triton.Config], prunes: bool) -> None:
 
 
 def pin_configs(pinned: bool) -> None:
-    """Run every autotuned kernel on its first safe config only (True) or tune over all of them again (False)."""
+    """Run every autotuned kernel on its first safe config only (True) or tune over all of them again (False).
+    Each kernel forgets the configs it chose so far: its choices per launch key were made under the other mode."""
     _PINNED[0] = pinned
     for tuner, configs, prunes in _TUNED:
         _set(tuner, configs, prunes)
+        tuner.cache.clear()
 
 
 def warps(*choices: int) -> list[triton.Config]:

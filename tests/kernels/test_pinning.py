@@ -46,6 +46,18 @@ def test_pin_configs_toggles_every_kernel(utils):
     assert all(len(_running(t, c, launch)) == 1 for t, c, _ in utils._TUNED)
 
 
+def test_switching_modes_forgets_earlier_choices(utils):
+    # A kernel that prunes keeps all its configs, so Triton caches its (pinned) choice per launch key: tuning
+    # afterwards must not reuse it, nor a pinned run a tuned choice.
+    tuner, configs, _ = next(entry for entry in utils._TUNED if entry[2])
+    tuner.cache[("some", "launch")] = configs[-1]
+    utils.pin_configs(False)
+    assert not tuner.cache
+    tuner.cache[("some", "launch")] = configs[-1]
+    utils.pin_configs(True)
+    assert not tuner.cache
+
+
 @pytest.mark.parametrize("pinned", [True, False])
 def test_pinned_and_tuned_launches_skip_the_hopper_miscompiles(utils, pinned):
     # A pinned launch runs the first config its prune keeps; a tuned one chooses among those the prune keeps.
