@@ -1,7 +1,7 @@
 """Every Triton kernel of mmeff.kernels once, at small awkward sizes, for `compute-sanitizer` (not a pytest file).
 
     compute-sanitizer --tool memcheck --print-limit 50 python tests/gpu/sanitize.py          # pinned configs
-    compute-sanitizer --tool memcheck --print-limit 50 python tests/gpu/sanitize.py --unpinned  # every config
+    compute-sanitizer --tool memcheck --print-limit 50 python tests/gpu/sanitize.py --unpinned  # tuned: every kept config
     compute-sanitizer --tool initcheck python tests/gpu/sanitize.py --only recurrence          # unwritten reads
 
 Sizes are chosen for the edges where out-of-bounds tiles hide: sequence tails (T not a multiple of the chunk),
@@ -126,7 +126,8 @@ def flex_cases() -> dict[str, Callable[[], object]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help="run the cases whose name contains this (e.g. gla, conv, moe, packed)")
-    p.add_argument("--unpinned", action="store_true", help="autotune: every config of every kernel runs")
+    p.add_argument("--unpinned", action="store_true",
+                   help="autotune: every config a kernel's prune keeps runs (single configs alone: tests/gpu/bisect_dqk.py)")
     p.add_argument("--flex", action="store_true", help="also the FlexAttention blocks of the sparse mixers")
     args = p.parse_args()
     if not torch.cuda.is_available():
