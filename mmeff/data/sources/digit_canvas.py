@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,17 @@ def scaled_scan(scan: np.ndarray, side: int) -> np.ndarray:
     import torch.nn.functional as F
 
     tile = F.interpolate(torch.from_numpy(scan).float()[None, None], size=(side, side), mode="bilinear", align_corners=False)
-    return (tile[0, 0] * (255 / 16)).round().clamp(0, 255).to(torch.uint8).numpy()
+    # The rest in numpy: torch's elementwise ops on one small tile cost milliseconds of thread-pool overhead each.
+    return np.rint(tile[0, 0].numpy() * (255 / 16)).clip(0, 255).astype(np.uint8)
+
+
+def png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 image at zlib level 1: 40% faster to write than the default level 6 (10-20% larger)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def boxes(rng: np.random.Generator, sides: np.ndarray, size: int) -> list[tuple[int, int, int]] | None:
@@ -67,7 +78,7 @@ def canvases(
         layout = {"digits": classes, "sources": [int(j) for j in chosen], "boxes": [list(b) for b in placed]}
         yield {
             "__key__": f"{split}{i:06d}",
-            "png": compose(tiles, [(x, y) for x, y, _ in placed], size, size),
+            "png": png(compose(tiles, [(x, y) for x, y, _ in placed], size, size)),
             LABELS: hot,
             "json": json.dumps(layout).encode(),
         }
