@@ -12,7 +12,7 @@ from timm.layers import PatchEmbed
 from torchvision.transforms import v2
 
 from mmeff.blocks import Tokens
-from mmeff.config import ENCODERS
+from mmeff.config import ENCODERS, require
 from mmeff.encoders.common import GridTokens
 
 
@@ -35,6 +35,13 @@ class ImageEncoderConfig:
     rotate: float = 10.0
     translate: float = 0.1
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+
+    def __post_init__(self) -> None:
+        require(self.patch_size >= 1, "encoder.patch_size", self.patch_size, "an integer >= 1")
+        require(self.image_size >= 1 and self.image_size % self.patch_size == 0, "encoder.image_size", self.image_size,
+                f"a positive multiple of encoder.patch_size ({self.patch_size})")
+        require(self.in_chans >= 1, "encoder.in_chans", self.in_chans, "an integer >= 1")
+        require(all(s > 0 for s in self.std), "encoder.std", self.std, "numbers > 0")
 
 
 class ImageEncoder(GridTokens):

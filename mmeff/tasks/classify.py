@@ -33,6 +33,8 @@ class ClassifyConfig:
     mixup_alpha: float = 0.0  # > 0: mix pairs of training samples and their labels (Zhang et al., 2018)
 
     def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ConfigError(f"task.num_classes: got {self.num_classes}; expected an integer >= 1")
         if self.multilabel and self.label_smoothing:
             raise ConfigError("task.label_smoothing is for single-label cross-entropy; set it to 0 with task.multilabel: true")
 
@@ -72,6 +74,8 @@ class ClassifyTransform:
     def __call__(self, sample: dict) -> dict[str, Any]:
         data = sample[self.label_key]
         label = multi_hot(data, self.num_classes, self.label_key) if self.multilabel else int(data)
+        if not self.multilabel and not 0 <= label < self.num_classes:
+            raise ValueError(f"label {self.label_key!r} is {label}, outside the {self.num_classes} classes (0-{self.num_classes - 1})")
         return {"input": self.input(sample), "label": label}
 
 
