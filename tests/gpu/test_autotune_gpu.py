@@ -1,6 +1,7 @@
 """Autotuning itself, at one size (the rest of the GPU suite runs the pinned configs, MMEFF_TRITON_PIN=1):
 every kernel tunes over its whole config list, minus the builds Hopper miscompiles, and agrees with the pinned
-run. The shape is GLA's 16 heads x K 32 x V 64 in bf16, where the 4-warp backward builds are wrong on an H100.
+run. The shape is GLA's 16 heads x K 32 x V 64 in bf16, where the 4-warp backward builds are wrong on an H100
+(both GLA paths: mixed gates).
 Skipped without CUDA (conftest).
 """
 
@@ -26,17 +27,15 @@ def unpinned(kernels):
     kernels.utils.pin_configs(kernels.utils.pinning_requested())
 
 
-@pytest.mark.parametrize("kind", ["gla", "gated_delta_rule"])
-def test_autotuned_matches_pinned(kernels, unpinned, kind):
-    from mmeff.kernels import chunk_delta, chunk_o
+def test_autotuned_matches_pinned(kernels, unpinned):
+    # One shape only: tuning compiles every build of every kernel (the heaviest test of the suite per shape).
+    from mmeff.kernels import chunk_o
 
-    # The kernels whose 4-warp builds Hopper miscompiles: the GLA backward (16-bit) and both WY kernels.
-    banned = [chunk_o._bwd_dqk_kernel] if kind == "gla" else [chunk_delta._wy_fwd_kernel, chunk_delta._wy_bwd_kernel]
-    inputs = make_inputs(kind, 1, 8192, 16, 32, 64, dtype=torch.bfloat16, device="cuda", seed=3, gates="mixed")
+    inputs = make_inputs("gla", 1, 4096, 16, 32, 64, dtype=torch.bfloat16, device="cuda", seed=3, gates="mixed")
     tuned = forward_backward(kernels.linear_recurrence_triton, inputs)
-    chosen = {k.base_fn.__name__: k.best_config for k in banned}
-    assert all(k.cache for k in banned), "the kernels were not tuned"
-    assert all(c.num_warps != 4 for c in chosen.values()), chosen
+    kernel = chunk_o._bwd_dqk_kernel
+    assert kernel.cache, "the GLA backward was not tuned"
+    assert kernel.best_config.num_warps != 4, kernel.best_config  # the build Hopper miscompiles here
     kernels.utils.pin_configs(True)
     pinned = forward_backward(kernels.linear_recurrence_triton, inputs)
     errors = compare(tuned, pinned, norm_error)
