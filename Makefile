@@ -6,8 +6,10 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.9.1 torchvision==0.24.1
 PINS   := torchaudio==2.9.1 numpy==2.3.5 timm==1.0.31 webdataset==1.0.2 braceexpand==0.1.7 lightning==2.6.6 \
           einops==0.8.2 safetensors==0.8.0 PyYAML==6.0.3 scikit-learn==1.9.1 soundfile==0.14.0 \
-          tokenizers==0.23.3 sacrebleu==2.6.0 pillow==13.0.0 triton==3.5.1 matplotlib==3.10.9
-DEVPINS := pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.15 tensorboard==2.21.0 transformers==5.23.0
+          tokenizers==0.23.3 sacrebleu==2.6.0 pillow==13.0.0 triton==3.5.1 matplotlib==3.10.9 \
+          fastapi==0.163.2 uvicorn==0.54.0 huggingface-hub==2.4.0
+DEVPINS := pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.15 tensorboard==2.21.0 transformers==5.23.0 \
+           httpx==0.28.1 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1
 CONFIG ?= configs/vision/digits.yaml
 
 .PHONY: run test install install-dev system-deps clean

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("encoders",),
     ("data", "generate", "diffusion_sampling", "hub"),  # shards, samplers and the Hub mixin use the tokenizers
     ("tasks", "hub"),  # hub: the base class of the task models (from_pretrained / save_pretrained)
-    ("checkpoint", "convert"),  # rebuilding a model needs the task registry
+    ("checkpoint", "convert", "export"),  # rebuilding a model needs the task registry
     ("trainer", "serve"),
     ("commands", "cli", "__main__", "__init__"),  # the command line and the package facade (lazy attributes)
 ]
