@@ -1,19 +1,20 @@
-"""Accuracy at equal steps: mmeff configs and a timm ViT trained by one loop on multi-label shards (digit-canvas), then tested.
+"""Accuracy at equal steps: mmeff configs and a timm ViT trained by one loop on multi-label shards (digit-canvas).
 
-Every model gets the same loop: the first config's data (shards, transforms, batch size), AdamW with mmeff's
-parameter groups and warmup + cosine schedule (`optim`), gradient clipping (`trainer.gradient_clip_val`), bf16
-autocast on CUDA, binary cross-entropy; `--steps` optimizer steps, then exact-set accuracy and mAP
-(mmeff.metrics.multilabel) on the val and test splits. mmeff models come from their config through
-`mmeff.tasks.build_model` (what `mmeff fit` trains; their own data, encoder and optim sections apply); `--timm NAME`
-adds `timm.create_model(NAME, img_size=encoder.image_size, in_chans=encoder.in_chans, num_classes, global_pool='avg',
-class_token=False)` trained on the first config's data and optim. Training img/s counts the steps after the first
-`--skip` (compilation, autotuning), data loading included; `data_wait_s` is how long those steps waited for the
-loader (near 0: the model, not the loader, set the pace). `--compile` compiles every model (nn.Module.compile).
-One JSON row per model (merged by model name) and a markdown table, rewritten after each model.
+Every model runs the same loop on its config's data (shards, transforms, batch size): AdamW with mmeff's parameter
+groups and warmup + cosine schedule (`optim`), gradient clipping (`trainer.gradient_clip_val`), bf16 autocast on
+CUDA, binary cross-entropy; `--steps` optimizer steps, then exact-set accuracy and mAP (mmeff.metrics.multilabel)
+on the val and test splits. mmeff models are built from their config by `mmeff.tasks.build_model` (what
+`mmeff fit` trains); `--timm NAME` adds timm.create_model(NAME, img_size=encoder.image_size,
+in_chans=encoder.in_chans, num_classes, global_pool='avg', class_token=False) on the first config's data and optim.
+Training img/s counts the steps after the first `--skip` (compilation, autotuning), data loading included;
+`data_wait_s` is how long those steps waited for the loader (near 0: the model set the pace). `--compile` compiles
+every model (nn.Module.compile). One JSON row per model (merged by model name) and a markdown table, rewritten
+after each model.
 
     mmeff shards --source digit-canvas -o size=512 data/digit_canvas_512
-    python benchmarks/vision_train.py configs/vision/canvas_{vit,gla,mamba2,sliding}.yaml --timm vit_small_patch16_224 \\
-        --steps 3000 --set data.root=data/digit_canvas_512 --set encoder.image_size=512 --name canvas_train_512_h200
+    python benchmarks/vision_train.py configs/vision/canvas_{vit,gla,mamba2,sliding}.yaml \\
+        --timm vit_small_patch16_224 --steps 3000 --name canvas_train_512_h200 \\
+        --set data.root=data/digit_canvas_512 --set encoder.image_size=512
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def timm_model(name: str, cfg: RunConfig, extra: dict[str, Any]) -> nn.Module:
     import timm
 
     enc = cfg.encoder
-    options = dict(img_size=enc.image_size, in_chans=enc.in_chans, num_classes=cfg.task.num_classes, global_pool="avg", class_token=False)
+    options = dict(img_size=enc.image_size, in_chans=enc.in_chans, num_classes=cfg.task.num_classes, global_pool="avg",
+                   class_token=False)  # fmt: skip
     return timm.create_model(name, pretrained=False, **{**options, **extra})
 
 
@@ -60,6 +62,7 @@ def autocast(device: torch.device) -> Any:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -99,7 +102,8 @@ def train(model: nn.Module, cfg: RunConfig, steps: int, skip: int, device: torch
                 return {"note": f"loss {value} at step {i + 1}"}
     sync(device)
     seconds = time.perf_counter() - start
-    return {"train_s": seconds, "img_s": images / seconds if images else None, "data_wait_s": waited, "final_loss": loss.item()}
+    img_s = images / seconds if images else None
+    return {"train_s": seconds, "img_s": img_s, "data_wait_s": waited, "final_loss": loss.item()}
 
 
 @torch.no_grad()
@@ -119,8 +123,8 @@ def run(name: str, model: nn.Module, cfg: RunConfig, args: argparse.Namespace, d
     """Train and test one model; its JSON row."""
     row: dict[str, Any] = {"model": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
                            "px": cfg.encoder.image_size, "batch": cfg.data.batch_size, "steps": args.steps,
-                           "compiled": args.compile, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                           "torch": torch.__version__}  # fmt: skip
+                           "compiled": args.compile, "torch": torch.__version__,
+                           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}  # fmt: skip
     print(f"{name}: {row['params_m']:.1f}M parameters, {args.steps} steps", flush=True)
     model = model.to(device)
     if args.compile:
@@ -133,18 +137,22 @@ def run(name: str, model: nn.Module, cfg: RunConfig, args: argparse.Namespace, d
     return row
 
 
+# Measured columns of the table: (heading, JSON key, format).
+COLUMNS = [("img/s", "img_s", "{:,.0f}"), ("data wait s", "data_wait_s", "{:.0f}"), ("train s", "train_s", "{:.0f}"),
+           ("val exact", "val_exact", "{:.4f}"), ("val mAP", "val_map", "{:.4f}"), ("test exact", "test_exact", "{:.4f}"),
+           ("test mAP", "test_map", "{:.4f}")]  # fmt: skip
+
+
 def write(rows: list[dict[str, Any]], path: Path) -> None:
     """`path`.json and `path`.md, each replaced atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["| model | params | px | steps x batch | img/s | data wait s | train s | val exact | val mAP | test exact | test mAP | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    headings = ["model", "params", "px", "steps x batch"] + [c[0] for c in COLUMNS] + ["note"]
+    lines = ["| " + " | ".join(headings) + " |", "|---|" + "---:|" * (len(headings) - 2) + "---|"]
     for r in rows:
-        num = lambda key, fmt: "" if r.get(key) is None else fmt.format(r[key])  # noqa: E731  (a cell of this row)
-        lines.append(
-            f"| {r['model']}{' (compiled)' if r['compiled'] else ''} | {r['params_m']:.1f}M | {r['px']} | {r['steps']} x {r['batch']} "
-            f"| {num('img_s', '{:,.0f}')} | {num('data_wait_s', '{:.0f}')} | {num('train_s', '{:.0f}')} | {num('val_exact', '{:.4f}')} "
-            f"| {num('val_map', '{:.4f}')} | {num('test_exact', '{:.4f}')} | {num('test_map', '{:.4f}')} | {r.get('note', '')} |"
-        )
+        cells = [r["model"] + (" (compiled)" if r["compiled"] else ""), f"{r['params_m']:.1f}M", str(r["px"]),
+                 f"{r['steps']} x {r['batch']}"]  # fmt: skip
+        cells += ["" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells + [r.get("note", "")]) + " |")
     header = f"{rows[0]['device']}, torch {rows[0]['torch']}; one training loop for every model (benchmarks/vision_train.py).\n\n"
     for suffix, text in ((".json", json.dumps({"rows": rows}, indent=1) + "\n"), (".md", header + "\n".join(lines) + "\n")):
         tmp = path.with_name(path.name + suffix + ".tmp")
@@ -155,9 +163,9 @@ def write(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="+", type=Path, help="mmeff run configs (multi-label classification)")
-    p.add_argument("--timm", nargs="*", default=[], help="timm model names, trained on the first config's data and optim")
-    p.add_argument("--timm-args", type=yaml.safe_load, default={}, help="extra timm.create_model options, a YAML mapping")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override applied to every config")
+    p.add_argument("--timm", nargs="*", default=[], help="timm model names (the first config's data and optim)")
+    p.add_argument("--timm-args", type=yaml.safe_load, default={}, help="more timm.create_model options, YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override of every config")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--skip", type=int, default=20, help="first steps left out of img/s (compilation, autotuning)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")

@@ -28,7 +28,8 @@ def canvas_root(tmp_path_factory):
 def test_same_seed_writes_the_same_bytes(canvas_root, tmp_path):
     build_shards(None, tmp_path, source="digit-canvas", **OPTIONS)
     names = sorted(p.name for p in canvas_root.glob("*.tar"))
-    assert names == sorted(p.name for p in tmp_path.glob("*.tar")) and len(names) == 4  # train: 2 shards, val and test: 1
+    assert names == sorted(p.name for p in tmp_path.glob("*.tar"))
+    assert len(names) == 4  # train: 2 shards, val and test: 1
     for name in names + ["index.json"]:
         assert (canvas_root / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
@@ -56,7 +57,10 @@ def test_labels_match_a_recount_from_the_layout(canvas_root):
 
 
 def test_no_test_or_val_scan_appears_in_train(canvas_root):
-    used = {split: {j for s in samples(canvas_root, split) for j in json.loads(s["json"])["sources"]} for split in ("train", "val", "test")}
+    used = {
+        split: {j for s in samples(canvas_root, split) for j in json.loads(s["json"])["sources"]}
+        for split in ("train", "val", "test")
+    }
     assert used["train"] and used["test"]
     assert not used["train"] & used["test"] and not used["train"] & used["val"] and not used["val"] & used["test"]
 

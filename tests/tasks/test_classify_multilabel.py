@@ -19,7 +19,8 @@ TARGET = torch.tensor([[1, 0, 1], [0, 1, 0], [0, 1, 0], [0, 0, 1]])
 # class 1: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2; class 2: positives at ranks 2 and 3 -> (1/2 + 2/3) / 2.
 MAP = (1 + (1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 3
 # Binary cross-entropy: -log sigmoid(x) = log(1 + e^-x) for a positive, log(1 + e^x) for a negative; mean of 12.
-BCE = sum(math.log1p(math.exp(-x if y else x)) for x, y in zip(LOGITS.flatten().tolist(), TARGET.flatten().tolist())) / 12
+BCE = sum(math.log1p(math.exp(-x if y else x)) for x, y in zip(LOGITS.flatten().tolist(), TARGET.flatten().tolist()))
+BCE /= 12
 
 
 def test_metrics_on_a_hand_computed_case():
@@ -43,7 +44,8 @@ class Fixed(nn.Module):
 
 
 def multilabel_config(**task):
-    return config.parse({"encoder": {"name": "image"}, "task": {"name": "classify", "num_classes": 3, "multilabel": True, **task}})
+    task = {"name": "classify", "num_classes": 3, "multilabel": True, **task}
+    return config.parse({"encoder": {"name": "image"}, "task": task})
 
 
 def test_task_loss_and_val_metrics_on_the_hand_computed_case():
@@ -79,7 +81,11 @@ def test_tiny_compiled_fit_on_digit_canvas_logs_exact_and_map(tmp_path, monkeypa
     # trainer.compile runs nn.Module.compile; AOT-autograd tracing without Inductor's C++ build keeps this test fast.
     compiled = []
     plain_compile = nn.Module.compile
-    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append(self) or plain_compile(self, backend="aot_eager"))
+    def compile_traced(self, **options):
+        compiled.append(self)
+        plain_compile(self, backend="aot_eager")
+
+    monkeypatch.setattr(nn.Module, "compile", compile_traced)
 
     root = tmp_path / "canvas"
     build_shards(None, root, source="digit-canvas", size=32, train=16, val=8, test=8)

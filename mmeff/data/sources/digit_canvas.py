@@ -1,4 +1,4 @@
-"""Multi-label canvases: 1-6 real handwritten digits (scikit-learn's) at random positions and scales; held-out canvases use only held-out digit images."""
+"""Multi-label canvases: 1-6 real handwritten digit scans at random places and scales; held-out canvases use held-out scans."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def scaled_scan(scan: np.ndarray, side: int) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    tile = F.interpolate(torch.from_numpy(scan).float()[None, None], size=(side, side), mode="bilinear", align_corners=False)
+    scan_ = torch.from_numpy(scan).float()[None, None]
+    tile = F.interpolate(scan_, size=(side, side), mode="bilinear", align_corners=False)
     # The rest in numpy: torch's elementwise ops on one small tile cost milliseconds of thread-pool overhead each.
     return np.rint(tile[0, 0].numpy() * (255 / 16)).clip(0, 255).astype(np.uint8)
 
@@ -131,7 +132,8 @@ def build(
     for split, count in (("train", train), ("val", val), ("test", test)):
         if count <= 0:
             continue
-        samples = canvases(split, count, pools[split], data.images, data.target, size, (min_digits, max_digits), sides, seed)
-        write_shards(samples, out_dir, split, maxcount=maxcount, meta=meta)
+        digits = (min_digits, max_digits)
+        samples = canvases(split, count, pools[split], data.images, data.target, size, digits, sides, seed)
+        write_shards(samples, out_dir, split, maxcount=maxcount, meta=meta, total=count)
         counts[split] = count
     return counts
