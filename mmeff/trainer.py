@@ -237,8 +237,9 @@ def build_trainer(cfg: RunConfig, fitting: bool = True, overwrite: bool = False)
     options.update(t.kwargs)
     try:
         return L.Trainer(**options)
-    except (TypeError, ValueError, RuntimeError, MisconfigurationException) as e:
-        raise ConfigError(f"trainer: Lightning rejected the options: {e}") from None
+    except (TypeError, ValueError, RuntimeError, ImportError, MisconfigurationException) as e:
+        chosen = ", ".join(f"{k}={options[k]!r}" for k in ("accelerator", "devices", "strategy", "precision", *t.kwargs))
+        raise ConfigError(f"trainer: Lightning rejected the options ({chosen}): {e}") from None
 
 
 def _fit_callbacks(cfg: RunConfig, overwrite: bool, logging_on: bool) -> list[Callback]:
