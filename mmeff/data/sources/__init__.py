@@ -60,7 +60,9 @@ def describe_options(name: str) -> str:
 
 
 def _plain(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).replace(" ", "")
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) if len(value) <= 4 else f"[{len(value)} values]"
+    return str(value).replace(" ", "")
 
 
 def build(name: str, out_dir: Path, **kwargs: Any) -> dict[str, int]:

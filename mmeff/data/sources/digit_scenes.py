@@ -146,6 +146,6 @@ def build(
         if count <= 0:
             continue
         samples = scenes(split, count, pools[split], tiles, labels, height, width, min_digits, max_digits, style, seed, placement)
-        write_shards(samples, out_dir, split, maxcount=maxcount, meta=meta)
+        write_shards(samples, out_dir, split, maxcount=maxcount, meta=meta, total=count)
         counts[split] = count
     return counts

@@ -43,7 +43,7 @@ def build(out_dir: Path, src: str | Path, maxcount: int = 100, seed: int = 0) ->
             {"__key__": f"file{i:07d}", rows[i].path.suffix[1:].lower(): rows[i].path.read_bytes(), "cls": labels[i]}
             for i in indices
         )
-        write_shards(samples, out_dir, split, maxcount=maxcount, meta={"classes": classes})
+        write_shards(samples, out_dir, split, maxcount=maxcount, meta={"classes": classes}, total=len(indices))
         counts[split] = len(indices)
     return counts
 
