@@ -57,17 +57,31 @@ def _signature(cache: Cache) -> tuple:
     )
 
 
+def _rows_of(tensors: Sequence[Tensor]) -> Tensor:
+    """The batch of batch-1 tensors: the tensor they are consecutive row views of (the last step's output,
+    so a batch that did not change is not copied), else their concatenation."""
+    base = tensors[0]._base
+    if (
+        base is not None
+        and base.shape[0] == len(tensors)
+        and base.shape[1:] == tensors[0].shape[1:]
+        and all(t._base is base and t.storage_offset() == base.storage_offset() + i * base.stride(0) for i, t in enumerate(tensors))
+    ):
+        return base
+    return torch.cat(list(tensors))
+
+
 def stack(caches: Sequence[Cache]) -> Cache:
     """One batch cache of equally shaped batch-1 caches (nested caches too), with the first one's offset."""
     out = Cache()
     out.offset = caches[0].offset
     for key, value in caches[0].items():
-        out[key] = stack([c[key] for c in caches]) if isinstance(value, Cache) else torch.cat([c[key] for c in caches])
+        out[key] = stack([c[key] for c in caches]) if isinstance(value, Cache) else _rows_of([c[key] for c in caches])
     return out
 
 
 def unstack(batch: Cache, caches: Sequence[Cache], tokens: int) -> None:
-    """Write row i of `batch` back into `caches[i]` (nested caches too); every offset advances by `tokens`."""
+    """Row i of `batch` into `caches[i]` (views; nested caches too); every offset advances by `tokens`."""
     for cache in caches:
         cache.offset += tokens
     for key, value in batch.items():
@@ -76,6 +90,39 @@ def unstack(batch: Cache, caches: Sequence[Cache], tokens: int) -> None:
         else:
             for i, cache in enumerate(caches):
                 cache[key] = value[i : i + 1]
+
+
+KV_ROOM = 64  # positions a padded KV batch grows by, so that steps of an unchanged batch write in place
+
+
+def _padded_kv(caches: Sequence[Cache], name: str, new: Tensor, offsets: list[int]) -> Tensor:
+    """[N, h, >= longest, d]: row i's cached keys (or values) `name` followed by its `new` ones [N, h, T, d].
+
+    Each row's cache keeps a view of that batch; when the next step has the same rows in the same order and the
+    batch has room, the new tokens are written into it in place instead of copying every row again.
+    """
+    N, _, T, _ = new.shape
+    lengths = [o + T for o in offsets]
+    views = [c.get(name) for c in caches]
+    base = views[0]._base if views[0] is not None else None
+    reuse = (
+        base is not None
+        and base.shape[0] == N
+        and max(lengths) <= base.shape[2]
+        and all(v is not None and v._base is base and v.storage_offset() == base.storage_offset() + i * base.stride(0) for i, v in enumerate(views))
+    )
+    if not reuse:
+        room = -(-max(lengths) // KV_ROOM) * KV_ROOM + KV_ROOM
+        base = new.new_zeros(N, new.shape[1], room, new.shape[3])
+        for i, view in enumerate(views):
+            if offsets[i]:
+                base[i, :, : offsets[i]] = view[0, :, : offsets[i]]
+    rows = torch.arange(N, device=new.device)[:, None]
+    where = torch.tensor(offsets, device=new.device)[:, None] + torch.arange(T, device=new.device)
+    base[rows, :, where] = new.transpose(1, 2)  # [N, T, h, d] at (row, position)
+    for i, cache in enumerate(caches):
+        cache[name] = base[i : i + 1, :, : lengths[i]]
+    return base
 
 
 def _attend_rows(mixer: Attention, x: Tensor, caches: Sequence[Cache]) -> Tensor:
@@ -87,24 +134,13 @@ def _attend_rows(mixer: Attention, x: Tensor, caches: Sequence[Cache]) -> Tensor
     pos = torch.tensor([o + t for o in offsets for t in range(T)], device=x.device)
     q, kv = mixer.project(x.reshape(1, N * T, -1), pos)
     q = q.unflatten(2, (N, T)).transpose(0, 2).squeeze(2)  # [1, H, N*T, d] -> [N, H, T, d]
-    new = {name: t.unflatten(2, (N, T)).transpose(0, 2).squeeze(2) for name, t in kv.items()}
-    lengths = [o + T for o in offsets]
-    longest = max(lengths)
-    padded = {}
-    for name, t in new.items():
-        full = t.new_zeros(N, t.shape[1], longest, t.shape[3])
-        for i, cache in enumerate(caches):
-            if offsets[i]:
-                full[i, :, : offsets[i]] = cache[name][0]
-            full[i, :, offsets[i] : lengths[i]] = t[i]
-            cache[name] = full[i : i + 1, :, : lengths[i]]
-        padded[name] = full
+    longest = max(offsets) + T
+    k, v = (_padded_kv(caches, name, kv[name].unflatten(2, (N, T)).transpose(0, 2).squeeze(2), offsets)[:, :, :longest] for name in ("k", "v"))
     for cache in caches:
         cache.offset += T
     key_pos = torch.arange(longest, device=x.device)
     query_pos = torch.tensor(offsets, device=x.device)[:, None] + torch.arange(T, device=x.device)
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [N, T, L]: causal within each row's own keys
-    k, v = padded["k"], padded["v"]
     if mixer.kv_heads != mixer.heads:
         k, v = (t.repeat_interleave(mixer.heads // mixer.kv_heads, dim=1) for t in (k, v))
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None])
@@ -122,6 +158,9 @@ class RowMixer(nn.Module):
     def forward(self, x: Tensor, cache: Cache | None = None, **context: Any) -> Tensor:
         if not isinstance(cache, RowCaches):
             return self.inner(x, cache=cache, **context)
+        layout = context.get("layout")
+        if layout is not None and (layout.docs is not None or layout.offset or layout.prefix):
+            raise ValueError("a row step takes one plain sequence per row: the caches hold each row's position")
         if self.kind == "attn":
             return _attend_rows(self.inner, x, cache.rows)
         groups: dict[tuple, list[int]] = {}
