@@ -15,6 +15,7 @@ from torch import nn
 from mmeff import encoders, metrics
 from mmeff.backbone import Backbone
 from mmeff.config import TASKS, ConfigError, RunConfig
+from mmeff.hub import Model
 from mmeff.tasks.base import TaskModule
 
 
@@ -39,7 +40,7 @@ class ClassifyConfig:
             raise ConfigError("task.label_smoothing is for single-label cross-entropy; set it to 0 with task.multilabel: true")
 
 
-class Classifier(nn.Module):
+class Classifier(Model):
     """Encoder + shared backbone (bidirectional or causal) + pooled linear head."""
 
     def __init__(self, cfg: RunConfig) -> None:
