@@ -14,9 +14,9 @@ from torch import Tensor
 
 from mmeff.kernels.chunk import ChunkRecurrence
 from mmeff.kernels.recurrent import fused_recurrent
-from mmeff.kernels.utils import KEY_GATE, NO_GATE, SCALAR_GATE, make_chunks
+from mmeff.kernels.utils import KEY_GATE, NO_GATE, SCALAR_GATE, Chunks, make_chunks
 
-__all__ = ["linear_recurrence_triton", "unsupported", "MAX_HEADS", "MAX_KEY_DIM", "MAX_TOKENS", "RECURRENT_MAX_LEN"]
+__all__ = ["ChunkRecurrence", "linear_recurrence_triton", "pack", "unsupported", "MAX_HEADS", "MAX_KEY_DIM", "MAX_TOKENS", "RECURRENT_MAX_LEN"]
 
 # Widest key dimension: the backward holds a chunk's full [64, K] key tile and [K, 64] state tile.
 MAX_KEY_DIM = 256
@@ -90,10 +90,34 @@ def linear_recurrence_triton(
     initial_state / the final state are [N,H,K,V]. chunk_size is rounded to 16, 32 or 64. Mode "recurrent"
     (no gradients) takes the fused step-by-step kernel, as do, without gradients, sequences of at most
     RECURRENT_MAX_LEN steps."""
+    args, chunks, gate = pack(q, k, v, log_decay, beta, initial_state, cu_seqlens, chunk_size)
+    grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
+    if mode == "recurrent" and grad:
+        raise ValueError("mode='recurrent' runs the forward-only fused kernel: no gradients")
+    # No chunk at all (empty sequences) leaves nothing to differentiate but has no chunk grid either.
+    fused = mode == "recurrent" or (chunks.max_len <= RECURRENT_MAX_LEN and not grad) or chunks.num_chunks == 0
+    if fused:
+        o, ht = fused_recurrent(*args[:5], scale, args[5], chunks, gate, output_final_state)
+    else:
+        o, ht = ChunkRecurrence.apply(*args, scale, chunks, gate, output_final_state)
+    return o.reshape(v.shape).to(v.dtype), (ht if output_final_state else None)
+
+
+def pack(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor],
+    beta: Optional[Tensor],
+    initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    chunk_size: int,
+) -> Tuple[Tuple[Optional[Tensor], ...], Chunks, int]:
+    """The kernels' inputs (q, k, v in their common dtype, log decay, beta, initial state in fp32; all but the
+    state as [1, B*T, H, *]), their chunk layout (chunk_size rounded to 16, 32 or 64) and gate kind."""
     batch, seqlen, heads, dk = q.shape
     if cu_seqlens is not None and batch != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
-    out_dtype = v.dtype
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
 
     def packed(x: Optional[Tensor], to: torch.dtype) -> Optional[Tensor]:
@@ -101,11 +125,6 @@ def linear_recurrence_triton(
 
     size = 1 << max(4, min(6, (max(chunk_size, 1) - 1).bit_length()))
     chunks = make_chunks(cu_seqlens, batch, seqlen, size, q.device)
-    grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
-    if mode == "recurrent" and grad:
-        raise ValueError("mode='recurrent' runs the forward-only fused kernel: no gradients")
-    # No chunk at all (empty sequences) leaves nothing to differentiate but has no chunk grid either.
-    fused = mode == "recurrent" or (chunks.max_len <= RECURRENT_MAX_LEN and not grad) or chunks.num_chunks == 0
     if initial_state is not None and initial_state.shape != (chunks.num_seqs, heads, dk, v.shape[-1]):
         raise ValueError(f"initial_state must be [N,H,K,V], got {tuple(initial_state.shape)}")
     gate = (NO_GATE if log_decay is None else (KEY_GATE if log_decay.dim() == 4 else SCALAR_GATE)).value
@@ -117,8 +136,4 @@ def linear_recurrence_triton(
         packed(beta, torch.float32),
         None if initial_state is None else initial_state.float().contiguous(),
     )
-    if fused:
-        o, ht = fused_recurrent(*args[:5], scale, args[5], chunks, gate, output_final_state)
-    else:
-        o, ht = ChunkRecurrence.apply(*args, scale, chunks, gate, output_final_state)
-    return o.reshape(v.shape).to(out_dtype), (ht if output_final_state else None)
+    return args, chunks, gate

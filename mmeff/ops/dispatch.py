@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from types import ModuleType
 from typing import Callable, Literal, Optional, Sequence, Tuple, get_args
 
@@ -83,7 +84,8 @@ def check_backend(backend: str, allowed: Sequence[str] = get_args(Backend)) -> N
 
 
 def _log(message: str) -> None:
-    if message not in _logged:
+    # Not while torch.compile traces: a logging call breaks the graph.
+    if message not in _logged and not torch.compiler.is_compiling():
         _logged.add(message)
         logger.info(message)
 
@@ -123,7 +125,9 @@ def choose(op: str, backend: str, fast: Sequence[Tuple[str, Check]], allowed: Se
 
 def triton_kernels(module: str = "") -> ModuleType:
     """mmeff.kernels (or its submodule `module`): importing it imports Triton."""
-    return importlib.import_module("mmeff.kernels" + (f".{module}" if module else ""))
+    name = "mmeff.kernels" + (f".{module}" if module else "")
+    # Once imported, from sys.modules: torch.compile traces that lookup, not an import.
+    return sys.modules.get(name) or importlib.import_module(name)
 
 
 def triton_unsupported(x: Tensor, module: str = "", ask: Callable[[ModuleType], str] | None = None) -> str:

@@ -16,7 +16,8 @@ S_0 is passed chunk to chunk.
 `mode` names the algorithm, `backend` the implementation (mmeff.ops.dispatch): "triton" runs mmeff's
 kernels (mmeff.kernels, CUDA; their parity suite is tests/gpu/test_kernels_gpu.py) - the chunked kernels,
 or for mode "recurrent" (no gradients) the fused step-by-step one -, "torch" the PyTorch forms below,
-"auto" the kernels when they cover the call.
+"auto" the kernels when they cover the call. While torch.compile traces, the chunked kernels run as the custom
+op mmeff::linear_recurrence (mmeff.ops.custom_ops): no graph break.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmeff.ops import dispatch
+from mmeff.ops.custom_ops import linear_recurrence_op
 from mmeff.ops.dispatch import Backend
 
 Mode = Literal["chunk", "recurrent"]
@@ -118,6 +120,8 @@ def run_recurrence(
     cu_seqlens: Optional[Tensor],
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """The recurrence by `impl` ("triton" or "torch"), on arguments linear_recurrence has checked."""
+    if impl == "triton" and mode == "chunk" and torch.compiler.is_compiling():  # no graph break on the kernels
+        return linear_recurrence_op(q, k, v, log_decay, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     if impl == "triton":
         return dispatch.triton_kernels().linear_recurrence_triton(
             q, k, v, log_decay, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size, mode

@@ -193,3 +193,20 @@ def test_large_shapes_run_or_are_refused_by_name(monkeypatch):
     assert linear_recurrence(too_long, too_long, too_long) == "torch"  # auto: the PyTorch path
     big = meta(1, 2**17, 64, 256)  # T = 128k, 2**31 elements per tensor
     assert linear_recurrence(big, big, big, F.logsigmoid(big[..., 0].float())) == "triton"
+
+
+def test_custom_op_matches_reference_and_compiles(fake_gpu):
+    # mmeff::linear_recurrence (the kernels as a torch custom op) against the step-by-step reference, eagerly and
+    # under torch.compile(fullgraph=True), alone and through the op's dispatch: dynamo captures it without a
+    # graph break, through its fake kernels.
+    from functools import partial
+
+    from mmeff.ops.custom_ops import linear_recurrence_op
+
+    inputs = make_inputs("gated_delta_rule", 1, 32, 2, 16, 16, seed=8, num_states=len(LENGTHS))
+    ref = forward_backward(linear_recurrence, inputs, mode="recurrent", cu_seqlens=CU)
+    compile = partial(torch.compile, backend="aot_eager", fullgraph=True)
+    for fn in (linear_recurrence_op, compile(linear_recurrence_op), compile(partial(linear_recurrence, backend="triton"))):
+        got = forward_backward(partial(fn, cu_seqlens=CU, chunk_size=16), inputs)
+        errors = compare(got, ref, max_error)
+        assert all(e <= 1e-4 for e in errors.values()), errors
