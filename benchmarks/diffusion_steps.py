@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from mmeff import checkpoint, metrics
 from mmeff.data.pipeline import make_loader
@@ -66,7 +67,7 @@ def caption_table(args: argparse.Namespace) -> list[str]:
     for steps in step_counts(gen_len):
         s = DiffusionSampling(gen_len=gen_len, steps=steps, remasking="low_confidence")
         hyps, seconds = [], 0.0
-        for b in batches:
+        for b in tqdm(batches, desc=f"diffusion captions, {steps} steps", unit=" batches", disable=None):
             start = time.perf_counter()
             with torch.inference_mode():
                 prefix = model.encode_media(b["input"])
@@ -76,7 +77,7 @@ def caption_table(args: argparse.Namespace) -> list[str]:
         rate = len(refs) * gen_len / seconds
         rows.append(f"| diffusion | {steps} | {steps / gen_len:.3f} | {metrics.exact_match(hyps, refs):.3f} | {rate:.0f} |")
     hyps, seconds, tokens = [], 0.0, 0
-    for b in batches:
+    for b in tqdm(batches, desc="AR captions", unit=" batches", disable=None):
         start = time.perf_counter()
         with torch.inference_mode():
             prefix = ar.encode_media(b["input"])
