@@ -16,7 +16,16 @@ from mmeff.kernels.chunk import ChunkRecurrence
 from mmeff.kernels.recurrent import fused_recurrent
 from mmeff.kernels.utils import KEY_GATE, NO_GATE, SCALAR_GATE, Chunks, make_chunks
 
-__all__ = ["ChunkRecurrence", "linear_recurrence_triton", "pack", "unsupported", "MAX_HEADS", "MAX_KEY_DIM", "MAX_TOKENS", "RECURRENT_MAX_LEN"]
+__all__ = [
+    "ChunkRecurrence",
+    "linear_recurrence_triton",
+    "pack",
+    "unsupported",
+    "MAX_HEADS",
+    "MAX_KEY_DIM",
+    "MAX_TOKENS",
+    "RECURRENT_MAX_LEN",
+]
 
 # Widest key dimension: the backward holds a chunk's full [64, K] key tile and [K, 64] state tile.
 MAX_KEY_DIM = 256

@@ -77,9 +77,9 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], a
     else:
         seqlen = x.shape[1]
         runs = F.pad(runs, (width - 1, 0))  # the history continues the first document
-        y = sum(
-            weight[:, j, None].to(x.dtype) * history[..., j : j + seqlen] * (runs[:, None, j : j + seqlen] == runs[:, None, width - 1 :])
-            for j in range(width)
-        )
+        own = runs[:, None, width - 1 :]
+        taps = (weight[:, j, None].to(x.dtype) * history[..., j : j + seqlen] * (runs[:, None, j : j + seqlen] == own)
+                for j in range(width))  # fmt: skip
+        y = sum(taps)
         y = y if b is None else y + b[:, None]
     return (F.silu(y) if activation == "silu" else y).transpose(1, 2)

@@ -6,7 +6,8 @@ whose row strides are 16-byte aligned (K and N multiples of 8) and fewer than 10
 free (zero included). On sm90 it is one CUTLASS kernel without host sync, which `impl='auto'` uses; elsewhere
 it may loop internally or be missing, so 'auto' takes the per-expert loop, which reads the group sizes on
 the host. `impl` is the matmuls' backend (mmeff.ops.dispatch): 'grouped' insists on torch._grouped_mm,
-'loop' is the reference; MMEFF_FORCE_REFERENCE=1 takes the loop whatever `impl` says. The rows of `x` here always end at offs[-1] (no padding), so no output row is left unwritten.
+'loop' is the reference; MMEFF_FORCE_REFERENCE=1 takes the loop whatever `impl` says. The rows of `x`
+here always end at offs[-1] (no padding), so no output row is left unwritten.
 
 Around the matmuls, `dispatch` copies each token's row to its k assignments in expert order, `combine` sums
 the expert outputs back per token with the routing weights, and `activate` applies SwiGLU: with backend 'auto'

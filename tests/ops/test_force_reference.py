@@ -3,8 +3,8 @@
 A fake GPU (mmeff.ops.dispatch.on_cuda true for every tensor, a Hopper capability) makes every fast path
 eligible on this CPU machine, and every fast entry point raises `Reached`: mmeff's Triton kernels (recurrences,
 short conv, MoE glue: all imported through dispatch.triton_kernels), mamba-ssm's loaders, FlexAttention's
-compiled call and block masks, torch._grouped_mm, the router's fused half-precision logits. With the switch set the ops and mixers run; without it, each
-op reaches its fast entry point.
+compiled call and block masks, torch._grouped_mm, the router's fused half-precision logits. With the switch set
+the ops and mixers run; without it, each op reaches its fast entry point.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def _op_calls() -> Dict[str, tuple[str, Callable[[], object]]]:
     u, scan_bc = _randn(1, 4, 12), _randn(1, 8, 12)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     hq, hk = _randn(1, 2, 200, 16), _randn(1, 2, 200, 16)
-    rows, w_in, w_out = _randn(6, 16, dtype=torch.bfloat16), _randn(3, 16, 32, dtype=torch.bfloat16), _randn(3, 16, 16, dtype=torch.bfloat16)
+    docs = torch.zeros(1, 12, dtype=torch.long)
+    rows, w_in, w_out = (_randn(*shape, dtype=torch.bfloat16) for shape in ((6, 16), (3, 16, 32), (3, 16, 16)))
     order, inv = grouped.sort_assignments(torch.tensor([[0, 1], [2, 0], [1, 2]]))
     counts = torch.tensor([2, 2, 2])
     return {
@@ -68,7 +69,7 @@ def _op_calls() -> Dict[str, tuple[str, Callable[[], object]]]:
         "ssd_packed": ("mamba_ssm", lambda: ops.ssd(x, dt, A, bc, bc, cu_seqlens=cu)),
         "selective_scan": ("mamba_ssm", lambda: ops.selective_scan(u, u, -torch.rand(4, 8), scan_bc, scan_bc)),
         "causal_conv1d": ("triton", lambda: ops.causal_conv1d(x.flatten(2), _randn(8, 4))),
-        "causal_conv1d_docs": ("triton", lambda: ops.causal_conv1d(x.flatten(2), _randn(8, 4), docs=torch.zeros(1, 12, dtype=torch.long))),
+        "causal_conv1d_docs": ("triton", lambda: ops.causal_conv1d(x.flatten(2), _randn(8, 4), docs=docs)),
         "attention": ("flex", lambda: flex.attention(hq, hk, hk, masks.sliding_window(64))),
         "expert_ffn": ("grouped_mm", lambda: grouped.expert_ffn(rows, counts, w_in, w_out, gated=True)),
         "moe_dispatch": ("triton", lambda: grouped.dispatch(rows[:3], order, inv, 2)),

@@ -46,12 +46,8 @@ def _packed_vs_separate(
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     gen = torch.Generator().manual_seed(9)
 
-    def go(leaves: Dict[str, Tensor], cu_seqlens) -> tuple:
-        out, state = run(leaves, cu_seqlens)
-        return out, state
-
     leaves = {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in inputs.items()}
-    out, state = go(leaves, cu)
+    out, state = run(leaves, cu)
     w_out, w_state = torch.randn(out.shape, generator=gen), torch.randn(state.shape, generator=gen)
     ((out * w_out).sum() + (state * w_state).sum()).backward()
 
@@ -66,7 +62,7 @@ def _packed_vs_separate(
             else:
                 part[n] = t
         part = {n: t.detach().clone().requires_grad_(t.is_floating_point()) for n, t in part.items()}
-        o, s = go(part, None)
+        o, s = run(part, None)
         ((o * w_out.narrow(time_dim["out"], start, end - start)).sum() + (s * w_state[i : i + 1]).sum()).backward()
         outs.append(o)
         finals.append(s)
@@ -90,13 +86,20 @@ def _packed_vs_separate(
 def test_linear_ops_packed(op: str, mode: str):
     gen = torch.Generator().manual_seed(1)
     T, H, K, V = sum(LENGTHS), 2, 8, 4
-    inputs = {"q": torch.randn(1, T, H, K, generator=gen), "k": F.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1),
-              "v": torch.randn(1, T, H, V, generator=gen), "initial_state": torch.randn(len(LENGTHS), H, K, V, generator=gen)}  # fmt: skip
+    inputs = {
+        "q": torch.randn(1, T, H, K, generator=gen),
+        "k": F.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1),
+        "v": torch.randn(1, T, H, V, generator=gen),
+        "initial_state": torch.randn(len(LENGTHS), H, K, V, generator=gen),
+    }
     extra = {
         "retention": {"log_decay": -torch.rand(H, generator=gen)},
         "gated_linear_attention": {"log_g": F.logsigmoid(torch.randn(1, T, H, K, generator=gen))},
         "delta_rule": {"beta": torch.rand(1, T, H, generator=gen)},
-        "gated_delta_rule": {"log_g": F.logsigmoid(torch.randn(1, T, H, generator=gen)), "beta": torch.rand(1, T, H, generator=gen)},
+        "gated_delta_rule": {
+            "log_g": F.logsigmoid(torch.randn(1, T, H, generator=gen)),
+            "beta": torch.rand(1, T, H, generator=gen),
+        },
     }.get(op, {})  # fmt: skip
     time_dim = {n: 1 for n in ("q", "k", "v", "beta", "out")} | ({"log_g": 1} if "log_g" in extra else {})
 
