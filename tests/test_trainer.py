@@ -1,0 +1,83 @@
+"""Trainer options a user expects (issue 20): validate prints metrics, any Trainer argument passes through
+`trainer.kwargs` (and wins), a finished export is kept without --overwrite, loggers by name or class path,
+init_from counts tied weights and reports once."""
+
+import pytest
+
+import mmeff.trainer
+from mmeff import checkpoint, config
+from mmeff.cli import main
+from mmeff.errors import TrainingError
+from mmeff.tasks import build_model
+
+ONE_STEP = {"trainer.max_steps": 1, "trainer.max_epochs": 1, "trainer.kwargs": {"limit_val_batches": 1}}
+
+
+def test_validate_prints_metrics_and_skips(tiny_config, capsys):
+    path = tiny_config(**ONE_STEP)
+    assert main(["fit", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "val/loss: " in out and "val/acc: " in out
+
+
+def test_any_trainer_argument_passes_through_and_kwargs_win(tiny_config):
+    cfg = config.load(tiny_config(**{"trainer.kwargs": {"limit_val_batches": 3, "logger": False, "max_epochs": 7}}))
+    trainer = mmeff.trainer.build_trainer(cfg)
+    assert trainer.limit_val_batches == 3 and trainer.logger is None and trainer.max_epochs == 7
+
+
+def test_a_finished_export_is_kept_without_overwrite(tiny_config, capsys):
+    path = tiny_config(**ONE_STEP)
+    assert main(["fit", str(path)]) == 0
+    weights = config.load(path).out_dir / "export" / checkpoint.WEIGHTS
+    before = weights.read_bytes()
+    assert main(["fit", str(path), "--optim.lr=0.5"]) == 2
+    assert "holds the export of a finished run; pass --overwrite" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    assert main(["fit", str(path), "--optim.lr=0.5", "--overwrite"]) == 0
+    assert weights.read_bytes() != before
+    with pytest.raises(TrainingError, match="--overwrite"):
+        mmeff.trainer.fit(config.load(path))
+
+
+@pytest.mark.parametrize("logger, folder", [("csv", "logs"), ("lightning.pytorch.loggers.CSVLogger", "lightning_logs")])
+def test_logger_by_name_or_class_path(tiny_config, logger, folder):
+    cfg = config.load(tiny_config(**{"trainer.logger": logger}))
+    (made,) = mmeff.trainer.build_trainer(cfg).loggers
+    assert type(made).__name__ == "CSVLogger" and made.log_dir.startswith(str(cfg.out_dir / folder))
+
+
+def test_logger_class_path_errors_name_the_key(tiny_config):
+    for path in ("lightning.pytorch.loggers.Nope", "collections.OrderedDict"):
+        with pytest.raises(config.ConfigError, match=f"trainer.logger: .*{path}"):
+            mmeff.trainer.build_trainer(config.load(tiny_config(**{"trainer.logger": path})))
+
+
+def test_wandb_logger_runs_offline(tiny_config, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = config.load(tiny_config(**{"trainer.logger": "wandb"}))
+    (made,) = mmeff.trainer.build_trainer(cfg).loggers
+    assert type(made).__name__ == "WandbLogger"
+
+
+def test_init_from_counts_the_tied_head_as_loaded(tmp_path):
+    lm = {
+        "encoder": {"name": "text", "seq_len": 16},
+        "backbone": {"dim": 32, "pattern": ["attn"], "mixers": {"attn": {"heads": 2}}},
+        "task": {"name": "lm"},
+    }
+    cfg = config.parse(lm)
+    src = checkpoint.export(build_model(cfg), cfg, tmp_path / "lm")
+    report = checkpoint.init_from(build_model(cfg), src)
+    assert "head.weight" in report.loaded and not report.new and not report.skipped
+
+
+def test_init_from_report_prints_once(tmp_path, tiny_config, capsys):
+    src_cfg = config.load(tiny_config())
+    src = checkpoint.export(build_model(src_cfg), src_cfg, tmp_path / "src")
+    assert main(["fit", str(tiny_config(**ONE_STEP, name="ft")), f"--init_from={src}"]) == 0  # main logs to stderr
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("init_from: ") == 1
