@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import soundfile as sf
 import webdataset as wds
 from PIL import Image
 
@@ -137,12 +138,14 @@ def test_csv_manifest_with_split_column(tmp_path):
         writer = csv.writer(f)
         writer.writerow(["path", "label", "split"])
         for i in range(12):
-            (tmp_path / "clips" / f"{i}.wav").write_bytes(bytes([i]) * 8)
+            sf.write(tmp_path / "clips" / f"{i}.wav", np.full(8, i / 16, dtype=np.float32), 8000)
             writer.writerow([f"clips/{i}.wav", "yes" if i % 2 else "no", "test" if i < 3 else "train"])
     out = tmp_path / "out"
     assert build_shards(str(tmp_path / "clips.csv"), out) == {"test": 3, "train": 9}
     rows = list(wds.WebDataset(str(out / "test-000000.tar"), shardshuffle=False))
-    assert [(r["wav"], int(r["cls"])) for r in rows] == [(bytes([0]) * 8, 0), (bytes([1]) * 8, 1), (bytes([2]) * 8, 0)]
+    wavs = [(tmp_path / "clips" / f"{i}.wav").read_bytes() for i in range(3)]
+    assert [(r["wav"], int(r["cls"]), r["src"]) for r in rows] == [
+        (wavs[0], 0, b"clips/0.wav"), (wavs[1], 1, b"clips/1.wav"), (wavs[2], 0, b"clips/2.wav")]
     assert read_index(out)["meta"]["classes"] == ["no", "yes"]
 
 

@@ -9,6 +9,9 @@ from typing import NamedTuple
 
 from mmeff.data.shards import write_shards
 from mmeff.data.sources import SOURCES, split_indices
+from mmeff.errors import DataError
+
+AUDIO = (".wav", ".flac", ".ogg", ".mp3")
 
 
 class Row(NamedTuple):
@@ -21,7 +24,8 @@ class Row(NamedTuple):
 
 @SOURCES.register("folder", summary=__doc__)
 def build(out_dir: Path, src: str | Path, maxcount: int = 100, seed: int = 0) -> dict[str, int]:
-    """Write each file's raw bytes under its extension key (`png`, `wav`, ...) and its class index under `cls`."""
+    """Write each file's raw bytes under its extension key (`png`, `wav`, ...), its class index under `cls` and
+    its path (relative to `src`'s folder) under `src`, which skip messages name. Audio files must decode."""
     src = Path(src)
     rows = _read_manifest(src) if src.is_file() else _scan_folder(src)
     missing = [str(r.path) for r in rows if not r.path.is_file()]
@@ -30,6 +34,8 @@ def build(out_dir: Path, src: str | Path, maxcount: int = 100, seed: int = 0) ->
     nameless = [str(r.path) for r in rows if not r.path.suffix]
     if nameless:
         raise ValueError(f"{src}: files need an extension to name their field, e.g. {nameless[0]}")
+    _check_audio([r.path for r in rows if r.path.suffix.lower() in AUDIO])
+    base = src if src.is_dir() else src.parent
     classes = sorted({r.label for r in rows}, key=_natural)
     index = {name: i for i, name in enumerate(classes)}
     labels = [index[r.label] for r in rows]
@@ -40,12 +46,36 @@ def build(out_dir: Path, src: str | Path, maxcount: int = 100, seed: int = 0) ->
     counts = {}
     for split, indices in splits.items():
         samples = (
-            {"__key__": f"file{i:07d}", rows[i].path.suffix[1:].lower(): rows[i].path.read_bytes(), "cls": labels[i]}
+            {"__key__": f"file{i:07d}", rows[i].path.suffix[1:].lower(): rows[i].path.read_bytes(), "cls": labels[i],
+             "src": _relative(rows[i].path, base)}
             for i in indices
         )
         write_shards(samples, out_dir, split, maxcount=maxcount, meta={"classes": classes}, total=len(indices))
         counts[split] = len(indices)
     return counts
+
+
+def _check_audio(paths: list[Path]) -> None:
+    """Raise a DataError naming the audio files that soundfile cannot open or that hold no samples."""
+    import soundfile as sf
+
+    bad = []
+    for path in paths:
+        try:
+            if sf.info(str(path)).frames <= 0:
+                bad.append(f"{path} (no samples)")
+        except RuntimeError as e:  # soundfile's LibsndfileError: not a readable audio file
+            bad.append(f"{path} ({str(e).split(': ')[-1]})")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} audio file(s) cannot be decoded: {'; '.join(bad[:5])}{more}; fix or remove them")
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:  # a manifest row pointing outside the manifest's folder
+        return str(path)
 
 
 def _scan_folder(root: Path) -> list[Row]:
