@@ -261,7 +261,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(markdown(rows, header))
         args.out.with_suffix(".json").write_text(json.dumps({"device": device_name(args.gpu), "torch": torch.__version__, "rows": rows}, indent=2))
-        plot(rows, args.clients, args.out.with_suffix(".png"), f"mmeff serve, {device_name(args.gpu).split(',')[0]}")
+        plot(rows, args.clients, args.out.with_suffix(".png"), f"mmeff serve, {device_name(args.gpu).split(' (')[0]}")
 
 
 if __name__ == "__main__":

@@ -194,6 +194,8 @@ def row_mixers(backbone: nn.Module) -> Iterator[None]:
 
 def step(model: nn.Module, tokens: Tensor, caches: Sequence[list[Cache]]) -> Tensor:
     """Next-token logits [N, V] after feeding tokens [N, T] to N sequences, each with its own per-layer caches."""
+    if len(caches) == 1:  # one sequence: the model's own cached forward
+        return model.head(model.hidden(model.embed(tokens), cache=caches[0])[:, -1])
     layers = len(caches[0])
     batch = [RowCaches([c[i] for c in caches]) for i in range(layers)]
     with row_mixers(model.backbone):
