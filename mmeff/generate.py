@@ -254,4 +254,7 @@ def generate(
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """The ids of `text`; an empty prompt is <eos>, the token before every packed training document."""
+    bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)  # bytes Python could not decode
+    if bad is not None:
+        raise ConfigError(f"the prompt is not UTF-8 text: byte 0x{ord(text[bad]) - 0xDC00:02x} at character {bad}")
     return tokenizer.encode(text) or [tokenizer.eos_id]

@@ -8,6 +8,7 @@ Parameter names: `encoder.media` (the modality tokenizer of config `encoder`), `
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -259,6 +260,12 @@ def media_sample(cfg: RunConfig, path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no file at {path}")
     data = path.read_bytes()
     if cfg.encoder.name == "image":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            Image.open(io.BytesIO(data)).verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL reports a damaged PNG as SyntaxError
+            raise ConfigError(f"--image {path}: not an image file PIL can read ({e})") from None
         return {cfg.encoder.key: data}
     ext = path.suffix.lstrip(".").lower()
     return {ext if ext in cfg.encoder.keys else cfg.encoder.keys[0]: data}
