@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 from types import ModuleType
-from typing import Callable, Literal, Optional, Sequence, Tuple, get_args
+from typing import Callable, Literal, Optional, Sequence, Tuple, TypeVar, get_args
 
 import torch
 from torch import Tensor
@@ -35,12 +35,14 @@ __all__ = [
     "cuda_fast_path",
     "force_reference",
     "needs_grad",
+    "once",
     "on_cuda",
     "triton_kernels",
     "triton_unsupported",
 ]
 
 Backend = Literal["auto", "torch", "triton", "mamba_ssm"]
+T = TypeVar("T")
 # Why an implementation cannot take the call at hand; "" when it can. Called lazily, in order.
 Check = Callable[[], str]
 
@@ -70,6 +72,19 @@ def capability(x: Tensor) -> Tuple[int, int]:
 def needs_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd will need gradients of any of `tensors`."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def once(fn: Callable[[], T]) -> Callable[[], T]:
+    """`fn`, run on the first call only: lazy arguments shared by a check and the call (functools.cache would
+    break torch.compile's graph)."""
+    memo: list = []
+
+    def get() -> T:
+        if not memo:
+            memo.append(fn())
+        return memo[0]
+
+    return get
 
 
 def cuda_fast_path(x: Tensor) -> bool:

@@ -14,7 +14,6 @@ the final states), not for the selective scan, whose CUDA kernel has no variable
 
 from __future__ import annotations
 
-import functools
 import sys
 import types
 from typing import Callable, Optional, Tuple, Union
@@ -58,7 +57,7 @@ def ssd(
         raise ValueError(f"groups of B {tuple(B.shape)} / C {tuple(C.shape)} must divide heads {heads}")
     check_cu_seqlens(cu_seqlens, x.shape[0])
 
-    @functools.cache
+    @dispatch.once
     def recurrence() -> dict:
         dtf = dt.float()
         if dt_bias is not None:
@@ -147,7 +146,7 @@ def selective_scan(
     batch, dim, seqlen = u.shape
     check_cu_seqlens(cu_seqlens, batch)
 
-    @functools.cache
+    @dispatch.once
     def recurrence() -> dict:
         d = delta.float()
         if delta_bias is not None:
@@ -221,7 +220,7 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor
     return y.to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@dispatch.once
 def _load_mamba_ssd() -> Optional[Callable]:
     """mamba-ssm's Triton mamba_chunk_scan_combined, or None."""
     placeholder = None
@@ -243,7 +242,7 @@ def _load_mamba_ssd() -> Optional[Callable]:
     return mamba_chunk_scan_combined
 
 
-@functools.lru_cache(maxsize=None)
+@dispatch.once
 def _load_mamba_selective_scan() -> Optional[Callable]:
     """mamba-ssm's CUDA selective_scan_fn if its real extension is present, or None."""
     try:

@@ -210,3 +210,6 @@ def test_custom_op_matches_reference_and_compiles(fake_gpu):
         got = forward_backward(partial(fn, cu_seqlens=CU, chunk_size=16), inputs)
         errors = compare(got, ref, max_error)
         assert all(e <= 1e-4 for e in errors.values()), errors
+    x, dt, A, B = torch.randn(1, 32, 2, 4), torch.randn(1, 32, 2), -torch.rand(2), torch.randn(1, 32, 1, 16)
+    ssd = compile(partial(ops.ssd, chunk_size=16, cu_seqlens=CU, backend="triton"))(x, dt, A, B, B)
+    assert max_error(ssd, ops.ssd(x, dt, A, B, B, chunk_size=16, cu_seqlens=CU, backend="torch")) <= 1e-4
