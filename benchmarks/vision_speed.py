@@ -12,8 +12,9 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   other rows' `vs_timm` is their img/s over timm's in the same process.
 - mmeff, built by `mmeff.tasks.build_model` from a RunConfig (image or audio encoder + Backbone + classify head:
   what `mmeff fit` trains): `attn` (the ViT's layer: GELU MLP, LayerNorm, qkv bias), `sliding` (window 256),
-  `block_topk`, and `<mixer>-bi` / `<mixer>-cross` (`scan: bi` / `scan: cross`) for linear_attn, gla, retnet, mamba2,
-  gated_deltanet and `hybrid` ([gla, gla, gla, attn]).
+  `block_topk`, `<mixer>-bi` / `<mixer>-cross` (`scan: bi` / `scan: cross`) for linear_attn, gla, retnet, mamba2,
+  gated_deltanet and `hybrid` ([gla, gla, gla, attn]), and `linear_attn-global` (`scan: global`: the non-causal
+  form, no scan).
 
 Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
@@ -103,7 +104,8 @@ def mixer_options(shape: Shape) -> dict[str, dict[str, Any]]:
 
 def row_names() -> list[str]:
     """Every row, timm first."""
-    return ["timm", "attn", "sliding", "block_topk"] + [f"{m}-{s}" for m in SCANNED for s in ("bi", "cross")]
+    scans = [f"{m}-{s}" for m in SCANNED for s in ("bi", "cross")]
+    return ["timm", "attn", "sliding", "block_topk", "linear_attn-global"] + scans
 
 
 def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
@@ -258,6 +260,8 @@ def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, dev
         inputs = example.to(device).expand(batch, *example.shape[1:]).clone()
         step = train_step(model, inputs, shape.classes)
         ms, peak = median_ms(step, device, args.warmup, args.reps)
+        if args.profile:
+            profile(step, args.out_dir_resolved / f"profile_{row}_{px}{'_compiled' if args.compile else ''}.txt")
         record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=peak)
         record["floor_ms"] = record["flops_per_img"] * batch / args.rate * 1e3
     except torch.cuda.OutOfMemoryError:
@@ -271,6 +275,17 @@ def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, dev
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return record
+
+
+def profile(step: Callable[[], None], path: Path) -> None:
+    """The GPU kernels of one step, by total time (torch.profiler), written to `path`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
 def relate(records: list[dict[str, Any]]) -> None:
@@ -398,6 +413,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, fp32 (a check that every row runs)")
     p.add_argument("--out-dir", type=Path, help="default: benchmarks/results (--smoke: a temporary folder)")
     p.add_argument("--name", help="file stem (default vision_speed_<device>)")
+    p.add_argument("--profile", action="store_true", help="also write each row's kernels of one step (profile_<row>_<px>.txt)")
     args = p.parse_args()
     shape = SMOKE if args.smoke else REAL
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -407,6 +423,7 @@ def main() -> None:
     sizes = list(dict.fromkeys(32 if args.smoke and s != "audio" else s for s in wanted))  # smoke: 32 px images
     out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "vision_speed_smoke" if args.smoke else Path(__file__).parent / "results")
     name = args.name or f"vision_speed_{device_tag(device)}"
+    args.out_dir_resolved = out_dir
     args.rate = matmul_rate(device, 256 if args.smoke else 8192)
     run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "matmul_tflops": args.rate / 1e12}  # fmt: skip

@@ -127,7 +127,9 @@ class SoftmaxAttention(nn.Module):
             if block is not None:
                 engine = "reference"  # a prebuilt (selection) block mask knows nothing of the documents
             elif flex.wants_flex(q, kv_pos is None, self.dropout if self.training else 0.0):
-                block = flex.create_block_mask(mask, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+                # Compiled: eager, create_block_mask evaluates the predicate on every (query, key) pair of the batch
+                # (an attn LM at T = 16k with 8 documents a row ran at 0.40x its unpacked speed on the H200).
+                block = flex.create_block_mask(mask, q.shape[0], None, q.shape[2], k.shape[2], device=q.device, _compile=True)
         return flex.attention(
             q, k, v, mask, q_pos=q_pos, kv_pos=kv_pos, per_head=self.per_head_mask,
             dropout=self.dropout if self.training else 0.0, scale=scale, block=block, engine=engine,
