@@ -87,7 +87,7 @@ class Routes:
         batch, length = streams[0].shape[:2]
         routes = self.routes(length, layout, streams[0].device)
         docs = layout.docs
-        if routes == [None]:
+        if len(routes) == 1 and routes[0] is None:
             return fn(streams, layout.cu_seqlens)
         stacked = [torch.cat([_along(s, r) for r in routes]) for s in streams]
         cu_seqlens = None if docs is None else cu_seqlens_from_docs(torch.cat([_along(docs, r) for r in routes]))
