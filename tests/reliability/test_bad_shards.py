@@ -68,3 +68,18 @@ def test_strict_stops_at_the_bad_shard_naming_it(tiny_config, bad_set, shard, fr
     with pytest.raises(DataError, match=fragment) as e:
         list(_loader(tiny_config, bad_set, strict=True))
     assert "skipping" not in str(e.value)
+
+
+def test_evaluation_says_how_many_samples_it_skipped(tiny_config, digits_root, tmp_path, capsys):
+    import mmeff.trainer
+    from mmeff import checkpoint
+    from mmeff.tasks import build_model
+
+    samples = [_clean(s) for s in _digits(digits_root, 8)]
+    samples[5]["cls"] = b"99"
+    write_shards(iter(samples), tmp_path / "data", "test", maxcount=8)
+    cfg = config.load(tiny_config(**{"data.root": str(tmp_path / "data")}))
+    export = checkpoint.export(build_model(cfg), cfg, tmp_path / "export")
+    metrics = mmeff.trainer.evaluate(cfg, export, "test")
+    assert "test/acc" in metrics
+    assert "test: 1 sample(s) or shard(s) were skipped" in capsys.readouterr().out
