@@ -127,8 +127,9 @@ def write_text_shards(
 
 
 def _record(tokenizer: Tokenizer) -> dict[str, str]:
-    """What `index.json` records of the tokenizer that wrote the shards."""
-    return {"name": "byte" if isinstance(tokenizer, ByteTokenizer) else "bpe", "sha256": tokenizer.fingerprint}
+    """What `index.json` records of the tokenizer that wrote the shards (a saved byte tokenizer is still 'byte')."""
+    sha = tokenizer.fingerprint
+    return {"name": "byte" if sha == ByteTokenizer().fingerprint else "bpe", "sha256": sha}
 
 
 def check_shard_tokenizer(cfg: RunConfig) -> None:
