@@ -60,8 +60,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
-        require(self.eval_batch_size is None or self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "null or an integer >= 1")
-        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0 (0: load in the main process)")
+        require(self.eval_batch_size is None or self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size,
+                "null or an integer >= 1")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers,
+                "an integer >= 0 (0: load in the main process)")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
 
 
@@ -83,14 +85,16 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         require(self.dim >= 1, "backbone.dim", self.dim, "an integer >= 1")
-        require(self.depth is None or self.depth >= 1, "backbone.depth", self.depth, "null (the pattern as written) or an integer >= 1")
+        require(self.depth is None or self.depth >= 1, "backbone.depth", self.depth,
+                "null (the pattern as written) or an integer >= 1")
         require(bool(self.pattern), "backbone.pattern", self.pattern, "a non-empty list of token mixers, e.g. [attn]")
         require(0.0 <= self.drop_path < 1.0, "backbone.drop_path", self.drop_path, "a number in [0, 1)")
         require(self.norm_eps > 0 and math.isfinite(self.norm_eps), "backbone.norm_eps", self.norm_eps, "a number > 0")
         used = {item.partition("*")[0].strip() for item in self.pattern}
         for name in self.mixers:
             require(name in used, f"backbone.mixers.{name}", self.mixers[name],
-                    f"options of a mixer in backbone.pattern ({', '.join(sorted(used))}); add {name} to the pattern or remove these options")
+                    f"options of a mixer in backbone.pattern ({', '.join(sorted(used))}); "
+                    f"add {name} to the pattern or remove these options")
 
 
 LOGGERS = ("auto", "csv", "tensorboard", "wandb", "none")
@@ -123,7 +127,8 @@ class TrainerConfig:
         require(self.max_epochs is None or self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs,
                 "null or an integer >= 1 (max_steps: 0 exports the initial weights)")
         require(self.max_steps >= -1, "trainer.max_steps", self.max_steps, "-1 (no limit) or an integer >= 0")
-        require(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches, "an integer >= 1")
+        require(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches,
+                "an integer >= 1")
         require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, "an integer >= 1")
         require(self.gradient_clip_val is None or self.gradient_clip_val > 0 and math.isfinite(self.gradient_clip_val),
                 "trainer.gradient_clip_val", self.gradient_clip_val, "null or a number > 0")
@@ -145,8 +150,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         require(self.lr >= 0 and math.isfinite(self.lr), "optim.lr", self.lr, "a finite number >= 0")
-        require(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "optim.weight_decay", self.weight_decay, "a finite number >= 0")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+        require(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "optim.weight_decay", self.weight_decay,
+                "a finite number >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+                "two numbers in [0, 1), e.g. [0.9, 0.999]")
         require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         for pattern, mult in self.groups.items():
@@ -308,7 +315,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override --{key}: the value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+            why = str(e).splitlines()[0]
+            raise ConfigError(f"override --{key}: the value {raw!r} is not valid YAML ({why})") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -349,7 +357,8 @@ def read(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (data, encoder, backbone, ...), got {type(data).__name__} {data!r:.60}")
+        got = f"{type(data).__name__} {data!r:.60}"
+        raise ConfigError(f"{path}: expected a mapping of sections (data, encoder, backbone, ...), got {got}")
     return data
 
 

@@ -70,7 +70,8 @@ class RunCheckpoint(ModelCheckpoint):
     def _finite(self, trainer: L.Trainer) -> bool:
         bad = nonfinite_tensors(trainer.lightning_module)
         if bad:
-            log.warning("not checkpointing step %d: %d tensor(s) are not finite, e.g. %s", trainer.global_step, len(bad), bad[0])
+            log.warning("not checkpointing step %d: %d tensor(s) are not finite, e.g. %s",
+                        trainer.global_step, len(bad), bad[0])
         return not bad
 
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
@@ -109,7 +110,8 @@ class NonFiniteLoss(Callback):
         for p in task.parameters():
             p.grad = None  # the optimizer skips parameters without a gradient: nothing of this step applies
         where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
-        value = f"the loss is {float(loss) if loss is not None else math.nan}" + ("" if what != "gradient" else ", its gradient is not finite")
+        value = f"the loss is {float(loss) if loss is not None else math.nan}"
+        value += ", its gradient is not finite" if what == "gradient" else ""
         if self.mode == "stop":
             raise TrainingError(
                 f"training stopped at {where}: {value}; this step was not applied and no later "
@@ -238,7 +240,8 @@ def build_trainer(cfg: RunConfig, fitting: bool = True, overwrite: bool = False)
     try:
         return L.Trainer(**options)
     except (TypeError, ValueError, RuntimeError, ImportError, MisconfigurationException) as e:
-        chosen = ", ".join(f"{k}={options[k]!r}" for k in ("accelerator", "devices", "strategy", "precision", *t.kwargs))
+        given = ("accelerator", "devices", "strategy", "precision", *t.kwargs)
+        chosen = ", ".join(f"{k}={options[k]!r}" for k in given)
         raise ConfigError(f"trainer: Lightning rejected the options ({chosen}): {e}") from None
 
 
@@ -286,7 +289,9 @@ def _resume_path(cfg: RunConfig, resume: str | None) -> str | None:
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {resume}: {path} does not exist")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    others = sorted((p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    others = sorted(
+        (p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     candidates = [p for p in (folder / "last.ckpt",) if p.is_file()] + others
     if not candidates:
         raise FileNotFoundError(f"--resume {resume}: no checkpoint under {folder} (expected {folder}/last.ckpt)")

@@ -41,7 +41,9 @@ class SkipCounter:
     def skip(self, problem: str) -> None:
         """Raise a DataError saying `problem` if strict; else log it as a warning and count one skip."""
         if self.strict:
-            raise DataError(f"{problem} (data.strict: true stops at the first bad shard or sample; false skips and counts them)")
+            raise DataError(
+                f"{problem} (data.strict: true stops at the first bad shard or sample; false skips and counts them)"
+            )
         logger.warning("skipping %s", problem)
         self.total += 1
         self._pending += 1
@@ -154,8 +156,9 @@ class ShardStream(IterableDataset):
                 sample = self.transform(raw)
             except MmeffError:
                 raise
-            except Exception as e:  # noqa: BLE001 - whatever a sample's bytes make a decoder raise is that sample's fault
-                why = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - what a sample's bytes make a decoder raise is that sample's fault
+                missing = isinstance(e, KeyError) and e.args
+                why = f"missing field {e.args[0]!r}" if missing else f"{type(e).__name__}: {e}"
                 self.counter.skip(f"sample {_describe(raw)} in shard {raw.get('__url__')}: {why}")
                 continue
             yield sample
@@ -192,7 +195,8 @@ def make_loader(
     workers = cfg.num_workers
     if train and len(shards) < world_size * max(1, workers):
         raise ConfigError(
-            f"data.num_workers: {split} split: {len(shards)} shard(s) cannot feed {world_size} rank(s) x {max(1, workers)} "
+            f"data.num_workers: {split} split: {len(shards)} shard(s) cannot feed {world_size} rank(s) x "
+            f"{max(1, workers)} "
             f"loader worker(s); write at least {world_size * max(1, workers)} shards (smaller maxcount) "
             "or use fewer workers"
         )
