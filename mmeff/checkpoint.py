@@ -5,52 +5,32 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file
 from torch import nn
 
 from mmeff import config as config_mod
 from mmeff.config import ConfigError, RunConfig
 from mmeff.encoders.text import TOKENIZER_FILE, TextEncoderConfig, Tokenizer, load_tokenizer
 from mmeff.errors import CheckpointError
+from mmeff.hub import CONFIG, WEIGHTS, write_folder
 from mmeff.tasks import build_model
 
 log = logging.getLogger("mmeff")
 
-CONFIG, WEIGHTS = "config.yaml", "model.safetensors"
-
 
 def export(model: nn.Module, cfg: RunConfig, out: str | Path, extra: dict[str, str] | None = None) -> Path:
-    """Write `out/` (config + weights + optional extra text files) via a temp folder and a rename.
+    """Write `out/` (config + weights + optional extra text files) via a temp folder and a rename (`mmeff.hub.write_folder`).
 
     Leftovers of an interrupted export (`.<out>.old`, `.<out>.<random>` folders) are recovered or removed first.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     recover(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = out.with_name(f".{out.name}.old")
-    try:
-        config_mod.save(cfg, tmp / CONFIG)
-        save_model(model, str(tmp / WEIGHTS))
-        for name, text in (extra or {}).items():
-            (tmp / name).write_text(text)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_dir() and not out.exists():
-            os.replace(old, out)  # the new export failed after moving the old one aside: put it back
-        raise
-    return out
+    return write_folder(model, cfg, out, extra)
 
 
 def recover(out: str | Path) -> Path | None:

@@ -41,3 +41,15 @@ def tiny_config(tmp_path, digits_root):
         return path
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread while the test runs: tiny models on shared cores run many times faster without OpenMP's
+    thread barriers (use: pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

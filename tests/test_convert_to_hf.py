@@ -9,6 +9,8 @@ from mmeff.tasks import build_model
 
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _lm(tmp_path, attn: dict, tie: bool, ffn_bias: bool = False, pattern=("attn",)):
     torch.manual_seed(0)

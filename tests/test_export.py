@@ -7,6 +7,8 @@ from mmeff import config
 from mmeff.export import example_input, export_onnx, export_program
 from mmeff.tasks import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MIXERS = {"attn": {"heads": 2}, "gla": {"heads": 2}, "mamba2": {"d_state": 16, "head_dim": 16}}
 
 

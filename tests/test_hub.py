@@ -9,6 +9,8 @@ from mmeff.tasks import build_model
 from mmeff.tasks.classify import Classifier
 from mmeff.tasks.lm import LanguageModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BACKBONE = {"dim": 32, "pattern": ["gla", "attn"], "depth": 2, "mixers": {"gla": {"heads": 2}, "attn": {"heads": 2}}}
 CONFIGS = {
     "lm": {"encoder": {"name": "text"}, "backbone": BACKBONE, "task": {"name": "lm"}},

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-import torch
 import uvicorn
 from test_generate import TOK
 
@@ -44,9 +43,5 @@ def serve():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny models on shared cores run many times faster without OpenMP's thread barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every serving test runs on one torch thread (tests/conftest.py)."""

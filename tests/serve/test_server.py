@@ -151,3 +151,22 @@ def test_a_client_disconnecting_mid_stream_frees_its_slot(serve, model):
             time.sleep(0.05)
         assert client.get("/health").json()["running"] == 0
         assert client.post("/v1/completions", json={"prompt": "b", "max_tokens": 3}).status_code == 200
+
+
+def test_a_failing_request_gets_a_500_and_the_server_goes_on(serve, model, monkeypatch):
+    from mmeff.serve.engine import Engine
+
+    prefill = Engine._prefill
+
+    def failing(self, seq):
+        if seq.prompt == TOK.encode("boom"):
+            raise RuntimeError("injected failure")
+        prefill(self, seq)
+
+    monkeypatch.setattr(Engine, "_prefill", failing)
+    with serve(model) as (url, engine), httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"prompt": "boom", "max_tokens": 3})
+        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+        with client.stream("POST", "/v1/completions", json={"prompt": "boom", "max_tokens": 3, "stream": True}) as r:
+            assert "injected failure" in r.read().decode()
+        assert client.post("/v1/completions", json={"prompt": "fine", "max_tokens": 3}).status_code == 200
