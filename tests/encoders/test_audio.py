@@ -100,10 +100,10 @@ def test_spec_augment_only_in_training():
 def test_patch_and_frame_token_shapes():
     feats = torch.randn(2, 100, 128)
     patch = AudioEncoder(AudioEncoderConfig(pool="mean"), dim=16)
-    assert patch.grid == (12, 9) and patch(feats).shape == (2, 108, 16)
+    assert patch.grid == (12, 9) and patch(feats).x.shape == (2, 108, 16)
     frame = AudioEncoder(AudioEncoderConfig(tokens="frame", frame_stack=4, pool="mean"), dim=16)
-    assert frame(feats).shape == (2, 25, 16)
-    assert frame(torch.randn(2, 99, 128)).shape == (2, 25, 16)  # the last frames padded to a full stack
+    assert frame(feats).x.shape == (2, 25, 16)
+    assert frame(torch.randn(2, 99, 128)).x.shape == (2, 25, 16)  # the last frames padded to a full stack
     with pytest.raises(ValueError, match=r"features \[B, frames, 128\], got \(2, 100, 64\)"):
         patch(torch.randn(2, 100, 64))
 
@@ -112,7 +112,7 @@ def test_patch_and_frame_token_shapes():
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_class_token_and_pool(tokens, where):
     enc = AudioEncoder(AudioEncoderConfig(tokens=tokens, num_mel_bins=32, pool="cls", cls_position=where), dim=8)
-    out = enc(torch.randn(3, 100, 32))
+    out = enc(torch.randn(3, 100, 32)).x
     n = out.shape[1] - 1
     i = {"first": 0, "middle": n // 2, "last": n}[where]
     assert torch.equal(out[:, i], enc.cls.expand(3, 1, 8)[:, 0]) and torch.equal(enc.pool(out), out[:, i])
@@ -125,7 +125,8 @@ def test_time_scan_is_a_transpose_of_freq_scan():
     f, t = time.grid
     x = torch.randn(1, 40, 32)
     order = [fi * t + ti for ti in range(t) for fi in range(f)]
-    assert torch.equal(time(x), freq(x)[:, order])
+    assert torch.equal(time(x).x, freq(x).x[:, order])
+    assert time(x).layout.grid == (1, t, f) and freq(x).layout.grid == (1, f, t)
 
 
 @pytest.mark.parametrize("tokens", ["patch", "frame"])
@@ -137,7 +138,7 @@ def test_model_trained_on_1s_runs_on_3s(tokens):
     long = AudioEncoderConfig(**{**enc, "frames": 300})
     feats = AudioTransform(long, train=False)({"wav": encode(tone(3.0, 16000), 16000)})
     assert feats.shape == (300, 64)
-    assert model.encoder(feats[None]).shape[1] == (1 + 5 * 29 if tokens == "patch" else 1 + 75)  # class + grid
+    assert model.encoder(feats[None]).x.shape[1] == (1 + 5 * 29 if tokens == "patch" else 1 + 75)  # class + grid
     logits = model(feats[None])
     assert logits.shape == (1, 10) and torch.isfinite(logits).all()
 

@@ -12,8 +12,12 @@ from mmeff.encoders.image import ImageEncoder, ImageEncoderConfig, ImageTransfor
 @pytest.mark.parametrize("pool, where", [("cls", "first"), ("cls", "middle"), ("cls", "last"), ("mean", "first")])
 def test_tokens_and_pool(pool, where):
     enc = ImageEncoder(ImageEncoderConfig(image_size=16, patch_size=4, pool=pool, cls_position=where), dim=24)
-    tokens = enc(torch.randn(3, 1, 16, 16))
+    out = enc(torch.randn(3, 1, 16, 16))
+    tokens = out.x
     assert tokens.shape == (3, 16 + (pool == "cls"), 24)
+    # The layout names the 4x4 grid after a leading class token, or none where the class token splits it.
+    cls_first, cls_middle = pool == "cls" and where == "first", pool == "cls" and where == "middle"
+    assert out.layout.grid == (None if cls_middle else (1, 4, 4)) and out.layout.special == int(cls_first)
     assert enc.pool(tokens).shape == (3, 24)
     if pool == "cls":
         i = {"first": 0, "middle": 8, "last": 16}[where]
@@ -23,7 +27,8 @@ def test_tokens_and_pool(pool, where):
 
 def test_position_embedding_interpolates_to_other_sizes():
     enc = ImageEncoder(ImageEncoderConfig(image_size=16, patch_size=4, pool="mean"), dim=24)
-    assert enc(torch.randn(1, 1, 32, 32)).shape == (1, 64, 24)
+    out = enc(torch.randn(1, 1, 32, 32))
+    assert out.x.shape == (1, 64, 24) and out.layout.grid == (1, 8, 8)
 
 
 def test_column_scan_is_a_transpose_of_raster():
@@ -31,7 +36,7 @@ def test_column_scan_is_a_transpose_of_raster():
     column = ImageEncoder(ImageEncoderConfig(image_size=8, patch_size=4, pool="mean", scan="column"), dim=8)
     column.load_state_dict(raster.state_dict())
     x = torch.randn(1, 1, 8, 8)
-    assert torch.equal(column(x)[:, [0, 2, 1, 3]], raster(x))
+    assert torch.equal(column(x).x[:, [0, 2, 1, 3]], raster(x).x)
 
 
 def test_wrong_channels_named():
