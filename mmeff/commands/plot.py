@@ -9,10 +9,15 @@ from pathlib import Path
 from mmeff.commands import command
 from mmeff.config import ConfigError
 
+def _base(column: str) -> str:
+    """A logged column's metric name: 'train/acc_step' -> 'acc', 'val/token_acc' -> 'token_acc'."""
+    return column.rsplit("/", 1)[-1].removesuffix("_step").removesuffix("_epoch")
+
+
 # Panel -> test on a logged column name (Lightning's CSVLogger columns: "train/loss_step", "val/acc", "lr-AdamW", ...).
 PANELS = {
-    "loss": lambda c: "loss" in c or c.endswith(("/bpb", "/ppl")),
-    "accuracy": lambda c: c.endswith(("acc", "/exact", "/bleu", "/f1", "/map")),
+    "loss": lambda c: "loss" in _base(c) or _base(c) in ("bpb", "ppl"),
+    "accuracy": lambda c: _base(c).endswith("acc") or _base(c) in ("exact", "bleu", "f1", "map"),
     "learning rate": lambda c: c.startswith("lr-"),
     "throughput": lambda c: "per_sec" in c or "throughput" in c or c.endswith("/s"),
 }
