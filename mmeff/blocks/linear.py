@@ -142,18 +142,15 @@ class LinearAttention(LinearMixer):
         self.eps = eps
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
-        op = self._global if self.routes.scan == "global" else ops.linear_attention
+        if self.routes.scan == "global":  # the non-causal form: no state to carry, the recurrence options do not apply
+            o = ops.global_linear_attention(q, k, v, kw["scale"], kw["cu_seqlens"], self.normalize, self.eps)
+            return o, None
         if not self.normalize:
-            return op(q, k, v, **kw)
+            return ops.linear_attention(q, k, v, **kw)
         state = kw.pop("initial_state")
         ones = v.new_ones(*v.shape[:-1], 1)
-        o, state = op(q, k, torch.cat([v, ones], -1), initial_state=state, **kw)
+        o, state = ops.linear_attention(q, k, torch.cat([v, ones], -1), initial_state=state, **kw)
         return o[..., :-1] / (o[..., -1:] + self.eps), state
-
-    @staticmethod
-    def _global(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None, cu_seqlens: Tensor | None, **recurrence: Any) -> Recurred:
-        """scan: global: the non-causal form (no state to carry: the recurrence options do not apply)."""
-        return ops.global_linear_attention(q, k, v, scale, cu_seqlens), None
 
 
 @register("retnet")
