@@ -8,7 +8,7 @@ Every op of mmeff.ops runs either its plain-PyTorch reference ("torch") or a fas
 - a fast implementation's name: that one, or a RuntimeError (BackendUnavailable) saying why it cannot run.
 MMEFF_FORCE_REFERENCE=1 in the environment makes every call take the reference, whatever `backend` says.
 Each distinct choice is logged once per process at INFO on the "mmeff.ops" logger, with the reasons the
-faster implementations were passed over.
+faster implementations were passed over (not while torch.compile traces: a logging call breaks the graph).
 
 Eligibility goes through `on_cuda` and `capability` (tests fake a GPU by replacing them) and mmeff's kernels
 are imported through `triton_kernels` only, so that CPU-only use never imports Triton.
