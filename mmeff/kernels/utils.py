@@ -11,6 +11,7 @@ operand is either loaded transposed from memory or computed directly in transpos
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
@@ -149,10 +150,32 @@ def make_chunks(cu_seqlens: Optional[Tensor], batch: int, seqlen: int, size: int
     which must bound all `batch * seqlen` tokens (a bound past them would send the kernels out of bounds).
     Fixed-length layouts are cached per shape, device and stream (they cost host time on every call
     otherwise), except while a CUDA graph is captured: its tensors would hold nothing until a replay."""
+    capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
     if cu_seqlens is None:
-        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if capturing:
             return _build_fixed_chunks(batch, seqlen, size, device)
         return _cached_fixed_chunks(batch, seqlen, size, _device_key(device))
+    if capturing:
+        return _build_packed_chunks(cu_seqlens, batch, seqlen, size, device)
+    # Every layer of a model gets the same cu_seqlens tensor (the token layout's): build its layout once, not once
+    # per layer and pass, each a host sync. Kept while the tensor lives and is not written in place.
+    key = (batch, seqlen, size, _device_key(device), cu_seqlens._version)
+    held = _PACKED.get(id(cu_seqlens))
+    if held is None or held[0]() is not cu_seqlens:
+        held = _PACKED[id(cu_seqlens)] = (weakref.ref(cu_seqlens), {})
+        weakref.finalize(cu_seqlens, _PACKED.pop, id(cu_seqlens), None)
+    if key not in held[1]:
+        held[1][key] = _build_packed_chunks(cu_seqlens, batch, seqlen, size, device)
+    return held[1][key]
+
+
+# Packed layouts by the id of their cu_seqlens tensor, with a weak reference to it: an entry goes with its tensor.
+# (Not a WeakKeyDictionary: its lookups compare tensors with ==, which is elementwise.)
+_PACKED: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _build_packed_chunks(cu_seqlens: Tensor, batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
+    """Chunk layout of the packed sequences of `cu_seqlens` (checked to bound all `batch * seqlen` tokens)."""
     bounds = cu_seqlens.reshape(-1).tolist()  # one host sync: the grids need the chunk count
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     if cu_seqlens.dim() != 1 or not bounds or bounds[0] != 0 or bounds[-1] != batch * seqlen or min(lengths, default=0) < 0:

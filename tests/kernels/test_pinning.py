@@ -105,3 +105,17 @@ def test_packed_bounds_checked(utils, bounds):
         utils.make_chunks(torch.tensor(bounds, dtype=torch.int32), 1, 10, 16, torch.device("cpu"))
     ok = utils.make_chunks(torch.tensor([0, 3, 3, 10], dtype=torch.int32), 1, 10, 16, torch.device("cpu"))
     assert (ok.num_seqs, ok.num_chunks, ok.max_len, ok.offsets.tolist()) == (3, 2, 7, [0, 1, 1])
+
+
+def test_packed_layouts_cached_per_bounds_tensor(utils):
+    # One layout per cu_seqlens tensor (every layer of a model gets the layout's one tensor), rebuilt after an
+    # in-place write and for another chunk size; a new tensor with the same bounds builds its own.
+    cpu = torch.device("cpu")
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    a = utils.make_chunks(cu, 1, 10, 4, cpu)
+    assert utils.make_chunks(cu, 1, 10, 4, cpu) is a and a.num_chunks == 3
+    assert utils.make_chunks(cu, 1, 10, 8, cpu).num_chunks == 2
+    cu[1] = 5
+    b = utils.make_chunks(cu, 1, 10, 4, cpu)
+    assert b is not a and b.cu_seqlens.tolist() == [0, 5, 10] and b.num_chunks == 4
+    assert utils.make_chunks(torch.tensor([0, 5, 10], dtype=torch.int32), 1, 10, 4, cpu) is not b
