@@ -11,6 +11,16 @@ Both runs are bf16 computations of the same function and differ by rounding: the
 autocast against fp32 (CPU, B = 1, T = 512, dim = 256) is off by up to 1.3e-2 (norm) in outputs and most
 gradients (ttt, deltanet), 1.9e-2 / 2.8e-2 (norm / max) in mamba2's dt_bias gradient (a sum over all tokens).
 A kernel bug (a miscompiled build, an unwritten tile) is off by O(1).
+
+A tensor past those tolerances is judged against the fp32 reference (no autocast): it passes if the fast run is
+within ROUNDING times the bf16 reference's own error of it (and within 10x the tolerances of the bf16 reference):
+the tensor is then ill-conditioned in bf16, not wrong, while a bug stays far past both. Packed documents make some
+tensors so. The first token of a document has no past: o = (q.k) v, which RetNet's per-head LayerNorm makes
+scale-invariant; where q.k is near zero (on CPU, T = 512, this layout: q.k/sqrt(K) = 6e-3 against a median of 0.23,
+the norm's input std 3.5e-3 ~ sqrt(eps)) that token's input gradient is set by the rounding of q and k: the
+reference alone, bf16 autocast against fp32, is off by 5.9e-2 / 0.17 in dx and 6.6e-2 / 0.19 in dqkv.weight, nearly
+all of it at that one token (unpacked: 8.6e-3 / 1.0e-2). gated_deltanet's dA_log and dt_bias gradients, sums over
+all tokens: 1.4e-2 / 1.7e-2 packed, 7.5e-3 unpacked.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import mmeff.blocks as blocks
 
 BATCH, LENGTH, DIM = 2, 2048, 512
 NORM_TOL, MAX_TOL = 3e-2, 6e-2
+ROUNDING = 3  # a tensor past the tolerances may be this many times further from fp32 than the bf16 reference is
 SPARSE = {"sliding", "longformer", "sink", "bigbird", "dilated", "block_topk"}
 LINEAR = {"linear_attn", "retnet", "gla", "deltanet", "gated_deltanet", "ttt"}
 # The fast path each mixer must reach on CUDA (mamba / mamba2 / hybrid_heads: mamba-ssm or Triton, either).
@@ -60,11 +71,13 @@ def fast_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
         yield calls
 
 
-def run_block(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
-    """Output, input gradient and parameter gradients of one bf16-autocast forward and backward."""
+def run_block(
+    block: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, bf16: bool = True, **kwargs
+) -> dict[str, torch.Tensor]:
+    """Output, input gradient and parameter gradients of one forward and backward, in bf16 autocast or fp32."""
     block.zero_grad(set_to_none=True)
     leaf = x.detach().clone().requires_grad_()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         out = block(leaf, **kwargs)
     out.float().backward(grad)
     found = {"out": out.detach().float(), "dx": leaf.grad}
@@ -101,8 +114,19 @@ def compare(monkeypatch, block, expect: str | None, **kwargs) -> None:
     assert all(t.isfinite().all() for t in fast.values()), "non-finite values in the fast run"
     found = errors(fast, ref)
     bad = {n: e for n, e in found.items() if e[0] >= NORM_TOL or e[1] >= MAX_TOL}
+    if bad:  # rounding of an ill-conditioned tensor, or a bug? Both runs against the fp32 reference.
+        with monkeypatch.context() as m:
+            m.setenv("MMEFF_FORCE_REFERENCE", "1")
+            m.setattr(torch.backends.cudnn, "allow_tf32", False)  # on by default: the short convs would run in TF32
+            exact = run_block(block, x, grad, bf16=False, **kwargs)
+        own, off = errors(ref, exact), errors(fast, exact)
+        bad = {
+            n: {"vs bf16 ref": e, "vs fp32 ref": off[n], "bf16 ref vs fp32 ref": own[n]}
+            for n, e in bad.items()
+            if not all(o <= ROUNDING * r and f < 10 * t for o, r, f, t in zip(off[n], own[n], e, (NORM_TOL, MAX_TOL)))
+        }
     worst = max(found.items(), key=lambda kv: kv[1][0])
-    assert not bad, f"(norm, max) relative errors past ({NORM_TOL}, {MAX_TOL}): {bad}; worst overall {worst}"
+    assert not bad, f"(norm, max) errors past ({NORM_TOL}, {MAX_TOL}), not bf16 rounding: {bad}; worst overall {worst}"
 
 
 def build(name: str, dim: int, **options) -> torch.nn.Module:

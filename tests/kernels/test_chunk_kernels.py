@@ -71,9 +71,9 @@ def _chunks(kernels, batch, seqlen, size):
 
 @pytest.mark.parametrize("kind", ["scalar_decay", "gla", "gated_delta_rule"])
 def test_packed_sequences(kernels, kind):
-    # Four sequences (one empty, one of a single chunk + 5 steps), states reset at each start.
-    cu_seqlens = torch.tensor([0, 9, 9, 30, 36], dtype=torch.int32)
-    inputs = make_inputs(kind, 1, 36, 2, 16, 16, seed=3, num_states=4)
+    # Five sequences (one empty, one of a single step, one of a single chunk + 5 steps), states reset at each start.
+    cu_seqlens = torch.tensor([0, 9, 9, 10, 31, 37], dtype=torch.int32)
+    inputs = make_inputs(kind, 1, 37, 2, 16, 16, seed=3, num_states=5)
     check(kernels, inputs, TOL[torch.float32], chunk_size=16, cu_seqlens=cu_seqlens)
 
 
