@@ -199,6 +199,8 @@ def chat(args: argparse.Namespace) -> int:
     from mmeff.generate import ASSISTANT, USER, encode_prompt, generate as run
 
     inp, out, err = sys.stdin, sys.stdout, sys.stderr
+    if hasattr(inp, "reconfigure"):  # bytes that are not UTF-8 reach encode_prompt, which names them
+        inp.reconfigure(errors="surrogateescape")
     model, tok = checkpoint.load_lm(args.ckpt)
     sampling = sampling_from_args(args)
     sampling.stop = [*sampling.stop, f"\n{USER}"]

@@ -29,3 +29,15 @@ def test_image_that_is_not_an_image(tmp_path):
     text.write_text("not a picture")
     with pytest.raises(ConfigError, match=f"--image {text}: not an image file"):
         media_sample(cfg, text)
+
+
+def test_non_utf8_chat_line(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = config.parse(LM)
+    export = checkpoint.export(build_model(cfg), cfg, tmp_path / "lm")
+    proc = subprocess.run([sys.executable, "-m", "mmeff", "chat", str(export), "--max-new-tokens", "2"],
+                          input=b"hi \xff\n", capture_output=True, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err and "not UTF-8 text: byte 0xff" in err
