@@ -20,7 +20,11 @@ scale-invariant; where q.k is near zero (on CPU, T = 512, this layout: q.k/sqrt(
 the norm's input std 3.5e-3 ~ sqrt(eps)) that token's input gradient is set by the rounding of q and k: the
 reference alone, bf16 autocast against fp32, is off by 5.9e-2 / 0.17 in dx and 6.6e-2 / 0.19 in dqkv.weight, nearly
 all of it at that one token (unpacked: 8.6e-3 / 1.0e-2). gated_deltanet's dA_log and dt_bias gradients, sums over
-all tokens: 1.4e-2 / 1.7e-2 packed, 7.5e-3 unpacked.
+all tokens: 1.4e-2 / 1.7e-2 packed, 7.5e-3 unpacked; the fast run rounds more than that (its states and score tiles
+are bf16): the reference's recurrence itself run in bf16 (a coarser stand-in for the kernels) moves them by 6.9e-2 /
+8.9e-2 packed (2.2e-2 unpacked), 5x the reference's own error, hence ROUNDING (the H200: 3.6e-2 from the kernels).
+The same stand-in moves retnet-packed's dx by 6.5e-3 only, not the H200's 5.1e-2: the kernels at those shapes and
+documents are checked on their own, well conditioned, by test_kernels_gpu.py::test_packed_block_shapes.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import mmeff.blocks as blocks
 
 BATCH, LENGTH, DIM = 2, 2048, 512
 NORM_TOL, MAX_TOL = 3e-2, 6e-2
-ROUNDING = 3  # a tensor past the tolerances may be this many times further from fp32 than the bf16 reference is
+ROUNDING = 5  # a tensor past the tolerances may be this many times further from fp32 than the bf16 reference is
 SPARSE = {"sliding", "longformer", "sink", "bigbird", "dilated", "block_topk"}
 LINEAR = {"linear_attn", "retnet", "gla", "deltanet", "gated_deltanet", "ttt"}
 # The fast path each mixer must reach on CUDA (mamba / mamba2 / hybrid_heads: mamba-ssm or Triton, either).
