@@ -1,7 +1,8 @@
 """Text generation from any LM checkpoint: prefill the prompt, then decode token by token through each mixer's cache.
 
-A model generates if it has `embed(ids) -> [B, T, D]`, `hidden(x, cache) -> [B, T, D]`, `head(h) -> logits`
-and `new_cache()` (mmeff.tasks.lm.LanguageModel; a captioner adds its image tokens as `prefix_embeds`).
+A model generates if it has `embed(ids) -> [B, T, D]`, `hidden(x, cache, layout) -> [B, T, D]`, `head(h) -> logits`
+and `new_cache()` (mmeff.tasks.lm.LanguageModel; a captioner adds its image tokens as `prefix_embeds`, whose length
+the prefill's layout names as its prefix).
 Prompts of different lengths are grouped by length: each group is prefilled and decoded as one batch with its
 own cache, so every sequence sees exactly the state it would see alone.
 """

@@ -112,7 +112,7 @@ class Scripted(torch.nn.Module):
     def embed(self, ids):
         return ids[..., None].float()
 
-    def hidden(self, x, cache=None):
+    def hidden(self, x, cache=None, layout=None):
         if cache is None:
             return x
         cache[0].offset += x.shape[1]
