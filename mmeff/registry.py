@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -93,6 +94,18 @@ class Registry(Generic[T]):
     def entries(self) -> list[Entry[T]]:
         """Every entry, sorted by name (imports every module of the table)."""
         return [self.entry(name) for name in self.names()]
+
+
+_contract_checked: dict[tuple[int, str], ModuleType] = {}
+
+
+def contract_module(registry: Registry, name: str, contract: type, what: str) -> ModuleType:
+    """The module that registered `name` in `registry`, checked against `contract` on first use."""
+    key = (id(registry), name)
+    if key not in _contract_checked:
+        module = sys.modules[registry.get(name).__module__]
+        _contract_checked[key] = check_contract(module, contract, f"{what} for {name!r}")
+    return _contract_checked[key]
 
 
 def check_contract(module: ModuleType, contract: type, what: str) -> ModuleType:

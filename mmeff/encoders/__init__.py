@@ -6,13 +6,12 @@ whose table names the module) and provides what `EncoderContract` lists.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mmeff.config import ENCODERS
-from mmeff.registry import check_contract
+from mmeff.registry import contract_module
 
 if TYPE_CHECKING:
     from torch import nn
@@ -28,15 +27,9 @@ class EncoderContract(Protocol):
         """Per-sample preprocessing (raw shard sample -> input tensor) for training or evaluation."""
 
 
-_checked: dict[str, ModuleType] = {}
-
-
 def encoder_module(name: str) -> ModuleType:
     """The module of encoder `name`, checked against `EncoderContract`."""
-    if name not in _checked:
-        module = sys.modules[ENCODERS.get(name).__module__]
-        _checked[name] = check_contract(module, EncoderContract, f"encoder (mmeff.encoders.EncoderContract) for encoder.name {name!r}")
-    return _checked[name]
+    return contract_module(ENCODERS, name, EncoderContract, "encoder (mmeff.encoders.EncoderContract) for encoder.name")
 
 
 def build(cfg: Any, dim: int) -> nn.Module:

@@ -6,13 +6,12 @@ table names the module) and provides what `TaskContract` lists; `task_module(nam
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mmeff.config import TASKS, RunConfig
-from mmeff.registry import check_contract
+from mmeff.registry import contract_module
 
 if TYPE_CHECKING:
     from torch import nn
@@ -32,15 +31,9 @@ class TaskContract(Protocol):
         """The per-sample transform (raw shard sample -> tensors) for training or evaluation."""
 
 
-_checked: dict[str, ModuleType] = {}
-
-
 def task_module(name: str) -> ModuleType:
     """The module of task `name`, checked against `TaskContract`."""
-    if name not in _checked:
-        module = sys.modules[TASKS.get(name).__module__]
-        _checked[name] = check_contract(module, TaskContract, f"task (mmeff.tasks.TaskContract) for task.name {name!r}")
-    return _checked[name]
+    return contract_module(TASKS, name, TaskContract, "task (mmeff.tasks.TaskContract) for task.name")
 
 
 def build_model(cfg: RunConfig) -> nn.Module:
