@@ -180,7 +180,7 @@ def _loggers(cfg: RunConfig) -> list[Logger] | bool:
         return False
     if kind == "wandb":
         if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("trainer.logger: 'wandb' needs the wandb package (pip install wandb)")
+            raise ConfigError("trainer.logger: 'wandb' needs the wandb package (pip install 'mmeff[wandb]')")
         from lightning.pytorch.loggers import WandbLogger
 
         return [WandbLogger(name=cfg.name, save_dir=str(cfg.out_dir), offline=True)]
