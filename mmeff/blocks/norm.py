@@ -1,9 +1,10 @@
-"""Normalisation layers."""
+"""Normalisation layers: PyTorch's modules (their parameters and checkpoints), computed by `mmeff.ops.norm`."""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
+from mmeff import ops
 from mmeff.blocks.registry import register
 
 
@@ -14,6 +15,9 @@ class RMSNorm(nn.RMSNorm):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__(dim, eps=eps)
 
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.norm(x, self.weight, None, self.eps, "rms")
+
 
 @register("layernorm", kind="norm")
 class LayerNorm(nn.LayerNorm):
@@ -21,3 +25,6 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__(dim, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.norm(x, self.weight, self.bias, self.eps, "layer")

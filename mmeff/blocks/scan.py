@@ -16,8 +16,8 @@ any tokens after the grid are read last on every route, so each route's state ha
 sequence when it reaches them. Packed documents (`layout.docs`) are scanned each on its own: the
 recurrence restarts at every boundary (`cu_seqlens`), and the reverse route reverses each document.
 
-Routes are stacked along the batch dimension, so the recurrence runs once for all of them, with
-shared weights. Only the order-dependent part of a mixer (short conv + recurrence, `mix`) runs per
+Routes are stacked along the batch dimension (each sequence's routes side by side), so the recurrence runs
+once for all of them, with shared weights. Only the order-dependent part of a mixer (short conv + recurrence, `mix`) runs per
 route; projections, gates and output norms are per token and run once (`project`, `output`).
 """
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmeff import ops
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.ops.varlen import cu_seqlens_from_docs
@@ -89,24 +90,23 @@ class Routes:
         docs = layout.docs
         if len(routes) == 1 and routes[0] is None:
             return fn(streams, layout.cu_seqlens)
-        stacked = [torch.cat([_along(s, r) for r in routes]) for s in streams]
-        cu_seqlens = None if docs is None else cu_seqlens_from_docs(torch.cat([_along(docs, r) for r in routes]))
-        ys = fn(stacked, cu_seqlens).unflatten(0, (len(routes), batch))
-        return torch.stack([_back(ys[i], r) for i, r in enumerate(routes)]).mean(0)
+        # Routes go along the batch, route-minor ([B * R, T]): one gather per stream builds them all, one gathers
+        # the outputs back to token order, with no flipped or permuted copy per route.
+        order = torch.cat([_indices(r, length, streams[0].device) for r in routes])
+        stacked = [s.index_select(1, order).view(batch * len(routes), length, *s.shape[2:]) for s in streams]
+        if docs is not None:
+            docs = docs.index_select(1, order).view(batch * len(routes), length)
+        ys = fn(stacked, None if docs is None else cu_seqlens_from_docs(docs))
+        back = torch.cat([i * length + torch.argsort(o) for i, o in enumerate(order.view(len(routes), length))])
+        ys = ys.reshape(batch, len(routes) * length, *ys.shape[2:]).index_select(1, back)
+        return ys.view(batch, len(routes), length, *ys.shape[2:]).mean(1)
 
 
-def _along(x: Tensor, route: Route) -> Tensor:
-    """`x` [B, T, ...] in the order of `route`."""
+def _indices(route: Route, length: int, device: torch.device) -> Tensor:
+    """The token indices [T] that `route` reads in order."""
     if route is None:
-        return x
-    return x.flip(1) if isinstance(route, str) else x.index_select(1, route)
-
-
-def _back(y: Tensor, route: Route) -> Tensor:
-    """A route's output [B, T, ...] back in token order."""
-    if route is None or isinstance(route, str):
-        return _along(y, route)
-    return y.index_select(1, torch.argsort(route))
+        return torch.arange(length, device=device)
+    return torch.arange(length - 1, -1, -1, device=device) if isinstance(route, str) else route
 
 
 class ScanMixer(nn.Module):
@@ -188,12 +188,7 @@ class GroupedNorm(nn.Module):
         if z is not None and self.gate_first:
             y = y * F.silu(z)
         if self.kind != "none":
-            # PyTorch's norm ops (fp32 statistics inside, fused on CUDA) rather than a chain of elementwise ops.
-            g = y.unflatten(-1, (self.groups, -1))
-            norm = F.rms_norm if self.kind == "rms" else F.layer_norm
-            y = norm(g, g.shape[-1:], eps=self.eps).flatten(-2).to(y.dtype) * self.weight
-            if self.bias is not None:
-                y = y + self.bias
+            y = ops.norm(y, self.weight, self.bias, self.eps, "rms" if self.kind == "rms" else "layer", self.groups)
         if z is not None and not self.gate_first:
             y = y * F.silu(z)
         return y

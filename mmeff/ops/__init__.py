@@ -2,6 +2,7 @@
 
 from mmeff.ops.conv import causal_conv1d
 from mmeff.ops.noncausal import global_linear_attention
+from mmeff.ops.norm import norm
 from mmeff.ops.linear import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention, retention
 from mmeff.ops.recurrence import linear_recurrence
 from mmeff.ops.ssm import selective_scan, ssd
@@ -16,6 +17,7 @@ __all__ = [
     "global_linear_attention",
     "linear_attention",
     "linear_recurrence",
+    "norm",
     "retention",
     "selective_scan",
     "ssd",

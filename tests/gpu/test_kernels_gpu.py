@@ -1,6 +1,6 @@
 """GPU parity of mmeff's Triton kernels (mmeff.kernels) with the PyTorch reference at real sizes: every
 recurrence kind forward and backward, fixed-length and packed (cu_seqlens), the fused recurrent decode kernel,
-the short convolution and the MoE glue. Skipped without CUDA (conftest).
+the short convolution, the norms and the MoE glue. Skipped without CUDA (conftest).
 
 Error per tensor (output, final state, every gradient): ||kernel - reference|| / ||reference|| < 1e-4 with
 fp32 inputs, < 1e-2 with bf16 inputs. The reference is mmeff's PyTorch path (MMEFF_FORCE_REFERENCE=1,
@@ -255,6 +255,42 @@ def test_short_conv(kernels, seed, dtype):
     assert actual[0].dtype == dtype
     errors = {n: norm_error(a.float(), e) for n, a, e in zip(["y", "dx", "dweight", "dbias"], actual, expected)}
     assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
+@pytest.mark.xdist_group("norm")
+@pytest.mark.parametrize(
+    "kind,rows,groups,width,dtype",
+    [
+        ("layer", 65536, 1, 384, torch.float32),  # ViT-S's norms on its fp32 residual stream, 256 images at 224 px
+        ("rms", 16384, 1, 1024, torch.bfloat16),  # the LM's
+        ("rms", 65536, 6, 64, torch.bfloat16),  # a linear mixer's per-head norm (6 heads of 64)
+        ("layer", 4099, 1, 5000, torch.float32),  # a width past one warp's tile, rows not a multiple of the tile
+    ],
+)
+def test_norm(kernels, seed, kind, rows, groups, width, dtype):
+    # mmeff.ops.norm's kernels under bf16 autocast (bf16 output) against the fp32 reference on the same inputs.
+    from mmeff.ops.norm import norm, norm_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(rows, groups * width, device="cuda", generator=gen) * 2 + 0.5).to(dtype)
+    weight = torch.randn(groups * width, device="cuda", generator=gen)
+    bias = torch.randn(groups * width, device="cuda", generator=gen) if kind == "layer" else None
+    dy = torch.randn(rows, groups * width, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def run(fn, upcast):
+        leaves = [(t.float() if upcast else t).detach().clone().requires_grad_() for t in (x, weight, bias) if t is not None]
+        y = fn(*leaves)
+        return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
+
+    def fast(x, weight, bias=None):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return norm(x, weight, bias, 1e-6, kind, groups)
+
+    expected = run(lambda x, w, b=None: norm_reference(x, w, b, 1e-6, kind, groups), upcast=True)
+    actual = run(fast, upcast=False)
+    assert actual[0].dtype == torch.bfloat16 and actual[1].dtype == dtype
+    errors = {n: norm_error(a.float(), e) for n, a, e in zip(["y", "dx", "dweight", "dbias"], actual, expected)}
+    assert all(e < TOL[torch.bfloat16] for e in errors.values()), errors
 
 
 @pytest.mark.xdist_group("moe")

@@ -2,7 +2,7 @@
 
 A fake GPU (mmeff.ops.dispatch.on_cuda true for every tensor, a Hopper capability) makes every fast path
 eligible on this CPU machine, and every fast entry point raises `Reached`: mmeff's Triton kernels (recurrences,
-short conv, MoE glue: all imported through dispatch.triton_kernels), mamba-ssm's loaders, FlexAttention's
+short conv, MoE glue, norms: all imported through dispatch.triton_kernels), mamba-ssm's loaders, FlexAttention's
 compiled call and block masks, torch._grouped_mm, the router's fused half-precision logits. With the switch set
 the ops and mixers run; without it, each op reaches its fast entry point.
 """
@@ -76,6 +76,8 @@ def _op_calls() -> Dict[str, tuple[str, Callable[[], object]]]:
         "moe_combine": ("triton", lambda: grouped.combine(rows, order, inv, torch.rand(3, 2))),
         "moe_swiglu": ("triton", lambda: grouped.activate(_randn(6, 32), gated=True)),
         "router_logits": ("router_logits", lambda: routing.router_logits(rows, w_in[0].t().contiguous())),
+        "norm": ("triton", lambda: ops.norm(rows, None, kind="rms")),
+        "norm_grouped": ("triton", lambda: ops.norm(rows, _randn(16), _randn(16), groups=2)),
     }
 
 

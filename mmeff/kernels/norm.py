@@ -1,0 +1,166 @@
+"""Triton kernels of layer norm and RMS norm over the last dim (mmeff.ops.norm's reference semantics).
+
+    y = (x - mean) * rstd * w + b    (layer norm; RMS norm: mean = 0, no b), rstd = 1 / sqrt(var + eps)
+
+With `groups` > 1 the last dim holds `groups` slices of width N, each normalised on its own with its slice of
+w and b (the per-head norm of the linear mixers). Statistics are fp32; y is written in the dtype asked for
+(under autocast, the autocast dtype: the bf16 that the next matmul reads, where PyTorch's layer_norm writes
+fp32 and the matmul casts it again). The backward recomputes x_hat from the saved mean and rstd and writes dx
+plus per-program partial sums of dw and db, which the host adds up: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mmeff.kernels.utils import empty, sm_count
+
+ROWS = 4  # rows per forward program (a [ROWS, N] tile)
+MAX_WIDTH = 16384  # one row is one register tile
+
+
+def _warps(width: int) -> int:
+    return 1 if width <= 256 else 2 if width <= 1024 else 4 if width <= 4096 else 8
+
+
+@triton.jit
+def _norm_fwd_kernel(x, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_B: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BN)
+    inside = (rows < M)[:, None] & (cols < N)[None, :]
+    off = rows[:, None] * N + cols[None, :]
+    xv = tl.load(x + off, mask=inside, other=0.0).to(tl.float32)
+    if RMS:
+        xc = xv
+    else:
+        mu = tl.sum(xv, axis=1) / N
+        xc = tl.where(inside, xv - mu[:, None], 0.0)
+        tl.store(mean + rows, mu, mask=rows < M)
+    r = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    tl.store(rstd + rows, r, mask=rows < M)
+    out = xc * r[:, None]
+    woff = (rows % G)[:, None] * N + cols[None, :]
+    if HAS_W:
+        out *= tl.load(w + woff, mask=inside, other=0.0).to(tl.float32)
+    if HAS_B:
+        out += tl.load(b + woff, mask=inside, other=0.0).to(tl.float32)
+    tl.store(y + off, out.to(y.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _norm_bwd_kernel(x, w, dy, mean, rstd, dx, dw_part, db_part, M, N, G, rows_per_program,
+                     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    # Program p takes the rows of group p % G among rows [start, start + rows_per_program * G), one at a time,
+    # keeping that group's dw and db partial sums in registers.
+    pid = tl.program_id(0)
+    g = pid % G
+    start = (pid // G).to(tl.int64) * rows_per_program * G + g
+    cols = tl.arange(0, BN)
+    inside = cols < N
+    if HAS_W:
+        wv = tl.load(w + g * N + cols, mask=inside, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BN], dtype=tl.float32)
+    db_acc = tl.zeros([BN], dtype=tl.float32)
+    for i in range(0, rows_per_program):
+        row = start + i * G
+        if row < M:
+            xv = tl.load(x + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+            dyv = tl.load(dy + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+            r = tl.load(rstd + row)
+            if RMS:
+                xhat = xv * r
+            else:
+                xhat = tl.where(inside, (xv - tl.load(mean + row)) * r, 0.0)
+            if HAS_W:
+                dw_acc += dyv * xhat
+                wdy = dyv * wv
+            else:
+                wdy = dyv
+            if HAS_B:
+                db_acc += dyv
+            c1 = tl.sum(xhat * wdy, axis=0) / N
+            if RMS:
+                dxv = (wdy - xhat * c1) * r
+            else:
+                c2 = tl.sum(wdy, axis=0) / N
+                dxv = (wdy - xhat * c1 - c2) * r
+            tl.store(dx + row * N + cols, dxv.to(dx.dtype.element_ty), mask=inside)
+    if HAS_W:
+        tl.store(dw_part + pid * N + cols, dw_acc, mask=inside)
+    if HAS_B:
+        tl.store(db_part + pid * N + cols, db_acc, mask=inside)
+
+
+def unsupported(x: Tensor, width: int) -> str:
+    """Why the kernels cannot take `x` normalised over slices of `width`; "" when they can."""
+    if width > MAX_WIDTH:
+        return f"normalised width {width} > {MAX_WIDTH}"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {x.dtype}"
+    return ""
+
+
+def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool, groups: int,
+             out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """x [M, G * N] contiguous -> (y [M, G * N] in out_dtype, mean [M * G] fp32 (empty for RMS), rstd [M * G] fp32)."""
+    width = x.shape[-1] // groups
+    rows = x.numel() // width
+    y = empty(x.shape, out_dtype, x.device)
+    mean = empty((0 if rms else rows,), torch.float32, x.device)
+    rstd = empty((rows,), torch.float32, x.device)
+    BN = triton.next_power_of_2(width)
+    BR = max(1, min(ROWS, 4096 // BN))
+    _norm_fwd_kernel[(triton.cdiv(rows, BR),)](
+        x, weight, bias, y, mean, rstd, rows, width, groups, eps, RMS=rms, HAS_W=weight is not None,
+        HAS_B=bias is not None, BR=BR, BN=BN, num_warps=_warps(BR * BN),
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+             rms: bool, groups: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """Gradients of x (x's dtype), weight and bias (fp32 sums, cast to their dtypes) from dy [M, G * N]."""
+    width = x.shape[-1] // groups
+    rows = x.numel() // width
+    # About 8 programs per SM, each at least 32 rows: enough to hide latency, few partial sums to add.
+    programs = max(1, min(8 * sm_count(x.device), triton.cdiv(rows, 32)))
+    chunks = max(1, triton.cdiv(programs, groups))
+    per_program = triton.cdiv(triton.cdiv(rows, groups), chunks)
+    grid = chunks * groups
+    dx = empty(x.shape, x.dtype, x.device)
+    dw_part = empty((grid, width), torch.float32, x.device) if weight is not None else None
+    db_part = empty((grid, width), torch.float32, x.device) if bias is not None else None
+    BN = triton.next_power_of_2(width)
+    _norm_bwd_kernel[(grid,)](
+        x, weight, dy, mean, rstd, dx, dw_part, db_part, rows, width, groups, per_program, RMS=rms,
+        HAS_W=weight is not None, HAS_B=bias is not None, BN=BN, num_warps=_warps(BN),
+    )  # fmt: skip
+    # Program p wrote group p % G's partial sums: [chunks, G, N] summed over chunks is [G * N], w's layout.
+    dw = dw_part.view(chunks, -1).sum(0).to(weight.dtype) if weight is not None else None
+    db = db_part.view(chunks, -1).sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
+class Norm(torch.autograd.Function):
+    """Layer / RMS norm over the last dim of x (in `groups` slices), y in `out_dtype`; the kernels above."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,  # type: ignore[override]
+                groups: int, out_dtype: torch.dtype) -> Tensor:  # fmt: skip
+        x2 = x.contiguous()
+        y, mean, rstd = norm_fwd(x2, weight, bias, eps, rms, groups, out_dtype)
+        ctx.save_for_backward(x2, weight, bias, mean, rstd)
+        ctx.rms, ctx.groups = rms, groups
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = norm_bwd(dy.contiguous(), x, weight, bias, mean, rstd, ctx.rms, ctx.groups)
+        return dx, dw, db, None, None, None, None
