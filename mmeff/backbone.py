@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from timm.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmeff.blocks import Cache, Layout, Tokens, build
 from mmeff.config import BackboneConfig, ConfigError, from_dict
@@ -28,10 +29,15 @@ def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
 
 
 class Layer(nn.Module):
-    """One pre-norm residual layer: a token mixer then a channel mixer."""
+    """One pre-norm residual layer: a token mixer then a channel mixer (`checkpoint`: its activations recomputed in
+    the backward instead of kept)."""
 
-    def __init__(self, mixer: nn.Module, ffn: nn.Module | None, norm: str, eps: float, dim: int, drop_path: float) -> None:
+    def __init__(
+        self, mixer: nn.Module, ffn: nn.Module | None, norm: str, eps: float, dim: int, drop_path: float,
+        checkpoint: bool = False,
+    ) -> None:
         super().__init__()
+        self.checkpoint = checkpoint
         self.norm1 = build(norm, dim, eps=eps)
         self.mixer = mixer
         self.norm2 = build(norm, dim, eps=eps) if ffn is not None else None
@@ -39,6 +45,12 @@ class Layer(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, layout: Layout | None = None) -> torch.Tensor:
+        if self.checkpoint and cache is None and torch.is_grad_enabled():
+            # Inside the layer, so that an FSDP unit wrapping it gathers its weights around the recomputation too.
+            return checkpoint(self._forward, x, None, layout, use_reentrant=False)
+        return self._forward(x, cache, layout)
+
+    def _forward(self, x: torch.Tensor, cache: Cache | None, layout: Layout | None) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache, layout=layout))
         if self.ffn is not None:
             x = x + self.drop_path(self.ffn(self.norm2(x)))
@@ -58,7 +70,7 @@ class Backbone(nn.Module):
         self.names = expand_pattern(cfg.pattern, cfg.depth)
         rates = torch.linspace(0, cfg.drop_path, len(self.names)).tolist()
         self.layers = nn.ModuleList(
-            Layer(self._mixer(name), self._ffn(i), cfg.norm, cfg.norm_eps, cfg.dim, rate)
+            Layer(self._mixer(name), self._ffn(i), cfg.norm, cfg.norm_eps, cfg.dim, rate, cfg.checkpoint)
             for i, (name, rate) in enumerate(zip(self.names, rates))
         )
         self.norm = build(cfg.norm, cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()

@@ -57,6 +57,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     strict: bool = False  # True: a corrupt shard or missing key is an error, not a counted skip
     seed: int = 0
+    resampled: bool = False  # train: each rank and worker draws shards with replacement (any shard count), endless
+    samples_per_epoch: int | None = None  # train samples per epoch over all ranks; None: the split's sample count
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
@@ -65,6 +67,8 @@ class DataConfig:
         require(self.num_workers >= 0, "data.num_workers", self.num_workers,
                 "an integer >= 0 (0: load in the main process)")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
+        require(self.samples_per_epoch is None or self.samples_per_epoch >= 1, "data.samples_per_epoch",
+                self.samples_per_epoch, "null (the train split's sample count) or an integer >= 1")
 
 
 @dataclass
@@ -82,6 +86,7 @@ class BackboneConfig:
     mixers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mixer-name options
     drop_path: float = 0.0
     final_norm: bool = True
+    checkpoint: bool = False  # activation checkpointing: each layer's activations are recomputed in the backward
 
     def __post_init__(self) -> None:
         require(self.dim >= 1, "backbone.dim", self.dim, "an integer >= 1")
@@ -98,6 +103,24 @@ class BackboneConfig:
 
 
 LOGGERS = ("auto", "csv", "tensorboard", "wandb", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class FSDPConfig:
+    """`trainer.strategy: fsdp`: FSDP2 (`fully_shard`, one unit per backbone layer) through Lightning's
+    ModelParallelStrategy."""
+
+    param_dtype: str | None = "bfloat16"  # dtype of the gathered parameters in forward/backward; null: as stored
+    reduce_dtype: str | None = "float32"  # dtype of the gradient reduce-scatter; null: param_dtype
+    cpu_offload: bool = False  # keep the sharded parameters, gradients and optimizer state in CPU memory
+    reshard_after_forward: bool = True  # free each layer's gathered parameters after its forward (ZeRO-3)
+    sharded_checkpoint: bool = True  # one file per rank (resumable on any rank count); false: one file on rank 0
+
+    def __post_init__(self) -> None:
+        for key in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, key)
+            require(value is None or value in DTYPES, f"trainer.fsdp.{key}", value, f"null or one of {', '.join(DTYPES)}")
 
 
 @dataclass
@@ -109,7 +132,7 @@ class TrainerConfig:
     precision: str = "32-true"
     accelerator: str = "auto"
     devices: Union[int, str, list[int]] = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | fsdp (mmeff's FSDP2 plan, `fsdp` options) | any Lightning strategy name
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
@@ -121,6 +144,8 @@ class TrainerConfig:
     monitor: str = "val/loss"
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its optimizer step is skipped
     compile: bool = False  # torch.compile the model (in place: checkpoints keep the plain parameter names)
+    checkpoint_every_n_steps: int | None = None  # also rewrite last.ckpt every n optimizer steps (mid-epoch resume)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # options of strategy: fsdp
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,6 +157,8 @@ class TrainerConfig:
         require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, "an integer >= 1")
         require(self.gradient_clip_val is None or self.gradient_clip_val > 0 and math.isfinite(self.gradient_clip_val),
                 "trainer.gradient_clip_val", self.gradient_clip_val, "null or a number > 0")
+        require(self.checkpoint_every_n_steps is None or self.checkpoint_every_n_steps >= 1,
+                "trainer.checkpoint_every_n_steps", self.checkpoint_every_n_steps, "null or an integer >= 1")
         require(self.logger in LOGGERS or "." in self.logger.strip(".") and " " not in self.logger, "trainer.logger",
                 self.logger, f"{' | '.join(LOGGERS)} or a Logger class path (lightning.pytorch.loggers.CSVLogger)")
 

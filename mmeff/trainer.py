@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +20,22 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from safetensors.torch import load_file
 from torch import nn
 
-from mmeff import checkpoint, config as config_mod, lora
+from mmeff import checkpoint, config as config_mod, lora, strategies
 from mmeff.blocks.moe import upcycle_state
 from mmeff.config import ConfigError, RunConfig
 from mmeff.data import ShardDataModule
 from mmeff.data.text import check_shard_tokenizer
 from mmeff.errors import CheckpointError, TrainingError
+from mmeff.strategies import PARTIAL, full_state_dict, is_sharded, is_sharded_checkpoint, local
 from mmeff.tasks import build_model, build_task, transforms
 
 log = logging.getLogger("mmeff")
 
-PARTIAL = ".partial"  # suffix of a checkpoint being written: `.<name>.partial` beside its target
-
-
 def nonfinite_tensors(module: nn.Module) -> list[str]:
-    """Names of the parameters and buffers of `module` holding a NaN or an infinity."""
-    return [n for n, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """Names of the parameters and buffers of `module` holding a NaN or an infinity (this rank's shards only)."""
+    return [
+        n for n, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(local(t)).all())
+    ]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -72,7 +73,7 @@ class RunCheckpoint(ModelCheckpoint):
         if bad:
             log.warning("not checkpointing step %d: %d tensor(s) are not finite, e.g. %s",
                         trainer.global_step, len(bad), bad[0])
-        return not bad
+        return trainer.strategy.reduce_boolean_decision(not bad, all=True)  # sharded: every rank checks its part
 
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
         return super().check_monitor_top_k(trainer, current) and self._finite(trainer)
@@ -103,7 +104,10 @@ class NonFiniteLoss(Callback):
         what = "loss" if loss is not None and not bool(torch.isfinite(loss)) else None
         if what is None and getattr(trainer.precision_plugin, "scaler", None) is None:
             grads = [p.grad for p in task.parameters() if p.grad is not None]
-            if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            if norm is not None and hasattr(norm, "full_tensor"):  # sharded gradients: the norm over all ranks
+                norm = norm.full_tensor()
+            if norm is not None and not bool(torch.isfinite(norm)):
                 what = "gradient"
         if not trainer.strategy.reduce_boolean_decision(what is not None, all=False):  # any rank
             return
@@ -131,23 +135,38 @@ class ExportBest(Callback):
         self.overwrite = overwrite
 
     def on_fit_end(self, trainer: L.Trainer, task: L.LightningModule) -> None:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        model = self._gathered(trainer, task, best) if is_sharded(task.model) else task.model
         if not trainer.is_global_zero:
             return
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if best:
+        if best and not is_sharded(task.model):
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             task.load_state_dict(state)
-        bad = nonfinite_tensors(task)
+        bad = nonfinite_tensors(model)
         if bad:
             raise TrainingError(
                 f"not exporting: {len(bad)} tensor(s) of the {'best' if best else 'last'} weights are not finite "
                 f"(e.g. {bad[0]}); lower optim.lr or check the data"
             )
-        model, cfg = lora.merged(task.model, self.cfg)  # LoRA adapters folded into plain weights
+        model, cfg = lora.merged(model, self.cfg)  # LoRA adapters folded into plain weights
         out = cfg.out_dir / "export"
         _check_export_free(out, self.overwrite)
         path = checkpoint.export(model, cfg, out, extra=getattr(task, "export_files", None))
         print(f"exported {'best' if best else 'last'} weights to {path}")
+
+    def _gathered(self, trainer: L.Trainer, task: L.LightningModule, best: str) -> nn.Module:
+        """A plain copy of the sharded model (its best checkpoint's weights where there is one), built on rank 0 from
+        the full weights that every rank helps gather; other ranks get the sharded model back."""
+        if best:
+            trainer.strategy.load_checkpoint(best)  # every rank reads its shards of the best weights
+        state = full_state_dict(task.model)
+        if not trainer.is_global_zero:
+            return task.model
+        model = build_model(self.cfg)
+        if self.cfg.lora:
+            lora.apply(model, self.cfg.lora)
+        model.load_state_dict(state)
+        return model
 
 
 class EvalSkips(Callback):
@@ -215,13 +234,14 @@ def build_trainer(cfg: RunConfig, fitting: bool = True, overwrite: bool = False)
     """
     t = cfg.trainer
     loggers = t.kwargs.get("logger", _loggers(cfg))
+    strategy: Any = strategies.FSDP(t.fsdp) if t.strategy == "fsdp" else t.strategy
     options: dict[str, Any] = dict(
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
         precision=t.precision,
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=strategy,
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
@@ -258,6 +278,9 @@ def _fit_callbacks(cfg: RunConfig, overwrite: bool, logging_on: bool) -> list[Ca
         filename="{epoch}-{step}",
     )
     callbacks: list[Callback] = [best, NonFiniteLoss(t.on_nonfinite), ExportBest(cfg, overwrite)]
+    if t.checkpoint_every_n_steps:  # mid-epoch resume points; the data stream resumes where they were written
+        callbacks.insert(1, RunCheckpoint(dirpath=folder, filename="last", enable_version_counter=False,
+                                          every_n_train_steps=t.checkpoint_every_n_steps))
     if has_val:
         # Lightning's save_last copies a checkpoint only when `best` writes one (a new best), so --resume
         # would lose the epochs since; this one rewrites last.ckpt after every epoch.
@@ -268,9 +291,11 @@ def _fit_callbacks(cfg: RunConfig, overwrite: bool, logging_on: bool) -> list[Ca
 
 
 def _unreadable(path: Path) -> str | None:
-    """Why checkpoint `path` cannot be loaded, or None when it loads."""
+    """Why checkpoint `path` (a file, or a sharded checkpoint's folder) cannot be loaded, or None when it loads."""
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        return "a folder without the .metadata and meta.pt files of a sharded checkpoint"
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure to read means "not a resume point"
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
@@ -281,7 +306,7 @@ def _resume_path(cfg: RunConfig, resume: str | None) -> str | None:
     if resume is None:
         return None
     path = cfg.out_dir if resume == "last" else Path(resume)
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         why = _unreadable(path)
         if why:
             raise CheckpointError(f"--resume {resume}: {path} cannot be loaded ({why})")
@@ -315,9 +340,12 @@ def _check_export_free(export: Path, overwrite: bool) -> None:
 
 
 def _remove_partial_checkpoints(folder: Path) -> None:
-    """Delete the half-written checkpoints a killed run left (never a complete one)."""
+    """Delete the half-written checkpoints (files or sharded folders) a killed run left (never a complete one)."""
     for stale in folder.glob(f".*.ckpt{PARTIAL}"):
-        stale.unlink(missing_ok=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def fit(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> L.Trainer:

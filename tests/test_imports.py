@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data", "generate", "diffusion_sampling", "hub"),  # shards, samplers and the Hub mixin use the tokenizers
     ("tasks", "hub"),  # hub: the base class of the task models (from_pretrained / save_pretrained)
     ("checkpoint", "convert", "export"),  # rebuilding a model needs the task registry
-    ("trainer", "serve"),
+    ("trainer", "serve", "strategies"),
     ("commands", "cli", "__main__", "__init__"),  # the command line and the package facade (lazy attributes)
 ]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}

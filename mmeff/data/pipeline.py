@@ -1,4 +1,5 @@
-"""Loading shards: per-rank and per-worker shard splits, skip counting, and a Lightning DataModule."""
+"""Loading shards: per-rank and per-worker shard splits (or resampled shards), equal batch counts on every rank,
+mid-epoch resume, skip counting, and a Lightning DataModule."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import itertools
 import logging
 import math
 import os
+import random
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -55,7 +57,12 @@ class SkipCounter:
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches of a shard list: endless and shuffled for train (fixed length), one pass for eval."""
+    """One rank's batches of a shard list: endless and shuffled for train (fixed length, the same on every rank), one
+    pass for eval (`equal`: padded with repeated batches to the longest rank's count, for sharded models).
+
+    `resampled`: train shards are drawn with replacement by each rank and worker instead of split among them.
+    `skip`: batches this rank already took in the first epoch iterated (a mid-epoch resume); they are not repeated.
+    """
 
     def __init__(
         self,
@@ -71,20 +78,36 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         epoch: int = 0,
         strict: bool = False,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        equal: bool = False,
+        skip: int = 0,
     ) -> None:
         super().__init__()
         self.shards, self.sizes = shards, dict(zip(shards, sizes))
         self.transform, self.batch_size, self.train = transform, batch_size, train
-        self.world_size, self.rank = world_size, rank
+        self.world_size, self.rank, self.workers = world_size, rank, max(1, workers)
         self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, epoch
+        self.resampled, self.skip = resampled, skip
         self.counter = SkipCounter(strict)
         if train:
-            self.length = max(1, sum(sizes) // (world_size * batch_size))
+            self.length = max(1, (samples_per_epoch or sum(sizes)) // (world_size * batch_size))
         else:
-            # Each worker batches its own shards, so each ends with its own partial batch.
-            mine, workers = shards[rank::world_size], max(1, workers)
-            per_worker = [sum(self.sizes[s] for s in mine[w::workers]) for w in range(workers)]
-            self.length = sum(math.ceil(n / batch_size) for n in per_worker)
+            lengths = [self._eval_length(r) for r in range(world_size)]
+            self.length = max(lengths) if equal else lengths[rank]
+            self.padding = self.length - lengths[rank]
+            if self.padding:
+                logger.warning(
+                    "eval: rank %d repeats %d batch(es) to match the other ranks' %d (a sharded model needs every "
+                    "rank in each step); write shards of equal size, as many as ranks, to avoid it",
+                    rank, self.padding, self.length,
+                )
+
+    def _eval_length(self, rank: int) -> int:
+        """Eval batches of `rank`: each worker batches its own shards, so each ends with its own partial batch."""
+        mine = self.shards[rank :: self.world_size]
+        workers = min(self.workers, len(mine)) or 1
+        return sum(math.ceil(sum(self.sizes[s] for s in mine[w::workers]) / self.batch_size) for w in range(workers))
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (all workers together)."""
@@ -94,19 +117,24 @@ class ShardStream(IterableDataset):
         """One epoch of batches (in a DataLoader worker: that worker's share)."""
         # Counted here, eagerly: with persistent workers each worker's copy counts the same epochs.
         epoch, self.epoch = self.epoch, self.epoch + 1
-        return self._epoch(epoch)
+        skip, self.skip = self.skip, 0
+        return self._epoch(epoch, skip)
 
-    def _epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def _epoch(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
         _, _, worker, workers = wds.utils.pytorch_worker_info()
         # Same order on every rank (seeded by epoch); the rank is explicit because wds.split_by_node
         # reads it from the environment / torch.distributed, which make_loader's callers need not set up.
         order = wds.SimpleShardList(self.shards, seed=self.seed + epoch if self.train else None)
         urls = [s["url"] for s in wds.split_by_worker(itertools.islice(order, self.rank, None, self.world_size))]
-        batches = wds.batched(self.batch_size, collation_fn=self._collate)(self._samples(urls, epoch, worker))
         if not self.train:
-            yield from batches
+            yield from self._eval_batches(urls, worker)
             return
+        # The DataLoader takes batch i from worker i % workers: the first `skip` batches were these workers' first.
         quota = self.length // workers + (worker < self.length % workers)
+        skipped = skip // workers + (worker < skip % workers)
+        quota -= skipped
+        samples = self._samples(urls, epoch, worker, skipped * self.batch_size)
+        batches = wds.batched(self.batch_size, collation_fn=self._collate)(samples)
         done = 0
         for batch in itertools.islice(batches, quota):
             done += 1
@@ -117,21 +145,40 @@ class ShardStream(IterableDataset):
                 f"{urls} after {done} of {quota} batches (every shard or sample was skipped)"
             )
 
-    def _samples(self, urls: list[str], epoch: int, worker: int) -> Iterator[dict[str, Any]]:
-        """Transformed samples of `urls`: one pass for eval, shuffled passes without end for train."""
-        if not urls:
+    def _eval_batches(self, urls: list[str], worker: int) -> Iterator[dict[str, Any]]:
+        """One pass of `urls` in batches; worker 0 then repeats its first batch `padding` times (flagged `_pad`)."""
+        first = None
+        for batch in wds.batched(self.batch_size, collation_fn=self._collate)(self._samples(urls, 0, worker)):
+            first = batch if first is None else first
+            yield batch
+        if worker == 0 and self.padding:
+            if first is None:  # this rank has no shard of its own: pad with the split's first samples
+                first = next(iter(wds.batched(self.batch_size, collation_fn=self._collate)(
+                    self._samples(self.shards[:1], 0, worker))))
+            for _ in range(self.padding):
+                yield {**first, "_skipped": 0, "_pad": True}
+
+    def _samples(self, urls: list[str], epoch: int, worker: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """Transformed samples of `urls`: one pass for eval, shuffled passes without end for train (`resampled`:
+        shards drawn with replacement from all of them); the first `skip` samples are read but not transformed."""
+        if not urls and not (self.train and self.resampled):
             return
         for n in itertools.count() if self.train else range(1):
+            seed = wds.utils.make_seed(self.seed, epoch, self.rank, worker, n)
+            if self.train and self.resampled:
+                urls = random.Random(seed).choices(self.shards, k=max(1, len(self.shards) // self.world_size))
             stages: list[Any] = [wds.SimpleShardList(urls), self._read]
             if self.train:
-                seed = wds.utils.make_seed(self.seed, epoch, self.rank, worker, n)
                 stages.append(wds.shuffle(self.shuffle_buffer, seed=seed))
-            stages.append(self._apply)
-            produced = 0
-            for sample in wds.DataPipeline(*stages):
-                produced += 1
-                yield sample
-            if not produced:  # everything was skipped: stop rather than loop forever
+            produced = passed = 0
+            for raw in wds.DataPipeline(*stages):
+                if skip:
+                    skip, passed = skip - 1, passed + 1
+                    continue
+                for sample in self._apply([raw]):
+                    produced += 1
+                    yield sample
+            if not produced and not passed:  # everything was skipped: stop rather than loop forever
                 return
 
     def _read(self, shards: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
@@ -189,16 +236,19 @@ def make_loader(
     world_size: int = 1,
     rank: int = 0,
     epoch: int = 0,
+    skip: int = 0,
+    equal: bool = False,
 ) -> DataLoader:
-    """A DataLoader of `split`'s batches for one rank (`epoch`: the first epoch's number, for the shard order)."""
+    """A DataLoader of `split`'s batches for one rank (`epoch`: the first epoch's number, for the shard order; `skip`:
+    batches of it already trained on; `equal`: eval padded to the same batch count on every rank)."""
     shards = find_shards(cfg, split)
     workers = cfg.num_workers
-    if train and len(shards) < world_size * max(1, workers):
+    if train and not cfg.resampled and len(shards) < world_size * max(1, workers):
         raise ConfigError(
             f"data.num_workers: {split} split: {len(shards)} shard(s) cannot feed {world_size} rank(s) x "
             f"{max(1, workers)} "
             f"loader worker(s); write at least {world_size * max(1, workers)} shards (smaller maxcount) "
-            "or use fewer workers"
+            "or use fewer workers (or data.resampled: true)"
         )
     if not train and len(shards[rank::world_size]) < workers:
         mine = len(shards[rank::world_size])
@@ -214,11 +264,15 @@ def make_loader(
         train,
         world_size,
         rank,
-        workers,
+        cfg.num_workers,
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
         epoch=epoch,
         strict=cfg.strict,
+        resampled=cfg.resampled,
+        samples_per_epoch=cfg.samples_per_epoch,
+        equal=equal,
+        skip=skip,
     )
     # Persistent workers keep their dataset copy, whose epoch counter sets each epoch's shard order.
     return DataLoader(
@@ -282,6 +336,39 @@ class ShardDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.train_transform = train_transform
         self.eval_transform = eval_transform
+        self.resume: dict[str, int] = {}  # where the checkpoint being resumed stopped in its epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in its epoch (saved in each checkpoint): the epoch, its batches done, the data layout."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": done, **self._layout()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Keep the resumed checkpoint's position; the next train loader starts after its batches."""
+        self.resume = dict(state)
+
+    def _layout(self) -> dict[str, int]:
+        assert self.trainer is not None
+        return {"world_size": self.trainer.world_size, "num_workers": self.cfg.num_workers,
+                "batch_size": self.cfg.batch_size}
+
+    def _skip(self, epoch: int) -> int:
+        """Batches of `epoch` that the resumed checkpoint had trained on (0 when it stopped at an epoch's end)."""
+        state, self.resume = self.resume, {}
+        if not state or state.get("epoch") != epoch or not state.get("batches"):
+            return 0
+        if {k: state.get(k) for k in self._layout()} != self._layout():
+            logger.warning(
+                "resume: the checkpoint stopped after %d batches of epoch %d with %s; this run has %s, so the data "
+                "of epoch %d starts over", state["batches"], epoch, {k: state.get(k) for k in self._layout()},
+                self._layout(), epoch,
+            )
+            return 0
+        logger.info("resume: skipping the %d batches of epoch %d that were trained on", state["batches"], epoch)
+        return state["batches"]
 
     def prepare_data(self) -> None:
         """Write `cfg.source`'s shards into `cfg.root` when it has no train shards yet (once per node)."""
@@ -296,11 +383,14 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         trainer = self.trainer
         if trainer is None:
-            world_size, rank, epoch = 1, 0, 0
-        else:
-            world_size, rank, epoch = trainer.world_size, trainer.global_rank, trainer.current_epoch
-        transform = self.train_transform if train else self.eval_transform
-        return make_loader(self.cfg, split, transform, train, world_size, rank, epoch=epoch)
+            return make_loader(self.cfg, split, self.train_transform if train else self.eval_transform, train)
+        epoch = trainer.current_epoch
+        return make_loader(
+            self.cfg, split, self.train_transform if train else self.eval_transform, train, trainer.world_size,
+            trainer.global_rank, epoch=epoch, skip=self._skip(epoch) if train else 0,
+            # A sharded model (mmeff.strategies.FSDP) gathers weights in every step: every rank must take as many.
+            equal=hasattr(trainer.strategy, "shard"),
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Endless shuffled train batches, a fixed number per epoch on every rank."""

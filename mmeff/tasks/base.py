@@ -62,6 +62,12 @@ class TaskModule(L.LightningModule):
         self.skipped = 0
         set_trainable(model, cfg.freeze, cfg.train)
 
+    def configure_model(self) -> None:
+        """Lightning's hook for sharding: a strategy with a `shard` method (mmeff.strategies.FSDP) shards the model."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self.model)
+
     def step(self, batch: dict, stage: str) -> torch.Tensor:
         """The task's loss on `batch`, logging its metrics under `stage/`; each task defines it."""
         raise NotImplementedError
