@@ -1,0 +1,14 @@
+"""One rank of a two-process world on 127.0.0.1 (the test sets LOCAL_RANK, MASTER_ADDR, MASTER_PORT): runs the
+`mmeff.trainer.fit` jobs given as JSON [{"config": PATH, "overrides": [...], "resume": ...}] one after another."""
+
+import json
+import sys
+
+import torch
+
+from mmeff import config, trainer
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # two ranks on two cores
+    for job in json.loads(sys.argv[1]):
+        trainer.fit(config.load(job["config"], job.get("overrides", [])), resume=job.get("resume"), overwrite=True)
