@@ -1,8 +1,10 @@
-"""CUDA timing shared by the benchmark scripts."""
+"""Timing and device ceilings shared by the benchmark scripts."""
 
 from __future__ import annotations
 
+import re
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -23,3 +25,40 @@ def cuda_median_ms(step: Callable[[], None], warmup: int, iters: int) -> tuple[f
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> tuple[float, float | None]:
+    """Median milliseconds of `fn` after `warmup` calls, and the peak GiB allocated by those calls (CUDA only)."""
+    if device.type == "cuda":
+        return cuda_median_ms(fn, warmup, reps)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), None
+
+
+def matmul_rate(device: torch.device, n: int) -> float:
+    """FLOP/s of an n x n x n matmul on `device` (bf16 on CUDA, fp32 on the CPU): the rate the floors are counted at."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms, _ = median_ms(lambda: torch.mm(a, b), device, 3, 10)
+    return 2 * n**3 / (ms / 1e3)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of a device-to-device copy of `nbytes` (bytes read plus bytes written): the rate byte floors use."""
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms, _ = median_ms(lambda: dst.copy_(src), device, 3, 10)
+    return 2 * src.numel() * 4 / (ms / 1e3)
+
+
+def device_tag(device: torch.device) -> str:
+    """'h200' for an NVIDIA H200, 'cpu' on the CPU."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]", "", torch.cuda.get_device_name(device).split()[-1].lower())

@@ -42,8 +42,6 @@ import gc
 import inspect
 import json
 import os
-import re
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -58,7 +56,7 @@ from torch import nn
 from mmeff import config
 from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
-from timing import cuda_median_ms  # benchmarks/timing.py, beside this script
+from timing import device_tag, matmul_rate, median_ms  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
@@ -220,28 +218,6 @@ def train_step(model: nn.Module, inputs: torch.Tensor, classes: int) -> Callable
     return step
 
 
-def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> tuple[float, float | None]:
-    """Median milliseconds of `fn` after `warmup` calls, and the peak GiB allocated by those calls (CUDA only)."""
-    if device.type == "cuda":
-        return cuda_median_ms(fn, warmup, reps)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), None
-
-
-def matmul_rate(device: torch.device, n: int) -> float:
-    """FLOP/s of an n x n x n matmul on `device` (bf16 on CUDA, fp32 on the CPU): the rate the floors are counted at."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    ms, _ = median_ms(lambda: torch.mm(a, b), device, 3, 10)
-    return 2 * n**3 / (ms / 1e3)
-
-
 def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """One record: build, count FLOPs, (compile,) time; errors and OOM become the record's note."""
     tokens = audio_grid(shape)[0] * audio_grid(shape)[1] if px == "audio" else (px // shape.patch) ** 2
@@ -383,13 +359,6 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=110)
     os.replace(path.with_name(path.name + ".tmp.png"), path)
     plt.close(fig)
-
-
-def device_tag(device: torch.device) -> str:
-    """'h200' for an NVIDIA H200, 'cpu' on the CPU."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]", "", torch.cuda.get_device_name(device).split()[-1].lower())
 
 
 def select(names: list[str] | None) -> list[str]:

@@ -1,0 +1,83 @@
+"""The text LM benchmark scripts at tiny sizes on the CPU, and the GPU run configs they time."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmeff import config
+
+ROOT = Path(__file__).parents[2]
+BENCHMARKS = ROOT / "benchmarks"
+GPU_CONFIGS = sorted((ROOT / "configs" / "text").glob("gpu_150m_*.yaml"))
+TINY = {"backbone.dim": 64, "backbone.depth": 2, "backbone.ffn_options.hidden": 176, "encoder.seq_len": 32,
+        "data.batch_size": 2, "data.eval_batch_size": 2, "data.num_workers": 0, "trainer.accelerator": "cpu",
+        "trainer.precision": "32-true", "trainer.logger": "csv", "trainer.enable_progress_bar": False,
+        "trainer.kwargs.limit_val_batches": 2}  # fmt: skip
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """Run benchmarks/<name>.py's main() with `argv`."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def run(name: str, *argv: str) -> None:
+        module = __import__(name)
+        monkeypatch.setattr(sys, "argv", [name, *argv])
+        module.main()
+
+    return run
+
+
+def test_gpu_configs_parse_as_the_benchmark_model():
+    assert [p.stem for p in GPU_CONFIGS] == ["gpu_150m_attn", "gpu_150m_gated_deltanet", "gpu_150m_gla", "gpu_150m_mamba2"]
+    for path in GPU_CONFIGS:
+        cfg = config.load(path)
+        mixer = path.stem.removeprefix("gpu_150m_")
+        assert cfg.backbone.pattern == [mixer] and cfg.backbone.dim == 1024 and cfg.backbone.depth == 12
+        assert cfg.backbone.ffn == "swiglu" and cfg.backbone.ffn_options == {"hidden": 2736}
+        assert cfg.encoder.tokenizer == "byte" and cfg.encoder.seq_len == 4096 and cfg.data.batch_size == 4
+        assert cfg.trainer.precision == "bf16-mixed" and cfg.data.source is None  # on demand it would pack 256-token rows
+
+
+def test_lm_train_speed_cpu_smoke_writes_every_field(script, tmp_path):
+    script("lm_train_speed", "--device", "cpu", "--rows", "attn", "hf_llama", "gla", "fla_gla", "gla_moe",
+           "--warmup", "0", "--iters", "1", "--out", str(tmp_path / "lm"))  # fmt: skip
+    records = {r["row"]: r for r in json.loads((tmp_path / "lm.json").read_text())["records"]}
+    assert list(records) == ["attn", "hf_llama", "gla", "fla_gla", "gla_moe"]
+    pytest.importorskip("transformers")
+    for row in ("attn", "hf_llama", "gla", "gla_moe"):
+        r = records[row]
+        assert "note" not in r, r["note"]
+        assert (r["T"], r["B"]) == (64, 2) and r["tok_s"] > 0 and r["ms"] > 0 and r["peak_gib"] is None
+        assert r["floor_ms"] == pytest.approx(r["floor_matmul_ms"] + r["floor_mixer_ms"] + r["floor_optimizer_ms"])
+        assert 0 < r["mfu"] and r["vs_attn"] == pytest.approx(r["tok_s"] / records["attn"]["tok_s"])
+    assert records["attn"]["vs_peer"] == pytest.approx(records["attn"]["tok_s"] / records["hf_llama"]["tok_s"])
+    assert records["hf_llama"]["peer_of"] == "attn" and records["attn"]["params_m"] == pytest.approx(records["hf_llama"]["params_m"])
+    assert records["gla_moe"]["vs_dense"] == pytest.approx(records["gla_moe"]["tok_s"] / records["gla"]["tok_s"])
+    # 8 experts, top-2, each half the dense width: the active parameters are the dense twin's (+ the router).
+    assert records["gla_moe"]["active_params_m"] == pytest.approx(records["gla"]["params_m"], rel=0.02)
+    if "note" in records["fla_gla"]:  # no fla (or no GPU for its kernels): said, not crashed
+        assert records["fla_gla"]["note"].startswith(("skipped:", "refused:"))
+    assert "| gla_moe | 0 | no | 2 |" in (tmp_path / "lm.md").read_text()
+
+
+def test_lm_fit_speed_cpu_smoke_says_where_the_time_goes(script, tmp_path):
+    from mmeff.data import build_shards
+
+    build_shards(None, tmp_path / "docs", source="python-docs", seq_len=32, max_docs=20, val=0.2, test=0.1, maxcount=500)
+    sets = [a for k, v in {**TINY, "data.root": tmp_path / "docs"}.items() for a in ("--set", f"{k}={v}")]
+    script("lm_fit_speed", str(ROOT / "configs/text/gpu_150m_gla.yaml"), *sets, "--steps", "4", "--skip", "1",
+           "--val-every", "2", "--variants", "fit", "no_clipping", "--warmup", "0", "--iters", "1",
+           "--run-root", str(tmp_path / "runs"), "--out", str(tmp_path / "fit"))  # fmt: skip
+    (record,) = json.loads((tmp_path / "fit.json").read_text())["records"]
+    assert record["bare"]["tokens_per_step"] == 2 * 32 and record["bare"]["fused"]["tok_s"] > 0
+    fit = record["fits"]["fit"]
+    assert fit["steps"] == 3 and fit["validations"] == 2 and fit["tok_s"] <= fit["train_tok_s"]
+    assert set(record["fits"]) == {"fit", "no_clipping"} and record["of_bare"] > 0
+    gap = {g["item"].split(" (")[0]: g["ms_per_step"] for g in record["gap"]}
+    assert sum(gap.values()) == pytest.approx(fit["ms"] - record["bare"]["fused"]["ms"])
+    assert {"gradient clipping", "validation", "checkpointing after validation"} <= set(gap)
+    assert (tmp_path / "runs" / "gpu_150m_gla" / "fit" / "checkpoints" / "last.ckpt").is_file()  # checkpointing was on
+    assert "Where the difference goes" in (tmp_path / "fit.md").read_text()
