@@ -34,7 +34,6 @@ Records merge into `--out`.{md,json} (default benchmarks/results/lm_fit_speed_<d
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -50,7 +49,6 @@ from unittest import mock
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import mmeff.trainer
@@ -60,7 +58,8 @@ from mmeff.data.pipeline import find_shards, make_loader
 from mmeff.encoders.text import load_tokenizer
 from mmeff.tasks import build_model, transforms
 from mmeff.tasks.base import param_groups
-from timing import device_tag, median_ms  # benchmarks/timing.py, beside this script
+from lm_train_speed import train_step  # the step lm_train_speed.py times, beside this script
+from timing import device_tag, free, median_ms  # benchmarks/timing.py, beside this script
 
 FIT_VARIANTS = {
     "fit": [],
@@ -104,22 +103,8 @@ def bare_step(cfg: config.RunConfig, model: nn.Module, batch: dict[str, torch.Te
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=tuple(o.betas), fused=fused)
     tokens, docs = batch["tokens"], batch["docs"]
-    pad = load_tokenizer(cfg.encoder).pad_id
-    balanced = [m for m in model.modules() if hasattr(m, "aux_loss")]  # MoE blocks leave their balancing loss here
-    device = tokens.device
-
-    def step() -> None:
-        with autocast(cfg, device):
-            logits = model(tokens[:, :-1], docs=docs[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=pad)
-        for m in balanced:
-            if m.aux_loss is not None:
-                loss = loss + m.aux_loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return train_step(model, lambda x, d: model(x, docs=d), tokens, docs[:, :-1], opt, lambda: autocast(cfg, tokens.device),
+                      ignore_index=load_tokenizer(cfg.encoder).pad_id)  # fmt: skip
 
 
 def measure_bare(cfg: config.RunConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -137,14 +122,8 @@ def measure_bare(cfg: config.RunConfig, args: argparse.Namespace) -> dict[str, A
         ms, peak = median_ms(step, device, args.warmup, args.iters)
         out[name] = {"ms": ms, "tok_s": tokens / ms * 1e3, "peak_gib": peak}
         del model, step
-        release(device)
+        free(device)
     return out
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ----- the fit
@@ -209,7 +188,7 @@ def run_fit(cfg: config.RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         trainer = mmeff.trainer.fit(cfg, overwrite=True)
     durations = trainer.profiler.recorded_durations
     del trainer
-    release(device)
+    free(device)
     if clock.start is None:
         raise SystemExit(f"lm_fit_speed: the fit ran {clock.batches} steps, not more than --skip {args.skip}")
     steps = clock.batches - args.skip

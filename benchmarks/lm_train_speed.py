@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import importlib.metadata
 import importlib.util
 import itertools
@@ -69,6 +68,7 @@ import time
 import types
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ from torch import nn
 from mmeff import blocks, config
 from mmeff.encoders.text import ByteTokenizer
 from mmeff.tasks import build_model
-from timing import copy_bandwidth, device_tag, matmul_rate, median_ms  # benchmarks/timing.py, beside this script
+from timing import copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms  # benchmarks/timing.py, beside this script
 
 
 @dataclass(frozen=True)
@@ -237,15 +237,25 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def train_step(model: nn.Module, logits_of: Logits, tokens: torch.Tensor, docs: torch.Tensor | None) -> Callable[[], None]:
-    """One training step on `tokens` [B, T + 1]: forward, next-token loss (+ MoE aux losses), backward, fused AdamW."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+def train_step(
+    model: nn.Module,
+    logits_of: Logits,
+    tokens: torch.Tensor,
+    docs: torch.Tensor | None,
+    opt: torch.optim.Optimizer | None = None,
+    precision: Callable[[], AbstractContextManager] | None = None,
+    ignore_index: int = -100,
+) -> Callable[[], None]:
+    """One training step on `tokens` [B, T + 1]: forward (under `precision`, default bf16 autocast on CUDA), next-token
+    loss (+ MoE aux losses), backward, `opt` (default fused AdamW)."""
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    precision = precision or (lambda: autocast(tokens.device))
     balanced = [m for m in model.modules() if hasattr(m, "aux_loss")]  # MoE blocks leave their balancing loss here
 
     def step() -> None:
-        with autocast(tokens.device):
+        with precision():
             logits = logits_of(tokens[:, :-1], docs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=ignore_index)
         for m in balanced:
             if m.aux_loss is not None:
                 loss = loss + m.aux_loss
@@ -420,14 +430,10 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
     except torch.cuda.OutOfMemoryError:
         record["note"] = "OOM"
     except Exception as e:  # noqa: BLE001  (a row that fails is recorded, the run goes on)
-        lines = str(e).strip().splitlines()
-        why = f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
-        record["note"] = f"refused: {why}" if row in PEERS else why
+        record["note"] = f"refused: {error_note(e)}" if row in PEERS else error_note(e)
     finally:
         del model, step
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free(device)
     return record
 
 

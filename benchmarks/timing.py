@@ -1,7 +1,8 @@
-"""Timing and device ceilings shared by the benchmark scripts."""
+"""Timing, device ceilings and the clean-up between rows, shared by the benchmark scripts."""
 
 from __future__ import annotations
 
+import gc
 import re
 import statistics
 import time
@@ -62,3 +63,16 @@ def device_tag(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]", "", torch.cuda.get_device_name(device).split()[-1].lower())
+
+
+def free(device: torch.device) -> None:
+    """Collect the garbage a finished row left and give its cached CUDA memory back, so the next row starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def error_note(e: BaseException) -> str:
+    """A failed row's note: the exception's type and first line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"

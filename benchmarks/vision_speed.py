@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import inspect
 import json
 import os
@@ -56,7 +55,7 @@ from torch import nn
 from mmeff import config
 from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
-from timing import device_tag, matmul_rate, median_ms  # benchmarks/timing.py, beside this script
+from timing import device_tag, error_note, free, matmul_rate, median_ms  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
@@ -243,13 +242,10 @@ def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, dev
     except torch.cuda.OutOfMemoryError:
         record["note"] = "OOM"
     except Exception as e:  # noqa: BLE001  (a row that fails is recorded, the run goes on)
-        text = str(e).strip().splitlines()
-        record["note"] = f"{type(e).__name__}: {text[0][:160] if text else ''}"
+        record["note"] = error_note(e)
     finally:
         del model, step
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free(device)
     return record
 
 

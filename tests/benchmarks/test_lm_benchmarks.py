@@ -1,7 +1,6 @@
 """The text LM benchmark scripts at tiny sizes on the CPU, and the GPU run configs they time."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,25 +8,11 @@ import pytest
 from mmeff import config
 
 ROOT = Path(__file__).parents[2]
-BENCHMARKS = ROOT / "benchmarks"
 GPU_CONFIGS = sorted((ROOT / "configs" / "text").glob("gpu_150m_*.yaml"))
 TINY = {"backbone.dim": 64, "backbone.depth": 2, "backbone.ffn_options.hidden": 176, "encoder.seq_len": 32,
         "data.batch_size": 2, "data.eval_batch_size": 2, "data.num_workers": 0, "trainer.accelerator": "cpu",
         "trainer.precision": "32-true", "trainer.logger": "csv", "trainer.enable_progress_bar": False,
         "trainer.kwargs.limit_val_batches": 2}  # fmt: skip
-
-
-@pytest.fixture
-def script(monkeypatch):
-    """Run benchmarks/<name>.py's main() with `argv`."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-
-    def run(name: str, *argv: str) -> None:
-        module = __import__(name)
-        monkeypatch.setattr(sys, "argv", [name, *argv])
-        module.main()
-
-    return run
 
 
 def test_gpu_configs_parse_as_the_benchmark_model():

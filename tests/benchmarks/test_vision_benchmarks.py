@@ -1,25 +1,11 @@
 """The vision benchmark scripts at tiny sizes on the CPU: every record they promise, written where they say."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
-
-
-@pytest.fixture
-def script(monkeypatch):
-    """Run benchmarks/<name>.py's main() with `argv`."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-
-    def run(name: str, *argv: str) -> None:
-        module = __import__(name)
-        monkeypatch.setattr(sys, "argv", [name, *argv])
-        module.main()
-
-    return run
 
 
 def test_vision_speed_smoke_writes_every_field(script, tmp_path):
