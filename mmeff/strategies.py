@@ -42,28 +42,8 @@ class FSDP(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, model: nn.Module) -> None:
-        """Apply `fully_shard` to each backbone layer of `model`, then to `model` itself (idempotent)."""
-        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-        if isinstance(model, FSDPModule):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        param, reduce = (getattr(torch, d) if d else None for d in (self.fsdp.param_dtype, self.fsdp.reduce_dtype))
-        options: dict[str, Any] = dict(
-            mesh=mesh,
-            reshard_after_forward=self.fsdp.reshard_after_forward,
-            offload_policy=CPUOffloadPolicy() if self.fsdp.cpu_offload else OffloadPolicy(),
-        )
-        for module in model.modules():
-            if isinstance(module, Layer):
-                fully_shard(module, mp_policy=MixedPrecisionPolicy(param, reduce), **options)
-        # The root's outputs (logits) in float32, so that every task's loss is computed in float32.
-        fully_shard(model, mp_policy=MixedPrecisionPolicy(param, reduce, output_dtype=torch.float32), **options)
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
-        for name in FORWARD_METHODS:
-            if callable(getattr(model, name, None)):
-                register_fsdp_forward_method(model, name)
+        """Shard `model` over the data-parallel ranks (`shard_model`)."""
+        shard_model(model, self.device_mesh["data_parallel"], self.fsdp)
 
     def model_to_device(self) -> None:
         # fully_shard has put every parameter and buffer it manages on its device; moving the module again would
@@ -90,6 +70,34 @@ class FSDP(ModelParallelStrategy):
         if self.is_global_zero:
             replace_folder(tmp, path)
         self.barrier()
+
+
+def shard_model(model: nn.Module, mesh: Any, cfg: FSDPConfig) -> None:
+    """Apply `fully_shard` over `mesh` to each backbone layer of `model`, then to `model` itself (idempotent).
+
+    Inside a unit's forward and backward its parameters are whole plain tensors (FSDP2 gathers them first), so the
+    Triton and grouped-GEMM paths see what they see on one device.
+    """
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method,
+    )
+
+    if isinstance(model, FSDPModule):
+        return
+    param, reduce = (getattr(torch, d) if d else None for d in (cfg.param_dtype, cfg.reduce_dtype))
+    options: dict[str, Any] = dict(
+        mesh=mesh,
+        reshard_after_forward=cfg.reshard_after_forward,
+        offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
+    )
+    for module in model.modules():
+        if isinstance(module, Layer):
+            fully_shard(module, mp_policy=MixedPrecisionPolicy(param, reduce), **options)
+    # The root's outputs (logits) in float32, so that every task's loss is computed in float32.
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(param, reduce, output_dtype=torch.float32), **options)
+    for name in FORWARD_METHODS:
+        if callable(getattr(model, name, None)):
+            register_fsdp_forward_method(model, name)
 
 
 def replace_folder(src: Path, dst: Path) -> None:

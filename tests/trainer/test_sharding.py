@@ -1,0 +1,104 @@
+"""The FSDP2 plan of `trainer.strategy: fsdp` in one process (issue 23): one shard unit per backbone layer in a fake
+two-rank world, and in a one-rank gloo world the mixers with Triton paths and the grouped-GEMM MoE see whole plain
+tensors inside their forward (what their kernels take on one device) and compute what the plain model computes,
+with activation checkpointing; the gathered weights load into a plain model."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
+
+from mmeff import config
+from mmeff.backbone import Backbone
+from mmeff.config import FSDPConfig
+from mmeff.strategies import full_state_dict, shard_model
+from mmeff.tasks import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MIXERS = {  # the mixers with Triton or fused CUDA paths, small
+    "attn": {"heads": 2},
+    "gla": {"heads": 2, "chunk_size": 8},
+    "deltanet": {"heads": 2, "chunk_size": 8},
+    "gated_deltanet": {"heads": 2, "chunk_size": 8},
+    "retnet": {"heads": 2},
+    "mamba2": {"d_state": 8, "head_dim": 16, "chunk_size": 8},
+    "mamba": {"d_state": 4, "chunk_size": 8},
+}
+LM = {
+    "encoder": {"name": "text", "seq_len": 16},
+    "backbone": {"dim": 32, "pattern": ["gla", "attn"], "depth": 4, "mixers": {"gla": {"heads": 2}, "attn": {"heads": 2}}},
+    "task": {"name": "lm"},
+}
+
+
+@pytest.fixture
+def world(request):
+    """A process group of this process alone: `fake` pretends to be rank 0 of 2 (collectives do nothing), `gloo` is a
+    real world of one."""
+    backend, size = request.param
+    if backend == "fake":
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=size)
+    try:
+        yield init_device_mesh("cpu", (size,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [("fake", 2)], indirect=True)
+def test_each_layer_is_a_shard_unit(world):
+    model = build_model(config.parse(LM))
+    shard_model(model, world, FSDPConfig())
+    assert isinstance(model, FSDPModule) and all(isinstance(layer, FSDPModule) for layer in model.backbone.layers)
+    assert model.head.weight is model.encoder.embed.weight  # the tied head stays tied, in the root unit
+    for name, p in model.named_parameters():
+        assert isinstance(p, DTensor) and p.placements == (Shard(0),), name
+        assert p.to_local().shape[0] == (p.shape[0] + 1) // 2, name  # half of the rows on this rank (padded)
+    shard_model(model, world, FSDPConfig())  # a second call (fit, then test) changes nothing
+
+
+@pytest.mark.parametrize("world", [("gloo", 1)], indirect=True)
+def test_mixers_and_moe_compute_on_plain_weights(world):
+    torch.manual_seed(0)
+    cfg = {"dim": 32, "pattern": list(MIXERS), "mixers": MIXERS, "ffn": "moe", "checkpoint": True,
+           "ffn_options": {"num_experts": 4, "top_k": 2, "hidden": 16, "impl": "grouped"}}
+    plain = Backbone(cfg)
+    sharded = copy.deepcopy(plain)
+    # bfloat16 weights, as torch._grouped_mm takes (it runs on CPU too); the plain model computes in bfloat16 too.
+    shard_model(sharded, world, FSDPConfig(param_dtype="bfloat16", reduce_dtype="float32"))
+    for p in plain.parameters():  # weights in bfloat16 as FSDP gathers them; buffers stay float32 as in FSDP
+        p.data = p.data.bfloat16()
+    seen = []
+
+    def check(module, args):
+        seen.extend(type(p).__name__ for p in module.parameters(recurse=False))
+
+    for module in sharded.modules():
+        module.register_forward_pre_hook(check)
+    x = torch.randn(2, 16, 32)
+    y_plain, y = plain(x.bfloat16()), sharded(x)
+    assert y.dtype == torch.float32  # the root's output policy
+    torch.testing.assert_close(y, y_plain.float())
+    y_plain.float().square().mean().backward()
+    y.square().mean().backward()
+    assert seen and set(seen) == {"Parameter"}  # no DTensor reaches a mixer's or expert's own forward
+    grads = dict(plain.named_parameters())
+    for name, p in sharded.named_parameters():
+        assert p.grad.dtype == torch.float32, name  # reduced in float32 onto the float32 shards
+        torch.testing.assert_close(p.grad.full_tensor(), grads[name].grad.float(), msg=name)
+    state = full_state_dict(sharded)
+    assert Backbone(cfg).load_state_dict(state) and not any(isinstance(t, DTensor) for t in state.values())
