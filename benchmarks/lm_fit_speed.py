@@ -117,7 +117,8 @@ def measure_bare(cfg: config.RunConfig, args: argparse.Namespace) -> dict[str, A
     out: dict[str, Any] = {"tokens_per_step": tokens}
     for name, fused in (("fused", True), ("fit_optimizer", None)):
         L.seed_everything(cfg.seed, verbose=False)
-        model = build_model(cfg).to(device)
+        with device:
+            model = build_model(cfg)
         step = bare_step(cfg, model, batch, fused)
         ms, peak = median_ms(step, device, args.warmup, args.iters)
         out[name] = {"ms": ms, "tok_s": tokens / ms * 1e3, "peak_gib": peak}
@@ -226,7 +227,7 @@ def gap(bare: dict[str, Any], fits: dict[str, dict[str, Any]]) -> list[dict[str,
         if variant in fits:
             items.append((what, fit["train_ms"] - fits[variant]["train_ms"]))
     items += [
-        (f"validation ({fit['validations']} runs)", fit["validation_s"] / fit["steps"] * 1e3),
+        (f"validation (runs: {fit['validations']})", fit["validation_s"] / fit["steps"] * 1e3),
         ("checkpointing after validation", fit["checkpoint_s"] / fit["steps"] * 1e3),
         ("waiting for data (profiler: loader next + copy to device)", fit["data_wait_ms"]),
     ]
@@ -238,6 +239,7 @@ def measure(path: str, args: argparse.Namespace, run_root: Path) -> dict[str, An
     """The record of one config: bare steps, fit variants, the gap."""
     base = [*args.set, f"trainer.max_steps={args.steps}", "trainer.max_epochs=null", "trainer.check_val_every_n_epoch=null",
             f"trainer.kwargs.val_check_interval={args.val_every}", "trainer.kwargs.profiler=simple"]  # fmt: skip
+    unvalidated = f"trainer.kwargs.val_check_interval={args.steps + 1}"  # the ablations neither validate nor checkpoint
     cfg = config.load(path, base)
     ensure_shards(cfg)
     device = device_of(cfg)
@@ -250,7 +252,7 @@ def measure(path: str, args: argparse.Namespace, run_root: Path) -> dict[str, An
     print(json.dumps({"config": path, "bare": record["bare"]}), flush=True)
     fits = {}
     for variant in args.variants:
-        overrides = [*base, *FIT_VARIANTS[variant], f"run_dir={run_root / cfg.name / variant}"]
+        overrides = [*base, *FIT_VARIANTS[variant], *([unvalidated] if variant != "fit" else []), f"run_dir={run_root / cfg.name / variant}"]
         fits[variant] = run_fit(config.load(path, overrides), args)
         print(json.dumps({"config": path, variant: {k: v for k, v in fits[variant].items() if k != "profile"}}), flush=True)
     record["fits"] = fits
@@ -306,7 +308,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of each fit")
     p.add_argument("--skip", type=int, default=10, help="first steps of a fit not timed (compilation, loader start)")
-    p.add_argument("--val-every", type=int, default=100, help="validation and checkpoints every this many steps")
+    p.add_argument("--val-every", type=int, help="fit: validation and checkpoints every this many steps (default --steps: once)")
     p.add_argument("--variants", nargs="+", default=list(FIT_VARIANTS), choices=list(FIT_VARIANTS))
     p.add_argument("--warmup", type=int, default=3, help="bare step: untimed steps first")
     p.add_argument("--iters", type=int, default=10, help="bare step: timed steps; the median counts")
@@ -316,6 +318,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch.profilers").setLevel(logging.WARNING)  # its report is kept in the .md instead
     if args.skip < 1 or args.steps <= args.skip:
         raise SystemExit(f"lm_fit_speed: need 1 <= --skip < --steps, got --skip {args.skip} --steps {args.steps}")
+    args.val_every = args.val_every or args.steps
     first = config.load(args.configs[0], args.set)
     out = args.out or Path(__file__).parent / "results" / f"lm_fit_speed_{device_tag(device_of(first))}"
     out = out.with_suffix("") if out.suffix in (".md", ".json") else out
