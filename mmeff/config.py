@@ -95,6 +95,12 @@ class BackboneConfig:
         require(bool(self.pattern), "backbone.pattern", self.pattern, "a non-empty list of token mixers, e.g. [attn]")
         require(0.0 <= self.drop_path < 1.0, "backbone.drop_path", self.drop_path, "a number in [0, 1)")
         require(self.norm_eps > 0 and math.isfinite(self.norm_eps), "backbone.norm_eps", self.norm_eps, "a number > 0")
+        # The recomputation in the backward must route as the forward did; this balancing steps the routing bias in
+        # every forward (mmeff.blocks.moe), so it would not.
+        require(not (self.checkpoint and self.ffn == "moe" and self.ffn_options.get("bias_update_rate", 0) > 0),
+                "backbone.checkpoint", self.checkpoint, "false with backbone.ffn_options.bias_update_rate > 0 (the "
+                "MoE routing bias moves in each forward, so a recomputed layer would route differently); or set "
+                "bias_update_rate: 0")
         used = {item.partition("*")[0].strip() for item in self.pattern}
         for name in self.mixers:
             require(name in used, f"backbone.mixers.{name}", self.mixers[name],

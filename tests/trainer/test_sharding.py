@@ -102,3 +102,34 @@ def test_mixers_and_moe_compute_on_plain_weights(world):
         torch.testing.assert_close(p.grad.full_tensor(), grads[name].grad.float(), msg=name)
     state = full_state_dict(sharded)
     assert Backbone(cfg).load_state_dict(state) and not any(isinstance(t, DTensor) for t in state.values())
+
+
+def test_activation_checkpointing_keeps_outputs_and_gradients():
+    cfg = {"dim": 32, "pattern": ["gla", "attn"], "mixers": {"gla": {"heads": 2}, "attn": {"heads": 2}}}
+    torch.manual_seed(0)
+    plain = Backbone(cfg)
+    checkpointed = Backbone({**cfg, "checkpoint": True})
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 16, 32)
+    for model in (plain, checkpointed):
+        model(x).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_checkpointing_refuses_moe_bias_balancing():
+    moe = {"ffn": "moe", "ffn_options": {"bias_update_rate": 0.1}}
+    with pytest.raises(config.ConfigError, match="backbone.checkpoint: .*bias_update_rate"):
+        Backbone({**moe, "checkpoint": True})
+    Backbone(moe)
+
+
+def test_fsdp_strategy_from_the_config(tiny_config):
+    from mmeff.strategies import FSDP
+    from mmeff.trainer import build_trainer
+
+    cfg = config.load(tiny_config(**{"trainer.strategy": "fsdp", "trainer.fsdp": {"cpu_offload": True}}))
+    strategy = build_trainer(cfg).strategy
+    assert isinstance(strategy, FSDP) and strategy.fsdp.cpu_offload and strategy.fsdp.param_dtype == "bfloat16"
+    with pytest.raises(config.ConfigError, match="trainer.fsdp.param_dtype: got 'bf16'"):
+        config.load(tiny_config(**{"trainer.strategy": "fsdp", "trainer.fsdp": {"param_dtype": "bf16"}}))
