@@ -67,7 +67,8 @@ class LinearMixer(ScanMixer):
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
         self.heads, self.scale = heads, scale
         self.feature = FEATURE_MAPS[feature_map]
-        width = 2 * self.key_dim + self.value_dim
+        self.widths = [self.key_dim, self.key_dim, self.value_dim]
+        width = sum(self.widths)
         self.qkv = nn.Linear(dim, width, bias=bias)
         self.conv = ShortConv(width, conv_size, bias=False) if conv_size else None
         self.gate = nn.Linear(dim, self.value_dim, bias=bias) if gate else None
@@ -91,14 +92,21 @@ class LinearMixer(ScanMixer):
         return cache.get("state") if cache is not None else None
 
     def project(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        return [self.qkv(x), *self.gates(x)], (self.gate(x) if self.gate is not None else None)
+        qkv = self.qkv(x)
+        # Without a short conv, q, k and v travel as three streams: a bidirectional scan's route gathers then
+        # write them contiguous, where splitting one gathered qkv stream would leave the kernels three copies.
+        streams = [qkv] if self.conv is not None else list(qkv.split(self.widths, -1))
+        return [*streams, *self.gates(x)], (self.gate(x) if self.gate is not None else None)
 
     def mix(self, streams: list[torch.Tensor], cache: Cache | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         batch, length = streams[0].shape[:2]
-        qkv, *gates = (packed(s, cu_seqlens) for s in streams)  # packed documents: one row that cu_seqlens bounds
+        streams = [packed(s, cu_seqlens) for s in streams]  # packed documents: one row that cu_seqlens bounds
         if self.conv is not None:
-            qkv = self.conv(qkv, cache, cu_seqlens=cu_seqlens)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in qkv.split([self.key_dim, self.key_dim, self.value_dim], -1))
+            qkv, *gates = streams
+            parts = self.conv(qkv, cache, cu_seqlens=cu_seqlens).split(self.widths, -1)
+        else:
+            parts, gates = streams[:3], streams[3:]
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in parts)
         q, k = self.position_qk(self.feature(q), self.feature(k), cache.offset if cache is not None else 0)
         # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run
         # its fp32 kernels (exact fp32 matmuls, no tensor cores) on bf16 values; the LM's gated_deltanet stalled so.
