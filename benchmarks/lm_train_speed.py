@@ -602,6 +602,7 @@ def main() -> None:
     for T, row, ndocs in itertools.product(args.T or shape.lengths, select(args.rows), args.docs):
         if ndocs and row in PEERS:
             continue
+        print(f"{row}, T {T}, docs {ndocs}: measuring", flush=True)  # a run cut short says which row it was in
         record = {**measure(row, T, ndocs, shape, args, device), **run}
         key = (row, T, ndocs, args.compile)
         records = [r for r in records if (r["row"], r["T"], r["docs"], r["compiled"]) != key] + [record]
