@@ -180,6 +180,7 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.01
     groups: dict[str, float] = field(default_factory=dict)  # name pattern -> lr multiplier
+    fused: bool | None = None  # true: AdamW's fused kernel (one launch a step); null: torch's default (foreach on CUDA)
 
     def __post_init__(self) -> None:
         require(self.lr >= 0 and math.isfinite(self.lr), "optim.lr", self.lr, "a finite number >= 0")

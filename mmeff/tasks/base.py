@@ -105,7 +105,7 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
-        opt = torch.optim.AdamW(param_groups(self.model, self.cfg), lr=o.lr, betas=tuple(o.betas))
+        opt = torch.optim.AdamW(param_groups(self.model, self.cfg), lr=o.lr, betas=tuple(o.betas), fused=o.fused)
         if o.schedule == "constant":
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))

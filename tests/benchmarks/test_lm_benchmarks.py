@@ -24,6 +24,17 @@ def test_gpu_configs_parse_as_the_benchmark_model():
         assert cfg.backbone.ffn == "swiglu" and cfg.backbone.ffn_options == {"hidden": 2736}
         assert cfg.encoder.tokenizer == "byte" and cfg.encoder.seq_len == 4096 and cfg.data.batch_size == 4
         assert cfg.trainer.precision == "bf16-mixed" and cfg.data.source is None  # on demand it would pack 256-token rows
+        assert cfg.optim.fused is True
+
+
+def test_optim_fused_reaches_the_tasks_adamw():
+    from mmeff.tasks import build_model, build_task
+
+    for fused in (True, None):
+        cfg = config.load(GPU_CONFIGS[0], ["backbone.dim=32", "backbone.depth=1", "backbone.mixers.attn.heads=2",
+                                           "optim.schedule=constant", f"optim.fused={'true' if fused else 'null'}"])  # fmt: skip
+        opt = build_task(cfg, build_model(cfg)).configure_optimizers()
+        assert opt.defaults["fused"] is fused
 
 
 def test_lm_train_speed_cpu_smoke_writes_every_field(script, tmp_path):
