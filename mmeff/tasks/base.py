@@ -103,6 +103,20 @@ class TaskModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.step(batch, "test")
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip as Lightning does, also for a fused AdamW under bf16-mixed: Lightning's mixed-precision plugin refuses
+        any optimizer that unscales inside its step, which matters only with fp16's loss scaler; without a scaler
+        (bf16, fp32) the gradients are already unscaled, so they are clipped here directly."""
+        if not gradient_clip_val or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
         opt = torch.optim.AdamW(param_groups(self.model, self.cfg), lr=o.lr, betas=tuple(o.betas), fused=o.fused)
