@@ -245,16 +245,19 @@ def measure(path: str, args: argparse.Namespace, run_root: Path) -> dict[str, An
     cfg = config.load(path, base)
     ensure_shards(cfg)
     device = device_of(cfg)
-    record: dict[str, Any] = {"config": path, "name": cfg.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__, "lightning": L.__version__, "command": " ".join(["python", *sys.argv]),
-                              "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "skip": args.skip, "val_every": args.val_every,
-                              "precision": str(cfg.trainer.precision), "batch_size": cfg.data.batch_size,
-                              "seq_len": cfg.encoder.seq_len, "num_workers": cfg.data.num_workers}  # fmt: skip
+    record: dict[str, Any] = {
+        "config": path, "name": cfg.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "lightning": L.__version__, "command": " ".join(["python", *sys.argv]),
+        "run": time.strftime("%Y-%m-%dT%H:%M:%S"), "skip": args.skip, "val_every": args.val_every,
+        "precision": str(cfg.trainer.precision), "batch_size": cfg.data.batch_size, "seq_len": cfg.encoder.seq_len,
+        "num_workers": cfg.data.num_workers,
+    }  # fmt: skip
     record["bare"] = measure_bare(cfg, args)
     print(json.dumps({"config": path, "bare": record["bare"]}), flush=True)
     fits = {}
     for variant in args.variants:
-        overrides = [*base, *FIT_VARIANTS[variant], *([unvalidated] if variant != "fit" else []), f"run_dir={run_root / cfg.name / variant}"]
+        overrides = [*base, *FIT_VARIANTS[variant], *([unvalidated] if variant != "fit" else [])]
+        overrides.append(f"run_dir={run_root / cfg.name / variant}")
         fits[variant] = run_fit(config.load(path, overrides), args)
         print(json.dumps({"config": path, variant: {k: v for k, v in fits[variant].items() if k != "profile"}}), flush=True)
     record["fits"] = fits
@@ -294,14 +297,17 @@ def table(records: list[dict[str, Any]]) -> str:
                          f"{f['train_tok_s'] / ref:.0%} | {f['train_ms']:.1f} | {f['validation_s']:.1f} ({f['validations']}) | "
                          f"{f['checkpoint_s']:.1f} | {f['export_s']:.1f} |")  # fmt: skip
         if r["gap"]:
-            lines += ["", "Where the difference goes (fused bare step -> fit):", "", "| item | ms / step | share |", "|---|---:|---:|"]
+            lines += ["", "Where the difference goes (fused bare step -> fit):", "", "| item | ms / step | share |",
+                      "|---|---:|---:|"]  # fmt: skip
             for g in r["gap"]:
                 share = "" if g["share"] is None else f"{g['share']:.0%}"
                 lines.append(f"| {g['item']} | {g['ms_per_step']:.2f} | {share} |")
         if "fit" in r["fits"]:
             lines += ["", "Lightning's SimpleProfiler, `fit` run (host time; nested actions overlap; a hook that waits for the "
-                      "device shows the device's time):", "", "| action | calls | total s | ms / step |", "|---|---:|---:|---:|"]  # fmt: skip
-            lines += [f"| {p['action']} | {p['calls']} | {p['total_s']:.2f} | {p['ms_per_step']:.2f} |" for p in r["fits"]["fit"]["profile"]]
+                      "device shows the device's time):", "", "| action | calls | total s | ms / step |",
+                      "|---|---:|---:|---:|"]  # fmt: skip
+            for a in r["fits"]["fit"]["profile"]:
+                lines.append(f"| {a['action']} | {a['calls']} | {a['total_s']:.2f} | {a['ms_per_step']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -80,7 +80,7 @@ from torch import nn
 from mmeff import blocks, config
 from mmeff.encoders.text import ByteTokenizer
 from mmeff.tasks import build_model
-from timing import copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms  # benchmarks/timing.py, beside this script
+from timing import copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms  # benchmarks/timing.py
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,10 @@ VARIANTS = {"mamba2_mmeff": {"mamba2": {"backend": "triton"}}}  # per-mixer opti
 DENSE_TWIN = {"attn_moe": "attn", "gla_moe": "gla"}
 PEERS = {"hf_llama": "attn", "fla_gla": "gla", "mamba_ssm": "mamba2", "fla_gated_deltanet": "gated_deltanet",
          "fla_deltanet": "deltanet"}  # fmt: skip
-PACKAGES = {"hf_llama": "transformers", "fla_gla": "fla", "fla_deltanet": "fla", "fla_gated_deltanet": "fla", "mamba_ssm": "mamba_ssm"}
-ORDER = ["attn", "hf_llama", "gla", "fla_gla", "mamba2", "mamba_ssm", "mamba2_mmeff", "gated_deltanet",
-         "fla_gated_deltanet", "deltanet", "fla_deltanet", "retnet", "hybrid_gla", "hybrid_mamba2", "attn_moe", "gla_moe"]  # fmt: skip
+PACKAGES = {"hf_llama": "transformers", "fla_gla": "fla", "fla_deltanet": "fla", "fla_gated_deltanet": "fla",
+            "mamba_ssm": "mamba_ssm"}  # fmt: skip
+ORDER = ["attn", "hf_llama", "gla", "fla_gla", "mamba2", "mamba_ssm", "mamba2_mmeff", "gated_deltanet", "fla_gated_deltanet",
+         "deltanet", "fla_deltanet", "retnet", "hybrid_gla", "hybrid_mamba2", "attn_moe", "gla_moe"]  # fmt: skip
 DEFAULT_ROWS = [r for r in ORDER if r != "mamba2_mmeff"]
 
 
@@ -145,7 +146,8 @@ def run_config(row: str, shape: Shape, T: int) -> config.RunConfig:
     options = mixer_options(shape)
     mixers = {m: {**options[m], **VARIANTS.get(row, {}).get(m, {})} for m in dict.fromkeys(pattern)}
     moe = row in DENSE_TWIN
-    ffn_options = {"num_experts": EXPERTS, "top_k": TOP_K, "hidden": shape.ffn_hidden // TOP_K} if moe else {"hidden": shape.ffn_hidden}
+    experts = {"num_experts": EXPERTS, "top_k": TOP_K, "hidden": shape.ffn_hidden // TOP_K}  # active width = the dense one
+    ffn_options = experts if moe else {"hidden": shape.ffn_hidden}
     return config.parse(
         {"name": f"lm_speed_{row}", "encoder": {"name": "text", "tokenizer": "byte", "seq_len": T},
          "backbone": {"dim": shape.dim, "depth": shape.depth, "pattern": pattern, "causal": True,
@@ -482,7 +484,8 @@ def table(records: list[dict[str, Any]]) -> str:
     """Markdown: one table per T under the runs' devices, ceilings and commands."""
     runs = {(r["device"], r["versions"], r["shape"], f"{r['matmul_tflops']:.3g}", f"{r['copy_gbs']:,.0f}", r["command"])
             for r in records}  # fmt: skip
-    lines = ["Runs:", *(f"- {d} ({v}); {s}; matmul {m} TFLOP/s and copy {c} GB/s measured; `{cmd}`" for d, v, s, m, c, cmd in sorted(runs)),
+    described = (f"- {d} ({v}); {s}; matmul {m} TFLOP/s and copy {c} GB/s measured; `{cmd}`" for d, v, s, m, c, cmd in sorted(runs))
+    lines = ["Runs:", *described,
              "", "One step: forward, next-token cross-entropy, backward, fused AdamW; bf16 autocast (CUDA), fp32 weights; "
              "byte vocabulary, tied embeddings. vs attn: tok/s over mmeff attn's; vs peer: an mmeff row "
              "over its peer's (hf_llama, fla_*, mamba_ssm); vs dense: a MoE row over its dense twin. floor: matmul "
@@ -552,8 +555,8 @@ def versions() -> str:
         except importlib.metadata.PackageNotFoundError:
             continue
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent,
-                                check=True).stdout.strip()  # fmt: skip
+        git = ["git", "rev-parse", "--short", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
         found.append(f"mmeff {commit}")
     except (OSError, subprocess.CalledProcessError):
         pass
@@ -561,18 +564,20 @@ def versions() -> str:
 
 
 def select(names: list[str] | None) -> list[str]:
-    """The rows named, in the table's order (default: all but the mamba2_mmeff variant)."""
+    """The rows named, in the order given (a call that may be cut runs the rows it needs most first); default all but
+    the mamba2_mmeff variant. The tables list rows in their own order."""
     if not names:
         return DEFAULT_ROWS
     unknown = [n for n in names if n not in ORDER]
     if unknown:
         raise SystemExit(f"lm_train_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(ORDER)}")
-    return [r for r in ORDER if r in names]
+    return list(dict.fromkeys(names))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", "--mixers", nargs="+", help=f"rows to run (default all but mamba2_mmeff): {', '.join(ORDER)}")
+    p.add_argument("--rows", "--mixers", nargs="+", help=f"rows to run, in this order (default all but mamba2_mmeff): "
+                   f"{', '.join(ORDER)}")  # fmt: skip
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 2048 4096 16384 65536; cpu: 64)")
     p.add_argument("--tokens", type=int, help="tokens per step: B = max(1, tokens // T) (default 16384; cpu: 128)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: tiny sizes, fp32 (a smoke test)")
@@ -596,8 +601,8 @@ def main() -> None:
            "versions": versions(), "shape": f"{shape.depth} layers, width {shape.dim}, SwiGLU {shape.ffn_hidden}",
            "matmul_tflops": args.rate / 1e12, "copy_gbs": args.bandwidth / 1e9,
            "command": " ".join(["python", *sys.argv])}  # fmt: skip
-    print(f"{run['device']}: matmul {args.rate / 1e12:.3g} TFLOP/s, copy {args.bandwidth / 1e9:,.0f} GB/s; writing {out}.{{md,json,png}}",
-          flush=True)  # fmt: skip
+    print(f"{run['device']}: matmul {args.rate / 1e12:.3g} TFLOP/s, copy {args.bandwidth / 1e9:,.0f} GB/s; "
+          f"writing {out}.{{md,json,png}}", flush=True)  # fmt: skip
     records = load(out.with_suffix(".json"))
     for T, row, ndocs in itertools.product(args.T or shape.lengths, select(args.rows), args.docs):
         if ndocs and row in PEERS:
@@ -608,8 +613,8 @@ def main() -> None:
         records = [r for r in records if (r["row"], r["T"], r["docs"], r["compiled"]) != key] + [record]
         relate(records)
         write(records, out)
-        print(json.dumps({k: record.get(k) for k in ("row", "T", "B", "tok_s", "vs_attn", "vs_peer", "peak_gib", "floor_ms", "mfu", "note")}),
-              flush=True)  # fmt: skip
+        shown = ("row", "T", "B", "tok_s", "vs_attn", "vs_peer", "peak_gib", "floor_ms", "mfu", "note")
+        print(json.dumps({k: record.get(k) for k in shown}), flush=True)
 
 
 if __name__ == "__main__":

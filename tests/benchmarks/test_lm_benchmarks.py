@@ -50,7 +50,8 @@ def test_lm_train_speed_cpu_smoke_writes_every_field(script, tmp_path):
         assert r["floor_ms"] == pytest.approx(r["floor_matmul_ms"] + r["floor_mixer_ms"] + r["floor_optimizer_ms"])
         assert 0 < r["mfu"] and r["vs_attn"] == pytest.approx(r["tok_s"] / records["attn"]["tok_s"])
     assert records["attn"]["vs_peer"] == pytest.approx(records["attn"]["tok_s"] / records["hf_llama"]["tok_s"])
-    assert records["hf_llama"]["peer_of"] == "attn" and records["attn"]["params_m"] == pytest.approx(records["hf_llama"]["params_m"])
+    assert records["hf_llama"]["peer_of"] == "attn"
+    assert records["attn"]["params_m"] == pytest.approx(records["hf_llama"]["params_m"])  # same dims
     assert records["gla_moe"]["vs_dense"] == pytest.approx(records["gla_moe"]["tok_s"] / records["gla"]["tok_s"])
     # 8 experts, top-2, each half the dense width: the active parameters are the dense twin's (+ the router).
     assert records["gla_moe"]["active_params_m"] == pytest.approx(records["gla"]["params_m"], rel=0.02)
@@ -92,8 +93,7 @@ def test_fit_clips_gradients_of_a_fused_adamw_under_bf16_mixed(tmp_path, monkeyp
                  "trainer.kwargs.val_check_interval": 2, "run_dir": tmp_path / "run"}  # fmt: skip
     cfg = config.load(GPU_CONFIGS[2], [f"{k}={v}" for k, v in overrides.items()])
     assert cfg.optim.fused and cfg.trainer.gradient_clip_val == 1.0
-    norms = []
-    clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: norms.append(max_norm) or clip(params, max_norm))
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, limit: norms.append(limit) or clip(params, limit))
     fit(cfg)
     assert norms == [1.0, 1.0]  # every step clipped (before: RuntimeError "does not allow for gradient clipping")
