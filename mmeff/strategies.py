@@ -19,8 +19,6 @@ from mmeff.backbone import Layer
 from mmeff.config import FSDPConfig
 
 PARTIAL = ".partial"  # suffix of a checkpoint being written: `.<name>.partial` beside its target
-# Methods of a task's model that its steps call besides forward: FSDP gathers the root's weights around them too.
-FORWARD_METHODS = ("embed", "hidden", "encode_media")
 
 
 class FSDP(ModelParallelStrategy):
@@ -78,9 +76,7 @@ def shard_model(model: nn.Module, mesh: Any, cfg: FSDPConfig) -> None:
     Inside a unit's forward and backward its parameters are whole plain tensors (FSDP2 gathers them first), so the
     Triton and grouped-GEMM paths see what they see on one device.
     """
-    from torch.distributed.fsdp import (
-        CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method,
-    )
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if isinstance(model, FSDPModule):
         return
@@ -88,16 +84,16 @@ def shard_model(model: nn.Module, mesh: Any, cfg: FSDPConfig) -> None:
     options: dict[str, Any] = dict(
         mesh=mesh,
         reshard_after_forward=cfg.reshard_after_forward,
-        offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
+        # Pinned host memory for fast copies to a GPU; a CPU mesh (tests) has no device to pin for.
+        offload_policy=CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.cpu_offload else OffloadPolicy(),
     )
     for module in model.modules():
         if isinstance(module, Layer):
             fully_shard(module, mp_policy=MixedPrecisionPolicy(param, reduce), **options)
-    # The root's outputs (logits) in float32, so that every task's loss is computed in float32.
+    # The root's outputs (logits) in float32, so that every task's loss is computed in float32. FSDP keeps the root's
+    # weights gathered from its forward to its backward (not resharded after forward), so methods a task calls after
+    # a forward (a captioner's encode_media and head while sampling in validation) find them whole.
     fully_shard(model, mp_policy=MixedPrecisionPolicy(param, reduce, output_dtype=torch.float32), **options)
-    for name in FORWARD_METHODS:
-        if callable(getattr(model, name, None)):
-            register_fsdp_forward_method(model, name)
 
 
 def replace_folder(src: Path, dst: Path) -> None:
