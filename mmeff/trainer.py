@@ -102,12 +102,12 @@ class NonFiniteLoss(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, task: L.LightningModule, optimizer: Any) -> None:
         loss, self._loss = self._loss, None
         what = "loss" if loss is not None and not bool(torch.isfinite(loss)) else None
-        if what is None and getattr(trainer.precision_plugin, "scaler", None) is None:
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
             grads = [p.grad for p in task.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else None
-            if norm is not None and hasattr(norm, "full_tensor"):  # sharded gradients: the norm over all ranks
+            if norm is not None and hasattr(norm, "full_tensor"):  # sharded: a collective, so every rank takes it
                 norm = norm.full_tensor()
-            if norm is not None and not bool(torch.isfinite(norm)):
+            if what is None and norm is not None and not bool(torch.isfinite(norm)):
                 what = "gradient"
         if not trainer.strategy.reduce_boolean_decision(what is not None, all=False):  # any rank
             return
