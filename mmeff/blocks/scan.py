@@ -101,17 +101,27 @@ class Routes:
         return _Merge.apply(ys, order, back, len(routes))
 
 
+def _rows(index: Tensor, batch: int, span: int) -> Tensor:
+    """`index` [N] into each of `batch` spans of `span` rows, as flat row indices [batch * N]."""
+    return (torch.arange(batch, device=index.device)[:, None] * span + index).flatten()
+
+
 def _stack(x: Tensor, order: Tensor, routes: int) -> Tensor:
     """x [B, T, ...] along the `routes` routes that `order` [R * T] concatenates -> [B * R, T, ...]."""
-    return x.index_select(1, order).view(x.shape[0] * routes, x.shape[1], *x.shape[2:])
+    batch, length = x.shape[:2]
+    # A row gather over [B * T, C] (index_select along dim 0): along dim 1 PyTorch's CUDA index_select runs a
+    # generic gather kernel that moved about 0.2 TB/s on the H200.
+    rows = x.reshape(batch * length, -1).index_select(0, _rows(order, batch, length))
+    return rows.view(batch * routes, length, *x.shape[2:])
 
 
 def _merge(y: Tensor, back: Tensor, routes: int, mean: bool) -> Tensor:
     """Route outputs [B * R, T, ...] back in token order (`back` [R * T] inverts the routes): their sum or mean
     -> [B, T, ...]."""
     batch, length = y.shape[0] // routes, y.shape[1]
-    y = y.reshape(batch, routes * length, *y.shape[2:]).index_select(1, back).view(batch, routes, length, *y.shape[2:])
-    return y.mean(1) if mean else y.sum(1)
+    rows = y.reshape(batch * routes * length, -1).index_select(0, _rows(back, batch, routes * length))
+    rows = rows.view(batch, routes, length, *y.shape[2:])
+    return rows.mean(1) if mean else rows.sum(1)
 
 
 # The two are each other's gradients (index_select's own backward, an index_add with atomics, took 20 of the
