@@ -47,7 +47,10 @@ every mixer). `--compile` runs every model through torch.compile (nn.Module.comp
 `--out`.{md,json,png} (default benchmarks/results/lm_train_speed_<device>) by (row, T, docs, compiled), rewritten
 after every record, so a run cut short keeps its rows and several runs build one table.
 
-    MMEFF_TRITON_PIN=1 TRITON_CACHE_AUTOTUNING=1 python benchmarks/lm_train_speed.py --T 4096 16384
+`--warm` first steps every row at a small T in parallel child processes, so that a fresh machine compiles the rows'
+kernels on all its cores at once instead of one after another in the timed run (see `warm`).
+
+    MMEFF_TRITON_PIN=1 TRITON_CACHE_AUTOTUNING=1 python benchmarks/lm_train_speed.py --T 4096 16384 --warm
     python benchmarks/lm_train_speed.py --T 16384 --rows attn gla mamba2 --docs 0 8 --profile
     python benchmarks/lm_train_speed.py --device cpu --out /tmp/lm_smoke   # tiny sizes: every row builds and steps
 """
@@ -64,6 +67,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections import defaultdict
@@ -80,7 +84,7 @@ from torch import nn
 from mmeff import blocks, config
 from mmeff.encoders.text import ByteTokenizer
 from mmeff.tasks import build_model
-from timing import copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms  # benchmarks/timing.py
+from timing import copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel  # beside this file
 
 
 @dataclass(frozen=True)
@@ -563,6 +567,25 @@ def versions() -> str:
     return ", ".join(found)
 
 
+def warm(rows: list[str], args: argparse.Namespace, shape: Shape) -> None:
+    """Step every row at a small T, one child process per row, `--warm-jobs` at a time, so that the timed rows find
+    their kernels in Triton's on-disk cache (one process compiles one kernel after another). A child runs the batch
+    kinds the timed run needs, B = 1 and B > 1 (Triton compiles a size of 1 apart), at lengths whose multiples of 16
+    match the real ones. The children do not keep autotuning results (TRITON_CACHE_AUTOTUNING=0): tuned while other
+    processes share the GPU they could pick slower configs; the timed run tunes each kernel alone, from compiled binaries."""
+    t = min(1024, *(args.T or shape.lengths))
+    lengths = sorted({t if shape.tokens // T > 1 else 2 * t for T in args.T or shape.lengths})  # B = 2, B = 1
+    base = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--T", *map(str, lengths),
+            "--tokens", str(2 * t), "--warmup", "1", "--iters", "1", "--docs", *map(str, args.docs),
+            *(["--compile"] if args.compile else [])]  # fmt: skip
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="lm_train_speed_warm_") as tmp:
+        commands = [[*base, "--rows", row, "--out", f"{tmp}/{row}"] for row in rows]
+        done = run_in_parallel(commands, args.warm_s, args.warm_jobs, {"TRITON_CACHE_AUTOTUNING": "0"})
+    print(f"warm-up: {done} of {len(commands)} rows stepped in child processes in {time.monotonic() - start:.0f} s",
+          flush=True)  # fmt: skip
+
+
 def select(names: list[str] | None) -> list[str]:
     """The rows named, in the order given (a call that may be cut runs the rows it needs most first); default all but
     the mamba2_mmeff variant. The tables list rows in their own order."""
@@ -586,6 +609,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every model (the peers too)")
     p.add_argument("--docs", type=int, nargs="+", default=[0], help="packed documents per sequence (0: none); peers: 0 only")
     p.add_argument("--profile", action="store_true", help="add the GPU time per kernel category of one step (CUDA)")
+    p.add_argument("--warm", action="store_true", help="first step every row in parallel child processes (see warm)")
+    p.add_argument("--warm-s", type=float, default=240.0, help="time limit of the warm-up")
+    p.add_argument("--warm-jobs", type=int, default=8, help="child processes at a time in the warm-up")
     p.add_argument("--out", type=Path, help="path stem of .md/.json/.png (default benchmarks/results/lm_train_speed_<device>)")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -603,6 +629,8 @@ def main() -> None:
            "command": " ".join(["python", *sys.argv])}  # fmt: skip
     print(f"{run['device']}: matmul {args.rate / 1e12:.3g} TFLOP/s, copy {args.bandwidth / 1e9:,.0f} GB/s; "
           f"writing {out}.{{md,json,png}}", flush=True)  # fmt: skip
+    if args.warm:
+        warm(select(args.rows), args, shape)
     records = load(out.with_suffix(".json"))
     for T, row, ndocs in itertools.product(args.T or shape.lengths, select(args.rows), args.docs):
         if ndocs and row in PEERS:

@@ -1,10 +1,12 @@
-"""Timing, device ceilings and the clean-up between rows, shared by the benchmark scripts."""
+"""Timing, device ceilings, the clean-up between rows and parallel warm-ups, shared by the benchmark scripts."""
 
 from __future__ import annotations
 
 import gc
+import os
 import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -76,3 +78,23 @@ def error_note(e: BaseException) -> str:
     """A failed row's note: the exception's type and first line."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def run_in_parallel(commands: list[list[str]], seconds: float, jobs: int, env: dict[str, str] | None = None) -> int:
+    """Run `commands` as child processes, at most `jobs` at a time, for at most `seconds` in all (the ones still
+    running then are killed; those not started are dropped); the number that finished. For warm-ups that fill
+    Triton's on-disk cache from many processes at once, where one process would compile one kernel after another."""
+    pending, running, finished = list(commands), [], 0
+    deadline = time.monotonic() + seconds
+    while (pending or running) and time.monotonic() < deadline:
+        while pending and len(running) < jobs:
+            running.append(subprocess.Popen(pending.pop(0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            env={**os.environ, **(env or {})}))  # fmt: skip
+        time.sleep(0.5)
+        done = [p for p in running if p.poll() is not None]
+        finished += sum(p.returncode == 0 for p in done)
+        running = [p for p in running if p.poll() is None]
+    for proc in running:
+        proc.kill()
+        proc.wait()
+    return finished
