@@ -137,7 +137,8 @@ class TrainerConfig:
     max_steps: int = -1
     precision: str = "32-true"
     accelerator: str = "auto"
-    devices: Union[int, str, list[int]] = 1
+    devices: Union[int, str, list[int]] = 1  # per node
+    num_nodes: int = 1  # machines; torchrun or SLURM starts devices x num_nodes processes (README: Scaling out)
     strategy: str = "auto"  # auto | ddp | fsdp (mmeff's FSDP2 plan, `fsdp` options) | any Lightning strategy name
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
@@ -158,6 +159,7 @@ class TrainerConfig:
         require(self.max_epochs is None or self.max_epochs >= 1, "trainer.max_epochs", self.max_epochs,
                 "null or an integer >= 1 (max_steps: 0 exports the initial weights)")
         require(self.max_steps >= -1, "trainer.max_steps", self.max_steps, "-1 (no limit) or an integer >= 0")
+        require(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "an integer >= 1")
         require(self.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches,
                 "an integer >= 1")
         require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, "an integer >= 1")

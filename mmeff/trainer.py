@@ -241,6 +241,7 @@ def build_trainer(cfg: RunConfig, fitting: bool = True, overwrite: bool = False)
         precision=t.precision,
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.num_nodes,
         strategy=strategy,
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -260,7 +261,7 @@ def build_trainer(cfg: RunConfig, fitting: bool = True, overwrite: bool = False)
     try:
         return L.Trainer(**options)
     except (TypeError, ValueError, RuntimeError, ImportError, MisconfigurationException) as e:
-        given = ("accelerator", "devices", "strategy", "precision", *t.kwargs)
+        given = ("accelerator", "devices", "num_nodes", "strategy", "precision", *t.kwargs)
         chosen = ", ".join(f"{k}={options[k]!r}" for k in given)
         raise ConfigError(f"trainer: Lightning rejected the options ({chosen}): {e}") from None
 

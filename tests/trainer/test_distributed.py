@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from mmeff.tasks.base import param_groups
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
-WORKER = Path(__file__).with_name("two_ranks.py")
+WORKER = Path(__file__).with_name("two_ranks.py")  # runs several fits per launch: one start-up of Python and torch
 STEPS, SAVED = 4, 2  # steps of the two-rank runs; the FSDP run stops at SAVED and resumes to STEPS
 TOLERANCE = 1e-4  # losses and weights: fp32 everywhere, only the reduction order differs
 
@@ -69,26 +70,20 @@ def _write(tmp_path: Path, digits_root: Path, name: str, strategy: str, val: boo
 
 
 def _two_ranks(jobs: list[dict], tmp_path: Path, timeout: float = 240) -> None:
-    """Run `jobs` in a two-process world; a hang (e.g. ranks taking different batch counts) fails at `timeout`."""
-    port, procs, logs = _free_port(), [], []
-    for rank in (0, 1):
-        env = {**os.environ, "LOCAL_RANK": str(rank), "NODE_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        logs.append(open(tmp_path / f"rank{rank}.log", "w"))  # files, not pipes: a full pipe would stall a rank
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(jobs)], env=env, stdout=logs[-1],
-                                      stderr=subprocess.STDOUT))
-    try:
-        for p in procs:
-            p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the two ranks hung (> {timeout} s); rank 0 log:\n{(tmp_path / 'rank0.log').read_text()[-3000:]}")
-    finally:
-        for f in logs:
-            f.close()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, (tmp_path / f"rank{rank}.log").read_text()[-4000:]
+    """Run `jobs` in a two-process world started by torchrun, as the README's multi-node recipe does (one node, two
+    processes on 127.0.0.1); a hang (e.g. ranks taking different batch counts) fails at `timeout`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--node_rank=0",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), json.dumps(jobs)]
+    log = tmp_path / "ranks.log"
+    with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall a rank
+        proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+            pytest.fail(f"the two ranks hung (> {timeout} s); log:\n{log.read_text()[-3000:]}")
+    assert proc.returncode == 0, log.read_text()[-4000:]
 
 
 def _logged_losses(run: Path) -> list[float]:

@@ -1,4 +1,4 @@
-"""One rank of a two-process world on 127.0.0.1 (the test sets LOCAL_RANK, MASTER_ADDR, MASTER_PORT): runs the
+"""One rank of a two-process world that torchrun started on 127.0.0.1: runs the
 `mmeff.trainer.fit` jobs given as JSON [{"config": PATH, "overrides": [...], "resume": ...}] one after another."""
 
 import json
