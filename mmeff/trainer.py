@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ from mmeff.strategies import PARTIAL, full_state_dict, is_sharded, is_sharded_ch
 from mmeff.tasks import build_model, build_task, transforms
 
 log = logging.getLogger("mmeff")
+# Lightning warns on a mid-epoch resume when the DataLoader itself keeps no state; here the ShardDataModule's state
+# (in every checkpoint) makes the resumed stream skip the batches already trained on.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
 
 def nonfinite_tensors(module: nn.Module) -> list[str]:
     """Names of the parameters and buffers of `module` holding a NaN or an infinity (this rank's shards only)."""
