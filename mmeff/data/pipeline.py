@@ -90,6 +90,7 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, epoch
         self.resampled, self.skip = resampled, skip
         self.counter = SkipCounter(strict)
+        self.padding = 0  # eval batches repeated at the end to match the other ranks (`equal`)
         if train:
             self.length = max(1, (samples_per_epoch or sum(sizes)) // (world_size * batch_size))
         else:
@@ -99,7 +100,7 @@ class ShardStream(IterableDataset):
             if self.padding:
                 logger.warning(
                     "eval: rank %d repeats %d batch(es) to match the other ranks' %d (a sharded model needs every "
-                    "rank in each step); write shards of equal size, as many as ranks, to avoid it",
+                    "rank in each step); shards of equal size, a multiple of the ranks in number, avoid it",
                     rank, self.padding, self.length,
                 )
 

@@ -69,6 +69,14 @@ def test_equal_eval_pads_the_short_ranks(tmp_path, workers, length, padding, cap
     assert f"rank 1 repeats {padding} batch(es)" in caplog.text
 
 
+def test_equal_eval_pads_a_rank_without_shards(tmp_path):
+    write(tmp_path, 9, 10, split="val")  # one shard: rank 1 has none and repeats the split's first batch
+    cfg = DataConfig(root=str(tmp_path), batch_size=4)
+    batches = [list(make_loader(cfg, "val", record, False, 2, r, equal=True)) for r in (0, 1)]
+    assert [len(b) for b in batches] == [3, 3] and all(b["_pad"] for b in batches[1])
+    assert batches[1][0]["key"] == batches[0][0]["key"]
+
+
 def test_datamodule_resume_state(tmp_path, caplog):
     write(tmp_path, 80, 10)
     data = ShardDataModule(DataConfig(root=str(tmp_path), batch_size=4, val=None, test=None), record, record)
