@@ -86,15 +86,16 @@ def run_in_parallel(commands: list[list[str]], seconds: float, jobs: int, env: d
     Triton's on-disk cache from many processes at once, where one process would compile one kernel after another."""
     pending, running, finished = list(commands), [], 0
     deadline = time.monotonic() + seconds
-    while (pending or running) and time.monotonic() < deadline:
-        while pending and len(running) < jobs:
-            running.append(subprocess.Popen(pending.pop(0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            env={**os.environ, **(env or {})}))  # fmt: skip
-        time.sleep(0.5)
-        done = [p for p in running if p.poll() is not None]
-        finished += sum(p.returncode == 0 for p in done)
-        running = [p for p in running if p.poll() is None]
-    for proc in running:
-        proc.kill()
-        proc.wait()
+    try:
+        while (pending or running) and time.monotonic() < deadline:
+            while pending and len(running) < jobs:
+                running.append(subprocess.Popen(pending.pop(0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                env={**os.environ, **(env or {})}))  # fmt: skip
+            time.sleep(0.5)
+            finished += sum(p.returncode == 0 for p in running if p.poll() is not None)
+            running = [p for p in running if p.returncode is None]
+    finally:  # also when interrupted: no child is left running
+        for proc in running:
+            proc.kill()
+            proc.wait()
     return finished
