@@ -25,9 +25,10 @@ class FSDP(ModelParallelStrategy):
     """FSDP2 over all ranks (no tensor parallelism): each backbone `Layer` is one shard unit, the rest of the model
     (encoder, head, final norm) the root unit.
 
-    Lightning's ModelParallelStrategy rather than its FSDPStrategy: the latter wraps with FSDP1
-    (FlatParameter), whose flattened weights the per-parameter Triton and grouped-GEMM paths cannot use as they are;
-    FSDP2 hands every layer its own unsharded parameters during forward and backward.
+    Lightning's ModelParallelStrategy rather than its FSDPStrategy: the latter wraps modules in FSDP1, which flattens
+    each unit's weights into one FlatParameter and which PyTorch has superseded by FSDP2. FSDP2 shards each parameter
+    on its own (a DTensor), hands every layer its own whole parameters during its forward and backward, casts per
+    unit, and its state dicts are what torch.distributed.checkpoint reshards for a resume on another rank count.
     """
 
     def __init__(self, cfg: FSDPConfig, **kwargs: Any) -> None:
