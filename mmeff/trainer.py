@@ -346,12 +346,23 @@ def _check_export_free(export: Path, overwrite: bool) -> None:
 
 
 def _remove_partial_checkpoints(folder: Path) -> None:
-    """Delete the half-written checkpoints (files or sharded folders) a killed run left (never a complete one)."""
+    """Delete the half-written checkpoints (files or sharded folders) a killed run left (never a complete one), and
+    put back a sharded checkpoint that a kill left moved aside (`strategies.replace_folder`)."""
     for stale in folder.glob(f".*.ckpt{PARTIAL}"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+    for old in folder.glob(".*.ckpt.old"):
+        target = old.with_name(old.name[1:].removesuffix(".old"))
+        try:
+            if not target.exists() and is_sharded_checkpoint(old):
+                os.replace(old, target)
+                print(f"restored the checkpoint {target}, which an interrupted save had moved aside")
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # another rank of this run did it first
+            continue
 
 
 def fit(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> L.Trainer:
@@ -363,6 +374,7 @@ def fit(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> L
         raise ConfigError("upcycle: true needs init_from: the dense checkpoint folder to upcycle")
     _check_export_free(cfg.out_dir / "export", overwrite)
     check_shard_tokenizer(cfg)
+    _remove_partial_checkpoints(cfg.out_dir / "checkpoints")
     ckpt_path = _resume_path(cfg, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg)
@@ -381,7 +393,6 @@ def fit(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> L
     # Written only once the config has built a model and a trainer: a rejected config leaves no run folder.
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, cfg.out_dir / "config.yaml")
-    _remove_partial_checkpoints(cfg.out_dir / "checkpoints")
     trainer.fit(task, datamodule=ShardDataModule(cfg.data, *transforms(cfg)), ckpt_path=ckpt_path)
     return trainer
 

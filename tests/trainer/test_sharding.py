@@ -133,3 +133,24 @@ def test_fsdp_strategy_from_the_config(tiny_config):
     assert isinstance(strategy, FSDP) and strategy.fsdp.cpu_offload and strategy.fsdp.param_dtype == "bfloat16"
     with pytest.raises(config.ConfigError, match="trainer.fsdp.param_dtype: got 'bf16'"):
         config.load(tiny_config(**{"trainer.strategy": "fsdp", "trainer.fsdp": {"param_dtype": "bf16"}}))
+
+
+def test_sharded_checkpoint_folders_are_replaced_whole_and_recovered(tmp_path):
+    from mmeff.strategies import replace_folder
+    from mmeff.trainer import _remove_partial_checkpoints
+
+    def folder(name: str, tag: str):
+        path = tmp_path / name
+        path.mkdir()
+        for file in (".metadata", "meta.pt", "__0_0.distcp"):
+            (path / file).write_text(tag)
+        return path
+
+    last = folder("last.ckpt", "old")
+    replace_folder(folder(".last.ckpt.partial", "new"), last)
+    assert (last / "meta.pt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # A kill between replace_folder's two renames: the old checkpoint aside, the new one still partial.
+    last.rename(tmp_path / ".last.ckpt.old")
+    folder(".last.ckpt.partial", "newer")
+    _remove_partial_checkpoints(tmp_path)
+    assert (last / "meta.pt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
