@@ -35,7 +35,8 @@ from mmeff.data import make_loader
 from mmeff.tasks import build_model, transforms
 from mmeff.tasks.base import param_groups
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")]  # inside torch.distributed.checkpoint
 
 WORKER = Path(__file__).with_name("two_ranks.py")  # runs several fits per launch: one start-up of Python and torch
 STEPS, SAVED = 4, 2  # steps of the two-rank runs; the FSDP run stops at SAVED and resumes to STEPS
