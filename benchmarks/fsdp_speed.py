@@ -14,7 +14,9 @@ One step = forward, next-token cross-entropy, backward, AdamW on B x T tokens (B
 gradients and optimizer state live in host memory and are not counted).
 
 Records (JSON): model, variant, checkpoint, offload, T, B, params_m, tok_s, ms, peak_gib, vs_plain (tok/s over the
-plain row of the same model and T), note; merged into `--out`.{md,json} (default benchmarks/results/fsdp_<device>)
+plain row of the same model and T), loss0 (the loss of the untrained model on the step's tokens, before timing: the
+same weights and tokens in every variant, so the variants agree to bf16 rounding, a check that the sharded Triton
+mixers compute what the plain ones do), note; merged into `--out`.{md,json} (default benchmarks/results/fsdp_<device>)
 by (model, variant, T), both files rewritten after every record.
 
     MMEFF_TRITON_PIN=1 TRITON_CACHE_AUTOTUNING=1 python benchmarks/fsdp_speed.py --T 4096
@@ -35,9 +37,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from lm_train_speed import REAL, SMOKE, Shape, _atomic, run_config, train_step, versions  # beside this script
+from lm_train_speed import REAL, SMOKE, Shape, _atomic, autocast, run_config, train_step, versions  # beside this script
 from mmeff.config import FSDPConfig
 from mmeff.strategies import shard_model
 from mmeff.tasks import build_model
@@ -91,6 +94,10 @@ def measure(model_name: str, variant: str, T: int, models: dict[str, tuple[str, 
         on_device = device.type == "cuda" and not offload
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_device or None, foreach=None if on_device else True)
         tokens = torch.randint(0, cfg.encoder.vocab_size, (B, T + 1), device=device)
+        with torch.no_grad(), (precision or (lambda: autocast(device)))():
+            logits = model(tokens[:, :-1]).float()
+        record["loss0"] = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+        logits = None
         step = train_step(model, lambda x, docs: model(x, docs=docs), tokens, None, opt, precision)
         ms, peak = median_ms(step, device, args.warmup, args.iters)
         record.update(tok_s=B * T / (ms / 1e3), ms=ms, peak_gib=peak)
@@ -118,14 +125,14 @@ def table(records: list[dict[str, Any]]) -> str:
     runs = {(r["device"], r["versions"], r["command"]) for r in records}
     lines = [f"# FSDP2 on one rank vs plain training: {', '.join(sorted({d for d, _, _ in runs}))}", ""]
     lines += [f"- {d}; {v}; `{c}`" for d, v, c in sorted(runs)]
-    lines += ["", "| model | params (M) | variant | checkpoint | offload | T | B | tok/s | vs plain | ms/step | peak GiB | note |",
-              "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines += ["", "| model | params (M) | variant | checkpoint | offload | T | B | tok/s | vs plain | ms/step | peak GiB | loss0 | note |",
+              "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in records:
         lines.append(
             f"| {r['model']} | {_num(r.get('params_m'), '{:,.1f}')} | {r['variant']} | {'yes' if r['checkpoint'] else 'no'} | "
             f"{'yes' if r['offload'] else 'no'} | {r['T']} | {r['B']} | {_num(r.get('tok_s'), '{:,.0f}')} | "
             f"{_num(r.get('vs_plain'), '{:.2f}')} | {_num(r.get('ms'), '{:,.1f}')} | {_num(r.get('peak_gib'), '{:.1f}')} | "
-            f"{r.get('note', '')} |"
+            f"{_num(r.get('loss0'), '{:.4f}')} | {r.get('note', '')} |"
         )  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -181,7 +188,7 @@ def main() -> None:
                     records = [r for r in records if (r["model"], r["variant"], r["T"]) != key] + [record]
                     relate(records)
                     write(records, out)
-                    print(json.dumps({k: record.get(k) for k in ("model", "variant", "T", "tok_s", "vs_plain", "peak_gib", "note")}),
+                    print(json.dumps({k: record.get(k) for k in ("model", "variant", "T", "tok_s", "vs_plain", "peak_gib", "loss0", "note")}),
                           flush=True)  # fmt: skip
     finally:
         dist.destroy_process_group()
