@@ -1,20 +1,31 @@
-"""torch.export and ONNX of the classifier and the LM forward (attention, linear and SSM mixers) against the eager model."""
+"""torch.export and ONNX of the classifier and the LM forward, one program for any batch size and sequence length,
+against the eager model."""
 
 import pytest
 import torch
 
-from mmeff import config
-from mmeff.export import example_input, export_onnx, export_program
+from mmeff import checkpoint, config
+from mmeff.cli import main
+from mmeff.export import dynamic_shapes, example_input, export_onnx, export_program, max_difference
 from mmeff.tasks import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MIXERS = {"attn": {"heads": 2}, "gla": {"heads": 2}, "mamba2": {"d_state": 16, "head_dim": 16}}
+# chunk_size 16: the lengths below cover part of a chunk, a whole one, one more token and several chunks.
+MIXERS = {
+    "attn": {"heads": 2},
+    "gla": {"heads": 2, "chunk_size": 16},
+    "linear_attn": {"heads": 2, "chunk_size": 16},
+    "retnet": {"heads": 2, "chunk_size": 16},
+    "mamba2": {"d_state": 16, "head_dim": 16, "chunk_size": 16},
+}
+LENGTHS = (2, 16, 17, 40)
+IMAGE_SIDES = ((8, 8), (4, 6), (16, 4), (32, 32))  # trained 8x8 in patches of 2; up to 4x larger
 
 
-def _model(task: str, mixer: str, depth: int = 2):
+def _model(task: str, mixer: str):
     torch.manual_seed(0)
-    backbone = {"dim": 32, "pattern": [mixer], "depth": depth, "mixers": {mixer: MIXERS[mixer]}}
+    backbone = {"dim": 32, "pattern": [mixer], "depth": 1, "mixers": {mixer: MIXERS[mixer]}}
     if task == "lm":
         cfg = {"encoder": {"name": "text", "seq_len": 40}, "backbone": backbone, "task": {"name": "lm"}}
     else:
@@ -27,22 +38,54 @@ def _model(task: str, mixer: str, depth: int = 2):
     return build_model(cfg).eval(), cfg
 
 
-@pytest.mark.parametrize("task, mixer", [("lm", "attn"), ("lm", "gla"), ("lm", "mamba2"), ("classify", "attn"), ("classify", "gla")])
-def test_exported_program_matches_the_eager_model(task, mixer):
+def _inputs(cfg, task: str) -> list[torch.Tensor]:
+    """Inputs of several lengths (image sizes) and batch sizes."""
+    if task == "lm":
+        return [example_input(cfg, batch=1 + n % 3, length=length) for n, length in enumerate(LENGTHS)]
+    return [torch.rand(1 + n % 3, 1, h, w) for n, (h, w) in enumerate(IMAGE_SIDES)]
+
+
+@pytest.mark.parametrize("task, mixer", [*(("lm", m) for m in MIXERS), ("classify", "attn"), ("classify", "gla")])
+def test_one_exported_program_matches_the_eager_model_at_every_length(task, mixer):
     model, cfg = _model(task, mixer)
-    program = export_program(model, example_input(cfg, batch=2))
-    x = example_input(cfg, batch=3)  # another batch size: the batch dimension stays dynamic
-    with torch.no_grad():
-        torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+    program = export_program(model, cfg)
+    assert max_difference(program, model, _inputs(cfg, task)) < 1e-5
+
+
+def test_exported_lm_refuses_a_length_past_its_range():
+    model, cfg = _model("lm", "attn")
+    program = export_program(model, cfg, max_length=24)
+    with pytest.raises(Exception, match="length|24"):
+        program.module()(example_input(cfg, length=25))
+
+
+def test_a_max_length_below_two_tokens_is_a_config_error():
+    _, cfg = _model("lm", "attn")
+    with pytest.raises(config.ConfigError, match="max_length 1"):
+        dynamic_shapes(cfg, max_length=1)
 
 
 @pytest.mark.parametrize("task, mixer", [("lm", "gla"), ("classify", "attn")])
-def test_onnx_runs_in_onnxruntime_like_the_eager_model(tmp_path, task, mixer):
+def test_onnx_runs_in_onnxruntime_like_the_eager_model_at_two_lengths(tmp_path, task, mixer):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    model, cfg = _model(task, mixer, depth=1)  # ONNX export is slow; one layer shows the mapping
-    path = export_onnx(model, example_input(cfg, batch=2), tmp_path / "model.onnx")
-    x = example_input(cfg, batch=3)
-    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-4, rtol=1e-4)
+    model, cfg = _model(task, mixer)
+    path = export_onnx(export_program(model, cfg), tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for x in _inputs(cfg, task)[1::2]:
+        (got,) = session.run(None, {"input": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_export_command_writes_a_program_and_refuses_to_overwrite_it(tmp_path, capsys):
+    model, cfg = _model("lm", "gla")
+    checkpoint.export(model, cfg, tmp_path / "ckpt")
+    out = tmp_path / "lm.pt2"
+    assert main(["export", str(tmp_path / "ckpt"), str(out), "--max-length", "32"]) == 0
+    program = torch.export.load(out)
+    assert max_difference(program, model, [example_input(cfg, length=n) for n in (3, 32)]) < 1e-5
+    assert main(["export", str(tmp_path / "ckpt"), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "lm.zip")]) == 2
+    assert ".pt2 or .onnx" in capsys.readouterr().err

@@ -21,6 +21,7 @@ COMMANDS: Registry[Handler] = Registry(
         **dict.fromkeys(("blocks", "models"), "mmeff.commands.listing"),
         **dict.fromkeys(("generate", "chat"), "mmeff.commands.generate"),
         "convert": "mmeff.commands.convert",
+        "export": "mmeff.commands.export",
         "plot": "mmeff.commands.plot",
         "serve": "mmeff.commands.serve",
     },

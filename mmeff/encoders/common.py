@@ -33,7 +33,9 @@ class GridTokens(nn.Module):
     def add_position(self, x: torch.Tensor) -> torch.Tensor:
         """Grid tokens [B, h, w, D] plus the position embedding, interpolated when (h, w) is not the trained grid."""
         B, h, w, D = x.shape
-        pos = self.pos if (h, w) == self.grid else resample_abs_pos_embed(self.pos, [h, w], list(self.grid), 0)
+        # Exporting always resamples (as timm's resample does): a size test would fix the graph to the example's grid.
+        same = not torch.compiler.is_exporting() and (h, w) == self.grid
+        pos = self.pos if same else resample_abs_pos_embed(self.pos, [h, w], list(self.grid), 0)
         return x + pos.view(1, h, w, D)
 
     def _cls_index(self, n: int) -> int:

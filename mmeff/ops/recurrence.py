@@ -27,6 +27,7 @@ from typing import Literal, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._higher_order_ops.scan import scan
 
 from mmeff.ops import dispatch
 from mmeff.ops.custom_ops import linear_recurrence_op
@@ -200,14 +201,21 @@ def _recurrent(
 def _chunked(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], state: Tensor, chunk_size: int
 ) -> Tuple[Tensor, Tensor]:
-    """Chunked parallel form on [B,H,T,*] fp32 tensors; T is zero-padded to a whole number of chunks."""
+    """Chunked parallel form on [B,H,T,*] fp32 tensors; T is zero-padded to a whole number of chunks.
+
+    While torch.export traces (one graph for every length T), chunks are always chunk_size long and the
+    chunk-to-chunk loop is one scan op over their dynamic number; eager runs the same steps in a loop.
+    """
     seqlen = q.shape[2]
-    size = min(chunk_size, seqlen)
-    pad = -seqlen % size
+    exporting = torch.compiler.is_exporting()
+    size = chunk_size if exporting else min(chunk_size, seqlen)
+    nchunks = (seqlen + size - 1) // size
+    if exporting:  # at least two chunks: a count export can prove is never 1 (no specialising on it)
+        nchunks = (seqlen + 2 * size - 1) // size
 
     def split(x: Tensor) -> Tensor:
         # Padded steps have k = v = beta = 0 and no decay, so they leave the state unchanged.
-        return F.pad(x, (0, 0, 0, pad)).unflatten(2, (-1, size))
+        return F.pad(x, (0, 0, 0, nchunks * size - seqlen)).unflatten(2, (nchunks, size))
 
     q, k, v, g = (split(x) for x in (q, k, v, g))
     b = g.cumsum(dim=-2)  # log decay from the chunk start, inclusive: [B,H,N,C,1 or K]
@@ -242,15 +250,27 @@ def _chunked(
             q_in = q_in - scores @ w
         local_o, local_s = scores @ u, k_out.transpose(-1, -2) @ u
 
-    outs = []
-    for n in range(q.shape[2]):
-        outs.append(q_in[:, :, n] @ state + local_o[:, :, n])
-        exit_state = chunk_decay[:, :, n] * state + local_s[:, :, n]
-        if w is not None:
-            exit_state = exit_state - k_out[:, :, n].transpose(-1, -2) @ (w[:, :, n] @ state)
-        state = exit_state
-    o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :seqlen]
-    return o, state
+    chunks = (q_in, local_o, chunk_decay, local_s, *(() if w is None else (k_out, w)))
+    if exporting:
+        state, o = scan(_next_chunk, state.contiguous(), chunks, dim=2)  # an expanded state (TTT's W0) has stride 0
+        o = o.movedim(0, 2)
+    else:
+        outs = []
+        for n in range(nchunks):
+            state, o_n = _next_chunk(state, tuple(x[:, :, n] for x in chunks))
+            outs.append(o_n)
+        o = torch.stack(outs, dim=2)
+    return o.flatten(2, 3)[:, :, :seqlen], state
+
+
+def _next_chunk(state: Tensor, chunk: Tuple[Tensor, ...]) -> Tuple[Tensor, Tensor]:
+    """(exit state, output) of one chunk from its entry state: chunk = (q_in, local_o, chunk_decay, local_s[, k_out, w])."""
+    q_in, local_o, chunk_decay, local_s, *delta = chunk
+    exit_state = chunk_decay * state + local_s
+    if delta:
+        k_out, w = delta
+        exit_state = exit_state - k_out.transpose(-1, -2) @ (w @ state)
+    return exit_state, q_in @ state + local_o
 
 
 def _masked_exp(x: Tensor, keep: Tensor) -> Tensor:
