@@ -3,7 +3,7 @@ layer, bf16 parameters, fp32 gradient reduce) against plain single-device traini
 GPU memory, with and without activation checkpointing (`backbone.checkpoint`) and CPU offload (`trainer.fsdp.cpu_offload`).
 
 Models (`--models`): `lm_gla` and `lm_attn`, the 12-layer width-1024 byte LMs of lm_train_speed.py (SwiGLU 2736);
-`hybrid_1b`, [gla, gla, gla, attn] at width 2048, 24 layers, SwiGLU 5472 (1.1B parameters; gla 8 heads with K 128,
+`hybrid_1b`, [gla, gla, gla, attn] at width 2048, 24 layers, SwiGLU 5472 (1.2B parameters; gla 8 heads with K 128,
 V 256; attn 32 heads of 64). Variants (`--variants`):
 - `plain`: the model on the device, fp32 weights under bf16 autocast, fused AdamW (the peer: no FSDP);
 - `fsdp`, `fsdp_ckpt`, `fsdp_offload`, `fsdp_ckpt_offload`: the model sharded over a one-rank world (nccl), no

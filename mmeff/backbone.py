@@ -68,7 +68,7 @@ class Backbone(nn.Module):
             raise ConfigError(f"Backbone takes a BackboneConfig or a dict of its keys, got {type(cfg).__name__}")
         self.cfg = cfg
         self.names = expand_pattern(cfg.pattern, cfg.depth)
-        rates = torch.linspace(0, cfg.drop_path, len(self.names)).tolist()
+        rates = torch.linspace(0, cfg.drop_path, len(self.names), device="cpu").tolist()  # also under a meta device
         self.layers = nn.ModuleList(
             Layer(self._mixer(name), self._ffn(i), cfg.norm, cfg.norm_eps, cfg.dim, rate, cfg.checkpoint)
             for i, (name, rate) in enumerate(zip(self.names, rates))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,11 @@ def test_sharded_checkpoint_folders_are_replaced_whole_and_recovered(tmp_path):
     folder(".last.ckpt.partial", "newer")
     _remove_partial_checkpoints(tmp_path)
     assert (last / "meta.pt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_the_1b_fsdp_config_is_the_benchmark_model():
+    cfg = config.load(Path(__file__).parents[2] / "configs" / "text" / "gpu_1b_hybrid_fsdp.yaml")
+    assert cfg.trainer.strategy == "fsdp" and cfg.backbone.checkpoint and cfg.data.resampled
+    with torch.device("meta"):  # counted without allocating 4 GB
+        params = sum(p.numel() for p in build_model(cfg).parameters())
+    assert 1.1e9 < params < 1.3e9  # 1.2B
