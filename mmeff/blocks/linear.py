@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mmeff import ops
 from mmeff.blocks.cache import Cache
@@ -107,15 +108,12 @@ class LinearMixer(ScanMixer):
         else:
             parts, gates = streams[:3], streams[3:]
         q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in parts)
-        q, k = self.position_qk(self.feature(q), self.feature(k), cache.offset if cache is not None else 0)
-        # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run
-        # its fp32 kernels (exact fp32 matmuls, no tensor cores) on bf16 values; the LM's gated_deltanet stalled so.
-        q, k = q.to(v.dtype), k.to(v.dtype)
-        o, state = self.recur(
+        o, state = self.attend(
             q,
             k,
             v,
             gates,
+            cache.offset if cache is not None else 0,
             mode=self.mode(length),
             chunk_size=self.chunk_size,
             initial_state=self.initial_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1),
@@ -126,6 +124,13 @@ class LinearMixer(ScanMixer):
         if cache is not None:
             cache["state"] = state
         return o.flatten(-2).view(batch, length, -1)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], offset: int, **kw: Any) -> Recurred:
+        """Feature map and positions of q, k [B, T, H, K], then the op (`recur`)."""
+        q, k = self.position_qk(self.feature(q), self.feature(k), offset)
+        # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run
+        # its fp32 kernels (exact fp32 matmuls, no tensor cores) on bf16 values; the LM's gated_deltanet stalled so.
+        return self.recur(q.to(v.dtype), k.to(v.dtype), v, gates, **kw)
 
     def output(self, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         return self.out(self.norm(y, gate))
@@ -149,10 +154,21 @@ class LinearAttention(LinearMixer):
         self.normalize = options["feature_map"] != "identity" if normalize is None else normalize
         self.eps = eps
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], offset: int, **kw: Any) -> Recurred:
+        if self.routes.scan != "global":
+            return super().attend(q, k, v, gates, offset, **kw)
+        # The non-causal form (no state to carry: the recurrence options do not apply), its feature maps recomputed
+        # in the backward: it keeps q, k, v, views of the one qkv projection, not also phi(q), phi(k). In the ViT-S of
+        # benchmarks/vision_speed.py (bf16 autocast, CPU census of saved tensors) that took the layer from 15.5 to
+        # 13.8 KiB kept per token, softmax attention's 13.8.
+        o = checkpoint(self._global, q, k, v, kw["scale"], kw["cu_seqlens"], use_reentrant=False)
+        return o, None
+
+    def _global(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None, cu_seqlens: Tensor | None) -> Tensor:
+        q, k = self.feature(q).to(v.dtype), self.feature(k).to(v.dtype)
+        return ops.global_linear_attention(q, k, v, scale, cu_seqlens, self.normalize, self.eps)
+
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
-        if self.routes.scan == "global":  # the non-causal form: no state to carry, the recurrence options do not apply
-            o = ops.global_linear_attention(q, k, v, kw["scale"], kw["cu_seqlens"], self.normalize, self.eps)
-            return o, None
         if not self.normalize:
             return ops.linear_attention(q, k, v, **kw)
         state = kw.pop("initial_state")

@@ -27,3 +27,16 @@ def test_matches_definition_and_keeps_packed_sequences_apart(normalize):
         torch.testing.assert_close(packed[a:b], alone)
     with pytest.raises(ValueError, match="batch"):
         global_linear_attention(q, k, v, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradients_and_what_the_backward_keeps(normalize):
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.rand(2, 7, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 7, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: global_linear_attention(*a, 0.7, normalize=normalize, eps=1e-2), (q, k, v))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+        global_linear_attention(q, k, v, 0.7, normalize=normalize)
+    # q, k, v and the [B, H, K, V] state (and the summed keys [B, H, K] when normalising), nothing per token besides
+    assert sorted(kept) == sorted([(2, 7, 3, 4), (2, 7, 3, 4), (2, 7, 3, 5), (2, 3, 4, 5)] + ([(2, 3, 4)] if normalize else []))
