@@ -76,8 +76,17 @@ def multilabel(num_labels: int) -> MetricCollection:
     from torchmetrics import MetricCollection
     from torchmetrics.classification import MultilabelAveragePrecision, MultilabelExactMatch
 
+    class ExactMatch(MultilabelExactMatch):
+        """MultilabelExactMatch that takes an empty batch as no samples (torchmetrics cannot reshape one). A padded
+        eval batch updates with no samples rather than not at all: a rank of padding only would hold no `map` state,
+        which torchmetrics gathers as a 1-D empty tensor against the other ranks' [N, labels], breaking the sync."""
+
+        def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+            if len(preds):
+                super().update(preds, target)
+
     return MetricCollection(
-        {"exact": MultilabelExactMatch(num_labels, threshold=0.5), "map": MultilabelAveragePrecision(num_labels, average="macro")}
+        {"exact": ExactMatch(num_labels, threshold=0.5), "map": MultilabelAveragePrecision(num_labels, average="macro")}
     )
 
 

@@ -72,6 +72,14 @@ class TaskModule(L.LightningModule):
         """The task's loss on `batch`, logging its metrics under `stage/`; each task defines it."""
         raise NotImplementedError
 
+    @staticmethod
+    def padding(batch: dict) -> bool:
+        """Whether `batch` is an eval batch repeated only so that every rank takes each step (flagged `_pad` by
+        mmeff.data.pipeline: a sharded model needs all ranks in each forward): its forward runs, but its samples count
+        in no metric or logged loss (logged with weight 0, torchmetrics updated with nothing, so that every rank
+        logs and syncs the same metrics)."""
+        return bool(batch.get("_pad", False))
+
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the `aux_loss` tensors blocks left on themselves in the last forward (e.g. MoE balancing)."""
         losses = [m.aux_loss for m in self.model.modules() if getattr(m, "aux_loss", None) is not None]

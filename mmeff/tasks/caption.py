@@ -221,16 +221,21 @@ class Task(TaskModule):
         smoothing = self.cfg.task.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, label_smoothing=smoothing)
         correct, count = metrics.token_accuracy(logits, targets, IGNORE)
-        n = tokens.shape[0]
+        n = 0 if self.padding(batch) else tokens.shape[0]
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
         self.log(f"{stage}/token_acc", correct / max(1, count), on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
         if stage != "train" and self.cfg.task.generate:
             hyps = caption(self.model, batch["input"], self.tokenizer, max_new_tokens=self.max_new_tokens)
+            self.keep_texts(batch, stage, hyps)
+        return loss
+
+    def keep_texts(self, batch: dict, stage: str, hyps: list[str]) -> None:
+        """Keep the batch's generated captions and references for the epoch's metrics (none of a padding batch)."""
+        if not self.padding(batch):
             out = self.outputs.setdefault(stage, {"hyps": [], "refs": []})
             out["hyps"] += hyps
             out["refs"] += list(batch["text"])
-        return loss
 
     @property
     def max_new_tokens(self) -> int:

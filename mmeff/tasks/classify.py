@@ -108,7 +108,7 @@ class Task(TaskModule):
             perm = torch.randperm(inputs.shape[0], device=inputs.device)
             inputs, target = lam * inputs + (1 - lam) * inputs[perm], lam * target + (1 - lam) * target[perm]
         logits = self.model(inputs)
-        n, on_step = labels.shape[0], stage == "train"
+        n, on_step = 0 if self.padding(batch) else labels.shape[0], stage == "train"
         if multilabel:
             loss = F.binary_cross_entropy_with_logits(logits, target)
         else:
@@ -119,7 +119,7 @@ class Task(TaskModule):
             acc = (logits.argmax(-1) == labels).float().mean()
             self.log(f"{stage}/acc", acc, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
         elif stage in self.scores:
-            self.scores[stage].update(torch.sigmoid(logits.float()), labels.int())
+            self.scores[stage].update(torch.sigmoid(logits.float())[:n], labels[:n].int())
             self.log_dict(self.scores[stage], prog_bar=True, on_step=False, on_epoch=True, batch_size=n)
         else:  # training: this batch's exact-set accuracy
             exact = ((logits > 0) == (labels > 0.5)).all(-1).float().mean()

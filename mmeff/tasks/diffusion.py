@@ -170,7 +170,7 @@ class Task(MaskedDiffusion, TaskModule):
         if stage == "train":
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=int(count))
         else:
-            self.sums[stage].update(nll, count, self.byte_table[tokens][eligible].sum())
+            self.sums[stage].update(nll, count, self.byte_table[tokens][eligible].sum(), padding=self.padding(batch))
         return loss
 
     def _log_sums(self, stage: str) -> None:

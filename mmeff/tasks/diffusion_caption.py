@@ -72,7 +72,7 @@ class Task(MaskedDiffusion, caption.Task):
         eligible = response_mask(tokens.shape, torch.ones_like(tokens[:, 0]))  # <bos> is the prompt
         noisy, masked, t = self.corrupt(tokens, eligible, stage)
         loss = weighted_nll(self.model(batch["input"], noisy), tokens, masked, t) / eligible.sum()
-        n, on_step = tokens.shape[0], stage == "train"
+        n, on_step = 0 if self.padding(batch) else tokens.shape[0], stage == "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
         if stage != "train" and self.cfg.task.generate:
             self.sample_metrics(batch, stage)
@@ -85,10 +85,7 @@ class Task(MaskedDiffusion, caption.Task):
             prefix = self.model.encode_media(batch["input"])
         ids = diffusion_sample(self.model, tokens[:, :1], self.mask_id, s, prefix).ids
         target = tokens[:, 1 : 1 + s.gen_len]
-        keep = target != self.pad_id  # the caption and its <eos>
+        keep = (target != self.pad_id) & (not self.padding(batch))  # the caption and its <eos>
         correct = ((ids[:, : target.shape[1]] == target) & keep).sum()
         self.log(f"{stage}/token_acc", correct / keep.sum().clamp(min=1), on_epoch=True, batch_size=int(keep.sum()), sync_dist=True)
-        hyps = [self.tokenizer.decode(row) for row in cut_at_eos(ids, self.tokenizer.eos_id)]
-        out = self.outputs.setdefault(stage, {"hyps": [], "refs": []})
-        out["hyps"] += hyps
-        out["refs"] += list(batch["text"])
+        self.keep_texts(batch, stage, [self.tokenizer.decode(row) for row in cut_at_eos(ids, self.tokenizer.eos_id)])

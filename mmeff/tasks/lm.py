@@ -136,7 +136,7 @@ class Task(TaskModule):
         if stage == "train":
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=int(count))
         else:
-            self.sums[stage].update(nll, count, nbytes)
+            self.sums[stage].update(nll, count, nbytes, padding=self.padding(batch))
         return loss
 
     def _log_sums(self, stage: str) -> None:
@@ -161,7 +161,10 @@ class _Sums(nn.Module):
         super().__init__()
         self.nll, self.count, self.bytes = SumMetric(), SumMetric(), SumMetric()
 
-    def update(self, nll: torch.Tensor, count: torch.Tensor, nbytes: torch.Tensor) -> None:
+    def update(self, nll: torch.Tensor, count: torch.Tensor, nbytes: torch.Tensor, padding: bool = False) -> None:
+        """Add a batch's sums; `padding` (TaskModule.padding): add zeros instead, so that every rank updates alike."""
+        if padding:
+            nll, count, nbytes = torch.zeros_like(nll), torch.zeros_like(count), torch.zeros_like(nbytes)
         self.nll.update(nll.detach())
         self.count.update(count)
         self.bytes.update(nbytes)

@@ -48,6 +48,17 @@ def multilabel_config(**task):
     return config.parse({"encoder": {"name": "image"}, "task": task})
 
 
+def test_an_empty_update_counts_no_sample_and_keeps_the_states_gatherable():
+    # A padded eval batch updates with no samples: a rank of padding only must still hold 2-D `map` states, which
+    # torchmetrics gathers with the other ranks' [N, labels] ones (an unupdated rank's 1-D placeholder breaks the sync).
+    scores = metrics.multilabel(3)
+    scores.update(torch.sigmoid(LOGITS[:0]), TARGET[:0])
+    assert all(state.shape == (0, 3) for state in scores["map"].preds + scores["map"].target)
+    scores.update(torch.sigmoid(LOGITS), TARGET)
+    result = scores.compute()
+    assert float(result["exact"]) == pytest.approx(0.25) and float(result["map"]) == pytest.approx(MAP)
+
+
 def test_task_loss_and_val_metrics_on_the_hand_computed_case():
     task = Task(multilabel_config(), Fixed())
     loss = task.step({"input": torch.zeros(4, 1), "label": TARGET.float()}, "val")
