@@ -89,7 +89,8 @@ class Routes:
         """The gathers of `batch` sequences of `length` tokens along the routes (None: the token order only);
         kept per shape, so a step does not rebuild the same index tensors in every layer."""
         key = (batch, length, layout.special, layout.grid, layout.docs is not None, device)
-        if key in self._plans:
+        tracing = torch.compiler.is_compiling()  # a traced length is a SymInt, not hashable; and no side effects
+        if not tracing and key in self._plans:
             return self._plans[key]
         routes = self.routes(length, layout, device)
         plan = None
@@ -97,7 +98,7 @@ class Routes:
             order = torch.cat([_indices(r, length, device) for r in routes])
             back = torch.cat([i * length + torch.argsort(o) for i, o in enumerate(order.view(len(routes), length))])
             plan = Plan(len(routes), _rows(order, batch, length), _rows(back, batch, len(routes) * length))
-        if not torch.compiler.is_compiling():  # no side effects while torch.compile traces
+        if not tracing:
             self._plans[key] = plan
         return plan
 
