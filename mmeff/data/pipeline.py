@@ -345,6 +345,8 @@ class ShardDataModule(L.LightningDataModule):
         if trainer is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # saved at the epoch's end: the next run starts the next epoch
+            return {"epoch": trainer.current_epoch + 1, "batches": 0, **self._layout()}
         return {"epoch": trainer.current_epoch, "batches": done, **self._layout()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -356,9 +358,16 @@ class ShardDataModule(L.LightningDataModule):
         return {"world_size": self.trainer.world_size, "num_workers": self.cfg.num_workers,
                 "batch_size": self.cfg.batch_size}
 
-    def _skip(self, epoch: int) -> int:
-        """Batches of `epoch` that the resumed checkpoint had trained on (0 when it stopped at an epoch's end)."""
+    def _start(self, epoch: int) -> tuple[int, int]:
+        """The data epoch the train loader starts at and the batches of it to skip: `epoch`, or where the resumed
+        checkpoint stopped. Lightning builds the loader before it moves past an epoch that the checkpoint ended."""
         state, self.resume = self.resume, {}
+        if state.get("epoch") == epoch + 1 and not state.get("batches"):
+            return epoch + 1, 0
+        return epoch, self._skip(epoch, state)
+
+    def _skip(self, epoch: int, state: dict[str, int]) -> int:
+        """Batches of `epoch` that the resumed checkpoint (`state`) had trained on."""
         if not state or state.get("epoch") != epoch or not state.get("batches"):
             return 0
         if {k: state.get(k) for k in self._layout()} != self._layout():
@@ -385,10 +394,10 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return make_loader(self.cfg, split, self.train_transform if train else self.eval_transform, train)
-        epoch = trainer.current_epoch
+        epoch, skip = self._start(trainer.current_epoch) if train else (trainer.current_epoch, 0)
         return make_loader(
             self.cfg, split, self.train_transform if train else self.eval_transform, train, trainer.world_size,
-            trainer.global_rank, epoch=epoch, skip=self._skip(epoch) if train else 0,
+            trainer.global_rank, epoch=epoch, skip=skip,
             # A sharded model (mmeff.strategies.FSDP) gathers weights in every step: every rank must take as many.
             equal=hasattr(trainer.strategy, "shard"),
         )
