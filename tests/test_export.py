@@ -19,13 +19,24 @@ MIXERS = {
     "retnet": {"heads": 2, "chunk_size": 16},
     "mamba2": {"d_state": 16, "head_dim": 16, "chunk_size": 16},
 }
+# Shape-dependent Python in the block (block counts, random tables, per-head masks, selections), 2 layers; blocks of 4
+# and query groups of 8: the lengths below cover a partial block or group, whole ones, one more token and several.
+SPARSE = {
+    "quant_attn": {"heads": 2, "q_block": 8, "k_block": 4},
+    "bigbird": {"heads": 2, "window": 4, "global_tokens": 1, "block": 4, "random_blocks": 1},
+    "dilated": {"heads": 2, "window": [4, None], "dilation": [1, 3]},
+    "block_topk": {"heads": 2, "block": 4, "topk": 2},
+    "block_topk_shared": {"heads": 2, "block": 4, "topk": 2, "query_block": 8},
+}
 LENGTHS = (2, 16, 17, 40)
 IMAGE_SIDES = ((8, 8), (4, 6), (16, 4), (32, 32))  # trained 8x8 in patches of 2; up to 4x larger
 
 
 def _model(task: str, mixer: str):
     torch.manual_seed(0)
-    backbone = {"dim": 32, "pattern": [mixer], "depth": 1, "mixers": {mixer: MIXERS[mixer]}}
+    options, depth = (MIXERS[mixer], 1) if mixer in MIXERS else (SPARSE[mixer], 2)
+    mixer = mixer.removesuffix("_shared")
+    backbone = {"dim": 32, "pattern": [mixer], "depth": depth, "mixers": {mixer: options}}
     if task == "lm":
         cfg = {"encoder": {"name": "text", "seq_len": 40}, "backbone": backbone, "task": {"name": "lm"}}
     else:
@@ -45,11 +56,17 @@ def _inputs(cfg, task: str) -> list[torch.Tensor]:
     return [torch.rand(1 + n % 3, 1, h, w) for n, (h, w) in enumerate(IMAGE_SIDES)]
 
 
-@pytest.mark.parametrize("task, mixer", [*(("lm", m) for m in MIXERS), ("classify", "attn"), ("classify", "gla")])
+@pytest.mark.parametrize("task, mixer", [*(("lm", m) for m in [*MIXERS, *SPARSE]), ("classify", "attn"), ("classify", "gla")])
 def test_one_exported_program_matches_the_eager_model_at_every_length(task, mixer):
     model, cfg = _model(task, mixer)
     program = export_program(model, cfg)
     assert max_difference(program, model, _inputs(cfg, task)) < 1e-5
+
+
+def test_bidirectional_bigbird_export_is_refused_with_the_reason():
+    model, cfg = _model("classify", "bigbird")
+    with pytest.raises(ValueError, match="causal bigbird only"):
+        export_program(model, cfg)
 
 
 def test_exported_lm_refuses_a_length_past_its_range():

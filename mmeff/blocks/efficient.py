@@ -16,6 +16,7 @@ from mmeff.blocks.attention import Attention, SoftmaxAttention, per_document
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
+from mmeff.ops import flex
 from mmeff.ops.routing import router_scores, switch_aux_loss, topk_route
 
 
@@ -131,7 +132,8 @@ def fake_int8(x: Tensor, block: int) -> Tensor:
     tensors is the int8 x int8 -> int32 product times the two scales. Gradients pass straight through.
     """
     T = x.shape[2]
-    blocks = F.pad(x.float(), (0, 0, 0, -T % block)).unflatten(2, (-1, block))
+    n = flex.block_count(T, block)
+    blocks = F.pad(x.float(), (0, 0, 0, n * block - T)).unflatten(2, (n, block))
     scale = blocks.detach().abs().amax(dim=(3, 4), keepdim=True).clamp_min(1e-12) / 127
     rounded = ((blocks / scale).round().clamp(-127, 127) * scale).flatten(2, 3)[:, :, :T].to(x.dtype)
     return x + (rounded - x).detach()

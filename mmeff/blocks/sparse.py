@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from mmeff.blocks.attention import Attention, per_document
 from mmeff.blocks.cache import Cache
@@ -35,7 +36,7 @@ class SlidingWindow(Attention):
         self.window = window
 
     def mask(self, length: int, device: torch.device) -> MaskMod | None:
-        if (self.window if self.causal else self.window // 2 + 1) >= length:
+        if statically_known_true((self.window if self.causal else self.window // 2 + 1) >= length):  # export: any length
             return super().mask(length, device)  # the window spans the sequence: plain (flash) attention
         return self.pattern(length, device)
 
@@ -109,6 +110,13 @@ class BigBird(Longformer):
 
     def pattern(self, length: int, device: torch.device) -> MaskMod:
         n_blocks = -(-flex.padded(length) // self.block)
+        if isinstance(n_blocks, torch.SymInt):  # torch.export traces every length at once
+            if not self.causal:
+                raise ValueError(
+                    "bigbird: torch.export takes causal bigbird only; a bidirectional query block draws its random key"
+                    " blocks among all the blocks of the length, a different table for every length"
+                )
+            n_blocks = flex.largest(n_blocks)  # causal rows never change with the length: the longest table serves all
         return masks.bigbird(
             self.window, self.global_tokens, self.block, self.random_blocks, self.seed, self.causal, n_blocks, device
         )
@@ -181,12 +189,13 @@ class BlockTopK(Attention):
         if g <= 1:
             return q
         T = q.shape[2]
-        starts = torch.arange(offset // g, (offset + T - 1) // g + 1, device=q.device) * g - offset
+        starts = torch.arange(offset // g, flex.block_count(offset + T, g), device=q.device) * g - offset
         if not self.causal:
             if offset % g:
                 raise ValueError("bidirectional query groups need queries that start a group")
-            return F.pad(q, (0, 0, 0, -T % g)).unflatten(2, (-1, g)).sum(3) / (T - starts).clamp(max=g)[:, None]
-        gates = q[:, :, starts.clamp(min=0)]
+            rows = F.pad(q, (0, 0, 0, starts.shape[0] * g - T)).unflatten(2, (-1, g))
+            return rows.sum(3) / (T - starts).clamp(1, g)[:, None]  # 1: export's empty group
+        gates = q[:, :, starts.clamp(0, T - 1)]  # T - 1: export's empty group
         if offset % g:
             if carried is None:
                 raise ValueError(f"block_topk: queries from position {offset} continue a query group; pass the decoding cache")
@@ -199,22 +208,21 @@ class BlockTopK(Attention):
         with gate queries `gates`, over keys at 0..Tk-1."""
         B, H, _, D = gates.shape
         g = max(self.query_block, 1)
-        n_blocks = -(-k.shape[2] // self.block)
-        pad = n_blocks * self.block - k.shape[2]
-        counts = torch.full((n_blocks, 1), float(self.block), device=k.device)
-        counts[-1] -= pad
-        blocks_k = (F.pad(k, (0, 0, 0, pad)) if pad else k).view(B, self.kv_heads, n_blocks, self.block, D)
-        pooled = (blocks_k.sum(3, dtype=torch.float32) / counts).repeat_interleave(H // self.kv_heads, 1)
-        starts = torch.arange(offset // g, (offset + q_len - 1) // g + 1, device=gates.device) * g
-        first = (starts // self.block)[:, None]  # the group's own blocks start here
+        Tk = k.shape[2]
+        n_blocks = flex.block_count(Tk, self.block)
         blocks = torch.arange(n_blocks, device=gates.device)
+        counts = (Tk - blocks * self.block).clamp(1, self.block).float()[:, None]  # keys per block (1: export's empty one)
+        blocks_k = F.pad(k, (0, 0, 0, n_blocks * self.block - Tk)).view(B, self.kv_heads, n_blocks, self.block, D)
+        pooled = (blocks_k.sum(3, dtype=torch.float32) / counts).repeat_interleave(H // self.kv_heads, 1)
+        starts = (torch.arange(gates.shape[2], device=gates.device) + offset // g) * g
+        first = (starts // self.block)[:, None]  # the group's own blocks start here
         if self.causal:
             own = blocks >= first  # the causal mask hides the later ones
         else:
             own = (blocks >= first) & (blocks <= ((starts + g).clamp(max=offset + q_len) - 1)[:, None] // self.block)
-        compete = blocks < first if self.causal else ~own
+        compete = blocks < first if self.causal else ~own & (blocks * self.block < Tk)  # not export's empty block
         scores = (gates.float() @ pooled.transpose(-1, -2)).masked_fill(~compete, float("-inf"))
-        best = scores.topk(min(self.topk, n_blocks), dim=-1).indices
+        best = scores.topk(torch.sym_min(self.topk, n_blocks), dim=-1).indices
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
         return (chosen & compete) | own
 
@@ -231,8 +239,8 @@ class BlockTopK(Attention):
         chosen = self.select(gates, k, offset, q.shape[2])
         g = max(self.query_block, 1)
         # FlexAttention may ask the mask about positions up to its padded tile: cover them.
-        pad_rows = (offset + flex.padded(q.shape[2]) - 1) // g - offset // g + 1 - chosen.shape[2]
-        pad_blocks = -(-flex.padded(k.shape[2]) // self.block) - chosen.shape[3]
+        pad_rows = torch.sym_max(0, (offset + flex.padded(q.shape[2]) - 1) // g - offset // g + 1 - chosen.shape[2])
+        pad_blocks = torch.sym_max(0, -(-flex.padded(k.shape[2]) // self.block) - chosen.shape[3])  # < 0: export's empty ones
         mask = masks.selected_blocks(F.pad(chosen, (0, pad_blocks, 0, pad_rows)), self.block, self.causal, g, offset // g)
         block = None
         if flex.wants_flex(q, kv_pos is None, self.dropout if self.training else 0.0):

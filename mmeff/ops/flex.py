@@ -18,6 +18,7 @@ import os
 from functools import lru_cache
 from typing import Callable, Literal
 
+import sympy
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,6 +44,24 @@ def default_engine() -> Engine:
 def padded(length: int) -> int:
     """`length` rounded up to FlexAttention's tile, the largest position a mask_mod may be asked about."""
     return -(-length // BLOCK) * BLOCK
+
+
+def block_count(length: int, block: int) -> int:
+    """How many `block`-token blocks cover `length` tokens; while torch.export traces, one more (empty) block: a
+    count export can prove is never 1, so the program does not specialise on it (a tensor of one element)."""
+    if torch.compiler.is_exporting():
+        return (length + 2 * block - 1) // block
+    return -(-length // block)
+
+
+def largest(length: int) -> int:
+    """`length`; while torch.export traces a dynamic length (a SymInt), the largest value its range allows."""
+    if not isinstance(length, torch.SymInt):
+        return length
+    upper = length.node.shape_env.bound_sympy(length.node.expr).upper
+    if not isinstance(upper, sympy.Integer):  # int_oo: unbounded
+        raise ValueError(f"export: the length {length} needs an upper bound (torch.export.Dim's max)")
+    return int(upper)
 
 
 @lru_cache(maxsize=64)

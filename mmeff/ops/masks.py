@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 UNBOUNDED = 1 << 40  # a window no sequence reaches
@@ -54,8 +55,9 @@ def dilated(windows: tuple[int, ...], dilations: tuple[int, ...], causal: bool, 
     """
     if len(windows) != len(dilations) or min(windows) < 1 or min(dilations) < 1:
         raise ValueError(f"need one window >= 1 and one dilation >= 1 per head, got {windows} and {dilations}")
-    win = torch.tensor(windows, device=device)
-    dil = torch.tensor(dilations, device=device)
+    with _disable_current_modes():  # real tensors even while torch.export traces: the cache outlives the trace
+        win = torch.tensor(windows, device=device)
+        dil = torch.tensor(dilations, device=device)
 
     def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         d, step, span = q - kv, dil[h], win[h]
@@ -106,7 +108,8 @@ def bigbird(
 ) -> MaskMod:
     """BigBird: Longformer's window and global tokens plus `count` seeded random key blocks per query block (Zaheer et al., 2020)."""
     base = longformer(window, global_tokens, causal)
-    table = random_blocks(n_blocks, count, seed, causal).to(device)
+    with _disable_current_modes():  # real values even while torch.export traces (it takes them as a constant)
+        table = random_blocks(n_blocks, count, seed, causal).to(device)
 
     def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         return base(b, h, q, kv) | table[q // block, kv // block]
