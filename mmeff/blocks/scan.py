@@ -110,10 +110,13 @@ class Routes:
             return fn(streams, layout.cu_seqlens)
         # Routes go along the batch, route-minor ([B * R, T]): one gather per stream builds them all, one gathers
         # the outputs back to token order, with no flipped or permuted copy per route.
-        stacked = [_Stack.apply(s, plan) for s in streams]
+        # While torch.compile traces, the plain gathers: Inductor writes their gradients itself (it failed on the
+        # autograd.Functions below, whose context keeps the plan's index tensors).
+        tracing = torch.compiler.is_compiling()
+        stacked = [_stack(s, plan) if tracing else _Stack.apply(s, plan) for s in streams]
         docs = None if layout.docs is None else _stack(layout.docs, plan)
         ys = fn(stacked, None if docs is None else cu_seqlens_from_docs(docs))
-        return _Merge.apply(ys, plan)
+        return _merge(ys, plan, mean=True) if tracing else _Merge.apply(ys, plan)
 
 
 @dataclass(frozen=True)

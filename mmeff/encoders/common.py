@@ -9,6 +9,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
 from mmeff.blocks import Layout, Tokens
+from mmeff.ops import dispatch
 
 
 class GridTokens(nn.Module):
@@ -34,7 +35,7 @@ class GridTokens(nn.Module):
         """Grid tokens [B, h, w, D] plus the position embedding, interpolated when (h, w) is not the trained grid."""
         B, h, w, D = x.shape
         # Exporting always resamples (as timm's resample does): a size test would fix the graph to the example's grid.
-        same = not torch.compiler.is_exporting() and (h, w) == self.grid
+        same = not dispatch.exporting() and (h, w) == self.grid
         pos = self.pos if same else resample_abs_pos_embed(self.pos, [h, w], list(self.grid), 0)
         return x + pos.view(1, h, w, D)
 

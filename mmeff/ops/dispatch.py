@@ -33,6 +33,7 @@ __all__ = [
     "check_backend",
     "choose",
     "cuda_fast_path",
+    "exporting",
     "force_reference",
     "needs_grad",
     "once",
@@ -85,6 +86,14 @@ def once(fn: Callable[[], T]) -> Callable[[], T]:
         return memo[0]
 
     return get
+
+
+def exporting() -> bool:
+    """Whether torch.export is tracing (not torch.compile)."""
+    # torch.compiler.is_exporting() reads True while torch.compile traces too (torch 2.9), which sent compiled
+    # models down the export-only paths (a scan op whose backward Inductor failed on); the flag it returns outside
+    # tracing does not.
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
 
 
 def cuda_fast_path(x: Tensor) -> bool:

@@ -49,7 +49,7 @@ def padded(length: int) -> int:
 def block_count(length: int, block: int) -> int:
     """How many `block`-token blocks cover `length` tokens; while torch.export traces, one more (empty) block: a
     count export can prove is never 1, so the program does not specialise on it (a tensor of one element)."""
-    if torch.compiler.is_exporting():
+    if dispatch.exporting():
         return (length + 2 * block - 1) // block
     return -(-length // block)
 

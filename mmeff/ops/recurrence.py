@@ -207,7 +207,7 @@ def _chunked(
     chunk-to-chunk loop is one scan op over their dynamic number; eager runs the same steps in a loop.
     """
     seqlen = q.shape[2]
-    exporting = torch.compiler.is_exporting()
+    exporting = dispatch.exporting()
     size = chunk_size if exporting else min(chunk_size, seqlen)
     nchunks = (seqlen + size - 1) // size
     if exporting:  # at least two chunks: a count export can prove is never 1 (no specialising on it)

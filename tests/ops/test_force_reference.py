@@ -161,3 +161,18 @@ def test_backend_names_are_checked():
         ops.causal_conv1d(q.flatten(2), _randn(16, 4), backend="triton")
     with pytest.raises(ValueError, match="backend must be one of 'auto', 'torch', 'triton', 'mamba_ssm', got 'cuda'"):
         ops.linear_attention(q, q, q, backend="cuda")  # type: ignore[arg-type]
+
+
+def test_exporting_is_true_under_torch_export_only():
+    # torch.compiler.is_exporting() reads True while torch.compile traces (torch 2.9): compiled models took the
+    # export-only paths (a scan op over the chunks, whose backward Inductor failed on).
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(dispatch.exporting())
+            return x + 1
+
+    torch.compile(Probe(), backend="eager")(torch.ones(2))
+    torch.export.export(Probe(), (torch.ones(2),))
+    assert seen == [False, True] and not dispatch.exporting()
