@@ -41,6 +41,8 @@ class Layout:
             raise ValueError(f"Layout.docs must be [B, T], got {tuple(self.docs.shape)}")
         if self.grid is not None and (len(self.grid) != 3 or min(self.grid) < 1):
             raise ValueError(f"Layout.grid must be (t, h, w) of positive sizes, got {self.grid!r}")
+        if self.grid is not None:  # a tuple whatever sequence was given: the scan routes key their plans on it
+            object.__setattr__(self, "grid", tuple(self.grid))
         if min(self.prefix, self.special, self.offset) < 0:
             raise ValueError(f"Layout prefix, special and offset must be >= 0, got {self.prefix}, {self.special}, {self.offset}")
 

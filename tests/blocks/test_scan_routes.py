@@ -64,3 +64,10 @@ def test_routes_match_per_route_copies(scan, layout):
     expected = torch.autograd.grad(want, streams, seed)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+def test_a_grid_given_as_a_list_plans_like_a_tuple():
+    streams = [torch.randn(1, 13, 2, dtype=torch.float64) for _ in range(2)]
+    routes = Routes(causal=False, scan="cross")
+    got = routes(running_sum, streams, Layout(grid=[1, 3, 4], special=1))
+    torch.testing.assert_close(got, per_route(routes, streams, Layout(grid=(1, 3, 4), special=1)), rtol=0, atol=1e-12)
