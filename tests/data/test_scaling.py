@@ -77,12 +77,19 @@ def test_equal_eval_pads_a_rank_without_shards(tmp_path):
     assert batches[1][0]["key"] == batches[0][0]["key"]
 
 
-def test_datamodule_resume_state(tmp_path, caplog):
+def _datamodule_at(tmp_path, processed: int) -> ShardDataModule:
+    """A datamodule over 80 samples (10 batches of 4 per epoch and rank of 2) whose fake trainer is `processed`
+    batches into epoch 1."""
     write(tmp_path, 80, 10)
     data = ShardDataModule(DataConfig(root=str(tmp_path), batch_size=4, val=None, test=None), record, record)
-    progress = SimpleNamespace(current=SimpleNamespace(processed=3))
+    progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
     data.trainer = SimpleNamespace(world_size=2, global_rank=0, current_epoch=1, strategy=object(), num_training_batches=10,
                                    fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    return data
+
+
+def test_datamodule_resume_state(tmp_path, caplog):
+    data = _datamodule_at(tmp_path, processed=3)
     state = data.state_dict()
     assert state == {"epoch": 1, "batches": 3, "world_size": 2, "num_workers": 0, "batch_size": 4}
     data.load_state_dict(state)
@@ -98,11 +105,7 @@ def test_a_checkpoint_at_an_epoch_end_resumes_with_the_next_epochs_data(tmp_path
     # Lightning builds the train loader of a run resumed from an epoch's end before it moves to the next epoch
     # (current_epoch is still the saved one): the loader must start at the next data epoch, not skip the whole saved
     # one and train the next epoch on its leftovers (what the kill-and-resume test caught: the loss moved by 0.03).
-    write(tmp_path, 80, 10)
-    data = ShardDataModule(DataConfig(root=str(tmp_path), batch_size=4, val=None, test=None), record, record)
-    progress = SimpleNamespace(current=SimpleNamespace(processed=10))
-    data.trainer = SimpleNamespace(world_size=2, global_rank=0, current_epoch=1, strategy=object(), num_training_batches=10,
-                                   fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    data = _datamodule_at(tmp_path, processed=10)
     state = data.state_dict()
     assert state["epoch"] == 2 and state["batches"] == 0
     data.load_state_dict(state)
