@@ -3,9 +3,9 @@
     y[b, t, c] = act(bias[c] + sum_j w[c, j] x[b, t - (W - 1) + j, c]),  x = 0 before the sequence start
 
 The forward reads each input tile once per tap (the taps overlap, so the re-reads hit the cache) and writes y.
-The backward recomputes the pre-activation where it needs it instead of saving it, and writes dx plus per-tile
-partial sums of dw and dbias, which the host adds up: no atomics, so the result is deterministic. With packed
-documents (`runs` [B, T], each token's document index within its row) a tap reading another document reads 0.
+The backward recomputes the pre-activation instead of saving it: one kernel writes its gradient (fp32) and per-tile
+partial sums of dw and dbias, which the host adds up (no atomics, so the result is deterministic); a second one
+writes dx. With packed documents (`runs` [B, T], each token's document index within its row) a tap reading another document reads 0.
 One program per (sequence and row tile, channel block): the grid's first dimension has no 65535 limit.
 """
 
@@ -95,27 +95,22 @@ def _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, W: tl.constexpr,
     return g
 
 
-# The backward holds about six fp32 [BT, BC] tiles at once. Its first version, BC = 128 on 4 warps (64 values
-# a tile and thread), took 16.8 ms fwd+bwd at C = 4096, T = 16k on an H100, 4.6x F.conv1d's time: register spills.
-@autotune(_configs((64, 8), (64, 4), (128, 8), (32, 4)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
+# The backward runs in two kernels. A single one that recomputed the pre-activation of the W shifted row tiles it
+# needs for dx (W * W tile loads a program) took 2.0 ms a call at B 512 x T 196 x C 896 on the H200, about 15x the
+# forward (benchmarks/vision_speed.py --profile, mamba2-bi at 224 px). Now the first kernel writes the
+# pre-activation gradient g once (fp32) with the partial dw / dbias sums, and the second gathers dx from W tiles of g.
+@autotune(_configs((64, 4), (128, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
 @triton.jit
-def _conv_bwd_kernel(x, w, bias, runs, dy, dx, dw_part, db_part, T, C, NT, W: tl.constexpr, BT: tl.constexpr,
-                     BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
-    # Input row t feeds output rows t + s (s = 0 .. W - 1, same document) through tap W - 1 - s, so dx[t] sums
-    # the pre-activation gradients of those rows.
+def _conv_bwd_g_kernel(x, w, bias, runs, dy, g, dw_part, db_part, T, C, NT, W: tl.constexpr, BT: tl.constexpr,
+                       BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
     b, i_t = _tile(NT)
     i_c = tl.program_id(1)
     t0, c0 = i_t * BT, i_c * BC
     cols = c0 + tl.arange(0, BC)
     rows = t0 + tl.arange(0, BT)
     g_own = _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, W, BT, BC, HAS_BIAS, SILU, DOCS)
-    dx_acc = g_own * tl.load(w + cols * W + (W - 1), mask=cols < C, other=0.0).to(tl.float32)[None, :]
-    for s in tl.static_range(1, W):
-        g = _pre_activation_grad(x, w, bias, runs, dy, b, t0 + s, c0, T, C, W, BT, BC, HAS_BIAS, SILU, DOCS)
-        g = tl.where(_same_doc(runs, b, rows, rows + s, T, DOCS)[:, None], g, 0.0)
-        dx_acc += g * tl.load(w + cols * W + (W - 1 - s), mask=cols < C, other=0.0).to(tl.float32)[None, :]
     off, mask = _tile_offsets(b, rows, c0, T, C, BT, BC)
-    tl.store(dx + off, dx_acc.to(dx.dtype.element_ty), mask=mask)
+    tl.store(g + off, g_own, mask=mask)
     # Partial weight and bias gradients of this tile's output rows: [tile, W, C] and [tile, C].
     tile = b * NT + i_t
     for j in tl.static_range(W):
@@ -126,6 +121,28 @@ def _conv_bwd_kernel(x, w, bias, runs, dy, dx, dw_part, db_part, T, C, NT, W: tl
         tl.store(dw_part + (tile * W + j) * C + cols, tl.sum(xj * g_own, 0), mask=cols < C)
     if HAS_BIAS:
         tl.store(db_part + tile * C + cols, tl.sum(g_own, 0), mask=cols < C)
+
+
+@autotune(_configs((128, 4), (64, 4), (128, 8)), key=["C", "W", "DOCS"])
+@triton.jit
+def _conv_bwd_dx_kernel(w, runs, g, dx, T, C, NT, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                        DOCS: tl.constexpr):  # fmt: skip
+    # Input row t feeds output rows t + s (s = 0 .. W - 1, same document) through tap W - 1 - s, so dx[t] sums
+    # the pre-activation gradients g of those rows.
+    b, i_t = _tile(NT)
+    i_c = tl.program_id(1)
+    t0, c0 = i_t * BT, i_c * BC
+    cols = c0 + tl.arange(0, BC)
+    rows = t0 + tl.arange(0, BT)
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for s in tl.static_range(W):
+        off, mask = _tile_offsets(b, rows + s, c0, T, C, BT, BC)
+        if s > 0:
+            mask &= _same_doc(runs, b, rows, rows + s, T, DOCS)[:, None]
+        tap = tl.load(w + cols * W + (W - 1 - s), mask=cols < C, other=0.0).to(tl.float32)
+        acc += tl.load(g + off, mask=mask, other=0.0) * tap[None, :]
+    off, mask = _tile_offsets(b, rows, c0, T, C, BT, BC)
+    tl.store(dx + off, acc.to(dx.dtype.element_ty), mask=mask)
 
 
 def _grid(x: Tensor):
@@ -163,13 +180,16 @@ class CausalConv(torch.autograd.Function):
         x, weight, bias, runs = ctx.saved_tensors
         row_tiles = triton.cdiv(x.shape[1], BLOCK_T)
         tiles = row_tiles * x.shape[0]
+        g = empty(x.shape, torch.float32, x.device)
         dx = empty(x.shape, x.dtype, x.device)
         dw_part = empty((tiles, *weight.shape[::-1]), torch.float32, x.device)
         db_part = None if bias is None else empty((tiles, x.shape[2]), torch.float32, x.device)
-        _conv_bwd_kernel[_grid(x)](
-            x, weight, bias, runs, dy.contiguous(), dx, dw_part, db_part, x.shape[1], x.shape[2], row_tiles,
-            W=weight.shape[1], BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=ctx.silu, DOCS=runs is not None,
+        T, C, W, docs = x.shape[1], x.shape[2], weight.shape[1], runs is not None
+        _conv_bwd_g_kernel[_grid(x)](
+            x, weight, bias, runs, dy.contiguous(), g, dw_part, db_part, T, C, row_tiles, W=W, BT=BLOCK_T,
+            HAS_BIAS=bias is not None, SILU=ctx.silu, DOCS=docs,
         )  # fmt: skip
+        _conv_bwd_dx_kernel[_grid(x)](weight, runs, g, dx, T, C, row_tiles, W=W, BT=BLOCK_T, DOCS=docs)
         dw = dw_part.sum(0).t().to(weight.dtype)
         db = None if bias is None else db_part.sum(0).to(bias.dtype)
         return dx, dw, db, None, None

@@ -42,3 +42,23 @@ def test_conv_matches_reference(conv_kernels, monkeypatch, batch, seqlen, channe
     for i, (got, want) in enumerate(zip(actual, expected)):
         assert got.shape == want.shape and got.dtype == want.dtype, i
         assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), i
+
+
+@pytest.mark.parametrize("width", [4, 2])
+def test_conv_with_documents_matches_reference(conv_kernels, monkeypatch, width):
+    # Packed documents (`runs`): rows of 70 tokens cut at 1, 33 and 64 (a one-token document, a cut inside a row
+    # tile and at a tile edge) in one row, none in the other: taps and dx never cross a boundary.
+    from mmeff.ops.conv import causal_conv1d_reference
+    from mmeff.ops.varlen import doc_runs
+
+    monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
+    gen = torch.Generator().manual_seed(width)
+    docs = torch.zeros(2, 70, dtype=torch.long)
+    for cut in (1, 33, 64):
+        docs[0, cut:] += 1
+    runs = doc_runs(docs)
+    x, weight, b = torch.randn(2, 70, 130, generator=gen), torch.randn(130, width, generator=gen), torch.randn(130, generator=gen)
+    actual = _run(lambda *a: conv_kernels.CausalConv.apply(*a, True, runs), x, weight, b)
+    expected = _run(lambda *a: causal_conv1d_reference(*a, "silu", None, runs), x, weight, b)
+    for i, (got, want) in enumerate(zip(actual, expected)):
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), i
