@@ -96,8 +96,8 @@ def _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, W: tl.constexpr,
 
 
 # The backward runs in two kernels. A single one that recomputed the pre-activation of the W shifted row tiles it
-# needs for dx (W * W tile loads a program) took 2.0 ms a call at B 512 x T 196 x C 896 on the H200, about 15x the
-# forward (benchmarks/vision_speed.py --profile, mamba2-bi at 224 px). Now the first kernel writes the
+# needs for dx (W * W tile loads a program) took 2.0 ms a call at B 512 x T 196 x C 896 on the H200, over 8x the
+# forward (under 0.25 ms; benchmarks/vision_speed.py --profile, mamba2-bi at 224 px). Now the first kernel writes the
 # pre-activation gradient g once (fp32) with the partial dw / dbias sums, and the second gathers dx from W tiles of g.
 @autotune(_configs((64, 4), (128, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
 @triton.jit
