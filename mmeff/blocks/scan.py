@@ -260,13 +260,10 @@ class GroupedNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(width)) if kind == "group" else None
 
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        if z is not None and self.gate_first:
-            y = y * F.silu(z)
-        if self.kind != "none":
-            y = ops.norm(y, self.weight, self.bias, self.eps, "rms" if self.kind == "rms" else "layer", self.groups)
-        if z is not None and not self.gate_first:
-            y = y * F.silu(z)
-        return y
+        if self.kind == "none":
+            return y if z is None else y * F.silu(z)
+        kind = "rms" if self.kind == "rms" else "layer"
+        return ops.norm(y, self.weight, self.bias, self.eps, kind, self.groups, gate=z, gate_first=self.gate_first)
 
 
 def dt_bias_init(size: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:

@@ -7,6 +7,10 @@ w and b (the per-head norm of the linear mixers). Statistics are fp32; y is writ
 (under autocast, the autocast dtype: the bf16 that the next matmul reads, where PyTorch's layer_norm writes
 fp32 and the matmul casts it again). The backward recomputes x_hat from the saved mean and rstd and writes dx
 plus per-program partial sums of dw and db, which the host adds up: no atomics, deterministic.
+
+An optional swish gate z (same shape as x) is fused in: norm(x) * silu(z) (GATE_AFTER, the gated output norm of
+GLA, RetNet, Gated DeltaNet) or norm(x * silu(z)) (GATE_BEFORE, Mamba-2's gated RMSNorm). The backward recomputes
+silu(z) and the gated input, so a gated norm keeps x and z only, and writes dz beside dx.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from torch import Tensor
 from mmeff.kernels.utils import empty, sm_count
 
 ROWS = 4  # rows per forward program (a [ROWS, N] tile)
+# Gate modes (constexpr GATE): none, norm(x) * silu(z), norm(x * silu(z)).
+NO_GATE, GATE_AFTER, GATE_BEFORE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 MAX_WIDTH = 16384  # one row is one register tile
 
 
@@ -29,13 +35,18 @@ def _warps(width: int) -> int:
 
 
 @triton.jit
-def _norm_fwd_kernel(x, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
-                     HAS_B: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+def _norm_fwd_kernel(x, z, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_B: tl.constexpr, GATE: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BN)
     inside = (rows < M)[:, None] & (cols < N)[None, :]
     off = rows[:, None] * N + cols[None, :]
     xv = tl.load(x + off, mask=inside, other=0.0).to(tl.float32)
+    if GATE != NO_GATE:
+        zv = tl.load(z + off, mask=inside, other=0.0).to(tl.float32)
+        silu = zv * tl.sigmoid(zv)
+    if GATE == GATE_BEFORE:
+        xv *= silu
     if RMS:
         xc = xv
     else:
@@ -50,12 +61,15 @@ def _norm_fwd_kernel(x, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.constexpr, HA
         out *= tl.load(w + woff, mask=inside, other=0.0).to(tl.float32)
     if HAS_B:
         out += tl.load(b + woff, mask=inside, other=0.0).to(tl.float32)
+    if GATE == GATE_AFTER:
+        out *= silu
     tl.store(y + off, out.to(y.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _norm_bwd_kernel(x, w, dy, mean, rstd, dx, dw_part, db_part, M, N, G, rows_per_program,
-                     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+def _norm_bwd_kernel(x, z, w, b, dy, mean, rstd, dx, dz, dw_part, db_part, M, N, G, rows_per_program,
+                     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GATE: tl.constexpr,
+                     BN: tl.constexpr):  # fmt: skip
     # Program p takes the rows of group p % G among rows [start, start + rows_per_program * G), one at a time,
     # keeping that group's dw and db partial sums in registers.
     pid = tl.program_id(0)
@@ -65,6 +79,8 @@ def _norm_bwd_kernel(x, w, dy, mean, rstd, dx, dw_part, db_part, M, N, G, rows_p
     inside = cols < N
     if HAS_W:
         wv = tl.load(w + g * N + cols, mask=inside, other=0.0).to(tl.float32)
+    if GATE == GATE_AFTER and HAS_B:
+        bv = tl.load(b + g * N + cols, mask=inside, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BN], dtype=tl.float32)
     db_acc = tl.zeros([BN], dtype=tl.float32)
     for i in range(0, rows_per_program):
@@ -72,11 +88,27 @@ def _norm_bwd_kernel(x, w, dy, mean, rstd, dx, dw_part, db_part, M, N, G, rows_p
         if row < M:
             xv = tl.load(x + row * N + cols, mask=inside, other=0.0).to(tl.float32)
             dyv = tl.load(dy + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+            if GATE != NO_GATE:
+                zv = tl.load(z + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zv)
+                silu = zv * sig
+                dsilu = sig * (1.0 + zv * (1.0 - sig))
+            if GATE == GATE_BEFORE:
+                x_in = xv
+                xv *= silu
             r = tl.load(rstd + row)
             if RMS:
                 xhat = xv * r
             else:
                 xhat = tl.where(inside, (xv - tl.load(mean + row)) * r, 0.0)
+            if GATE == GATE_AFTER:  # y = n * silu(z), n = xhat * w + b
+                n = xhat
+                if HAS_W:
+                    n = n * wv
+                if HAS_B:
+                    n += bv
+                tl.store(dz + row * N + cols, (dyv * n * dsilu).to(dz.dtype.element_ty), mask=inside)
+                dyv *= silu
             if HAS_W:
                 dw_acc += dyv * xhat
                 wdy = dyv * wv
@@ -90,6 +122,9 @@ def _norm_bwd_kernel(x, w, dy, mean, rstd, dx, dw_part, db_part, M, N, G, rows_p
             else:
                 c2 = tl.sum(wdy, axis=0) / N
                 dxv = (wdy - xhat * c1 - c2) * r
+            if GATE == GATE_BEFORE:  # x_in * silu(z) was normalised
+                tl.store(dz + row * N + cols, (dxv * x_in * dsilu).to(dz.dtype.element_ty), mask=inside)
+                dxv *= silu
             tl.store(dx + row * N + cols, dxv.to(dx.dtype.element_ty), mask=inside)
     if HAS_W:
         tl.store(dw_part + pid * N + cols, dw_acc, mask=inside)
@@ -107,8 +142,9 @@ def unsupported(x: Tensor, width: int) -> str:
 
 
 def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool, groups: int,
-             out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """x [M, G * N] contiguous -> (y [M, G * N] in out_dtype, mean [M * G] fp32 (empty for RMS), rstd [M * G] fp32)."""
+             out_dtype: torch.dtype, z: Optional[Tensor] = None, gate: int = 0) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """x [M, G * N] contiguous (and the gate z, its shape, if `gate`) -> (y [M, G * N] in out_dtype, mean [M * G]
+    fp32 (empty for RMS), rstd [M * G] fp32)."""
     width = x.shape[-1] // groups
     rows = x.numel() // width
     y = empty(x.shape, out_dtype, x.device)
@@ -117,15 +153,17 @@ def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
     BN = triton.next_power_of_2(width)
     BR = max(1, min(ROWS, 4096 // BN))
     _norm_fwd_kernel[(triton.cdiv(rows, BR),)](
-        x, weight, bias, y, mean, rstd, rows, width, groups, eps, RMS=rms, HAS_W=weight is not None,
-        HAS_B=bias is not None, BR=BR, BN=BN, num_warps=_warps(BR * BN),
+        x, z, weight, bias, y, mean, rstd, rows, width, groups, eps, RMS=rms, HAS_W=weight is not None,
+        HAS_B=bias is not None, GATE=gate, BR=BR, BN=BN, num_warps=_warps(BR * BN),
     )  # fmt: skip
     return y, mean, rstd
 
 
 def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
-             rms: bool, groups: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:  # fmt: skip
-    """Gradients of x (x's dtype), weight and bias (fp32 sums, cast to their dtypes) from dy [M, G * N]."""
+             rms: bool, groups: int, z: Optional[Tensor] = None,
+             gate: int = 0) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """Gradients of x (x's dtype), weight and bias (fp32 sums, cast to their dtypes) and of the gate z (z's dtype,
+    None without a gate) from dy [M, G * N]."""
     width = x.shape[-1] // groups
     rows = x.numel() // width
     # About 8 programs per SM, each at least 32 rows: enough to hide latency, few partial sums to add.
@@ -134,33 +172,36 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     per_program = triton.cdiv(triton.cdiv(rows, groups), chunks)
     grid = chunks * groups
     dx = empty(x.shape, x.dtype, x.device)
+    dz = empty(z.shape, z.dtype, z.device) if gate else None
     dw_part = empty((grid, width), torch.float32, x.device) if weight is not None else None
     db_part = empty((grid, width), torch.float32, x.device) if bias is not None else None
     BN = triton.next_power_of_2(width)
     _norm_bwd_kernel[(grid,)](
-        x, weight, dy, mean, rstd, dx, dw_part, db_part, rows, width, groups, per_program, RMS=rms,
-        HAS_W=weight is not None, HAS_B=bias is not None, BN=BN, num_warps=_warps(BN),
+        x, z, weight, bias, dy, mean, rstd, dx, dz, dw_part, db_part, rows, width, groups, per_program, RMS=rms,
+        HAS_W=weight is not None, HAS_B=bias is not None, GATE=gate, BN=BN, num_warps=_warps(BN),
     )  # fmt: skip
     # Program p wrote group p % G's partial sums: [chunks, G, N] summed over chunks is [G * N], w's layout.
     dw = dw_part.view(chunks, -1).sum(0).to(weight.dtype) if weight is not None else None
     db = db_part.view(chunks, -1).sum(0).to(bias.dtype) if bias is not None else None
-    return dx, dw, db
+    return dx, dw, db, dz
 
 
 class Norm(torch.autograd.Function):
-    """Layer / RMS norm over the last dim of x (in `groups` slices), y in `out_dtype`; the kernels above."""
+    """Layer / RMS norm over the last dim of x (in `groups` slices), y in `out_dtype`, optionally gated by silu(z)
+    (`gate`: GATE_AFTER or GATE_BEFORE, z of x's shape); the kernels above."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,  # type: ignore[override]
-                groups: int, out_dtype: torch.dtype) -> Tensor:  # fmt: skip
+                groups: int, out_dtype: torch.dtype, z: Optional[Tensor] = None, gate: int = 0) -> Tensor:  # fmt: skip
         x2 = x.contiguous()
-        y, mean, rstd = norm_fwd(x2, weight, bias, eps, rms, groups, out_dtype)
-        ctx.save_for_backward(x2, weight, bias, mean, rstd)
-        ctx.rms, ctx.groups = rms, groups
+        z2 = z.contiguous() if gate else None
+        y, mean, rstd = norm_fwd(x2, weight, bias, eps, rms, groups, out_dtype, z2, gate)
+        ctx.save_for_backward(x2, weight, bias, mean, rstd, z2)
+        ctx.rms, ctx.groups, ctx.gate = rms, groups, gate
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = norm_bwd(dy.contiguous(), x, weight, bias, mean, rstd, ctx.rms, ctx.groups)
-        return dx, dw, db, None, None, None, None
+        x, weight, bias, mean, rstd, z = ctx.saved_tensors
+        dx, dw, db, dz = norm_bwd(dy.contiguous(), x, weight, bias, mean, rstd, ctx.rms, ctx.groups, z, ctx.gate)
+        return dx, dw, db, None, None, None, None, dz, None

@@ -5,6 +5,8 @@ the autocast dtype. It exists because PyTorch's eager layer norm under bf16 auto
 and its backward's weight-gradient kernel is slow at vision widths: on the H200, the 25 layer norms of a
 ViT-S/16 step at 224 px took 15.5 of its 51.5 GPU ms (benchmarks/vision_speed.py --profile). The reference is
 F.layer_norm / F.rms_norm. While torch.compile traces, the reference is taken: Inductor fuses it itself.
+An optional swish gate (the gated output norms of the linear and SSM mixers) is fused into the kernels: one
+launch each way instead of three elementwise passes, and only x and the gate kept for the backward.
 """
 
 from __future__ import annotations
@@ -38,27 +40,37 @@ def norm(
     kind: Kind = "layer",
     groups: int = 1,
     backend: str = "auto",
+    gate: Optional[Tensor] = None,
+    gate_first: bool = False,
 ) -> Tensor:
     """x [..., G * N] normalised over each of its `groups` slices of N, times weight [G * N] (+ bias), in
-    `output_dtype(x)`."""
+    `output_dtype(x)`; with `gate` z (x's shape) norm(x) * silu(z), or norm(x * silu(z)) if `gate_first`."""
     if kind not in ("layer", "rms"):
         raise ValueError(f"kind must be 'layer' or 'rms', got {kind!r}")
     if x.shape[-1] % groups:
         raise ValueError(f"last dim {x.shape[-1]} of x {tuple(x.shape)} does not split into {groups} groups")
     if kind == "rms" and bias is not None:
         raise ValueError("an RMS norm has no bias")
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"the gate {tuple(gate.shape)} must have the shape of x {tuple(x.shape)}")
     width = x.shape[-1] // groups
 
     def triton() -> str:
         if torch.compiler.is_compiling():
             return "torch.compile traces: Inductor fuses the reference"
-        return dispatch.triton_unsupported(x, "norm", lambda kernels: kernels.unsupported(x, width))
+        return dispatch.triton_unsupported(
+            x, "norm", lambda kernels: kernels.unsupported(x, width) or (gate is not None and kernels.unsupported(gate, width))
+        )
 
     out_dtype = output_dtype(x)
     if dispatch.choose("norm", backend, [("triton", triton)]) == "triton":
-        Norm = dispatch.triton_kernels("norm").Norm
-        return Norm.apply(x, weight, bias, eps, kind == "rms", groups, out_dtype)
-    return norm_reference(x, weight, bias, eps, kind, groups).to(out_dtype)
+        kernels = dispatch.triton_kernels("norm")
+        mode = kernels.NO_GATE if gate is None else kernels.GATE_BEFORE if gate_first else kernels.GATE_AFTER
+        return kernels.Norm.apply(x, weight, bias, eps, kind == "rms", groups, out_dtype, gate, mode.value)
+    if gate is not None and gate_first:
+        x = x * F.silu(gate)
+    y = norm_reference(x, weight, bias, eps, kind, groups).to(out_dtype)
+    return y * F.silu(gate) if gate is not None and not gate_first else y
 
 
 def norm_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kind: Kind, groups: int) -> Tensor:

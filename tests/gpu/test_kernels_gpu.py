@@ -293,6 +293,32 @@ def test_norm(kernels, seed, kind, rows, groups, width, dtype):
     assert all(e < TOL[torch.bfloat16] for e in errors.values()), errors
 
 
+@pytest.mark.xdist_group("norm")
+@pytest.mark.parametrize("gate_first,groups,width", [(False, 6, 64), (True, 1, 768)])
+def test_gated_norm(kernels, seed, gate_first, groups, width):
+    # The swish gate fused into the norm kernels under bf16 autocast: GLA's per-head output norm (6 heads of 64,
+    # norm(y) * silu(z)) and Mamba-2's gated RMSNorm (width 768, norm(y * silu(z))), 65,536 tokens (a ViT-S step
+    # at 224 px), against the fp32 reference on the same inputs: output and the gradients of y, z and the weight.
+    from mmeff.ops.norm import norm
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    y, z = (torch.randn(65536, groups * width, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2))
+    weight = torch.randn(groups * width, device="cuda", generator=gen)
+    dout = torch.randn(65536, groups * width, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def run(backend, upcast):
+        leaves = [(t.float() if upcast else t).detach().clone().requires_grad_() for t in (y, z, weight)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not upcast):
+            out = norm(leaves[0], leaves[2], None, 1e-5, "rms", groups, backend, gate=leaves[1], gate_first=gate_first)
+        return [out, *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
+
+    expected = run("torch", upcast=True)
+    actual = run("triton", upcast=False)
+    assert actual[0].dtype == torch.bfloat16
+    errors = {n: norm_error(a.float(), e) for n, a, e in zip(["out", "dy", "dz", "dweight"], actual, expected)}
+    assert all(e < TOL[torch.bfloat16] for e in errors.values()), errors
+
+
 @pytest.mark.xdist_group("moe")
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 def test_moe_glue(kernels, monkeypatch, seed, dtype):

@@ -59,3 +59,38 @@ def test_norm_writes_the_dtype_asked(norm_kernels):
     y = norm_kernels.Norm.apply(x, weight, bias, 1e-6, False, 1, torch.bfloat16)
     assert y.dtype == torch.bfloat16
     _close(y, norm_reference(x, weight, bias, 1e-6, "layer", 1), 2**-7)
+
+
+@pytest.mark.parametrize("rows,groups,width", [(37, 1, 48), (130, 2, 64)])
+@pytest.mark.parametrize("kind,affine", [("layer", True), ("rms", True), ("rms", False)])
+@pytest.mark.parametrize("gate_first", [False, True])
+def test_gated_norm_matches_reference(norm_kernels, monkeypatch, rows, groups, width, kind, affine, gate_first):
+    # The swish gate fused into the kernels: norm(x) * silu(z) and norm(x * silu(z)), output and the gradients
+    # of x, z, weight and bias, against mmeff.ops.norm's reference (the same ops unfused).
+    from mmeff.ops.norm import norm
+
+    monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
+    monkeypatch.setattr(norm_kernels, "sm_count", lambda device: 1)
+    gen = torch.Generator().manual_seed(rows + width)
+    x = torch.randn(rows, groups * width, generator=gen) * 3 + 1
+    z = torch.randn(rows, groups * width, generator=gen) * 2
+    weight = torch.randn(groups * width, generator=gen) if affine else None
+    bias = torch.randn(groups * width, generator=gen) if kind == "layer" else None
+    mode = (norm_kernels.GATE_BEFORE if gate_first else norm_kernels.GATE_AFTER).value
+    rms = kind == "rms"
+
+    def fused(x, z, w=None, b=None):
+        return norm_kernels.Norm.apply(x, w, b, 1e-5, rms, groups, torch.float32, z, mode)
+
+    def reference(x, z, w=None, b=None):
+        return norm(x, w, b, 1e-5, kind, groups, backend="torch", gate=z, gate_first=gate_first)
+
+    leaves = [t for t in (x, z, weight, bias) if t is not None]
+    results = []
+    for fn in (fused, reference):
+        ts = [t.detach().clone().requires_grad_() for t in leaves]
+        out = fn(*ts)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        results.append([out, *(t.grad for t in ts)])
+    for got, want in zip(*results):
+        _close(got, want, 2e-5)
