@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mmeff.kernels.utils import empty, sm_count
 
-ROWS = 4  # rows per forward program (a [ROWS, N] tile)
+ROWS = 16  # most rows per forward program (a [ROWS, N] tile of at most 4,096 values)
 # Gate modes (constexpr GATE): none, norm(x) * silu(z), norm(x * silu(z)).
 NO_GATE, GATE_AFTER, GATE_BEFORE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 MAX_WIDTH = 16384  # one row is one register tile
@@ -69,67 +69,69 @@ def _norm_fwd_kernel(x, z, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.constexpr,
 @triton.jit
 def _norm_bwd_kernel(x, z, w, b, dy, mean, rstd, dx, dz, dw_part, db_part, M, N, G, rows_per_program,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GATE: tl.constexpr,
-                     BN: tl.constexpr):  # fmt: skip
-    # Program p takes the rows of group p % G among rows [start, start + rows_per_program * G), one at a time,
+                     BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    # Program p takes the rows of group p % G among rows [start, start + rows_per_program * G), BR at a time,
     # keeping that group's dw and db partial sums in registers.
     pid = tl.program_id(0)
     g = pid % G
     start = (pid // G).to(tl.int64) * rows_per_program * G + g
     cols = tl.arange(0, BN)
-    inside = cols < N
+    inside = (cols < N)[None, :]
     if HAS_W:
-        wv = tl.load(w + g * N + cols, mask=inside, other=0.0).to(tl.float32)
+        wv = tl.load(w + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if GATE == GATE_AFTER and HAS_B:
-        bv = tl.load(b + g * N + cols, mask=inside, other=0.0).to(tl.float32)
+        bv = tl.load(b + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     dw_acc = tl.zeros([BN], dtype=tl.float32)
     db_acc = tl.zeros([BN], dtype=tl.float32)
-    for i in range(0, rows_per_program):
-        row = start + i * G
-        if row < M:
-            xv = tl.load(x + row * N + cols, mask=inside, other=0.0).to(tl.float32)
-            dyv = tl.load(dy + row * N + cols, mask=inside, other=0.0).to(tl.float32)
-            if GATE != NO_GATE:
-                zv = tl.load(z + row * N + cols, mask=inside, other=0.0).to(tl.float32)
-                sig = tl.sigmoid(zv)
-                silu = zv * sig
-                dsilu = sig * (1.0 + zv * (1.0 - sig))
-            if GATE == GATE_BEFORE:
-                x_in = xv
-                xv *= silu
-            r = tl.load(rstd + row)
-            if RMS:
-                xhat = xv * r
-            else:
-                xhat = tl.where(inside, (xv - tl.load(mean + row)) * r, 0.0)
-            if GATE == GATE_AFTER:  # y = n * silu(z), n = xhat * w + b
-                n = xhat
-                if HAS_W:
-                    n = n * wv
-                if HAS_B:
-                    n += bv
-                tl.store(dz + row * N + cols, (dyv * n * dsilu).to(dz.dtype.element_ty), mask=inside)
-                dyv *= silu
+    for i in range(0, rows_per_program, BR):
+        idx = i + tl.arange(0, BR)
+        row = start + idx * G
+        ok = (idx < rows_per_program) & (row < M)
+        keep = ok[:, None] & inside
+        off = row[:, None] * N + cols[None, :]
+        xv = tl.load(x + off, mask=keep, other=0.0).to(tl.float32)
+        dyv = tl.load(dy + off, mask=keep, other=0.0).to(tl.float32)
+        if GATE != NO_GATE:
+            zv = tl.load(z + off, mask=keep, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zv)
+            silu = zv * sig
+            dsilu = sig * (1.0 + zv * (1.0 - sig))
+        if GATE == GATE_BEFORE:
+            x_in = xv
+            xv *= silu
+        r = tl.load(rstd + row, mask=ok, other=0.0)[:, None]
+        if RMS:
+            xhat = xv * r
+        else:
+            xhat = tl.where(keep, (xv - tl.load(mean + row, mask=ok, other=0.0)[:, None]) * r, 0.0)
+        if GATE == GATE_AFTER:  # y = n * silu(z), n = xhat * w + b
+            n = xhat
             if HAS_W:
-                dw_acc += dyv * xhat
-                wdy = dyv * wv
-            else:
-                wdy = dyv
+                n = n * wv
             if HAS_B:
-                db_acc += dyv
-            c1 = tl.sum(xhat * wdy, axis=0) / N
-            if RMS:
-                dxv = (wdy - xhat * c1) * r
-            else:
-                c2 = tl.sum(wdy, axis=0) / N
-                dxv = (wdy - xhat * c1 - c2) * r
-            if GATE == GATE_BEFORE:  # x_in * silu(z) was normalised
-                tl.store(dz + row * N + cols, (dxv * x_in * dsilu).to(dz.dtype.element_ty), mask=inside)
-                dxv *= silu
-            tl.store(dx + row * N + cols, dxv.to(dx.dtype.element_ty), mask=inside)
+                n += bv
+            tl.store(dz + off, (dyv * n * dsilu).to(dz.dtype.element_ty), mask=keep)
+            dyv *= silu
+        if HAS_W:
+            dw_acc += tl.sum(dyv * xhat, axis=0)
+            wdy = dyv * wv
+        else:
+            wdy = dyv
+        if HAS_B:
+            db_acc += tl.sum(dyv, axis=0)
+        c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
+        if RMS:
+            dxv = (wdy - xhat * c1) * r
+        else:
+            dxv = (wdy - xhat * c1 - tl.sum(wdy, axis=1)[:, None] / N) * r
+        if GATE == GATE_BEFORE:  # x_in * silu(z) was normalised
+            tl.store(dz + off, (dxv * x_in * dsilu).to(dz.dtype.element_ty), mask=keep)
+            dxv *= silu
+        tl.store(dx + off, dxv.to(dx.dtype.element_ty), mask=keep)
     if HAS_W:
-        tl.store(dw_part + pid * N + cols, dw_acc, mask=inside)
+        tl.store(dw_part + pid * N + cols, dw_acc, mask=cols < N)
     if HAS_B:
-        tl.store(db_part + pid * N + cols, db_acc, mask=inside)
+        tl.store(db_part + pid * N + cols, db_acc, mask=cols < N)
 
 
 def unsupported(x: Tensor, width: int) -> str:
@@ -176,9 +178,10 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     dw_part = empty((grid, width), torch.float32, x.device) if weight is not None else None
     db_part = empty((grid, width), torch.float32, x.device) if bias is not None else None
     BN = triton.next_power_of_2(width)
+    BR = max(1, min(16, 2048 // BN))
     _norm_bwd_kernel[(grid,)](
         x, z, weight, bias, dy, mean, rstd, dx, dz, dw_part, db_part, rows, width, groups, per_program, RMS=rms,
-        HAS_W=weight is not None, HAS_B=bias is not None, GATE=gate, BN=BN, num_warps=_warps(BN),
+        HAS_W=weight is not None, HAS_B=bias is not None, GATE=gate, BR=BR, BN=BN, num_warps=_warps(BR * BN),
     )  # fmt: skip
     # Program p wrote group p % G's partial sums: [chunks, G, N] summed over chunks is [G * N], w's layout.
     dw = dw_part.view(chunks, -1).sum(0).to(weight.dtype) if weight is not None else None

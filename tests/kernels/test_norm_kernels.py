@@ -32,7 +32,7 @@ def _close(got, want, tol):
     assert (got.float() - want.float()).abs().max() <= tol * max(1.0, want.abs().max().item())
 
 
-# Widths not powers of two (masked columns), row counts not multiples of the 4-row forward tile, groups.
+# Widths not powers of two (masked columns), row counts not multiples of the row tiles, groups.
 @pytest.mark.parametrize("rows,groups,width", [(37, 1, 48), (5, 3, 20), (130, 2, 64), (1, 1, 7)])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("affine", [True, False])
