@@ -16,14 +16,17 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   gated_deltanet and `hybrid` ([gla, gla, gla, attn]), and `linear_attn-global` (`scan: global`: the non-causal
   form, no scan).
 
-Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, params_m,
+Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, graphs, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
 plain-PyTorch references, MMEFF_FORCE_REFERENCE=1, since it cannot see inside Triton kernels; sliding and
 block_topk references compute dense scores, so theirs is the dense count), floor_ms (those FLOPs for the batch at
 the bf16 matmul rate measured in the same run), ceiling_img_s (the FLOP-matched ceiling: timm's img/s x timm's
 FLOPs / the row's FLOPs) and note (OOM, errors). `--compile` runs every model, timm's too, through torch.compile
-(nn.Module.compile, as `trainer.compile: true`). Results merge into benchmarks/results/vision_speed_<device>.{md,json,png}
-by (row, px, compiled), written after every row, so a run cut short keeps its rows and several runs (eager,
+(nn.Module.compile, as `trainer.compile: true`). `--graphs` replays each model's forward and backward as CUDA graphs
+(torch.cuda.make_graphed_callables; the optimizer step stays eager), timm's too: the step without the host's
+per-kernel launch cost, which the eager mmeff rows pay for their many small kernels (record field `graphs`).
+Results merge into benchmarks/results/vision_speed_<device>.{md,json,png}
+by (row, px, compiled, graphs), written after every row, so a run cut short keeps its rows and several runs (eager,
 `--compile`, a few sizes at a time) build one table.
 
 Triton autotunes each mmeff kernel on its first call; `TRITON_CACHE_AUTOTUNING=1` (Triton >= 3.4) keeps the choice
@@ -197,18 +200,22 @@ def flops_per_input(model: nn.Module, example: torch.Tensor, classes: int) -> fl
     return counter.get_total_flops() / example.shape[0]
 
 
-def autocast(device: torch.device) -> torch.autocast:
+def autocast(device: torch.device, cache: bool = True) -> torch.autocast:
     """bf16 autocast on CUDA; off on the CPU (`--smoke`), whose bf16 matmuls are emulated and slow."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache)
 
 
-def train_step(model: nn.Module, inputs: torch.Tensor, classes: int) -> Callable[[], None]:
-    """One training step of `model` on `inputs`: forward, cross-entropy, backward, fused AdamW."""
+def train_step(model: nn.Module, inputs: torch.Tensor, classes: int, graphs: bool = False) -> Callable[[], None]:
+    """One training step of `model` on `inputs`: forward, cross-entropy, backward, fused AdamW; with `graphs` the
+    forward and backward replayed as CUDA graphs (autocast's weight cache off, as CUDA graphs require)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     target = torch.randint(0, classes, (inputs.shape[0],), device=inputs.device)
+    if graphs:
+        with autocast(inputs.device, cache=False):
+            model = torch.cuda.make_graphed_callables(model, (inputs,))
 
     def step() -> None:
-        with autocast(inputs.device):
+        with autocast(inputs.device, cache=not graphs):
             logits = model(inputs)
         F.cross_entropy(logits.float(), target).backward()
         opt.step()
@@ -221,7 +228,8 @@ def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, dev
     """One record: build, count FLOPs, (compile,) time; errors and OOM become the record's note."""
     tokens = audio_grid(shape)[0] * audio_grid(shape)[1] if px == "audio" else (px // shape.patch) ** 2
     batch = max(1, shape.tokens // tokens) if px == "audio" or args.smoke else SIZES[px]
-    record: dict[str, Any] = {"row": row, "px": px, "tokens": tokens, "batch": batch, "compiled": args.compile}
+    record: dict[str, Any] = {"row": row, "px": px, "tokens": tokens, "batch": batch, "compiled": args.compile,
+                              "graphs": args.graphs}  # fmt: skip
     torch.manual_seed(0)
     model = step = None
     try:
@@ -233,10 +241,10 @@ def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, dev
             torch._dynamo.reset()  # a fresh cache per model: rows would otherwise hit dynamo's recompile limit
             model.compile()
         inputs = example.to(device).expand(batch, *example.shape[1:]).clone()
-        step = train_step(model, inputs, shape.classes)
+        step = train_step(model, inputs, shape.classes, args.graphs)
         ms, peak = median_ms(step, device, args.warmup, args.reps)
         if args.profile:
-            profile(step, args.out_dir_resolved / f"profile_{row}_{px}{'_compiled' if args.compile else ''}.txt")
+            profile(step, args.out_dir_resolved / f"profile_{row}_{px}{mode_tag(args.compile, args.graphs)}.txt")
         record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=peak)
         record["floor_ms"] = record["flops_per_img"] * batch / args.rate * 1e3
     except torch.cuda.OutOfMemoryError:
@@ -263,9 +271,9 @@ def profile(step: Callable[[], None], path: Path) -> None:
 
 def relate(records: list[dict[str, Any]]) -> None:
     """Fill vs_timm and ceiling_img_s of each record from timm's record of the same run, px and compile setting."""
-    timm = {(r["run"], r["px"], r["compiled"]): r for r in records if r["row"] == "timm" and r.get("img_s")}
+    timm = {(r["run"], r["px"], *mode(r)): r for r in records if r["row"] == "timm" and r.get("img_s")}
     for r in records:
-        ref = timm.get((r["run"], r["px"], r["compiled"]))
+        ref = timm.get((r["run"], r["px"], *mode(r)))
         if ref and r.get("img_s"):
             r["vs_timm"] = r["img_s"] / ref["img_s"]
             r["ceiling_img_s"] = ref["img_s"] * ref["flops_per_img"] / r["flops_per_img"]
@@ -280,7 +288,7 @@ def write(records: list[dict[str, Any]], out_dir: Path, name: str) -> None:
     """JSON, markdown table and plot of `records` (each file replaced atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     order = {r: i for i, r in enumerate(row_names())}
-    records.sort(key=lambda r: (r["px"] == "audio", str(r["px"]).zfill(5), r["compiled"], order.get(r["row"], 99)))
+    records.sort(key=lambda r: (r["px"] == "audio", str(r["px"]).zfill(5), *mode(r), order.get(r["row"], 99)))
     _atomic(out_dir / f"{name}.json", json.dumps({"records": records}, indent=1) + "\n")
     _atomic(out_dir / f"{name}.md", table(records))
     plot(records, out_dir / f"{name}.png")
@@ -301,14 +309,14 @@ def table(records: list[dict[str, Any]]) -> str:
              "same run. GFLOP: one image's forward + backward matmul and attention FLOPs (references; dense for "
              "sliding / block_topk); floor: the batch's FLOPs at the measured bf16 rate; ceiling: timm img/s x timm "
              "FLOPs / row FLOPs.", ""]  # fmt: skip
-    columns = ["row", "compiled", "batch", "img/s", "vs timm", "peak GiB", "GFLOP/img", "ms", "floor ms", "ms / floor",
+    columns = ["row", "mode", "batch", "img/s", "vs timm", "peak GiB", "GFLOP/img", "ms", "floor ms", "ms / floor",
                "ceiling img/s", "of ceiling", "note"]  # fmt: skip
     for px in dict.fromkeys(r["px"] for r in records):
         rows = [r for r in records if r["px"] == px]
         title = f"{px} px ({rows[0]['tokens']} tokens)" if px != "audio" else f"audio, AST-shaped ({rows[0]['tokens']} tokens)"
         lines += [f"### {title}", "", "| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(columns) - 3) + "---|"]
         for r in rows:
-            cells = [r["row"], "yes" if r["compiled"] else "no", str(r["batch"])]
+            cells = [r["row"], mode_tag(*mode(r)).strip("_") or "no", str(r["batch"])]
             if r.get("img_s"):
                 cells += [f"{r['img_s']:,.1f}", _num(r.get("vs_timm"), "{:.2f}x"), _num(r.get("peak_gib"), "{:.1f}"),
                           f"{r['flops_per_img'] / 1e9:.1f}", f"{r['ms']:.1f}", f"{r['floor_ms']:.1f}",
@@ -319,6 +327,16 @@ def table(records: list[dict[str, Any]]) -> str:
             lines.append("| " + " | ".join(cells + [r.get("note", "")]) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def mode(record: dict[str, Any]) -> tuple[bool, bool]:
+    """(compiled, graphs) of a record (records written before --graphs existed ran without)."""
+    return record["compiled"], record.get("graphs", False)
+
+
+def mode_tag(compiled: bool, graphs: bool) -> str:
+    """'', '_compiled', '_graphs' or '_compiled_graphs'."""
+    return ("_compiled" if compiled else "") + ("_graphs" if graphs else "")
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -335,18 +353,18 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     except ImportError:
         return
     images = [r for r in records if r["px"] != "audio" and r.get("vs_timm")]
-    modes = sorted({r["compiled"] for r in images})
+    modes = sorted({mode(r) for r in images})
     if not modes:
         return
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
     colors = plt.get_cmap("tab20")
     sizes = sorted({r["px"] for r in images})
-    for ax, compiled in zip(axes[0], modes):
+    for ax, m in zip(axes[0], modes):
         for i, row in enumerate(row_names()):
-            points = sorted((r["px"], r["vs_timm"]) for r in images if r["row"] == row and r["compiled"] == compiled)
+            points = sorted((r["px"], r["vs_timm"]) for r in images if r["row"] == row and mode(r) == m)
             if points:
                 ax.plot(*zip(*points), marker="o", label=row, color=colors(i), linestyle="--" if "cross" in row else "-")
-        ax.set(title=f"{'compiled' if compiled else 'eager'}; {records[0]['device']}", xscale="log", yscale="log",
+        ax.set(title=f"{mode_tag(*m).strip('_') or 'eager'}; {records[0]['device']}", xscale="log", yscale="log",
                xlabel="image px (about 65k tokens per step)", ylabel="training img/s relative to timm ViT-S")  # fmt: skip
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.minorticks_off()
@@ -374,6 +392,7 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", help=f"rows to run (default all): {', '.join(row_names())}")
     p.add_argument("--px", nargs="+", help="image sizes 224 512 1024 2048 and/or 'audio' (default all)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (timm's too)")
+    p.add_argument("--graphs", action="store_true", help="forward + backward as CUDA graphs, every model (timm's too)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--reps", type=int, default=10, help="timed steps; the median counts")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, fp32 (a check that every row runs)")
@@ -386,6 +405,8 @@ def main() -> None:
     wanted = [int(x) if x.isdigit() else x for x in (args.px or [*map(str, SIZES), "audio"])]
     if any(s not in SIZES and s != "audio" for s in wanted):
         raise SystemExit(f"vision_speed: --px takes {', '.join(map(str, SIZES))} or audio, got {args.px}")
+    if args.graphs and device.type != "cuda":
+        raise SystemExit("vision_speed: --graphs needs CUDA (CUDA graphs)")
     sizes = list(dict.fromkeys(32 if args.smoke and s != "audio" else s for s in wanted))  # smoke: 32 px images
     out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "vision_speed_smoke" if args.smoke else Path(__file__).parent / "results")
     name = args.name or f"vision_speed_{device_tag(device)}"
@@ -398,7 +419,7 @@ def main() -> None:
     for px in sizes:
         for row in select(args.rows):
             record = {**measure(row, px, shape, args, device), **run}
-            records = [r for r in records if (r["row"], r["px"], r["compiled"]) != (row, px, args.compile)] + [record]
+            records = [r for r in records if (r["row"], r["px"], *mode(r)) != (row, px, args.compile, args.graphs)] + [record]
             relate(records)
             write(records, out_dir, name)
             print(json.dumps({k: record.get(k) for k in ("row", "px", "img_s", "vs_timm", "peak_gib", "note")}), flush=True)
