@@ -258,15 +258,29 @@ def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, dev
 
 
 def profile(step: Callable[[], None], path: Path) -> None:
-    """The GPU kernels of one step, by total time (torch.profiler), written to `path`."""
+    """The GPU kernels of one step, by total time (torch.profiler), and the host's Python functions over three
+    steps, by own time (cProfile: where the eager step's host time goes; on CUDA the backward runs on autograd's
+    device thread, which cProfile does not see: its share shows as run_backward), written to `path`."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
     with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    host = cProfile.Profile()
+    start = time.perf_counter()
+    host.runcall(lambda: [step() for _ in range(3)])
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) * 1e3 / 3
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(30)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+                    + f"\n\nHost, 3 steps under cProfile ({wall:.1f} ms a step with its overhead):\n" + text.getvalue())
 
 
 def relate(records: list[dict[str, Any]]) -> None:
