@@ -212,7 +212,7 @@ def train_step(model: nn.Module, inputs: torch.Tensor, classes: int, graphs: boo
     target = torch.randint(0, classes, (inputs.shape[0],), device=inputs.device)
     if graphs:
         with autocast(inputs.device, cache=False):
-            model = torch.cuda.make_graphed_callables(model, (inputs,))
+            model = torch.cuda.make_graphed_callables(model, (inputs,), allow_unused_input=True)
 
     def step() -> None:
         with autocast(inputs.device, cache=not graphs):
