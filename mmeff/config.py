@@ -151,6 +151,7 @@ class TrainerConfig:
     monitor: str = "val/loss"
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its optimizer step is skipped
     compile: bool = False  # torch.compile the model (in place: checkpoints keep the plain parameter names)
+    cuda_graphs: bool = False  # classify: replay the training forward + backward as CUDA graphs (one GPU, fixed batch shape)
     checkpoint_every_n_steps: int | None = None  # also rewrite last.ckpt every n optimizer steps (mid-epoch resume)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # options of strategy: fsdp
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -165,6 +166,15 @@ class TrainerConfig:
         require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, "an integer >= 1")
         require(self.gradient_clip_val is None or self.gradient_clip_val > 0 and math.isfinite(self.gradient_clip_val),
                 "trainer.gradient_clip_val", self.gradient_clip_val, "null or a number > 0")
+        if self.cuda_graphs:
+            require(self.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches", self.accumulate_grad_batches,
+                    "1 with trainer.cuda_graphs (a replay rewrites the gradients the last one left)")
+            one = self.devices in (1, "1", "auto") or isinstance(self.devices, list) and len(self.devices) == 1
+            require(self.strategy == "auto" and self.num_nodes == 1 and one,
+                    "trainer.strategy", f"{self.strategy} on {self.devices} device(s) x {self.num_nodes} node(s)",
+                    "one device (strategy auto, devices 1, num_nodes 1) with trainer.cuda_graphs")
+            require(not self.compile, "trainer.compile", self.compile,
+                    "false with trainer.cuda_graphs (compiled CUDA graphs: torch.compile's mode reduce-overhead)")
         require(self.checkpoint_every_n_steps is None or self.checkpoint_every_n_steps >= 1,
                 "trainer.checkpoint_every_n_steps", self.checkpoint_every_n_steps, "null or an integer >= 1")
         require(self.logger in LOGGERS or "." in self.logger.strip(".") and " " not in self.logger, "trainer.logger",

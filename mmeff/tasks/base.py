@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mmeff.config import ConfigError, RunConfig
+from mmeff.tasks.graphs import GraphedTraining
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -55,18 +56,28 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 class TaskModule(L.LightningModule):
     """Base LightningModule: owns the model, the optimizer and schedule, and logs skipped samples."""
 
+    supports_cuda_graphs = False  # whether `step` calls the model through `run_model` (trainer.cuda_graphs)
+
     def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.skipped = 0
         set_trainable(model, cfg.freeze, cfg.train)
+        if cfg.trainer.cuda_graphs and not self.supports_cuda_graphs:
+            raise ConfigError(f"trainer.cuda_graphs: true is for the classify task (a model called on one input "
+                              f"tensor), not {cfg.task.name!r}")  # fmt: skip
+        self._graphed = GraphedTraining(model) if cfg.trainer.cuda_graphs else None
 
     def configure_model(self) -> None:
         """Lightning's hook for sharding: a strategy with a `shard` method (mmeff.strategies.FSDP) shards the model."""
         shard = getattr(self.trainer.strategy, "shard", None)
         if shard is not None:
             shard(self.model)
+
+    def run_model(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The model on `inputs`; in training with trainer.cuda_graphs, as a CUDA-graph replay (mmeff.tasks.graphs)."""
+        return self.model(*inputs) if self._graphed is None else self._graphed(*inputs)
 
     def step(self, batch: dict, stage: str) -> torch.Tensor:
         """The task's loss on `batch`, logging its metrics under `stage/`; each task defines it."""

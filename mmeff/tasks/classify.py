@@ -93,6 +93,8 @@ def make_transform(cfg: RunConfig, train: bool) -> ClassifyTransform:
 class Task(TaskModule):
     """Cross-entropy training with accuracy on val/test; multi-label: binary cross-entropy, exact-set accuracy and mAP."""
 
+    supports_cuda_graphs = True
+
     def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
         super().__init__(cfg, model)
         if cfg.task.multilabel:  # epoch-level metrics (mAP ranks the whole split), synced across ranks by torchmetrics
@@ -107,7 +109,7 @@ class Task(TaskModule):
             lam = float(torch.distributions.Beta(alpha, alpha).sample())
             perm = torch.randperm(inputs.shape[0], device=inputs.device)
             inputs, target = lam * inputs + (1 - lam) * inputs[perm], lam * target + (1 - lam) * target[perm]
-        logits = self.model(inputs)
+        logits = self.run_model(inputs)
         n, on_step = 0 if self.padding(batch) else labels.shape[0], stage == "train"
         if multilabel:
             loss = F.binary_cross_entropy_with_logits(logits, target)
