@@ -245,7 +245,8 @@ def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, dev
         ms, peak = median_ms(step, device, args.warmup, args.reps)
         if args.profile:
             profile(step, args.out_dir_resolved / f"profile_{row}_{px}{mode_tag(args.compile, args.graphs)}.txt")
-        record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=peak)
+        # Under CUDA graphs the graphs' private memory pools are not in the allocator's allocated count: no peak.
+        record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=None if args.graphs else peak)
         record["floor_ms"] = record["flops_per_img"] * batch / args.rate * 1e3
     except torch.cuda.OutOfMemoryError:
         record["note"] = "OOM"
