@@ -61,8 +61,9 @@ def test_norm_writes_the_dtype_asked(norm_kernels):
     _close(y, norm_reference(x, weight, bias, 1e-6, "layer", 1), 2**-7)
 
 
-@pytest.mark.parametrize("rows,groups,width", [(37, 1, 48), (130, 2, 64)])
-@pytest.mark.parametrize("kind,affine", [("layer", True), ("rms", True), ("rms", False)])
+@pytest.mark.parametrize(
+    "kind,affine,rows,groups,width", [("layer", True, 37, 1, 48), ("rms", True, 130, 2, 64), ("rms", False, 5, 3, 20)]
+)
 @pytest.mark.parametrize("gate_first", [False, True])
 def test_gated_norm_matches_reference(norm_kernels, monkeypatch, rows, groups, width, kind, affine, gate_first):
     # The swish gate fused into the kernels: norm(x) * silu(z) and norm(x * silu(z)), output and the gradients
