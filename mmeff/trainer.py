@@ -24,7 +24,7 @@ from torch import nn
 from mmeff import checkpoint, config as config_mod, lora, strategies
 from mmeff.blocks.moe import upcycle_state
 from mmeff.config import ConfigError, RunConfig
-from mmeff.data import ShardDataModule
+from mmeff.data import ShardDataModule, saved_position
 from mmeff.data.text import check_shard_tokenizer
 from mmeff.errors import CheckpointError, TrainingError
 from mmeff.strategies import PARTIAL, full_state_dict, is_sharded, is_sharded_checkpoint, local
@@ -32,7 +32,7 @@ from mmeff.tasks import build_model, build_task, transforms
 
 log = logging.getLogger("mmeff")
 # Lightning warns on a mid-epoch resume when the DataLoader itself keeps no state; here the ShardDataModule's state
-# (in every checkpoint) makes the resumed stream skip the batches already trained on.
+# (in every checkpoint) makes the resumed stream take the samples of the epoch not trained on yet.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
@@ -393,7 +393,10 @@ def fit(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> L
     # Written only once the config has built a model and a trainer: a rejected config leaves no run folder.
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, cfg.out_dir / "config.yaml")
-    trainer.fit(task, datamodule=ShardDataModule(cfg.data, *transforms(cfg)), ckpt_path=ckpt_path)
+    # The data position goes in up front: fsdp restores a checkpoint after its setup, where a schedule may have
+    # already asked for the train loader.
+    data = ShardDataModule(cfg.data, *transforms(cfg), resume=saved_position(ckpt_path) if ckpt_path else None)
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
     return trainer
 
 

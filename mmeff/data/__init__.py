@@ -7,14 +7,15 @@ from typing import TYPE_CHECKING, Any
 from mmeff.data.shards import build_shards, read_index, write_shards
 
 if TYPE_CHECKING:
-    from mmeff.data.pipeline import ShardDataModule, SkipCounter, make_loader
+    from mmeff.data.pipeline import ShardDataModule, SkipCounter, make_loader, saved_position
 
-__all__ = ["ShardDataModule", "SkipCounter", "build_shards", "make_loader", "read_index", "write_shards"]
+__all__ = ["ShardDataModule", "SkipCounter", "build_shards", "make_loader", "read_index", "saved_position",
+           "write_shards"]
 
 
 def __getattr__(name: str) -> Any:
     # The loading side imports Lightning (seconds); `mmeff shards` only needs the writing side.
-    if name in ("ShardDataModule", "SkipCounter", "make_loader"):
+    if name in ("ShardDataModule", "SkipCounter", "make_loader", "saved_position"):
         from mmeff.data import pipeline
 
         return getattr(pipeline, name)

@@ -1,5 +1,6 @@
-"""Loading shards: per-rank and per-worker shard splits (or resampled shards), equal batch counts on every rank,
-mid-epoch resume, skip counting, and a Lightning DataModule."""
+"""Loading shards: train samples dealt to ranks and workers by `mmeff.data.plan` (or resampled shards), eval shards
+split by rank and worker, equal batch counts on every rank, mid-epoch resume on any number of ranks, skip counting,
+and a Lightning DataModule."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-from mmeff.config import ConfigError, DataConfig
+from mmeff.config import DataConfig
+from mmeff.data.plan import Deal, Indices, Piece, Plan, Start
 from mmeff.data.shards import INDEX, build_shards, count_samples, read_index
 from mmeff.errors import DataError, MmeffError
 
@@ -57,11 +60,9 @@ class SkipCounter:
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches of a shard list: endless and shuffled for train (fixed length, the same on every rank), one
-    pass for eval (`equal`: padded with repeated batches to the longest rank's count, for sharded models).
-
-    `resampled`: train shards are drawn with replacement by each rank and worker instead of split among them.
-    `skip`: batches this rank already took in the first epoch iterated (a mid-epoch resume); they are not repeated.
+    """One rank's batches of a shard list. Train: in each epoch, `plan`'s samples for this rank (as many batches on
+    every rank), shuffled; `start`: where the first epoch iterated begins (a mid-epoch resume). Eval: one pass
+    (`equal`: padded with repeated batches to the longest rank's count, for sharded models).
     """
 
     def __init__(
@@ -70,29 +71,24 @@ class ShardStream(IterableDataset):
         sizes: list[int],
         transform: Transform,
         batch_size: int,
-        train: bool,
         world_size: int,
         rank: int,
         workers: int,
-        seed: int = 0,
-        shuffle_buffer: int = 1000,
-        epoch: int = 0,
         strict: bool = False,
-        resampled: bool = False,
-        samples_per_epoch: int | None = None,
         equal: bool = False,
-        skip: int = 0,
+        plan: Plan | None = None,
+        start: Start | None = None,
     ) -> None:
         super().__init__()
-        self.shards, self.sizes = shards, dict(zip(shards, sizes))
-        self.transform, self.batch_size, self.train = transform, batch_size, train
+        self.shards, self.sizes = shards, sizes
+        self.transform, self.batch_size = transform, batch_size
         self.world_size, self.rank, self.workers = world_size, rank, max(1, workers)
-        self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, epoch
-        self.resampled, self.skip = resampled, skip
+        self.plan, self.start = plan, start
+        self.epoch = start.epoch if start else 0
         self.counter = SkipCounter(strict)
         self.padding = 0  # eval batches repeated at the end to match the other ranks (`equal`)
-        if train:
-            self.length = max(1, (samples_per_epoch or sum(sizes)) // (world_size * batch_size))
+        if plan is not None:
+            self.length = plan.length
         else:
             lengths = [self._eval_length(r) for r in range(world_size)]
             self.length = max(lengths) if equal else lengths[rank]
@@ -106,9 +102,9 @@ class ShardStream(IterableDataset):
 
     def _eval_length(self, rank: int) -> int:
         """Eval batches of `rank`: each worker batches its own shards, so each ends with its own partial batch."""
-        mine = self.shards[rank :: self.world_size]
+        mine = self.sizes[rank :: self.world_size]
         workers = min(self.workers, len(mine)) or 1
-        return sum(math.ceil(sum(self.sizes[s] for s in mine[w::workers]) / self.batch_size) for w in range(workers))
+        return sum(math.ceil(sum(mine[w::workers]) / self.batch_size) for w in range(workers))
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (all workers together)."""
@@ -118,61 +114,43 @@ class ShardStream(IterableDataset):
         """One epoch of batches (in a DataLoader worker: that worker's share)."""
         # Counted here, eagerly: with persistent workers each worker's copy counts the same epochs.
         epoch, self.epoch = self.epoch, self.epoch + 1
-        skip, self.skip = self.skip, 0
-        return self._epoch(epoch, skip)
-
-    def _epoch(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
         _, _, worker, workers = wds.utils.pytorch_worker_info()
-        # Same order on every rank (seeded by epoch); the rank is explicit because wds.split_by_node
-        # reads it from the environment / torch.distributed, which make_loader's callers need not set up.
-        order = wds.SimpleShardList(self.shards, seed=self.seed + epoch if self.train else None)
-        urls = [s["url"] for s in wds.split_by_worker(itertools.islice(order, self.rank, None, self.world_size))]
-        if not self.train:
-            yield from self._eval_batches(urls, worker)
-            return
-        # The DataLoader takes batch i from worker i % workers: the first `skip` batches were these workers' first.
-        quota = self.length // workers + (worker < self.length % workers)
-        skipped = skip // workers + (worker < skip % workers)
-        quota -= skipped
-        samples = self._samples(urls, epoch, worker, skipped * self.batch_size)
-        batches = wds.batched(self.batch_size, collation_fn=self._collate)(samples)
-        done = 0
-        for batch in itertools.islice(batches, quota):
-            done += 1
-            yield batch
-        if done < quota:
-            raise DataError(
-                f"training data: rank {self.rank} worker {worker} got no usable sample from its shards "
-                f"{urls} after {done} of {quota} batches (every shard or sample was skipped)"
-            )
+        if self.plan is None:
+            mine = list(range(len(self.shards)))[self.rank :: self.world_size]
+            return self._eval_batches(mine[worker::workers], worker)
+        start, self.start = self.start or Start(epoch, self.plan.segment(epoch)), None
+        return self._train_batches(start, worker)
 
-    def _eval_batches(self, urls: list[str], worker: int) -> Iterator[dict[str, Any]]:
-        """One pass of `urls` in batches; worker 0 then repeats its first batch `padding` times (flagged `_pad`)."""
-        first = None
-        for batch in wds.batched(self.batch_size, collation_fn=self._collate)(self._samples(urls, 0, worker)):
-            first = batch if first is None else first
-            yield batch
-        if worker == 0 and self.padding:
-            if first is None:  # this rank has no shard of its own: pad with the split's first samples
-                first = next(iter(wds.batched(self.batch_size, collation_fn=self._collate)(
-                    self._samples(self.shards[:1], 0, worker))))
-            for _ in range(self.padding):
-                yield {**first, "_skipped": 0, "_pad": True}
+    def _train_batches(self, start: Start, worker: int) -> Iterator[dict[str, Any]]:
+        """This worker's batches of `start`'s segment after the `start.skip` batches per rank already trained on."""
+        segment = start.segment
+        pieces, sizes = segment.share(self.rank, worker)
+        done = segment.deal.done(start.skip, worker)
+        samples = self._train_samples([(s, i) for _, s, i in pieces], start.epoch, segment.index, worker,
+                                      sum(sizes[:done]))
+        for n, size in enumerate(sizes[done:], done):
+            batch = list(itertools.islice(samples, size))
+            if len(batch) < size:
+                read = sorted({self.shards[s] for _, s, _ in pieces}) or "(shards drawn at random)"
+                raise DataError(
+                    f"training data: rank {self.rank} worker {worker} got no usable sample from its shards {read} "
+                    f"after {n} of {len(sizes)} batches (every shard or sample was skipped)"
+                )
+            yield self._collate(batch)
 
-    def _samples(self, urls: list[str], epoch: int, worker: int, skip: int = 0) -> Iterator[dict[str, Any]]:
-        """Transformed samples of `urls`: one pass for eval, shuffled passes without end for train (`resampled`:
-        shards drawn with replacement from all of them); the first `skip` samples are read but not transformed."""
-        if not urls and not (self.train and self.resampled):
-            return
-        for n in itertools.count() if self.train else range(1):
-            seed = wds.utils.make_seed(self.seed, epoch, self.rank, worker, n)
-            if self.train and self.resampled:
-                urls = random.Random(seed).choices(self.shards, k=max(1, len(self.shards) // self.world_size))
-            stages: list[Any] = [wds.SimpleShardList(urls), self._read]
-            if self.train:
-                stages.append(wds.shuffle(self.shuffle_buffer, seed=seed))
+    def _train_samples(self, pieces: list[Piece], epoch: int, segment: int, worker: int,
+                       skip: int) -> Iterator[dict[str, Any]]:
+        """Transformed samples of `pieces`, shuffled, then again (reshuffled) only to replace skipped ones; resampled:
+        whole shards drawn with replacement, without end. The first `skip` are read but not transformed."""
+        assert self.plan is not None
+        shuffle = self.plan.shuffle(epoch)
+        for n in itertools.count():
+            if self.plan.resampled:
+                draw = random.Random(shuffle.seed_of(segment, self.rank, worker, n))
+                count = max(1, len(self.shards) // self.world_size)
+                pieces = [(s, None) for s in draw.choices(range(len(self.shards)), k=count)]
             produced = passed = 0
-            for raw in wds.DataPipeline(*stages):
+            for raw in shuffle(self._read(pieces), segment, self.rank, worker, n):
                 if skip:
                     skip, passed = skip - 1, passed + 1
                     continue
@@ -182,19 +160,41 @@ class ShardStream(IterableDataset):
             if not produced and not passed:  # everything was skipped: stop rather than loop forever
                 return
 
-    def _read(self, shards: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
-        """Raw samples of each shard; the rest of a corrupt or truncated shard is skipped and counted."""
-        for shard in shards:
-            url, n = shard["url"], 0
+    def _eval_batches(self, shards: list[int], worker: int) -> Iterator[dict[str, Any]]:
+        """One pass of `shards` in batches; worker 0 then repeats its first batch `padding` times (flagged `_pad`)."""
+        first = None
+        for batch in self._batched(self._read([(s, None) for s in shards])):
+            first = batch if first is None else first
+            yield batch
+        if worker == 0 and self.padding:
+            if first is None:  # this rank has no shard of its own: pad with the split's first samples
+                first = next(iter(self._batched(self._read([(0, None)]))))
+            for _ in range(self.padding):
+                yield {**first, "_skipped": 0, "_pad": True}
+
+    def _batched(self, raws: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return wds.batched(self.batch_size, collation_fn=self._collate)(self._apply(raws))
+
+    def _read(self, pieces: Iterable[tuple[int, Indices | None]]) -> Iterator[dict[str, Any]]:
+        """Raw samples at the given positions of each shard (None: all); the rest of a corrupt or truncated shard is
+        skipped and counted."""
+        for shard, wanted in pieces:
+            url, n = self.shards[shard], 0
+            positions = iter(itertools.count() if wanted is None else wanted)
+            position = next(positions, None)
             try:
-                for sample in wds.tarfile_samples([shard]):
+                for sample in wds.tarfile_samples([{"url": url}]):
+                    if n == position:
+                        yield sample
+                        position = next(positions, None)
                     n += 1
-                    yield sample
+                    if position is None:
+                        break
             except _SHARD_ERRORS as e:
                 self.counter.skip(f"corrupt shard {url} after {n} sample(s): {_reason(e)}")
                 continue
-            if n < self.sizes[url]:
-                self.counter.skip(f"truncated shard {url}: it ended after {n} of {self.sizes[url]} samples")
+            if position is not None and n < self.sizes[shard]:
+                self.counter.skip(f"truncated shard {url}: it ended after {n} of {self.sizes[shard]} samples")
 
     def _apply(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """The transform of each sample; one it cannot use (a missing field, bytes that do not decode, a label out of
@@ -237,44 +237,30 @@ def make_loader(
     world_size: int = 1,
     rank: int = 0,
     epoch: int = 0,
-    skip: int = 0,
+    resume: dict[str, Any] | None = None,
     equal: bool = False,
 ) -> DataLoader:
-    """A DataLoader of `split`'s batches for one rank (`epoch`: the first epoch's number, for the shard order; `skip`:
-    batches of it already trained on; `equal`: eval padded to the same batch count on every rank)."""
+    """A DataLoader of `split`'s batches for one rank (`epoch`: the first epoch's number; `resume`: a checkpoint's
+    train position, a ShardDataModule.state_dict, to continue that epoch from; `equal`: eval padded to the same batch
+    count on every rank)."""
     shards = find_shards(cfg, split)
+    sizes = _shard_sizes(shards, cfg.strict)
     workers = cfg.num_workers
-    if train and not cfg.resampled and len(shards) < world_size * max(1, workers):
-        raise ConfigError(
-            f"data.num_workers: {split} split: {len(shards)} shard(s) cannot feed {world_size} rank(s) x "
-            f"{max(1, workers)} "
-            f"loader worker(s); write at least {world_size * max(1, workers)} shards (smaller maxcount) "
-            "or use fewer workers (or data.resampled: true)"
-        )
-    if not train and len(shards[rank::world_size]) < workers:
+    plan = start = None
+    if train:
+        deal = Deal(world_size, max(1, workers), cfg.batch_size)
+        plan = Plan(tuple(os.path.basename(s) for s in shards), tuple(sizes), deal, cfg.seed,
+                    cfg.samples_per_epoch or sum(sizes), cfg.resampled, cfg.shuffle_buffer)
+        start = plan.start(epoch, resume or {})
+    elif len(shards[rank::world_size]) < workers:
         mine = len(shards[rank::world_size])
         logger.info(
             "%s split: rank %d has %d shard(s), so it uses as many loader workers, not %d", split, rank, mine, workers
         )
         workers = mine
-    dataset = ShardStream(
-        shards,
-        _shard_sizes(shards, cfg.strict),
-        transform,
-        cfg.batch_size if train else cfg.eval_batch_size or cfg.batch_size,
-        train,
-        world_size,
-        rank,
-        cfg.num_workers,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-        epoch=epoch,
-        strict=cfg.strict,
-        resampled=cfg.resampled,
-        samples_per_epoch=cfg.samples_per_epoch,
-        equal=equal,
-        skip=skip,
-    )
+    batch_size = cfg.batch_size if train else cfg.eval_batch_size or cfg.batch_size
+    dataset = ShardStream(shards, sizes, transform, batch_size, world_size, rank, cfg.num_workers, cfg.strict, equal,
+                          plan, start)
     # Persistent workers keep their dataset copy, whose epoch counter sets each epoch's shard order.
     return DataLoader(
         dataset,
@@ -329,56 +315,56 @@ def _listed_size(shard: str, strict: bool) -> int:
         return 0
 
 
-class ShardDataModule(L.LightningDataModule):
-    """Train / val / test loaders over `cfg`'s shards, split for the attached trainer's ranks."""
+def saved_position(checkpoint: str | Path) -> dict[str, Any]:
+    """The train data position in a Lightning checkpoint (a file, or a sharded checkpoint's folder), read without
+    restoring anything, for ShardDataModule(resume=...)."""
+    path = Path(checkpoint)
+    saved = torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=True, mmap=True)
+    return saved.get(ShardDataModule.__qualname__, {})
 
-    def __init__(self, cfg: DataConfig, train_transform: Transform, eval_transform: Transform) -> None:
+
+class ShardDataModule(L.LightningDataModule):
+    """Train / val / test loaders over `cfg`'s shards, split for the attached trainer's ranks.
+
+    Its state (saved in each checkpoint) is the train position: the data epoch, the samples of it consumed and how
+    its batches were dealt; `resume` (or Lightning's load_state_dict) continues from one, on any number of ranks.
+    """
+
+    def __init__(self, cfg: DataConfig, train_transform: Transform, eval_transform: Transform,
+                 resume: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.train_transform = train_transform
         self.eval_transform = eval_transform
-        self.resume: dict[str, int] = {}  # where the checkpoint being resumed stopped in its epoch
+        self.resume = dict(resume or {})  # the train position of the checkpoint being resumed
+        self._used: dict[str, Any] | None = None  # the position the train loader was built from
+        self._start: Start | None = None
+        self._plan: Plan | None = None
 
-    def state_dict(self) -> dict[str, int]:
-        """Where training is in its epoch (saved in each checkpoint): the epoch, its batches done, the data layout."""
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in its data epoch: the epoch, the samples of it consumed (all ranks), the segments it
+        ran on ([ranks, workers, batch size, batches per rank] each) and what fixes its order."""
         trainer = self.trainer
-        if trainer is None:
+        if trainer is None or self._plan is None or self._start is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        done, epoch = trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.current_epoch
         if done >= trainer.num_training_batches:  # saved at the epoch's end: the next run starts the next epoch
-            return {"epoch": trainer.current_epoch + 1, "batches": 0, **self._layout()}
-        return {"epoch": trainer.current_epoch, "batches": done, **self._layout()}
+            state = {"epoch": epoch + 1, "consumed": 0, "offset": 0, "segments": []}
+        else:
+            start = self._start if self._start.epoch == epoch else Start(epoch, self._plan.segment(epoch))
+            state = start.state(done)
+        return {**state, **self._plan.identity()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Keep the resumed checkpoint's position; the next train loader starts after its batches."""
-        self.resume = dict(state)
-
-    def _layout(self) -> dict[str, int]:
-        assert self.trainer is not None
-        return {"world_size": self.trainer.world_size, "num_workers": self.cfg.num_workers,
-                "batch_size": self.cfg.batch_size}
-
-    def _start(self, epoch: int) -> tuple[int, int]:
-        """The data epoch the train loader starts at and the batches of it to skip: `epoch`, or where the resumed
-        checkpoint stopped. Lightning builds the loader before it moves past an epoch that the checkpoint ended."""
-        state, self.resume = self.resume, {}
-        if state.get("epoch") == epoch + 1 and not state.get("batches"):
-            return epoch + 1, 0
-        return epoch, self._skip(epoch, state)
-
-    def _skip(self, epoch: int, state: dict[str, int]) -> int:
-        """Batches of `epoch` that the resumed checkpoint (`state`) had trained on."""
-        if not state or state.get("epoch") != epoch or not state.get("batches"):
-            return 0
-        if {k: state.get(k) for k in self._layout()} != self._layout():
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep the resumed checkpoint's position; the next train loader continues its epoch."""
+        if self._used is None:
+            self.resume = dict(state)
+        elif state != self._used:
             logger.warning(
-                "resume: the checkpoint stopped after %d batches of epoch %d with %s; this run has %s, so the data "
-                "of epoch %d starts over", state["batches"], epoch, {k: state.get(k) for k in self._layout()},
-                self._layout(), epoch,
+                "resume: the checkpoint's data position came after the train loader was built (a strategy that "
+                "restores after its setup, with a schedule that asked for the loader's length), so its epoch starts "
+                "over; pass the position as ShardDataModule(..., resume=...) (`mmeff fit --resume` does)"
             )
-            return 0
-        logger.info("resume: skipping the %d batches of epoch %d that were trained on", state["batches"], epoch)
-        return state["batches"]
 
     def prepare_data(self) -> None:
         """Write `cfg.source`'s shards into `cfg.root` when it has no train shards yet (once per node)."""
@@ -392,15 +378,24 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         trainer = self.trainer
+        transform = self.train_transform if train else self.eval_transform
         if trainer is None:
-            return make_loader(self.cfg, split, self.train_transform if train else self.eval_transform, train)
-        epoch, skip = self._start(trainer.current_epoch) if train else (trainer.current_epoch, 0)
-        return make_loader(
-            self.cfg, split, self.train_transform if train else self.eval_transform, train, trainer.world_size,
-            trainer.global_rank, epoch=epoch, skip=skip,
+            return make_loader(self.cfg, split, transform, train)
+        state: dict[str, Any] = {}
+        if train:
+            state, self.resume = self.resume, {}
+        loader = make_loader(
+            self.cfg, split, transform, train, trainer.world_size, trainer.global_rank, trainer.current_epoch, state,
             # A sharded model (mmeff.strategies.FSDP) gathers weights in every step: every rank must take as many.
             equal=hasattr(trainer.strategy, "shard"),
         )
+        if train:
+            dataset = loader.dataset
+            assert isinstance(dataset, ShardStream) and dataset.start is not None
+            self._used, self._start, self._plan = state, dataset.start, dataset.plan
+            if dataset.start.count is not None:
+                trainer.callbacks.append(_EpochCount(dataset.start.count))
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         """Endless shuffled train batches, a fixed number per epoch on every rank."""
@@ -413,3 +408,20 @@ class ShardDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         """Each test sample once across ranks (no loader when `cfg.test` is unset)."""
         return self._loader("test", False) if self.cfg.test else []
+
+
+class _EpochCount(Callback):
+    """Sets Lightning's batch count in a resumed epoch to `count`, where the batches of the epoch dealt again begin,
+    once Lightning has restored its loops (the checkpoint counted batches of another deal). Lightning ends an epoch
+    when its count reaches the loader's length, so the epoch then ends with the loader's last batch."""
+
+    def __init__(self, count: int) -> None:
+        self.count: int | None = count
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.count is None:
+            return
+        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        shift, self.count = self.count - current.processed, None
+        for name in ("ready", "started", "processed", "completed"):
+            setattr(current, name, getattr(current, name) + shift)

@@ -5,7 +5,8 @@ shards of 64 or 13 samples, val shards of 64, 64 and 16, so the ranks' val split
   single process trained on both ranks' batches to 1e-4 (only the summation order of the gradient reduce differs);
 - FSDP validates on uneven val shards without hanging (the test's timeout);
 - a sharded checkpoint written mid-epoch resumes on 2 ranks without repeating a batch (the trajectory goes on
-  matching the single process), and on 1 rank (weights and AdamW state resharded: the next step matches);
+  matching the single process), and on 1 rank (weights and AdamW state resharded, the epoch's unseen samples dealt
+  to it: the next step matches);
 - the gathered export equals the single process's weights and loads with mmeff.load.
 
 Every run is one launch of two processes (tests/trainer/two_ranks.py) doing several fits, to keep the cost of
@@ -31,7 +32,7 @@ import yaml
 
 import mmeff
 from mmeff import config, trainer
-from mmeff.data import make_loader
+from mmeff.data import make_loader, saved_position
 from mmeff.tasks import build_model, transforms
 from mmeff.tasks.base import param_groups
 
@@ -122,9 +123,9 @@ def _reference(cfg: config.RunConfig, batches: list[list[dict]]) -> tuple[list[f
     return losses, weights
 
 
-def _rank_batches(cfg: config.RunConfig, world: int, steps: int) -> list[list[dict]]:
+def _rank_batches(cfg: config.RunConfig, world: int, steps: int, resume: dict | None = None) -> list[list[dict]]:
     train, _ = transforms(cfg)
-    loaders = [iter(make_loader(cfg.data, "train", train, True, world, rank)) for rank in range(world)]
+    loaders = [iter(make_loader(cfg.data, "train", train, True, world, rank, resume=resume)) for rank in range(world)]
     return [[next(loader) for loader in loaders] for _ in range(steps)]
 
 
@@ -155,7 +156,9 @@ def test_ddp_and_fsdp_match_one_process_and_resume_sharded(tmp_path, digits_root
     assert (last / ".metadata").is_file() and len(list(last.glob("*.distcp"))) == 2  # one shard file per rank
 
     # The two-rank sharded checkpoint of step STEPS resumes on one rank for one more step (without validation: the
-    # export is then that step's weights); its data position restarts, since the layout of the ranks changed.
+    # export is then that step's weights), on the first batch of the samples of the epoch that the two had not seen.
+    position = saved_position(last)
+    assert position["epoch"] == 0 and position["segments"] == [[2, 1, 16, STEPS]]
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     one = config.load(fsdp, ["--trainer.devices=1", f"--trainer.max_steps={STEPS + 1}", "--data.val=null"])
     try:
@@ -163,5 +166,5 @@ def test_ddp_and_fsdp_match_one_process_and_resume_sharded(tmp_path, digits_root
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    _, weights = _reference(cfg, batches + _rank_batches(cfg, 1, 1))
+    _, weights = _reference(cfg, batches + _rank_batches(cfg, 1, 1, resume=position))
     _close(one.out_dir / "export", weights[STEPS])
