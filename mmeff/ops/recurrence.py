@@ -245,7 +245,7 @@ def _chunked(
             # M_ts = beta_t <k_t, k_s>_decayed for s < t; the unit diagonal is implied by unitriangular.
             m = beta * _decayed_scores(k, k, b, strict=True)
             rhs = torch.cat([beta * v, beta * k * b.exp()], dim=-1)
-            sol = torch.linalg.solve_triangular(m, rhs, upper=False, unitriangular=True)
+            sol = _solve_unit_lower(m, rhs)
             u, w = sol.split([v.shape[-1], k.shape[-1]], dim=-1)
             q_in = q_in - scores @ w
         local_o, local_s = scores @ u, k_out.transpose(-1, -2) @ u
@@ -271,6 +271,35 @@ def _next_chunk(state: Tensor, chunk: Tuple[Tensor, ...]) -> Tuple[Tensor, Tenso
         k_out, w = delta
         exit_state = exit_state - k_out.transpose(-1, -2) @ (w @ state)
     return exit_state, q_in @ state + local_o
+
+
+def _solve_unit_lower(m: Tensor, rhs: Tensor) -> Tensor:
+    """(I + m)^{-1} rhs for strictly lower-triangular m [..., C, C]: torch's triangular solve, or while exporting
+    `unit_lower_inverse(m) @ rhs` (ONNX has no triangular solve; torch.onnx cannot translate it)."""
+    if dispatch.exporting():
+        return unit_lower_inverse(m) @ rhs
+    return torch.linalg.solve_triangular(m, rhs, upper=False, unitriangular=True)
+
+
+def unit_lower_inverse(m: Tensor) -> Tensor:
+    """(I + m)^{-1} for strictly lower-triangular m [..., C, C] (entries above the diagonal ignored) by matmuls only.
+
+    Recursive block inversion in ceil(log2 C) steps: `inv` holds the inverse of the diagonal blocks of size w of I + m;
+    those of size 2w are inv - inv E inv, E the entries (t, s) of m in a 2w block but not in a w block, i.e. with
+    w <= t xor s < 2w (exact: (inv E)^2 = 0). Its error stays that of a triangular solve, unlike the nilpotent series
+    (I + N)(I + N^2)(I + N^4)... = (I - N)^{-1}, whose powers of N cancel catastrophically in fp32 once keys are alike.
+    """
+    size = m.shape[-1]
+    pos = torch.arange(size, device=m.device)
+    differ = pos[:, None] ^ pos[None, :]
+    m = m.tril(-1)
+    inv = torch.eye(size, dtype=m.dtype, device=m.device).expand_as(m)
+    width = 1
+    while width < size:
+        e = m * ((differ >= width) & (differ < 2 * width))
+        inv = inv - inv @ e @ inv
+        width *= 2
+    return inv
 
 
 def _masked_exp(x: Tensor, keep: Tensor) -> Tensor:

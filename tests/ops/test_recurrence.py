@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmeff.ops import recurrence
 from mmeff.ops import (
     delta_rule,
     gated_delta_rule,
@@ -252,3 +253,23 @@ def test_core_options_and_errors() -> None:
         linear_recurrence(q, q, q, log_decay=torch.zeros(1, 5, 2, 3))
     with pytest.raises(ValueError, match="beta"):
         linear_recurrence(q, q, q, beta=torch.zeros(1, 5, 2, 1))
+
+
+@pytest.mark.parametrize("size", [64, 48])
+@pytest.mark.parametrize("keys", ["random", "alike", "equal"])
+def test_unit_lower_inverse_solves_like_solve_triangular(keys: str, size: int) -> None:
+    # The export-time inverse of the delta rule's (I + M), M_ts = beta_t <k_t, k_s> exp(b_t - b_s) (s < t), on the
+    # mixers' inputs: L2-normalised keys (random, sharing a direction as trained keys do, or all equal: the case where
+    # the nilpotent series (I + N)(I + N^2)... fails: 26 and 1e10 off at size 64), sigmoid betas (1 for equal keys),
+    # gated decays. Measured max |error| vs float64 (solutions up to 6.4): 3.5e-7 / 3.8e-7 / 1.1e-6 (size 64),
+    # fp32 solve_triangular 3.1e-7 / 1.0e-6 / 2.7e-6.
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 2, 4, size)
+    k = torch.randn(*shape, DK, generator=gen)
+    k = F.normalize({"random": k, "alike": k + 3 * torch.randn(DK, generator=gen), "equal": torch.ones_like(k)}[keys], dim=-1)
+    beta = torch.ones(*shape, 1) if keys == "equal" else torch.sigmoid(torch.randn(*shape, 1, generator=gen))
+    b = (F.logsigmoid(torch.randn(*shape, 1, generator=gen)) / 16).cumsum(-2)
+    m = beta * recurrence._decayed_scores(k, k, b, strict=True)
+    rhs = torch.randn(*shape, 2 * DK, generator=gen)
+    exact = torch.linalg.solve_triangular(m.double(), rhs.double(), upper=False, unitriangular=True)
+    assert (recurrence.unit_lower_inverse(m) @ rhs - exact).abs().max() < 5e-6
