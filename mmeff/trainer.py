@@ -88,6 +88,18 @@ class RunCheckpoint(ModelCheckpoint):
             super()._save_checkpoint(trainer, filepath)
 
 
+class LastCheckpoint(RunCheckpoint):
+    """Rewrites `last.ckpt` after every epoch, or every `every_n_train_steps` steps (the resume points).
+
+    A class of its own for its Lightning state key (class name, monitor, mode, intervals): with the arguments of a
+    run's best-checkpoint callback without validation, a resume would hand either one the other's saved paths.
+    """
+
+    def __init__(self, dirpath: Path, every_n_train_steps: int | None = None) -> None:
+        super().__init__(dirpath=dirpath, filename="last", enable_version_counter=False,
+                         every_n_train_steps=every_n_train_steps)
+
+
 class NonFiniteLoss(Callback):
     """A NaN or infinite loss (or gradient) stops the run (`trainer.on_nonfinite: stop`) or skips its optimizer
     step (`skip`). Either way the step's update is not applied: its gradients are dropped before the optimizer
@@ -140,7 +152,10 @@ class ExportBest(Callback):
         self.overwrite = overwrite
 
     def on_fit_end(self, trainer: L.Trainer, task: L.LightningModule) -> None:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        callback = trainer.checkpoint_callback
+        # Without a monitor, "best" is only the newest file that callback wrote, possibly before a resume and older
+        # than the weights trained since: the current weights are the ones to export.
+        best = callback.best_model_path if callback is not None and callback.monitor is not None else ""
         model = self._gathered(trainer, task, best) if is_sharded(task.model) else task.model
         if not trainer.is_global_zero:
             return
@@ -285,12 +300,11 @@ def _fit_callbacks(cfg: RunConfig, overwrite: bool, logging_on: bool) -> list[Ca
     )
     callbacks: list[Callback] = [best, NonFiniteLoss(t.on_nonfinite), ExportBest(cfg, overwrite)]
     if t.checkpoint_every_n_steps:  # mid-epoch resume points; the data stream resumes where they were written
-        callbacks.insert(1, RunCheckpoint(dirpath=folder, filename="last", enable_version_counter=False,
-                                          every_n_train_steps=t.checkpoint_every_n_steps))
+        callbacks.insert(1, LastCheckpoint(folder, every_n_train_steps=t.checkpoint_every_n_steps))
     if has_val:
         # Lightning's save_last copies a checkpoint only when `best` writes one (a new best), so --resume
         # would lose the epochs since; this one rewrites last.ckpt after every epoch.
-        callbacks.insert(1, RunCheckpoint(dirpath=folder, filename="last", enable_version_counter=False))
+        callbacks.insert(1, LastCheckpoint(folder))
     if logging_on:
         callbacks.append(LearningRateMonitor("step"))
     return callbacks
@@ -323,7 +337,8 @@ def _resume_path(cfg: RunConfig, resume: str | None) -> str | None:
     others = sorted(
         (p for p in folder.glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
     )
-    candidates = [p for p in (folder / "last.ckpt",) if p.is_file()] + others
+    last = folder / "last.ckpt"  # a file, or the folder of a sharded checkpoint (trainer.fsdp.sharded_checkpoint)
+    candidates = ([last] if last.exists() else []) + others
     if not candidates:
         raise FileNotFoundError(f"--resume {resume}: no checkpoint under {folder} (expected {folder}/last.ckpt)")
     broken = []
