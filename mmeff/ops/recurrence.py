@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Literal, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops.scan import scan
 
@@ -214,8 +213,13 @@ def _chunked(
         nchunks = (seqlen + 2 * size - 1) // size
 
     def split(x: Tensor) -> Tensor:
-        # Padded steps have k = v = beta = 0 and no decay, so they leave the state unchanged.
-        return F.pad(x, (0, 0, 0, nchunks * size - seqlen)).unflatten(2, (nchunks, size))
+        # Padded steps have k = v = beta = 0 and no decay, so they leave the state unchanged. Zeros and a copy, not
+        # F.pad: with a symbolic pad (a dynamic-shape torch.compile) the traced pad and its backward are contiguous
+        # (torch._refs.constant_pad_nd) while the eager kernel keeps x's (transposed) strides, so the views that
+        # einsum and matmul record on them fail at run time.
+        padded = x.new_zeros(*x.shape[:2], nchunks * size, x.shape[-1])
+        padded[:, :, :seqlen] = x
+        return padded.unflatten(2, (nchunks, size))
 
     q, k, v, g = (split(x) for x in (q, k, v, g))
     b = g.cumsum(dim=-2)  # log decay from the chunk start, inclusive: [B,H,N,C,1 or K]
