@@ -23,8 +23,8 @@ block_topk references compute dense scores, so theirs is the dense count), floor
 the bf16 matmul rate measured in the same run), ceiling_img_s (the FLOP-matched ceiling: timm's img/s x timm's
 FLOPs / the row's FLOPs) and note (OOM, errors). `--compile` runs every model, timm's too, through torch.compile
 (nn.Module.compile, as `trainer.compile: true`). `--graphs` replays each model's forward and backward as CUDA graphs
-(torch.cuda.make_graphed_callables; the optimizer step stays eager), timm's too: the step without the host's
-per-kernel launch cost, which the eager mmeff rows pay for their many small kernels (record field `graphs`).
+through mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs: true` runs (torch.cuda.make_graphed_callables;
+the optimizer step stays eager), timm's too: the step without the host's per-kernel launch cost, which the eager mmeff rows pay for their many small kernels (record field `graphs`).
 Results merge into benchmarks/results/vision_speed_<device>.{md,json,png}
 by (row, px, compiled, graphs), written after every row, so a run cut short keeps its rows and several runs (eager,
 `--compile`, a few sizes at a time) build one table.
@@ -58,6 +58,7 @@ from torch import nn
 from mmeff import config
 from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
+from mmeff.tasks.graphs import GraphedTraining
 from timing import device_tag, error_note, free, matmul_rate, median_ms  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
@@ -200,23 +201,21 @@ def flops_per_input(model: nn.Module, example: torch.Tensor, classes: int) -> fl
     return counter.get_total_flops() / example.shape[0]
 
 
-def autocast(device: torch.device, cache: bool = True) -> torch.autocast:
+def autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on CUDA; off on the CPU (`--smoke`), whose bf16 matmuls are emulated and slow."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=cache)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def train_step(model: nn.Module, inputs: torch.Tensor, classes: int, graphs: bool = False) -> Callable[[], None]:
     """One training step of `model` on `inputs`: forward, cross-entropy, backward, fused AdamW; with `graphs` the
-    forward and backward replayed as CUDA graphs (autocast's weight cache off, as CUDA graphs require)."""
+    forward and backward replayed as CUDA graphs, as `trainer.cuda_graphs: true` does (mmeff.tasks.graphs)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     target = torch.randint(0, classes, (inputs.shape[0],), device=inputs.device)
-    if graphs:
-        with autocast(inputs.device, cache=False):
-            model = torch.cuda.make_graphed_callables(model, (inputs,), allow_unused_input=True)
+    forward = GraphedTraining(model) if graphs else model
 
     def step() -> None:
-        with autocast(inputs.device, cache=not graphs):
-            logits = model(inputs)
+        with autocast(inputs.device):
+            logits = forward(inputs)
         F.cross_entropy(logits.float(), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
