@@ -24,8 +24,8 @@ the bf16 matmul rate measured in the same run), ceiling_img_s (the FLOP-matched 
 FLOPs / the row's FLOPs) and note (OOM, errors). `--compile` runs every model, timm's too, through torch.compile
 (nn.Module.compile, as `trainer.compile: true`). `--graphs` replays each model's forward and backward as CUDA graphs
 through mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs: true` runs (torch.cuda.make_graphed_callables;
-the optimizer step stays eager), timm's too: the step without the host's per-kernel launch cost, which the eager mmeff rows pay for their many small kernels (record field `graphs`).
-Results merge into benchmarks/results/vision_speed_<device>.{md,json,png}
+the optimizer step stays eager), timm's too: the step without the host's per-kernel launch cost, which the eager
+mmeff rows pay for their many small kernels (record field `graphs`). Results merge into benchmarks/results/vision_speed_<device>.{md,json,png}
 by (row, px, compiled, graphs), written after every row, so a run cut short keeps its rows and several runs (eager,
 `--compile`, a few sizes at a time) build one table.
 
