@@ -83,6 +83,7 @@ from torch import nn
 
 from mmeff import blocks, config
 from mmeff.encoders.text import ByteTokenizer
+from mmeff.ops.varlen import doc_bounds
 from mmeff.tasks import build_model
 from timing import copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel  # beside this file
 
@@ -163,11 +164,12 @@ def run_config(row: str, shape: Shape, T: int) -> config.RunConfig:
 Logits = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def build(row: str, shape: Shape, T: int) -> tuple[nn.Module, Logits]:
-    """(model, fn(tokens [B, T], docs) -> logits [B, T, V]) of `row`."""
+def build(row: str, shape: Shape, T: int, bounds: tuple[int, ...] | None = None) -> tuple[nn.Module, Logits]:
+    """(model, fn(tokens [B, T], docs) -> logits [B, T, V]) of `row`; `bounds`: the documents' boundaries as host
+    integers, as `mmeff fit` finds them on the CPU before a batch moves (mmeff.tasks.lm.host_facts)."""
     if row in PATTERNS:
         model = build_model(run_config(row, shape, T))
-        return model, lambda x, docs: model(x, docs=docs)
+        return model, lambda x, docs: model(x, docs=docs, bounds=bounds)
     model = PEER_BUILDERS[row](shape, T)
     if row == "mamba_ssm":
         return model, lambda x, docs: model(x).logits
@@ -416,8 +418,10 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
     model = step = None
     torch.manual_seed(0)
     try:
+        docs = (torch.arange(T) * ndocs // T).expand(B, T) if ndocs else None
+        bounds = None if docs is None or args.compile else doc_bounds(docs)  # compiled: traced from docs instead
         with device:  # parameters made where they train: a CPU init of 150M parameters takes seconds a row
-            model, logits_of = build(row, shape, T)
+            model, logits_of = build(row, shape, T, bounds)
         _, active = projection_flops_per_token(model)
         params = sum(p.numel() for p in model.parameters())
         record.update(params_m=params / 1e6, active_params_m=active / 1e6)
@@ -425,8 +429,7 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
             torch._dynamo.reset()  # a fresh cache per model: rows would otherwise hit dynamo's recompile limit
             model.compile()
         tokens = torch.randint(0, 256, (B, T + 1), device=device)
-        docs = (torch.arange(T, device=device) * ndocs // T).expand(B, T) if ndocs else None
-        step = train_step(model, logits_of, tokens, docs)
+        step = train_step(model, logits_of, tokens, None if docs is None else docs.to(device))
         ms, peak = median_ms(step, device, args.warmup, args.iters)
         record.update(ms=ms, tok_s=B * T / ms * 1e3, peak_gib=peak)
         if args.profile and device.type == "cuda":

@@ -17,9 +17,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
-from mmeff.ops.varlen import cu_seqlens_from_docs
 from mmeff.blocks.registry import register
-from mmeff.ops import flex, masks
+from mmeff.ops import flex, masks, varlen_attention
 from mmeff.ops.masks import MaskMod
 from mmeff.ops.rope import apply_rope, rope_angles
 
@@ -118,6 +117,11 @@ class SoftmaxAttention(nn.Module):
         kept within the documents and prefix of `layout`."""
         q_pos = None if kv_pos is None else torch.arange(offset, offset + q.shape[2], device=q.device)
         docs, engine = layout.docs, None
+        dropout = self.dropout if self.training else 0.0
+        plain = mask is None or mask is masks.causal()  # a mask that knows nothing but the documents and causality
+        if docs is not None and plain and not layout.prefix and kv_pos is None and block is None:
+            if varlen_attention.wants_varlen(q, k, dropout):
+                return varlen_attention.attention(q, k, v, layout.cu_seqlens, mask is not None, scale)
         if layout.prefix:
             mask = masks.with_prefix(mask, layout.prefix)
         if docs is not None:
@@ -126,13 +130,13 @@ class SoftmaxAttention(nn.Module):
             # Documents differ per sample: a block mask of this batch's own, never cached.
             if block is not None:
                 engine = "reference"  # a prebuilt (selection) block mask knows nothing of the documents
-            elif flex.wants_flex(q, kv_pos is None, self.dropout if self.training else 0.0):
+            elif flex.wants_flex(q, kv_pos is None, dropout):
                 # Compiled: eager, create_block_mask evaluates the predicate on every (query, key) pair of the batch
                 # (an attn LM at T = 16k with 8 documents a row ran at 0.40x its unpacked speed on the H200).
                 block = flex.create_block_mask(mask, q.shape[0], None, q.shape[2], k.shape[2], device=q.device, _compile=True)
         return flex.attention(
             q, k, v, mask, q_pos=q_pos, kv_pos=kv_pos, per_head=self.per_head_mask,
-            dropout=self.dropout if self.training else 0.0, scale=scale, block=block, engine=engine,
+            dropout=dropout, scale=scale, block=block, engine=engine,
         )
 
     def attend(
@@ -159,19 +163,6 @@ class SoftmaxAttention(nn.Module):
         if cache is not None:
             kv, kv_pos = remember(cache, kv, self.cache_bound() if self.causal else None)
         return self.merge(self.attend(q, kv, offset, kv_pos, layout, cache), x)
-
-
-def per_document(fn: Callable[..., tuple[Tensor, ...]], docs: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
-    """Apply `fn` to each document's tokens of `xs` [B, h, T, d] separately (`docs` [B, T]), reassembled in place:
-    for steps whose statistics span tokens (block scores, quantisation scales), so no document sees another."""
-    T = docs.shape[1]
-    bounds = cu_seqlens_from_docs(docs).tolist()
-    parts = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        b, t0 = divmod(start, T)
-        parts.append(fn(*(x[b : b + 1, :, t0 : t0 + end - start] for x in xs)))
-    # Documents come in flattened B*T order: [1, h, B*T, d] -> [B, h, T, d].
-    return tuple(torch.cat([p[i] for p in parts], dim=2)[0].unflatten(1, (-1, T)).transpose(0, 1) for i in range(len(parts[0])))
 
 
 @register("attn")

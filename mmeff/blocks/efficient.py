@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmeff.blocks.attention import Attention, SoftmaxAttention, per_document
+from mmeff.blocks.attention import Attention, SoftmaxAttention
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
 from mmeff.ops import flex
 from mmeff.ops.routing import router_scores, switch_aux_loss, topk_route
+from mmeff.ops.varlen import per_document
 
 
 @register("mla")
@@ -184,6 +185,6 @@ class QuantAttention(Attention):
         if layout.docs is None:
             q, k, v = quantise(q, kv["k"], kv["v"])
         else:  # block scales and the key mean span tokens: take them within each document
-            q, k, v = per_document(quantise, layout.docs, q, kv["k"], kv["v"])
+            q, k, v = per_document(quantise, layout.host_bounds, q, kv["k"], kv["v"])
         return super().attend(q, {"k": k, "v": v}, offset, kv_pos, layout, cache)
 

@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from mmeff.ops.varlen import cu_seqlens_from_docs
+from mmeff.ops.varlen import cu_seqlens_from_docs, cu_seqlens_to, host_bounds
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,6 +28,9 @@ class Layout:
     - `grid` (t, h, w): tokens `special .. special + t*h*w` are this grid in raster order (images,
       spectrogram patches, video); `special` leading tokens (class tokens) are not part of it.
     - `offset`: position of the first token (RoPE and windows continue from it).
+    - `bounds`: the documents' boundaries over the flattened B*T tokens as host integers (`doc_bounds` of `docs`
+      while they are still on the CPU): with them no mixer reads the boundaries back from the GPU, a host sync
+      that stalls the step (None: found from `docs` once per layout).
     """
 
     docs: Tensor | None = None
@@ -35,6 +38,7 @@ class Layout:
     grid: tuple[int, int, int] | None = None
     special: int = 0
     offset: int = 0
+    bounds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.docs is not None and self.docs.dim() != 2:
@@ -45,6 +49,13 @@ class Layout:
             object.__setattr__(self, "grid", tuple(self.grid))
         if min(self.prefix, self.special, self.offset) < 0:
             raise ValueError(f"Layout prefix, special and offset must be >= 0, got {self.prefix}, {self.special}, {self.offset}")
+        if self.bounds is not None:
+            if self.docs is None:
+                raise ValueError("Layout.bounds describe the documents of Layout.docs, which is None")
+            object.__setattr__(self, "bounds", tuple(int(b) for b in self.bounds))
+            if not self.bounds or self.bounds[-1] != self.docs.numel():
+                raise ValueError(f"Layout.bounds must end at the {self.docs.numel()} tokens of docs {tuple(self.docs.shape)}, "
+                                 f"got {len(self.bounds)} bounds ending at {self.bounds[-1] if self.bounds else None}")  # fmt: skip
 
     def replace(self, **changes: object) -> Layout:
         """A copy with `changes` applied."""
@@ -82,7 +93,24 @@ class Layout:
     @cached_property
     def cu_seqlens(self) -> Tensor | None:
         """int32 [N + 1]: document boundaries over the flattened B*T tokens (None without `docs`)."""
-        return None if self.docs is None else cu_seqlens_from_docs(self.docs)
+        if self.docs is None:
+            return None
+        if self.bounds is None or torch.compiler.is_compiling():
+            return cu_seqlens_from_docs(self.docs)
+        return cu_seqlens_to(self.bounds, self.docs.device)
+
+    @cached_property
+    def host_bounds(self) -> tuple[int, ...]:
+        """`cu_seqlens` as host integers: `bounds`, else read back from the GPU once (a host sync; needs `docs`)."""
+        if self.docs is None:
+            raise ValueError("Layout.host_bounds needs docs")
+        return self.bounds or tuple(host_bounds(self.cu_seqlens))
+
+    @cached_property
+    def max_len(self) -> int:
+        """Tokens of the longest document, a host integer (needs `docs`)."""
+        bounds = self.host_bounds
+        return max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 @dataclass

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from mmeff.blocks.attention import Attention, per_document
+from mmeff.blocks.attention import Attention
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
 from mmeff.ops import flex, masks
 from mmeff.ops.masks import MaskMod
+from mmeff.ops.varlen import per_document
 
 
 @register("sliding")
@@ -231,8 +232,8 @@ class BlockTopK(Attention):
     ) -> Tensor:
         k, v = kv["k"], kv["v"]
         if layout.docs is not None:  # block scores span documents: select within each document on its own
-            alone = layout.replace(docs=None)
-            return per_document(lambda q, k, v: (self.attend(q, {"k": k, "v": v}, 0, None, alone, None),), layout.docs, q, k, v)[0]
+            alone = layout.replace(docs=None, bounds=None)
+            return per_document(lambda q, k, v: (self.attend(q, {"k": k, "v": v}, 0, None, alone, None),), layout.host_bounds, q, k, v)[0]
         gates = self.gates(q, offset, cache.get("gate") if cache is not None else None)
         if cache is not None and self.query_block > 1 and self.causal:
             cache["gate"] = gates[:, :, -1:]

@@ -23,6 +23,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.autotuner import Autotuner
 
+from mmeff.ops.varlen import host_bounds, to_device, version
+
 # Read once, as triton.jit does when it decorates the kernels of this package.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -159,7 +161,7 @@ def make_chunks(cu_seqlens: Optional[Tensor], batch: int, seqlen: int, size: int
         return _build_packed_chunks(cu_seqlens, batch, seqlen, size, device)
     # Every layer of a model gets the same cu_seqlens tensor (the token layout's): build its layout once, not once
     # per layer and pass, each a host sync. Kept while the tensor lives and is not written in place.
-    key = (batch, seqlen, size, _device_key(device), cu_seqlens._version)
+    key = (batch, seqlen, size, _device_key(device), version(cu_seqlens))
     held = _PACKED.get(id(cu_seqlens))
     if held is None or held[0]() is not cu_seqlens:
         held = _PACKED[id(cu_seqlens)] = (weakref.ref(cu_seqlens), {})
@@ -176,7 +178,7 @@ _PACKED: dict[int, tuple[weakref.ref, dict]] = {}
 
 def _build_packed_chunks(cu_seqlens: Tensor, batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
     """Chunk layout of the packed sequences of `cu_seqlens` (checked to bound all `batch * seqlen` tokens)."""
-    bounds = cu_seqlens.reshape(-1).tolist()  # one host sync: the grids need the chunk count
+    bounds = host_bounds(cu_seqlens)  # the grids need the chunk count (a host sync unless the host made them)
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     if cu_seqlens.dim() != 1 or not bounds or bounds[0] != 0 or bounds[-1] != batch * seqlen or min(lengths, default=0) < 0:
         shown = bounds if len(bounds) <= 8 else [*bounds[:4], "...", *bounds[-3:]]
@@ -188,8 +190,8 @@ def _build_packed_chunks(cu_seqlens: Tensor, batch: int, seqlen: int, size: int,
     pairs = [(n, c) for n, count in enumerate(counts) for c in range(count)]
     return Chunks(
         cu_seqlens=cu_seqlens.to(device=device, dtype=torch.int32).contiguous(),
-        indices=torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device),
-        offsets=torch.tensor([0, *accumulate(counts)][:-1], dtype=torch.int32, device=device),
+        indices=to_device([i for pair in pairs for i in pair], torch.int32, device).view(-1, 2),
+        offsets=to_device([0, *accumulate(counts)][:-1], torch.int32, device),
         num_seqs=len(lengths),
         num_chunks=len(pairs),
         size=size,

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from mmeff.ops.varlen import host_bounds
+
 __all__ = ["global_linear_attention"]
 
 
@@ -34,7 +36,7 @@ def global_linear_attention(
         return _GlobalLinearAttention.apply(q, k, v, scale, normalize, eps)
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens packs sequences along T of one row, got batch {q.shape[0]}")
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     parts = [
         global_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale, None, normalize, eps)
         for a, b in zip(bounds[:-1], bounds[1:])

@@ -31,6 +31,7 @@ from torch._higher_order_ops.scan import scan
 from mmeff.ops import dispatch
 from mmeff.ops.custom_ops import linear_recurrence_op
 from mmeff.ops.dispatch import Backend
+from mmeff.ops.varlen import host_bounds
 
 Mode = Literal["chunk", "recurrent"]
 
@@ -130,7 +131,7 @@ def run_recurrence(
         o, state = _torch_recurrence(q, k, v, log_decay, beta, scale, initial_state, mode, chunk_size)
         return o, (state if output_final_state else None)
     outs, states = [], []
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     if initial_state is not None and initial_state.shape[0] != len(bounds) - 1:
         raise ValueError(f"initial_state must be [N,H,K,V] with N = {len(bounds) - 1} sequences, "
                          f"got {tuple(initial_state.shape)}")  # fmt: skip

@@ -22,7 +22,7 @@ from mmeff import encoders
 from mmeff.config import TASKS, ConfigError, RunConfig
 from mmeff.encoders.text import TextEncoderConfig, Tokenizer, load_tokenizer, tokenizer_files
 from mmeff.tasks.base import TaskModule
-from mmeff.tasks.lm import LanguageModel, _Sums, token_bytes
+from mmeff.tasks.lm import LanguageModel, _Sums, host_facts, token_bytes
 
 
 @dataclass
@@ -155,6 +155,9 @@ class Task(MaskedDiffusion, TaskModule):
         self.sums = nn.ModuleDict({stage: _Sums() for stage in ("val", "test")})
         self.export_files = tokenizer_files(cfg.encoder)
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return host_facts(batch, self.pad_id, self.cfg.trainer.compile)
+
     def step(self, batch: dict, stage: str) -> torch.Tensor:
         tokens, docs = batch["tokens"][:, :-1], batch["docs"][:, :-1]
         eligible = tokens != self.pad_id
@@ -164,7 +167,7 @@ class Task(MaskedDiffusion, TaskModule):
             conditional = torch.rand(B, device=tokens.device) < self.cfg.task.prompt_prob
             eligible &= response_mask(tokens.shape, lengths * conditional)
         noisy, masked, t = self.corrupt(tokens, eligible, stage)
-        nll = weighted_nll(self.model(noisy, docs=docs), tokens, masked, t)
+        nll = weighted_nll(self.model(noisy, docs=docs, bounds=batch.get("bounds")), tokens, masked, t)
         count = eligible.sum()
         loss = nll / count.clamp(min=1)
         if stage == "train":

@@ -18,6 +18,7 @@ from mmeff.blocks import Cache, Layout
 from mmeff.config import TASKS, ConfigError, RunConfig
 from mmeff.encoders.text import TextEncoderConfig, Tokenizer, load_tokenizer, tokenizer_files
 from mmeff.hub import Model
+from mmeff.ops.varlen import doc_bounds
 from mmeff.tasks.base import TaskModule
 
 
@@ -73,9 +74,24 @@ class LanguageModel(Model):
         """An empty decoding cache."""
         return self.backbone.new_cache()
 
-    def forward(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, T] (and their document indices) -> next-token logits [B, T, V]."""
-        return self.head(self.hidden(self.embed(tokens), layout=None if docs is None else Layout(docs=docs)))
+    def forward(
+        self, tokens: torch.Tensor, docs: torch.Tensor | None = None, bounds: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """Token ids [B, T] (and their document indices, with their boundaries as host integers: `Layout.bounds`)
+        -> next-token logits [B, T, V]."""
+        layout = None if docs is None else Layout(docs=docs, bounds=bounds)
+        return self.head(self.hidden(self.embed(tokens), layout=layout))
+
+
+def host_facts(batch: dict, pad_id: int, compiled: bool) -> dict:
+    """`batch` of text ids [B, T + 1] with what the step needs as host integers, found while the batch is on the CPU
+    (read back from the GPU, each would wait for the step's queued kernels): "bounds", the boundaries of the
+    documents of the model's input `docs[:, :-1]` (not for a compiled model: torch.compile would specialise on
+    them and compile again for every batch), and "targets", the count of non-pad targets."""
+    out = {**batch, "targets": int((batch["tokens"][:, 1:] != pad_id).sum())}
+    if not compiled:
+        out["bounds"] = doc_bounds(batch["docs"][:, :-1])
+    return out
 
 
 def token_bytes(tokenizer: Tokenizer, vocab_size: int, eos_bytes: int = 1) -> torch.Tensor:
@@ -128,13 +144,17 @@ class Task(TaskModule):
         self.sums = nn.ModuleDict({stage: _Sums() for stage in ("val", "test")})
         self.export_files = tokenizer_files(cfg.encoder)
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return host_facts(batch, self.pad_id, self.cfg.trainer.compile)
+
     def step(self, batch: dict, stage: str) -> torch.Tensor:
         tokens, docs = batch["tokens"], batch["docs"]
-        logits = self.model(tokens[:, :-1], docs=docs[:, :-1])
+        logits = self.model(tokens[:, :-1], docs=docs[:, :-1], bounds=batch.get("bounds"))
         nll, count, nbytes = lm_sums(logits, tokens[:, 1:], self.byte_table, self.pad_id)
         loss = nll / count.clamp(min=1)
         if stage == "train":
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=int(count))
+            targets = batch["targets"] if "targets" in batch else int(count)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=targets)
         else:
             self.sums[stage].update(nll, count, nbytes, padding=self.padding(batch))
         return loss

@@ -15,6 +15,7 @@ import torch
 from kernel_cases import KINDS, compare, forward_backward, make_inputs, max_error
 
 from mmeff.ops.recurrence import linear_recurrence
+from mmeff.ops.varlen import cu_seqlens_to
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
 reference = partial(linear_recurrence, mode="recurrent")
@@ -75,6 +76,16 @@ def test_packed_sequences(kernels, kind):
     cu_seqlens = torch.tensor([0, 9, 9, 10, 31, 37], dtype=torch.int32)
     inputs = make_inputs(kind, 1, 37, 2, 16, 16, seed=3, num_states=5)
     check(kernels, inputs, TOL[torch.float32], chunk_size=16, cu_seqlens=cu_seqlens)
+
+
+def test_packed_layout_from_host_bounds_reads_nothing_back(kernels, monkeypatch):
+    # The chunk layout of boundaries the host made (mmeff.ops.varlen.cu_seqlens_to): no tolist of the device tensor.
+    cu_seqlens = cu_seqlens_to([0, 9, 9, 10, 31, 37], "cpu")
+    monkeypatch.setattr(torch.Tensor, "tolist", None)
+    chunks = kernels.utils.make_chunks(cu_seqlens, 1, 37, 16, torch.device("cpu"))
+    monkeypatch.undo()
+    assert (chunks.num_seqs, chunks.num_chunks, chunks.max_len) == (5, 5, 21)
+    assert chunks.indices.tolist() == [[0, 0], [2, 0], [3, 0], [3, 1], [4, 0]] and chunks.offsets.tolist() == [0, 1, 1, 2, 4]
 
 
 @pytest.mark.parametrize("kind", ["linear_attention", "gla", "gated_delta_rule"])

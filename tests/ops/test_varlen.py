@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmeff import ops
-from mmeff.ops.varlen import cu_seqlens_from_docs, doc_runs, seq_idx_from_cu_seqlens
+from mmeff.blocks import Layout
+from mmeff.ops.varlen import cu_seqlens_from_docs, cu_seqlens_to, doc_bounds, doc_runs, host_bounds, seq_idx_from_cu_seqlens
 
 LENGTHS = [5, 17, 1, 9]  # one single-token document
 MODES = ["chunk", "recurrent"]
@@ -36,6 +37,30 @@ def test_boundaries_from_docs():
     assert seq_idx_from_cu_seqlens(cu, 5).tolist() == [0, 0, 2, 2, 2]
     with pytest.raises(ValueError, match=r"docs must be integer document ids \[B, T\], got torch.float32"):
         cu_seqlens_from_docs(torch.zeros(2, 3))
+
+
+def test_host_bounds_come_from_the_host_until_the_tensor_is_written(monkeypatch):
+    docs = torch.tensor([[3, 3, 4, 4, 3], [7, 7, 7, 7, 7]])
+    bounds = doc_bounds(docs)
+    assert bounds == (0, 2, 4, 5, 10)
+    layout = Layout(docs=docs, bounds=bounds)
+    cu = layout.cu_seqlens
+    assert cu.dtype == torch.int32 and cu.tolist() == cu_seqlens_from_docs(docs).tolist()
+    read = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: read.append(t) or [-1])
+    assert host_bounds(cu) == list(bounds) and layout.max_len == 5 and not read  # never read back
+    cu.add_(0)  # written in place: read again
+    assert host_bounds(cu) == [-1] and len(read) == 1
+    monkeypatch.undo()
+    with torch.inference_mode():
+        frozen = cu_seqlens_to([0, 3], "cpu")
+    assert host_bounds(frozen) == [0, 3]
+    with pytest.raises(ValueError, match=r"document bounds must rise from 0, got \[0, 4, 2\]"):
+        cu_seqlens_to([0, 4, 2], "cpu")
+    with pytest.raises(ValueError, match=r"Layout.bounds must end at the 10 tokens of docs \(2, 5\), got 3 bounds ending at 9"):
+        Layout(docs=docs, bounds=(0, 4, 9))
+    with pytest.raises(ValueError, match="Layout.bounds describe the documents of Layout.docs, which is None"):
+        Layout(bounds=(0, 4))
 
 
 def _packed_vs_separate(

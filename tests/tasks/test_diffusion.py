@@ -80,7 +80,7 @@ def test_the_prompt_is_never_masked(monkeypatch):
     task = build_task(cfg, model)
     task.log = lambda *a, **k: None
     seen = []
-    model.forward = lambda noisy, docs=None: seen.append(noisy) or torch.zeros(*noisy.shape, 260, requires_grad=True)
+    model.forward = lambda noisy, docs=None, bounds=None: seen.append(noisy) or torch.zeros(*noisy.shape, 260, requires_grad=True)
     tokens = torch.randint(0, 256, (64, 33))
     task.step({"tokens": tokens, "docs": torch.zeros_like(tokens)}, "train")
     noisy = seen[0]

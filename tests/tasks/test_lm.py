@@ -15,7 +15,7 @@ from mmeff.config import ConfigError
 from mmeff.data.text import write_text_shards
 from mmeff.encoders.text import TOKENIZER_FILE, ByteTokenizer, train_bpe
 from mmeff.tasks import build_model, build_task
-from mmeff.tasks.lm import token_bytes
+from mmeff.tasks.lm import host_facts, token_bytes
 
 TOK = ByteTokenizer()
 LM = {
@@ -66,6 +66,18 @@ def test_uniform_logits_give_ln_v_loss_v_perplexity_and_matching_bpb(tmp_path):
     assert metrics["val/loss"] == pytest.approx(math.log(V), rel=1e-6)
     assert metrics["val/ppl"] == pytest.approx(V, rel=1e-5)
     assert metrics["val/bpb"] == pytest.approx(targets * math.log(V) / (math.log(2) * nbytes), rel=1e-6)
+
+
+def test_host_facts_give_the_document_bounds_and_targets_before_the_batch_moves():
+    row = [*TOK.encode("ab"), TOK.eos_id, *TOK.encode("cd"), TOK.pad_id]
+    batch = {"tokens": torch.tensor([row, row]), "docs": torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 1]])}
+    facts = host_facts(batch, TOK.pad_id, compiled=False)
+    # The model sees docs[:, :-1]: documents of 3, 2 and 2, 3 tokens over the flattened 2 x 5.
+    assert facts["bounds"] == (0, 3, 5, 7, 10) and facts["targets"] == 8
+    assert "bounds" not in host_facts(batch, TOK.pad_id, compiled=True)
+    model = build_model(config.parse(LM)).eval()
+    x, docs = batch["tokens"][:, :-1], batch["docs"][:, :-1]
+    torch.testing.assert_close(model(x, docs=docs, bounds=facts["bounds"]), model(x, docs=docs), rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
