@@ -8,8 +8,9 @@ on the val and test splits. mmeff models are built from their config by `mmeff.t
 in_chans=encoder.in_chans, num_classes, global_pool='avg', class_token=False) on the first config's data and optim.
 Training img/s counts the steps after the first `--skip` (compilation, autotuning), data loading included;
 `data_wait_s` is how long those steps waited for the loader (near 0: the model set the pace). `--compile` compiles
-every model (nn.Module.compile). One JSON row per model (merged by model name) and a markdown table, rewritten
-after each model.
+every model (nn.Module.compile). Every 100 steps (and at the last) it prints the mean loss and gradient norm
+(before clipping) since the last print; the JSON row keeps them (`loss_trace`). One JSON row per model (merged by
+model name) and a markdown table, rewritten after each model.
 
     mmeff shards --source digit-canvas -o size=512 data/digit_canvas_512
     python benchmarks/vision_train.py configs/vision/canvas_{vit,gla,mamba2,sliding}.yaml \\
@@ -76,6 +77,9 @@ def train(model: nn.Module, cfg: RunConfig, steps: int, skip: int, device: torch
     batches = endless(make_loader(cfg.data, "train", transforms(cfg)[0], train=True))
     clip = cfg.trainer.gradient_clip_val
     images, waited, start = 0, 0.0, time.perf_counter()
+    # Means over each stretch of up to 100 steps, summed on the device and read once per stretch: a single batch's
+    # loss is too noisy to compare models by, and the gradient norm (before clipping) shows a model that cannot move.
+    sums, count, trace = torch.zeros(2, device=device), 0, []
     model.train()
     for i in range(steps):
         if i == skip:
@@ -89,21 +93,25 @@ def train(model: nn.Module, cfg: RunConfig, steps: int, skip: int, device: torch
             logits = model(x)
         loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         loss.backward()
-        if clip:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
+        sums += torch.stack([loss.detach(), norm.float()])
+        count += 1
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         images += x.shape[0]
         if (i + 1) % 100 == 0 or i + 1 == steps:
-            value = loss.item()
-            print(f"  step {i + 1}/{steps} loss {value:.4f}", flush=True)
+            value, grad_norm = (sums / count).tolist()
+            trace.append({"step": i + 1, "loss": value, "grad_norm": grad_norm})
+            sums.zero_()
+            count = 0
+            print(f"  step {i + 1}/{steps} loss {value:.4f} grad norm {grad_norm:.3g} (means since the last line)", flush=True)
             if not math.isfinite(value):
-                return {"note": f"loss {value} at step {i + 1}"}
+                return {"note": f"loss {value} at step {i + 1}", "loss_trace": trace}
     sync(device)
     seconds = time.perf_counter() - start
     img_s = images / seconds if images else None
-    return {"train_s": seconds, "img_s": img_s, "data_wait_s": waited, "final_loss": loss.item()}
+    return {"train_s": seconds, "img_s": img_s, "data_wait_s": waited, "final_loss": loss.item(), "loss_trace": trace}
 
 
 @torch.no_grad()

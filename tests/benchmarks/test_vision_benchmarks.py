@@ -36,3 +36,4 @@ def test_vision_train_trains_an_mmeff_config_and_timm_and_tests_them(script, tmp
     assert [r["model"] for r in rows] == ["canvas_gla", "timm vit_small_patch16_224"]
     for r in rows:
         assert r["steps"] == 2 and r["img_s"] > 0 and 0 <= r["test_exact"] <= 1 and 0 < r["test_map"] <= 1
+        assert [t["step"] for t in r["loss_trace"]] == [2] and r["loss_trace"][0]["grad_norm"] > 0
