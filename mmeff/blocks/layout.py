@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from mmeff.ops.varlen import cu_seqlens_from_docs, cu_seqlens_to, host_bounds
+from mmeff.ops.varlen import check_bounds, cu_seqlens_from_docs, cu_seqlens_to, host_bounds
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,7 +52,7 @@ class Layout:
         if self.bounds is not None:
             if self.docs is None:
                 raise ValueError("Layout.bounds describe the documents of Layout.docs, which is None")
-            object.__setattr__(self, "bounds", tuple(int(b) for b in self.bounds))
+            object.__setattr__(self, "bounds", tuple(check_bounds(self.bounds)))
             if not self.bounds or self.bounds[-1] != self.docs.numel():
                 raise ValueError(f"Layout.bounds must end at the {self.docs.numel()} tokens of docs {tuple(self.docs.shape)}, "
                                  f"got {len(self.bounds)} bounds ending at {self.bounds[-1] if self.bounds else None}")  # fmt: skip
@@ -105,12 +105,6 @@ class Layout:
         if self.docs is None:
             raise ValueError("Layout.host_bounds needs docs")
         return self.bounds or tuple(host_bounds(self.cu_seqlens))
-
-    @cached_property
-    def max_len(self) -> int:
-        """Tokens of the longest document, a host integer (needs `docs`)."""
-        bounds = self.host_bounds
-        return max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["cu_seqlens_from_docs", "cu_seqlens_to", "doc_bounds", "doc_runs", "host_bounds", "per_document", "seq_idx_from_cu_seqlens", "to_device", "version"]
+__all__ = ["check_bounds", "cu_seqlens_from_docs", "cu_seqlens_to", "doc_bounds", "doc_runs", "host_bounds", "per_document", "seq_idx_from_cu_seqlens", "to_device", "version"]
 
 # Host copies of cu_seqlens tensors by id, with a weak reference to the tensor and its version at the time: an
 # entry goes with its tensor and is not trusted after an in-place write. (Not a WeakKeyDictionary: its lookups
@@ -71,13 +71,19 @@ def to_device(values: Sequence[int], dtype: torch.dtype, device: torch.device | 
 def cu_seqlens_to(bounds: Sequence[int], device: torch.device | str) -> Tensor:
     """int32 cu_seqlens on `device` from host `bounds` (checked), without a host sync; `host_bounds` of the
     result returns `bounds` without reading it back."""
+    bounds = check_bounds(bounds)
+    out = to_device(bounds, torch.int32, device)
+    _remember(out, bounds)
+    return out
+
+
+def check_bounds(bounds: Sequence[int]) -> list[int]:
+    """`bounds` as a list of ints, or a ValueError showing them unless they rise (or stay) from 0."""
     bounds = [int(b) for b in bounds]
     if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
         shown = bounds if len(bounds) <= 8 else [*bounds[:4], "...", *bounds[-3:]]
         raise ValueError(f"document bounds must rise from 0, got {shown}")
-    out = to_device(bounds, torch.int32, device)
-    _remember(out, bounds)
-    return out
+    return bounds
 
 
 def host_bounds(cu_seqlens: Tensor) -> list[int]:

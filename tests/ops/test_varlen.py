@@ -48,7 +48,7 @@ def test_host_bounds_come_from_the_host_until_the_tensor_is_written(monkeypatch)
     assert cu.dtype == torch.int32 and cu.tolist() == cu_seqlens_from_docs(docs).tolist()
     read = []
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: read.append(t) or [-1])
-    assert host_bounds(cu) == list(bounds) and layout.max_len == 5 and not read  # never read back
+    assert host_bounds(cu) == list(bounds) and layout.host_bounds == bounds and not read  # never read back
     cu.add_(0)  # written in place: read again
     assert host_bounds(cu) == [-1] and len(read) == 1
     monkeypatch.undo()
@@ -59,6 +59,8 @@ def test_host_bounds_come_from_the_host_until_the_tensor_is_written(monkeypatch)
         cu_seqlens_to([0, 4, 2], "cpu")
     with pytest.raises(ValueError, match=r"Layout.bounds must end at the 10 tokens of docs \(2, 5\), got 3 bounds ending at 9"):
         Layout(docs=docs, bounds=(0, 4, 9))
+    with pytest.raises(ValueError, match=r"document bounds must rise from 0, got \[0, 7, 3, 10\]"):
+        Layout(docs=docs, bounds=(0, 7, 3, 10))
     with pytest.raises(ValueError, match="Layout.bounds describe the documents of Layout.docs, which is None"):
         Layout(bounds=(0, 4))
 
