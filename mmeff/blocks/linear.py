@@ -24,11 +24,27 @@ from mmeff.ops.rope import apply_rope, rope_angles
 
 Recurred = tuple[Tensor, Tensor | None]  # (o [B, T, H, V], final state [B, H, K, V] or None)
 
+
+class _EluPlusOne(torch.autograd.Function):
+    """elu(x) + 1 with its own backward: torch.compile's traced `elu_backward` gets other strides than the eager
+    kernel's, and a view after it failed at run time (tests/blocks/test_linear_mixers.py::test_compiled_mixer_...).
+    The gradient from the output alone: 1 where x > 0 (y > 1), else e^x = y; so y.clamp(max=1)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        y = F.elu(x) + 1.0
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return dy * y.clamp(max=1.0)
+
+
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
-    # elu(x) + 1, not written with F.elu: torch.compile's traced elu_backward gets other strides than the eager
-    # kernel's, and the view after it failed at run time (tests/blocks/test_linear_mixers.py::test_compiled_mixer...).
-    "elu": lambda x: torch.where(x > 0, x + 1.0, x.clamp(max=0.0).exp()),
+    "elu": _EluPlusOne.apply,
     "relu": F.relu,
     "silu": F.silu,
     "l2": lambda x: F.normalize(x, dim=-1),

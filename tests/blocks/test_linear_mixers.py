@@ -251,6 +251,18 @@ def test_global_linear_attention_keeps_no_more_than_softmax_attention():
     assert per_token["linear"] <= per_token["softmax"], per_token
 
 
+def test_elu_feature_map_matches_autograd_of_elu_plus_one():
+    from mmeff.blocks.linear import FEATURE_MAPS
+
+    x = torch.cat([torch.randn(200, dtype=torch.float64) * 3, torch.tensor([0.0, -0.0, 1e-9, -1e-9], dtype=torch.float64)])
+    dy = torch.randn_like(x)
+    leaves = [x.clone().requires_grad_() for _ in range(2)]
+    y, want = FEATURE_MAPS["elu"](leaves[0]), torch.nn.functional.elu(leaves[1]) + 1
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    (grad,), (want_grad,) = torch.autograd.grad(y, leaves[0], dy), torch.autograd.grad(want, leaves[1], dy)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
 # elu+1 features (linear_attn's, and bidirectional gla's default): written as F.elu(x) + 1 the compiled backward failed
 # at run time, its traced elu_backward having other strides than the eager kernel's (a view after it failed).
 @pytest.mark.parametrize("name, options", [("gla", {"causal": False, "scan": "bi"}), ("linear_attn", {"causal": True})])
