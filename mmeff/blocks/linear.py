@@ -20,6 +20,7 @@ from mmeff.blocks.cache import Cache
 from mmeff.blocks.conv import ShortConv
 from mmeff.blocks.registry import register
 from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter, packed
+from mmeff.ops.dispatch import exporting
 from mmeff.ops.rope import apply_rope, rope_angles
 
 Recurred = tuple[Tensor, Tensor | None]  # (o [B, T, H, V], final state [B, H, K, V] or None)
@@ -42,9 +43,17 @@ class _EluPlusOne(torch.autograd.Function):
         return dy * y.clamp(max=1.0)
 
 
+def _elu_plus_one(x: Tensor) -> Tensor:
+    """elu(x) + 1: the autograd function where a backward is recorded, the plain ops elsewhere (torch.export with
+    dynamic shapes fails on an autograd function that saves a tensor of symbolic size)."""
+    if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
+        return F.elu(x) + 1.0
+    return _EluPlusOne.apply(x)
+
+
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
-    "elu": _EluPlusOne.apply,
+    "elu": _elu_plus_one,
     "relu": F.relu,
     "silu": F.silu,
     "l2": lambda x: F.normalize(x, dim=-1),
