@@ -40,11 +40,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from lm_train_speed import REAL, SMOKE, Shape, _atomic, autocast, run_config, train_step, versions  # beside this script
+from lm_train_speed import REAL, SMOKE, Shape, autocast, run_config, train_step, versions  # beside this script
 from mmeff.config import FSDPConfig
 from mmeff.strategies import shard_model
 from mmeff.tasks import build_model
-from timing import device_tag, error_note, free, median_ms
+from timing import device_tag, error_note, free, median_ms, write_results
 
 MODELS: dict[str, tuple[str, Shape]] = {  # name: (lm_train_speed row, shape)
     "lm_gla": ("gla", REAL),
@@ -142,8 +142,7 @@ def write(records: list[dict[str, Any]], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     models, variants = list(MODELS), list(VARIANTS)
     records.sort(key=lambda r: (models.index(r["model"]), r["T"], variants.index(r["variant"])))
-    _atomic(out.with_suffix(".json"), json.dumps({"records": records}, indent=1) + "\n")
-    _atomic(out.with_suffix(".md"), table(records))
+    write_results(out, {"records": records}, table(records))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,8 +18,6 @@ Writes benchmarks/results/init_gradients.{md,json} (records: row, mixer, options
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +31,7 @@ from mmeff import blocks, config
 from mmeff.config import RunConfig
 from mmeff.data.pipeline import make_loader
 from mmeff.tasks import build_model, transforms
+from timing import write_results  # benchmarks/timing.py, beside this script
 
 
 def bidirectional_mixers() -> list[str]:
@@ -41,7 +40,7 @@ def bidirectional_mixers() -> list[str]:
     for name in blocks.names("mixer"):
         try:
             blocks.build(name, 64, causal=False)
-        except (ValueError, TypeError, config.ConfigError):
+        except ValueError:  # ConfigError included: a causal-only mixer (sink) says so
             continue
         found.append(name)
     return found
@@ -79,22 +78,21 @@ def layer_gradients(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[fl
 def parse_row(text: str) -> tuple[str, dict[str, Any]]:
     """'gla' or 'gla:feature_map=identity,conv_size=4' -> (mixer, options)."""
     mixer, _, rest = text.partition(":")
-    options = dict(item.split("=", 1) for item in rest.split(",") if item)
-    return mixer, {k: config.yaml_load(v) for k, v in options.items()}
+    items = [item for item in rest.split(",") if item]
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise SystemExit(f"init_gradients: --mixers {text!r}: {bad[0]!r} is not KEY=VALUE")
+    return mixer, {k: config.yaml_load(v) for k, v in (item.split("=", 1) for item in items)}
 
 
 def write(records: list[dict[str, Any]], header: str, path: Path) -> None:
     """`path`.json and `path`.md, each replaced atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     depth = len(records[0]["layer_rms"])
     lines = ["| row | first layer / baseline | " + " | ".join(f"layer {i} RMS" for i in range(depth)) + " |",
              "|---|---:|" + "---:|" * depth]  # fmt: skip
     for r in records:
         lines.append(f"| {r['row']} | {r['first_ratio']:.2f}x | " + " | ".join(f"{v:.2e}" for v in r["layer_rms"]) + " |")
-    for suffix, text in ((".json", json.dumps({"records": records}, indent=1) + "\n"), (".md", header + "\n".join(lines) + "\n")):
-        tmp = path.with_name(path.name + suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path.with_name(path.name + suffix))
+    write_results(path, {"records": records}, header + "\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import statistics
 import sys
@@ -60,7 +59,7 @@ from mmeff.encoders.text import load_tokenizer
 from mmeff.tasks import build_model, transforms
 from mmeff.tasks.base import param_groups
 from lm_train_speed import train_step  # the step lm_train_speed.py times, beside this script
-from timing import device_tag, free, median_ms  # benchmarks/timing.py, beside this script
+from timing import device_tag, free, median_ms, write_results  # benchmarks/timing.py, beside this script
 
 FIT_VARIANTS = {
     "fit": [],
@@ -270,12 +269,6 @@ def measure(path: str, args: argparse.Namespace, run_root: Path) -> dict[str, An
 # ----- output
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def table(records: list[dict[str, Any]]) -> str:
     """Markdown: per config, the throughput table, where the difference goes, and the profiler's top actions."""
     lines = []
@@ -338,8 +331,7 @@ def main() -> None:
         for path in args.configs:
             record = measure(path, args, args.run_root or Path(tmp))
             records = [r for r in records if r["name"] != record["name"]] + [record]
-            _atomic(out.with_suffix(".json"), json.dumps({"records": records}, indent=1) + "\n")
-            _atomic(out.with_suffix(".md"), table(records))
+            write_results(out, {"records": records}, table(records))
             if record["of_bare"] is not None:
                 print(f"{record['name']}: fit at {record['of_bare']:.0%} of the bare step's tokens/s (train steps alone "
                       f"{record['train_of_bare']:.0%}); {out}.md", flush=True)  # fmt: skip

@@ -85,7 +85,7 @@ from mmeff import blocks, config
 from mmeff.encoders.text import ByteTokenizer
 from mmeff.ops.varlen import doc_bounds
 from mmeff.tasks import build_model
-from timing import copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel  # beside this file
+from timing import copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel, write_results  # beside this file
 
 
 @dataclass(frozen=True)
@@ -467,19 +467,12 @@ def load(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["records"] if path.is_file() else []
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write(records: list[dict[str, Any]], out: Path) -> None:
     """<out>.json, .md and .png of `records` (each file replaced whole)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     order = {r: i for i, r in enumerate(ORDER)}
     records.sort(key=lambda r: (r["T"], r["docs"], r["compiled"], order.get(r["row"], 99)))
-    _atomic(out.with_suffix(".json"), json.dumps({"records": records}, indent=1) + "\n")
-    _atomic(out.with_suffix(".md"), table(records))
+    write_results(out, {"records": records}, table(records))
     plot(records, out.with_suffix(".png"))
 
 

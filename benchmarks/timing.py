@@ -1,14 +1,17 @@
-"""Timing, device ceilings, the clean-up between rows and parallel warm-ups, shared by the benchmark scripts."""
+"""Timing, device ceilings, the clean-up between rows, parallel warm-ups and result files, shared by the benchmark scripts."""
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,3 +102,13 @@ def run_in_parallel(commands: list[list[str]], seconds: float, jobs: int, env: d
             proc.kill()
             proc.wait()
     return finished
+
+
+def write_results(stem: Path, data: dict[str, Any], markdown: str) -> None:
+    """`stem`.json (`data`) and `stem`.md, each written under a temporary name and renamed: a run cut mid-write
+    leaves the last whole files."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(data, indent=1) + "\n"), (".md", markdown)):
+        tmp = stem.with_name(stem.name + suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, stem.with_name(stem.name + suffix))

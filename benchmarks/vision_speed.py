@@ -59,7 +59,7 @@ from mmeff import config
 from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
 from mmeff.tasks.graphs import GraphedTraining
-from timing import device_tag, error_note, free, matmul_rate, median_ms  # benchmarks/timing.py, beside this script
+from timing import device_tag, error_note, free, matmul_rate, median_ms, write_results  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
@@ -303,15 +303,10 @@ def write(records: list[dict[str, Any]], out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     order = {r: i for i, r in enumerate(row_names())}
     records.sort(key=lambda r: (r["px"] == "audio", str(r["px"]).zfill(5), *mode(r), order.get(r["row"], 99)))
-    _atomic(out_dir / f"{name}.json", json.dumps({"records": records}, indent=1) + "\n")
-    _atomic(out_dir / f"{name}.md", table(records))
+    write_results(out_dir / name, {"records": records}, table(records))
     plot(records, out_dir / f"{name}.png")
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def table(records: list[dict[str, Any]]) -> str:

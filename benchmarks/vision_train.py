@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +38,7 @@ from mmeff.config import RunConfig
 from mmeff.data.pipeline import make_loader
 from mmeff.tasks import build_model, transforms
 from mmeff.tasks.base import param_groups, warmup_cosine
+from timing import write_results  # benchmarks/timing.py, beside this script
 
 
 def timm_model(name: str, cfg: RunConfig, extra: dict[str, Any]) -> nn.Module:
@@ -153,7 +153,6 @@ COLUMNS = [("img/s", "img_s", "{:,.0f}"), ("data wait s", "data_wait_s", "{:.0f}
 
 def write(rows: list[dict[str, Any]], path: Path) -> None:
     """`path`.json and `path`.md, each replaced atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     headings = ["model", "params", "px", "steps x batch"] + [c[0] for c in COLUMNS] + ["note"]
     lines = ["| " + " | ".join(headings) + " |", "|---|" + "---:|" * (len(headings) - 2) + "---|"]
     for r in rows:
@@ -162,10 +161,7 @@ def write(rows: list[dict[str, Any]], path: Path) -> None:
         cells += ["" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells + [r.get("note", "")]) + " |")
     header = f"{rows[0]['device']}, torch {rows[0]['torch']}; one training loop for every model (benchmarks/vision_train.py).\n\n"
-    for suffix, text in ((".json", json.dumps({"rows": rows}, indent=1) + "\n"), (".md", header + "\n".join(lines) + "\n")):
-        tmp = path.with_name(path.name + suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path.with_name(path.name + suffix))
+    write_results(path, {"rows": rows}, header + "\n".join(lines) + "\n")
 
 
 def main() -> None:

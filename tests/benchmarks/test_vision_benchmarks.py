@@ -50,3 +50,8 @@ def test_init_gradients_finds_the_amplified_gradients_of_identity_gla_features(s
     assert records[1]["options"]["heads"] == 6 and records[2]["options"]["feature_map"] == "identity"
     assert records[0]["first_ratio"] == 1.0 and all(len(r["layer_rms"]) == 2 for r in records)
     assert records[1]["first_ratio"] < 2 < 3 < records[2]["first_ratio"]
+
+
+def test_init_gradients_names_a_row_option_that_is_not_key_value(script, tmp_path):
+    with pytest.raises(SystemExit, match="'feature_map' is not KEY=VALUE"):
+        script("init_gradients", "--mixers", "gla:feature_map", "--out-dir", str(tmp_path))
