@@ -110,13 +110,10 @@ class Routes:
             return fn(streams, layout.cu_seqlens)
         # Routes go along the batch, route-minor ([B * R, T]): one gather per stream builds them all, one gathers
         # the outputs back to token order, with no flipped or permuted copy per route.
-        # While torch.compile traces, the plain gathers: Inductor writes their gradients itself (it failed on the
-        # autograd.Functions below, whose context keeps the plan's index tensors).
-        tracing = torch.compiler.is_compiling()
-        stacked = [_stack(s, plan) if tracing else _Stack.apply(s, plan) for s in streams]
-        docs = None if layout.docs is None else _stack(layout.docs, plan)
+        stacked = [_Stack.apply(s, plan.order, plan.back, plan.routes) for s in streams]
+        docs = None if layout.docs is None else _stack(layout.docs, plan.order, plan.routes)
         ys = fn(stacked, None if docs is None else cu_seqlens_from_docs(docs))
-        return _merge(ys, plan, mean=True) if tracing else _Merge.apply(ys, plan)
+        return _Merge.apply(ys, plan.order, plan.back, plan.routes)
 
 
 @dataclass(frozen=True)
@@ -134,47 +131,52 @@ def _rows(index: Tensor, batch: int, span: int) -> Tensor:
     return (torch.arange(batch, device=index.device)[:, None] * span + index).flatten()
 
 
-def _stack(x: Tensor, plan: Plan) -> Tensor:
-    """x [B, T, ...] along the routes -> [B * R, T, ...]."""
+def _stack(x: Tensor, order: Tensor, routes: int) -> Tensor:
+    """x [B, T, ...] along the routes (a Plan's `order`) -> [B * R, T, ...]."""
     batch, length = x.shape[:2]
     # A row gather over [B * T, C] (index_select along dim 0): along dim 1 PyTorch's CUDA index_select runs a
     # generic gather kernel, 13.6 of the 85 GPU ms of a gla-bi ViT step at 1024 px on the H200.
-    rows = x.reshape(batch * length, -1).index_select(0, plan.order)
-    return rows.view(batch * plan.routes, length, *x.shape[2:])
+    rows = x.reshape(batch * length, -1).index_select(0, order)
+    return rows.view(batch * routes, length, *x.shape[2:])
 
 
-def _merge(y: Tensor, plan: Plan, mean: bool) -> Tensor:
-    """Route outputs [B * R, T, ...] back in token order: their sum or mean -> [B, T, ...]."""
-    batch, length = y.shape[0] // plan.routes, y.shape[1]
-    rows = y.reshape(batch * plan.routes * length, -1).index_select(0, plan.back)
-    rows = rows.view(batch, plan.routes, length, *y.shape[2:])
+def _merge(y: Tensor, back: Tensor, routes: int, mean: bool) -> Tensor:
+    """Route outputs [B * R, T, ...] back in token order (a Plan's `back`): their sum or mean -> [B, T, ...]."""
+    batch, length = y.shape[0] // routes, y.shape[1]
+    rows = y.reshape(batch * routes * length, -1).index_select(0, back)
+    rows = rows.view(batch, routes, length, *y.shape[2:])
     return rows.mean(1) if mean else rows.sum(1)
 
 
 # The two are each other's gradients (index_select's own backward, an index_add with atomics, took 20 of the
-# 100 GPU ms of a gla-bi ViT step at 1024 px on the H200).
+# 100 GPU ms of a gla-bi ViT step at 1024 px on the H200). The index tensors go in as inputs and are saved as
+# such, so that torch.compile traces the functions too (it failed on a context attribute holding the Plan).
 class _Stack(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, plan: Plan) -> Tensor:  # type: ignore[override]
-        ctx.plan = plan
-        return _stack(x, plan)
+    def forward(ctx, x: Tensor, order: Tensor, back: Tensor, routes: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(back)
+        ctx.routes = routes
+        return _stack(x, order, routes)
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        return _merge(dy, ctx.plan, mean=False), None
+        (back,) = ctx.saved_tensors
+        return _merge(dy, back, ctx.routes, mean=False), None, None, None
 
 
 class _Merge(torch.autograd.Function):
     """The mean over routes of `_merge`."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, plan: Plan) -> Tensor:  # type: ignore[override]
-        ctx.plan = plan
-        return _merge(y, plan, mean=True)
+    def forward(ctx, y: Tensor, order: Tensor, back: Tensor, routes: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(order)
+        ctx.routes = routes
+        return _merge(y, back, routes, mean=True)
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
-        return _stack(dout / ctx.plan.routes, ctx.plan), None
+        (order,) = ctx.saved_tensors
+        return _stack(dout / ctx.routes, order, ctx.routes), None, None, None
 
 
 def _indices(route: Route, length: int, device: torch.device) -> Tensor:

@@ -12,12 +12,14 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from mmeff.kernels.chunk import ChunkRecurrence
+from mmeff.kernels.chunk import ChunkRecurrence, chunk_backward, chunk_prepare
 from mmeff.kernels.recurrent import fused_recurrent
 from mmeff.kernels.utils import KEY_GATE, NO_GATE, SCALAR_GATE, Chunks, make_chunks
 
 __all__ = [
     "ChunkRecurrence",
+    "chunk_backward",
+    "chunk_prepare",
     "linear_recurrence_triton",
     "pack",
     "unsupported",

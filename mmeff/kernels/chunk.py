@@ -1,4 +1,4 @@
-"""Chunked linear recurrence on the GPU: the autograd function that runs the kernels of each pass in order.
+"""Chunked linear recurrence on the GPU: the kernels of each pass in order, and the autograd function around them.
 
 Forward: gate cumsum (utils) -> WY representation (chunk_delta, delta rule) or the GLA scores of chunks
 past the span limit (chunk_gla) -> chunk-entry states (chunk_h) -> outputs (chunk_o). Backward keeps the WY
@@ -35,14 +35,41 @@ def _forward_states(
     return h, (v if w is None else v_new), A, ht
 
 
+def chunk_prepare(k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], chunks: Chunks, gate: int):
+    """What both passes read besides the inputs: the gate cumsum b and its per-chunk span, and the WY pieces of the
+    delta rule (None where the kind has none)."""
+    b, span = (None, None) if g is None else chunk_cumsum(g, chunks)
+    wy = None if beta is None else wy_fwd(k, v, b, beta, chunks, gate)
+    return b, span, wy
+
+
+def chunk_backward(
+    q: Tensor, k: Tensor, v: Tensor, b: Optional[Tensor], span: Optional[Tensor], beta: Optional[Tensor],
+    h0: Optional[Tensor], wy: Optional[Tuple[Tensor, ...]], do: Tensor, dht: Optional[Tensor], scale: float,
+    chunks: Chunks, gate: int, want_dh0: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """(dq, dk, dv, d log decay, dbeta, dh0) from the output gradient `do` (contiguous) and the final state's `dht`
+    (fp32 or None): the states recomputed, then dh (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's finishing kernel."""
+    X, w, _ = wy or (None, None, None)
+    h, values, A, _ = _forward_states(q, k, v, b, span, wy, h0, chunks, gate, False)
+    local = None if beta is None else dv_local(q, k, b, do, chunks, gate, scale)
+    dh, dh0, dv_new = bwd_dh(q, k, w, b, do, local, dht, chunks, gate, scale, want_dh0)
+    parts = bwd_dqk(q, k, values, h, dh, b, span, A, do, dv_new, chunks, gate, scale)
+    if gate == KEY_GATE:
+        intra_bwd(q, k, b, span, parts, chunks)
+    dq, dk, dv, dg, dbeta = parts["dq"], parts["dk"], parts["dv"], parts["dg"], None
+    if beta is not None:
+        dk, dv, dbeta, dg = wy_bwd(k, v, b, beta, X, parts, dv_new, chunks, gate)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
 class ChunkRecurrence(torch.autograd.Function):
     """(o, final state) of packed [1, T, H, *] inputs; g is the raw log decay (fp32), beta fp32 or None."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunks, gate, output_final_state):  # type: ignore[override]
-        b, span = (None, None) if g is None else chunk_cumsum(g, chunks)
         # The WY pieces are kept for the backward (recomputing them cost a fifth of its time); states are not.
-        wy = None if beta is None else wy_fwd(k, v, b, beta, chunks, gate)
+        b, span, wy = chunk_prepare(k, v, g, beta, chunks, gate)
         h, values, A, ht = _forward_states(q, k, v, b, span, wy, h0, chunks, gate, output_final_state)
         o = fwd_o(q, k, values, h, b, span, A, chunks, gate, scale)
         ctx.save_for_backward(q, k, v, b, span, beta, h0, *(wy or ()))
@@ -54,18 +81,8 @@ class ChunkRecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, dht):  # type: ignore[override]
         q, k, v, b, span, beta, h0, *wy = ctx.saved_tensors
-        scale, chunks, gate = ctx.scale, ctx.chunks, ctx.gate
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        X, w, _ = wy or (None, None, None)
-        h, values, A, _ = _forward_states(q, k, v, b, span, wy or None, h0, chunks, gate, False)
-        local = None if beta is None else dv_local(q, k, b, do, chunks, gate, scale)
         want_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        dh, dh0, dv_new = bwd_dh(q, k, w, b, do, local, dht, chunks, gate, scale, want_dh0)
-        parts = bwd_dqk(q, k, values, h, dh, b, span, A, do, dv_new, chunks, gate, scale)
-        if gate == KEY_GATE:
-            intra_bwd(q, k, b, span, parts, chunks)
-        dq, dk, dv, dg, dbeta = parts["dq"], parts["dk"], parts["dv"], parts["dg"], None
-        if beta is not None:
-            dk, dv, dbeta, dg = wy_bwd(k, v, b, beta, X, parts, dv_new, chunks, gate)
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
+        grads = chunk_backward(q, k, v, b, span, beta, h0, tuple(wy) or None, do, dht, ctx.scale, ctx.chunks, ctx.gate, want_dh0)
+        return (*grads, None, None, None, None)

@@ -1,5 +1,6 @@
 """Functional sequence-mixing ops: linear attention family and state-space models, layout [B, T, H, D]."""
 
+from mmeff.ops import dispatch
 from mmeff.ops.conv import causal_conv1d
 from mmeff.ops.noncausal import global_linear_attention
 from mmeff.ops.norm import norm
@@ -7,6 +8,8 @@ from mmeff.ops.linear import delta_rule, gated_delta_rule, gated_linear_attentio
 from mmeff.ops.recurrence import linear_recurrence
 from mmeff.ops.ssm import selective_scan, ssd
 from mmeff.ops.varlen import cu_seqlens_from_docs
+
+dispatch.preload_kernels()
 
 __all__ = [
     "causal_conv1d",

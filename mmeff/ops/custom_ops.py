@@ -2,9 +2,10 @@
 
 `mmeff::linear_recurrence` runs mmeff.kernels.linear_recurrence_triton; its fake implementation gives dynamo the
 output shapes, and `mmeff::linear_recurrence_backward` gives the gradients. The custom op cannot keep the
-forward's intermediates (their sizes depend on cu_seqlens' values), so the backward recomputes the forward kernels
-(as activation checkpointing would): eager calls keep the autograd.Function of mmeff.kernels, which saves them;
-`mmeff.ops.recurrence` takes this path only while torch.compile traces.
+forward's intermediates (their sizes depend on cu_seqlens' values), so its backward recomputes what the eager
+autograd.Function of mmeff.kernels keeps (the gate cumsum, the delta rule's WY pieces), then runs that function's
+backward passes (which recompute the states either way). `mmeff.ops.recurrence` takes this path only while
+torch.compile traces.
 """
 
 from __future__ import annotations
@@ -52,16 +53,11 @@ def _backward(
     if chunks.num_chunks == 0:  # only empty sequences: the final states are the initial ones
         grads = [None] * 5 + [dht]
     else:
-        # The autograd.Function records its node here, where the ops around it (casts, reshapes) would not:
-        # a custom op runs below autograd. So differentiate with respect to the packed inputs and unpack.
-        leaves = [None if a is None else a.detach().requires_grad_() for a in args]
-        with torch.enable_grad():
-            o, ht = kernels.ChunkRecurrence.apply(*leaves, scale, chunks, gate, dht is not None)
-            outs, seeds = [o], [do.reshape(o.shape).to(o.dtype)]
-            if dht is not None:
-                outs, seeds = [o, ht], [*seeds, dht]
-            found = iter(torch.autograd.grad(outs, [t for t in leaves if t is not None], seeds, allow_unused=True))
-        grads = [None if t is None else next(found) for t in leaves]
+        pq, pk, pv, pg, pbeta, ph0 = args
+        b, span, wy = kernels.chunk_prepare(pk, pv, pg, pbeta, chunks, gate)
+        do = do.reshape(pv.shape).to(pv.dtype).contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        grads = kernels.chunk_backward(pq, pk, pv, b, span, pbeta, ph0, wy, do, dht, scale, chunks, gate, ph0 is not None)
     return tuple(  # type: ignore[return-value]
         _absent(q) if x is None else (torch.zeros_like(x) if d is None else d.reshape(x.shape).to(x.dtype))
         for x, d in zip(inputs, grads)

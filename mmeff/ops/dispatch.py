@@ -11,7 +11,8 @@ Each distinct choice is logged once per process at INFO on the "mmeff.ops" logge
 faster implementations were passed over (not while torch.compile traces: a logging call breaks the graph).
 
 Eligibility goes through `on_cuda` and `capability` (tests fake a GPU by replacing them) and mmeff's kernels
-are imported through `triton_kernels` only, so that CPU-only use never imports Triton.
+are imported through `triton_kernels`, and by `preload_kernels` where CUDA is present, so that CPU-only use never
+imports Triton.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "needs_grad",
     "once",
     "on_cuda",
+    "preload_kernels",
     "triton_kernels",
     "triton_unsupported",
 ]
@@ -145,6 +147,22 @@ def choose(op: str, backend: str, fast: Sequence[Tuple[str, Check]], allowed: Se
         passed.append(f"{name}: {why}")
     _log(f"{op}: torch ({'; '.join(passed) or 'no fast implementation'})")
     return "torch"
+
+
+KERNEL_MODULES = ("", "norm", "conv", "moe")  # mmeff.kernels and the submodules the ops import by name
+
+
+def preload_kernels() -> None:
+    """Import mmeff.kernels and its submodules now if CUDA is present. torch.compile cannot trace an import: a model
+    compiled before its first CUDA call otherwise broke its graph at each layer's first kernel (12 breaks in the
+    gla-bi ViT of benchmarks/vision_speed.py). A Triton that fails to import is left for the dispatch to report."""
+    if not torch.cuda.is_available():
+        return
+    try:
+        for module in KERNEL_MODULES:
+            triton_kernels(module)
+    except Exception as exc:  # a broken Triton install fails in many ways
+        logger.info("mmeff's Triton kernels not preloaded: %r", exc)
 
 
 def triton_kernels(module: str = "") -> ModuleType:

@@ -177,3 +177,23 @@ def test_moe_block(monkeypatch, experts, top_k):
         block.router.weight.mul_(100)
     expect = "grouped_mm" if torch.cuda.get_device_capability()[0] == 9 else "triton_moe"
     compare(monkeypatch, block, expect)
+
+
+@pytest.mark.xdist_group("compiled")
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet"])
+def test_compiled_bidirectional_block(name):
+    # torch.compile(fullgraph=True, Inductor) of the bidirectional block on the fast path: the recurrence as mmeff's
+    # custom op (its backward runs the kernels' backward passes on the inputs), the route gathers as autograd
+    # functions, the short conv's kernels traced. Against the eager fast block: the same function rounded in other
+    # places, so the tolerances above.
+    block = build(name, DIM, causal=False)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(BATCH, LENGTH, DIM, device="cuda", generator=gen)
+    grad = torch.randn(BATCH, LENGTH, DIM, device="cuda", generator=gen)
+    eager = run_block(block, x, grad)
+    torch._dynamo.reset()
+    compiled = run_block(torch.compile(block, fullgraph=True), x, grad)
+    compiled = {n.replace("_orig_mod.", ""): t for n, t in compiled.items()}
+    found = errors(compiled, eager)
+    bad = {n: e for n, e in found.items() if e[0] >= NORM_TOL or e[1] >= MAX_TOL}
+    assert not bad, f"compiled vs eager (norm, max) errors past ({NORM_TOL}, {MAX_TOL}): {bad}"

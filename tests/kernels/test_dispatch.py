@@ -52,6 +52,21 @@ def test_cpu_imports_leave_triton_alone():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def test_cuda_machines_preload_the_kernels():
+    # torch.compile cannot trace an import: where CUDA is present, importing mmeff.ops imports every kernel module
+    # the ops reach by name, before any model is compiled (before, a compiled gla-bi ViT broke its graph in every
+    # layer, at the kernels' first import).
+    code = (
+        "import sys, torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "import mmeff.ops\n"
+        "from mmeff.ops.dispatch import KERNEL_MODULES\n"
+        "missing = [m for m in KERNEL_MODULES if 'mmeff.kernels' + (m and '.' + m) not in sys.modules]\n"
+        "assert not missing, missing\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_interpreter_leaves_no_trace():
     import triton
     import triton.language as tl
@@ -195,15 +210,17 @@ def test_large_shapes_run_or_are_refused_by_name(monkeypatch):
     assert linear_recurrence(big, big, big, F.logsigmoid(big[..., 0].float())) == "triton"
 
 
-def test_custom_op_matches_reference_and_compiles(fake_gpu):
+@pytest.mark.parametrize("kind", ["gated_delta_rule", "gla"])
+def test_custom_op_matches_reference_and_compiles(fake_gpu, kind):
     # mmeff::linear_recurrence (the kernels as a torch custom op) against the step-by-step reference, eagerly and
     # under torch.compile(fullgraph=True), alone and through the op's dispatch: dynamo captures it without a
-    # graph break, through its fake kernels.
+    # graph break, through its fake kernels. Its backward runs the kernels' backward passes on the inputs alone
+    # (the WY pieces of the delta rule, GLA's per-key gates and their sub-chunk scores recomputed).
     from functools import partial
 
     from mmeff.ops.custom_ops import linear_recurrence_op
 
-    inputs = make_inputs("gated_delta_rule", 1, 32, 2, 16, 16, seed=8, num_states=len(LENGTHS))
+    inputs = make_inputs(kind, 1, 32, 2, 16, 16, seed=8, num_states=len(LENGTHS))
     ref = forward_backward(linear_recurrence, inputs, mode="recurrent", cu_seqlens=CU)
     compile = partial(torch.compile, backend="aot_eager", fullgraph=True)
     for fn in (linear_recurrence_op, compile(linear_recurrence_op), compile(partial(linear_recurrence, backend="triton"))):
@@ -213,3 +230,25 @@ def test_custom_op_matches_reference_and_compiles(fake_gpu):
     x, dt, A, B = torch.randn(1, 32, 2, 4), torch.randn(1, 32, 2), -torch.rand(2), torch.randn(1, 32, 1, 16)
     ssd = compile(partial(ops.ssd, chunk_size=16, cu_seqlens=CU, backend="triton"))(x, dt, A, B, B)
     assert max_error(ssd, ops.ssd(x, dt, A, B, B, chunk_size=16, cu_seqlens=CU, backend="torch")) <= 1e-4
+
+
+def test_compiled_bidirectional_gla_takes_the_kernels_in_one_graph(fake_gpu):
+    # The GPU path of a bidirectional (route-stacked) gla block under torch.compile(fullgraph=True): the routes'
+    # gather functions and the recurrence's custom op are traced, with no graph break, and the compiled forward and
+    # every gradient equal the eager ones (interpreted kernels, fp32). Tolerance: 1e-4 relative to the largest value.
+    from mmeff import blocks
+
+    torch.manual_seed(0)
+    block = blocks.build("gla", 32, causal=False, scan="bi", heads=2)
+    x = torch.randn(2, 40, 32)
+    results = []
+    torch._dynamo.reset()
+    for run in (block, torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=False)):
+        leaf = x.clone().requires_grad_()
+        y = run(leaf)
+        y.square().sum().backward()
+        results.append([y.detach(), leaf.grad, *(p.grad.clone() for p in block.parameters())])
+        block.zero_grad(set_to_none=True)
+    for got, want in zip(results[1], results[0]):
+        assert max_error(got, want) <= 1e-4 * max(1.0, want.abs().max().item())
+
