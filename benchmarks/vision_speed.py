@@ -21,7 +21,10 @@ flops_per_img (matmul and attention FLOPs of one forward + backward, counted by 
 plain-PyTorch references, MMEFF_FORCE_REFERENCE=1, since it cannot see inside Triton kernels; sliding and
 block_topk references compute dense scores, so theirs is the dense count), floor_ms (those FLOPs for the batch at
 the bf16 matmul rate measured in the same run), ceiling_img_s (the FLOP-matched ceiling: timm's img/s x timm's
-FLOPs / the row's FLOPs) and note (OOM, errors). `--compile` runs every model, timm's too, through torch.compile
+FLOPs / the row's FLOPs) and note (OOM, errors, the row limit). A row's FLOPs are counted once: a later run takes
+them from an earlier record of the same row, size and parameter count (the references take minutes at 2048 px);
+`--recount` counts again. `--row-limit S` ends a row that runs past S seconds (its record notes it) and goes on
+with the next. `--compile` runs every model, timm's too, through torch.compile
 (nn.Module.compile, as `trainer.compile: true`). `--graphs` replays each model's forward and backward as CUDA graphs
 through mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs: true` runs (torch.cuda.make_graphed_callables;
 the optimizer step stays eager), timm's too: the step without the host's per-kernel launch cost, which the eager
@@ -44,6 +47,7 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -223,19 +227,30 @@ def train_step(model: nn.Module, inputs: torch.Tensor, classes: int, graphs: boo
     return step
 
 
-def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """One record: build, count FLOPs, (compile,) time; errors and OOM become the record's note."""
+def measure(
+    row: str, px: int | str, shape: Shape, args: argparse.Namespace, device: torch.device, earlier: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One record: build, count FLOPs (or take them from an `earlier` record of the same model), (compile,) time;
+    errors, OOM and the row limit become the record's note."""
     tokens = audio_grid(shape)[0] * audio_grid(shape)[1] if px == "audio" else (px // shape.patch) ** 2
     batch = max(1, shape.tokens // tokens) if px == "audio" or args.smoke else SIZES[px]
     record: dict[str, Any] = {"row": row, "px": px, "tokens": tokens, "batch": batch, "compiled": args.compile,
                               "graphs": args.graphs}  # fmt: skip
     torch.manual_seed(0)
     model = step = None
+    if args.row_limit:
+        signal.signal(signal.SIGALRM, _row_limit)
+        signal.alarm(args.row_limit)
     try:
         model, example = build(row, px, shape)
         model = model.to(device)
         record["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        record["flops_per_img"] = flops_per_input(model, example.to(device), shape.classes)
+        counted = [r["flops_per_img"] for r in earlier if (r["row"], r["px"], r.get("params_m")) == (row, px, record["params_m"])
+                   and r.get("flops_per_img")]  # fmt: skip
+        if counted and not args.recount:
+            record["flops_per_img"] = counted[-1]
+        else:
+            record["flops_per_img"] = flops_per_input(model, example.to(device), shape.classes)
         if args.compile:
             torch._dynamo.reset()  # a fresh cache per model: rows would otherwise hit dynamo's recompile limit
             model.compile()
@@ -249,12 +264,23 @@ def measure(row: str, px: int | str, shape: Shape, args: argparse.Namespace, dev
         record["floor_ms"] = record["flops_per_img"] * batch / args.rate * 1e3
     except torch.cuda.OutOfMemoryError:
         record["note"] = "OOM"
+    except RowLimit:
+        record["note"] = f"stopped at the row limit, {args.row_limit} s"
     except Exception as e:  # noqa: BLE001  (a row that fails is recorded, the run goes on)
         record["note"] = error_note(e)
     finally:
+        signal.alarm(0)
         del model, step
         free(device)
     return record
+
+
+class RowLimit(Exception):
+    """A row ran past --row-limit."""
+
+
+def _row_limit(signum: int, frame: Any) -> None:
+    raise RowLimit()
 
 
 def profile(step: Callable[[], None], path: Path) -> None:
@@ -407,6 +433,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, fp32 (a check that every row runs)")
     p.add_argument("--out-dir", type=Path, help="default: benchmarks/results (--smoke: a temporary folder)")
     p.add_argument("--name", help="file stem (default vision_speed_<device>)")
+    p.add_argument("--recount", action="store_true", help="count every row's FLOPs again (default: from an earlier record)")
+    p.add_argument("--row-limit", type=int, default=0, help="seconds a row may take before it is stopped (0: no limit)")
     p.add_argument("--profile", action="store_true", help="also write each row's kernels of one step (profile_<row>_<px>.txt)")
     args = p.parse_args()
     shape = SMOKE if args.smoke else REAL
@@ -427,7 +455,7 @@ def main() -> None:
     records = load(out_dir / f"{name}.json")
     for px in sizes:
         for row in select(args.rows):
-            record = {**measure(row, px, shape, args, device), **run}
+            record = {**measure(row, px, shape, args, device, records), **run}
             records = [r for r in records if (r["row"], r["px"], *mode(r)) != (row, px, args.compile, args.graphs)] + [record]
             relate(records)
             write(records, out_dir, name)

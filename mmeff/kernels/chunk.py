@@ -35,7 +35,9 @@ def _forward_states(
     return h, (v if w is None else v_new), A, ht
 
 
-def chunk_prepare(k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], chunks: Chunks, gate: int):
+def chunk_prepare(
+    k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], chunks: Chunks, gate: int
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tuple[Tensor, ...]]]:
     """What both passes read besides the inputs: the gate cumsum b and its per-chunk span, and the WY pieces of the
     delta rule (None where the kind has none)."""
     b, span = (None, None) if g is None else chunk_cumsum(g, chunks)

@@ -155,8 +155,9 @@ KERNEL_MODULES = ("", "norm", "conv", "moe")  # mmeff.kernels and the submodules
 def preload_kernels() -> None:
     """Import mmeff.kernels and its submodules now if CUDA is present. torch.compile cannot trace an import: a model
     compiled before its first CUDA call otherwise broke its graph at each layer's first kernel (12 breaks in the
-    gla-bi ViT of benchmarks/vision_speed.py). A Triton that fails to import is left for the dispatch to report."""
-    if not torch.cuda.is_available():
+    gla-bi ViT of benchmarks/vision_speed.py). A Triton that fails to import is left for the dispatch to report;
+    MMEFF_FORCE_REFERENCE=1 imports nothing."""
+    if force_reference() or not torch.cuda.is_available():
         return
     try:
         for module in KERNEL_MODULES:

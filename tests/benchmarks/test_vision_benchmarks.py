@@ -22,6 +22,45 @@ def test_vision_speed_smoke_writes_every_field(script, tmp_path):
     assert (tmp_path / "speed.md").read_text().count("| gla-cross | no |") == 2
 
 
+def test_vision_speed_counts_flops_once_and_stops_a_row_at_its_limit(script, tmp_path, monkeypatch):
+    # A second run takes each row's FLOPs from the first one's records (counting runs the references: minutes at
+    # 2048 px on the H200), and --row-limit ends a row that runs too long, noting it, and goes on with the next row.
+    import time
+
+    args = ("--smoke", "--rows", "attn", "--px", "224", "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path), "--name", "speed")
+    script("vision_speed", *args)
+    first = json.loads((tmp_path / "speed.json").read_text())["records"]
+    import vision_speed
+
+    monkeypatch.setattr(vision_speed, "flops_per_input", lambda *a: pytest.fail("FLOPs counted again"))
+    monkeypatch.setattr(vision_speed, "median_ms", lambda *a: time.sleep(30))
+    started = time.monotonic()
+    script("vision_speed", *args, "--row-limit", "1")
+    assert time.monotonic() - started < 20
+    records = json.loads((tmp_path / "speed.json").read_text())["records"]
+    assert [r["row"] for r in records] == ["timm", "attn"]
+    for r, before in zip(records, first):
+        assert r["note"] == "stopped at the row limit, 1 s" and "img_s" not in r
+        assert r["flops_per_img"] == before["flops_per_img"]
+
+
+def test_saved_memory_counts_what_the_gpu_path_keeps(tmp_path):
+    # The non-causal linear_attn recomputes its feature maps and keeps q, k, v and a state: no more than softmax
+    # attention per token (the block-level census in tests/blocks/test_linear_mixers.py, here through the whole model,
+    # on the kernels' path). In its own process: the script runs Triton in its interpreter and fakes the GPU.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(BENCHMARKS / "saved_memory.py"), "--smoke", "--rows", "attn", "linear_attn-global",
+                    "--detail", "--out", str(tmp_path / "mem")], check=True)  # fmt: skip
+    records = json.loads((tmp_path / "mem.json").read_text())["records"]
+    assert [r["row"] for r in records] == ["timm", "attn", "linear_attn-global"]
+    kept = {r["row"]: r["kib_per_token_layer"] for r in records}
+    assert 0 < kept["linear_attn-global"] <= kept["attn"] < 1.1 * kept["timm"]
+    assert records[0]["vs_timm"] == 1.0 and all(r["largest"] for r in records)
+    assert "| linear_attn-global |" in (tmp_path / "mem.md").read_text()
+
+
 def test_vision_train_trains_an_mmeff_config_and_timm_and_tests_them(script, tmp_path):
     from mmeff.data import build_shards
 

@@ -265,7 +265,13 @@ def test_elu_feature_map_matches_autograd_of_elu_plus_one():
 
 # elu+1 features (linear_attn's, and bidirectional gla's default): written as F.elu(x) + 1 the compiled backward failed
 # at run time, its traced elu_backward having other strides than the eager kernel's (a view after it failed).
-@pytest.mark.parametrize("name, options", [("gla", {"causal": False, "scan": "bi"}), ("linear_attn", {"causal": True})])
+# The bidirectional rows of benchmarks/vision_speed.py too (a sweep of every registered mixer, causal and bidirectional,
+# matched eager the same way: too slow for the suite).
+@pytest.mark.parametrize(
+    "name, options",
+    [("gla", {"causal": False, "scan": "bi"}), ("linear_attn", {"causal": True})]
+    + [(m, {"causal": False, "scan": "bi"}) for m in ("retnet", "gated_deltanet", "mamba2")],
+)
 def test_compiled_mixer_matches_eager(name, options):
     # torch.compile (AOT autograd, no Inductor build: fast) of a block forward and backward on the CPU path.
     torch.manual_seed(0)

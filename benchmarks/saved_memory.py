@@ -1,0 +1,108 @@
+"""Activation memory of the vision rows, counted on the CPU: bytes autograd keeps for the backward, per token and layer.
+
+Peak training memory past the weights is what the forward keeps for the backward. This counts it exactly (every
+distinct storage reaching `torch.autograd.graph.saved_tensors_hooks`, parameters and their bf16 copies excluded)
+for a training forward of each `benchmarks/vision_speed.py` row under bf16 autocast, on the GPU's code path: the
+Triton kernels (mmeff.kernels) run in Triton's interpreter on CPU tensors and `mmeff.ops.dispatch.on_cuda` answers
+yes, so each op keeps what it keeps on the GPU. Per token: the difference between batches of 2 and 1 images, over
+the tokens of an image and the 12 layers (the patch embedding and head are in it, a few bytes a token). FlashAttention
+keeps O(T) per head, so softmax attention's figure holds at every resolution.
+
+Not counted: workspace inside a kernel and the allocator's fragmentation. Mamba-2 runs mmeff's Triton SSD here; on a
+GPU with mamba-ssm installed it runs mamba-ssm's kernels, which keep other tensors.
+
+    python benchmarks/saved_memory.py                          # every row of vision_speed.py except the cross scans
+    python benchmarks/saved_memory.py --rows timm attn gla-bi --detail
+
+Writes benchmarks/results/saved_memory_cpu.{md,json} (records: row, kib_per_token_layer, vs_timm, largest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the kernels run on CPU tensors
+
+import torch  # noqa: E402
+
+import vision_speed  # noqa: E402  (benchmarks/vision_speed.py, beside this script)
+from mmeff.ops import dispatch  # noqa: E402
+from timing import write_results  # noqa: E402
+
+PX = 128  # 64 tokens an image: the counts are per token; small keeps the interpreted kernels quick
+
+
+def kept(model: torch.nn.Module, images: torch.Tensor) -> dict[int, tuple[int, tuple[int, ...], torch.dtype]]:
+    """Storages kept for the backward of one bf16-autocast forward: {data pointer: (bytes, a shape, dtype)}."""
+    found: dict[int, tuple[int, tuple[int, ...], torch.dtype]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        found.setdefault(storage.data_ptr(), (storage.nbytes(), tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images)
+    return found
+
+
+def measure(row: str, shape: vision_speed.Shape, detail: bool) -> dict[str, Any]:
+    """One record: KiB kept per token and layer (and the largest kinds of tensor with `detail`)."""
+    torch.manual_seed(0)
+    model, example = vision_speed.timm_model(PX, shape) if row == "timm" else vision_speed.build(row, PX, shape)
+    tokens = (PX // shape.patch) ** 2
+    counts = [kept(model, example.expand(n, *example.shape[1:]).clone()) for n in (1, 2)]
+    per_image = sum(b for b, _, _ in counts[1].values()) - sum(b for b, _, _ in counts[0].values())
+    record: dict[str, Any] = {"row": row, "kib_per_token_layer": per_image / tokens / shape.depth / 1024}
+    if detail:
+        kinds: Counter = Counter()
+        for nbytes, dims, dtype in counts[1].values():
+            kinds[f"{list(dims)} {str(dtype).removeprefix('torch.')}"] += nbytes
+        record["largest"] = [[kind, n / (2 * tokens * shape.depth)] for kind, n in kinds.most_common(12)]
+    return record
+
+
+def table(records: list[dict[str, Any]], command: str) -> str:
+    """Markdown: KiB per token and layer, against timm's, under the command that counted them."""
+    lines = [f"`{command}` (CPU, torch {torch.__version__}; {PX} px images, bf16 autocast, the GPU code path with the "
+             "Triton kernels interpreted). Bytes autograd keeps for the backward, per token and layer.", "",
+             "| row | KiB per token and layer | vs timm |", "|---|---:|---:|"]  # fmt: skip
+    lines += [f"| {r['row']} | {r['kib_per_token_layer']:.2f} | {r.get('vs_timm', float('nan')):.2f}x |" for r in records]
+    for r in records:
+        if r.get("largest"):
+            lines += ["", f"{r['row']}, bytes per token and layer by kind of tensor (batch of 2; weights' bf16 copies included):", ""]
+            lines += [f"- {kind}: {n:,.0f}" for kind, n in r["largest"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    rows = [r for r in vision_speed.row_names() if not r.endswith("-cross")]
+    p.add_argument("--rows", nargs="+", default=rows, help=f"rows of vision_speed.py (default: {' '.join(rows)})")
+    p.add_argument("--detail", action="store_true", help="also list each row's largest kinds of kept tensor")
+    p.add_argument("--smoke", action="store_true", help="vision_speed's tiny model (a check that the rows run)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "saved_memory_cpu", help="file stem")
+    args = p.parse_args()
+    unknown = sorted(set(args.rows) - set(vision_speed.row_names()))
+    if unknown:
+        raise SystemExit(f"saved_memory: unknown row(s) {', '.join(unknown)}; rows: {', '.join(vision_speed.row_names())}")
+    dispatch.on_cuda = lambda x: True  # the GPU path: each op keeps what its fast path keeps (this process only)
+    shape = vision_speed.SMOKE if args.smoke else vision_speed.REAL
+    records = []
+    for row in dict.fromkeys(["timm", *args.rows]):
+        records.append(measure(row, shape, args.detail))
+        timm = records[0]["kib_per_token_layer"]
+        for r in records:
+            r["vs_timm"] = r["kib_per_token_layer"] / timm
+        command = "python benchmarks/saved_memory.py " + " ".join(sys.argv[1:])
+        write_results(args.out, {"px": PX, "command": command, "records": records}, table(records, command))
+        print(f"{row}: {records[-1]['kib_per_token_layer']:.2f} KiB per token and layer", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
