@@ -333,8 +333,6 @@ def write(records: list[dict[str, Any]], out_dir: Path, name: str) -> None:
     plot(records, out_dir / f"{name}.png")
 
 
-
-
 def table(records: list[dict[str, Any]]) -> str:
     """Markdown: one table per input size, eager and compiled rows, under the runs' devices and settings."""
     runs = {(r["device"], r["torch"], f"{r['matmul_tflops']:.3g}") for r in records}
