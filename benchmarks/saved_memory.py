@@ -34,7 +34,8 @@ import vision_speed  # noqa: E402  (benchmarks/vision_speed.py, beside this scri
 from mmeff.ops import dispatch  # noqa: E402
 from timing import write_results  # noqa: E402
 
-PX = 128  # 64 tokens an image: the counts are per token; small keeps the interpreted kernels quick
+PX = 128  # 64 tokens an image of 16 px patches: the counts are per token; small keeps the interpreted kernels quick
+SMOKE_PX = 64  # --smoke: 64 tokens of 8 px
 
 
 def kept(model: torch.nn.Module, images: torch.Tensor) -> dict[int, tuple[int, tuple[int, ...], torch.dtype]]:
@@ -51,11 +52,11 @@ def kept(model: torch.nn.Module, images: torch.Tensor) -> dict[int, tuple[int, t
     return found
 
 
-def measure(row: str, shape: vision_speed.Shape, detail: bool) -> dict[str, Any]:
+def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool) -> dict[str, Any]:
     """One record: KiB kept per token and layer (and the largest kinds of tensor with `detail`)."""
     torch.manual_seed(0)
-    model, example = vision_speed.timm_model(PX, shape) if row == "timm" else vision_speed.build(row, PX, shape)
-    tokens = (PX // shape.patch) ** 2
+    model, example = vision_speed.timm_model(px, shape) if row == "timm" else vision_speed.build(row, px, shape)
+    tokens = (px // shape.patch) ** 2
     counts = [kept(model, example.expand(n, *example.shape[1:]).clone()) for n in (1, 2)]
     per_image = sum(b for b, _, _ in counts[1].values()) - sum(b for b, _, _ in counts[0].values())
     record: dict[str, Any] = {"row": row, "kib_per_token_layer": per_image / tokens / shape.depth / 1024}
@@ -67,9 +68,9 @@ def measure(row: str, shape: vision_speed.Shape, detail: bool) -> dict[str, Any]
     return record
 
 
-def table(records: list[dict[str, Any]], command: str) -> str:
+def table(records: list[dict[str, Any]], command: str, px: int) -> str:
     """Markdown: KiB per token and layer, against timm's, under the command that counted them."""
-    lines = [f"`{command}` (CPU, torch {torch.__version__}; {PX} px images, bf16 autocast, the GPU code path with the "
+    lines = [f"`{command}` (CPU, torch {torch.__version__}; {px} px images, bf16 autocast, the GPU code path with the "
              "Triton kernels interpreted). Bytes autograd keeps for the backward, per token and layer.", "",
              "| row | KiB per token and layer | vs timm |", "|---|---:|---:|"]  # fmt: skip
     lines += [f"| {r['row']} | {r['kib_per_token_layer']:.2f} | {r.get('vs_timm', float('nan')):.2f}x |" for r in records]
@@ -92,15 +93,15 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"saved_memory: unknown row(s) {', '.join(unknown)}; rows: {', '.join(vision_speed.row_names())}")
     dispatch.on_cuda = lambda x: True  # the GPU path: each op keeps what its fast path keeps (this process only)
-    shape = vision_speed.SMOKE if args.smoke else vision_speed.REAL
+    shape, px = (vision_speed.SMOKE, SMOKE_PX) if args.smoke else (vision_speed.REAL, PX)
     records = []
     for row in dict.fromkeys(["timm", *args.rows]):
-        records.append(measure(row, shape, args.detail))
+        records.append(measure(row, shape, px, args.detail))
         timm = records[0]["kib_per_token_layer"]
         for r in records:
             r["vs_timm"] = r["kib_per_token_layer"] / timm
         command = "python benchmarks/saved_memory.py " + " ".join(sys.argv[1:])
-        write_results(args.out, {"px": PX, "command": command, "records": records}, table(records, command))
+        write_results(args.out, {"px": px, "command": command, "records": records}, table(records, command, px))
         print(f"{row}: {records[-1]['kib_per_token_layer']:.2f} KiB per token and layer", flush=True)
 
 
