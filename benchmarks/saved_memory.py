@@ -14,7 +14,7 @@ GPU with mamba-ssm installed it runs mamba-ssm's kernels, which keep other tenso
     python benchmarks/saved_memory.py                          # every row of vision_speed.py except the cross scans
     python benchmarks/saved_memory.py --rows timm attn gla-bi --detail
 
-Writes benchmarks/results/saved_memory_cpu.{md,json} (records: row, kib_per_token_layer, vs_timm, largest).
+Writes benchmarks/results/saved_memory_cpu.{md,json,png} (records: row, kib_per_token_layer, vs_timm, largest).
 """
 
 from __future__ import annotations
@@ -81,6 +81,29 @@ def table(records: list[dict[str, Any]], command: str, px: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """KiB per token and layer of each row, timm's marked (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar([r["row"] for r in records], [r["kib_per_token_layer"] for r in records], color="tab:blue")
+    ax.axhline(records[0]["kib_per_token_layer"], color="grey", linewidth=0.8, label="timm ViT-S")
+    ax.set_ylabel("KiB kept per token and layer")
+    ax.set_title("Activations kept for the backward (bf16 autocast, GPU code path, counted on CPU)", fontsize=9)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     rows = [r for r in vision_speed.row_names() if not r.endswith("-cross")]
@@ -102,6 +125,7 @@ def main() -> None:
             r["vs_timm"] = r["kib_per_token_layer"] / timm
         command = "python benchmarks/saved_memory.py " + " ".join(sys.argv[1:])
         write_results(args.out, {"px": px, "command": command, "records": records}, table(records, command, px))
+        plot(records, args.out.with_name(args.out.name + ".png"))
         print(f"{row}: {records[-1]['kib_per_token_layer']:.2f} KiB per token and layer", flush=True)
 
 

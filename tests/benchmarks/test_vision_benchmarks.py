@@ -58,7 +58,7 @@ def test_saved_memory_counts_what_the_gpu_path_keeps(tmp_path):
     kept = {r["row"]: r["kib_per_token_layer"] for r in records}
     assert 0 < kept["linear_attn-global"] <= kept["attn"] < 1.1 * kept["timm"]
     assert records[0]["vs_timm"] == 1.0 and all(r["largest"] for r in records)
-    assert "| linear_attn-global |" in (tmp_path / "mem.md").read_text()
+    assert "| linear_attn-global |" in (tmp_path / "mem.md").read_text() and (tmp_path / "mem.png").stat().st_size > 0
 
 
 def test_vision_train_trains_an_mmeff_config_and_timm_and_tests_them(script, tmp_path):
