@@ -63,7 +63,6 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -85,7 +84,9 @@ from mmeff import blocks, config
 from mmeff.encoders.text import ByteTokenizer
 from mmeff.ops.varlen import doc_bounds
 from mmeff.tasks import build_model
-from timing import copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel, write_results  # beside this file
+from timing import (  # beside this file
+    copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel, save_figure, write_results,
+)
 
 
 @dataclass(frozen=True)
@@ -539,10 +540,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         ax.minorticks_off()
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def versions() -> str:

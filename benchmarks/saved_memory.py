@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import vision_speed  # noqa: E402  (benchmarks/vision_speed.py, beside this script)
 from mmeff.ops import dispatch  # noqa: E402
-from timing import write_results  # noqa: E402
+from timing import save_figure, write_results  # noqa: E402
 
 PX = 128  # 64 tokens an image of 16 px patches: the counts are per token; small keeps the interpreted kernels quick
 SMOKE_PX = 64  # --smoke: 64 tokens of 8 px
@@ -98,10 +98,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

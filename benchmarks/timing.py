@@ -112,3 +112,13 @@ def write_results(stem: Path, data: dict[str, Any], markdown: str) -> None:
         tmp = stem.with_name(stem.name + suffix + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, stem.with_name(stem.name + suffix))
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure to `path`, written under a temporary name and renamed (as write_results), then closed."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    plt.close(fig)

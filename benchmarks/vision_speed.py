@@ -63,7 +63,7 @@ from mmeff import config
 from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
 from mmeff.tasks.graphs import GraphedTraining
-from timing import device_tag, error_note, free, matmul_rate, median_ms, write_results  # benchmarks/timing.py, beside this script
+from timing import device_tag, error_note, free, matmul_rate, median_ms, save_figure, write_results  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
@@ -404,9 +404,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=110)
-    os.replace(path.with_name(path.name + ".tmp.png"), path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def select(names: list[str] | None) -> list[str]:
@@ -440,6 +438,8 @@ def main() -> None:
     wanted = [int(x) if x.isdigit() else x for x in (args.px or [*map(str, SIZES), "audio"])]
     if any(s not in SIZES and s != "audio" for s in wanted):
         raise SystemExit(f"vision_speed: --px takes {', '.join(map(str, SIZES))} or audio, got {args.px}")
+    if args.row_limit < 0:
+        raise SystemExit(f"vision_speed: --row-limit takes seconds >= 0 (0: no limit), got {args.row_limit}")
     if args.graphs and device.type != "cuda":
         raise SystemExit("vision_speed: --graphs needs CUDA (CUDA graphs)")
     sizes = list(dict.fromkeys(32 if args.smoke and s != "audio" else s for s in wanted))  # smoke: 32 px images
