@@ -95,6 +95,11 @@ class LinearMixer(ScanMixer):
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
         self.heads, self.scale = heads, scale
         self.feature = FEATURE_MAPS[feature_map]
+        # Without a short conv the feature map (per token) runs before the scan routes' gathers: a bidirectional
+        # scan then maps half the tokens, and what the recurrence keeps for the backward are views of the route
+        # copies of what the feature map keeps anyway (ScanMixer's `regathered`). The global form maps inside its
+        # checkpoint instead (LinearAttention.attend).
+        self.features_first = not conv_size and self.routes.scan != "global"
         self.widths = [self.key_dim, self.key_dim, self.value_dim]
         width = sum(self.widths)
         self.qkv = nn.Linear(dim, width, bias=bias)
@@ -123,7 +128,13 @@ class LinearMixer(ScanMixer):
         qkv = self.qkv(x)
         # Without a short conv, q, k and v travel as three streams: a bidirectional scan's route gathers then
         # write them contiguous, where splitting one gathered qkv stream would leave the kernels three copies.
-        streams = [qkv] if self.conv is not None else list(qkv.split(self.widths, -1))
+        if self.conv is not None:
+            streams = [qkv]
+        else:
+            q, k, v = qkv.split(self.widths, -1)
+            if self.features_first:
+                q, k = (self.feature(t.unflatten(-1, (self.heads, -1))).flatten(-2).to(v.dtype) for t in (q, k))
+            streams = [q, k, v]
         return [*streams, *self.gates(x)], (self.gate(x) if self.gate is not None else None)
 
     def mix(self, streams: list[torch.Tensor], cache: Cache | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -154,7 +165,9 @@ class LinearMixer(ScanMixer):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], offset: int, **kw: Any) -> Recurred:
         """Feature map and positions of q, k [B, T, H, K], then the op (`recur`)."""
-        q, k = self.position_qk(self.feature(q), self.feature(k), offset)
+        if not self.features_first:
+            q, k = self.feature(q), self.feature(k)
+        q, k = self.position_qk(q, k, offset)
         # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run
         # its fp32 kernels (exact fp32 matmuls, no tensor cores) on bf16 values; the LM's gated_deltanet stalled so.
         return self.recur(q.to(v.dtype), k.to(v.dtype), v, gates, **kw)

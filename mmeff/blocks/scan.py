@@ -23,9 +23,10 @@ route; projections, gates and output norms are per token and run once (`project`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Iterator, Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +113,8 @@ class Routes:
         # the outputs back to token order, with no flipped or permuted copy per route.
         stacked = [_Stack.apply(s, plan.order, plan.back, plan.routes) for s in streams]
         docs = None if layout.docs is None else _stack(layout.docs, plan.order, plan.routes)
-        ys = fn(stacked, None if docs is None else cu_seqlens_from_docs(docs))
+        with regathered(stacked, streams, plan):
+            ys = fn(stacked, None if docs is None else cu_seqlens_from_docs(docs))
         return _Merge.apply(ys, plan.order, plan.back, plan.routes)
 
 
@@ -177,6 +179,56 @@ class _Merge(torch.autograd.Function):
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         (order,) = ctx.saved_tensors
         return _stack(dout / ctx.routes, order, ctx.routes), None, None, None
+
+
+@contextlib.contextmanager
+def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iterator[None]:
+    """Inside: a tensor saved for the backward that is (a view of) a route-stacked stream is kept as its source
+    stream, and gathered along the routes again when the backward reads it.
+
+    The stacked copies are R times their source (two for `bi`); the recurrence kernels and short convs save them.
+    Saved-tensor hooks already in force (activation checkpointing, offloading, benchmarks/saved_memory.py's count)
+    get what this keeps: the source stream instead of the stacked copy. Not while torch.compile traces: its
+    partitioner picks what to save.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        yield
+        return
+    outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (_same, _same)
+    sources = {s.untyped_storage().data_ptr(): (s, src) for s, src in zip(stacked, streams) if s.numel()}
+
+    def pack(t: Tensor) -> Any:
+        hit = sources.get(t.untyped_storage().data_ptr()) if t.numel() else None
+        if hit is None or hit[0].dtype != t.dtype or hit[0]._version:  # a stacked stream changed in place: keep t
+            return outer_pack(t)
+        src = hit[1]
+        return _Source(outer_pack(src), src._version, t.shape, t.stride(), t.storage_offset())
+
+    def unpack(saved: Any) -> Tensor:
+        if not isinstance(saved, _Source):
+            return outer_unpack(saved)
+        src = outer_unpack(saved.source)
+        if src._version != saved.version:
+            raise RuntimeError("a scan stream saved for the backward was modified in place after the forward")
+        return _stack(src, plan.order, plan.routes).as_strided(saved.shape, saved.stride, saved.offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _same(t: Any) -> Any:
+    return t
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What `regathered` keeps of a saved view of a stacked stream: the source stream and the view's geometry."""
+
+    source: Any  # the source stream, as the outer hooks packed it
+    version: int
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int
 
 
 def _indices(route: Route, length: int, device: torch.device) -> Tensor:

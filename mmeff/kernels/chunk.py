@@ -70,11 +70,12 @@ class ChunkRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunks, gate, output_final_state):  # type: ignore[override]
-        # The WY pieces are kept for the backward (recomputing them cost a fifth of its time); states are not.
+        # The WY pieces are kept for the backward (recomputing them cost a fifth of its time); states are not, nor
+        # the gate cumsum (one cheap kernel): the raw gates are kept, which a bidirectional scan keeps unstacked.
         b, span, wy = chunk_prepare(k, v, g, beta, chunks, gate)
         h, values, A, ht = _forward_states(q, k, v, b, span, wy, h0, chunks, gate, output_final_state)
         o = fwd_o(q, k, values, h, b, span, A, chunks, gate, scale)
-        ctx.save_for_backward(q, k, v, b, span, beta, h0, *(wy or ()))
+        ctx.save_for_backward(q, k, v, g, beta, h0, *(wy or ()))
         ctx.scale, ctx.chunks, ctx.gate = scale, chunks, gate
         ctx.set_materialize_grads(False)
         return o, ht
@@ -82,7 +83,8 @@ class ChunkRecurrence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dht):  # type: ignore[override]
-        q, k, v, b, span, beta, h0, *wy = ctx.saved_tensors
+        q, k, v, g, beta, h0, *wy = ctx.saved_tensors
+        b, span = (None, None) if g is None else chunk_cumsum(g, ctx.chunks)
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         want_dh0 = h0 is not None and ctx.needs_input_grad[5]

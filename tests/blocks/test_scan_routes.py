@@ -71,3 +71,55 @@ def test_a_grid_given_as_a_list_plans_like_a_tuple():
     routes = Routes(causal=False, scan="cross")
     got = routes(running_sum, streams, Layout(grid=[1, 3, 4], special=1))
     torch.testing.assert_close(got, per_route(routes, streams, Layout(grid=(1, 3, 4), special=1)), rtol=0, atol=1e-12)
+
+
+def kept_storages(fn):
+    """The storages the backward of `fn()` keeps (a saved-tensor hook outside the routes' own), and fn's output."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return kept, out
+
+
+@pytest.mark.parametrize("scan", ["bi", "cross"])
+def test_the_backward_keeps_the_source_streams_not_their_route_copies(scan):
+    layout = Layout(grid=(1, 3, 4), special=1)
+    streams = [torch.randn(2, 13, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    kept, out = kept_storages(lambda: Routes(causal=False, scan=scan)(running_sum, streams, layout))
+    # running_sum's product keeps both of its (stacked) inputs: what reaches the outer hook is each source (and
+    # the routes' index tensors)
+    values = sorted(ptr for ptr, t in kept.items() if t.is_floating_point())
+    assert values == sorted(s.untyped_storage().data_ptr() for s in streams)
+    grads = torch.autograd.grad(out, streams, torch.ones_like(out))
+    expected = torch.autograd.grad(per_route(Routes(causal=False, scan=scan), streams, layout), streams, torch.ones_like(out))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+def test_a_source_stream_changed_in_place_after_the_forward_is_refused():
+    streams = [torch.randn(2, 13, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    sources = [s * 1.0 for s in streams]
+    out = Routes(causal=False, scan="bi")(running_sum, sources, Layout())
+    with torch.no_grad():
+        sources[0].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_routes_under_activation_checkpointing_keep_their_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    layout = Layout(grid=(1, 3, 4), special=1)
+    streams = [torch.randn(2, 13, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    routes = Routes(causal=False, scan="cross")
+    plain = routes(running_sum, streams, layout)
+    recomputed = checkpoint(lambda *s: routes(running_sum, list(s), layout), *streams, use_reentrant=False)
+    torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
+    seed = torch.randn_like(plain)
+    for g, e in zip(torch.autograd.grad(recomputed, streams, seed), torch.autograd.grad(plain, streams, seed)):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)

@@ -105,8 +105,9 @@ def test_mixers_and_moe_compute_on_plain_weights(world):
     assert Backbone(cfg).load_state_dict(state) and not any(isinstance(t, DTensor) for t in state.values())
 
 
-def test_activation_checkpointing_keeps_outputs_and_gradients():
-    cfg = {"dim": 32, "pattern": ["gla", "attn"], "mixers": {"gla": {"heads": 2}, "attn": {"heads": 2}}}
+@pytest.mark.parametrize("causal", [True, False])  # false: gla scans both ways, its route copies regathered
+def test_activation_checkpointing_keeps_outputs_and_gradients(causal):
+    cfg = {"dim": 32, "pattern": ["gla", "attn"], "mixers": {"gla": {"heads": 2}, "attn": {"heads": 2}}, "causal": causal}
     torch.manual_seed(0)
     plain = Backbone(cfg)
     checkpointed = Backbone({**cfg, "checkpoint": True})
