@@ -448,13 +448,14 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
 
 
 def relate(records: list[dict[str, Any]]) -> None:
-    """Fill vs_attn, vs_peer and vs_dense from the records of the same T, docs and compile setting."""
-    speed = {(r["row"], r["T"], r["docs"], r["compiled"]): r["tok_s"] for r in records if r.get("tok_s")}
+    """Fill vs_attn, vs_peer and vs_dense from the records of the same run, T, docs and compile setting (a ratio
+    across processes would mix in the host's and the GPU's drift between runs)."""
+    speed = {(r["row"], r["run"], r["T"], r["docs"], r["compiled"]): r["tok_s"] for r in records if r.get("tok_s")}
     peer_of = {mmeff: peer for peer, mmeff in PEERS.items()}
     for r in records:
         if not r.get("tok_s"):
             continue
-        key = (r["T"], r["docs"], r["compiled"])
+        key = (r["run"], r["T"], r["docs"], r["compiled"])
         for field, ref in (("vs_attn", "attn"), ("vs_peer", peer_of.get(r["row"])), ("vs_dense", DENSE_TWIN.get(r["row"]))):
             if ref and (ref, *key) in speed:
                 r[field] = r["tok_s"] / speed[(ref, *key)]
@@ -472,7 +473,7 @@ def write(records: list[dict[str, Any]], out: Path) -> None:
     """<out>.json, .md and .png of `records` (each file replaced whole)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     order = {r: i for i, r in enumerate(ORDER)}
-    records.sort(key=lambda r: (r["T"], r["docs"], r["compiled"], order.get(r["row"], 99)))
+    records.sort(key=lambda r: (r["T"], r["docs"], r["compiled"], r["run"], order.get(r["row"], 99)))
     write_results(out, {"records": records}, table(records))
     plot(records, out.with_suffix(".png"))
 
@@ -483,22 +484,24 @@ def _num(value: float | None, fmt: str) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     """Markdown: one table per T under the runs' devices, ceilings and commands."""
-    runs = {(r["device"], r["versions"], r["shape"], f"{r['matmul_tflops']:.3g}", f"{r['copy_gbs']:,.0f}", r["command"])
+    runs = {r["run"]: (r["device"], r["versions"], r["shape"], f"{r['matmul_tflops']:.3g}", f"{r['copy_gbs']:,.0f}", r["command"])
             for r in records}  # fmt: skip
-    described = (f"- {d} ({v}); {s}; matmul {m} TFLOP/s and copy {c} GB/s measured; `{cmd}`" for d, v, s, m, c, cmd in sorted(runs))
-    lines = ["Runs:", *described,
+    number = {run: i for i, run in enumerate(sorted(runs), 1)}
+    described = (f"{number[run]}. {run}: {d} ({v}); {s}; matmul {m} TFLOP/s and copy {c} GB/s measured; `{cmd}`"
+                 for run, (d, v, s, m, c, cmd) in sorted(runs.items()))  # fmt: skip
+    lines = ["Runs (ratios compare rows of one run only):", *described,
              "", "One step: forward, next-token cross-entropy, backward, fused AdamW; bf16 autocast (CUDA), fp32 weights; "
              "byte vocabulary, tied embeddings. vs attn: tok/s over mmeff attn's; vs peer: an mmeff row "
              "over its peer's (hf_llama, fla_*, mamba_ssm); vs dense: a MoE row over its dense twin. floor: matmul "
              "FLOPs at the measured matmul rate + the mixers' kernel floor + AdamW's bytes at the measured copy rate "
              "(benchmarks/lm_train_speed.py says how); MFU: model FLOPs over ms x the measured matmul rate.", ""]  # fmt: skip
     profiled = any("profile_ms" in r for r in records)
-    columns = ["row", "docs", "compiled", "B", "tok/s", "vs attn", "vs peer", "vs dense", "peak GiB", "ms", "floor ms",
+    columns = ["row", "run", "docs", "compiled", "B", "tok/s", "vs attn", "vs peer", "vs dense", "peak GiB", "ms", "floor ms",
                "ms / floor", "MFU", "params M", *(f"{k} ms" for k in KINDS if profiled), "note"]  # fmt: skip
     for T in dict.fromkeys(r["T"] for r in records):
         lines += [f"### T = {T}", "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 2) + "---|"]
         for r in (r for r in records if r["T"] == T):
-            cells = [r["row"], str(r["docs"]), "yes" if r["compiled"] else "no", str(r["B"])]
+            cells = [r["row"], str(number[r["run"]]), str(r["docs"]), "yes" if r["compiled"] else "no", str(r["B"])]
             if r.get("tok_s"):
                 cells += [f"{r['tok_s']:,.0f}", _num(r.get("vs_attn"), "{:.2f}x"), _num(r.get("vs_peer"), "{:.2f}x"),
                           _num(r.get("vs_dense"), "{:.2f}x"), _num(r.get("peak_gib"), "{:.1f}"), f"{r['ms']:.1f}",
@@ -522,7 +525,8 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    points = [r for r in records if r.get("tok_s") and not r["docs"]]
+    latest = {(r["row"], r["T"], r["compiled"]): r for r in sorted(records, key=lambda r: r["run"]) if r.get("tok_s") and not r["docs"]}
+    points = list(latest.values())  # each row's newest run
     modes = sorted({r["compiled"] for r in points})
     if not modes:
         return
@@ -631,8 +635,7 @@ def main() -> None:
             continue
         print(f"{row}, T {T}, docs {ndocs}: measuring", flush=True)  # a run cut short says which row it was in
         record = {**measure(row, T, ndocs, shape, args, device), **run}
-        key = (row, T, ndocs, args.compile)
-        records = [r for r in records if (r["row"], r["T"], r["docs"], r["compiled"]) != key] + [record]
+        records.append(record)  # earlier runs' records stay: each run is a table of its own ratios
         relate(records)
         write(records, out)
         shown = ("row", "T", "B", "tok_s", "vs_attn", "vs_peer", "peak_gib", "floor_ms", "mfu", "note")

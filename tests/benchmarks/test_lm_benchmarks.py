@@ -57,7 +57,19 @@ def test_lm_train_speed_cpu_smoke_writes_every_field(script, tmp_path):
     assert records["gla_moe"]["active_params_m"] == pytest.approx(records["gla"]["params_m"], rel=0.02)
     if "note" in records["fla_gla"]:  # no fla (or no GPU for its kernels): said, not crashed
         assert records["fla_gla"]["note"].startswith(("skipped:", "refused:"))
-    assert "| gla_moe | 0 | no | 2 |" in (tmp_path / "lm.md").read_text()
+    assert "| gla_moe | 1 | 0 | no | 2 |" in (tmp_path / "lm.md").read_text()  # run 1, no documents, eager, B
+
+
+def test_lm_train_speed_ratios_stay_within_their_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lm_train_speed
+
+    def record(run, row, tok_s):
+        return {"run": run, "row": row, "T": 64, "docs": 0, "compiled": False, "tok_s": tok_s}
+
+    records = [record("a", "attn", 100.0), record("a", "gla", 50.0), record("b", "attn", 200.0), record("b", "gla", 150.0)]
+    lm_train_speed.relate(records)
+    assert [r["vs_attn"] for r in records] == [1.0, 0.5, 1.0, 0.75]
 
 
 def test_lm_fit_speed_cpu_smoke_says_where_the_time_goes(script, tmp_path):
