@@ -132,8 +132,9 @@ class LinearMixer(ScanMixer):
             streams = [qkv]
         else:
             q, k, v = qkv.split(self.widths, -1)
-            if self.features_first:
+            if self.features_first and self.feature is not FEATURE_MAPS["identity"]:
                 q, k = (self.feature(t.unflatten(-1, (self.heads, -1))).flatten(-2).to(v.dtype) for t in (q, k))
+                v = v.contiguous()  # a view of the projection would keep it all (raw q and k too) for the backward
             streams = [q, k, v]
         return [*streams, *self.gates(x)], (self.gate(x) if self.gate is not None else None)
 
