@@ -264,10 +264,10 @@ def measure(
         record["floor_ms"] = record["flops_per_img"] * batch / args.rate * 1e3
     except torch.cuda.OutOfMemoryError:
         record["note"] = "OOM"
-    except RowLimit:
-        record["note"] = f"stopped at the row limit, {args.row_limit} s"
     except Exception as e:  # noqa: BLE001  (a row that fails is recorded, the run goes on)
-        record["note"] = error_note(e)
+        # Inductor re-raises what interrupts its compile as an InductorError caused by it (run 10's 2048 px sliding).
+        stopped = any(isinstance(x, RowLimit) for x in _chain(e))
+        record["note"] = f"stopped at the row limit, {args.row_limit} s" if stopped else error_note(e)
     finally:
         signal.alarm(0)
         del model, step
@@ -281,6 +281,13 @@ class RowLimit(Exception):
 
 def _row_limit(signum: int, frame: Any) -> None:
     raise RowLimit()
+
+
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
+    """`e` and the exceptions it was raised from or during."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def profile(step: Callable[[], None], path: Path) -> None:
