@@ -1,13 +1,19 @@
 """Non-causal linear attention: every token reads one state summed over its whole sequence, no scan.
 
 o_t = scale * q_t^T S with S = sum_s k_s v_s^T over the token's sequence (Katharopoulos et al., 2020,
-the non-causal form). Two matmuls per head, O(T K V), instead of a recurrence along a route; layout
-[B, T, H, D] as the other linear ops.
+the non-causal form). Layout [B, T, H, D] as the other linear ops.
+
+The heads are not taken apart: with q, k and v flattened to [B, T, H*D], S of every head is a diagonal block of one
+[H*K, H*V] matrix, so the state and the output are each one batched GEMM over the tokens as they lie, where per-head
+einsums copied q, k, v and o into head-major order. The off-diagonal blocks cost H times the per-head matmul FLOPs:
+2 T (H K)(H V) a GEMM, as much as a [H*K -> H*V] projection; on the H200 a ViT-S layer's non-causal linear attention
+ran 2.3 ms forward and backward at 16,384 tokens a sequence with the per-head einsums, 27.5 of the step's 86 ms GPU
+time in their copies (benchmarks/results/vision_speed_h200.md, profile of run 12).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -15,6 +21,8 @@ from torch import Tensor
 from mmeff.ops.varlen import host_bounds
 
 __all__ = ["global_linear_attention"]
+
+_ALIGN = 8  # the normaliser's H columns padded so the output rows stay 16-byte aligned in bf16
 
 
 def global_linear_attention(
@@ -44,53 +52,70 @@ def global_linear_attention(
     return torch.cat(parts, dim=1)
 
 
-def _state(k: Tensor, v: Tensor) -> Tensor:
-    """S = sum_t k_t v_t^T per sequence and head: [B, T, H, K], [B, T, H, V] -> [B, H, K, V]."""
-    return torch.einsum("bthk,bthv->bhkv", k, v)
+def _heads(rows: int, cols: int, H: int, device: torch.device) -> Tensor:
+    """[rows, cols] bool, true where row and column belong to the same of H equal head blocks."""
+    return (torch.arange(rows, device=device) // (rows // H))[:, None] == (torch.arange(cols, device=device) // (cols // H))
 
 
-def _output(qs: Tensor, S: Tensor, z: Optional[Tensor], eps: float) -> Tuple[Tensor, Optional[Tensor]]:
-    """(o, its normaliser or None): o = qs S, divided by qs z + eps [B, T, H] when z (the summed keys) is given."""
-    o = torch.einsum("bthk,bhkv->bthv", qs, S)
-    if z is None:
-        return o, None
-    den = torch.einsum("bthk,bhk->bth", qs, z) + eps
-    return o / den.unsqueeze(-1), den
+def _reader(k: Tensor, v: Tensor, scale: float, normalize: bool) -> Tensor:
+    """What q is multiplied by: [B, H*K, H*V (+ padded H)], the block-diagonal state scaled, then (normalising) the
+    summed keys of head h in column H*V + h."""
+    B, T, H, K = k.shape
+    k2, v2 = k.flatten(2), v.flatten(2)
+    S = torch.bmm(k2.transpose(1, 2), v2)
+    S = S * (_heads(H * K, H * v.shape[-1], H, S.device) * scale).to(S.dtype)
+    if not normalize:
+        return S
+    z = k2.sum(1)  # [B, H*K]
+    Z = z.unsqueeze(-1) * (_heads(H * K, H, H, z.device) * scale).to(z.dtype)
+    pad = S.new_zeros(B, H * K, -(-H // _ALIGN) * _ALIGN - H)
+    return torch.cat([S, Z, pad], dim=-1)
+
+
+def _read(q2: Tensor, R: Tensor, H: int, V: int, eps: float, normalize: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(o [B, T, H, V], numerator, normaliser [B, T, H]) of q2 [B, T, H*K] against the reader; no normaliser when
+    not normalising (o is the numerator)."""
+    out = torch.bmm(q2, R)
+    num = out[..., : H * V].unflatten(-1, (H, V))
+    if not normalize:
+        return num, None, None
+    den = out[..., H * V : H * V + H] + eps
+    return num / den.unsqueeze(-1), num, den
 
 
 class _GlobalLinearAttention(torch.autograd.Function):
-    """The op with hand-written gradients: it keeps q, k, v and the [B, H, K, V] state for the backward, where
-    autograd through the einsums kept their permuted copies and the normaliser's operands as well: in the ViT-S of
-    benchmarks/vision_speed.py (bf16 autocast, CPU census of saved tensors) 17.8 KiB per token and layer, 15.5
-    with this op, softmax attention's 13.8."""
+    """The op with hand-written gradients: it keeps q, k, v and the [B, H*K, H*V] reader for the backward, where
+    autograd through the einsums kept their permuted copies and the normaliser's operands as well."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, normalize: bool, eps: float) -> Tensor:  # type: ignore[override]
-        S = _state(k, v)
-        z = k.sum(1) if normalize else None
-        o, _ = _output(q * scale, S, z, eps)
-        ctx.save_for_backward(q, k, v, S, z)
-        ctx.scale, ctx.eps = scale, eps
+        R = _reader(k, v, scale, normalize)
+        o, _, _ = _read(q.flatten(2), R, q.shape[2], v.shape[-1], eps, normalize)
+        ctx.save_for_backward(q, k, v, R)
+        ctx.scale, ctx.eps, ctx.normalize = scale, eps, normalize
         return o.to(v.dtype)
 
     @staticmethod
     def backward(ctx, do: Tensor):  # type: ignore[override]
-        q, k, v, S, z = ctx.saved_tensors
-        S = S.to(q.dtype)
+        q, k, v, R = ctx.saved_tensors
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        q2, k2, v2 = q.flatten(2), k.flatten(2), v.flatten(2)
         do = do.to(q.dtype)
-        qs = q * ctx.scale
-        if z is not None:  # o = num / den: d num = do / den, d den = -sum_v do * o / den
-            z = z.to(q.dtype)
-            o, den = _output(qs, S, z, ctx.eps)
+        if ctx.normalize:  # o = num / den: d num = do / den, d den = -sum_v do * num / den^2
+            _, num, den = _read(q2, R, H, V, ctx.eps, True)
             dnum = do / den.unsqueeze(-1)
-            dden = -(dnum * o).sum(-1)
+            dden = -(dnum * num).sum(-1) / den
+            dout = torch.cat([dnum.flatten(2), dden, dden.new_zeros(B, T, R.shape[-1] - H * V - H)], dim=-1)
         else:
-            dnum, dden = do, None
-        dS = torch.einsum("bthk,bthv->bhkv", qs, dnum)
-        dqs = torch.einsum("bthv,bhkv->bthk", dnum, S)
-        dk = torch.einsum("bthv,bhkv->bthk", v, dS)
-        if dden is not None:
-            dqs = dqs + dden.unsqueeze(-1) * z.unsqueeze(1)
-            dk = dk + torch.einsum("bthk,bth->bhk", qs, dden).unsqueeze(1)
-        dv = torch.einsum("bthk,bhkv->bthv", k, dS)
-        return dqs * ctx.scale, dk, dv, None, None, None
+            dout = do.flatten(2)
+        dq = torch.bmm(dout, R.transpose(1, 2)).unflatten(-1, (H, K))
+        dR = torch.bmm(q2.transpose(1, 2), dout) * ctx.scale
+        dS = dR[..., : H * V] * _heads(H * K, H * V, H, dR.device).to(dR.dtype)
+        dv = torch.bmm(k2, dS).unflatten(-1, (H, V))
+        if ctx.normalize:  # z = sum_t k_t reaches every token's key gradient
+            dz = (dR[..., H * V : H * V + H] * _heads(H * K, H, H, dR.device).to(dR.dtype)).sum(-1)
+            dk = torch.baddbmm(dz.unsqueeze(1), v2, dS.transpose(1, 2))
+        else:
+            dk = torch.bmm(v2, dS.transpose(1, 2))
+        return dq, dk.unflatten(-1, (H, K)), dv, None, None, None
