@@ -66,7 +66,7 @@ def _reader(k: Tensor, v: Tensor, scale: float, normalize: bool) -> Tensor:
     S = S * (_heads(H * K, H * v.shape[-1], H, S.device) * scale).to(S.dtype)
     if not normalize:
         return S
-    z = k2.sum(1)  # [B, H*K]
+    z = k2.sum(1).to(S.dtype)  # [B, H*K]; CUDA autocast sums in fp32, and the backward runs outside autocast
     Z = z.unsqueeze(-1) * (_heads(H * K, H, H, z.device) * scale).to(z.dtype)
     pad = S.new_zeros(B, H * K, -(-H // _ALIGN) * _ALIGN - H)
     return torch.cat([S, Z, pad], dim=-1)
