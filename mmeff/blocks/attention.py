@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -190,17 +189,7 @@ class Attention(SoftmaxAttention):
 
     def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         B, T, _ = x.shape
-        q, kv = self.qkv(x)
-        q = self.q_norm(q.view(B, T, self.heads, self.head_dim))
-        k, v = kv.view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
+        q = self.q_norm(self.q(x).view(B, T, self.heads, self.head_dim))
+        k, v = self.kv(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)
         q, k = self.rotate(pos, q, self.k_norm(k))
         return q.transpose(1, 2), {"k": k.transpose(1, 2), "v": v.transpose(1, 2)}
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The q and kv projections of x; one GEMM where both are plain nn.Linear (timm's fused qkv): compiled,
-        the two GEMMs and their backwards cost the ViT-S step 24 more matmuls than timm's (H200, 224 px)."""
-        if type(self.q) is not nn.Linear or type(self.kv) is not nn.Linear:  # LoRA, quantised or other wrappers
-            return self.q(x), self.kv(x)
-        weight = torch.cat([self.q.weight, self.kv.weight])
-        bias = None if self.q.bias is None else torch.cat([self.q.bias, self.kv.bias])
-        return F.linear(x, weight, bias).split([self.q.out_features, self.kv.out_features], dim=-1)

@@ -44,37 +44,6 @@ def test_gqa_equals_repeated_heads():
     torch.testing.assert_close(gqa(x), mha(x), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("options", [{"kv_heads": 2}, {"bias": True}])
-def test_one_qkv_gemm_equals_the_two_projections(options):
-    torch.manual_seed(0)
-    layer = blocks.build("attn", 32, heads=4, **options)
-    x = torch.randn(2, 5, 32, requires_grad=True)
-    fused, separate = layer.qkv(x), (layer.q(x), layer.kv(x))
-    for a, b in zip(fused, separate):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    params = [x, *layer.q.parameters(), *layer.kv.parameters()]
-    dy = [torch.randn_like(a) for a in fused]
-    grads = [torch.autograd.grad(outs, params, dy) for outs in (fused, separate)]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-
-
-def test_wrapped_projections_keep_their_own_forward():
-    torch.manual_seed(0)
-    layer = blocks.build("attn", 32, heads=4)
-    x = torch.randn(2, 5, 32)
-
-    class Doubled(nn.Linear):  # a wrapper as LoRA's: its forward is not the plain weight's
-        def forward(self, x):
-            return 2 * super().forward(x)
-
-    doubled = Doubled(32, 32, bias=False)
-    doubled.load_state_dict(layer.q.state_dict())
-    plain_q = layer.qkv(x)[0]
-    layer.q = doubled
-    torch.testing.assert_close(layer.qkv(x)[0], 2 * plain_q)
-
-
 def test_attn_dropout_only_while_training():
     torch.manual_seed(0)
     layer = blocks.build("attn", 32, dropout=0.5)
