@@ -1,5 +1,7 @@
 """Config loading: every kind of error names the key path; overrides; round trip."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -160,3 +162,20 @@ def test_task_modules_keep_their_contract():
     broken.build_model = lambda cfg: None
     with pytest.raises(TypeError, match=r"broken is not a complete task: it needs def make_transform\(cfg, train\); Task: "):
         check_contract(broken, tasks.TaskContract, "task")
+
+
+VISION_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "vision").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", VISION_CONFIGS, ids=lambda p: p.stem)
+def test_every_vision_config_builds_and_classifies_an_image(path):
+    import torch
+
+    from mmeff.tasks import build_model
+
+    cfg = config.load(path)
+    model = build_model(cfg).eval()
+    enc = cfg.encoder
+    with torch.no_grad():
+        logits = model(torch.rand(1, enc.in_chans, enc.image_size, enc.image_size))
+    assert logits.shape == (1, cfg.task.num_classes) and torch.isfinite(logits).all()
