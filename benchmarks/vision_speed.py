@@ -14,7 +14,7 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   what `mmeff fit` trains): `attn` (the ViT's layer: GELU MLP, LayerNorm, qkv bias), `sliding` (window 256),
   `block_topk`, `<mixer>-bi` / `<mixer>-cross` (`scan: bi` / `scan: cross`) for linear_attn, gla, retnet, mamba2,
   gated_deltanet and `hybrid` ([gla, gla, gla, attn]), and `linear_attn-global` (`scan: global`: the non-causal
-  form, no scan).
+  form, no scan), `linear_attn-global+local` with `local_conv: 3` (a 3x3 depthwise conv of v over the grid).
 
 Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, graphs, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
@@ -110,12 +110,13 @@ def mixer_options(shape: Shape) -> dict[str, dict[str, Any]]:
 def row_names() -> list[str]:
     """Every row, timm first."""
     scans = [f"{m}-{s}" for m in SCANNED for s in ("bi", "cross")]
-    return ["timm", "attn", "sliding", "block_topk", "linear_attn-global"] + scans
+    return ["timm", "attn", "sliding", "block_topk", "linear_attn-global", "linear_attn-global+local"] + scans
 
 
 def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
     """The backbone section of an mmeff row."""
     options = mixer_options(shape)
+    row, _, extra = row.partition("+")  # +local: the 3x3 depthwise conv of v over the grid (local_conv)
     name, _, scan = row.partition("-")
     pattern = HYBRID if name == "hybrid" else [name]
     mixers = {m: dict(options[m]) for m in pattern}
@@ -123,6 +124,8 @@ def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
         for m in pattern:
             if issubclass(_block(m), ScanMixer):
                 mixers[m]["scan"] = scan
+                if extra == "local":
+                    mixers[m]["local_conv"] = 3
                 if "grid" in inspect.signature(ScanMixer.__init__).parameters:  # before the token layout carried it
                     mixers[m]["grid"] = list(grid)
     return {"dim": shape.dim, "depth": shape.depth, "pattern": pattern, "causal": False, "ffn": "mlp",

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from mmeff import ops
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.conv import ShortConv
+from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
 from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter, packed
 from mmeff.ops.dispatch import exporting
@@ -66,7 +67,9 @@ class LinearMixer(ScanMixer):
     Options: heads, expand_k / expand_v (key / value width as a multiple of dim), conv_size (short
     conv over q, k, v; 0 = none), feature_map (on q and k: identity, elu (elu+1), relu, silu, l2),
     norm (per-head 'rms', 'group' or 'none'), gate (swish output gate), scale (q scale; None = K**-0.5),
-    chunk_size, and the scan options of ScanMixer.
+    local_conv (odd kernel size of a depthwise 2-D conv over v on the layout's token grid, added to the
+    output: the "DWC" of Han et al., 2023, FLatten Transformer, which gives linear attention back the
+    locality and rank it lacks; bidirectional only; 0 = none), chunk_size, and the scan options of ScanMixer.
     """
 
     defaults: ClassVar[dict[str, Any]] = {}
@@ -85,9 +88,14 @@ class LinearMixer(ScanMixer):
         gate: bool = False,
         scale: float | None = None,
         bias: bool = False,
+        local_conv: int = 0,
         **scan_options: Any,
     ) -> None:
         super().__init__(causal=causal, **scan_options)
+        if local_conv and (causal or local_conv % 2 == 0 or local_conv < 0):
+            raise ValueError(
+                f"local_conv must be an odd kernel size of a bidirectional mixer (causal: false), got {local_conv} with causal={causal}"
+            )
         self.key_dim, self.value_dim = int(dim * expand_k), int(dim * expand_v)
         if self.key_dim % heads or self.value_dim % heads:
             raise ValueError(f"key width {self.key_dim} and value width {self.value_dim} must divide by heads={heads}")
@@ -107,6 +115,11 @@ class LinearMixer(ScanMixer):
         self.gate = nn.Linear(dim, self.value_dim, bias=bias) if gate else None
         self.norm = GroupedNorm(self.value_dim, heads, norm)
         self.out = nn.Linear(self.value_dim, dim, bias=bias)
+        self.local_conv = (
+            nn.Conv2d(self.value_dim, self.value_dim, local_conv, padding=local_conv // 2, groups=self.value_dim)
+            if local_conv
+            else None
+        )
 
     def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per-token inputs of the recurrence besides q, k, v (decays, betas), [B, T, H(, K)]."""
@@ -172,6 +185,21 @@ class LinearMixer(ScanMixer):
         # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run
         # its fp32 kernels (exact fp32 matmuls, no tensor cores) on bf16 values; the LM's gated_deltanet stalled so.
         return self.recur(q.to(v.dtype), k.to(v.dtype), v, gates, **kw)
+
+    def local(self, y: Tensor, streams: list[Tensor], layout: Layout) -> Tensor:
+        """y plus the depthwise conv of v over the token grid (local_conv); tokens outside the grid unchanged."""
+        if self.local_conv is None:
+            return y
+        if layout.grid is None:
+            raise ValueError("local_conv needs the token grid of an image or spectrogram; this input's layout has none")
+        t, h, w = layout.grid
+        start, end = layout.special, layout.special + layout.grid_tokens
+        v = streams[0][..., -self.value_dim :] if self.conv is not None else streams[2]
+        grid = v[:, start:end].reshape(-1, h, w, self.value_dim).permute(0, 3, 1, 2)  # channels-last, no copy
+        near = self.local_conv(grid).permute(0, 2, 3, 1).reshape(y.shape[0], end - start, -1).to(y.dtype)
+        if start == 0 and end == y.shape[1]:
+            return y + near
+        return torch.cat([y[:, :start], y[:, start:end] + near, y[:, end:]], dim=1)
 
     def output(self, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         return self.out(self.norm(y, gate))

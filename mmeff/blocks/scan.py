@@ -267,6 +267,11 @@ class ScanMixer(nn.Module):
         (and the short conv) restarts at each boundary."""
         raise NotImplementedError
 
+    def local(self, y: Tensor, streams: list[Tensor], layout: Layout) -> Tensor:
+        """Hook after the routes, before `output`: a token-order term from the streams added to `mix`'s output
+        (LinearMixer's local_conv); none by default."""
+        return y
+
     def output(self, y: Tensor, extras: Any) -> Tensor:
         """Route-averaged `mix` output and the extras of `project` -> [B, T, D]."""
         raise NotImplementedError
@@ -285,7 +290,7 @@ class ScanMixer(nn.Module):
         if cache is not None and layout.docs is not None:
             raise ValueError("layout.docs (packed documents) is for training and evaluation; decoding takes one sequence per row")
         streams, extras = self.project(x)
-        y = self.routes(lambda s, cu: self.mix(s, cache, cu), streams, layout)
+        y = self.local(self.routes(lambda s, cu: self.mix(s, cache, cu), streams, layout), streams, layout)
         if cache is not None:
             cache.offset += x.shape[1]
         return self.output(y, extras)

@@ -6,9 +6,9 @@ the non-causal form). Layout [B, T, H, D] as the other linear ops.
 The heads are not taken apart: with q, k and v flattened to [B, T, H*D], S of every head is a diagonal block of one
 [H*K, H*V] matrix, so the state and the output are each one batched GEMM over the tokens as they lie, where per-head
 einsums copied q, k, v and o into head-major order. The off-diagonal blocks cost H times the per-head matmul FLOPs:
-2 T (H K)(H V) a GEMM, as much as a [H*K -> H*V] projection; on the H200 a ViT-S layer's non-causal linear attention
-ran 2.3 ms forward and backward at 16,384 tokens a sequence with the per-head einsums, 27.5 of the step's 86 ms GPU
-time in their copies (benchmarks/results/vision_speed_h200.md, profile of run 12).
+2 T (H K)(H V) a GEMM, as much as a [H*K -> H*V] projection. In the ViT-S of benchmarks/vision_speed.py at 2048 px on
+the H200 (16,384 tokens a sequence, H = 6) the step's copies took 27.5 of its 86 GPU ms with the per-head einsums,
+most of them theirs; with these GEMMs the step took 64 GPU ms (vision_speed_h200.md, profiles of runs 12 and 14).
 """
 
 from __future__ import annotations

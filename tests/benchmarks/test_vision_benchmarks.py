@@ -9,10 +9,10 @@ BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 
 
 def test_vision_speed_smoke_writes_every_field(script, tmp_path):
-    script("vision_speed", "--smoke", "--rows", "attn", "gla-cross", "--px", "224", "audio", "--warmup", "0", "--reps", "1",
-           "--out-dir", str(tmp_path), "--name", "speed")  # fmt: skip
+    script("vision_speed", "--smoke", "--rows", "attn", "linear_attn-global+local", "gla-cross", "--px", "224", "audio",
+           "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path), "--name", "speed")  # fmt: skip
     records = json.loads((tmp_path / "speed.json").read_text())["records"]
-    rows = ("timm", "attn", "gla-cross")
+    rows = ("timm", "attn", "linear_attn-global+local", "gla-cross")
     assert [(r["row"], r["px"]) for r in records] == [(row, px) for px in (32, "audio") for row in rows]
     timm = {r["px"]: r["img_s"] for r in records if r["row"] == "timm"}
     for r in records:

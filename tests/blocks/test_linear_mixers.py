@@ -286,3 +286,37 @@ def test_compiled_mixer_matches_eager(name, options):
         grads.append((y.detach(), leaf.grad))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, options", [("linear_attn", {"scan": "global"}), ("gla", {"scan": "bi", "conv_size": 4})])
+def test_local_conv_adds_a_depthwise_conv_of_v_over_the_grid_only(name, options):
+    torch.manual_seed(0)
+    dim, grid, special, after = 32, (1, 4, 5), 1, 2
+    mixer = make(name, dim, causal=False, heads=2, local_conv=3, **options)
+    x = torch.randn(2, special + 20 + after, dim)
+    layout = Layout(special=special, grid=grid)
+    y = mixer(x, layout=layout)
+    conv, mixer.local_conv = mixer.local_conv, None
+    plain = mixer(x, layout=layout)
+    mixer.local_conv = conv
+    assert torch.equal(y[:, :special], plain[:, :special]) and torch.equal(y[:, special + 20 :], plain[:, special + 20 :])
+    # by hand: v of the grid tokens as the projection gives it (before any short conv), a [4, 5] image per channel
+    streams, _ = mixer.project(x)
+    v = streams[0][..., -mixer.value_dim :] if mixer.conv is not None else streams[2]
+    image = v[:, special : special + 20].reshape(2, 4, 5, -1).permute(0, 3, 1, 2)
+    near = torch.nn.functional.conv2d(image, conv.weight, conv.bias, padding=1, groups=mixer.value_dim)
+    near = near.permute(0, 2, 3, 1).reshape(2, 20, -1)
+    if name == "linear_attn":  # no output norm or gate: the term passes the output projection alone
+        torch.testing.assert_close(y[:, special : special + 20] - plain[:, special : special + 20], near @ mixer.out.weight.T)
+    y.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_local_conv_is_refused_where_it_would_leak_or_has_no_grid():
+    with pytest.raises(ValueError, match="local_conv"):
+        make("linear_attn", causal=True, local_conv=3)
+    with pytest.raises(ValueError, match="local_conv"):
+        make("linear_attn", causal=False, scan="global", local_conv=4)
+    mixer = make("linear_attn", causal=False, scan="global", local_conv=3)
+    with pytest.raises(ValueError, match="local_conv needs the token grid"):
+        mixer(torch.randn(1, 6, 32))
