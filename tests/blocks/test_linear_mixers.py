@@ -270,18 +270,20 @@ def test_elu_feature_map_matches_autograd_of_elu_plus_one():
 @pytest.mark.parametrize(
     "name, options",
     [("gla", {"causal": False, "scan": "bi"}), ("linear_attn", {"causal": True})]
-    + [(m, {"causal": False, "scan": "bi"}) for m in ("retnet", "gated_deltanet", "mamba2")],
+    + [(m, {"causal": False, "scan": "bi"}) for m in ("retnet", "gated_deltanet", "mamba2")]
+    + [("linear_attn", {"causal": False, "scan": "global", "local_conv": 3})],
 )
 def test_compiled_mixer_matches_eager(name, options):
     # torch.compile (AOT autograd, no Inductor build: fast) of a block forward and backward on the CPU path.
     torch.manual_seed(0)
     block = make(name, 32, **options)
     x = torch.randn(2, 24, 32)
+    layout = Layout(grid=(1, 4, 6)) if "local_conv" in options else None
     grads = []
     torch._dynamo.reset()  # a fresh trace: a recompilation of the same code would trace dynamic shapes
     for run in (block, torch.compile(block, backend="aot_eager", dynamic=False)):
         leaf = x.clone().requires_grad_()
-        y = run(leaf)
+        y = run(leaf, layout=layout)
         y.square().sum().backward()
         grads.append((y.detach(), leaf.grad))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
