@@ -14,7 +14,8 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   what `mmeff fit` trains): `attn` (the ViT's layer: GELU MLP, LayerNorm, qkv bias), `sliding` (window 256),
   `block_topk`, `<mixer>-bi` / `<mixer>-cross` (`scan: bi` / `scan: cross`) for linear_attn, gla, retnet, mamba2,
   gated_deltanet and `hybrid` ([gla, gla, gla, attn]), and `linear_attn-global` (`scan: global`: the non-causal
-  form, no scan), `linear_attn-global+local` with `local_conv: 3` (a 3x3 depthwise conv of v over the grid).
+  form, no scan); `linear_attn-global+local` and `gla-bi+local` add `local_conv: 3` (a 3x3 depthwise conv of v over
+  the grid).
 
 Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, graphs, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
@@ -110,7 +111,7 @@ def mixer_options(shape: Shape) -> dict[str, dict[str, Any]]:
 def row_names() -> list[str]:
     """Every row, timm first."""
     scans = [f"{m}-{s}" for m in SCANNED for s in ("bi", "cross")]
-    return ["timm", "attn", "sliding", "block_topk", "linear_attn-global", "linear_attn-global+local"] + scans
+    return ["timm", "attn", "sliding", "block_topk", "linear_attn-global", "linear_attn-global+local"] + scans + ["gla-bi+local"]
 
 
 def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from mmeff.blocks.conv import ShortConv
 from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
 from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter, packed
+from mmeff.ops.conv import depthwise_conv2d
 from mmeff.ops.dispatch import exporting
 from mmeff.ops.rope import apply_rope, rope_angles
 
@@ -195,8 +196,9 @@ class LinearMixer(ScanMixer):
         t, h, w = layout.grid
         start, end = layout.special, layout.special + layout.grid_tokens
         v = streams[0][..., -self.value_dim :] if self.conv is not None else streams[2]
-        grid = v[:, start:end].reshape(-1, h, w, self.value_dim).permute(0, 3, 1, 2)  # channels-last, no copy
-        near = self.local_conv(grid).permute(0, 2, 3, 1).reshape(y.shape[0], end - start, -1).to(y.dtype)
+        frames = v[:, start:end].reshape(-1, h * w, self.value_dim)  # each of the t frames its own image
+        near = depthwise_conv2d(frames, self.local_conv.weight[:, 0], self.local_conv.bias, (h, w))
+        near = near.reshape(y.shape[0], end - start, -1).to(y.dtype)
         if start == 0 and end == y.shape[1]:
             return y + near
         return torch.cat([y[:, :start], y[:, start:end] + near, y[:, end:]], dim=1)

@@ -1,9 +1,11 @@
-"""Causal depthwise short convolution over [B, T, C] (H3, Mamba and DeltaNet's short conv), with its activation.
+"""Depthwise convolutions over tokens [B, T, C]: the causal short conv along T (H3, Mamba and DeltaNet's, with its
+activation) and the k x k conv over an image's token grid (linear attention's local term).
 
-backend (mmeff.ops.dispatch) "triton" runs mmeff.kernels.conv (CUDA, no decoding state): PyTorch's depthwise
-F.conv1d reaches about 6% of an H100's memory bandwidth at thousands of channels over long sequences
-(benchmarks/short_conv.py; pytorch/pytorch#192902). "torch" runs the F.conv1d reference below; "auto" the
-kernel where it covers the call. With `docs`, no output reads a token of another document.
+backend (mmeff.ops.dispatch) "triton" runs mmeff.kernels.conv / mmeff.kernels.conv2d (CUDA, no decoding state):
+PyTorch's depthwise F.conv1d reaches about 6% of an H100's memory bandwidth at thousands of channels over long
+sequences (benchmarks/short_conv.py; pytorch/pytorch#192902), and its depthwise Conv2d cost 2.7 ms a layer over 4 x
+16,384 tokens x 384 channels on the H200 (vision_speed_h200.md, run 16). "torch" runs the F.conv1d / F.conv2d
+references below; "auto" the kernel where it covers the call. With `docs`, no output reads a token of another document.
 """
 
 from __future__ import annotations
@@ -83,3 +85,34 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], a
         y = sum(taps)
         y = y if b is None else y + b[:, None]
     return (F.silu(y) if activation == "silu" else y).transpose(1, 2)
+
+
+def depthwise_conv2d(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], grid: tuple[int, int], *, backend: Backend = "auto"
+) -> Tensor:
+    """bias[c] + sum_{i, j} weight[c, i, j] x[pixel + (i - K // 2, j - K // 2), c] for x [B, H * W, C], the pixels
+    of an H x W grid in row-major order (zero padding; K odd), weight [C, K, K]: a [B, H * W, C] tensor in x's dtype."""
+    height, width = grid
+    if x.dim() != 3 or x.shape[1] != height * width:
+        raise ValueError(f"x must be [B, H * W, C] for the grid {height} x {width}, got {tuple(x.shape)}")
+    if weight.dim() != 3 or weight.shape[0] != x.shape[-1] or weight.shape[1] != weight.shape[2] or weight.shape[1] % 2 == 0:
+        raise ValueError(f"weight must be [C, K, K] with C = {x.shape[-1]} and K odd, got {tuple(weight.shape)}")
+
+    def triton() -> str:
+        if not x.numel():
+            return "empty input"
+        return dispatch.triton_unsupported(x, "conv2d", lambda conv2d: conv2d.unsupported(x))
+
+    if dispatch.choose("depthwise_conv2d", backend, [("triton", triton)]) == "triton":
+        return dispatch.triton_kernels("conv2d").DepthwiseConv2d.apply(x, weight, bias, height, width)
+    return depthwise_conv2d_reference(x, weight, bias, grid)
+
+
+def depthwise_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], grid: tuple[int, int]) -> Tensor:
+    """depthwise_conv2d through F.conv2d on x viewed channels-last, in x's dtype (weight and bias cast to it)."""
+    batch, tokens, channels = x.shape
+    image = x.reshape(batch, *grid, channels).permute(0, 3, 1, 2)
+    k = weight.shape[-1]
+    b = None if bias is None else bias.to(x.dtype)
+    y = F.conv2d(image, weight.to(x.dtype).unsqueeze(1), b, padding=k // 2, groups=channels)
+    return y.permute(0, 2, 3, 1).reshape(batch, tokens, channels)

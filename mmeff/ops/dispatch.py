@@ -149,7 +149,7 @@ def choose(op: str, backend: str, fast: Sequence[Tuple[str, Check]], allowed: Se
     return "torch"
 
 
-KERNEL_MODULES = ("", "norm", "conv", "moe")  # mmeff.kernels and the submodules the ops import by name
+KERNEL_MODULES = ("", "norm", "conv", "conv2d", "moe")  # mmeff.kernels and the submodules the ops import by name
 
 
 def preload_kernels() -> None:

@@ -290,10 +290,12 @@ def test_compiled_mixer_matches_eager(name, options):
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-5)
 
 
+# grid (2, 2, 5): two frames of 2 x 5 tokens, each convolved on its own (no tap reads the other frame)
+@pytest.mark.parametrize("grid", [(1, 4, 5), (2, 2, 5)])
 @pytest.mark.parametrize("name, options", [("linear_attn", {"scan": "global"}), ("gla", {"scan": "bi", "conv_size": 4})])
-def test_local_conv_adds_a_depthwise_conv_of_v_over_the_grid_only(name, options):
+def test_local_conv_adds_a_depthwise_conv_of_v_over_the_grid_only(name, options, grid):
     torch.manual_seed(0)
-    dim, grid, special, after = 32, (1, 4, 5), 1, 2
+    dim, special, after = 32, 1, 2
     mixer = make(name, dim, causal=False, heads=2, local_conv=3, **options)
     x = torch.randn(2, special + 20 + after, dim)
     layout = Layout(special=special, grid=grid)
@@ -305,7 +307,7 @@ def test_local_conv_adds_a_depthwise_conv_of_v_over_the_grid_only(name, options)
     # by hand: v of the grid tokens as the projection gives it (before any short conv), a [4, 5] image per channel
     streams, _ = mixer.project(x)
     v = streams[0][..., -mixer.value_dim :] if mixer.conv is not None else streams[2]
-    image = v[:, special : special + 20].reshape(2, 4, 5, -1).permute(0, 3, 1, 2)
+    image = v[:, special : special + 20].reshape(2 * grid[0], *grid[1:], -1).permute(0, 3, 1, 2)
     near = torch.nn.functional.conv2d(image, conv.weight, conv.bias, padding=1, groups=mixer.value_dim)
     near = near.permute(0, 2, 3, 1).reshape(2, 20, -1)
     if name == "linear_attn":  # no output norm or gate: the term passes the output projection alone

@@ -1,6 +1,6 @@
 """GPU parity of mmeff's Triton kernels (mmeff.kernels) with the PyTorch reference at real sizes: every
 recurrence kind forward and backward, fixed-length and packed (cu_seqlens), the fused recurrent decode kernel,
-the short convolution, the norms and the MoE glue. Skipped without CUDA (conftest).
+the short convolution, the grid convolution, the norms and the MoE glue. Skipped without CUDA (conftest).
 
 Error per tensor (output, final state, every gradient): ||kernel - reference|| / ||reference|| < 1e-4 with
 fp32 inputs, < 1e-2 with bf16 inputs. The reference is mmeff's PyTorch path (MMEFF_FORCE_REFERENCE=1,
@@ -252,6 +252,38 @@ def test_short_conv(kernels, seed, dtype):
     finally:
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
     actual = run(causal_conv1d, upcast=False)
+    assert actual[0].dtype == dtype
+    errors = {n: norm_error(a.float(), e) for n, a, e in zip(["y", "dx", "dweight", "dbias"], actual, expected)}
+    assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
+@pytest.mark.xdist_group("conv2d")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
+def test_grid_conv(kernels, seed, dtype):
+    # mmeff.ops.conv's depthwise grid conv (local_conv) against F.conv2d in fp32 on the same inputs: the 2048 px
+    # ViT-S shape (4 x 128 x 128 tokens, 384 channels, v a slice of the fused qkv projection) in bf16, and a grid
+    # that cuts the token tiles in fp32.
+    from mmeff.ops.conv import depthwise_conv2d, depthwise_conv2d_reference
+
+    (batch, height, width, channels) = (4, 128, 128, 384) if dtype == torch.bfloat16 else (3, 13, 21, 100)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(batch, height * width, 3 * channels, device="cuda", generator=gen).to(dtype)
+    weight = torch.randn(channels, 3, 3, device="cuda", generator=gen) / 3
+    bias = torch.randn(channels, device="cuda", generator=gen)
+    dy = torch.randn(batch, height * width, channels, device="cuda", generator=gen)
+
+    def run(fn, upcast):
+        leaves = [(t.float() if upcast else t).detach().clone().requires_grad_() for t in (qkv, weight, bias)]
+        y = fn(leaves[0][..., -channels:], *leaves[1:], (height, width))
+        return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
+
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        expected = run(depthwise_conv2d_reference, upcast=True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    actual = run(depthwise_conv2d, upcast=False)
     assert actual[0].dtype == dtype
     errors = {n: norm_error(a.float(), e) for n, a, e in zip(["y", "dx", "dweight", "dbias"], actual, expected)}
     assert all(e < TOL[dtype] for e in errors.values()), errors
