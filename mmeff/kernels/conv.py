@@ -157,39 +157,51 @@ def unsupported(x: Tensor, weight: Tensor) -> str:
     return ""
 
 
+def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, runs: Optional[Tensor]) -> Tensor:
+    """act(causal depthwise conv) of x [B, T, C] (contiguous) with weight [C, W] and bias [C] or None, in x's dtype."""
+    y = empty(x.shape, x.dtype, x.device)
+    _conv_fwd_kernel[_grid(x)](
+        x, weight, bias, runs, y, x.shape[1], x.shape[2], triton.cdiv(x.shape[1], BLOCK_T), W=weight.shape[1],
+        BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=runs is not None,
+    )  # fmt: skip
+    return y
+
+
+def causal_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
+                         runs: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:  # fmt: skip
+    """Gradients (dx, dweight, dbias or None) of causal_conv, each in its input's dtype."""
+    row_tiles = triton.cdiv(x.shape[1], BLOCK_T)
+    tiles = row_tiles * x.shape[0]
+    g = empty(x.shape, torch.float32, x.device)
+    dx = empty(x.shape, x.dtype, x.device)
+    dw_part = empty((tiles, *weight.shape[::-1]), torch.float32, x.device)
+    db_part = None if bias is None else empty((tiles, x.shape[2]), torch.float32, x.device)
+    T, C, W, docs = x.shape[1], x.shape[2], weight.shape[1], runs is not None
+    _conv_bwd_g_kernel[_grid(x)](
+        x, weight, bias, runs, dy.contiguous(), g, dw_part, db_part, T, C, row_tiles, W=W, BT=BLOCK_T,
+        HAS_BIAS=bias is not None, SILU=silu, DOCS=docs,
+    )  # fmt: skip
+    _conv_bwd_dx_kernel[_grid(x)](weight, runs, g, dx, T, C, row_tiles, W=W, BT=BLOCK_T, DOCS=docs)
+    dw = dw_part.sum(0).t().to(weight.dtype)
+    db = None if bias is None else db_part.sum(0).to(bias.dtype)
+    return dx, dw, db
+
+
 class CausalConv(torch.autograd.Function):
     """act(causal depthwise conv) of x [B, T, C] with weight [C, W] and bias [C] or None; y in x's dtype.
-    `runs` [B, T] int32 (mmeff.ops.varlen.doc_runs) or None: taps read zero across documents."""
+    `runs` [B, T] int32 (mmeff.ops.varlen.doc_runs) or None: taps read zero across documents. (Under torch.compile
+    the same kernels run as the custom op mmeff::causal_conv, mmeff.ops.custom_ops.)"""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,  # type: ignore[override]
                 runs: Optional[Tensor] = None) -> Tensor:  # fmt: skip
         x, weight = x.contiguous(), weight.contiguous()
         runs = None if runs is None else runs.to(torch.int32).contiguous()
-        y = empty(x.shape, x.dtype, x.device)
-        _conv_fwd_kernel[_grid(x)](
-            x, weight, bias, runs, y, x.shape[1], x.shape[2], triton.cdiv(x.shape[1], BLOCK_T), W=weight.shape[1],
-            BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=runs is not None,
-        )  # fmt: skip
         ctx.save_for_backward(x, weight, bias, runs)
         ctx.silu = silu
-        return y
+        return causal_conv(x, weight, bias, silu, runs)
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         x, weight, bias, runs = ctx.saved_tensors
-        row_tiles = triton.cdiv(x.shape[1], BLOCK_T)
-        tiles = row_tiles * x.shape[0]
-        g = empty(x.shape, torch.float32, x.device)
-        dx = empty(x.shape, x.dtype, x.device)
-        dw_part = empty((tiles, *weight.shape[::-1]), torch.float32, x.device)
-        db_part = None if bias is None else empty((tiles, x.shape[2]), torch.float32, x.device)
-        T, C, W, docs = x.shape[1], x.shape[2], weight.shape[1], runs is not None
-        _conv_bwd_g_kernel[_grid(x)](
-            x, weight, bias, runs, dy.contiguous(), g, dw_part, db_part, T, C, row_tiles, W=W, BT=BLOCK_T,
-            HAS_BIAS=bias is not None, SILU=ctx.silu, DOCS=docs,
-        )  # fmt: skip
-        _conv_bwd_dx_kernel[_grid(x)](weight, runs, g, dx, T, C, row_tiles, W=W, BT=BLOCK_T, DOCS=docs)
-        dw = dw_part.sum(0).t().to(weight.dtype)
-        db = None if bias is None else db_part.sum(0).to(bias.dtype)
-        return dx, dw, db, None, None
+        return (*causal_conv_backward(dy, x, weight, bias, ctx.silu, runs), None, None)

@@ -97,47 +97,39 @@ def _dwconv_bwd_kernel(x, w, dy, dx, dw_part, db_part, s_b, s_t, T, H, W, C, NT,
 
 
 def unsupported(x: Tensor) -> str:
-    """Why DepthwiseConv2d cannot take x [B, T, C] (CUDA), "" when it can."""
+    """Why grid_conv cannot take x [B, T, C] (CUDA), "" when it can."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {x.dtype} (the kernels take float32, bfloat16, float16)"
     return ""
 
 
-class DepthwiseConv2d(torch.autograd.Function):
-    """Depthwise conv of x [B, H * W, C] (row-major pixels) with weight [C, K, K] (K odd, zero padding K // 2) and
-    bias [C] or None; y [B, H * W, C] contiguous, in x's dtype."""
+def grid_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], height: int, width: int) -> Tensor:
+    """Depthwise conv of x [B, H * W, C] (row-major pixels; x.stride(-1) == 1) with weight [C, K, K] (K odd, zero
+    padding K // 2) and bias [C] or None: y [B, H * W, C] contiguous, in x's dtype."""
+    batch, tokens, channels = x.shape
+    y = empty(x.shape, x.dtype, x.device)
+    _dwconv_fwd_kernel[_grid(x)](
+        x, weight.contiguous(), bias, y, x.stride(0), x.stride(1), tokens, height, width, channels,
+        triton.cdiv(tokens, BLOCK_T), K=weight.shape[-1], BT=BLOCK_T, HAS_BIAS=bias is not None,
+    )  # fmt: skip
+    return y
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], height: int, width: int) -> Tensor:  # type: ignore[override]
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        weight = weight.contiguous()
-        batch, tokens, channels = x.shape
-        y = empty(x.shape, x.dtype, x.device)
-        tiles = triton.cdiv(tokens, BLOCK_T)
-        _dwconv_fwd_kernel[_grid(x)](
-            x, weight, bias, y, x.stride(0), x.stride(1), tokens, height, width, channels, tiles, K=weight.shape[-1],
-            BT=BLOCK_T, HAS_BIAS=bias is not None,
-        )  # fmt: skip
-        ctx.save_for_backward(x, weight, bias)
-        ctx.grid = (height, width)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):  # type: ignore[override]
-        x, weight, bias = ctx.saved_tensors
-        batch, tokens, channels = x.shape
-        k = weight.shape[-1]
-        tiles = triton.cdiv(tokens, BLOCK_T)
-        dx = empty(x.shape, x.dtype, x.device)
-        dw_part = empty((batch * tiles, k * k, channels), torch.float32, x.device)
-        db_part = None if bias is None else empty((batch * tiles, channels), torch.float32, x.device)
-        _dwconv_bwd_kernel[_grid(x)](
-            x, weight, dy.contiguous(), dx, dw_part, db_part, x.stride(0), x.stride(1), tokens, *ctx.grid, channels,
-            tiles, K=k, BT=BLOCK_T, HAS_BIAS=bias is not None,
-        )  # fmt: skip
-        dw = dw_part.sum(0).t().reshape(weight.shape).to(weight.dtype)
-        db = None if bias is None else db_part.sum(0).to(bias.dtype)
-        return dx, dw, db, None, None
+def grid_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, height: int, width: int
+                       ) -> tuple[Tensor, Tensor, Optional[Tensor]]:  # fmt: skip
+    """Gradients (dx contiguous in x's dtype, dweight and dbias (None without bias) in fp32) of grid_conv."""
+    batch, tokens, channels = x.shape
+    k = weight.shape[-1]
+    tiles = triton.cdiv(tokens, BLOCK_T)
+    dx = empty(x.shape, x.dtype, x.device)
+    dw_part = empty((batch * tiles, k * k, channels), torch.float32, x.device)
+    db_part = empty((batch * tiles, channels), torch.float32, x.device) if has_bias else None
+    _dwconv_bwd_kernel[_grid(x)](
+        x, weight.contiguous(), dy.contiguous(), dx, dw_part, db_part, x.stride(0), x.stride(1), tokens, height, width,
+        channels, tiles, K=k, BT=BLOCK_T, HAS_BIAS=has_bias,
+    )  # fmt: skip
+    dw = dw_part.sum(0).t().reshape(weight.shape)
+    return dx, dw, (db_part.sum(0) if has_bias else None)
 
 
 def _grid(x: Tensor):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmeff.ops import dispatch
+from mmeff.ops.custom_ops import causal_conv_op, grid_conv_op
 from mmeff.ops.dispatch import Backend
 from mmeff.ops.varlen import doc_runs
 
@@ -57,6 +58,8 @@ def causal_conv1d(
         return dispatch.triton_unsupported(x, "conv", lambda conv: conv.unsupported(x, weight))
 
     if dispatch.choose("causal_conv1d", backend, [("triton", triton)]) == "triton":
+        if torch.compiler.is_compiling():  # no graph break on the kernels
+            return causal_conv_op(x, weight, bias, activation == "silu", runs)
         return dispatch.triton_kernels("conv").CausalConv.apply(x, weight, bias, activation == "silu", runs)
     return causal_conv1d_reference(x, weight, bias, activation, prev, runs)
 
@@ -104,7 +107,7 @@ def depthwise_conv2d(
         return dispatch.triton_unsupported(x, "conv2d", lambda conv2d: conv2d.unsupported(x))
 
     if dispatch.choose("depthwise_conv2d", backend, [("triton", triton)]) == "triton":
-        return dispatch.triton_kernels("conv2d").DepthwiseConv2d.apply(x, weight, bias, height, width)
+        return grid_conv_op(x, weight, bias, height, width)
     return depthwise_conv2d_reference(x, weight, bias, grid)
 
 

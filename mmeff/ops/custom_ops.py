@@ -1,4 +1,9 @@
-"""mmeff's chunked Triton recurrence as torch custom ops, so that torch.compile captures it without a graph break.
+"""mmeff's Triton kernels as torch custom ops, so that torch.compile captures them without a graph break (dynamo
+cannot trace into Triton's autotuner: "Mutating a variable not in the current scope").
+
+The grid convolution (`mmeff::grid_conv`, mmeff.kernels.conv2d) runs through its op eagerly too: its backward needs
+only the inputs, so one path serves both. The short convolution (`mmeff::causal_conv`, mmeff.kernels.conv) takes its
+op only while torch.compile traces; eagerly it stays the autograd.Function that the kernel tests and benchmarks call.
 
 `mmeff::linear_recurrence` runs mmeff.kernels.linear_recurrence_triton; its fake implementation gives dynamo the
 output shapes, and `mmeff::linear_recurrence_backward` gives the gradients. The custom op cannot keep the
@@ -17,7 +22,7 @@ from torch import Tensor
 
 from mmeff.ops import dispatch
 
-__all__ = ["linear_recurrence_op"]
+__all__ = ["causal_conv_op", "grid_conv_op", "linear_recurrence_op"]
 
 
 def _absent(like: Tensor) -> Tensor:
@@ -97,3 +102,94 @@ def linear_recurrence_op(
     """mmeff.kernels.linear_recurrence_triton (mode "chunk") through the custom op."""
     o, ht = _forward(q, k, v, log_decay, beta, initial_state, cu_seqlens, scale, chunk_size, output_final_state)
     return o, (ht if output_final_state else None)
+
+
+@torch.library.custom_op("mmeff::grid_conv", mutates_args=())
+def _grid_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], height: int, width: int) -> Tensor:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return dispatch.triton_kernels("conv2d").grid_conv(x, weight, bias, height, width)
+
+
+@_grid_conv.register_fake
+def _(x, weight, bias, height, width):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("mmeff::grid_conv_backward", mutates_args=())
+def _grid_conv_backward(
+    dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, height: int, width: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dx, dw, db = dispatch.triton_kernels("conv2d").grid_conv_backward(dy, x, weight, has_bias, height, width)
+    return dx, dw.to(weight.dtype), (_absent(x) if db is None else db)
+
+
+@_grid_conv_backward.register_fake
+def _(dy, x, weight, has_bias, height, width):
+    db = x.new_empty(x.shape[-1], dtype=torch.float32) if has_bias else _absent(x)
+    return x.new_empty(x.shape), torch.empty_like(weight), db
+
+
+def _grid_conv_setup(ctx, inputs, output) -> None:
+    x, weight, bias, height, width = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias, ctx.grid = bias is not None, (height, width)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _grid_conv_autograd(ctx, dy: Tensor):
+    x, weight = ctx.saved_tensors
+    dx, dw, db = _grid_conv_backward(dy, x, weight, ctx.has_bias, *ctx.grid)
+    return dx, dw, (db.to(ctx.bias_dtype) if ctx.has_bias else None), None, None
+
+
+_grid_conv.register_autograd(_grid_conv_autograd, setup_context=_grid_conv_setup)
+
+
+def grid_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], height: int, width: int) -> Tensor:
+    """mmeff.kernels.conv2d.grid_conv (and its backward) through the custom op."""
+    return _grid_conv(x, weight, bias, height, width)
+
+
+@torch.library.custom_op("mmeff::causal_conv", mutates_args=())
+def _causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, runs: Optional[Tensor]) -> Tensor:
+    return dispatch.triton_kernels("conv").causal_conv(x, weight, bias, silu, runs)
+
+
+@_causal_conv.register_fake
+def _(x, weight, bias, silu, runs):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mmeff::causal_conv_backward", mutates_args=())
+def _causal_conv_backward(
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, runs: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = dispatch.triton_kernels("conv").causal_conv_backward(dy, x, weight, bias, silu, runs)
+    return dx, dw, (_absent(x) if db is None else db)
+
+
+@_causal_conv_backward.register_fake
+def _(dy, x, weight, bias, silu, runs):
+    return torch.empty_like(x), torch.empty_like(weight), (_absent(x) if bias is None else torch.empty_like(bias))
+
+
+def _causal_conv_setup(ctx, inputs, output) -> None:
+    x, weight, bias, silu, runs = inputs
+    ctx.save_for_backward(x, weight, bias, runs)
+    ctx.silu = silu
+
+
+def _causal_conv_autograd(ctx, dy: Tensor):
+    x, weight, bias, runs = ctx.saved_tensors
+    dx, dw, db = _causal_conv_backward(dy, x, weight, bias, ctx.silu, runs)
+    return dx, dw, (None if bias is None else db), None, None
+
+
+_causal_conv.register_autograd(_causal_conv_autograd, setup_context=_causal_conv_setup)
+
+
+def causal_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, runs: Optional[Tensor]) -> Tensor:
+    """mmeff.kernels.conv.causal_conv (and its backward) through the custom op; x, weight and runs made contiguous."""
+    runs = None if runs is None else runs.to(torch.int32).contiguous()
+    return _causal_conv(x.contiguous(), weight.contiguous(), bias, silu, runs)

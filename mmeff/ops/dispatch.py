@@ -39,6 +39,7 @@ __all__ = [
     "needs_grad",
     "once",
     "on_cuda",
+    "preload",
     "preload_kernels",
     "triton_kernels",
     "triton_unsupported",
@@ -150,10 +151,18 @@ def choose(op: str, backend: str, fast: Sequence[Tuple[str, Check]], allowed: Se
 
 
 KERNEL_MODULES = ("", "norm", "conv", "conv2d", "moe")  # mmeff.kernels and the submodules the ops import by name
+_LOADERS: list[Callable[[], object]] = []  # other libraries' kernels the ops import (mamba-ssm), see `preload`
+
+
+def preload(loader: Callable[[], T]) -> Callable[[], T]:
+    """Register `loader` (an import of another library's kernels, memoised with `once`) for `preload_kernels`."""
+    _LOADERS.append(loader)
+    return loader
 
 
 def preload_kernels() -> None:
-    """Import mmeff.kernels and its submodules now if CUDA is present. torch.compile cannot trace an import: a model
+    """Import mmeff.kernels and its submodules, and run the `preload` loaders, now if CUDA is present. torch.compile
+    cannot trace an import: a model
     compiled before its first CUDA call otherwise broke its graph at each layer's first kernel (12 breaks in the
     gla-bi ViT of benchmarks/vision_speed.py). A Triton that fails to import is left for the dispatch to report;
     MMEFF_FORCE_REFERENCE=1 imports nothing."""
@@ -164,6 +173,8 @@ def preload_kernels() -> None:
             triton_kernels(module)
     except Exception as exc:  # a broken Triton install fails in many ways
         logger.info("mmeff's Triton kernels not preloaded: %r", exc)
+    for loader in _LOADERS:  # each catches its own import errors
+        loader()
 
 
 def triton_kernels(module: str = "") -> ModuleType:

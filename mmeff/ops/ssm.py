@@ -220,6 +220,7 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor
     return y.to(dtype)
 
 
+@dispatch.preload
 @dispatch.once
 def _load_mamba_ssd() -> Optional[Callable]:
     """mamba-ssm's Triton mamba_chunk_scan_combined, or None."""
@@ -242,6 +243,7 @@ def _load_mamba_ssd() -> Optional[Callable]:
     return mamba_chunk_scan_combined
 
 
+@dispatch.preload
 @dispatch.once
 def _load_mamba_selective_scan() -> Optional[Callable]:
     """mamba-ssm's CUDA selective_scan_fn if its real extension is present, or None."""

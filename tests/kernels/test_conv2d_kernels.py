@@ -1,5 +1,6 @@
-"""The depthwise grid-convolution kernels (mmeff.kernels.conv2d) under the Triton interpreter against the F.conv2d
-reference (mmeff.ops.conv.depthwise_conv2d_reference): output and the gradients of x, weight and bias.
+"""The depthwise grid-convolution kernels (mmeff.kernels.conv2d, through their custom op mmeff::grid_conv) under the
+Triton interpreter against the F.conv2d reference (mmeff.ops.conv.depthwise_conv2d_reference): output and the
+gradients of x, weight and bias.
 
 Tolerance: max |kernel - reference| <= 1e-4 * max(1, max |reference|) in float32 (the bias and weight gradients sum
 hundreds of terms in another order than F.conv2d's backward: up to 4e-5 seen).
@@ -16,8 +17,10 @@ from mmeff.ops.conv import depthwise_conv2d, depthwise_conv2d_reference
 
 
 @pytest.fixture(scope="module")
-def conv2d_kernels(kernels):
-    return importlib.import_module("mmeff.kernels.conv2d")
+def grid_conv(kernels):
+    from mmeff.ops.custom_ops import grid_conv_op
+
+    return grid_conv_op
 
 
 def _run(fn, x, weight, bias):
@@ -32,7 +35,7 @@ def _run(fn, x, weight, bias):
 @pytest.mark.parametrize("batch,grid,channels,k", [(2, (7, 11), 70, 3), (1, (2, 3), 5, 5), (3, (9, 8), 33, 1), (1, (1, 1), 4, 3)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("strided", [False, True])
-def test_grid_conv_matches_reference(conv2d_kernels, monkeypatch, batch, grid, channels, k, bias, strided):
+def test_grid_conv_matches_reference(grid_conv, monkeypatch, batch, grid, channels, k, bias, strided):
     monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
     gen = torch.Generator().manual_seed(grid[0] * channels + k)
     tokens = grid[0] * grid[1]
@@ -40,7 +43,7 @@ def test_grid_conv_matches_reference(conv2d_kernels, monkeypatch, batch, grid, c
     x = wide[..., -channels:]
     weight = torch.randn(channels, k, k, generator=gen) / k
     b = torch.randn(channels, generator=gen) if bias else None
-    actual = _run(lambda *a: conv2d_kernels.DepthwiseConv2d.apply(*a, *grid), x, weight, b)
+    actual = _run(lambda *a: grid_conv(*a, *grid), x, weight, b)
     expected = _run(lambda *a: depthwise_conv2d_reference(*a, grid), x, weight, b)
     for i, (got, want) in enumerate(zip(actual, expected)):
         assert got.shape == want.shape and got.dtype == want.dtype, i
