@@ -8,12 +8,11 @@ bidirectional inputs come from `ScanMixer` (mmeff/blocks/scan.py).
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from mmeff import ops
 from mmeff.blocks.cache import Cache
@@ -22,44 +21,10 @@ from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
 from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter, packed
 from mmeff.ops.conv import depthwise_conv2d
-from mmeff.ops.dispatch import exporting
+from mmeff.ops.features import FEATURE_MAPS
 from mmeff.ops.rope import apply_rope, rope_angles
 
 Recurred = tuple[Tensor, Tensor | None]  # (o [B, T, H, V], final state [B, H, K, V] or None)
-
-
-class _EluPlusOne(torch.autograd.Function):
-    """elu(x) + 1 with its own backward: torch.compile's traced `elu_backward` gets other strides than the eager
-    kernel's, and a view after it failed at run time (tests/blocks/test_linear_mixers.py::test_compiled_mixer_...).
-    The gradient from the output alone: 1 where x > 0 (y > 1), else e^x = y; so y.clamp(max=1)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        y = F.elu(x) + 1.0
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> Tensor:  # type: ignore[override]
-        (y,) = ctx.saved_tensors
-        return dy * y.clamp(max=1.0)
-
-
-def _elu_plus_one(x: Tensor) -> Tensor:
-    """elu(x) + 1: the autograd function where a backward is recorded, the plain ops elsewhere (torch.export with
-    dynamic shapes fails on an autograd function that saves a tensor of symbolic size)."""
-    if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
-        return F.elu(x) + 1.0
-    return _EluPlusOne.apply(x)
-
-
-FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "identity": lambda x: x,
-    "elu": _elu_plus_one,
-    "relu": F.relu,
-    "silu": F.silu,
-    "l2": lambda x: F.normalize(x, dim=-1),
-}
 
 
 class LinearMixer(ScanMixer):
@@ -102,12 +67,12 @@ class LinearMixer(ScanMixer):
             raise ValueError(f"key width {self.key_dim} and value width {self.value_dim} must divide by heads={heads}")
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
-        self.heads, self.scale = heads, scale
+        self.heads, self.scale, self.feature_map = heads, scale, feature_map
         self.feature = FEATURE_MAPS[feature_map]
         # Without a short conv the feature map (per token) runs before the scan routes' gathers: a bidirectional
         # scan then maps half the tokens, and what the recurrence keeps for the backward are views of the route
-        # copies of what the feature map keeps anyway (ScanMixer's `regathered`). The global form maps inside its
-        # checkpoint instead (LinearAttention.attend).
+        # copies of what the feature map keeps anyway (ScanMixer's `regathered`). The global form leaves the map to
+        # its op (ops.global_linear_attention).
         self.features_first = not conv_size and self.routes.scan != "global"
         self.widths = [self.key_dim, self.key_dim, self.value_dim]
         width = sum(self.widths)
@@ -228,16 +193,10 @@ class LinearAttention(LinearMixer):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], offset: int, **kw: Any) -> Recurred:
         if self.routes.scan != "global":
             return super().attend(q, k, v, gates, offset, **kw)
-        # The non-causal form (no state to carry: the recurrence options do not apply), its feature maps recomputed
-        # in the backward: it keeps q, k, v, views of the one qkv projection, not also phi(q), phi(k). In the ViT-S of
-        # benchmarks/vision_speed.py (bf16 autocast, CPU census of saved tensors) that took the layer from 15.5 to
-        # 13.8 KiB kept per token, softmax attention's 13.8.
-        o = checkpoint(self._global, q, k, v, kw["scale"], kw["cu_seqlens"], use_reentrant=False)
+        # The non-causal form (no state to carry: the recurrence options do not apply), on raw q and k: the op applies
+        # the feature map (fused into its kernels, or recomputed in its backward).
+        o = ops.global_linear_attention(q, k, v, kw["scale"], kw["cu_seqlens"], self.normalize, self.eps, self.feature_map)
         return o, None
-
-    def _global(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None, cu_seqlens: Tensor | None) -> Tensor:
-        q, k = self.feature(q).to(v.dtype), self.feature(k).to(v.dtype)
-        return ops.global_linear_attention(q, k, v, scale, cu_seqlens, self.normalize, self.eps)
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
         if not self.normalize:

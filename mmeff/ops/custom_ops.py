@@ -1,8 +1,9 @@
 """mmeff's Triton kernels as torch custom ops, so that torch.compile captures them without a graph break (dynamo
 cannot trace into Triton's autotuner: "Mutating a variable not in the current scope").
 
-The grid convolution (`mmeff::grid_conv`, mmeff.kernels.conv2d) runs through its op eagerly too: its backward needs
-only the inputs, so one path serves both. The short convolution (`mmeff::causal_conv`, mmeff.kernels.conv) takes its
+The grid convolution (`mmeff::grid_conv`, mmeff.kernels.conv2d) and non-causal linear attention
+(`mmeff::global_linear_attention`, mmeff.kernels.noncausal) run through their ops eagerly too: their backwards need
+only the inputs (and the small state), so one path serves both. The short convolution (`mmeff::causal_conv`, mmeff.kernels.conv) takes its
 op only while torch.compile traces; eagerly it stays the autograd.Function that the kernel tests and benchmarks call.
 
 `mmeff::linear_recurrence` runs mmeff.kernels.linear_recurrence_triton; its fake implementation gives dynamo the
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from mmeff.ops import dispatch
 
-__all__ = ["causal_conv_op", "grid_conv_op", "linear_recurrence_op"]
+__all__ = ["causal_conv_op", "global_linear_attention_op", "grid_conv_op", "linear_recurrence_op"]
 
 
 def _absent(like: Tensor) -> Tensor:
@@ -193,3 +194,44 @@ def causal_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool
     """mmeff.kernels.conv.causal_conv (and its backward) through the custom op; x, weight and runs made contiguous."""
     runs = None if runs is None else runs.to(torch.int32).contiguous()
     return _causal_conv(x.contiguous(), weight.contiguous(), bias, silu, runs)
+
+
+@torch.library.custom_op("mmeff::global_linear_attention", mutates_args=())
+def _global_la(q: Tensor, k: Tensor, v: Tensor, scale: float, normalize: bool, eps: float, feature_map: str) -> Tensor:
+    return dispatch.triton_kernels("noncausal").forward(q, k, v, scale, normalize, eps, feature_map)
+
+
+@_global_la.register_fake
+def _(q, k, v, scale, normalize, eps, feature_map):
+    return v.new_empty(*q.shape[:3], v.shape[-1])
+
+
+@torch.library.custom_op("mmeff::global_linear_attention_backward", mutates_args=())
+def _global_la_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, normalize: bool, eps: float,
+                        feature_map: str) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return dispatch.triton_kernels("noncausal").backward(do, q, k, v, scale, normalize, eps, feature_map)
+
+
+@_global_la_backward.register_fake
+def _(do, q, k, v, scale, normalize, eps, feature_map):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _global_la_setup(ctx, inputs, output) -> None:
+    q, k, v, scale, normalize, eps, feature_map = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.options = (scale, normalize, eps, feature_map)
+
+
+def _global_la_autograd(ctx, do: Tensor):
+    q, k, v = ctx.saved_tensors
+    return (*_global_la_backward(do, q, k, v, *ctx.options), None, None, None, None)
+
+
+_global_la.register_autograd(_global_la_autograd, setup_context=_global_la_setup)
+
+
+def global_linear_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, normalize: bool, eps: float,
+                               feature_map: str) -> Tensor:  # fmt: skip
+    """mmeff.kernels.noncausal (forward and backward) through the custom op: o [B, T, H, V]."""
+    return _global_la(q, k, v, scale, normalize, eps, feature_map)

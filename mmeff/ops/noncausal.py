@@ -9,6 +9,10 @@ einsums copied q, k, v and o into head-major order. The off-diagonal blocks cost
 2 T (H K)(H V) a GEMM, as much as a [H*K -> H*V] projection. In the ViT-S of benchmarks/vision_speed.py at 2048 px on
 the H200 (16,384 tokens a sequence, H = 6) the step's copies took 27.5 of its 86 GPU ms with the per-head einsums,
 most of them theirs; with these GEMMs the step took 64 GPU ms (vision_speed_h200.md, profiles of runs 12 and 14).
+
+`feature_map` (identity, elu (elu+1), relu; others through mmeff.ops.features) is applied to q and k by the op:
+backend "triton" runs mmeff.kernels.noncausal, which fuses it and the normaliser into four kernels (CUDA); "torch"
+the GEMMs above, with phi(q), phi(k) recomputed in the backward (a checkpoint) rather than kept.
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
+from mmeff.ops import dispatch
+from mmeff.ops.custom_ops import global_linear_attention_op
+from mmeff.ops.dispatch import Backend
+from mmeff.ops.features import FEATURE_MAPS
 from mmeff.ops.varlen import host_bounds
 
 __all__ = ["global_linear_attention"]
@@ -33,23 +42,50 @@ def global_linear_attention(
     cu_seqlens: Optional[Tensor] = None,
     normalize: bool = False,
     eps: float = 1e-6,
+    feature_map: str = "identity",
+    *,
+    backend: Backend = "auto",
 ) -> Tensor:
-    """q, k [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V] in v's dtype; `cu_seqlens` (int32 [N+1], batch 1)
-    packs N sequences along T, each summing its own state. `normalize` divides by scale * q_t^T sum_s k_s + eps
-    (the paper's normaliser), computed from the summed keys rather than a ones channel appended to v."""
+    """q, k [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V] in v's dtype, over phi(q), phi(k) (`feature_map`);
+    `cu_seqlens` (int32 [N+1], batch 1) packs N sequences along T, each summing its own state. `normalize` divides by
+    scale * phi(q_t)^T sum_s phi(k_s) + eps (the paper's normaliser), computed from the summed keys rather than a
+    ones channel appended to v."""
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if cu_seqlens is None:
+    if cu_seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"cu_seqlens packs sequences along T of one row, got batch {q.shape[0]}")
+        bounds = host_bounds(cu_seqlens)
+        parts = [
+            global_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale, None, normalize, eps, feature_map, backend=backend)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+        return torch.cat(parts, dim=1)
+
+    def triton() -> str:
+        if not q.numel() or not v.numel():
+            return "empty input"
+        if dispatch.exporting():
+            return "torch.export (the custom op has no export lowering)"
+        return dispatch.triton_unsupported(q, "noncausal", lambda kernels: kernels.unsupported(q, v, feature_map))
+
+    if dispatch.choose("global_linear_attention", backend, [("triton", triton)]) == "triton":
+        return global_linear_attention_op(q, k, v, scale, normalize, eps, feature_map)
+    if feature_map == "identity":
         return _GlobalLinearAttention.apply(q, k, v, scale, normalize, eps)
-    if q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens packs sequences along T of one row, got batch {q.shape[0]}")
-    bounds = host_bounds(cu_seqlens)
-    parts = [
-        global_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale, None, normalize, eps)
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(parts, dim=1)
+    # phi(q), phi(k) recomputed in the backward: the op keeps q, k, v, views of the one qkv projection. In the ViT-S
+    # of benchmarks/vision_speed.py (bf16 autocast, CPU census of saved tensors) that took the layer from 15.5 to 13.8
+    # KiB kept per token, softmax attention's 13.8.
+    return checkpoint(_mapped, q, k, v, scale, normalize, eps, feature_map, use_reentrant=False)
+
+
+def _mapped(q: Tensor, k: Tensor, v: Tensor, scale: float, normalize: bool, eps: float, feature_map: str) -> Tensor:
+    """The reference over phi(q), phi(k) in v's dtype."""
+    phi = FEATURE_MAPS[feature_map]
+    return _GlobalLinearAttention.apply(phi(q).to(v.dtype), phi(k).to(v.dtype), v, scale, normalize, eps)
 
 
 def _heads(rows: int, cols: int, H: int, device: torch.device) -> Tensor:
