@@ -55,7 +55,9 @@ def fast_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
     """Count the calls of every fast entry point (FlexAttention, mmeff's Triton kernels, torch._grouped_mm)."""
     import mmeff.kernels
     import mmeff.kernels.conv
+    import mmeff.kernels.conv2d
     import mmeff.kernels.moe
+    import mmeff.kernels.noncausal
     import mmeff.ops.flex
 
     calls: Counter = Counter()
@@ -68,6 +70,8 @@ def fast_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
         spy(mmeff.ops.flex, "flex", "flex")
         spy(mmeff.kernels, "linear_recurrence_triton", "triton")
         spy(mmeff.kernels.conv.CausalConv, "apply", "triton_conv")
+        spy(mmeff.kernels.noncausal, "forward", "triton_noncausal")
+        spy(mmeff.kernels.conv2d, "grid_conv", "triton_grid_conv")
         for cls in ("Dispatch", "Combine", "SwiGLU"):
             spy(getattr(mmeff.kernels.moe, cls), "apply", "triton_moe")
         if hasattr(torch, "_grouped_mm"):
@@ -166,6 +170,18 @@ def test_mixer_block(monkeypatch, name, form):
     compare(monkeypatch, block, FAST.get(name) if form != "packed" or name in LINEAR else None, **kwargs)
 
 
+@pytest.mark.xdist_group("block-linear_attn")
+@pytest.mark.parametrize("local_conv", [0, 3])
+def test_global_linear_attention_block(monkeypatch, local_conv):
+    # scan: global (the fused non-causal kernels, elu+1 features, normalised) over a 32 x 64 grid of 2048 tokens, with
+    # and without the grid conv of v (local_conv: mmeff.kernels.conv2d), against the GEMMs and F.conv2d.
+    from mmeff.blocks.layout import Layout
+
+    block = build("linear_attn", DIM, causal=False, scan="global", local_conv=local_conv)
+    layout = Layout(grid=(1, 32, LENGTH // 32))
+    compare(monkeypatch, block, "triton_noncausal" if not local_conv else "triton_grid_conv", layout=layout)
+
+
 @pytest.mark.xdist_group("block-moe")
 @pytest.mark.parametrize("experts,top_k", [(8, 2), (16, 1)])
 def test_moe_block(monkeypatch, experts, top_k):
@@ -180,19 +196,26 @@ def test_moe_block(monkeypatch, experts, top_k):
 
 
 @pytest.mark.xdist_group("compiled")
-@pytest.mark.parametrize("name", ["gla", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "linear_attn-global", "mamba2"])
 def test_compiled_bidirectional_block(name):
     # torch.compile(fullgraph=True, Inductor) of the bidirectional block on the fast path: the recurrence as mmeff's
     # custom op (its backward runs the kernels' backward passes on the inputs), the route gathers as autograd
-    # functions, the short conv's kernels traced. Against the eager fast block: the same function rounded in other
+    # functions, the short conv's kernels as a custom op. Against the eager fast block: the same function rounded in other
     # places, so the tolerances above.
-    block = build(name, DIM, causal=False)
+    # linear_attn-global: the fused non-causal kernels and the grid conv, custom ops both; mamba2: its short conv
+    # (custom op under compile) and the SSD kernels.
+    from mmeff.blocks.layout import Layout
+
+    name, _, scan = name.partition("-")
+    options = {"scan": scan, "local_conv": 3} if scan else {}
+    kwargs = {"layout": Layout(grid=(1, 32, LENGTH // 32))} if scan else {}
+    block = build(name, DIM, causal=False, **options)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(BATCH, LENGTH, DIM, device="cuda", generator=gen)
     grad = torch.randn(BATCH, LENGTH, DIM, device="cuda", generator=gen)
-    eager = run_block(block, x, grad)
+    eager = run_block(block, x, grad, **kwargs)
     torch._dynamo.reset()
-    compiled = run_block(torch.compile(block, fullgraph=True), x, grad)
+    compiled = run_block(torch.compile(block, fullgraph=True), x, grad, **kwargs)
     compiled = {n.replace("_orig_mod.", ""): t for n, t in compiled.items()}
     found = errors(compiled, eager)
     bad = {n: e for n, e in found.items() if e[0] >= NORM_TOL or e[1] >= MAX_TOL}
