@@ -102,3 +102,16 @@ def test_init_gradients_finds_the_amplified_gradients_of_identity_gla_features(s
 def test_init_gradients_names_a_row_option_that_is_not_key_value(script, tmp_path):
     with pytest.raises(SystemExit, match="'feature_map' is not KEY=VALUE"):
         script("init_gradients", "--mixers", "gla:feature_map", "--out-dir", str(tmp_path))
+
+
+def test_vision_ops_times_each_backend_or_says_why_not(script, tmp_path):
+    # On the CPU the Triton rows say why they did not run; the PyTorch rows have times; files are written.
+    script("vision_ops", "--smoke", "--reps", "2", "--warmup", "1", "--out-dir", str(tmp_path))
+    records = json.loads((tmp_path / "vision_ops_cpu.json").read_text())["records"]
+    assert {(r["op"], r["backend"]) for r in records} == {
+        (op, b) for op in ("global_linear_attention", "depthwise_conv2d") for b in ("triton", "torch")
+    }
+    for r in records:
+        assert (r["ms"] > 0 and r["vs_torch"] == 1.0) if r["backend"] == "torch" else "not on CUDA" in r["note"]
+    assert "| depthwise_conv2d | 32 |" in (tmp_path / "vision_ops_cpu.md").read_text()
+    assert (tmp_path / "vision_ops_cpu.png").stat().st_size > 0
