@@ -69,7 +69,7 @@ def global_linear_attention(
         if not q.numel() or not v.numel():
             return "empty input"
         if dispatch.exporting():
-            return "torch.export (the custom op has no export lowering)"
+            return "torch.export (ONNX has no lowering of the custom op)"
         return dispatch.triton_unsupported(q, "noncausal", lambda kernels: kernels.unsupported(q, v, feature_map))
 
     if dispatch.choose("global_linear_attention", backend, [("triton", triton)]) == "triton":
