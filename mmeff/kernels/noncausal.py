@@ -10,7 +10,7 @@ phi(q), phi(k), the normaliser or the state). The PyTorch path of one ViT-S laye
 checkpoint; torch.profiler on the CPU). Here the forward reads k, v once for the state and q once for the output;
 the backward reads k, v for the state again, q and dy once (dq, dS, dz) and k, v once more (dk, dv).
 
-The state kernels give each (sequence, head) SPLIT programs over stretches of the sequence (few heads and long
+The state kernels give each (sequence, head) several programs over stretches of the sequence (few heads and long
 sequences would otherwise leave most SMs idle); their fp32 partial sums are added on the host (deterministic).
 Transposed operands are loaded transposed from memory, never `tl.trans` of a computed tile (mmeff.kernels.utils).
 """
@@ -93,19 +93,19 @@ def _token_tile(T, H, BT: tl.constexpr):
 
 
 @triton.jit
-def _span(T, SPLIT: tl.constexpr, BT: tl.constexpr):
-    """Tokens of the stretch of this program (axis 1 of the grid): [start, end)."""
-    span = tl.cdiv(tl.cdiv(T, SPLIT), BT) * BT
+def _span(T, BT: tl.constexpr):
+    """Tokens of the stretch of this program (axis 1 of the grid: the sequence in that many stretches): [start, end)."""
+    span = tl.cdiv(tl.cdiv(T, tl.num_programs(1)), BT) * BT
     start = tl.program_id(1) * span
     return start, tl.minimum(start + span, T)
 
 
 @triton.jit
-def _state_kernel(k, v, s_part, z_part, T, H, K, V, skb, skt, skh, svb, svt, svh, SPLIT: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def _state_kernel(k, v, s_part, z_part, T, H, K, V, skb, skt, skh, svb, svt, svh, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, FEATURE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), bh % H
-    start, end = _span(T, SPLIT, BT)
+    start, end = _span(T, BT)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     zacc = tl.zeros([BK], dtype=tl.float32)
     for t0 in range(start, end, BT):
@@ -113,7 +113,7 @@ def _state_kernel(k, v, s_part, z_part, T, H, K, V, skb, skt, skh, svb, svt, svh
         vt, _ = _tile(v, b, h, t0, end, V, svb, svt, svh, BT, BV, False)
         acc += tl.dot(phik_t.to(vt.dtype), vt, input_precision=PREC)
         zacc += tl.sum(phik_t, 1)
-    part = bh * SPLIT + tl.program_id(1)
+    part = bh * tl.num_programs(1) + tl.program_id(1)
     r, c = tl.arange(0, BK), tl.arange(0, BV)
     tl.store(s_part + part * K * V + r[:, None] * V + c[None, :], acc, mask=(r < K)[:, None] & (c < V)[None, :])
     tl.store(z_part + part * K + r, zacc, mask=r < K)
@@ -136,15 +136,14 @@ def _output_kernel(q, S, z, o, T, H, K, V, sqb, sqt, sqh, scale, eps, BT: tl.con
 
 
 @triton.jit
-def _dq_kernel(q, do, S, z, dq, ds_part, dz_part, T, H, K, V, sqb, sqt, sqh, scale, eps, SPLIT: tl.constexpr,
-               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr,
-               PREC: tl.constexpr):  # fmt: skip
+def _dq_kernel(q, do, S, z, dq, ds_part, dz_part, T, H, K, V, sqb, sqt, sqh, scale, eps, BT: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     # num = scale phi(q) S, den = scale phi(q).z + eps, o = num / den:
     #   d num = do / den, d den = -sum_v do * o / den;  d phi(q) = scale (d num S^T + d den z)
     #   dS = scale sum_t phi(q_t)^T d num_t,  dz = scale sum_t d den_t phi(q_t)   (scale applied on the host)
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), bh % H
-    start, end = _span(T, SPLIT, BT)
+    start, end = _span(T, BT)
     dt = q.dtype.element_ty
     state = _matrix(S, bh, K, V, BK, BV, False).to(dt)
     state_t = _matrix(S, bh, K, V, BV, BK, True).to(dt)  # [BV, BK]
@@ -170,7 +169,7 @@ def _dq_kernel(q, do, S, z, dq, ds_part, dz_part, T, H, K, V, sqb, sqt, sqh, sca
         ds += tl.dot(phiq_t.to(dt), g.to(dt), input_precision=PREC)
         r = tl.arange(0, BK)
         tl.store(dq + rows * K + r[None, :], (dphiq * _dphi(x, FEATURE)).to(dt), mask=(t < end)[:, None] & (r < K)[None, :])
-    part = bh * SPLIT + tl.program_id(1)
+    part = bh * tl.num_programs(1) + tl.program_id(1)
     r = tl.arange(0, BK)
     tl.store(ds_part + part * K * V + r[:, None] * V + c[None, :], ds, mask=(r < K)[:, None] & (c < V)[None, :])
     tl.store(dz_part + part * K + r, dzacc, mask=r < K)
@@ -223,7 +222,7 @@ def _state(k: Tensor, v: Tensor, feature: int) -> tuple[Tensor, Tensor]:
     s_part = empty((B * H * split, K, V), torch.float32, k.device)
     z_part = empty((B * H * split, K), torch.float32, k.device)
     _state_kernel[(B * H, split)](
-        k, v, s_part, z_part, T, H, K, V, *k.stride()[:3], *v.stride()[:3], SPLIT=split, BT=BLOCK_T, BK=pow2(K),
+        k, v, s_part, z_part, T, H, K, V, *k.stride()[:3], *v.stride()[:3], BT=BLOCK_T, BK=pow2(K),
         BV=pow2(V), FEATURE=feature, PREC=precision(v.dtype),
     )  # fmt: skip
     return s_part.view(B, H, split, K, V).sum(2), z_part.view(B, H, split, K).sum(2)
@@ -258,7 +257,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, normaliz
     ds_part = empty((B * H * split, K, V), torch.float32, q.device)
     dz_part = empty((B * H * split, K), torch.float32, q.device)
     _dq_kernel[(B * H, split)](
-        q, do, S, z, dq, ds_part, dz_part, T, H, K, V, *q.stride()[:3], scale, eps, SPLIT=split, BT=BLOCK_T, BK=BK,
+        q, do, S, z, dq, ds_part, dz_part, T, H, K, V, *q.stride()[:3], scale, eps, BT=BLOCK_T, BK=BK,
         BV=BV, FEATURE=feature, NORMALIZE=normalize, PREC=prec,
     )  # fmt: skip
     dS = ds_part.view(B, H, split, K, V).sum(2) * scale
