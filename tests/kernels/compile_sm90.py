@@ -1,13 +1,14 @@
 """Compile every Triton kernel launch of mmeff.kernels for Hopper (sm90) on a machine without a GPU.
 
 The interpreter accepts code that compiled Triton rejects (e.g. a `tl.static_range` bound that is not a
-constexpr, globals that are not `tl.constexpr`). This script runs the kernels' entry points (the recurrence and
-the short conv) under `TRITON_INTERPRET=1` at small sizes, records the signature and constexprs of each distinct
+constexpr, globals that are not `tl.constexpr`). This script runs the kernels' entry points (the recurrence, the
+short conv, the grid conv, non-causal linear attention; `--kernels` picks some) under `TRITON_INTERPRET=1` at small
+sizes, records the signature and constexprs of each distinct
 launch, then compiles each one in a second process with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
 Slow (minutes: ptxas runs for every variant), hence a script and not part of `make test`:
 
-    python tests/kernels/compile_sm90.py [--arch 90]
+    python tests/kernels/compile_sm90.py [--arch 90] [--kernels recurrence conv conv2d noncausal]
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ import time
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}
 
 
-def record(out: str) -> None:
-    """Run fwd+bwd of every kernel kind under the interpreter; write each distinct launch to `out` (JSON)."""
+KERNELS = ("recurrence", "conv", "conv2d", "noncausal")
+
+
+def record(out: str, kernels: list[str]) -> None:
+    """Run fwd+bwd of the kernel kinds under the interpreter; write each distinct launch to `out` (JSON)."""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from triton.runtime.interpreter import InterpretedFunction
@@ -65,7 +69,7 @@ def record(out: str) -> None:
     from mmeff.kernels import linear_recurrence_triton
 
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16) if "recurrence" in kernels else ():
         for gate in ("none", "head", "key"):
             for delta in (False, True):
                 if gate == "key" and delta:
@@ -84,13 +88,26 @@ def record(out: str) -> None:
                         (o.float().sum() + ht.sum()).backward()
     from mmeff.kernels.conv import CausalConv
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16) if "conv" in kernels else ():
         for bias, silu, docs in ((True, True, False), (False, False, False), (True, True, True)):
             x = torch.randn(2, 70, 130, dtype=dtype, requires_grad=True)
             weight = torch.randn(130, 4, requires_grad=True)
             b = torch.randn(130, requires_grad=True) if bias else None
             runs = (torch.arange(70) // 30).expand(2, 70).to(torch.int32) if docs else None
             CausalConv.apply(x, weight, b, silu, runs).float().sum().backward()
+    from mmeff.ops.custom_ops import global_linear_attention_op, grid_conv_op
+
+    for dtype in (torch.float32, torch.bfloat16) if "conv2d" in kernels else ():
+        for bias in (True, False):
+            x = torch.randn(2, 7 * 11, 3 * 70, dtype=dtype)[..., -70:].requires_grad_()
+            weight = torch.randn(70, 3, 3, requires_grad=True)
+            grid_conv_op(x, weight, torch.randn(70, requires_grad=True) if bias else None, 7, 11).float().sum().backward()
+    for dtype in (torch.float32, torch.bfloat16) if "noncausal" in kernels else ():
+        for feature_map in ("identity", "elu", "relu"):
+            for normalize in (True, False):
+                qkv = torch.randn(2, 70, 3 * 2 * 64, dtype=dtype, requires_grad=True)
+                q, k, v = (t.unflatten(-1, (2, 64)) for t in qkv.chunk(3, -1))
+                global_linear_attention_op(q, k, v, 0.125, normalize, 1e-6, feature_map).float().sum().backward()
     with open(out, "w") as f:
         json.dump(list(launches.values()), f)
     print(f"{len(launches)} distinct launches recorded", flush=True)
@@ -126,17 +143,18 @@ def compile_all(path: str, arch: int) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="kernel kinds (default all)")
     p.add_argument("--record-to", help=argparse.SUPPRESS)  # the interpreter phase, in its own process
     args = p.parse_args()
     if args.record_to is None and os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the compile phase needs compiled Triton (the recording sets it itself)")
     if args.record_to:
-        record(args.record_to)
+        record(args.record_to, args.kernels)
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "launches.json")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run([sys.executable, __file__, "--record-to", path], check=True, env=env)
+        subprocess.run([sys.executable, __file__, "--record-to", path, "--kernels", *args.kernels], check=True, env=env)
         failed = compile_all(path, args.arch)
     print(f"{failed} failed")
     sys.exit(1 if failed else 0)
