@@ -3,8 +3,9 @@ cannot trace into Triton's autotuner: "Mutating a variable not in the current sc
 
 The grid convolution (`mmeff::grid_conv`, mmeff.kernels.conv2d) and non-causal linear attention
 (`mmeff::global_linear_attention`, mmeff.kernels.noncausal) run through their ops eagerly too: their backwards need
-only the inputs (and the small state), so one path serves both. The short convolution (`mmeff::causal_conv`, mmeff.kernels.conv) takes its
-op only while torch.compile traces; eagerly it stays the autograd.Function that the kernel tests and benchmarks call.
+only the inputs, so one path serves both. The short convolution (`mmeff::causal_conv`, mmeff.kernels.conv) takes
+its op only while torch.compile traces; eagerly it stays the autograd.Function that the kernel tests and benchmarks
+call.
 
 `mmeff::linear_recurrence` runs mmeff.kernels.linear_recurrence_triton; its fake implementation gives dynamo the
 output shapes, and `mmeff::linear_recurrence_backward` gives the gradients. The custom op cannot keep the
