@@ -33,6 +33,9 @@ mmeff rows pay for their many small kernels (record field `graphs`). Results mer
 by (row, px, compiled, graphs), written after every row, so a run cut short keeps its rows and several runs (eager,
 `--compile`, a few sizes at a time) build one table.
 
+`--memory` writes each row's allocator history over one step (memory_<row>_<px>.pickle beside the results: every
+allocation and free with its Python stack; where a peak comes from, for rows above timm's peak memory).
+
 Triton autotunes each mmeff kernel on its first call; `TRITON_CACHE_AUTOTUNING=1` (Triton >= 3.4) keeps the choice
 in the on-disk cache, so a second run, or the compiled run after the eager one, does not tune again:
 
@@ -263,6 +266,8 @@ def measure(
         ms, peak = median_ms(step, device, args.warmup, args.reps)
         if args.profile:
             profile(step, args.out_dir_resolved / f"profile_{row}_{px}{mode_tag(args.compile, args.graphs)}.txt")
+        if args.memory:
+            memory_snapshot(step, args.out_dir_resolved / f"memory_{row}_{px}{mode_tag(args.compile, args.graphs)}.pickle")
         # Under CUDA graphs the graphs' private memory pools are not in the allocator's allocated count: no peak.
         record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=None if args.graphs else peak)
         record["floor_ms"] = record["flops_per_img"] * batch / args.rate * 1e3
@@ -318,6 +323,20 @@ def profile(step: Callable[[], None], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
                     + f"\n\nHost, 3 steps under cProfile ({wall:.1f} ms a step with its overhead):\n" + text.getvalue())
+
+
+def memory_snapshot(step: Callable[[], None], path: Path) -> None:
+    """The CUDA allocator's history over one step (every allocation and free, with its Python stack), written to
+    `path`: what is live at the step's peak, for `python -m torch.cuda._memory_viz trace_plot` or pytorch.org/memory_viz."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(path))
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def relate(records: list[dict[str, Any]]) -> None:
@@ -443,6 +462,7 @@ def main() -> None:
     p.add_argument("--recount", action="store_true", help="count every row's FLOPs again (default: from an earlier record)")
     p.add_argument("--row-limit", type=int, default=0, help="seconds a row may take before it is stopped (0: no limit)")
     p.add_argument("--profile", action="store_true", help="also write each row's kernels of one step (profile_<row>_<px>.txt)")
+    p.add_argument("--memory", action="store_true", help="also write each row's allocator history of one step (memory_<row>_<px>.pickle)")
     args = p.parse_args()
     shape = SMOKE if args.smoke else REAL
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -453,6 +473,8 @@ def main() -> None:
         raise SystemExit(f"vision_speed: --row-limit takes seconds >= 0 (0: no limit), got {args.row_limit}")
     if args.graphs and device.type != "cuda":
         raise SystemExit("vision_speed: --graphs needs CUDA (CUDA graphs)")
+    if args.memory and device.type != "cuda":
+        raise SystemExit("vision_speed: --memory needs CUDA (the CUDA allocator's history)")
     sizes = list(dict.fromkeys(32 if args.smoke and s != "audio" else s for s in wanted))  # smoke: 32 px images
     out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "vision_speed_smoke" if args.smoke else Path(__file__).parent / "results")
     name = args.name or f"vision_speed_{device_tag(device)}"

@@ -50,6 +50,8 @@ def test_vision_speed_counts_flops_once_and_stops_a_row_at_its_limit(script, tmp
         assert r["flops_per_img"] == before["flops_per_img"]
     with pytest.raises(SystemExit, match="--row-limit takes seconds >= 0"):
         script("vision_speed", *args, "--row-limit", "-5")
+    with pytest.raises(SystemExit, match="--memory needs CUDA"):
+        script("vision_speed", *args, "--memory")
 
 
 def test_saved_memory_counts_what_the_gpu_path_keeps(tmp_path):
