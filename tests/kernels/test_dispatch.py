@@ -148,6 +148,16 @@ def test_ssd_packed_triton(fake_gpu):
     )
 
 
+def test_global_linear_attention_packed_triton(fake_gpu):
+    # Packed sequences (cu_seqlens, one of a single token) through the fused non-causal kernels, elu+1, normalised.
+    gen = torch.Generator().manual_seed(4)
+    T, H, K = 32, 2, 16
+    inputs = {n: torch.randn(1, T, H, K, generator=gen) for n in ("q", "k", "v")}
+    _both_backends(
+        lambda **kw: ops.global_linear_attention(**kw, cu_seqlens=CU, normalize=True, feature_map="elu"), inputs
+    )
+
+
 def test_selective_scan_packed_triton(fake_gpu):
     gen = torch.Generator().manual_seed(3)
     T, Dm, N = 32, 2, 16
