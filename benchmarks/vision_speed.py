@@ -34,7 +34,8 @@ by (row, px, compiled, graphs), written after every row, so a run cut short keep
 `--compile`, a few sizes at a time) build one table.
 
 `--memory` writes each row's allocator history over one step (memory_<row>_<px>.pickle beside the results: every
-allocation and free with its Python stack; where a peak comes from, for rows above timm's peak memory).
+allocation and free with its Python stack; where a peak comes from, for rows above timm's peak memory):
+`python benchmarks/memory_peak.py memory_<row>_<px>.pickle` prints what is live at the peak, by allocating code.
 
 Triton autotunes each mmeff kernel on its first call; `TRITON_CACHE_AUTOTUNING=1` (Triton >= 3.4) keeps the choice
 in the on-disk cache, so a second run, or the compiled run after the eager one, does not tune again:

@@ -117,3 +117,30 @@ def test_vision_ops_times_each_backend_or_says_why_not(script, tmp_path):
         assert (r["ms"] > 0 and r["vs_torch"] == 1.0) if r["backend"] == "torch" else "not on CUDA" in r["note"]
     assert "| depthwise_conv2d | 32 |" in (tmp_path / "vision_ops_cpu.md").read_text()
     assert (tmp_path / "vision_ops_cpu.png").stat().st_size > 0
+
+
+def test_memory_peak_charges_what_is_live_at_the_peak_to_its_frame(tmp_path, capsys, script):
+    # A hand-made history: 10 bytes allocated before it (2 of them freed during it), a 100-byte activation (mmeff)
+    # and a 50-byte temporary (no frame) live together at the peak, then the temporary freed and a 30-byte buffer.
+    import pickle
+
+    frame = {"filename": "/x/site-packages/mmeff/blocks/linear.py", "line": 7, "name": "project"}
+    history = [
+        {"action": "free_completed", "addr": 1, "size": 2},
+        {"action": "alloc", "addr": 10, "size": 100, "frames": [{"filename": "torch/nn/x.py", "line": 1, "name": "f"}, frame]},
+        {"action": "alloc", "addr": 20, "size": 50, "frames": []},
+        {"action": "free_completed", "addr": 20, "size": 50},
+        {"action": "alloc", "addr": 30, "size": 30, "frames": [frame]},
+    ]  # fmt: skip
+    blocks = [{"size": s, "state": "active_allocated"} for s in (8, 100, 30)] + [{"size": 50, "state": "inactive"}]
+    path = tmp_path / "memory.pickle"
+    path.write_bytes(pickle.dumps({"device_traces": [history], "segments": [{"device": 0, "blocks": blocks}]}))
+    script("memory_peak", str(path))
+    out = capsys.readouterr().out
+    assert out.startswith("peak 0.0 MiB")
+    import memory_peak
+
+    found = memory_peak.peak(pickle.loads(path.read_bytes()))
+    assert (found["peak"], found["older"], found["end"]) == (158, 8, 138)
+    assert found["live"] == {"mmeff/blocks/linear.py:7 (project)": [100, 1], "(no Python frame: autograd's backward thread or C++)": [50, 1]}
+    assert "mmeff/blocks/linear.py:7 (project)" in out
