@@ -106,7 +106,7 @@ def unsupported(x: Tensor) -> str:
 def grid_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], height: int, width: int) -> Tensor:
     """Depthwise conv of x [B, H * W, C] (row-major pixels; x.stride(-1) == 1) with weight [C, K, K] (K odd, zero
     padding K // 2) and bias [C] or None: y [B, H * W, C] contiguous, in x's dtype."""
-    batch, tokens, channels = x.shape
+    _, tokens, channels = x.shape
     y = empty(x.shape, x.dtype, x.device)
     _dwconv_fwd_kernel[_grid(x)](
         x, weight.contiguous(), bias, y, x.stride(0), x.stride(1), tokens, height, width, channels,

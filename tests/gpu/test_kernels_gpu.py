@@ -226,6 +226,27 @@ def test_ops_dispatch(kernels, monkeypatch, seed, op, dtype):
     assert all(e < TOL[dtype] for e in errors.values()), errors
 
 
+def check_conv(fast, reference, tensors, dy, dtype) -> None:
+    """fast(*tensors) as given against reference(*tensors) upcast to fp32 (cuDNN's TF32 off): output and the
+    gradients of every tensor, each within TOL[dtype] in norm."""
+
+    def run(fn, upcast):
+        leaves = [(t.float() if upcast else t).detach().clone().requires_grad_() for t in tensors]
+        y = fn(*leaves)
+        return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
+
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        expected = run(reference, upcast=True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    actual = run(fast, upcast=False)
+    assert actual[0].dtype == dtype
+    errors = {n: norm_error(a.float(), e) for n, a, e in zip(["y", "dx", "dweight", "dbias"], actual, expected)}
+    assert all(e < TOL[dtype] for e in errors.values()), errors
+
+
 @pytest.mark.xdist_group("conv")
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 def test_short_conv(kernels, seed, dtype):
@@ -239,22 +260,7 @@ def test_short_conv(kernels, seed, dtype):
     weight = torch.randn(shape[-1], 4, device="cuda", generator=gen) / 2
     bias = torch.randn(shape[-1], device="cuda", generator=gen)
     dy = torch.randn(shape, device="cuda", generator=gen)
-
-    def run(fn, upcast):
-        leaves = [(t.float() if upcast else t).detach().clone().requires_grad_() for t in (x, weight, bias)]
-        y = fn(*leaves)
-        return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
-
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        expected = run(lambda *a: causal_conv1d_reference(*a, "silu"), upcast=True)
-    finally:
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
-    actual = run(causal_conv1d, upcast=False)
-    assert actual[0].dtype == dtype
-    errors = {n: norm_error(a.float(), e) for n, a, e in zip(["y", "dx", "dweight", "dbias"], actual, expected)}
-    assert all(e < TOL[dtype] for e in errors.values()), errors
+    check_conv(causal_conv1d, lambda *a: causal_conv1d_reference(*a, "silu"), (x, weight, bias), dy, dtype)
 
 
 @pytest.mark.xdist_group("conv2d")
@@ -272,21 +278,10 @@ def test_grid_conv(kernels, seed, dtype):
     bias = torch.randn(channels, device="cuda", generator=gen)
     dy = torch.randn(batch, height * width, channels, device="cuda", generator=gen)
 
-    def run(fn, upcast):
-        leaves = [(t.float() if upcast else t).detach().clone().requires_grad_() for t in (qkv, weight, bias)]
-        y = fn(leaves[0][..., -channels:], *leaves[1:], (height, width))
-        return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
+    def on_v(conv):  # the conv of v, the last `channels` of qkv (the gradient reaches qkv)
+        return lambda qkv, w, b: conv(qkv[..., -channels:], w, b, (height, width))
 
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        expected = run(depthwise_conv2d_reference, upcast=True)
-    finally:
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
-    actual = run(depthwise_conv2d, upcast=False)
-    assert actual[0].dtype == dtype
-    errors = {n: norm_error(a.float(), e) for n, a, e in zip(["y", "dx", "dweight", "dbias"], actual, expected)}
-    assert all(e < TOL[dtype] for e in errors.values()), errors
+    check_conv(on_v(depthwise_conv2d), on_v(depthwise_conv2d_reference), (qkv, weight, bias), dy, dtype)
 
 
 @pytest.mark.xdist_group("norm")
