@@ -182,7 +182,7 @@ def causal_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
         HAS_BIAS=bias is not None, SILU=silu, DOCS=docs,
     )  # fmt: skip
     _conv_bwd_dx_kernel[_grid(x)](weight, runs, g, dx, T, C, row_tiles, W=W, BT=BLOCK_T, DOCS=docs)
-    dw = dw_part.sum(0).t().to(weight.dtype)
+    dw = dw_part.sum(0).t().to(weight.dtype).contiguous()  # the layout the custom op's fake promises
     db = None if bias is None else db_part.sum(0).to(bias.dtype)
     return dx, dw, db
 

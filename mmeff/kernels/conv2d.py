@@ -128,7 +128,7 @@ def grid_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, he
         x, weight.contiguous(), dy.contiguous(), dx, dw_part, db_part, x.stride(0), x.stride(1), tokens, height, width,
         channels, tiles, K=k, BT=BLOCK_T, HAS_BIAS=has_bias,
     )  # fmt: skip
-    dw = dw_part.sum(0).t().reshape(weight.shape)
+    dw = dw_part.sum(0).t().reshape(weight.shape).contiguous()  # the layout the custom op's fake promises
     return dx, dw, (db_part.sum(0) if has_bias else None)
 
 

@@ -57,11 +57,14 @@ def _tile(ptr, b, h, t0, T, D, s_b, s_t, s_h, BT: tl.constexpr, BD: tl.constexpr
     t = t0 + tl.arange(0, BT)
     d = tl.arange(0, BD)
     base = ptr + b * s_b + h * s_h
+    # One return: Triton 3.6 refuses returns of different shapes even under a constexpr branch (the interpreter does not)
     if TRANS:
         mask = (d < D)[:, None] & (t < T)[None, :]
-        return tl.load(base + t.to(tl.int64)[None, :] * s_t + d[:, None], mask=mask, other=0.0), mask
-    mask = (t < T)[:, None] & (d < D)[None, :]
-    return tl.load(base + t.to(tl.int64)[:, None] * s_t + d[None, :], mask=mask, other=0.0), mask
+        x = tl.load(base + t.to(tl.int64)[None, :] * s_t + d[:, None], mask=mask, other=0.0)
+    else:
+        mask = (t < T)[:, None] & (d < D)[None, :]
+        x = tl.load(base + t.to(tl.int64)[:, None] * s_t + d[None, :], mask=mask, other=0.0)
+    return x, mask
 
 
 @triton.jit
@@ -79,8 +82,10 @@ def _matrix(ptr, bh, R, C, BR: tl.constexpr, BC: tl.constexpr, TRANS: tl.constex
     r = tl.arange(0, BR)
     c = tl.arange(0, BC)
     if TRANS:  # element (r, c) is stored at (c, r)
-        return tl.load(ptr + bh * R * C + c[None, :] * C + r[:, None], mask=(r < C)[:, None] & (c < R)[None, :], other=0.0)
-    return tl.load(ptr + bh * R * C + r[:, None] * C + c[None, :], mask=(r < R)[:, None] & (c < C)[None, :], other=0.0)
+        x = tl.load(ptr + bh * R * C + c[None, :] * C + r[:, None], mask=(r < C)[:, None] & (c < R)[None, :], other=0.0)
+    else:
+        x = tl.load(ptr + bh * R * C + r[:, None] * C + c[None, :], mask=(r < R)[:, None] & (c < C)[None, :], other=0.0)
+    return x
 
 
 @triton.jit

@@ -104,9 +104,9 @@ def record(out: str, kernels: list[str]) -> None:
             grid_conv_op(x, weight, torch.randn(70, requires_grad=True) if bias else None, 7, 11).float().sum().backward()
     for dtype in (torch.float32, torch.bfloat16) if "noncausal" in kernels else ():
         for feature_map in ("identity", "elu", "relu"):
-            for normalize in (True, False):
-                qkv = torch.randn(2, 70, 3 * 2 * 64, dtype=dtype, requires_grad=True)
-                q, k, v = (t.unflatten(-1, (2, 64)) for t in qkv.chunk(3, -1))
+            for normalize, dim in ((True, 64), (False, 64), (True, 128)):  # 128: tiles that are not square
+                qkv = torch.randn(2, 70, 3 * 2 * dim, dtype=dtype, requires_grad=True)
+                q, k, v = (t.unflatten(-1, (2, dim)) for t in qkv.chunk(3, -1))
                 global_linear_attention_op(q, k, v, 0.125, normalize, 1e-6, feature_map).float().sum().backward()
     with open(out, "w") as f:
         json.dump(list(launches.values()), f)
