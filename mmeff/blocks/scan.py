@@ -212,8 +212,13 @@ def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iter
             raise RuntimeError("a scan stream saved for the backward was modified in place after the forward")
         return _stack(src, plan.order, plan.routes).as_strided(saved.shape, saved.stride, saved.offset)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        # Autograd keeps `pack` beside every tensor it packed, until the backward: without this the stacked copies
+        # stayed alive through `sources` (3.8 of gla-bi's 17.2 GiB peak at 1024 px on the H200, all 12 layers').
+        sources.clear()
 
 
 def _same(t: Any) -> Any:

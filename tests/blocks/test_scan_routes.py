@@ -101,6 +101,33 @@ def test_the_backward_keeps_the_source_streams_not_their_route_copies(scan):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("scan", ["bi", "cross"])
+def test_the_route_copies_are_freed_after_the_forward(monkeypatch, scan):
+    # Autograd keeps the pack hook with each tensor it packed until the backward; the hook's table of stacked
+    # streams kept every layer's route copies alive through the whole step (gla-bi ViT at 1024 px on the H200:
+    # 3.8 of its 17.2 GiB peak).
+    import gc
+    import weakref
+
+    from mmeff.blocks import scan as scan_module
+
+    copies = []
+    stack = scan_module._stack
+
+    def recorded(x, order, routes):
+        y = stack(x, order, routes)
+        copies.append(weakref.ref(y))
+        return y
+
+    monkeypatch.setattr(scan_module, "_stack", recorded)
+    streams = [torch.randn(2, 13, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    out = Routes(causal=False, scan=scan)(running_sum, streams, Layout(grid=(1, 3, 4), special=1))
+    gc.collect()
+    assert len(copies) == 2 and not [c for c in copies if c() is not None]
+    grads = torch.autograd.grad(out, streams, torch.ones_like(out))  # regathered from the sources
+    assert all(g.shape == s.shape for g, s in zip(grads, streams))
+
+
 def test_a_source_stream_changed_in_place_after_the_forward_is_refused():
     streams = [torch.randn(2, 13, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     sources = [s * 1.0 for s in streams]
