@@ -263,7 +263,7 @@ class GLA(LinearMixer):
         self.decay = nn.Sequential(nn.Linear(dim, gate_rank, bias=False), nn.Linear(gate_rank, self.key_dim))
 
     def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        log_g = F.logsigmoid(self.decay(x).float()) / self.gate_normalizer
+        log_g = ops.log_sigmoid_gate(self.decay(x), self.gate_normalizer)
         return [log_g.unflatten(-1, (self.heads, -1))]
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:

@@ -2,6 +2,7 @@
 
 from mmeff.ops import dispatch
 from mmeff.ops.conv import causal_conv1d
+from mmeff.ops.gates import log_sigmoid_gate
 from mmeff.ops.noncausal import global_linear_attention
 from mmeff.ops.norm import norm
 from mmeff.ops.linear import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention, retention
@@ -20,6 +21,7 @@ __all__ = [
     "global_linear_attention",
     "linear_attention",
     "linear_recurrence",
+    "log_sigmoid_gate",
     "norm",
     "retention",
     "selective_scan",

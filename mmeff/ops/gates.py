@@ -1,0 +1,41 @@
+"""Per-token gates of the recurrent mixers, with backwards that keep only what the recurrence keeps anyway."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmeff.ops.dispatch import exporting
+
+__all__ = ["log_sigmoid_gate"]
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _LogSigmoidGate(torch.autograd.Function):
+    """logsigmoid(x) / n in fp32 (or x's wider dtype). Its backward reads only the output, which the recurrence keeps for its own backward:
+    d/dx = (1 - sigmoid(x)) / n = (1 - exp(n y)) / n. Autograd's logsigmoid and division kept an fp32 copy of x and
+    logsigmoid's buffer besides (1.5 of the 16.9 KiB per token and layer of a gla-bi ViT, benchmarks/saved_memory.py)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, normalizer: float) -> Tensor:  # type: ignore[override]
+        y = F.logsigmoid(_at_least_fp32(x)) / normalizer
+        ctx.save_for_backward(y)
+        ctx.normalizer, ctx.dtype = normalizer, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return (dy * -torch.expm1(y * ctx.normalizer) / ctx.normalizer).to(ctx.dtype), None
+
+
+def log_sigmoid_gate(x: Tensor, normalizer: float = 1.0) -> Tensor:
+    """logsigmoid(x) / normalizer in fp32 (GLA's log decay): the autograd function where a backward is recorded, the
+    plain ops elsewhere (torch.export with dynamic shapes fails on an autograd function that saves a tensor)."""
+    if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
+        return F.logsigmoid(_at_least_fp32(x)) / normalizer
+    return _LogSigmoidGate.apply(x, normalizer)
