@@ -38,10 +38,46 @@ def _elu_plus_one(x: Tensor) -> Tensor:
     return _EluPlusOne.apply(x)
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """x in fp32, or in its own dtype where that is wider (fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _L2Normalize(torch.autograd.Function):
+    """x / max(||x||, eps) over the last dim, computed in fp32 (at least), returned in x's dtype. Its backward reads the output
+    (which the recurrence keeps anyway) and the norms: dx = (dy - y <dy, y>) / n. F.normalize kept its input and
+    intermediates besides: 6 of the 38 KiB per token and layer of a gated_deltanet-bi ViT (benchmarks/saved_memory.py)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        xf = at_least_fp32(x)
+        norm = xf.square().sum(-1, keepdim=True).sqrt()
+        y = (xf / norm.clamp_min(eps)).to(x.dtype)
+        ctx.save_for_backward(y, norm)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        y, norm = ctx.saved_tensors
+        yf, dyf = at_least_fp32(y), at_least_fp32(dy)
+        # below eps the divisor is the constant eps: no projection
+        along = torch.where(norm > ctx.eps, (dyf * yf).sum(-1, keepdim=True), 0.0)
+        return ((dyf - yf * along) / norm.clamp_min(ctx.eps)).to(dy.dtype), None
+
+
+def _l2(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """x / max(||x||, eps) over the last dim: the autograd function where a backward is recorded (as _elu_plus_one)."""
+    if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
+        xf = at_least_fp32(x)
+        return (xf / xf.square().sum(-1, keepdim=True).sqrt().clamp_min(eps)).to(x.dtype)
+    return _L2Normalize.apply(x, eps)
+
+
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
     "elu": _elu_plus_one,
     "relu": F.relu,
     "silu": F.silu,
-    "l2": lambda x: F.normalize(x, dim=-1),
+    "l2": _l2,
 }

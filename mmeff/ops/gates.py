@@ -7,12 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmeff.ops.dispatch import exporting
+from mmeff.ops.features import at_least_fp32
 
 __all__ = ["log_sigmoid_gate"]
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class _LogSigmoidGate(torch.autograd.Function):
@@ -22,7 +19,7 @@ class _LogSigmoidGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, normalizer: float) -> Tensor:  # type: ignore[override]
-        y = F.logsigmoid(_at_least_fp32(x)) / normalizer
+        y = F.logsigmoid(at_least_fp32(x)) / normalizer
         ctx.save_for_backward(y)
         ctx.normalizer, ctx.dtype = normalizer, x.dtype
         return y
@@ -37,5 +34,5 @@ def log_sigmoid_gate(x: Tensor, normalizer: float = 1.0) -> Tensor:
     """logsigmoid(x) / normalizer in fp32 (GLA's log decay): the autograd function where a backward is recorded, the
     plain ops elsewhere (torch.export with dynamic shapes fails on an autograd function that saves a tensor)."""
     if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
-        return F.logsigmoid(_at_least_fp32(x)) / normalizer
+        return F.logsigmoid(at_least_fp32(x)) / normalizer
     return _LogSigmoidGate.apply(x, normalizer)
