@@ -114,7 +114,8 @@ def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool) -> dict[
 def table(records: list[dict[str, Any]], command: str, px: int) -> str:
     """Markdown: KiB per token and layer, against timm's, under the command that counted them."""
     lines = [f"`{command}` (CPU, torch {torch.__version__}; {px} px images, bf16 autocast, the GPU code path with the "
-             "Triton kernels interpreted). Bytes autograd keeps for the backward, per token and layer.", "",
+             "Triton kernels interpreted). Per token and layer: the bytes autograd keeps for the backward (saved) and "
+             "the bytes the forward allocated that are still live after it (live).", "",
              "| row | saved: KiB per token and layer | vs timm | live after the forward: KiB per token and layer | vs timm |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {r['row']} | {r['kib_per_token_layer']:.2f} | {r['vs_timm']:.2f}x | {r['live_kib_per_token_layer']:.2f} | "
