@@ -116,10 +116,11 @@ def table(records: list[dict[str, Any]], command: str, px: int) -> str:
     lines = [f"`{command}` (CPU, torch {torch.__version__}; {px} px images, bf16 autocast, the GPU code path with the "
              "Triton kernels interpreted). Per token and layer: the bytes autograd keeps for the backward (saved) and "
              "the bytes the forward allocated that are still live after it (live).", "",
-             "| row | saved: KiB per token and layer | vs timm | live after the forward: KiB per token and layer | vs timm |",
+             "| row | saved: KiB per token and layer | vs timm | live after the forward: KiB per token and layer "
+             "| vs timm |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {r['row']} | {r['kib_per_token_layer']:.2f} | {r['vs_timm']:.2f}x | {r['live_kib_per_token_layer']:.2f} | "
-              f"{r['live_vs_timm']:.2f}x |" for r in records]  # fmt: skip
+    lines += [f"| {r['row']} | {r['kib_per_token_layer']:.2f} | {r['vs_timm']:.2f}x | "
+              f"{r['live_kib_per_token_layer']:.2f} | {r['live_vs_timm']:.2f}x |" for r in records]  # fmt: skip
     for r in records:
         if r.get("largest"):
             lines += ["", f"{r['row']}, bytes per token and layer by kind of tensor (batch of 2; weights' bf16 copies included):", ""]

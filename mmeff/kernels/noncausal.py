@@ -57,7 +57,8 @@ def _tile(ptr, b, h, t0, T, D, s_b, s_t, s_h, BT: tl.constexpr, BD: tl.constexpr
     t = t0 + tl.arange(0, BT)
     d = tl.arange(0, BD)
     base = ptr + b * s_b + h * s_h
-    # One return: Triton 3.6 refuses returns of different shapes even under a constexpr branch (the interpreter does not)
+    # One return: Triton 3.6 refuses returns of different shapes even under a constexpr branch (its interpreter runs
+    # them)
     if TRANS:
         mask = (d < D)[:, None] & (t < T)[None, :]
         x = tl.load(base + t.to(tl.int64)[None, :] * s_t + d[:, None], mask=mask, other=0.0)

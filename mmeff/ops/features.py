@@ -44,9 +44,10 @@ def at_least_fp32(x: Tensor) -> Tensor:
 
 
 class _L2Normalize(torch.autograd.Function):
-    """x / max(||x||, eps) over the last dim, computed in fp32 (at least), returned in x's dtype. Its backward reads the output
-    (which the recurrence keeps anyway) and the norms: dx = (dy - y <dy, y>) / n. F.normalize kept its input and
-    intermediates besides: 6 of the 38 KiB per token and layer of a gated_deltanet-bi ViT (benchmarks/saved_memory.py)."""
+    """x / max(||x||, eps) over the last dim, computed in fp32 (at least), returned in x's dtype. Its backward reads
+    the output (which the recurrence keeps anyway) and the norms: dx = (dy - y <dy, y>) / n. F.normalize kept its
+    input and intermediates besides: 6 of the 38 KiB per token and layer of a gated_deltanet-bi ViT
+    (benchmarks/saved_memory.py)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]

@@ -13,9 +13,10 @@ __all__ = ["log_sigmoid_gate"]
 
 
 class _LogSigmoidGate(torch.autograd.Function):
-    """logsigmoid(x) / n in fp32 (or x's wider dtype). Its backward reads only the output, which the recurrence keeps for its own backward:
-    d/dx = (1 - sigmoid(x)) / n = (1 - exp(n y)) / n. Autograd's logsigmoid and division kept an fp32 copy of x and
-    logsigmoid's buffer besides (1.5 of the 16.9 KiB per token and layer of a gla-bi ViT, benchmarks/saved_memory.py)."""
+    """logsigmoid(x) / n in fp32 (or x's wider dtype). Its backward reads only the output, which the recurrence keeps
+    for its own backward: d/dx = (1 - sigmoid(x)) / n = -expm1(n y) / n. Autograd's logsigmoid and division kept an
+    fp32 copy of x and logsigmoid's buffer besides (1.5 of the 16.9 KiB per token and layer of a gla-bi ViT,
+    benchmarks/saved_memory.py)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, normalizer: float) -> Tensor:  # type: ignore[override]

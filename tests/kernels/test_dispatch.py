@@ -299,7 +299,7 @@ def test_compiled_conv_mixers_take_the_kernels_in_one_graph(fake_gpu, monkeypatc
 
 
 def _custom_op_cases() -> dict[str, tuple]:
-    """mmeff custom op name -> arguments (fp32; q, k, v and the grid conv's x as strided views, as the blocks pass them)."""
+    """mmeff custom op name -> arguments (fp32; q, k, v and the grid conv's x as strided views, as blocks pass them)."""
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, 37, 3 * 2 * 16, generator=g).requires_grad_()
     q, k, v = (t.unflatten(-1, (2, 16)) for t in qkv.chunk(3, -1))
@@ -309,9 +309,10 @@ def _custom_op_cases() -> dict[str, tuple]:
     runs = torch.tensor([0, 0, 0, 10, 10, 0, 0] * 5 + [0, 0], dtype=torch.int32)[None].expand(2, -1).contiguous()
     wk, wv = torch.randn(2, 37, 2, 16, generator=g), torch.randn(2, 37, 2, 24, generator=g)
     gate = -torch.rand(2, 37, 2, 16, generator=g)
+    weight = torch.randn(24, 3, 3, generator=g)
     return {
-        "grid_conv": (grid, torch.randn(24, 3, 3, generator=g, requires_grad=True), torch.randn(24, requires_grad=True), 5, 7),
-        "grid_conv_backward": (torch.randn(2, 35, 24, generator=g), grid.detach(), torch.randn(24, 3, 3, generator=g), True, 5, 7),
+        "grid_conv": (grid, weight.clone().requires_grad_(), torch.randn(24, requires_grad=True), 5, 7),
+        "grid_conv_backward": (torch.randn(2, 35, 24, generator=g), grid.detach(), weight, True, 5, 7),
         "causal_conv": (x, torch.randn(24, 4, generator=g, requires_grad=True), None, True, runs),
         "causal_conv_backward": (torch.randn(2, 37, 24, generator=g), x.detach(), torch.randn(24, 4, generator=g),
                                  torch.randn(24, generator=g), True, None),  # fmt: skip
