@@ -33,6 +33,10 @@ mmeff rows pay for their many small kernels (record field `graphs`). Results mer
 by (row, px, compiled, graphs), written after every row, so a run cut short keeps its rows and several runs (eager,
 `--compile`, a few sizes at a time) build one table.
 
+`--backend OP=NAME` (repeatable) pins an mmeff op's backend for every mmeff row of the run, e.g.
+`--backend depthwise_conv2d=torch` (cuDNN instead of mmeff's grid-conv kernel); those rows are recorded as
+`row[OP=NAME]`, beside the default rows, against the same run's timm row: an in-step A/B of one op's implementations.
+
 `--memory` writes each row's allocator history over one step (memory_<row>_<px>.pickle beside the results: every
 allocation and free with its Python stack; where a peak comes from, for rows above timm's peak memory):
 `python benchmarks/memory_peak.py memory_<row>_<px>.pickle` prints what is live at the peak, by allocating code.
@@ -64,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmeff import config
+from mmeff import config, ops
 from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
 from mmeff.tasks.graphs import GraphedTraining
@@ -438,6 +442,29 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+@contextlib.contextmanager
+def pinned_backends(specs: list[str]) -> Iterator[str]:
+    """Inside: each `OP=NAME` of --backend is that op's default backend; yields the suffix of the mmeff rows' names."""
+    saved: list[tuple[dict[str, Any], Any]] = []
+    try:
+        for spec in specs:
+            op, _, name = spec.partition("=")
+            fn = getattr(ops, op, None) or getattr(ops.conv, op, None)
+            defaults = getattr(fn, "__kwdefaults__", None) or {}
+            if "backend" not in defaults:
+                raise SystemExit(f"vision_speed: --backend {spec!r}: {op!r} is not an mmeff.ops op with a backend argument")
+            try:
+                ops.dispatch.check_backend(name)
+            except ValueError as e:
+                raise SystemExit(f"vision_speed: --backend {spec!r}: {e}") from None
+            saved.append((defaults, defaults["backend"]))
+            defaults["backend"] = name
+        yield f"[{','.join(specs)}]" if specs else ""
+    finally:
+        for defaults, backend in reversed(saved):
+            defaults["backend"] = backend
+
+
 def select(names: list[str] | None) -> list[str]:
     """The rows named (a mixer's name selects its scan rows), timm always first."""
     rows = row_names()
@@ -463,6 +490,8 @@ def main() -> None:
     p.add_argument("--recount", action="store_true", help="count every row's FLOPs again (default: from an earlier record)")
     p.add_argument("--row-limit", type=int, default=0, help="seconds a row may take before it is stopped (0: no limit)")
     p.add_argument("--profile", action="store_true", help="also write each row's kernels of one step (profile_<row>_<px>.txt)")
+    p.add_argument("--backend", action="append", default=[], metavar="OP=NAME",
+                   help="pin an mmeff op's backend for the mmeff rows (e.g. depthwise_conv2d=torch); rows named row[OP=NAME]")
     p.add_argument("--memory", action="store_true", help="also write each row's allocator history of one step (memory_<row>_<px>.pickle)")
     args = p.parse_args()
     shape = SMOKE if args.smoke else REAL
@@ -485,13 +514,17 @@ def main() -> None:
            "torch": torch.__version__, "matmul_tflops": args.rate / 1e12}  # fmt: skip
     print(f"{run['device']}: matmul {args.rate / 1e12:.3g} TFLOP/s; writing {out_dir / name}.{{md,json,png}}", flush=True)
     records = load(out_dir / f"{name}.json")
-    for px in sizes:
-        for row in select(args.rows):
-            record = {**measure(row, px, shape, args, device, records), **run}
-            records = [r for r in records if (r["row"], r["px"], *mode(r)) != (row, px, args.compile, args.graphs)] + [record]
-            relate(records)
-            write(records, out_dir, name)
-            print(json.dumps({k: record.get(k) for k in ("row", "px", "img_s", "vs_timm", "peak_gib", "note")}), flush=True)
+    with pinned_backends(args.backend) as pinned:
+        for px in sizes:
+            for row in select(args.rows):
+                record = {**measure(row, px, shape, args, device, records), **run}
+                record["row"] = row if row == "timm" else row + pinned
+                key = (record["row"], px, args.compile, args.graphs)
+                records = [r for r in records if (r["row"], r["px"], *mode(r)) != key] + [record]
+                relate(records)
+                write(records, out_dir, name)
+                fields = ("row", "px", "img_s", "vs_timm", "peak_gib", "note")
+                print(json.dumps({k: record.get(k) for k in fields}), flush=True)
 
 
 if __name__ == "__main__":

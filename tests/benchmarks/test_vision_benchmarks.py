@@ -54,6 +54,29 @@ def test_vision_speed_counts_flops_once_and_stops_a_row_at_its_limit(script, tmp
         script("vision_speed", *args, "--memory")
 
 
+def test_vision_speed_pins_an_ops_backend_for_its_rows(script, tmp_path):
+    # --backend OP=NAME makes NAME the op's default for the run's mmeff rows, recorded as row[OP=NAME] beside the
+    # default rows; the default comes back after the run. On the CPU a pinned "triton" cannot run: the row's note
+    # says so, which shows the pin reached the op.
+    from mmeff.ops.conv import depthwise_conv2d
+
+    args = ("--smoke", "--rows", "linear_attn-global+local", "--px", "224", "--warmup", "0", "--reps", "1",
+            "--out-dir", str(tmp_path), "--name", "speed")  # fmt: skip
+    script("vision_speed", *args)
+    script("vision_speed", *args, "--backend", "depthwise_conv2d=torch")
+    script("vision_speed", *args, "--backend", "depthwise_conv2d=triton")
+    records = {r["row"]: r for r in json.loads((tmp_path / "speed.json").read_text())["records"]}
+    assert set(records) == {"timm", "linear_attn-global+local", "linear_attn-global+local[depthwise_conv2d=torch]",
+                            "linear_attn-global+local[depthwise_conv2d=triton]"}  # fmt: skip
+    assert records["linear_attn-global+local[depthwise_conv2d=torch]"]["img_s"] > 0
+    assert "backend='triton' requested" in records["linear_attn-global+local[depthwise_conv2d=triton]"]["note"]
+    assert depthwise_conv2d.__kwdefaults__["backend"] == "auto"
+    for bad, message in (("conv=torch", "not an mmeff.ops op"), ("depthwise_conv2d=cudnn", "backend must be one of")):
+        with pytest.raises(SystemExit, match=message):
+            script("vision_speed", *args, "--backend", bad)
+    assert depthwise_conv2d.__kwdefaults__["backend"] == "auto"
+
+
 def test_saved_memory_counts_what_the_gpu_path_keeps(tmp_path):
     # The non-causal linear_attn recomputes its feature maps and keeps q, k, v and a state: no more than softmax
     # attention per token (the block-level census in tests/blocks/test_linear_mixers.py, here through the whole model,
