@@ -77,8 +77,16 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25, help="rows of the table")
     p.add_argument("--device", type=int, default=0)
     args = p.parse_args()
-    with args.snapshot.open("rb") as f:
-        snapshot = pickle.load(f)  # the allocator's own dump, written by benchmarks/vision_speed.py --memory
+    try:
+        with args.snapshot.open("rb") as f:
+            snapshot = pickle.load(f)  # the allocator's own dump, written by benchmarks/vision_speed.py --memory
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        raise SystemExit(f"memory_peak: cannot read the snapshot {args.snapshot}: {e}") from None
+    traces = snapshot.get("device_traces") if isinstance(snapshot, dict) else None
+    if traces is None:
+        raise SystemExit(f"memory_peak: {args.snapshot} is not a CUDA allocator snapshot (no 'device_traces')")
+    if not 0 <= args.device < len(traces):
+        raise SystemExit(f"memory_peak: --device {args.device}: the snapshot has devices 0 to {len(traces) - 1}")
     print(report(peak(snapshot, args.device), args.top), end="")
 
 

@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, fp32")
     p.add_argument("--out-dir", type=Path, help="default: benchmarks/results (--smoke: a temporary folder)")
     args = p.parse_args()
+    if any(px not in SIZES for px in args.px):
+        raise SystemExit(f"vision_ops: --px takes {', '.join(map(str, SIZES))}, got {' '.join(map(str, args.px))}")
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     sizes = {32: 2} if args.smoke else {px: SIZES[px] for px in args.px}

@@ -3,9 +3,10 @@
     y[b, t, c] = bias[c] + sum_{i, j} w[c, i, j] x[b, pixel(t) + (i - k // 2, j - k // 2), c]   (0 off the H x W grid)
 
 x is [B, T = H * W, C] in row-major pixel order, channels last, as a mixer holds an image's tokens: no transposes to
-channels-first and back, and x may be a strided view along T (a slice of a fused projection): 0.65 ms forward +
-backward at 4 x 16,384 tokens x 384 channels on the H200, PyTorch's depthwise Conv2d on that tensor viewed
-channels-last 0.75 ms (timed alone; benchmarks/vision_ops.py times both). One program per (sequence and token tile,
+channels-first and back, and x may be a strided view along T (a slice of a fused projection). Timed alone on the H200 at the ViT-S
+shapes, forward + backward, against PyTorch's depthwise Conv2d (cuDNN) on the same tensor viewed channels-last, it
+was ahead only at 512 px (0.88 against 1.01 ms) and behind at 224, 1,024 and 2,048 px (1.17 / 1.29 / 1.06 against
+0.73 / 0.79 / 0.98 ms; benchmarks/results/vision_ops_h200.md); in the step it costs 0.6-1.5 ms a layer. One program per (sequence and token tile,
 channel block). The backward is one kernel: dx is the same convolution of dy with the kernel mirrored, and each tile
 writes partial sums of dw and dbias, which the host adds up (no atomics: deterministic, as mmeff.kernels.conv).
 """
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import autotune, empty
+from mmeff.kernels.utils import autotune, empty, last_dim_contiguous
 
 BLOCK_T = 64  # tokens per program; the channel block BC is tuned
 
@@ -104,8 +105,9 @@ def unsupported(x: Tensor) -> str:
 
 
 def grid_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], height: int, width: int) -> Tensor:
-    """Depthwise conv of x [B, H * W, C] (row-major pixels; x.stride(-1) == 1) with weight [C, K, K] (K odd, zero
-    padding K // 2) and bias [C] or None: y [B, H * W, C] contiguous, in x's dtype."""
+    """Depthwise conv of x [B, H * W, C] (row-major pixels; any strides but the last) with weight [C, K, K] (K odd,
+    zero padding K // 2) and bias [C] or None: y [B, H * W, C] contiguous, in x's dtype."""
+    x = last_dim_contiguous(x)
     _, tokens, channels = x.shape
     y = empty(x.shape, x.dtype, x.device)
     _dwconv_fwd_kernel[_grid(x)](
@@ -118,6 +120,7 @@ def grid_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], height: int, wi
 def grid_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, height: int, width: int
                        ) -> tuple[Tensor, Tensor, Optional[Tensor]]:  # fmt: skip
     """Gradients (dx contiguous in x's dtype, dweight and dbias (None without bias) in fp32) of grid_conv."""
+    x = last_dim_contiguous(x)
     batch, tokens, channels = x.shape
     k = weight.shape[-1]
     tiles = triton.cdiv(tokens, BLOCK_T)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import empty, pow2, precision
+from mmeff.kernels.utils import empty, last_dim_contiguous, pow2, precision
 
 FEATURES = {"identity": 0, "elu": 1, "relu": 2}
 BLOCK_T = 64
@@ -216,10 +216,6 @@ def _split(T: int, heads: int) -> int:
     return max(1, min(triton.cdiv(T, BLOCK_T), triton.cdiv(PROGRAMS, heads)))
 
 
-def _last_dim_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _state(k: Tensor, v: Tensor, feature: int) -> tuple[Tensor, Tensor]:
     """S [B, H, K, V] and z [B, H, K], fp32, of k and v (last dimension contiguous)."""
     B, T, H, K = k.shape
@@ -236,7 +232,7 @@ def _state(k: Tensor, v: Tensor, feature: int) -> tuple[Tensor, Tensor]:
 
 def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, normalize: bool, eps: float, feature_map: str) -> Tensor:
     """o [B, T, H, V] in v's dtype."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, T, H, K = q.shape
     V = v.shape[-1]
     BK, BV, feature, prec = pow2(K), pow2(V), FEATURES[feature_map], precision(v.dtype)
@@ -252,7 +248,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, normalize: bool, eps:
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, normalize: bool, eps: float, feature_map: str
              ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv), contiguous, in q's, k's and v's dtypes; the state recomputed (one more read of k and v), not kept."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     do = do.contiguous()
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -44,6 +44,11 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Ten
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+def last_dim_contiguous(x: Tensor) -> Tensor:
+    """x itself if its last dimension is contiguous (a view the kernels read through its other strides), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def pinning_requested() -> bool:
     """Whether MMEFF_TRITON_PIN=1 asks every autotuned kernel to run its first config only (see autotune)."""
     return os.environ.get("MMEFF_TRITON_PIN") == "1"

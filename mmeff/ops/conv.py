@@ -4,8 +4,9 @@ activation) and the k x k conv over an image's token grid (linear attention's lo
 backend (mmeff.ops.dispatch) "triton" runs mmeff.kernels.conv / mmeff.kernels.conv2d (CUDA, no decoding state):
 PyTorch's depthwise F.conv1d reaches about 6% of an H100's memory bandwidth at thousands of channels over long
 sequences (benchmarks/short_conv.py; pytorch/pytorch#192902). The grid conv's kernel reads the tokens where they
-lie, channels last: 0.65 ms forward + backward at 4 x 16,384 tokens x 384 channels on the H200 against 0.75 ms for
-PyTorch's depthwise Conv2d (timed alone, vision_speed_h200.md runs 16-17). "torch" runs the F.conv1d / F.conv2d
+lie, channels last, and runs as a custom op under torch.compile; timed alone on the H200 it is ahead of PyTorch's
+depthwise Conv2d (cuDNN) only at 512 px of the ViT-S shapes (benchmarks/results/vision_ops_h200.md), and
+`benchmarks/vision_speed.py --backend depthwise_conv2d=torch` compares the two inside the step. "torch" runs the F.conv1d / F.conv2d
 references below; "auto" the kernel where it covers the call. With `docs`, no output reads a token of another document.
 """
 

@@ -108,7 +108,6 @@ def linear_recurrence_op(
 
 @torch.library.custom_op("mmeff::grid_conv", mutates_args=())
 def _grid_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], height: int, width: int) -> Tensor:
-    x = x if x.stride(-1) == 1 else x.contiguous()
     return dispatch.triton_kernels("conv2d").grid_conv(x, weight, bias, height, width)
 
 
@@ -121,7 +120,6 @@ def _(x, weight, bias, height, width):
 def _grid_conv_backward(
     dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, height: int, width: int
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    x = x if x.stride(-1) == 1 else x.contiguous()
     dx, dw, db = dispatch.triton_kernels("conv2d").grid_conv_backward(dy, x, weight, has_bias, height, width)
     return dx, dw.to(weight.dtype), (_absent(x) if db is None else db)
 

@@ -162,10 +162,9 @@ def preload(loader: Callable[[], T]) -> Callable[[], T]:
 
 def preload_kernels() -> None:
     """Import mmeff.kernels and its submodules, and run the `preload` loaders, now if CUDA is present. torch.compile
-    cannot trace an import: a model
-    compiled before its first CUDA call otherwise broke its graph at each layer's first kernel (12 breaks in the
-    gla-bi ViT of benchmarks/vision_speed.py). A Triton that fails to import is left for the dispatch to report;
-    MMEFF_FORCE_REFERENCE=1 imports nothing."""
+    cannot trace an import: a model compiled before its first CUDA call otherwise broke its graph at each layer's
+    first kernel (12 breaks in the gla-bi ViT of benchmarks/vision_speed.py). A Triton that fails to import is left
+    for the dispatch to report; MMEFF_FORCE_REFERENCE=1 imports nothing."""
     if force_reference() or not torch.cuda.is_available():
         return
     try:

@@ -144,6 +144,8 @@ def test_vision_ops_times_each_backend_or_says_why_not(script, tmp_path):
         assert (r["ms"] > 0 and r["vs_torch"] == 1.0) if r["backend"] == "torch" else "not on CUDA" in r["note"]
     assert "| depthwise_conv2d | 32 |" in (tmp_path / "vision_ops_cpu.md").read_text()
     assert (tmp_path / "vision_ops_cpu.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--px takes 224, 512, 1024, 2048, got 300"):
+        script("vision_ops", "--px", "300")
 
 
 def test_memory_peak_charges_what_is_live_at_the_peak_to_its_frame(tmp_path, capsys, script):
@@ -171,3 +173,9 @@ def test_memory_peak_charges_what_is_live_at_the_peak_to_its_frame(tmp_path, cap
     assert (found["peak"], found["older"], found["end"]) == (158, 8, 138)
     assert found["live"] == {"mmeff/blocks/linear.py:7 (project)": [100, 1], "(no Python frame: autograd's backward thread or C++)": [50, 1]}
     assert "mmeff/blocks/linear.py:7 (project)" in out
+    (tmp_path / "other.pickle").write_bytes(pickle.dumps({"segments": []}))
+    for argv, message in (([str(tmp_path / "missing.pickle")], "cannot read the snapshot"),
+                          ([str(tmp_path / "other.pickle")], "not a CUDA allocator snapshot"),
+                          ([str(path), "--device", "1"], "the snapshot has devices 0 to 0")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            script("memory_peak", *argv)
