@@ -15,7 +15,8 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   `block_topk`, `<mixer>-bi` / `<mixer>-cross` (`scan: bi` / `scan: cross`) for linear_attn, gla, retnet, mamba2,
   gated_deltanet and `hybrid` ([gla, gla, gla, attn]), and `linear_attn-global` (`scan: global`: the non-causal
   form, no scan); `linear_attn-global+local` and `gla-bi+local` add `local_conv: 3` (a 3x3 depthwise conv of v over
-  the grid).
+  the grid). `+ckpt` after any mmeff row (`mamba2-bi+ckpt`) sets `backbone.checkpoint: true`: each layer's
+  activations recomputed in the backward instead of kept.
 
 Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, graphs, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
@@ -125,7 +126,7 @@ def row_names() -> list[str]:
 def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
     """The backbone section of an mmeff row."""
     options = mixer_options(shape)
-    row, _, extra = row.partition("+")  # +local: the 3x3 depthwise conv of v over the grid (local_conv)
+    row, *extras = row.split("+")  # +local: the 3x3 depthwise conv of v over the grid (local_conv); +ckpt: checkpoint
     name, _, scan = row.partition("-")
     pattern = HYBRID if name == "hybrid" else [name]
     mixers = {m: dict(options[m]) for m in pattern}
@@ -133,12 +134,12 @@ def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
         for m in pattern:
             if issubclass(_block(m), ScanMixer):
                 mixers[m]["scan"] = scan
-                if extra == "local":
+                if "local" in extras:
                     mixers[m]["local_conv"] = 3
                 if "grid" in inspect.signature(ScanMixer.__init__).parameters:  # before the token layout carried it
                     mixers[m]["grid"] = list(grid)
     return {"dim": shape.dim, "depth": shape.depth, "pattern": pattern, "causal": False, "ffn": "mlp",
-            "ffn_options": {"ratio": 4.0}, "norm": "layernorm", "mixers": mixers}  # fmt: skip
+            "ffn_options": {"ratio": 4.0}, "norm": "layernorm", "mixers": mixers, "checkpoint": "ckpt" in extras}  # fmt: skip
 
 
 def _block(name: str) -> type:
@@ -257,8 +258,8 @@ def measure(
         model, example = build(row, px, shape)
         model = model.to(device)
         record["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        counted = [r["flops_per_img"] for r in earlier if (r["row"], r["px"], r.get("params_m")) == (row, px, record["params_m"])
-                   and r.get("flops_per_img")]  # fmt: skip
+        same = (row.removesuffix("+ckpt"), px, record["params_m"])  # checkpointing recomputes; the model's FLOPs stay
+        counted = [r["flops_per_img"] for r in earlier if (r["row"], r["px"], r.get("params_m")) == same and r.get("flops_per_img")]
         if counted and not args.recount:
             record["flops_per_img"] = counted[-1]
         else:
@@ -363,7 +364,7 @@ def write(records: list[dict[str, Any]], out_dir: Path, name: str) -> None:
     """JSON, markdown table and plot of `records` (each file replaced atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     order = {r: i for i, r in enumerate(row_names())}
-    records.sort(key=lambda r: (r["px"] == "audio", str(r["px"]).zfill(5), *mode(r), order.get(r["row"], 99)))
+    records.sort(key=lambda r: (r["px"] == "audio", str(r["px"]).zfill(5), *mode(r), order.get(r["row"].split("[")[0].removesuffix("+ckpt"), 99)))
     write_results(out_dir / name, {"records": records}, table(records))
     plot(records, out_dir / f"{name}.png")
 
@@ -466,14 +467,16 @@ def pinned_backends(specs: list[str]) -> Iterator[str]:
 
 
 def select(names: list[str] | None) -> list[str]:
-    """The rows named (a mixer's name selects its scan rows), timm always first."""
+    """The rows named (a mixer's name selects its scan rows; `+ckpt` checkpoints a row's layers), timm always first."""
     rows = row_names()
     if names:
-        unknown = [n for n in names if not any(r == n or r.startswith(f"{n}-") for r in rows)]
+        base = {n: n.removesuffix("+ckpt") for n in names}
+        unknown = [n for n, b in base.items() if b == "timm" != n or not any(r == b or r.startswith(f"{b}-") for r in rows)]
         if unknown:
-            raise SystemExit(f"vision_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(rows)}")
-        rows = [r for r in rows if r == "timm" or any(r == n or r.startswith(f"{n}-") for n in names)]
-    return rows
+            raise SystemExit(f"vision_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(rows)} (each may end in +ckpt)")
+        suffixes = [(b, n[len(b):]) for n, b in base.items()]
+        rows = ["timm"] + [r + s for b, s in suffixes for r in rows if r != "timm" and (r == b or r.startswith(f"{b}-"))]
+    return list(dict.fromkeys(rows))
 
 
 def main() -> None:

@@ -77,6 +77,25 @@ def test_vision_speed_pins_an_ops_backend_for_its_rows(script, tmp_path):
     assert depthwise_conv2d.__kwdefaults__["backend"] == "auto"
 
 
+def test_vision_speed_ckpt_rows_checkpoint_every_layer(script, tmp_path):
+    # `<row>+ckpt` is the row with backbone.checkpoint: true, beside the plain row; a bad name is refused.
+    import vision_speed
+
+    assert vision_speed.select(["gla-bi+ckpt", "attn"]) == ["timm", "gla-bi+ckpt", "attn"]
+    assert vision_speed.select(["gla+ckpt"]) == ["timm", "gla-bi+ckpt", "gla-cross+ckpt", "gla-bi+local+ckpt"]
+    for bad in ("timm+ckpt", "gla-bi+fast"):
+        with pytest.raises(SystemExit, match="unknown row"):
+            vision_speed.select([bad])
+    model, _ = vision_speed.build("linear_attn-global+local+ckpt", 32, vision_speed.SMOKE)
+    layers = model.backbone.layers
+    assert all(layer.checkpoint for layer in layers) and layers[0].mixer.local_conv is not None
+    assert not any(layer.checkpoint for layer in vision_speed.build("attn", 32, vision_speed.SMOKE)[0].backbone.layers)
+    script("vision_speed", "--smoke", "--rows", "attn+ckpt", "--px", "224", "--warmup", "0", "--reps", "1",
+           "--out-dir", str(tmp_path), "--name", "speed")  # fmt: skip
+    records = json.loads((tmp_path / "speed.json").read_text())["records"]
+    assert [r["row"] for r in records] == ["timm", "attn+ckpt"] and records[1]["img_s"] > 0
+
+
 def test_saved_memory_counts_what_the_gpu_path_keeps(tmp_path):
     # The non-causal linear_attn recomputes its feature maps and keeps q, k, v and a state: no more than softmax
     # attention per token (the block-level census in tests/blocks/test_linear_mixers.py, here through the whole model,
