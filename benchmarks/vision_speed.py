@@ -15,8 +15,9 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   `block_topk`, `<mixer>-bi` / `<mixer>-cross` (`scan: bi` / `scan: cross`) for linear_attn, gla, retnet, mamba2,
   gated_deltanet and `hybrid` ([gla, gla, gla, attn]), and `linear_attn-global` (`scan: global`: the non-causal
   form, no scan); `linear_attn-global+local` and `gla-bi+local` add `local_conv: 3` (a 3x3 depthwise conv of v over
-  the grid). `+ckpt` after any mmeff row (`mamba2-bi+ckpt`) sets `backbone.checkpoint: true`: each layer's
-  activations recomputed in the backward instead of kept.
+  the grid). `+ckpt` after any mmeff row (`mamba2-bi+ckpt`) sets `backbone.checkpoint: true` (each layer's
+  activations recomputed in the backward instead of kept), `+ckpt_mixer` sets `backbone.checkpoint: mixer` (the token
+  mixer's only).
 
 Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, graphs, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
@@ -79,6 +80,7 @@ SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens 
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
 HYBRID = ["gla", "gla", "gla", "attn"]
 FLOP_MATCHED = ("gla-bi", "mamba2-bi")  # rows whose FLOP-matched ceiling the issue sets a goal for (at 224 px)
+CHECKPOINT = {"+ckpt_mixer": "mixer", "+ckpt": True}  # row suffix: backbone.checkpoint
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,8 @@ def row_names() -> list[str]:
 def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
     """The backbone section of an mmeff row."""
     options = mixer_options(shape)
-    row, *extras = row.split("+")  # +local: the 3x3 depthwise conv of v over the grid (local_conv); +ckpt: checkpoint
+    row, checkpoint = unchecked(row)
+    row, *extras = row.split("+")  # +local: the 3x3 depthwise conv of v over the grid (local_conv)
     name, _, scan = row.partition("-")
     pattern = HYBRID if name == "hybrid" else [name]
     mixers = {m: dict(options[m]) for m in pattern}
@@ -139,7 +142,15 @@ def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
                 if "grid" in inspect.signature(ScanMixer.__init__).parameters:  # before the token layout carried it
                     mixers[m]["grid"] = list(grid)
     return {"dim": shape.dim, "depth": shape.depth, "pattern": pattern, "causal": False, "ffn": "mlp",
-            "ffn_options": {"ratio": 4.0}, "norm": "layernorm", "mixers": mixers, "checkpoint": "ckpt" in extras}  # fmt: skip
+            "ffn_options": {"ratio": 4.0}, "norm": "layernorm", "mixers": mixers, "checkpoint": checkpoint}  # fmt: skip
+
+
+def unchecked(row: str) -> tuple[str, bool | str]:
+    """(the row without its checkpoint suffix, backbone.checkpoint)."""
+    for suffix, checkpoint in CHECKPOINT.items():
+        if row.endswith(suffix):
+            return row.removesuffix(suffix), checkpoint
+    return row, False
 
 
 def _block(name: str) -> type:
@@ -258,7 +269,7 @@ def measure(
         model, example = build(row, px, shape)
         model = model.to(device)
         record["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        same = (row.removesuffix("+ckpt"), px, record["params_m"])  # checkpointing recomputes; the model's FLOPs stay
+        same = (unchecked(row)[0], px, record["params_m"])  # checkpointing recomputes; the model's FLOPs stay
         counted = [r["flops_per_img"] for r in earlier if (r["row"], r["px"], r.get("params_m")) == same and r.get("flops_per_img")]
         if counted and not args.recount:
             record["flops_per_img"] = counted[-1]
@@ -364,7 +375,7 @@ def write(records: list[dict[str, Any]], out_dir: Path, name: str) -> None:
     """JSON, markdown table and plot of `records` (each file replaced atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     order = {r: i for i, r in enumerate(row_names())}
-    records.sort(key=lambda r: (r["px"] == "audio", str(r["px"]).zfill(5), *mode(r), order.get(r["row"].split("[")[0].removesuffix("+ckpt"), 99)))
+    records.sort(key=lambda r: (r["px"] == "audio", str(r["px"]).zfill(5), *mode(r), order.get(unchecked(r["row"].split("[")[0])[0], 99)))
     write_results(out_dir / name, {"records": records}, table(records))
     plot(records, out_dir / f"{name}.png")
 
@@ -467,13 +478,15 @@ def pinned_backends(specs: list[str]) -> Iterator[str]:
 
 
 def select(names: list[str] | None) -> list[str]:
-    """The rows named (a mixer's name selects its scan rows; `+ckpt` checkpoints a row's layers), timm always first."""
+    """The rows named (a mixer's name selects its scan rows; +ckpt / +ckpt_mixer checkpoint a row's layers / mixers),
+    timm always first."""
     rows = row_names()
     if names:
-        base = {n: n.removesuffix("+ckpt") for n in names}
+        base = {n: unchecked(n)[0] for n in names}
         unknown = [n for n, b in base.items() if b == "timm" != n or not any(r == b or r.startswith(f"{b}-") for r in rows)]
         if unknown:
-            raise SystemExit(f"vision_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(rows)} (each may end in +ckpt)")
+            raise SystemExit(f"vision_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(rows)} "
+                             f"(each may end in {' or '.join(CHECKPOINT)})")
         suffixes = [(b, n[len(b):]) for n, b in base.items()]
         rows = ["timm"] + [r + s for b, s in suffixes for r in rows if r != "timm" and (r == b or r.startswith(f"{b}-"))]
     return list(dict.fromkeys(rows))

@@ -29,12 +29,12 @@ def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
 
 
 class Layer(nn.Module):
-    """One pre-norm residual layer: a token mixer then a channel mixer (`checkpoint`: its activations recomputed in
-    the backward instead of kept)."""
+    """One pre-norm residual layer: a token mixer then a channel mixer (`checkpoint`: its activations, or with
+    "mixer" the token mixer's only, recomputed in the backward instead of kept)."""
 
     def __init__(
         self, mixer: nn.Module, ffn: nn.Module | None, norm: str, eps: float, dim: int, drop_path: float,
-        checkpoint: bool = False,
+        checkpoint: bool | str = False,
     ) -> None:
         super().__init__()
         self.checkpoint = checkpoint
@@ -45,16 +45,23 @@ class Layer(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, layout: Layout | None = None) -> torch.Tensor:
-        if self.checkpoint and cache is None and torch.is_grad_enabled():
+        recompute = self.checkpoint and cache is None and torch.is_grad_enabled()
+        if recompute and self.checkpoint != "mixer":
             # Inside the layer, so that an FSDP unit wrapping it gathers its weights around the recomputation too.
             return checkpoint(self._forward, x, None, layout, use_reentrant=False)
-        return self._forward(x, cache, layout)
+        return self._forward(x, cache, layout, recompute)
 
-    def _forward(self, x: torch.Tensor, cache: Cache | None, layout: Layout | None) -> torch.Tensor:
-        x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache, layout=layout))
+    def _forward(self, x: torch.Tensor, cache: Cache | None, layout: Layout | None, mixer_only: bool = False) -> torch.Tensor:
+        if mixer_only:
+            x = x + self.drop_path(checkpoint(self._mix, x, layout, use_reentrant=False))
+        else:
+            x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache, layout=layout))
         if self.ffn is not None:
             x = x + self.drop_path(self.ffn(self.norm2(x)))
         return x
+
+    def _mix(self, x: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+        return self.mixer(self.norm1(x), layout=layout)
 
 
 class Backbone(nn.Module):

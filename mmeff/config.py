@@ -86,7 +86,10 @@ class BackboneConfig:
     mixers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mixer-name options
     drop_path: float = 0.0
     final_norm: bool = True
-    checkpoint: bool = False  # activation checkpointing: each layer's activations are recomputed in the backward
+    # Activation checkpointing: true recomputes each layer's activations in the backward instead of keeping them;
+    # "mixer" only the token mixer's (the channel mixer's stay: less recomputation, most of the memory saved where
+    # the mixer keeps more than attention, e.g. mamba2's expanded streams).
+    checkpoint: bool | Literal["mixer"] = False
 
     def __post_init__(self) -> None:
         require(self.dim >= 1, "backbone.dim", self.dim, "an integer >= 1")
@@ -97,9 +100,9 @@ class BackboneConfig:
         require(self.norm_eps > 0 and math.isfinite(self.norm_eps), "backbone.norm_eps", self.norm_eps, "a number > 0")
         # The recomputation in the backward must route as the forward did; this balancing steps the routing bias in
         # every forward (mmeff.blocks.moe), so it would not.
-        require(not (self.checkpoint and self.ffn == "moe" and self.ffn_options.get("bias_update_rate", 0) > 0),
-                "backbone.checkpoint", self.checkpoint, "false with backbone.ffn_options.bias_update_rate > 0 (the "
-                "MoE routing bias moves in each forward, so a recomputed layer would route differently); or set "
+        require(not (self.checkpoint is True and self.ffn == "moe" and self.ffn_options.get("bias_update_rate", 0) > 0),
+                "backbone.checkpoint", self.checkpoint, "false or mixer with backbone.ffn_options.bias_update_rate > 0 "
+                "(the MoE routing bias moves in each forward, so a recomputed layer would route differently); or set "
                 "bias_update_rate: 0")
         used = {item.partition("*")[0].strip() for item in self.pattern}
         for name in self.mixers:

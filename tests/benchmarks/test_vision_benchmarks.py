@@ -78,10 +78,11 @@ def test_vision_speed_pins_an_ops_backend_for_its_rows(script, tmp_path):
 
 
 def test_vision_speed_ckpt_rows_checkpoint_every_layer(script, tmp_path):
-    # `<row>+ckpt` is the row with backbone.checkpoint: true, beside the plain row; a bad name is refused.
+    # `<row>+ckpt` is the row with backbone.checkpoint: true (+ckpt_mixer: mixer), beside the plain row; a bad name
+    # is refused.
     import vision_speed
 
-    assert vision_speed.select(["gla-bi+ckpt", "attn"]) == ["timm", "gla-bi+ckpt", "attn"]
+    assert vision_speed.select(["gla-bi+ckpt", "attn", "mamba2-bi+ckpt_mixer"]) == ["timm", "gla-bi+ckpt", "attn", "mamba2-bi+ckpt_mixer"]
     assert vision_speed.select(["gla+ckpt"]) == ["timm", "gla-bi+ckpt", "gla-cross+ckpt", "gla-bi+local+ckpt"]
     for bad in ("timm+ckpt", "gla-bi+fast"):
         with pytest.raises(SystemExit, match="unknown row"):
@@ -90,6 +91,8 @@ def test_vision_speed_ckpt_rows_checkpoint_every_layer(script, tmp_path):
     layers = model.backbone.layers
     assert all(layer.checkpoint for layer in layers) and layers[0].mixer.local_conv is not None
     assert not any(layer.checkpoint for layer in vision_speed.build("attn", 32, vision_speed.SMOKE)[0].backbone.layers)
+    mixer_only = vision_speed.build("gla-bi+ckpt_mixer", 32, vision_speed.SMOKE)[0].backbone.layers
+    assert all(layer.checkpoint == "mixer" for layer in mixer_only)
     script("vision_speed", "--smoke", "--rows", "attn+ckpt", "--px", "224", "--warmup", "0", "--reps", "1",
            "--out-dir", str(tmp_path), "--name", "speed")  # fmt: skip
     records = json.loads((tmp_path / "speed.json").read_text())["records"]

@@ -107,23 +107,35 @@ def test_mixers_and_moe_compute_on_plain_weights(world):
 
 @pytest.mark.parametrize("causal", [True, False])  # false: gla scans both ways, its route copies regathered
 def test_activation_checkpointing_keeps_outputs_and_gradients(causal):
+    # Equal gradients, and fewer bytes kept for the backward: the whole layer recomputed (true) keeps the least, the
+    # token mixer only ("mixer") less than no checkpointing.
     cfg = {"dim": 32, "pattern": ["gla", "attn"], "mixers": {"gla": {"heads": 2}, "attn": {"heads": 2}}, "causal": causal}
     torch.manual_seed(0)
-    plain = Backbone(cfg)
-    checkpointed = Backbone({**cfg, "checkpoint": True})
-    checkpointed.load_state_dict(plain.state_dict())
+    weights = Backbone(cfg).state_dict()
     x = torch.randn(2, 16, 32)
-    for model in (plain, checkpointed):
-        model(x).square().mean().backward()
-    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    kept, grads = {}, {}
+    for setting in (False, "mixer", True):
+        model = Backbone({**cfg, "checkpoint": setting})
+        model.load_state_dict(weights)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = model(x).square().mean()
+        loss.backward()
+        kept[setting], grads[setting] = sum(saved), {name: p.grad for name, p in model.named_parameters()}
+    assert kept[True] < kept["mixer"] < kept[False], kept
+    for setting in ("mixer", True):
+        for name, grad in grads[False].items():
+            torch.testing.assert_close(grads[setting][name], grad, msg=f"{setting}: {name}")
 
 
 def test_checkpointing_refuses_moe_bias_balancing():
     moe = {"ffn": "moe", "ffn_options": {"bias_update_rate": 0.1}}
     with pytest.raises(config.ConfigError, match="backbone.checkpoint: .*bias_update_rate"):
         Backbone({**moe, "checkpoint": True})
+    Backbone({**moe, "checkpoint": "mixer"})  # the MoE layer is not recomputed
     Backbone(moe)
+    with pytest.raises(config.ConfigError, match="backbone.checkpoint: got 'ffn'"):
+        Backbone({"checkpoint": "ffn"})
 
 
 def test_fsdp_strategy_from_the_config(tiny_config):
