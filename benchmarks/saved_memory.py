@@ -160,13 +160,14 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="vision_speed's tiny model (a check that the rows run)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "saved_memory_cpu", help="file stem")
     args = p.parse_args()
-    unknown = sorted(set(args.rows) - set(vision_speed.row_names()))
-    if unknown:
-        raise SystemExit(f"saved_memory: unknown row(s) {', '.join(unknown)}; rows: {', '.join(vision_speed.row_names())}")
+    try:
+        rows = vision_speed.select(args.rows)  # timm first; a mixer's name selects its rows; +ckpt, +ckpt_mixer
+    except SystemExit as e:
+        raise SystemExit(f"saved_memory: {str(e).removeprefix('vision_speed: ')}") from None
     dispatch.on_cuda = lambda x: True  # the GPU path: each op keeps what its fast path keeps (this process only)
     shape, px = (vision_speed.SMOKE, SMOKE_PX) if args.smoke else (vision_speed.REAL, PX)
     records = []
-    for row in dict.fromkeys(["timm", *args.rows]):
+    for row in rows:
         records.append(measure(row, shape, px, args.detail))
         for r in records:
             r["vs_timm"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]

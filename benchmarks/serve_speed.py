@@ -22,7 +22,6 @@ import asyncio
 import copy
 import importlib
 import inspect
-import json
 import os
 import platform
 import socket
@@ -43,6 +42,7 @@ from mmeff.encoders.text import ByteTokenizer
 from mmeff.generate import Sampling, generate
 from mmeff.serve.app import create_app
 from mmeff.serve.engine import Engine
+from timing import save_figure, write_results  # benchmarks/timing.py, beside this script
 from mmeff.tasks import build_model
 
 MIXERS = ("attn", "gla", "mamba2")
@@ -225,7 +225,7 @@ def plot(rows: list[dict], clients: list[int], path: Path, title: str) -> None:
     ax.set_xticks(clients, [str(c) for c in clients])
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
@@ -246,32 +246,37 @@ def main() -> None:
     texts = prompts(args.requests)
     tokenizer = ByteTokenizer()
     tokenizer.eos_id = -1  # every request generates exactly --max-tokens tokens, in every mode
-    rows = []
-    for mixer in args.mixers:
-        model, weights = gpu_model(mixer) if args.gpu else cpu_model(mixer, args.runs)
-        name = f"{'gpu_1024x12' if args.gpu else 'python_docs'}_{mixer}"
-        params = sum(p.numel() for p in model.parameters())
-        rows.append(row(name, params, weights, "mmeff generate, sequential", 1, len(texts),
-                        best(lambda: sequential(model, tokenizer, texts, args.max_tokens), args.repeat)))
-        hf = None if args.no_hf else best(lambda: hf_sequential(model, mixer, texts, args.max_tokens), args.repeat)
-        if hf is not None:
-            rows.append(row(name, params, weights, "transformers generate, sequential", 1, len(texts), hf))
-        with Server(model, tokenizer, max_batch=max(args.clients)) as server:
-            for clients in args.clients:
-                result = best(lambda: asyncio.run(_clients(server.url, texts, clients, args.max_tokens)), args.repeat)
-                rows.append(row(name, params, weights, "mmeff serve", clients, len(texts), result))
-                print(f"{name} serve x{clients}: {rows[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
     header = (
         f"Command: `python {' '.join(sys.argv)}`\n\n{device_name(args.gpu)}, torch {torch.__version__}; "
         f"fastest of {args.repeat} runs of {args.requests} requests of {args.max_tokens} greedy tokens each (<eos> off), prompts 40-160 bytes of "
         "standard-library docstrings; serve = HTTP (httpx) to an in-process uvicorn server with continuous batching; "
         "sequential = the same requests one after the other without HTTP. x sequential: tokens/s over mmeff generate's."
     )
+    rows: list[dict] = []
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        if args.out:
+            write_results(args.out, {"device": device_name(args.gpu), "torch": torch.__version__, "rows": rows}, markdown(rows, header))
+
+    for mixer in args.mixers:
+        model, weights = gpu_model(mixer) if args.gpu else cpu_model(mixer, args.runs)
+        name = f"{'gpu_1024x12' if args.gpu else 'python_docs'}_{mixer}"
+        params = sum(p.numel() for p in model.parameters())
+        rows.append(row(name, params, weights, "mmeff generate, sequential", 1, len(texts),
+                        best(lambda: sequential(model, tokenizer, texts, args.max_tokens), args.repeat)))
+        save()
+        hf = None if args.no_hf else best(lambda: hf_sequential(model, mixer, texts, args.max_tokens), args.repeat)
+        if hf is not None:
+            rows.append(row(name, params, weights, "transformers generate, sequential", 1, len(texts), hf))
+            save()
+        with Server(model, tokenizer, max_batch=max(args.clients)) as server:
+            for clients in args.clients:
+                result = best(lambda: asyncio.run(_clients(server.url, texts, clients, args.max_tokens)), args.repeat)
+                rows.append(row(name, params, weights, "mmeff serve", clients, len(texts), result))
+                save()
+                print(f"{name} serve x{clients}: {rows[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
     print(markdown(rows, header))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(markdown(rows, header))
-        args.out.with_suffix(".json").write_text(json.dumps({"device": device_name(args.gpu), "torch": torch.__version__, "rows": rows}, indent=2))
         plot(rows, args.clients, args.out.with_suffix(".png"), f"mmeff serve, {device_name(args.gpu).split(' (')[0]}")
 
 
