@@ -168,18 +168,21 @@ class Engine:
         seq.logits = model.head(model.hidden(model.embed(seq.context), cache=seq.caches)[:, -1])
 
     def _step(self) -> None:
-        keep: list[_Sequence] = []
+        sampled: list[tuple[_Sequence, torch.Tensor]] = []
         for seq in self._running:
             if seq.cancelled.is_set():
                 self._finish(seq, "cancelled")
                 continue
             try:
-                token = next_tokens(seq.logits, seq.context, seq.sampling, seq.generator)
+                sampled.append((seq, next_tokens(seq.logits, seq.context, seq.sampling, seq.generator)))
             except Exception as e:  # noqa: BLE001
                 self._finish(seq, "error", f"{type(e).__name__}: {e}")
-                continue
+        # Every row's token read back in one copy: one wait for the device a step, not one per row.
+        values = torch.cat([token for _, token in sampled]).tolist() if sampled else []
+        keep: list[_Sequence] = []
+        for (seq, token), value in zip(sampled, values):
             seq.produced += 1
-            seq.output.add(int(token), self.tokenizer.eos_id)
+            seq.output.add(value, self.tokenizer.eos_id)
             if seq.output.done:
                 self._finish(seq, "stop")
             elif seq.produced >= seq.sampling.max_new_tokens:

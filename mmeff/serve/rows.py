@@ -30,6 +30,7 @@ from mmeff.blocks.attention import Attention
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.linear import LinearMixer
 from mmeff.blocks.ssm import Mamba, Mamba2
+from mmeff.ops.varlen import to_device
 
 
 class RowCaches(Cache):
@@ -95,8 +96,9 @@ def unstack(batch: Cache, caches: Sequence[Cache], tokens: int) -> None:
 KV_ROOM = 64  # positions a padded KV batch grows by, so that steps of an unchanged batch write in place
 
 
-def _padded_kv(caches: Sequence[Cache], name: str, new: Tensor, offsets: list[int]) -> Tensor:
-    """[N, h, >= longest, d]: row i's cached keys (or values) `name` followed by its `new` ones [N, h, T, d].
+def _padded_kv(caches: Sequence[Cache], name: str, new: Tensor, offsets: list[int], where: Tensor) -> Tensor:
+    """[N, h, >= longest, d]: row i's cached keys (or values) `name` followed by its `new` ones [N, h, T, d] at
+    positions `where` [N, T] (row i's offset onwards, on the device).
 
     Each row's cache keeps a view of that batch; when the next step has the same rows in the same order and the
     batch has room, the new tokens are written into it in place instead of copying every row again.
@@ -118,7 +120,6 @@ def _padded_kv(caches: Sequence[Cache], name: str, new: Tensor, offsets: list[in
             if offsets[i]:
                 base[i, :, : offsets[i]] = view[0, :, : offsets[i]]
     rows = torch.arange(N, device=new.device)[:, None]
-    where = torch.tensor(offsets, device=new.device)[:, None] + torch.arange(T, device=new.device)
     base[rows, :, where] = new.transpose(1, 2)  # [N, T, h, d] at (row, position)
     for i, cache in enumerate(caches):
         cache[name] = base[i : i + 1, :, : lengths[i]]
@@ -129,18 +130,22 @@ def _attend_rows(mixer: Attention, x: Tensor, caches: Sequence[Cache]) -> Tensor
     """`attn` over x [N, T, D] where row i continues `caches[i]` at its own offset; appends each row's keys/values."""
     N, T, _ = x.shape
     offsets = [c.offset for c in caches]
+    # [N, T]: each new token's position in its row. A pinned, non-blocking copy: the host does not wait for the
+    # queued kernels here, in every attention layer of every step.
+    pos = to_device(offsets, torch.long, x.device)[:, None] + torch.arange(T, device=x.device)
     # Projections, q/k norms and RoPE act per token: the N rows' tokens as one sequence [1, N*T, D] with
     # each token at its own position give every row exactly its own q, k and v.
-    pos = torch.tensor([o + t for o in offsets for t in range(T)], device=x.device)
-    q, kv = mixer.project(x.reshape(1, N * T, -1), pos)
+    q, kv = mixer.project(x.reshape(1, N * T, -1), pos.reshape(-1))
     q = q.unflatten(2, (N, T)).transpose(0, 2).squeeze(2)  # [1, H, N*T, d] -> [N, H, T, d]
     longest = max(offsets) + T
-    k, v = (_padded_kv(caches, name, kv[name].unflatten(2, (N, T)).transpose(0, 2).squeeze(2), offsets)[:, :, :longest] for name in ("k", "v"))
+    k, v = (
+        _padded_kv(caches, name, kv[name].unflatten(2, (N, T)).transpose(0, 2).squeeze(2), offsets, pos)[:, :, :longest]
+        for name in ("k", "v")
+    )
     for cache in caches:
         cache.offset += T
     key_pos = torch.arange(longest, device=x.device)
-    query_pos = torch.tensor(offsets, device=x.device)[:, None] + torch.arange(T, device=x.device)
-    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [N, T, L]: causal within each row's own keys
+    mask = key_pos[None, None, :] <= pos[:, :, None]  # [N, T, L]: causal within each row's own keys
     if mixer.kv_heads != mixer.heads:
         k, v = (t.repeat_interleave(mixer.heads // mixer.kv_heads, dim=1) for t in (k, v))
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None])
@@ -167,15 +172,21 @@ class RowMixer(nn.Module):
         for i, row in enumerate(cache.rows):
             key = _signature(row) if self.kind == "state" else (row.offset, _signature(row))
             groups.setdefault(key, []).append(i)
+        if len(groups) == 1:  # every row in one batch (state mixers, always): no gather, no scatter
+            return self._run(x, cache.rows).to(x.dtype)
         out = torch.empty_like(x)
         for members in groups.values():
-            rows = [cache.rows[i] for i in members]
-            batch = stack(rows)
-            index = torch.tensor(members, device=x.device)
-            y = self.inner(x.index_select(0, index), cache=batch)
-            unstack(batch, rows, x.shape[1])
+            index = to_device(members, torch.long, x.device)
+            y = self._run(x.index_select(0, index), [cache.rows[i] for i in members])
             out = out.index_copy(0, index, y.to(out.dtype))
         return out
+
+    def _run(self, x: Tensor, rows: list[Cache]) -> Tensor:
+        """The mixer over rows of equal cache shapes as one batch; each row's cache then holds its own row."""
+        batch = stack(rows)
+        y = self.inner(x, cache=batch)
+        unstack(batch, rows, x.shape[1])
+        return y
 
 
 @contextmanager
