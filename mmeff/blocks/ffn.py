@@ -6,11 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmeff import ops
 from mmeff.blocks.registry import register
 
 
 def _hidden(dim: int, ratio: float, multiple: int) -> int:
     return int(-(-int(dim * ratio) // multiple) * multiple)
+
+
+def _project(proj: nn.Module, a: torch.Tensor, kind: ops.mlp.Kind, up: torch.Tensor | None = None) -> torch.Tensor:
+    """proj(act(a)) (GELU, or SiLU(a) * up), the activation's output recomputed in the backward when `proj` is a
+    plain nn.Linear (a wrapped one, e.g. LoRA's, runs as itself)."""
+    if type(proj) is nn.Linear:
+        return ops.act_linear(a, proj.weight, proj.bias, kind, up)
+    return proj(F.gelu(a) if kind == "gelu" else F.silu(a) * up)
 
 
 @register("mlp", kind="ffn")
@@ -25,7 +34,9 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        if self.drop.p and self.training:
+            return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        return _project(self.fc2, self.fc1(x), "gelu")
 
 
 @register("swiglu", kind="ffn")
@@ -41,4 +52,4 @@ class SwiGLU(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
+        return self.drop(_project(self.down, self.gate(x), "swiglu", self.up(x)))

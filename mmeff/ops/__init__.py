@@ -6,6 +6,7 @@ from mmeff.ops.gates import log_sigmoid_gate
 from mmeff.ops.noncausal import global_linear_attention
 from mmeff.ops.norm import norm
 from mmeff.ops.linear import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention, retention
+from mmeff.ops.mlp import act_linear
 from mmeff.ops.recurrence import linear_recurrence
 from mmeff.ops.ssm import selective_scan, ssd
 from mmeff.ops.varlen import cu_seqlens_from_docs
@@ -13,6 +14,7 @@ from mmeff.ops.varlen import cu_seqlens_from_docs
 dispatch.preload_kernels()
 
 __all__ = [
+    "act_linear",
     "causal_conv1d",
     "cu_seqlens_from_docs",
     "delta_rule",

@@ -172,7 +172,7 @@ class RowMixer(nn.Module):
         for i, row in enumerate(cache.rows):
             key = _signature(row) if self.kind == "state" else (row.offset, _signature(row))
             groups.setdefault(key, []).append(i)
-        if len(groups) == 1:  # every row in one batch (state mixers, always): no gather, no scatter
+        if len(groups) == 1:  # every row in one batch (always for state mixers: one cache shape): no gather, no scatter
             return self._run(x, cache.rows).to(x.dtype)
         out = torch.empty_like(x)
         for members in groups.values():

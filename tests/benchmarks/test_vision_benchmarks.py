@@ -114,7 +114,7 @@ def test_saved_memory_counts_what_the_gpu_path_keeps(tmp_path):
     assert [r["row"] for r in records] == ["timm", "attn", "linear_attn-global", "gla-bi", "gla-bi+ckpt_mixer"]
     kept = {r["row"]: r["kib_per_token_layer"] for r in records}
     assert 0 < kept["linear_attn-global"] <= kept["attn"] < 1.1 * kept["timm"]
-    assert kept["gla-bi+ckpt_mixer"] < kept["timm"] < kept["gla-bi"]  # the mixer recomputed: only its input kept
+    assert kept["gla-bi+ckpt_mixer"] < min(kept["gla-bi"], kept["attn"])  # the mixer recomputed: only its input kept
     for r in records:
         assert abs(r["live_kib_per_token_layer"] - r["kib_per_token_layer"]) <= 0.05 * r["kib_per_token_layer"], r
     assert records[0]["vs_timm"] == records[0]["live_vs_timm"] == 1.0 and all(r["largest"] for r in records)

@@ -1,0 +1,78 @@
+"""The second half of an MLP, activation then output projection, keeping only the pre-activation for the backward.
+
+Autograd keeps both sides of the activation: GELU's input and output (the projection's input) in a ViT MLP,
+SiLU(g), u and their product besides g in a SwiGLU one. `act_linear` keeps the inputs of the activation and
+recomputes its output in the backward (one elementwise pass), where the projection's weight gradient needs it.
+Gradients equal the plain composition's to rounding (`tests/ops/test_mlp.py`); the plain composition is the
+reference (`MMEFF_FORCE_REFERENCE=1`, `recompute=False`, inference, and `torch.export`, which cannot trace a
+function that saves tensors with dynamic shapes). Under `torch.compile` Inductor's partitioner may make the same
+choice by itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmeff.ops.dispatch import exporting, force_reference
+
+__all__ = ["act_linear"]
+
+Kind = Literal["gelu", "swiglu"]
+
+
+def _act(a: Tensor, up: Optional[Tensor], kind: str) -> Tensor:
+    return F.gelu(a) if kind == "gelu" else F.silu(a) * up
+
+
+class _ActLinear(torch.autograd.Function):
+    """y = act(a[, up]) @ W^T + b, in a's dtype; saves a (and up), not act's output."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, up: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], kind: str) -> Tensor:  # type: ignore[override]
+        device = a.device.type
+        # The projection in autocast's dtype where autocast is on (as F.linear under it), else in a's.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        with torch.autocast(device, enabled=False):
+            h = _act(a, up, kind).to(dtype)
+            y = F.linear(h, weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(a, up, weight)
+        ctx.kind, ctx.dtype, ctx.bias_dtype = kind, dtype, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        a, up, weight = ctx.saved_tensors
+        with torch.autocast(a.device.type, enabled=False):
+            dy = dy.to(ctx.dtype)
+            h = _act(a, up, ctx.kind).to(ctx.dtype)  # recomputed
+            flat_dy, flat_h = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
+            dweight = (flat_dy.t() @ flat_h).to(weight.dtype) if ctx.needs_input_grad[2] else None
+            dbias = flat_dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
+            dh = (dy @ weight.to(ctx.dtype)).to(a.dtype)
+            if ctx.kind == "gelu":
+                return torch.ops.aten.gelu_backward(dh, a), None, dweight, dbias, None
+            dup = dh * F.silu(a) if ctx.needs_input_grad[1] else None
+            return torch.ops.aten.silu_backward(dh * up, a), dup, dweight, dbias, None
+
+
+def act_linear(
+    a: Tensor, weight: Tensor, bias: Optional[Tensor] = None, kind: Kind = "gelu", up: Optional[Tensor] = None,
+    recompute: bool = True,
+) -> Tensor:  # fmt: skip
+    """F.linear(act(a), weight, bias) with act GELU (kind "gelu") or SiLU(a) * up ("swiglu"); with `recompute` and
+    a backward to record, the activation's output is recomputed there instead of kept."""
+    if kind not in ("gelu", "swiglu"):
+        raise ValueError(f"kind must be 'gelu' or 'swiglu', got {kind!r}")
+    if (kind == "swiglu") != (up is not None):
+        raise ValueError(f"kind {kind!r} takes {'an' if kind == 'swiglu' else 'no'} `up` tensor")
+    if up is not None and up.shape != a.shape:
+        raise ValueError(f"up {tuple(up.shape)} must have the shape of a {tuple(a.shape)}")
+    inputs = (a, up, weight, bias)
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if not recompute or not recorded or force_reference() or exporting():
+        return F.linear(_act(a, up, kind), weight, bias)
+    return _ActLinear.apply(a, up, weight, bias, kind)
