@@ -19,7 +19,7 @@ def _project(proj: nn.Module, a: torch.Tensor, kind: ops.mlp.Kind, up: torch.Ten
     plain nn.Linear (a wrapped one, e.g. LoRA's, runs as itself)."""
     if type(proj) is nn.Linear:
         return ops.act_linear(a, proj.weight, proj.bias, kind, up)
-    return proj(F.gelu(a) if kind == "gelu" else F.silu(a) * up)
+    return proj(ops.mlp.activation(a, up, kind))
 
 
 @register("mlp", kind="ffn")

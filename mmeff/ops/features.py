@@ -43,6 +43,13 @@ def at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _l2_with_norm(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x / max(||x||, eps) in x's dtype, ||x|| in fp32 at least) over the last dim."""
+    xf = at_least_fp32(x)
+    norm = xf.square().sum(-1, keepdim=True).sqrt()
+    return (xf / norm.clamp_min(eps)).to(x.dtype), norm
+
+
 class _L2Normalize(torch.autograd.Function):
     """x / max(||x||, eps) over the last dim, computed in fp32 (at least), returned in x's dtype. Its backward reads
     the output (which the recurrence keeps anyway) and the norms: dx = (dy - y <dy, y>) / n. F.normalize kept its
@@ -51,9 +58,7 @@ class _L2Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        xf = at_least_fp32(x)
-        norm = xf.square().sum(-1, keepdim=True).sqrt()
-        y = (xf / norm.clamp_min(eps)).to(x.dtype)
+        y, norm = _l2_with_norm(x, eps)
         ctx.save_for_backward(y, norm)
         ctx.eps = eps
         return y
@@ -70,8 +75,7 @@ class _L2Normalize(torch.autograd.Function):
 def _l2(x: Tensor, eps: float = 1e-12) -> Tensor:
     """x / max(||x||, eps) over the last dim: the autograd function where a backward is recorded (as _elu_plus_one)."""
     if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
-        xf = at_least_fp32(x)
-        return (xf / xf.square().sum(-1, keepdim=True).sqrt().clamp_min(eps)).to(x.dtype)
+        return _l2_with_norm(x, eps)[0]
     return _L2Normalize.apply(x, eps)
 
 

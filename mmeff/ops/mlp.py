@@ -19,12 +19,13 @@ from torch import Tensor
 
 from mmeff.ops.dispatch import exporting, force_reference
 
-__all__ = ["act_linear"]
+__all__ = ["act_linear", "activation"]
 
 Kind = Literal["gelu", "swiglu"]
 
 
-def _act(a: Tensor, up: Optional[Tensor], kind: str) -> Tensor:
+def activation(a: Tensor, up: Optional[Tensor], kind: str) -> Tensor:
+    """GELU(a) (kind "gelu") or SiLU(a) * up ("swiglu"): what act_linear feeds its projection."""
     return F.gelu(a) if kind == "gelu" else F.silu(a) * up
 
 
@@ -37,7 +38,7 @@ class _ActLinear(torch.autograd.Function):
         # The projection in autocast's dtype where autocast is on (as F.linear under it), else in a's.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
         with torch.autocast(device, enabled=False):
-            h = _act(a, up, kind).to(dtype)
+            h = activation(a, up, kind).to(dtype)
             y = F.linear(h, weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(a, up, weight)
         ctx.kind, ctx.dtype, ctx.bias_dtype = kind, dtype, None if bias is None else bias.dtype
@@ -48,7 +49,7 @@ class _ActLinear(torch.autograd.Function):
         a, up, weight = ctx.saved_tensors
         with torch.autocast(a.device.type, enabled=False):
             dy = dy.to(ctx.dtype)
-            h = _act(a, up, ctx.kind).to(ctx.dtype)  # recomputed
+            h = activation(a, up, ctx.kind).to(ctx.dtype)  # recomputed
             flat_dy, flat_h = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
             dweight = (flat_dy.t() @ flat_h).to(weight.dtype) if ctx.needs_input_grad[2] else None
             dbias = flat_dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
@@ -74,5 +75,5 @@ def act_linear(
     inputs = (a, up, weight, bias)
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if not recompute or not recorded or force_reference() or exporting():
-        return F.linear(_act(a, up, kind), weight, bias)
+        return F.linear(activation(a, up, kind), weight, bias)
     return _ActLinear.apply(a, up, weight, bias, kind)
