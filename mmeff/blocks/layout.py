@@ -9,13 +9,39 @@ module between calls.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 from mmeff.ops.varlen import check_bounds, cu_seqlens_from_docs, cu_seqlens_to, host_bounds
+
+T = TypeVar("T")
+
+
+class cached_property(Generic[T]):  # noqa: N801 (named as the functools descriptor it replaces)
+    """functools.cached_property without its lock, as Python 3.12 made it.
+
+    On Python 3.11 functools' version enters an RLock that torch.compile cannot trace: a Layout made inside a
+    compiled model (every encoder makes one) broke the graph in every mixer that read `cu_seqlens`, and the resumed
+    frames recompiled at every step until dynamo gave up on them. Under tracing the value is computed, not stored.
+    """
+
+    def __init__(self, fn: Callable[[Any], T]) -> None:
+        self.fn, self.__doc__ = fn, fn.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> T:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        if torch.compiler.is_compiling():  # dynamo cannot store into a frozen dataclass; the graph reuses the ops
+            return self.fn(obj)
+        value = obj.__dict__[self.name] = self.fn(obj)  # the instance's own value from now on (no __set__ here)
+        return value
 
 
 @dataclass(frozen=True, eq=False)

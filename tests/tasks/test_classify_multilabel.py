@@ -116,3 +116,34 @@ def test_tiny_compiled_fit_on_digit_canvas_logs_exact_and_map(tmp_path, monkeypa
     assert {"val/exact", "val/map", "train/exact"} <= set(trainer.callback_metrics)
     results = evaluate(cfg, cfg.out_dir / "export")  # the export loads into a plain model: names without _orig_mod
     assert 0 <= results["test/exact"] <= 1 and 0 < results["test/map"] <= 1
+
+
+@pytest.mark.parametrize("mixer, options", [
+    ("linear_attn", {"heads": 2, "scan": "global", "local_conv": 3}),
+    ("gla", {"heads": 2, "scan": "bi"}),
+    ("attn", {"heads": 2}),
+])  # fmt: skip
+def test_the_whole_image_classifier_compiles_as_one_graph(mixer, options):
+    # The encoder makes the Layout inside the compiled model, and the mixers read its cached properties. On Python
+    # 3.11 functools.cached_property enters an RLock that dynamo cannot trace: the graph broke in every layer and the
+    # resumed frames recompiled at every step (the canvas fit under trainer.compile). fullgraph=True fails on any
+    # break; the compiled forward and gradients equal the eager ones (tolerance 1e-4 of the largest value).
+    from mmeff.tasks.classify import build_model
+
+    cfg = config.parse({
+        "encoder": {"name": "image", "image_size": 32, "patch_size": 8, "in_chans": 1, "pool": "mean"},
+        "backbone": {"dim": 16, "depth": 2, "pattern": [mixer], "causal": False, "mixers": {mixer: options}},
+        "task": {"name": "classify", "num_classes": 10, "multilabel": True},
+    })  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    images = torch.randn(2, 1, 32, 32)
+    results = []
+    torch._dynamo.reset()
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)):
+        logits = run(images)
+        logits.square().sum().backward()
+        results.append([logits.detach(), *(p.grad.clone() for p in model.parameters())])
+        model.zero_grad(set_to_none=True)
+    for got, want in zip(results[1], results[0]):
+        assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
