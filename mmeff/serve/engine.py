@@ -10,6 +10,7 @@ The sampling of each sequence is `mmeff.generate`'s (`next_tokens`, and its outp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -65,6 +66,10 @@ class Handle:
         self._seq.cancelled.set()
 
 
+def _plain_greedy(s: Sampling) -> bool:
+    return (s.greedy or s.temperature == 0) and s.repetition_penalty == 1.0
+
+
 def _safe(callback: Callable, *args: object) -> None:
     # A callback that fails (e.g. the client's event loop closed) must not stop the loop for everyone else.
     try:
@@ -76,10 +81,11 @@ def _safe(callback: Callable, *args: object) -> None:
 class Engine:
     """The decoding loop of one LM (`embed`, `hidden`, `head`, `new_cache`, `backbone`); at most `max_batch` running."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 32) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 32, prefill_tokens: int = 512) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled between two steps of a running batch (>= 1 prompt)
         self.device = next(model.parameters()).device
         self._waiting: queue.Queue[_Sequence] = queue.Queue()
         self._running: list[_Sequence] = []
@@ -140,7 +146,9 @@ class Engine:
                     self._step()
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch:
+        # A burst of requests is prefilled a few prompts per step, so that the running rows keep decoding meanwhile.
+        budget = self.prefill_tokens
+        while len(self._running) < self.max_batch and budget > 0:
             try:
                 seq = self._waiting.get(timeout=0.05) if not self._running else self._waiting.get_nowait()
             except queue.Empty:
@@ -156,6 +164,7 @@ class Engine:
                 continue
             if self._running:
                 self.stats["joined_while_running"] += 1
+            budget -= len(seq.prompt)
             self._running.append(seq)
 
     def _prefill(self, seq: _Sequence) -> None:
@@ -167,19 +176,33 @@ class Engine:
         seq.caches = model.new_cache()
         seq.logits = model.head(model.hidden(model.embed(seq.context), cache=seq.caches)[:, -1])
 
+    def _sample(self, rows: list[_Sequence]) -> list[tuple[_Sequence, torch.Tensor]]:
+        """Each row's next token ([1], on the device); a row whose sampling fails is finished with the error."""
+        sampled: dict[int, torch.Tensor] = {}
+        plain = [seq for seq in rows if _plain_greedy(seq.sampling)]
+        if len(plain) > 1:  # the argmax of every greedy row at once, not a few kernels per row
+            with contextlib.suppress(Exception):
+                sampled = dict(zip(map(id, plain), next_tokens(torch.cat([seq.logits for seq in plain]), None, plain[0].sampling).split(1)))
+        out = []
+        for seq in rows:
+            try:
+                token = sampled.get(id(seq))
+                out.append((seq, token if token is not None else next_tokens(seq.logits, seq.context, seq.sampling, seq.generator)))
+            except Exception as e:  # noqa: BLE001
+                self._finish(seq, "error", f"{type(e).__name__}: {e}")
+        return out
+
     def _step(self) -> None:
-        sampled: list[tuple[_Sequence, torch.Tensor]] = []
+        live = []
         for seq in self._running:
             if seq.cancelled.is_set():
                 self._finish(seq, "cancelled")
-                continue
-            try:
-                sampled.append((seq, next_tokens(seq.logits, seq.context, seq.sampling, seq.generator)))
-            except Exception as e:  # noqa: BLE001
-                self._finish(seq, "error", f"{type(e).__name__}: {e}")
+            else:
+                live.append(seq)
+        sampled = self._sample(live)
         # Every row's token read back in one copy: one wait for the device a step, not one per row.
         values = torch.cat([token for _, token in sampled]).tolist() if sampled else []
-        keep: list[_Sequence] = []
+        keep: list[tuple[_Sequence, torch.Tensor]] = []
         for (seq, token), value in zip(sampled, values):
             seq.produced += 1
             seq.output.add(value, self.tokenizer.eos_id)
@@ -188,22 +211,23 @@ class Engine:
             elif seq.produced >= seq.sampling.max_new_tokens:
                 self._finish(seq, "length")
             else:
-                seq.context = torch.cat([seq.context, token[:, None]], dim=1)
-                keep.append(seq)
-        self._running = keep
+                if seq.sampling.repetition_penalty != 1.0:  # the ids so far: only the penalty reads them
+                    seq.context = torch.cat([seq.context, token[:, None]], dim=1)
+                keep.append((seq, token))
+        self._running = [seq for seq, _ in keep]
         if not keep:
             return
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(keep))
         try:
-            logits = step(self.model, torch.cat([s.context[:, -1:] for s in keep]), [s.caches for s in keep])
+            logits = step(self.model, torch.cat([token for _, token in keep])[:, None], [seq.caches for seq, _ in keep])
         except Exception as e:  # noqa: BLE001
             log.exception("serve: decoding step failed")
-            for seq in keep:
+            for seq, _ in keep:
                 self._finish(seq, "error", f"{type(e).__name__}: {e}")
             self._running = []
             return
-        for i, seq in enumerate(keep):
+        for i, (seq, _) in enumerate(keep):
             seq.logits = logits[i : i + 1]
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
