@@ -181,7 +181,7 @@ class Engine:
         sampled: dict[int, torch.Tensor] = {}
         plain = [seq for seq in rows if _plain_greedy(seq.sampling)]
         if len(plain) > 1:  # the argmax of every greedy row at once, not a few kernels per row
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # should it fail, each row samples alone below and fails alone
                 sampled = dict(zip(map(id, plain), next_tokens(torch.cat([seq.logits for seq in plain]), None, plain[0].sampling).split(1)))
         out = []
         for seq in rows:
