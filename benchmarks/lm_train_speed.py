@@ -19,8 +19,8 @@ Rows (`--rows`; default all but mamba2_mmeff):
   'skipped'; one that refuses to run (fla 0.6 refuses chunk_gated_delta_rule's backward on Hopper with Triton < 3.7.1)
   is noted 'refused: <its reason>'. Peers run unpacked only (`--docs 0`).
 
-Per record (JSON): row, T, B, docs, compiled, tok_s, ms (median step), peak_gib, vs_attn (tok/s over mmeff attn's at
-the same T, docs, compile), vs_peer (an mmeff row's tok/s over its peer's), vs_dense (a MoE row over its dense twin),
+Per record (JSON): row, T, B, docs, compiled, graphs, tok_s, ms (median step), peak_gib, vs_attn (tok/s over mmeff attn's at
+the same T, docs and mode), vs_peer (an mmeff row's tok/s over its peer's), vs_dense (a MoE row over its dense twin),
 params_m, active_params_m, floor_ms and its parts, mfu, note. The floor of one step is
     floor = matmul_flops / R + mixer floor + 28 bytes x params / W
 - R: the bf16 matmul rate measured in the same run (8192^3 bf16 matmul; fp32 on the CPU); W: the copy bandwidth
@@ -43,8 +43,11 @@ x R): model FLOPs utilisation against the measured matmul rate (the datasheet's 
 `--profile` adds, per record, where one step's GPU time goes: matmuls, softmax attention, recurrence kernels
 (mmeff's, mamba_ssm's, fla's), short convolutions, the optimizer, the rest (norms, activations, casts, copies).
 `--docs 0 8` runs each mmeff row unpacked and with 8 packed documents per sequence (the layout's cu_seqlens reach
-every mixer). `--compile` runs every model through torch.compile (nn.Module.compile). Records merge into
-`--out`.{md,json,png} (default benchmarks/results/lm_train_speed_<device>) by (row, T, docs, compiled), rewritten
+every mixer). `--compile` runs every model through torch.compile (nn.Module.compile); `--graphs` replays each mmeff
+row's forward and backward as CUDA graphs (mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs` runs for
+the classify task; unpacked rows only, no peers, no MoE: a replay would drop the balancing loss). Peak memory is not
+recorded under graphs (their pools are outside the allocator's count). Records merge into
+`--out`.{md,json,png} (default benchmarks/results/lm_train_speed_<device>) by (row, T, docs, mode), rewritten
 after every record, so a run cut short keeps its rows and several runs build one table.
 
 `--warm` first steps every row at a small T in parallel child processes, so that a fresh machine compiles the rows'
@@ -84,6 +87,7 @@ from mmeff import blocks, config
 from mmeff.encoders.text import ByteTokenizer
 from mmeff.ops.varlen import doc_bounds
 from mmeff.tasks import build_model
+from mmeff.tasks.graphs import GraphedTraining
 from timing import (  # beside this file
     copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel, save_figure, write_results,
 )
@@ -124,6 +128,7 @@ PATTERNS = {
 }
 VARIANTS = {"mamba2_mmeff": {"mamba2": {"backend": "triton"}}}  # per-mixer options a row adds
 DENSE_TWIN = {"attn_moe": "attn", "gla_moe": "gla"}
+MODES = ["eager", "compiled", "graphs"]
 PEERS = {"hf_llama": "attn", "fla_gla": "gla", "mamba_ssm": "mamba2", "fla_gated_deltanet": "gated_deltanet",
          "fla_deltanet": "deltanet"}  # fmt: skip
 PACKAGES = {"hf_llama": "transformers", "fla_gla": "fla", "fla_deltanet": "fla", "fla_gated_deltanet": "fla",
@@ -411,7 +416,9 @@ def breakdown(step: Callable[[], None], ours: set[str]) -> dict[str, float]:
 def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """One record: build, (compile,) time, floor; a refusal, an error or OOM becomes the record's note."""
     B = max(1, shape.tokens // T)
-    record: dict[str, Any] = {"row": row, "T": T, "B": B, "docs": ndocs, "compiled": args.compile}
+    record: dict[str, Any] = {"row": row, "T": T, "B": B, "docs": ndocs, "compiled": args.compile, "graphs": args.graphs}
+    if args.graphs and (row in PEERS or ndocs):
+        return {**record, "note": "skipped: --graphs replays mmeff rows without packed documents"}
     if row in PEERS:
         record["peer_of"] = PEERS[row]
         if importlib.util.find_spec(PACKAGES[row]) is None:
@@ -429,10 +436,13 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
         if args.compile:
             torch._dynamo.reset()  # a fresh cache per model: rows would otherwise hit dynamo's recompile limit
             model.compile()
+        if args.graphs:
+            graphed = GraphedTraining(model)
+            logits_of = lambda x, docs: graphed(x)  # noqa: E731
         tokens = torch.randint(0, 256, (B, T + 1), device=device)
         step = train_step(model, logits_of, tokens, None if docs is None else docs.to(device))
         ms, peak = median_ms(step, device, args.warmup, args.iters)
-        record.update(ms=ms, tok_s=B * T / ms * 1e3, peak_gib=peak)
+        record.update(ms=ms, tok_s=B * T / ms * 1e3, peak_gib=None if args.graphs else peak)
         if args.profile and device.type == "cuda":
             record["profile_ms"] = breakdown(step, args.ours)
         cost = step_cost(model, mixers_of(PEERS.get(row, row), shape), B, T, args.rate, args.bandwidth)
@@ -447,15 +457,20 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
     return record
 
 
+def mode(record: dict[str, Any]) -> str:
+    """'eager', 'compiled' or 'graphs' (records written before --graphs existed ran without)."""
+    return "graphs" if record.get("graphs") else "compiled" if record["compiled"] else "eager"
+
+
 def relate(records: list[dict[str, Any]]) -> None:
     """Fill vs_attn, vs_peer and vs_dense from the records of the same run, T, docs and compile setting (a ratio
     across processes would mix in the host's and the GPU's drift between runs)."""
-    speed = {(r["row"], r["run"], r["T"], r["docs"], r["compiled"]): r["tok_s"] for r in records if r.get("tok_s")}
+    speed = {(r["row"], r["run"], r["T"], r["docs"], mode(r)): r["tok_s"] for r in records if r.get("tok_s")}
     peer_of = {mmeff: peer for peer, mmeff in PEERS.items()}
     for r in records:
         if not r.get("tok_s"):
             continue
-        key = (r["run"], r["T"], r["docs"], r["compiled"])
+        key = (r["run"], r["T"], r["docs"], mode(r))
         for field, ref in (("vs_attn", "attn"), ("vs_peer", peer_of.get(r["row"])), ("vs_dense", DENSE_TWIN.get(r["row"]))):
             if ref and (ref, *key) in speed:
                 r[field] = r["tok_s"] / speed[(ref, *key)]
@@ -473,7 +488,7 @@ def write(records: list[dict[str, Any]], out: Path) -> None:
     """<out>.json, .md and .png of `records` (each file replaced whole)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     order = {r: i for i, r in enumerate(ORDER)}
-    records.sort(key=lambda r: (r["T"], r["docs"], r["compiled"], r["run"], order.get(r["row"], 99)))
+    records.sort(key=lambda r: (r["T"], r["docs"], MODES.index(mode(r)), r["run"], order.get(r["row"], 99)))
     write_results(out, {"records": records}, table(records))
     plot(records, out.with_suffix(".png"))
 
@@ -496,12 +511,12 @@ def table(records: list[dict[str, Any]]) -> str:
              "FLOPs at the measured matmul rate + the mixers' kernel floor + AdamW's bytes at the measured copy rate "
              "(benchmarks/lm_train_speed.py says how); MFU: model FLOPs over ms x the measured matmul rate.", ""]  # fmt: skip
     profiled = any("profile_ms" in r for r in records)
-    columns = ["row", "run", "docs", "compiled", "B", "tok/s", "vs attn", "vs peer", "vs dense", "peak GiB", "ms", "floor ms",
+    columns = ["row", "run", "docs", "mode", "B", "tok/s", "vs attn", "vs peer", "vs dense", "peak GiB", "ms", "floor ms",
                "ms / floor", "MFU", "params M", *(f"{k} ms" for k in KINDS if profiled), "note"]  # fmt: skip
     for T in dict.fromkeys(r["T"] for r in records):
         lines += [f"### T = {T}", "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 2) + "---|"]
         for r in (r for r in records if r["T"] == T):
-            cells = [r["row"], str(number[r["run"]]), str(r["docs"]), "yes" if r["compiled"] else "no", str(r["B"])]
+            cells = [r["row"], str(number[r["run"]]), str(r["docs"]), mode(r), str(r["B"])]
             if r.get("tok_s"):
                 cells += [f"{r['tok_s']:,.0f}", _num(r.get("vs_attn"), "{:.2f}x"), _num(r.get("vs_peer"), "{:.2f}x"),
                           _num(r.get("vs_dense"), "{:.2f}x"), _num(r.get("peak_gib"), "{:.1f}"), f"{r['ms']:.1f}",
@@ -517,7 +532,7 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
-    """tok/s against T, unpacked rows, eager and compiled panels; peers dashed (skipped without matplotlib)."""
+    """tok/s against T, unpacked rows, a panel per mode (eager, compiled, graphs); peers dashed (skipped without matplotlib)."""
     try:
         import matplotlib
 
@@ -525,20 +540,20 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    latest = {(r["row"], r["T"], r["compiled"]): r for r in sorted(records, key=lambda r: r["run"]) if r.get("tok_s") and not r["docs"]}
+    latest = {(r["row"], r["T"], mode(r)): r for r in sorted(records, key=lambda r: r["run"]) if r.get("tok_s") and not r["docs"]}
     points = list(latest.values())  # each row's newest run
-    modes = sorted({r["compiled"] for r in points})
+    modes = [m for m in MODES if any(mode(r) == m for r in points)]
     if not modes:
         return
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)
     colors = plt.get_cmap("tab20")
-    for ax, compiled in zip(axes[0], modes):
+    for ax, shown in zip(axes[0], modes):
         for i, row in enumerate(ORDER):
-            xy = sorted((r["T"], r["tok_s"]) for r in points if r["row"] == row and r["compiled"] == compiled)
+            xy = sorted((r["T"], r["tok_s"]) for r in points if r["row"] == row and mode(r) == shown)
             if xy:
                 ax.plot(*zip(*xy), marker="o", label=row, color=colors(i), linestyle="--" if row in PEERS else "-")
         lengths = sorted({r["T"] for r in points})
-        ax.set(title=f"{'compiled' if compiled else 'eager'}; {points[0]['device']}", xscale="log", yscale="log",
+        ax.set(title=f"{shown}; {points[0]['device']}", xscale="log", yscale="log",
                xlabel="sequence length T (about 16k tokens per step)", ylabel="training tokens/s")  # fmt: skip
         ax.set_xticks(lengths, [str(t) for t in lengths])
         ax.minorticks_off()
@@ -605,6 +620,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--iters", type=int, default=5, help="timed steps; the median counts")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (the peers too)")
+    p.add_argument("--graphs", action="store_true", help="forward + backward of the mmeff rows as CUDA graphs (unpacked only)")
     p.add_argument("--docs", type=int, nargs="+", default=[0], help="packed documents per sequence (0: none); peers: 0 only")
     p.add_argument("--profile", action="store_true", help="add the GPU time per kernel category of one step (CUDA)")
     p.add_argument("--warm", action="store_true", help="first step every row in parallel child processes (see warm)")
@@ -612,6 +628,8 @@ def main() -> None:
     p.add_argument("--warm-jobs", type=int, default=8, help="child processes at a time in the warm-up")
     p.add_argument("--out", type=Path, help="path stem of .md/.json/.png (default benchmarks/results/lm_train_speed_<device>)")
     args = p.parse_args()
+    if args.compile and args.graphs:
+        p.error("--graphs and --compile are separate modes: run them one after the other")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("lm_train_speed: no CUDA device; --device cpu runs the tiny smoke sizes")

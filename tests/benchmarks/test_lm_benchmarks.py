@@ -57,7 +57,28 @@ def test_lm_train_speed_cpu_smoke_writes_every_field(script, tmp_path):
     assert records["gla_moe"]["active_params_m"] == pytest.approx(records["gla"]["params_m"], rel=0.02)
     if "note" in records["fla_gla"]:  # no fla (or no GPU for its kernels): said, not crashed
         assert records["fla_gla"]["note"].startswith(("skipped:", "refused:"))
-    assert "| gla_moe | 1 | 0 | no | 2 |" in (tmp_path / "lm.md").read_text()  # run 1, no documents, eager, B
+    assert "| gla_moe | 1 | 0 | eager | 2 |" in (tmp_path / "lm.md").read_text()  # run 1, no documents, eager, B
+
+
+def test_lm_train_speed_graphs_mode_keeps_its_own_ratios(script, tmp_path):
+    # --graphs: the mmeff rows through GraphedTraining (on the CPU it warns and runs eagerly: the step and the records
+    # are what a GPU run writes), peers and packed rows skipped with a note, ratios only within the mode.
+    out = tmp_path / "lm"
+    script("lm_train_speed", "--device", "cpu", "--rows", "attn", "hf_llama", "gla", "--warmup", "0", "--iters", "1",
+           "--out", str(out))  # fmt: skip
+    script("lm_train_speed", "--device", "cpu", "--rows", "attn", "hf_llama", "gla", "--docs", "0", "2", "--graphs",
+           "--warmup", "0", "--iters", "1", "--out", str(out))  # fmt: skip
+    records = json.loads((out.with_suffix(".json")).read_text())["records"]
+    graphed = {(r["row"], r["docs"]): r for r in records if r.get("graphs")}
+    assert set(graphed) == {("attn", 0), ("hf_llama", 0), ("gla", 0), ("attn", 2), ("gla", 2)}
+    for key in (("hf_llama", 0), ("attn", 2), ("gla", 2)):
+        assert graphed[key]["note"].startswith("skipped: --graphs"), graphed[key]
+    attn, gla = graphed[("attn", 0)], graphed[("gla", 0)]
+    assert attn["tok_s"] > 0 and gla["vs_attn"] == pytest.approx(gla["tok_s"] / attn["tok_s"])
+    assert "vs_peer" not in attn  # its peer did not run in this mode
+    assert "| gla | 2 | 0 | graphs | 2 |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):  # two modes at once
+        script("lm_train_speed", "--device", "cpu", "--graphs", "--compile", "--out", str(tmp_path / "x"))
 
 
 def test_lm_train_speed_ratios_stay_within_their_run(monkeypatch):
