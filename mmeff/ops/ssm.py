@@ -14,6 +14,7 @@ the final states), not for the selective scan, whose CUDA kernel has no variable
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from typing import Callable, Optional, Tuple, Union
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from mmeff.ops import dispatch
 from mmeff.ops.dispatch import Backend, check_backend
+from mmeff.ops.recompute import recomputed
 from mmeff.ops.recurrence import Mode, check_cu_seqlens, run_recurrence, triton_check
 from mmeff.ops.varlen import seq_idx_from_cu_seqlens
 
@@ -58,19 +60,23 @@ def ssd(
     check_cu_seqlens(cu_seqlens, x.shape[0])
 
     @dispatch.once
-    def recurrence() -> dict:
+    def dt_final() -> Tensor:
         dtf = dt.float()
         if dt_bias is not None:
             dtf = dtf + dt_bias.float()
         if dt_softplus:
             dtf = F.softplus(dtf)  # threshold 20, as mamba-ssm's kernel
-        dtf = dtf.clamp(min=dt_limit[0], max=dt_limit[1])
+        return dtf.clamp(min=dt_limit[0], max=dt_limit[1])
+
+    @dispatch.once
+    def recurrence() -> dict:
+        dtf = dt_final()
         # q, k, v stay in x's dtype (the PyTorch path computes in fp32 anyway): fp32 would send 16-bit models to
         # the kernels' fp32 build, which for d_state 128 compiles for minutes and runs several times slower.
         return dict(
-            q=C.to(x.dtype).repeat_interleave(heads // groups, dim=2),
-            k=B.to(x.dtype).repeat_interleave(heads // groups, dim=2),
-            v=(x * dtf[..., None]).to(x.dtype),  # promoted to fp32 in the product; autograd keeps x as it is
+            q=_per_head(C, heads, x.dtype),
+            k=_per_head(B, heads, x.dtype),
+            v=_scaled(x, dtf),
             log_decay=dtf * A.float(),
             beta=None,
             initial_state=None if initial_states is None else initial_states.transpose(-1, -2),
@@ -113,9 +119,12 @@ def ssd(
             **packed,
         )
     args = recurrence()
-    y, state = run_recurrence(
-        impl, **args, scale=1.0, output_final_state=return_final_states, chunk_size=chunk_size
-    )
+    # The kernels' backward reads q, k and v again: made again from C, B, x and dt (kept anyway), not kept themselves.
+    # q and k are C and B repeated over the heads of their group, heads / groups times their size.
+    per_head = functools.partial(_per_head, heads=heads, dtype=x.dtype)
+    recipes = [(args["q"], per_head, (C,)), (args["k"], per_head, (B,)), (args["v"], _scaled, (x, dt_final()))]
+    with recomputed(recipes if impl == "triton" else ()):
+        y, state = run_recurrence(impl, **args, scale=1.0, output_final_state=return_final_states, chunk_size=chunk_size)
     if D is not None and D.dim() == 1:
         D = D[:, None]
     out = _skip_and_gate(y, x, D, z, x.dtype)
@@ -209,6 +218,16 @@ def _scan_input(m: Tensor, batch: int, dim: int, seqlen: int) -> Tensor:
     if dim % m.shape[1]:
         raise ValueError(f"groups {m.shape[1]} must divide channels {dim}")
     return m.permute(0, 3, 1, 2).repeat_interleave(dim // m.shape[1], dim=2)
+
+
+def _per_head(t: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
+    """SSD's B or C [B,T,G,N] in `dtype`, repeated over the heads of each group: [B,T,H,N] (the kernels' k or q)."""
+    return t.to(dtype).repeat_interleave(heads // t.shape[2], dim=2)
+
+
+def _scaled(x: Tensor, dtf: Tensor) -> Tensor:
+    """SSD's value x * dt [B,T,H,P] in x's dtype (promoted to fp32 in the product; autograd keeps x as it is)."""
+    return (x * dtf[..., None]).to(x.dtype)
 
 
 def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor], dtype: torch.dtype) -> Tensor:

@@ -148,6 +148,40 @@ def test_ssd_packed_triton(fake_gpu):
     )
 
 
+def _saved_storages(fn):
+    """(fn's result, {data_ptr: (nbytes, shape)} of the storage of every tensor autograd saved during fn)."""
+    seen = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+def test_ssd_triton_keeps_no_per_head_copy_of_b_c_or_x_dt(fake_gpu):
+    # q, k = C, B repeated over the 4 heads of their group, v = x * dt: the kernels' backward reads them, made again
+    # from C, B, x and dt. Every large storage kept is one of the inputs' (interpreted kernels, fp32).
+    gen = torch.Generator().manual_seed(0)
+    T, H, P, G, N = 64, 4, 8, 1, 16
+    x, dt = torch.randn(1, T, H, P, generator=gen), torch.randn(1, T, H, generator=gen)
+    A, B, C = -torch.rand(H, generator=gen) - 0.2, torch.randn(1, T, G, N, generator=gen), torch.randn(1, T, G, N, generator=gen)
+    leaves = [t.requires_grad_() for t in (x, dt, B, C)]
+    y, kept = _saved_storages(lambda: ops.ssd(x, dt, A, B, C, dt_softplus=True, chunk_size=16, backend="triton"))
+    inputs = {t.untyped_storage().data_ptr() for t in leaves}
+    large = {ptr: shape for ptr, (nbytes, shape) in kept.items() if nbytes >= T * min(P, N) * 4 and ptr not in inputs}
+    assert not large, f"kept beside the inputs: {large}"
+    y.square().sum().backward()
+    want = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    ops.ssd(x, dt, A, B, C, dt_softplus=True, chunk_size=16, backend="torch").square().sum().backward()
+    for got, ref in zip(want, (t.grad for t in leaves)):
+        assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
 def test_global_linear_attention_packed_triton(fake_gpu):
     # Packed sequences (cu_seqlens, one of a single token) through the fused non-causal kernels, elu+1, normalised.
     gen = torch.Generator().manual_seed(4)

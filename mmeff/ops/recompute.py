@@ -1,0 +1,65 @@
+"""Saved tensors that the backward makes again from smaller inputs instead of keeping them.
+
+A kernel's autograd function saves its inputs. Where an input is a cheap, deterministic product of smaller tensors
+(Mamba-2's q and k: C and B repeated over the heads of their group; its v: x scaled by dt), keeping the product
+costs memory that one elementwise pass in the backward gives back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Recipe = tuple[Tensor, Callable[..., Tensor], Sequence[Tensor]]
+
+
+@dataclass(frozen=True)
+class _Made:
+    """What `recomputed` keeps of a saved (view of a) product: its inputs, the function, the view's geometry."""
+
+    make: Callable[..., Tensor]
+    inputs: tuple[Any, ...]  # as the outer saved-tensor hooks packed them
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+@contextlib.contextmanager
+def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
+    """Inside: a tensor saved for the backward that is (a view of) `product` of a recipe (product, make, inputs) is
+    kept as `inputs`, and `make(*inputs)` is run again when the backward reads it. `make` must give the product bit
+    for bit (elementwise ops and copies). Saved-tensor hooks already in force get the inputs. Not while
+    torch.compile traces: its partitioner picks what to save."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        yield
+        return
+    outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (_same, _same)
+    products = {p.untyped_storage().data_ptr(): (p, make, inputs) for p, make, inputs in recipes if p.numel()}
+
+    def pack(t: Tensor) -> Any:
+        hit = products.get(t.untyped_storage().data_ptr()) if t.numel() else None
+        if hit is None or hit[0].dtype != t.dtype or hit[0]._version or t._version:
+            return outer_pack(t)
+        _, make, inputs = hit
+        return _Made(make, tuple(outer_pack(x) for x in inputs), t.shape, t.stride(), t.storage_offset())
+
+    def unpack(saved: Any) -> Tensor:
+        if not isinstance(saved, _Made):
+            return outer_unpack(saved)
+        made = saved.make(*(outer_unpack(x) for x in saved.inputs))
+        return made.as_strided(saved.shape, saved.stride, saved.offset)
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        products.clear()  # autograd keeps `pack` until the backward: the products must not live on through it
+
+
+def _same(t: Any) -> Any:
+    return t

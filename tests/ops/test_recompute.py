@@ -1,0 +1,57 @@
+"""Saved tensors made again in the backward (mmeff.ops.recompute); SSD's use of it: tests/kernels/test_dispatch.py."""
+
+import torch
+
+from mmeff.ops.recompute import recomputed
+
+
+def kept(fn):
+    """(fn's result, the data pointers of the storages autograd saved tensors of during fn)."""
+    ptrs = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.add(t.untyped_storage().data_ptr()) or t, lambda t: t):
+        out = fn()
+    return out, ptrs
+
+
+def test_a_recomputed_product_is_not_kept_and_gives_the_same_gradients():
+    # y = (2a)^2 * b: the square keeps 2a, the product keeps (2a)^2 and b. With 2a as a recipe of a, autograd keeps a
+    # instead of 2a, and the gradients are bit for bit those without the hooks.
+    a, b = torch.randn(8, 5, requires_grad=True), torch.randn(8, 5, requires_grad=True)
+    grads = []
+    for use in (False, True):
+        def run():
+            doubled = a * 2
+            with recomputed([(doubled, lambda t: t * 2, (a,))] if use else []):
+                return doubled.square() * b  # square keeps `doubled`
+
+        y, ptrs = kept(run)
+        y.sum().backward()
+        grads.append((a.grad.clone(), b.grad.clone()))
+        a.grad = b.grad = None
+        assert (a.untyped_storage().data_ptr() in ptrs) is use  # kept as a recipe's input, or not at all
+        assert len(ptrs) == 3  # 2a or a, (2a)^2 and b
+    assert all(torch.equal(x, y) for x, y in zip(*grads))
+
+
+def test_a_product_changed_in_place_is_kept_as_it_is():
+    a = torch.randn(4, requires_grad=True)
+    doubled = a * 2
+    doubled.add_(1)  # no longer what the recipe makes
+    with recomputed([(doubled, lambda t: t * 2, (a,))]):
+        y = doubled.square()
+    y.sum().backward()
+    assert torch.allclose(a.grad, 2 * 2 * (2 * a.detach() + 1))
+
+
+def test_not_while_compiling(monkeypatch):
+    # torch.compile's partitioner picks what to save: the hooks stay out of its way.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    a = torch.randn(4, requires_grad=True)
+    doubled = a * 2
+    _, ptrs = kept(lambda: _square_in(doubled, a))
+    assert doubled.untyped_storage().data_ptr() in ptrs
+
+
+def _square_in(doubled, a):
+    with recomputed([(doubled, lambda t: t * 2, (a,))]):
+        return doubled.square()
