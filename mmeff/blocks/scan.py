@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from mmeff import ops
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
+from mmeff.ops.recompute import outer_hooks
 from mmeff.ops.varlen import cu_seqlens_from_docs
 
 ScanKind = Literal["forward", "bi", "cross", "global"]
@@ -194,7 +195,7 @@ def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iter
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield
         return
-    outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (_same, _same)
+    outer_pack, outer_unpack = outer_hooks()
     sources = {s.untyped_storage().data_ptr(): (s, src) for s, src in zip(stacked, streams) if s.numel()}
 
     def pack(t: Tensor) -> Any:
@@ -219,10 +220,6 @@ def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iter
         # Autograd keeps `pack` beside every tensor it packed, until the backward: without this the stacked copies
         # stayed alive through `sources` (3.8 of gla-bi's 17.2 GiB peak at 1024 px on the H200, all 12 layers').
         sources.clear()
-
-
-def _same(t: Any) -> Any:
-    return t
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield
         return
-    outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (_same, _same)
+    outer_pack, outer_unpack = outer_hooks()
     products = {p.untyped_storage().data_ptr(): (p, make, inputs) for p, make, inputs in recipes if p.numel()}
 
     def pack(t: Tensor) -> Any:
@@ -59,6 +59,12 @@ def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
             yield
     finally:
         products.clear()  # autograd keeps `pack` until the backward: the products must not live on through it
+
+
+def outer_hooks() -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]:
+    """(pack, unpack) of the saved-tensor hooks in force (checkpointing, offloading, a count), else the identity: what
+    hooks that keep some tensors their own way hand every other tensor to."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) or (_same, _same)
 
 
 def _same(t: Any) -> Any:
