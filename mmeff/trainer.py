@@ -11,6 +11,7 @@ import shutil
 import warnings
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import torch
@@ -71,7 +72,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """A ModelCheckpoint that never saves (nor ranks as best) weights holding a NaN or an infinity."""
+    """A ModelCheckpoint that never saves (nor ranks as best) weights holding a NaN or an infinity; `written` is the
+    (global step, path) of the last file it wrote."""
+
+    written: tuple[int, str] | None = None
 
     def _finite(self, trainer: L.Trainer) -> bool:
         bad = nonfinite_tensors(trainer.lightning_module)
@@ -86,6 +90,7 @@ class RunCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         if self._finite(trainer):
             super()._save_checkpoint(trainer, filepath)
+            self.written = (trainer.global_step, filepath)
 
 
 class LastCheckpoint(RunCheckpoint):
@@ -98,6 +103,45 @@ class LastCheckpoint(RunCheckpoint):
     def __init__(self, dirpath: Path, every_n_train_steps: int | None = None) -> None:
         super().__init__(dirpath=dirpath, filename="last", enable_version_counter=False,
                          every_n_train_steps=every_n_train_steps)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """As RunCheckpoint's, except that a checkpoint another callback wrote at this step (the new best one, just
+        saved after the same validation) is hard-linked as `filepath` instead of written again: the same bytes, and
+        on the H200 each write of the 152M LM's checkpoint (weights and AdamW state) paused training 2.4 s
+        (benchmarks/results/lm_fit_speed_h200.md). Lightning's `save_last="link"` does this for its own last.ckpt
+        only, with a symlink that dies with the best file when a better one replaces it. Every writer here
+        replaces files by renaming, so the two names part at the next write of either."""
+        twin = next((c.written[1] for c in trainer.checkpoint_callbacks
+                     if isinstance(c, RunCheckpoint) and c is not self and c.written and c.written[0] == trainer.global_step),
+                    None)  # fmt: skip
+        if twin is None or is_sharded(trainer.lightning_module.model) or not _linked(trainer, twin, filepath):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        self.written = (trainer.global_step, filepath)
+        self._last_global_step_saved, self._last_checkpoint_saved = trainer.global_step, filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+def _linked(trainer: L.Trainer, source: str, target: str) -> bool:
+    """Whether rank zero put `source` at `target` (a hard link, else a copy, renamed into place; every rank learns
+    the outcome): False leaves `target` as it was."""
+    done = False
+    if trainer.is_global_zero:
+        tmp = Path(target).with_name(f".{Path(target).name}{PARTIAL}")
+        try:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(source, tmp)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+            done = True
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("could not link %s as %s (%s); writing it instead", source, target, e)
+    return bool(trainer.strategy.broadcast(done))
 
 
 class NonFiniteLoss(Callback):
@@ -159,7 +203,9 @@ class ExportBest(Callback):
         model = self._gathered(trainer, task, best) if is_sharded(task.model) else task.model
         if not trainer.is_global_zero:
             return
-        if best and not is_sharded(task.model):
+        written = getattr(callback, "written", None)
+        current = written is not None and written == (trainer.global_step, best)  # best: the weights in memory
+        if best and not current and not is_sharded(task.model):
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             task.load_state_dict(state)
         bad = nonfinite_tensors(model)

@@ -14,7 +14,8 @@ from mmeff import config
 from mmeff.errors import CheckpointError
 
 # Runs `mmeff.trainer.fit(config)` in a child that SIGKILLs itself: after training step STEP (mid-epoch), or
-# half-way through writing the second last.ckpt (mid-checkpoint).
+# half-way through writing its second checkpoint file (mid-checkpoint: at the end of epoch 1, the new best one or,
+# without a new best, last.ckpt; the end of epoch 0 wrote the best and linked it as last.ckpt).
 DRIVER = """
 import io, os, signal, sys
 import torch
@@ -29,12 +30,12 @@ class KillAt(Callback):
         if mode == "epoch" and trainer.global_step == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-real_save, lasts = torch.save, []
+real_save, writes = torch.save, []
 
 def save(obj, f):
-    if mode == "checkpoint" and "last.ckpt" in getattr(f, "name", ""):
-        lasts.append(1)
-        if len(lasts) == 2:
+    if mode == "checkpoint" and ".ckpt" in getattr(f, "name", ""):
+        writes.append(1)
+        if len(writes) == 2:
             buf = io.BytesIO()
             real_save(obj, buf)
             f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
@@ -65,7 +66,8 @@ def test_sigkill_then_resume_continues_the_loss(short_config, logged, mode, step
     folder = killed.out_dir / "checkpoints"
     saved = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     assert saved == 4  # the end of epoch 0: epoch 1 was killed in its steps or while its checkpoint was written
-    assert [p.name for p in folder.glob(".*")] == ([".last.ckpt.partial"] if mode == "checkpoint" else [])
+    partial = [p.name for p in folder.glob(".*")]
+    assert len(partial) == (mode == "checkpoint") and all(p.endswith(".ckpt.partial") for p in partial)
     trainer = mmeff.trainer.fit(killed, resume="last")
     assert trainer.global_step == 12 and not list(folder.glob(".*"))
     assert _final_val_loss(logged, killed.out_dir) == pytest.approx(_final_val_loss(logged, straight.out_dir), abs=0.02)

@@ -100,7 +100,11 @@ def test_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(short_con
     mmeff.trainer.fit(cfg)
     folder = cfg.out_dir / "checkpoints"
     last = folder / "last.ckpt"
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    # A new, half-written file in its place: truncating it in place would truncate the best checkpoint too, which
+    # last.ckpt is a hard link of when both were written after one validation.
+    data = last.read_bytes()
+    last.unlink()
+    last.write_bytes(data[: len(data) // 2])
     (cfg.out_dir / "export").rename(cfg.out_dir / "export.first")
     more = config.load(short_config(**{"trainer.max_epochs": 3}))
     trainer = mmeff.trainer.fit(more, resume="last")
@@ -109,6 +113,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(short_con
     assert f"{last} is unreadable" in out and "resuming from the newest intact checkpoint" in out
     assert trainer.global_step > 0 and (cfg.out_dir / "export").is_dir()
     with pytest.raises(CheckpointError, match=f"--resume {last}: {last} cannot be loaded"):
+        last.unlink()
         last.write_bytes(b"")
         mmeff.trainer.fit(more, resume=str(last), overwrite=True)
     assert best.is_file()
