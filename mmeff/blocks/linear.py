@@ -169,7 +169,7 @@ class LinearMixer(ScanMixer):
         return torch.cat([y[:, :start], y[:, start:end] + near, y[:, end:]], dim=1)
 
     def output(self, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        return self.out(self.norm(y, gate))
+        return self.norm.projected(self.out, y, gate)
 
 
 @register("linear_attn")

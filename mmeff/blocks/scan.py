@@ -24,6 +24,7 @@ route; projections, gates and output norms are per token and run once (`project`
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Union
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from mmeff import ops
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
-from mmeff.ops.recompute import outer_hooks
+from mmeff.ops.recompute import outer_hooks, recomputed
 from mmeff.ops.varlen import cu_seqlens_from_docs
 
 ScanKind = Literal["forward", "bi", "cross", "global"]
@@ -325,6 +326,25 @@ class GroupedNorm(nn.Module):
             return y if z is None else y * F.silu(z)
         kind = "rms" if self.kind == "rms" else "layer"
         return ops.norm(y, self.weight, self.bias, self.eps, kind, self.groups, gate=z, gate_first=self.gate_first)
+
+    def projected(self, out: nn.Module, y: Tensor, z: Tensor | None = None) -> Tensor:
+        """out(self(y, z)), with the norm's output made again from y and z in the backward (where `out` reads it)
+        instead of kept: the norm's own backward keeps y and z already, so this keeps a [tokens, width] tensor less
+        per block (benchmarks/saved_memory.py)."""
+        # Contiguous first, so that the norm keeps these very tensors: a view (Mamba-2's z is a slice of in_proj's
+        # output) would keep its whole base alive here.
+        inputs = (y.contiguous(),) if z is None else (y.contiguous(), z.contiguous())
+        normed = self(*inputs)
+        kind = y.device.type
+        cast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+        with recomputed([(normed, functools.partial(self._again, cast), inputs)]):
+            return out(normed)
+
+    def _again(self, cast: tuple[str, torch.dtype, bool], *inputs: Tensor) -> Tensor:
+        """self(*inputs) under the autocast state of the forward that first made it (a backward runs without)."""
+        kind, dtype, enabled = cast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            return self(*inputs)
 
 
 def dt_bias_init(size: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:

@@ -189,4 +189,4 @@ class Mamba2(ScanMixer):
         return y.flatten(-2).view(batch, length, -1)
 
     def output(self, y: Tensor, z: Tensor) -> Tensor:
-        return self.out(self.norm(y, z))
+        return self.norm.projected(self.out, y, z)

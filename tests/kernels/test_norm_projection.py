@@ -1,0 +1,56 @@
+"""GroupedNorm.projected: out(norm(y, z)) with the norm's output made again in the backward, on the plain-PyTorch
+norm and on the Triton norm kernel (interpreted): one [tokens, width] tensor less kept, outputs and every gradient
+bit for bit those of the plain composition, under bf16 autocast as the blocks run. The memory is the kernel's gain: PyTorch's
+norm under autocast keeps an fp32 copy of y, so on that path the recipe's y replaces the output, bytes for bytes."""
+
+import pytest
+import torch
+from torch import nn
+
+from mmeff.blocks.scan import GroupedNorm
+from mmeff.ops import dispatch
+
+CASES = [("rms", False, True), ("rms", True, True), ("group", False, True), ("rms", False, False), ("none", False, True)]
+
+
+def _run(norm: GroupedNorm, out: nn.Linear, y0: torch.Tensor, z0: torch.Tensor | None, projected: bool):
+    """(output, gradients of y, z and every parameter, bytes of the storages autograd kept)."""
+    y = y0.clone().requires_grad_()
+    z = None if z0 is None else z0.clone().requires_grad_()
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        o = norm.projected(out, y, z) if projected else out(norm(y, z))
+    o.float().square().sum().backward()
+    params = [*norm.parameters(), *out.parameters()]
+    grads = [t.grad.clone() for t in (y, z, *params) if t is not None]
+    for p in params:
+        p.grad = None
+    return o.detach(), grads, sum(kept.values())
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("kind, gate_first, gated", CASES)
+def test_projected_norm_keeps_one_tensor_less_and_changes_no_gradient(kernels, monkeypatch, path, kind, gate_first, gated):
+    if path == "triton":
+        if kind == "none":
+            pytest.skip("no norm, no kernel")
+        monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    gen = torch.Generator().manual_seed(0)
+    norm, out = GroupedNorm(64, 4, kind, gate_first=gate_first), nn.Linear(64, 32)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    y0 = torch.randn(2, 16, 64, generator=gen, dtype=torch.bfloat16)
+    z0 = torch.randn(2, 16, 64, generator=gen, dtype=torch.bfloat16) if gated else None
+    plain, made = (_run(norm, out, y0, z0, projected) for projected in (False, True))
+    assert torch.equal(plain[0], made[0])
+    assert len(plain[1]) == len(made[1]) and all(torch.equal(a, b) for a, b in zip(plain[1], made[1]))
+    if path == "triton":  # the kernel keeps y and z themselves, so the output is all that goes
+        assert plain[2] - made[2] == 2 * 16 * 64 * 2  # the bf16 output of the norm, [2, 16, 64]
+    else:  # PyTorch's norms under autocast may keep an fp32 copy of y instead of y, which the recipe then keeps
+        assert made[2] <= plain[2]
