@@ -28,7 +28,11 @@ Where the difference goes (ms per step, from the fused bare step to the fit):
 hands to Lightning. Shards missing under data.root are written first (python-docs, rows of encoder.seq_len + 1).
 Records merge into `--out`.{md,json} (default benchmarks/results/lm_fit_speed_<device>) by config name.
 
+With `task.documents: joined` (rows read across their documents) the bare step calls the model on the ids alone, as
+the fit then does, and with `trainer.cuda_graphs: true` besides, both replay the model as CUDA graphs.
+
     python benchmarks/lm_fit_speed.py configs/text/gpu_150m_gla.yaml configs/text/gpu_150m_attn.yaml --steps 200
+    python benchmarks/lm_fit_speed.py configs/text/gpu_150m_gla.yaml --set task.documents=joined --set trainer.cuda_graphs=true
     python benchmarks/lm_fit_speed.py configs/text/gpu_150m_gla.yaml --set backbone.depth=2 --set trainer.accelerator=cpu
 """
 
@@ -56,8 +60,10 @@ from mmeff import config
 from mmeff.data import build_shards
 from mmeff.data.pipeline import find_shards, make_loader
 from mmeff.encoders.text import load_tokenizer
+from mmeff.ops.varlen import doc_bounds
 from mmeff.tasks import build_model, transforms
 from mmeff.tasks.base import param_groups
+from mmeff.tasks.graphs import GraphedTraining
 from lm_train_speed import train_step  # the step lm_train_speed.py times, beside this script
 from timing import device_tag, free, median_ms, write_results  # benchmarks/timing.py, beside this script
 
@@ -103,7 +109,13 @@ def bare_step(cfg: config.RunConfig, model: nn.Module, batch: dict[str, torch.Te
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=tuple(o.betas), fused=fused)
     tokens, docs = batch["tokens"], batch["docs"]
-    return train_step(model, lambda x, d: model(x, docs=d), tokens, docs[:, :-1], opt, lambda: autocast(cfg, tokens.device),
+    if cfg.task.documents == "joined":  # the model on the ids alone, as the fit calls it (graphed with cuda_graphs)
+        call = GraphedTraining(model) if cfg.trainer.cuda_graphs else model
+        logits_of = lambda x, d: call(x)  # noqa: E731
+    else:  # the documents' bounds as host integers, as the fit finds them before a batch moves
+        bounds = doc_bounds(docs[:, :-1].cpu())
+        logits_of = lambda x, d: model(x, docs=d, bounds=bounds)  # noqa: E731
+    return train_step(model, logits_of, tokens, docs[:, :-1], opt, lambda: autocast(cfg, tokens.device),
                       ignore_index=load_tokenizer(cfg.encoder).pad_id)  # fmt: skip
 
 

@@ -154,7 +154,7 @@ class TrainerConfig:
     monitor: str = "val/loss"
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its optimizer step is skipped
     compile: bool = False  # torch.compile the model (in place: checkpoints keep the plain parameter names)
-    cuda_graphs: bool = False  # classify: replay the training forward + backward as CUDA graphs (one GPU, fixed batch shape)
+    cuda_graphs: bool = False  # classify, lm with task.documents joined: training forward + backward as CUDA graphs (one GPU)
     checkpoint_every_n_steps: int | None = None  # also rewrite last.ckpt every n optimizer steps (mid-epoch resume)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # options of strategy: fsdp
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -56,7 +56,6 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 class TaskModule(L.LightningModule):
     """Base LightningModule: owns the model, the optimizer and schedule, and logs skipped samples."""
 
-    supports_cuda_graphs = False  # whether `step` calls the model through `run_model` (trainer.cuda_graphs)
 
     def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
         super().__init__()
@@ -64,10 +63,16 @@ class TaskModule(L.LightningModule):
         self.model = model
         self.skipped = 0
         set_trainable(model, cfg.freeze, cfg.train)
-        if cfg.trainer.cuda_graphs and not self.supports_cuda_graphs:
-            raise ConfigError(f"trainer.cuda_graphs: true is for the classify task (a model called on one input "
-                              f"tensor), not {cfg.task.name!r}")  # fmt: skip
+        refusal = self.cuda_graphs_refusal() if cfg.trainer.cuda_graphs else None
+        if refusal:
+            raise ConfigError(f"trainer.cuda_graphs: true {refusal}")
         self._graphed = GraphedTraining(model) if cfg.trainer.cuda_graphs else None
+
+    def cuda_graphs_refusal(self) -> str | None:
+        """Why this task's training step cannot replay as CUDA graphs (trainer.cuda_graphs), or None when its `step`
+        calls the model through `run_model` on tensors of one shape alone."""
+        return (f"is for the classify task and the lm task with task.documents: joined (a model called on its "
+                f"input tensors alone), not {self.cfg.task.name!r}")  # fmt: skip
 
     def configure_model(self) -> None:
         """Lightning's hook for sharding: a strategy with a `shard` method (mmeff.strategies.FSDP) shards the model."""

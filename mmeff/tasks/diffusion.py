@@ -156,7 +156,7 @@ class Task(MaskedDiffusion, TaskModule):
         self.export_files = tokenizer_files(cfg.encoder)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        return host_facts(batch, self.pad_id, self.cfg.trainer.compile)
+        return host_facts(batch, self.pad_id, bounds=not self.cfg.trainer.compile)
 
     def step(self, batch: dict, stage: str) -> torch.Tensor:
         tokens, docs = batch["tokens"][:, :-1], batch["docs"][:, :-1]

@@ -32,6 +32,14 @@ class LMConfig:
     # <eos> stands for the document separator, so by default it counts as one byte (like a newline);
     # the other special tokens count 0 bytes.
     eos_bytes: int = 1
+    # separate: each document of a packed row is read on its own (every mixer restarts at its first token); joined:
+    # a row is one stream across its documents, <eos> between them, as GPT-2 and litgpt train. Joined calls the model
+    # on the token ids alone, a step of one shape that trainer.cuda_graphs can replay.
+    documents: str = "separate"
+
+    def __post_init__(self) -> None:
+        if self.documents not in ("separate", "joined"):
+            raise ConfigError(f"task.documents: got {self.documents!r}; expected 'separate' or 'joined'")
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -83,13 +91,13 @@ class LanguageModel(Model):
         return self.head(self.hidden(self.embed(tokens), layout=layout))
 
 
-def host_facts(batch: dict, pad_id: int, compiled: bool) -> dict:
+def host_facts(batch: dict, pad_id: int, bounds: bool) -> dict:
     """`batch` of text ids [B, T + 1] with what the step needs as host integers, found while the batch is on the CPU
-    (read back from the GPU, each would wait for the step's queued kernels): "bounds", the boundaries of the
-    documents of the model's input `docs[:, :-1]` (not for a compiled model: torch.compile would specialise on
+    (read back from the GPU, each would wait for the step's queued kernels): with `bounds`, "bounds", the boundaries
+    of the documents of the model's input `docs[:, :-1]` (not for a compiled model: torch.compile would specialise on
     them and compile again for every batch), and "targets", the count of non-pad targets."""
     out = {**batch, "targets": int((batch["tokens"][:, 1:] != pad_id).sum())}
-    if not compiled:
+    if bounds:
         out["bounds"] = doc_bounds(batch["docs"][:, :-1])
     return out
 
@@ -144,12 +152,22 @@ class Task(TaskModule):
         self.sums = nn.ModuleDict({stage: _Sums() for stage in ("val", "test")})
         self.export_files = tokenizer_files(cfg.encoder)
 
+    def cuda_graphs_refusal(self) -> str | None:
+        if self.cfg.task.documents == "joined":
+            return None
+        return ("needs task.documents: joined for the lm task (the bounds of packed documents change from batch to "
+                "batch, and a graph replays the work of one)")  # fmt: skip
+
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        return host_facts(batch, self.pad_id, self.cfg.trainer.compile)
+        joined = self.cfg.task.documents == "joined"
+        return host_facts(batch, self.pad_id, bounds=not (self.cfg.trainer.compile or joined))
 
     def step(self, batch: dict, stage: str) -> torch.Tensor:
         tokens, docs = batch["tokens"], batch["docs"]
-        logits = self.model(tokens[:, :-1], docs=docs[:, :-1], bounds=batch.get("bounds"))
+        if self.cfg.task.documents == "joined":
+            logits = self.run_model(tokens[:, :-1])
+        else:
+            logits = self.model(tokens[:, :-1], docs=docs[:, :-1], bounds=batch.get("bounds"))
         nll, count, nbytes = lm_sums(logits, tokens[:, 1:], self.byte_table, self.pad_id)
         loss = nll / count.clamp(min=1)
         if stage == "train":

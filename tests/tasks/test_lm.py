@@ -71,10 +71,10 @@ def test_uniform_logits_give_ln_v_loss_v_perplexity_and_matching_bpb(tmp_path):
 def test_host_facts_give_the_document_bounds_and_targets_before_the_batch_moves():
     row = [*TOK.encode("ab"), TOK.eos_id, *TOK.encode("cd"), TOK.pad_id]
     batch = {"tokens": torch.tensor([row, row]), "docs": torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 1]])}
-    facts = host_facts(batch, TOK.pad_id, compiled=False)
+    facts = host_facts(batch, TOK.pad_id, bounds=True)
     # The model sees docs[:, :-1]: documents of 3, 2 and 2, 3 tokens over the flattened 2 x 5.
     assert facts["bounds"] == (0, 3, 5, 7, 10) and facts["targets"] == 8
-    assert "bounds" not in host_facts(batch, TOK.pad_id, compiled=True)
+    assert "bounds" not in host_facts(batch, TOK.pad_id, bounds=False)
     model = build_model(config.parse(LM)).eval()
     x, docs = batch["tokens"][:, :-1], batch["docs"][:, :-1]
     torch.testing.assert_close(model(x, docs=docs, bounds=facts["bounds"]), model(x, docs=docs), rtol=0, atol=0)
