@@ -16,11 +16,16 @@ what is kept outside the saved-tensor hooks: a hook's own closure kept gla-bi's 
 Not counted: workspace inside a kernel and the allocator's fragmentation. Mamba-2 runs mmeff's Triton SSD here; on a
 GPU with mamba-ssm installed it runs mamba-ssm's kernels, which keep other tensors.
 
+`--lm`: the rows of benchmarks/lm_train_speed.py instead (causal LMs of width 1024 on rows of 128 byte tokens, mmeff
+attn first): one layer's bytes per token, a 2-layer model's count less a 1-layer one's (a hybrid: 8 and 4 layers, over
+4), so the embedding and the vocabulary head are out of it.
+
     python benchmarks/saved_memory.py                          # every row of vision_speed.py except the cross scans
     python benchmarks/saved_memory.py --rows timm attn gla-bi --detail
+    python benchmarks/saved_memory.py --lm                     # every mmeff row of lm_train_speed.py
 
 Writes benchmarks/results/saved_memory_cpu.{md,json,png} (records: row, kib_per_token_layer, vs_timm,
-live_kib_per_token_layer, live_vs_timm, largest).
+live_kib_per_token_layer, live_vs_timm, largest), with --lm saved_memory_lm_cpu.* (vs_attn, live_vs_attn).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import gc
 import os
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +47,13 @@ from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
+import lm_train_speed  # noqa: E402  (benchmarks/lm_train_speed.py, beside this script)
 import vision_speed  # noqa: E402  (benchmarks/vision_speed.py, beside this script)
 from mmeff.ops import dispatch  # noqa: E402
 from timing import save_figure, write_results  # noqa: E402
 
 PX = 128  # 64 tokens an image of 16 px patches: the counts are per token; small keeps the interpreted kernels quick
+LM_T = 128  # --lm: tokens a row
 SMOKE_PX = 64  # --smoke: 64 tokens of 8 px
 
 
@@ -111,16 +119,32 @@ def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool) -> dict[
     return record
 
 
-def table(records: list[dict[str, Any]], command: str, px: int) -> str:
-    """Markdown: KiB per token and layer, against timm's, under the command that counted them."""
-    lines = [f"`{command}` (CPU, torch {torch.__version__}; {px} px images, bf16 autocast, the GPU code path with the "
+def measure_lm(row: str) -> dict[str, Any]:
+    """One record of an lm_train_speed row: KiB one layer keeps (and leaves live) per token, from models of two and one
+    times its pattern's layers (a hybrid's mean over its pattern) on rows of LM_T tokens, batches of 2 and 1 rows."""
+    unit = len(lm_train_speed.PATTERNS[row])
+    per_token = []
+    for depth in (unit, 2 * unit):
+        torch.manual_seed(0)
+        model, _ = lm_train_speed.build(row, replace(lm_train_speed.REAL, depth=depth), LM_T)
+        rows = [torch.randint(0, 256, (n, LM_T), generator=torch.Generator().manual_seed(n)) for n in (1, 2)]
+        saved = [sum(b for b, _, _ in kept(model, x).values()) for x in rows]
+        alive = [live(model, x) for x in rows]
+        per_token.append(((saved[1] - saved[0]) / LM_T, (alive[1] - alive[0]) / LM_T))
+    return {"row": row, "kib_per_token_layer": (per_token[1][0] - per_token[0][0]) / unit / 1024,
+            "live_kib_per_token_layer": (per_token[1][1] - per_token[0][1]) / unit / 1024}  # fmt: skip
+
+
+def table(records: list[dict[str, Any]], command: str, setting: str, base: str) -> str:
+    """Markdown: KiB per token and layer, against the first row's (`base`), under the command that counted them."""
+    lines = [f"`{command}` (CPU, torch {torch.__version__}; {setting}, bf16 autocast, the GPU code path with the "
              "Triton kernels interpreted). Per token and layer: the bytes autograd keeps for the backward (saved) and "
              "the bytes the forward allocated that are still live after it (live).", "",
-             "| row | saved: KiB per token and layer | vs timm | live after the forward: KiB per token and layer "
-             "| vs timm |",
+             f"| row | saved: KiB per token and layer | vs {base} | live after the forward: KiB per token and layer "
+             f"| vs {base} |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {r['row']} | {r['kib_per_token_layer']:.2f} | {r['vs_timm']:.2f}x | "
-              f"{r['live_kib_per_token_layer']:.2f} | {r['live_vs_timm']:.2f}x |" for r in records]  # fmt: skip
+    lines += [f"| {r['row']} | {r['kib_per_token_layer']:.2f} | {r[f'vs_{base}']:.2f}x | "
+              f"{r['live_kib_per_token_layer']:.2f} | {r[f'live_vs_{base}']:.2f}x |" for r in records]  # fmt: skip
     for r in records:
         if r.get("largest"):
             lines += ["", f"{r['row']}, bytes per token and layer by kind of tensor (batch of 2; weights' bf16 copies included):", ""]
@@ -128,8 +152,8 @@ def table(records: list[dict[str, Any]], command: str, px: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict[str, Any]], path: Path) -> None:
-    """KiB per token and layer of each row, timm's marked (skipped without matplotlib)."""
+def plot(records: list[dict[str, Any]], path: Path, base: str) -> None:
+    """KiB per token and layer of each row, the first row's (`base`) marked (skipped without matplotlib)."""
     try:
         import matplotlib
 
@@ -142,7 +166,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.bar([i - 0.2 for i in x], [r["kib_per_token_layer"] for r in records], 0.4, color="tab:blue", label="saved")
     ax.bar([i + 0.2 for i in x], [r["live_kib_per_token_layer"] for r in records], 0.4, color="tab:orange",
            label="live after the forward")  # fmt: skip
-    ax.axhline(records[0]["live_kib_per_token_layer"], color="grey", linewidth=0.8, label="timm ViT-S, live")
+    ax.axhline(records[0]["live_kib_per_token_layer"], color="grey", linewidth=0.8, label=f"{base}, live")
     ax.set_xticks(list(x), [r["row"] for r in records])
     ax.set_ylabel("KiB per token and layer")
     ax.set_title("Activations of one forward (bf16 autocast, GPU code path, counted on CPU)", fontsize=9)
@@ -152,29 +176,47 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+LM_ROWS = ["attn", "gla", "retnet", "deltanet", "mamba2", "gated_deltanet", "hybrid_gla", "hybrid_mamba2"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     rows = [r for r in vision_speed.row_names() if not r.endswith("-cross")]
-    p.add_argument("--rows", nargs="+", default=rows, help=f"rows of vision_speed.py (default: {' '.join(rows)})")
-    p.add_argument("--detail", action="store_true", help="also list each row's largest kinds of kept tensor")
-    p.add_argument("--smoke", action="store_true", help="vision_speed's tiny model (a check that the rows run)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "saved_memory_cpu", help="file stem")
+    p.add_argument("--rows", nargs="+", help=f"rows of vision_speed.py (default: {' '.join(rows)}); with --lm, of "
+                                             f"lm_train_speed.py (default: {' '.join(LM_ROWS)})")  # fmt: skip
+    p.add_argument("--lm", action="store_true", help="the causal LMs of lm_train_speed.py, against mmeff attn")
+    p.add_argument("--detail", action="store_true", help="also list each row's largest kinds of kept tensor (vision)")
+    p.add_argument("--smoke", action="store_true", help="the tiny models of the speed scripts (a check that rows run)")
+    p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/saved_memory_cpu, --lm: saved_memory_lm_cpu)")
     args = p.parse_args()
-    try:
-        rows = vision_speed.select(args.rows)  # timm first; a mixer's name selects its rows; +ckpt, +ckpt_mixer
-    except SystemExit as e:
-        raise SystemExit(f"saved_memory: {str(e).removeprefix('vision_speed: ')}") from None
+    out = args.out or Path(__file__).parent / "results" / ("saved_memory_lm_cpu" if args.lm else "saved_memory_cpu")
+    if args.lm:
+        rows = args.rows or LM_ROWS
+        unknown = [r for r in rows if r not in lm_train_speed.PATTERNS]
+        if unknown or rows[0] != "attn":
+            raise SystemExit(f"saved_memory --lm: rows start with attn and are mmeff rows of lm_train_speed.py "
+                             f"({' '.join(lm_train_speed.PATTERNS)}); got {' '.join(rows)}")  # fmt: skip
+        if args.smoke:
+            lm_train_speed.REAL = lm_train_speed.SMOKE  # this process only
+        base, setting = "attn", f"width {lm_train_speed.REAL.dim}, rows of {LM_T} tokens"
+    else:
+        try:
+            rows = vision_speed.select(args.rows or rows)  # timm first; a mixer's name selects its rows; +ckpt, +ckpt_mixer
+        except SystemExit as e:
+            raise SystemExit(f"saved_memory: {str(e).removeprefix('vision_speed: ')}") from None
+        shape, px = (vision_speed.SMOKE, SMOKE_PX) if args.smoke else (vision_speed.REAL, PX)
+        base, setting = "timm", f"{px} px images"
     dispatch.on_cuda = lambda x: True  # the GPU path: each op keeps what its fast path keeps (this process only)
-    shape, px = (vision_speed.SMOKE, SMOKE_PX) if args.smoke else (vision_speed.REAL, PX)
     records = []
     for row in rows:
-        records.append(measure(row, shape, px, args.detail))
+        records.append(measure_lm(row) if args.lm else measure(row, shape, px, args.detail))
         for r in records:
-            r["vs_timm"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
-            r["live_vs_timm"] = r["live_kib_per_token_layer"] / records[0]["live_kib_per_token_layer"]
+            r[f"vs_{base}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
+            r[f"live_vs_{base}"] = r["live_kib_per_token_layer"] / records[0]["live_kib_per_token_layer"]
         command = "python benchmarks/saved_memory.py " + " ".join(sys.argv[1:])
-        write_results(args.out, {"px": px, "command": command, "records": records}, table(records, command, px))
-        plot(records, args.out.with_name(args.out.name + ".png"))
+        scale = {"T": LM_T} if args.lm else {"px": px}
+        write_results(out, {**scale, "command": command, "records": records}, table(records, command, setting, base))
+        plot(records, out.with_name(out.name + ".png"), base)
         print(f"{row}: {records[-1]['kib_per_token_layer']:.2f} KiB per token and layer saved, "
               f"{records[-1]['live_kib_per_token_layer']:.2f} live", flush=True)
 

@@ -56,7 +56,6 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 class TaskModule(L.LightningModule):
     """Base LightningModule: owns the model, the optimizer and schedule, and logs skipped samples."""
 
-
     def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg

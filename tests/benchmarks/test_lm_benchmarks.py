@@ -8,6 +8,7 @@ import pytest
 from mmeff import config
 
 ROOT = Path(__file__).parents[2]
+BENCHMARKS = ROOT / "benchmarks"
 GPU_CONFIGS = sorted((ROOT / "configs" / "text").glob("gpu_150m_*.yaml"))
 TINY = {"backbone.dim": 64, "backbone.depth": 2, "backbone.ffn_options.hidden": 176, "encoder.seq_len": 32,
         "data.batch_size": 2, "data.eval_batch_size": 2, "data.num_workers": 0, "trainer.accelerator": "cpu",
@@ -130,3 +131,19 @@ def test_fit_clips_gradients_of_a_fused_adamw_under_bf16_mixed(tmp_path, monkeyp
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, limit: norms.append(limit) or clip(params, limit))
     fit(cfg)
     assert norms == [1.0, 1.0]  # every step clipped (before: RuntimeError "does not allow for gradient clipping")
+
+
+def test_saved_memory_of_the_lm_rows_counts_one_layer(tmp_path):
+    # One layer's bytes per token (two pattern lengths of layers less one), on the kernels' path, for the LM rows: a
+    # hybrid's figure is the mean of its pattern's layers.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(BENCHMARKS / "saved_memory.py"), "--lm", "--smoke", "--rows", "attn", "gla",
+                    "hybrid_gla", "--out", str(tmp_path / "mem")], check=True)  # fmt: skip
+    records = json.loads((tmp_path / "mem.json").read_text())["records"]
+    kept = {r["row"]: r["kib_per_token_layer"] for r in records}
+    assert list(kept) == ["attn", "gla", "hybrid_gla"] and records[0]["vs_attn"] == 1.0
+    assert kept["gla"] > 0 and kept["attn"] > 0
+    assert kept["hybrid_gla"] == pytest.approx((3 * kept["gla"] + kept["attn"]) / 4, rel=0.02)  # gla x3, attn
+    assert "| hybrid_gla |" in (tmp_path / "mem.md").read_text()

@@ -1,6 +1,7 @@
 """trainer.cuda_graphs on the GPU: a Lightning fit (bf16-mixed, fused AdamW, gradient clipping) whose training forward
 and backward replay as CUDA graphs ends with the weights of the same fit run eagerly; the epoch's smaller last batch
-runs eagerly. A bidirectional GLA ViT (mmeff's Triton recurrence and norm kernels, scan-route gathers), 2 layers."""
+runs eagerly. A bidirectional GLA ViT (mmeff's Triton recurrence and norm kernels, scan-route gathers), 2 layers, and
+a causal [gla, attn] LM on joined rows (task.documents: joined)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ SPEC = {
     "task": {"name": "classify", "num_classes": 10},
     "optim": {"lr": 1e-3, "fused": True},
 }
+LM_SPEC = {
+    "encoder": {"name": "text", "seq_len": 256},
+    "backbone": {"dim": 128, "depth": 2, "pattern": ["gla", "attn"], "mixers": {"gla": {"heads": 2}, "attn": {"heads": 2}}},
+    "task": {"name": "lm", "documents": "joined"},
+    "optim": {"lr": 1e-3, "fused": True},
+}
 
 
 def _batches() -> list[dict]:
@@ -27,35 +34,6 @@ def _batches() -> list[dict]:
             for n in sizes]  # fmt: skip
 
 
-@pytest.mark.xdist_group("cuda_graphs")
-def test_graphed_fit_matches_eager_fit(tmp_path):
-    def fit(graphs: bool):
-        cfg = config.parse({**SPEC, "run_dir": str(tmp_path), "trainer": {"cuda_graphs": graphs}})
-        torch.manual_seed(0)
-        task = build_task(cfg)
-        initial = {k: v.detach().float().clone() for k, v in task.model.state_dict().items()}
-        trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, gradient_clip_val=1.0,
-                            logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            enable_checkpointing=False)  # fmt: skip
-        trainer.fit(task, DataLoader(_batches(), batch_size=None))
-        return task, initial, {k: v.detach().float().clone() for k, v in task.model.state_dict().items()}
-
-    _, initial, eager = fit(False)
-    task, _, graphed = fit(True)
-    assert max((eager[k] - initial[k]).abs().max().item() for k in eager) > 1e-3  # the fit trained
-    assert task._graphed.graphed is not None and task._graphed.key[0][0] == torch.Size([16, 1, 64, 64])
-    errors = {k: ((graphed[k] - eager[k]).norm() / eager[k].norm().clamp(min=1e-12)).item() for k in eager}
-    assert max(errors.values()) < 1e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
-
-
-LM_SPEC = {
-    "encoder": {"name": "text", "seq_len": 256},
-    "backbone": {"dim": 128, "depth": 2, "pattern": ["gla", "attn"], "mixers": {"gla": {"heads": 2}, "attn": {"heads": 2}}},
-    "task": {"name": "lm", "documents": "joined"},
-    "optim": {"lr": 1e-3, "fused": True},
-}
-
-
 def _lm_batches() -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     sizes = [4] * 6 + [2]  # the last one smaller: it runs eagerly
@@ -63,22 +41,26 @@ def _lm_batches() -> list[dict]:
             for n in sizes]  # fmt: skip
 
 
-@pytest.mark.xdist_group("cuda_graphs")
-def test_graphed_lm_fit_on_joined_rows_matches_eager_fit(tmp_path):
-    # The causal LM (Triton GLA kernels and SDPA, tied embeddings) with task.documents: joined, its forward and backward
-    # replayed as CUDA graphs under Lightning: the weights of the eager fit.
-    def fit(graphs: bool):
-        cfg = config.parse({**LM_SPEC, "run_dir": str(tmp_path), "trainer": {"cuda_graphs": graphs}})
-        torch.manual_seed(0)
-        task = build_task(cfg)
-        trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, gradient_clip_val=1.0,
-                            logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            enable_checkpointing=False)  # fmt: skip
-        trainer.fit(task, DataLoader(_lm_batches(), batch_size=None))
-        return task, {k: v.detach().float().clone() for k, v in task.model.state_dict().items()}
+def _fit(spec: dict, batches: list[dict], graphs: bool, tmp_path) -> tuple:
+    """(task, weights before, weights after) of one Lightning fit of `spec` on `batches`."""
+    cfg = config.parse({**spec, "run_dir": str(tmp_path), "trainer": {"cuda_graphs": graphs}})
+    torch.manual_seed(0)
+    task = build_task(cfg)
+    initial = {k: v.detach().float().clone() for k, v in task.model.state_dict().items()}
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, gradient_clip_val=1.0,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)  # fmt: skip
+    trainer.fit(task, DataLoader(batches, batch_size=None))
+    return task, initial, {k: v.detach().float().clone() for k, v in task.model.state_dict().items()}
 
-    _, eager = fit(False)
-    task, graphed = fit(True)
-    assert task._graphed.graphed is not None and task._graphed.key[0][0] == torch.Size([4, 256])
+
+@pytest.mark.xdist_group("cuda_graphs")
+@pytest.mark.parametrize("spec, batches, shape", [(SPEC, _batches, [16, 1, 64, 64]), (LM_SPEC, _lm_batches, [4, 256])],
+                         ids=["gla_vit", "joined_lm"])  # fmt: skip
+def test_graphed_fit_matches_eager_fit(tmp_path, spec, batches, shape):
+    _, initial, eager = _fit(spec, batches(), False, tmp_path)
+    task, _, graphed = _fit(spec, batches(), True, tmp_path)
+    assert max((eager[k] - initial[k]).abs().max().item() for k in eager) > 1e-3  # the fit trained
+    assert task._graphed.graphed is not None and task._graphed.key[0][0] == torch.Size(shape)
     errors = {k: ((graphed[k] - eager[k]).norm() / eager[k].norm().clamp(min=1e-12)).item() for k in eager}
     assert max(errors.values()) < 1e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
