@@ -119,14 +119,14 @@ def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool) -> dict[
     return record
 
 
-def measure_lm(row: str) -> dict[str, Any]:
+def measure_lm(row: str, shape: lm_train_speed.Shape) -> dict[str, Any]:
     """One record of an lm_train_speed row: KiB one layer keeps (and leaves live) per token, from models of two and one
     times its pattern's layers (a hybrid's mean over its pattern) on rows of LM_T tokens, batches of 2 and 1 rows."""
     unit = len(lm_train_speed.PATTERNS[row])
     per_token = []
     for depth in (unit, 2 * unit):
         torch.manual_seed(0)
-        model, _ = lm_train_speed.build(row, replace(lm_train_speed.REAL, depth=depth), LM_T)
+        model, _ = lm_train_speed.build(row, replace(shape, depth=depth), LM_T)
         rows = [torch.randint(0, 256, (n, LM_T), generator=torch.Generator().manual_seed(n)) for n in (1, 2)]
         saved = [sum(b for b, _, _ in kept(model, x).values()) for x in rows]
         alive = [live(model, x) for x in rows]
@@ -196,9 +196,8 @@ def main() -> None:
         if unknown or rows[0] != "attn":
             raise SystemExit(f"saved_memory --lm: rows start with attn and are mmeff rows of lm_train_speed.py "
                              f"({' '.join(lm_train_speed.PATTERNS)}); got {' '.join(rows)}")  # fmt: skip
-        if args.smoke:
-            lm_train_speed.REAL = lm_train_speed.SMOKE  # this process only
-        base, setting = "attn", f"width {lm_train_speed.REAL.dim}, rows of {LM_T} tokens"
+        shape = lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL
+        base, setting = "attn", f"width {shape.dim}, rows of {LM_T} tokens"
     else:
         try:
             rows = vision_speed.select(args.rows or rows)  # timm first; a mixer's name selects its rows; +ckpt, +ckpt_mixer
@@ -209,7 +208,7 @@ def main() -> None:
     dispatch.on_cuda = lambda x: True  # the GPU path: each op keeps what its fast path keeps (this process only)
     records = []
     for row in rows:
-        records.append(measure_lm(row) if args.lm else measure(row, shape, px, args.detail))
+        records.append(measure_lm(row, shape) if args.lm else measure(row, shape, px, args.detail))
         for r in records:
             r[f"vs_{base}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
             r[f"live_vs_{base}"] = r["live_kib_per_token_layer"] / records[0]["live_kib_per_token_layer"]

@@ -152,19 +152,23 @@ class Task(TaskModule):
         self.sums = nn.ModuleDict({stage: _Sums() for stage in ("val", "test")})
         self.export_files = tokenizer_files(cfg.encoder)
 
+    @property
+    def joined(self) -> bool:
+        """Whether rows are read as one stream across their documents (task.documents: joined)."""
+        return self.cfg.task.documents == "joined"
+
     def cuda_graphs_refusal(self) -> str | None:
-        if self.cfg.task.documents == "joined":
+        if self.joined:
             return None
         return ("needs task.documents: joined for the lm task (the bounds of packed documents change from batch to "
                 "batch, and a graph replays the work of one)")  # fmt: skip
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        joined = self.cfg.task.documents == "joined"
-        return host_facts(batch, self.pad_id, bounds=not (self.cfg.trainer.compile or joined))
+        return host_facts(batch, self.pad_id, bounds=not (self.cfg.trainer.compile or self.joined))
 
     def step(self, batch: dict, stage: str) -> torch.Tensor:
         tokens, docs = batch["tokens"], batch["docs"]
-        if self.cfg.task.documents == "joined":
+        if self.joined:
             logits = self.run_model(tokens[:, :-1])
         else:
             logits = self.model(tokens[:, :-1], docs=docs[:, :-1], bounds=batch.get("bounds"))
