@@ -8,6 +8,7 @@ bidirectional inputs come from `ScanMixer` (mmeff/blocks/scan.py).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,7 @@ from mmeff.blocks.registry import register
 from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter, packed
 from mmeff.ops.conv import depthwise_conv2d
 from mmeff.ops.features import FEATURE_MAPS
+from mmeff.ops.recompute import recomputed
 from mmeff.ops.rope import apply_rope, rope_angles
 
 Recurred = tuple[Tensor, Tensor | None]  # (o [B, T, H, V], final state [B, H, K, V] or None)
@@ -95,9 +97,9 @@ class LinearMixer(ScanMixer):
         """The op: q, k [B, T, H, K], v [B, T, H, V] -> (o [B, T, H, V], final state)."""
         raise NotImplementedError
 
-    def position_qk(self, q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hook for position encodings of q, k (RetNet's rotation); identity by default."""
-        return q, k
+    def position(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Hook for a position encoding of q or k [B, T, H, K] from token `offset` on (RetNet's rotation); identity by default."""
+        return x
 
     def initial_state(self, cache: Cache | None, batch: int) -> torch.Tensor | None:
         """The state the recurrence starts from (`batch` sequences): the cached one, else zeros (None)."""
@@ -144,13 +146,28 @@ class LinearMixer(ScanMixer):
         return o.flatten(-2).view(batch, length, -1)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], offset: int, **kw: Any) -> Recurred:
-        """Feature map and positions of q, k [B, T, H, K], then the op (`recur`)."""
+        """Feature map and positions of q, k [B, T, H, K], then the op (`recur`).
+
+        The op keeps the mapped q and k for its backward. Where they are new tensors (a rotation) of q and k that are
+        views of the streams, which the block keeps anyway (a bidirectional scan's as the unstacked source,
+        `regathered`), the backward makes them again: RetNet-bi kept two route-stacked copies of each otherwise.
+        After a short conv, q and k are views of its output, which nothing else keeps: there the mapped ones stay.
+        """
+        mapped = functools.partial(self.mapped, offset=offset, dtype=v.dtype)
+        mq, mk = mapped(q), mapped(k)
+        if not self.features_first or torch.compiler.is_compiling():  # compiled: the partitioner picks what to save
+            return self.recur(mq, mk, v, gates, **kw)
+        recipes = [(m, mapped, (x,)) for m, x in ((mq, q), (mk, k)) if m.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+        with recomputed(recipes):
+            return self.recur(mq, mk, v, gates, **kw)
+
+    def mapped(self, x: Tensor, offset: int, dtype: torch.dtype) -> Tensor:
+        """q or k through the feature map (unless applied before the scan routes) and the position encoding, in `dtype`."""
         if not self.features_first:
-            q, k = self.feature(q), self.feature(k)
-        q, k = self.position_qk(q, k, offset)
+            x = self.feature(x)
         # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run
         # its fp32 kernels (exact fp32 matmuls, no tensor cores) on bf16 values; the LM's gated_deltanet stalled so.
-        return self.recur(q.to(v.dtype), k.to(v.dtype), v, gates, **kw)
+        return self.position(x, offset).to(dtype)
 
     def local(self, y: Tensor, streams: list[Tensor], layout: Layout) -> Tensor:
         """y plus the depthwise conv of v over the token grid (local_conv); tokens outside the grid unchanged."""
@@ -225,12 +242,12 @@ class RetNet(LinearMixer):
         gamma = 1 - 2.0 ** (-5.0 - torch.arange(self.heads, dtype=torch.float32))
         self.register_buffer("log_decay", gamma.log(), persistent=False)
 
-    def position_qk(self, q: torch.Tensor, k: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def position(self, x: torch.Tensor, offset: int) -> torch.Tensor:
         if not self.rope:
-            return q, k
-        positions = torch.arange(offset, offset + q.shape[1], device=q.device)
-        cos, sin = rope_angles(positions, q.shape[-1], self.rope_base)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            return x
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+        cos, sin = rope_angles(positions, x.shape[-1], self.rope_base)
+        return apply_rope(x, cos, sin)
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
         return ops.retention(q, k, v, self.log_decay, **kw)

@@ -48,7 +48,7 @@ class RowCaches(Cache):
 def mixer_kind(mixer: nn.Module) -> str:
     """'state' (offset-free fixed-size state), 'attn' (padded per-row KV) or 'group' (rows of equal offset)."""
     if isinstance(mixer, (Mamba, Mamba2)) or (
-        isinstance(mixer, LinearMixer) and type(mixer).position_qk is LinearMixer.position_qk
+        isinstance(mixer, LinearMixer) and type(mixer).position is LinearMixer.position
     ):
         return "state"
     if type(mixer) is Attention and mixer.causal and mixer.cache_bound() is None:
