@@ -98,7 +98,7 @@ class LinearMixer(ScanMixer):
         raise NotImplementedError
 
     def position(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        """Hook for a position encoding of q or k [B, T, H, K] from token `offset` on (RetNet's rotation); identity by default."""
+        """Hook for a position encoding of q or k [B, T, H, K] from token `offset` on (RetNet's rotation); identity."""
         return x
 
     def initial_state(self, cache: Cache | None, batch: int) -> torch.Tensor | None:
@@ -157,12 +157,13 @@ class LinearMixer(ScanMixer):
         mq, mk = mapped(q), mapped(k)
         if not self.features_first or torch.compiler.is_compiling():  # compiled: the partitioner picks what to save
             return self.recur(mq, mk, v, gates, **kw)
-        recipes = [(m, mapped, (x,)) for m, x in ((mq, q), (mk, k)) if m.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+        new = [(m, x) for m, x in ((mq, q), (mk, k)) if m.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+        recipes = [(m, mapped, (x,)) for m, x in new]
         with recomputed(recipes):
             return self.recur(mq, mk, v, gates, **kw)
 
     def mapped(self, x: Tensor, offset: int, dtype: torch.dtype) -> Tensor:
-        """q or k through the feature map (unless applied before the scan routes) and the position encoding, in `dtype`."""
+        """q or k through the feature map (unless applied before the scan routes) and the positions, in `dtype`."""
         if not self.features_first:
             x = self.feature(x)
         # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run

@@ -1,7 +1,7 @@
-"""LinearMixer.attend: the rotated (or feature-mapped) q and k that a recurrence kernel keeps for its backward are made
-again there from q and k. On the Triton path (interpreted) under bf16 autocast, as the blocks run: outputs and every
-gradient bit for bit those of keeping them, and a bidirectional RetNet keeps its two route-stacked copies of the
-rotated q and k no more."""
+"""LinearMixer.attend: the rotated q and k that a recurrence kernel keeps for its backward are made again there from
+the stream views q and k (after a short conv they are kept as they are). On the Triton path (interpreted) under bf16
+autocast, as the blocks run: outputs and every gradient bit for bit those of keeping them, and a bidirectional RetNet
+keeps its two route-stacked copies of the rotated q and k no more."""
 
 import contextlib
 
