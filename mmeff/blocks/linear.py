@@ -158,8 +158,9 @@ class LinearMixer(ScanMixer):
         if not self.features_first or torch.compiler.is_compiling():  # compiled: the partitioner picks what to save
             return self.recur(mq, mk, v, gates, **kw)
         new = [(m, x) for m, x in ((mq, q), (mk, k)) if m.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
-        recipes = [(m, mapped, (x,)) for m, x in new]
-        with recomputed(recipes):
+        if not new:  # nothing to make again (no rotation): no saved-tensor hook on the host's path
+            return self.recur(mq, mk, v, gates, **kw)
+        with recomputed([(m, mapped, (x,)) for m, x in new]):
             return self.recur(mq, mk, v, gates, **kw)
 
     def mapped(self, x: Tensor, offset: int, dtype: torch.dtype) -> Tensor:

@@ -106,6 +106,19 @@ def forward_backward(
     return o, state, dict(zip(leaves, grads))
 
 
+@contextmanager
+def saved_bytes() -> Iterator[Dict[int, int]]:
+    """Inside: {data pointer: bytes} of every storage autograd saves a tensor of for the backward."""
+    kept: Dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
+
+
 def max_error(actual: Tensor, expected: Tensor) -> float:
     """max |actual - expected| relative to max(1, max |expected|)."""
     expected = expected.float()

@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from kernel_cases import saved_bytes
 
 from mmeff import blocks
 from mmeff.blocks.layout import Layout
@@ -18,13 +19,7 @@ B, T, DIM, HEADS = 2, 16, 64, 4
 def _run(mixer: torch.nn.Module, x0: torch.Tensor):
     """(output, gradients of x and every parameter, bytes of the storages autograd kept)."""
     x = x0.clone().requires_grad_()
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+    with saved_bytes() as kept, torch.autocast("cpu", dtype=torch.bfloat16):
         y = mixer(x, layout=Layout(grid=(1, 4, 4)))
     y.float().square().sum().backward()
     grads = [x.grad.clone(), *(p.grad.clone() for p in mixer.parameters())]

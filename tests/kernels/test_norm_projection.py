@@ -6,6 +6,7 @@ norm under autocast keeps an fp32 copy of y, so on that path the recipe's y repl
 import pytest
 import torch
 from torch import nn
+from kernel_cases import saved_bytes
 
 from mmeff.blocks.scan import GroupedNorm
 from mmeff.ops import dispatch
@@ -17,13 +18,7 @@ def _run(norm: GroupedNorm, out: nn.Linear, y0: torch.Tensor, z0: torch.Tensor |
     """(output, gradients of y, z and every parameter, bytes of the storages autograd kept)."""
     y = y0.clone().requires_grad_()
     z = None if z0 is None else z0.clone().requires_grad_()
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+    with saved_bytes() as kept, torch.autocast("cpu", dtype=torch.bfloat16):
         o = norm.projected(out, y, z) if projected else out(norm(y, z))
     o.float().square().sum().backward()
     params = [*norm.parameters(), *out.parameters()]
