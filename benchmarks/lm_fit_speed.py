@@ -22,8 +22,8 @@ Where the difference goes (ms per step, from the fused bare step to the fit):
 - gradient clipping: fit - fit without clipping; logging (loggers, progress bar, LR monitor): fit - fit without;
 - validation, checkpointing: their timed pauses over the steps;
 - waiting for data: the profiler's host time in the train loader's `next` and the batch's copy to the device;
-- the rest: Lightning's loop and the other callbacks (the non-finite check takes the gradient norm and synchronises
-  once a step).
+- the rest: Lightning's loop and the other callbacks (the non-finite check takes the gradient norm; with fused AdamW
+  nothing between log steps waits for the device: tests/gpu/test_fit_sync_gpu.py).
 `mmeff fit` takes no extra callbacks, so the clock is added by wrapping `mmeff.trainer._fit_callbacks`, the list fit
 hands to Lightning. Shards missing under data.root are written first (python-docs, rows of encoder.seq_len + 1).
 Records merge into `--out`.{md,json} (default benchmarks/results/lm_fit_speed_<device>) by config name.

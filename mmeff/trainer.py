@@ -9,6 +9,8 @@ import math
 import os
 import shutil
 import warnings
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -17,7 +19,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from safetensors.torch import load_file
 from torch import nn
@@ -144,48 +146,126 @@ def _linked(trainer: L.Trainer, source: str, target: str) -> bool:
     return bool(trainer.strategy.broadcast(done))
 
 
+@dataclass
+class _Verdict:
+    """Whether an optimizer step's loss and gradient were finite, on its way to the host."""
+
+    step: int
+    epoch: int
+    lr: float
+    loss: torch.Tensor | None
+    bad: torch.Tensor  # [loss not finite, gradient not finite] on the host (pinned when copied from a GPU)
+    copied: torch.cuda.Event | None  # recorded after the copy; None where the copy was synchronous
+
+    def ready(self) -> bool:
+        """Whether the host may read `bad` without waiting."""
+        return self.copied is None or self.copied.query()
+
+
 class NonFiniteLoss(Callback):
     """A NaN or infinite loss (or gradient) stops the run (`trainer.on_nonfinite: stop`) or skips its optimizer
-    step (`skip`). Either way the step's update is not applied: its gradients are dropped before the optimizer
-    sees them. Gradients are checked only without a loss scaler (16-mixed), which skips inf steps itself.
+    step (`skip`). Either way the step's update is not applied. Gradients are checked only without a loss scaler
+    (16-mixed), which skips inf steps itself.
+
+    With one process and fused AdamW (`optim.fused: true`), nothing waits for the device: the step's verdict goes to
+    the optimizer as `found_inf`, on which its fused kernel applies nothing (as under a GradScaler), and the host reads
+    the verdict from pinned memory a step or more later, once the device has got there; every verdict is read before
+    a validation, a checkpoint and the end of training, so that none is written after a bad step. Otherwise the host
+    reads the verdict at once, waiting for the device every step, and drops the gradients of a bad step.
     """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.skipped = 0
         self._loss: torch.Tensor | None = None
+        self._pending: deque[_Verdict] = deque()
 
     def on_before_backward(self, trainer: L.Trainer, task: L.LightningModule, loss: torch.Tensor) -> None:
-        loss = loss.detach()
-        if self._loss is None or bool(torch.isfinite(self._loss)):  # keep the first bad micro-batch's loss
-            self._loss = loss
+        loss = loss.detach()  # keep the first bad micro-batch's loss, without asking the device which it is
+        self._loss = loss if self._loss is None else torch.where(torch.isfinite(self._loss), loss, self._loss)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, task: L.LightningModule, optimizer: Any) -> None:
+        self._read(trainer, task, wait=False)
         loss, self._loss = self._loss, None
-        what = "loss" if loss is not None and not bool(torch.isfinite(loss)) else None
+        bad = self._flags(trainer, task, loss)
+        if trainer.world_size == 1 and all(g.get("fused") for g in optimizer.param_groups) and bad is not None:
+            optimizer.found_inf = bad.any().float()
+            host = bad.to("cpu", non_blocking=True)
+            copied = None
+            if bad.is_cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+            self._pending.append(_Verdict(trainer.global_step, trainer.current_epoch, optimizer.param_groups[0]["lr"],
+                                          loss, host, copied))  # fmt: skip
+            return
+        optimizer.__dict__.pop("found_inf", None)
+        verdict = _Verdict(trainer.global_step, trainer.current_epoch, optimizer.param_groups[0]["lr"], loss,
+                           bad.cpu() if bad is not None else torch.zeros(2, dtype=torch.bool), None)  # fmt: skip
+        if not trainer.strategy.reduce_boolean_decision(bool(verdict.bad.any()), all=False):  # any rank
+            return
+        for p in task.parameters():
+            p.grad = None  # the optimizer skips parameters without a gradient: nothing of this step applies
+        self._report(verdict, task)
+
+    def on_validation_start(self, trainer: L.Trainer, task: L.LightningModule) -> None:
+        self._read(trainer, None, wait=True)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, task: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._read(trainer, None, wait=True)
+
+    def on_train_end(self, trainer: L.Trainer, task: L.LightningModule) -> None:
+        self._read(trainer, None, wait=True)
+
+    @staticmethod
+    def _flags(trainer: L.Trainer, task: L.LightningModule, loss: torch.Tensor | None) -> torch.Tensor | None:
+        """[loss not finite, gradient not finite] on the device, or None with neither a loss nor a gradient."""
+        loss_bad = ~torch.isfinite(loss) if loss is not None else None
+        grad_bad = None
         if getattr(trainer.precision_plugin, "scaler", None) is None:
             grads = [p.grad for p in task.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else None
             if norm is not None and hasattr(norm, "full_tensor"):  # sharded: a collective, so every rank takes it
                 norm = norm.full_tensor()
-            if what is None and norm is not None and not bool(torch.isfinite(norm)):
-                what = "gradient"
-        if not trainer.strategy.reduce_boolean_decision(what is not None, all=False):  # any rank
-            return
-        for p in task.parameters():
-            p.grad = None  # the optimizer skips parameters without a gradient: nothing of this step applies
-        where = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
-        value = f"the loss is {float(loss) if loss is not None else math.nan}"
-        value += ", its gradient is not finite" if what == "gradient" else ""
+            grad_bad = ~torch.isfinite(norm) if norm is not None else None
+        some = loss_bad if loss_bad is not None else grad_bad
+        if some is None:
+            return None
+        return torch.stack([flag if flag is not None else torch.zeros_like(some) for flag in (loss_bad, grad_bad)])
+
+    def _read(self, trainer: L.Trainer, task: L.LightningModule | None, wait: bool) -> None:
+        """Act on the pending verdicts the host can read (all of them with `wait`), oldest first."""
+        while self._pending and (wait or self._pending[0].ready()):
+            verdict = self._pending.popleft()
+            if verdict.copied is not None:
+                verdict.copied.synchronize()
+            if bool(verdict.bad.any()):
+                self._report(verdict, task)
+
+    def _report(self, verdict: _Verdict, task: L.LightningModule | None) -> None:
+        """Stop the run on a bad step (`stop`), else count and log its skip (in the Lightning log when `task`)."""
+        where = f"step {verdict.step} (epoch {verdict.epoch})"
+        value = f"the loss is {float(verdict.loss) if verdict.loss is not None else math.nan}"
+        value += ", its gradient is not finite" if bool(verdict.bad[1]) and not bool(verdict.bad[0]) else ""
         if self.mode == "stop":
+            self._pending.clear()
             raise TrainingError(
                 f"training stopped at {where}: {value}; this step was not applied and no later "
-                f"checkpoint or export is written. Lower optim.lr (now {optimizer.param_groups[0]['lr']:.3g} in this "
+                f"checkpoint or export is written. Lower optim.lr (now {verdict.lr:.3g} in this "
                 "step), or set trainer.on_nonfinite: skip to skip such steps"
             )
         self.skipped += 1
         log.warning("skipping the optimizer step at %s: %s (%d skipped so far)", where, value, self.skipped)
-        task.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
+        if task is not None:
+            task.log("train/nonfinite_skipped", torch.tensor(float(self.skipped)), on_step=True, on_epoch=False)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, also showing the task's `bar_values` (training values it keeps on the device), read when the
+    bar redraws: every `trainer.log_every_n_steps` steps."""
+
+    def get_metrics(self, trainer: L.Trainer, task: L.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+        values = getattr(task, "bar_values", {})
+        return {**super().get_metrics(trainer, task), **{k: float(v) for k, v in values.items()}}
 
 
 class ExportBest(Callback):
@@ -353,6 +433,8 @@ def _fit_callbacks(cfg: RunConfig, overwrite: bool, logging_on: bool) -> list[Ca
         callbacks.insert(1, LastCheckpoint(folder))
     if logging_on:
         callbacks.append(LearningRateMonitor("step"))
+    if t.enable_progress_bar:  # a redraw reads the loss from the device, a wait
+        callbacks.append(ProgressBar(refresh_rate=t.log_every_n_steps))
     return callbacks
 
 

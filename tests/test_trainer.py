@@ -81,3 +81,17 @@ def test_init_from_report_prints_once(tmp_path, tiny_config, capsys):
     assert main(["fit", str(tiny_config(**ONE_STEP, name="ft")), f"--init_from={src}"]) == 0  # main logs to stderr
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("init_from: ") == 1
+
+
+def test_the_bar_shows_the_training_loss_that_lightning_no_longer_reads_each_step(tiny_config, monkeypatch):
+    cfg = config.load(tiny_config(**{"trainer.enable_progress_bar": True, "trainer.log_every_n_steps": 3,
+                                     "trainer.kwargs": {"limit_train_batches": 7, "limit_val_batches": 1}}))  # fmt: skip
+    shown: list[dict] = []
+    get_metrics = mmeff.trainer.ProgressBar.get_metrics
+    monkeypatch.setattr(mmeff.trainer.ProgressBar, "get_metrics", lambda self, *a: shown.append(get_metrics(self, *a)) or shown[-1])
+    trainer = mmeff.trainer.fit(cfg)
+    bar = next(c for c in trainer.callbacks if isinstance(c, mmeff.trainer.ProgressBar))
+    assert bar.refresh_rate == 3
+    # Lightning turns each progress-bar value into a Python number after every step (a wait for the device there).
+    assert not [k for k in trainer.progress_bar_metrics if k.startswith("train/")]
+    assert shown and all(isinstance(m["train/loss"], float) and isinstance(m["train/acc"], float) for m in shown)

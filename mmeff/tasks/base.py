@@ -61,6 +61,7 @@ class TaskModule(L.LightningModule):
         self.cfg = cfg
         self.model = model
         self.skipped = 0
+        self.bar_values: dict[str, torch.Tensor] = {}  # training values for the progress bar, on the device
         set_trainable(model, cfg.freeze, cfg.train)
         refusal = self.cuda_graphs_refusal() if cfg.trainer.cuda_graphs else None
         if refusal:
@@ -72,6 +73,16 @@ class TaskModule(L.LightningModule):
         calls the model through `run_model` on tensors of one shape alone."""
         return (f"is for the classify task and the lm task with task.documents: joined (a model called on its "
                 f"input tensors alone), not {self.cfg.task.name!r}")  # fmt: skip
+
+    def log(self, name: str, value: Any, *args: Any, prog_bar: bool = False, **kwargs: Any) -> None:
+        """Lightning's `log`, except that a training tensor goes to the progress bar through `bar_values`: Lightning
+        reads every progress-bar value from the device after each step, a wait that empties the device's queue;
+        mmeff.trainer.ProgressBar reads these only when it redraws."""
+        trainer = self._trainer
+        if prog_bar and trainer is not None and trainer.training and isinstance(value, torch.Tensor):
+            self.bar_values[name] = value.detach()
+            prog_bar = False
+        super().log(name, value, *args, prog_bar=prog_bar, **kwargs)
 
     def configure_model(self) -> None:
         """Lightning's hook for sharding: a strategy with a `shard` method (mmeff.strategies.FSDP) shards the model."""
@@ -102,7 +113,8 @@ class TaskModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.skipped += int(torch.as_tensor(batch.get("_skipped", 0)).sum())
-        self.log("data/skipped", float(self.skipped), reduce_fx="max")
+        # A host tensor: Lightning copies a Python number to the device, which waits for the device every step.
+        self.log("data/skipped", torch.tensor(float(self.skipped)), reduce_fx="max")
         loss = self.step(batch, "train")
         aux = self.aux_loss()
         if aux is not None:
