@@ -156,6 +156,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model (in place: checkpoints keep the plain parameter names)
     cuda_graphs: bool = False  # classify, lm with task.documents joined: training forward + backward as CUDA graphs (one GPU)
     checkpoint_every_n_steps: int | None = None  # also rewrite last.ckpt every n optimizer steps (mid-epoch resume)
+    async_checkpoint: bool = True  # one process: checkpoints written by a background thread from a host copy
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # options of strategy: fsdp
     kwargs: dict[str, Any] = field(default_factory=dict)
 

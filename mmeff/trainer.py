@@ -10,6 +10,7 @@ import os
 import shutil
 import warnings
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ from weakref import proxy
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning_utilities.core.apply_func import apply_to_collection
 from safetensors.torch import load_file
 from torch import nn
 
@@ -52,25 +55,128 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own writer stages the file in $TMPDIR and moves it across filesystems, which copies over the
     old file: a full disk or a kill then leaves a truncated `last.ckpt`. Here the old file stays whole until
     the rename, and a failed write keeps no checkpoint name.
+
+    With `background` (trainer.async_checkpoint) and one process, training goes on while a checkpoint is written: its
+    tensors are copied to host memory on the device's stream (pinned, without waiting), and one writer thread waits for
+    that copy, then writes and renames; removals and links queue behind the writes, in order. Lightning's
+    AsyncCheckpointIO clones the tensors on the GPU instead (a second copy of weights and optimizer state in device
+    memory). A failed write surfaces at the next save or when training ends (`teardown` waits for the queue).
     """
 
+    def __init__(self, background: bool = False) -> None:
+        super().__init__()
+        self.background = background
+        self._writer: ThreadPoolExecutor | None = None
+        self._error: BaseException | None = None
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}{PARTIAL}")
+        if not self._queued():
+            _write_atomic(checkpoint, Path(path))
+            return
+        copies: dict[int, torch.Tensor] = {}  # by id: a tensor under two names (tied weights) is copied once
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in copies:
+                copies[id(t)] = _host_copy(t)
+            return copies[id(t)]
+
+        host = apply_to_collection(checkpoint, torch.Tensor, copy)
+        copied = None
+        if torch.cuda.is_initialized():  # the copies from the device are done once the stream reaches this event
+            copied = torch.cuda.Event()
+            copied.record()
+        self._submit(_write_atomic, host, Path(path), copied)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        if self._queued():
+            self._submit(super().remove_checkpoint, path)
+        else:
+            super().remove_checkpoint(path)
+
+    def link(self, source: str, target: str) -> bool:
+        """Put `source` at `target` (a hard link, else a copy, renamed into place) after the writes queued before;
+        False (said why) when it cannot, leaving `target` as it was. Queued, a failure surfaces later, as a write's."""
+        if self._queued():
+            self._submit(_link_or_copy, source, target, True)
+            return True
+        return _link_or_copy(source, target, False)
+
+    def teardown(self) -> None:
+        """Wait for the queued writes; raise the first failure."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self._raise_failure()
+
+    def _queued(self) -> bool:
+        return self.background and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+    def _submit(self, job: Any, *args: Any) -> None:
+        self._raise_failure()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmeff-checkpoint")
+
+        def run() -> None:
+            try:
+                job(*args)
+            except BaseException as e:  # noqa: BLE001 - kept for the training thread to raise
+                self._error = self._error or e
+
+        self._writer.submit(run)
+
+    def _raise_failure(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` in host memory that later device work cannot change: pinned and not waited for from a GPU."""
+    if not t.is_cuda:
+        return t.detach().clone()
+    host = torch.empty_like(t, device="cpu", pin_memory=True)
+    return host.copy_(t.detach(), non_blocking=True)
+
+
+def _write_atomic(checkpoint: dict[str, Any], path: Path, copied: torch.cuda.Event | None = None) -> None:
+    """Write `checkpoint` as `path` through a temporary file and a rename (after the event `copied`, if given)."""
+    if copied is not None:
+        copied.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{PARTIAL}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {e.strerror or e}; the checkpoints written before are kept"
+            ) from e
+        raise
+
+
+def _link_or_copy(source: str, target: str, strict: bool) -> bool:
+    """Put `source` at `target`: a hard link, else a copy, renamed into place. On failure `target` stays as it was;
+    `strict` raises a CheckpointError, else False is returned (and the reason logged)."""
+    tmp = Path(target).with_name(f".{Path(target).name}{PARTIAL}")
+    try:
+        tmp.unlink(missing_ok=True)
         try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise CheckpointError(
-                    f"cannot write checkpoint {path}: {e.strerror or e}; the checkpoints written before are kept"
-                ) from e
-            raise
+            os.link(source, tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        return True
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if strict:
+            raise CheckpointError(f"could not put checkpoint {source} at {target} ({e})") from e
+        log.warning("could not link %s as %s (%s); writing it instead", source, target, e)
+        return False
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -131,18 +237,8 @@ def _linked(trainer: L.Trainer, source: str, target: str) -> bool:
     the outcome): False leaves `target` as it was."""
     done = False
     if trainer.is_global_zero:
-        tmp = Path(target).with_name(f".{Path(target).name}{PARTIAL}")
-        try:
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(source, tmp)
-            except OSError:  # a filesystem without hard links
-                shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
-            done = True
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            log.warning("could not link %s as %s (%s); writing it instead", source, target, e)
+        io = trainer.strategy.checkpoint_io
+        done = io.link(source, target) if isinstance(io, AtomicCheckpointIO) else _link_or_copy(source, target, False)
     return bool(trainer.strategy.broadcast(done))
 
 
@@ -397,7 +493,7 @@ def build_trainer(cfg: RunConfig, fitting: bool = True, overwrite: bool = False)
         enable_progress_bar=t.enable_progress_bar,
         logger=loggers,
         callbacks=_fit_callbacks(cfg, overwrite, bool(loggers)) if fitting else [EvalSkips()],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(background=t.async_checkpoint)],
         default_root_dir=cfg.out_dir,
         use_distributed_sampler=False,
     )

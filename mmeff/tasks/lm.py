@@ -126,7 +126,7 @@ def lm_sums(
     """(summed negative log-likelihood in nats, target tokens, target bytes) over the non-pad targets."""
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id, reduction="sum")
     keep = targets != pad_id
-    return nll, keep.sum(), byte_table[targets][keep].sum()
+    return nll, keep.sum(), torch.where(keep, byte_table[targets], 0).sum()  # a mask index would wait for the device
 
 
 def make_transform(cfg: RunConfig, train: bool) -> Callable[[dict], dict[str, torch.Tensor]]:

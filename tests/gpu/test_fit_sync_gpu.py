@@ -20,12 +20,12 @@ from mmeff import config
 from mmeff.data import build_shards
 
 LOG_EVERY = 10
-WATCHED = range(2, 9)  # steps between the log steps (Lightning logs after steps 9 and 19: (step + 1) % 10 == 0)
+WATCHED = range(2, 9)  # steps between log steps (Lightning logs around step 9 and 19: (step + 1) % 10 == 0)
 
 
 class SyncWatch(Callback):
-    """Records the synchronising CUDA calls made from the start of step WATCHED[0] to the start of the step after the
-    last one (file:line of each warning)."""
+    """Records the synchronising CUDA calls made from the start of step WATCHED[0] to the end of step WATCHED[-1]
+    (file:line of each warning): the loader's batches and their copies to the device in between."""
 
     def __init__(self) -> None:
         self.found: list[str] = []
@@ -38,7 +38,9 @@ class SyncWatch(Callback):
             self._seen = self._watch.__enter__()
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-        elif batch_idx == WATCHED[-1] + 1:
+
+    def on_train_batch_end(self, trainer: L.Trainer, task: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if batch_idx == WATCHED[-1]:
             self.stop()
 
     def stop(self) -> None:
@@ -47,7 +49,7 @@ class SyncWatch(Callback):
         torch.cuda.set_sync_debug_mode(0)
         self._watch.__exit__(None, None, None)
         self._watch = None
-        self.found += [f"{w.filename}:{w.lineno}: {w.message}" for w in self._seen if "synchroniz" in str(w.message)]
+        self.found += [f"{w.filename}:{w.lineno}: {w.message}" for w in self._seen if "called a synchronizing" in str(w.message)]
 
 
 @pytest.fixture(scope="module")
