@@ -97,9 +97,10 @@ class LinearMixer(ScanMixer):
         """The op: q, k [B, T, H, K], v [B, T, H, V] -> (o [B, T, H, V], final state)."""
         raise NotImplementedError
 
-    def position(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        """Hook for a position encoding of q or k [B, T, H, K] from token `offset` on (RetNet's rotation); identity."""
-        return x
+    def position(self, x: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
+        """Hook for a position encoding of q or k [B, T, H, K] from token `offset` on (RetNet's rotation), in `dtype`;
+        here only the cast."""
+        return x.to(dtype)
 
     def initial_state(self, cache: Cache | None, batch: int) -> torch.Tensor | None:
         """The state the recurrence starts from (`batch` sequences): the cached one, else zeros (None)."""
@@ -169,7 +170,7 @@ class LinearMixer(ScanMixer):
             x = self.feature(x)
         # CUDA autocast computes some feature maps in fp32 (l2's norm): without the cast the recurrence would run
         # its fp32 kernels (exact fp32 matmuls, no tensor cores) on bf16 values; the LM's gated_deltanet stalled so.
-        return self.position(x, offset).to(dtype)
+        return self.position(x, offset, dtype)
 
     def local(self, y: Tensor, streams: list[Tensor], layout: Layout) -> Tensor:
         """y plus the depthwise conv of v over the token grid (local_conv); tokens outside the grid unchanged."""
@@ -244,12 +245,12 @@ class RetNet(LinearMixer):
         gamma = 1 - 2.0 ** (-5.0 - torch.arange(self.heads, dtype=torch.float32))
         self.register_buffer("log_decay", gamma.log(), persistent=False)
 
-    def position(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+    def position(self, x: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
         if not self.rope:
-            return x
+            return x.to(dtype)
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
         cos, sin = rope_angles(positions, x.shape[-1], self.rope_base)
-        return apply_rope(x, cos, sin)
+        return apply_rope(x, cos, sin, dtype)
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
         return ops.retention(q, k, v, self.log_decay, **kw)

@@ -8,6 +8,7 @@ from mmeff.ops.norm import norm
 from mmeff.ops.linear import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention, retention
 from mmeff.ops.mlp import act_linear
 from mmeff.ops.recurrence import linear_recurrence
+from mmeff.ops.rope import apply_rope
 from mmeff.ops.ssm import selective_scan, ssd
 from mmeff.ops.varlen import cu_seqlens_from_docs
 
@@ -15,6 +16,7 @@ dispatch.preload_kernels()
 
 __all__ = [
     "act_linear",
+    "apply_rope",
     "causal_conv1d",
     "cu_seqlens_from_docs",
     "delta_rule",

@@ -1,6 +1,7 @@
 """GPU parity of mmeff's Triton kernels (mmeff.kernels) with the PyTorch reference at real sizes: every
 recurrence kind forward and backward, fixed-length and packed (cu_seqlens), the fused recurrent decode kernel,
-the short convolution, the grid convolution, the norms and the MoE glue. Skipped without CUDA (conftest).
+the short convolution, the grid convolution, the norms, the rotary embedding and the MoE glue. Skipped without CUDA
+(conftest).
 
 Error per tensor (output, final state, every gradient): ||kernel - reference|| / ||reference|| < 1e-4 with
 fp32 inputs, < 1e-2 with bf16 inputs. The reference is mmeff's PyTorch path (MMEFF_FORCE_REFERENCE=1,
@@ -344,6 +345,35 @@ def test_gated_norm(kernels, seed, gate_first, groups, width):
     assert actual[0].dtype == torch.bfloat16
     errors = {n: norm_error(a.float(), e) for n, a, e in zip(["out", "dy", "dz", "dweight"], actual, expected)}
     assert all(e < TOL[torch.bfloat16] for e in errors.values()), errors
+
+
+@pytest.mark.xdist_group("rope")
+@pytest.mark.parametrize(
+    "shape,fused",
+    [
+        ((32, 4096, 6, 64), True),  # RetNet-bi's q at 1024 px: a slice of a route-gathered q, k, v stream
+        ((4, 4096, 16, 64), False),
+    ],
+)
+def test_rope(kernels, seed, shape, fused):
+    # mmeff.ops.rope's kernel against its reference (both compute in fp32) on the same bf16 inputs, output and the
+    # gradient of x: each element within one bf16 ulp (the kernel may fuse a product into an FMA).
+    from mmeff.ops.rope import apply_rope, rope_angles
+
+    B, T, H, D = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    source = torch.randn(B, T, (3 if fused else 1) * H * D, device="cuda", generator=gen).to(torch.bfloat16)
+    dy = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
+    cos, sin = rope_angles(torch.arange(T, device="cuda"), D)
+
+    def run(backend):
+        leaf = source.detach().clone().requires_grad_()
+        y = apply_rope(leaf[..., : H * D].unflatten(-1, (H, D)), cos, sin, backend=backend)
+        return [y, *torch.autograd.grad(y, leaf, dy)]
+
+    for name, got, want in zip(["y", "dx"], run("triton"), run("torch")):
+        assert got.dtype == torch.bfloat16
+        assert ((got.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-6).all(), name
 
 
 @pytest.mark.xdist_group("moe")

@@ -2,9 +2,9 @@
 
 A fake GPU (mmeff.ops.dispatch.on_cuda true for every tensor, a Hopper capability) makes every fast path
 eligible on this CPU machine, and every fast entry point raises `Reached`: mmeff's Triton kernels (recurrences,
-short conv, MoE glue, norms: all imported through dispatch.triton_kernels), mamba-ssm's loaders, FlexAttention's
-compiled call and block masks, torch._grouped_mm, the router's fused half-precision logits. With the switch set
-the ops and mixers run; without it, each op reaches its fast entry point.
+short conv, MoE glue, norms, rotary embedding: all imported through dispatch.triton_kernels), mamba-ssm's loaders,
+FlexAttention's compiled call and block masks, torch._grouped_mm, the router's fused half-precision logits. With the
+switch set the ops and mixers run; without it, each op reaches its fast entry point.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from mmeff import blocks, ops
 from mmeff.ops import dispatch, flex, grouped, masks, routing, ssm
+from mmeff.ops.rope import rope_angles
 
 
 class Reached(BaseException):
@@ -78,6 +79,7 @@ def _op_calls() -> Dict[str, tuple[str, Callable[[], object]]]:
         "router_logits": ("router_logits", lambda: routing.router_logits(rows, w_in[0].t().contiguous())),
         "norm": ("triton", lambda: ops.norm(rows, None, kind="rms")),
         "norm_grouped": ("triton", lambda: ops.norm(rows, _randn(16), _randn(16), groups=2)),
+        "rope": ("triton", lambda: ops.apply_rope(q, *rope_angles(torch.arange(12), 16), torch.bfloat16)),
     }
 
 
