@@ -89,6 +89,9 @@ def ssd(
             return f"mode={mode!r} (its SSD is chunked)"
         if not dispatch.on_cuda(x):
             return "inputs not on CUDA"
+        if torch.compiler.is_compiling():
+            # Its backward reads its autotuner's best_config, which Dynamo cannot trace (fullgraph failed on the H200).
+            return "torch.compile traces: mamba-ssm's backward is not traceable; mmeff's kernels run as a custom op"
         if cu_seqlens is not None and initial_states is not None:
             return "packed sequences with initial states (it starts only the first sequence from a given state)"
         if cu_seqlens is not None and return_final_states and dispatch.needs_grad(x, dt, A, B, C, D, z, dt_bias):

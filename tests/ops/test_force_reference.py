@@ -112,6 +112,16 @@ def test_ssd_takes_triton_without_mamba_ssm(fake_gpu, monkeypatch):
         ops.selective_scan(u, u, -torch.rand(4, 8), scan_bc, scan_bc, cu_seqlens=cu)
 
 
+def test_ssd_takes_triton_under_torch_compile(fake_gpu, monkeypatch):
+    # mamba-ssm's autograd function is not traceable (its backward reads best_config); the custom op is.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x, dt, A, bc = _randn(1, 12, 2, 4), _randn(1, 12, 2), -torch.rand(2), _randn(1, 12, 1, 8)
+    with pytest.raises(Reached, match="triton"):
+        ops.ssd(x, dt, A, bc, bc)
+    with pytest.raises(RuntimeError, match="mamba-ssm's backward is not traceable"):
+        ops.ssd(x, dt, A, bc, bc, backend="mamba_ssm")
+
+
 def test_choices_are_logged_once(fake_gpu, monkeypatch, caplog):
     monkeypatch.setattr(dispatch, "_logged", set())
     monkeypatch.setenv("MMEFF_FORCE_REFERENCE", "1")
