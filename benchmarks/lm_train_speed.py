@@ -571,11 +571,13 @@ def versions() -> str:
             found.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             continue
+    root = Path(__file__).resolve().parents[1]
     try:
-        git = ["git", "rev-parse", "--short", "HEAD"]
-        commit = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-        found.append(f"mmeff {commit}")
-    except (OSError, subprocess.CalledProcessError):
+        git = ["git", "rev-parse", "--show-toplevel", "--short", "HEAD"]
+        top, commit = subprocess.run(git, capture_output=True, text=True, cwd=root, check=True).stdout.split()
+        if Path(top).resolve() == root:  # not the commit of a repository this copy merely lies in (an exported tree)
+            found.append(f"mmeff {commit}")
+    except (OSError, ValueError, subprocess.CalledProcessError):
         pass
     return ", ".join(found)
 

@@ -94,6 +94,25 @@ def test_lm_train_speed_ratios_stay_within_their_run(monkeypatch):
     assert [r["vs_attn"] for r in records] == [1.0, 0.5, 1.0, 0.75]
 
 
+def test_lm_train_speed_names_only_its_own_commit(monkeypatch, tmp_path):
+    # A tree exported into another repository (as on the GPU machine) must not take that repository's commit.
+    import subprocess
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lm_train_speed
+
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        assert f"mmeff {head.strip()}" in lm_train_speed.versions()
+    outer = tmp_path / "outer"
+    (outer / "tree" / "benchmarks").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+                    "-m", "outer"], check=True)  # fmt: skip
+    monkeypatch.setattr(lm_train_speed, "__file__", str(outer / "tree" / "benchmarks" / "lm_train_speed.py"))
+    assert "mmeff" not in lm_train_speed.versions()
+
+
 def test_lm_fit_speed_cpu_smoke_says_where_the_time_goes(script, tmp_path):
     from mmeff.data import build_shards
 
