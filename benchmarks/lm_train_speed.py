@@ -41,7 +41,9 @@ Peers take the floor of their mmeff row's mixers and their own projections. mfu 
 x R): model FLOPs utilisation against the measured matmul rate (the datasheet's dense bf16 peak is about 1.25x it).
 
 `--profile` adds, per record, where one step's GPU time goes: matmuls, softmax attention, recurrence kernels
-(mmeff's, mamba_ssm's, fla's), short convolutions, the optimizer, the rest (norms, activations, casts, copies).
+(mmeff's, mamba_ssm's, fla's), short convolutions, the optimizer, the rest (norms, activations, casts, copies); and
+`host_ms`, the host's time to queue one step from an idle device (median of 3). A step whose host_ms is near its ms,
+with GPU time to spare, waits on the host: its kernels are queued slower than the GPU runs them.
 `--docs 0 8` runs each mmeff row unpacked and with 8 packed documents per sequence (the layout's cu_seqlens reach
 every mixer). `--compile` runs every model through torch.compile (nn.Module.compile); `--graphs` replays each mmeff
 row's forward and backward as CUDA graphs (mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs` runs for
@@ -67,6 +69,7 @@ import importlib.util
 import itertools
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -410,6 +413,24 @@ def breakdown(step: Callable[[], None], ours: set[str]) -> dict[str, float]:
     return dict(ms)
 
 
+def host_ms(step: Callable[[], None], device: torch.device, reps: int = 3) -> float:
+    """Median milliseconds the host takes to queue `step` (its return, not the device's end), the device idle before."""
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    synchronize(device)
+    return statistics.median(times)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for `device`'s queued work (CUDA); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----- one record
 
 
@@ -443,6 +464,8 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
         step = train_step(model, logits_of, tokens, None if docs is None else docs.to(device))
         ms, peak = median_ms(step, device, args.warmup, args.iters)
         record.update(ms=ms, tok_s=B * T / ms * 1e3, peak_gib=None if args.graphs else peak)
+        if args.profile:
+            record["host_ms"] = host_ms(step, device)
         if args.profile and device.type == "cuda":
             record["profile_ms"] = breakdown(step, args.ours)
         cost = step_cost(model, mixers_of(PEERS.get(row, row), shape), B, T, args.rate, args.bandwidth)
@@ -511,8 +534,10 @@ def table(records: list[dict[str, Any]]) -> str:
              "FLOPs at the measured matmul rate + the mixers' kernel floor + AdamW's bytes at the measured copy rate "
              "(benchmarks/lm_train_speed.py says how); MFU: model FLOPs over ms x the measured matmul rate.", ""]  # fmt: skip
     profiled = any("profile_ms" in r for r in records)
+    hosted = any("host_ms" in r for r in records)
     columns = ["row", "run", "docs", "mode", "B", "tok/s", "vs attn", "vs peer", "vs dense", "peak GiB", "ms", "floor ms",
-               "ms / floor", "MFU", "params M", *(f"{k} ms" for k in KINDS if profiled), "note"]  # fmt: skip
+               "ms / floor", "MFU", "params M", *(f"{k} ms" for k in KINDS if profiled), *(["host ms"] if hosted else []),
+               "note"]  # fmt: skip
     for T in dict.fromkeys(r["T"] for r in records):
         lines += [f"### T = {T}", "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 2) + "---|"]
         for r in (r for r in records if r["T"] == T):
@@ -526,6 +551,8 @@ def table(records: list[dict[str, Any]]) -> str:
                 cells += [""] * 10
             if profiled:
                 cells += [_num(r.get("profile_ms", {}).get(k) if "profile_ms" in r else None, "{:.1f}") for k in KINDS]
+            if hosted:
+                cells.append(_num(r.get("host_ms"), "{:.1f}"))
             lines.append("| " + " | ".join(cells + [r.get("note", "")]) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -82,6 +82,17 @@ def test_lm_train_speed_graphs_mode_keeps_its_own_ratios(script, tmp_path):
         script("lm_train_speed", "--device", "cpu", "--graphs", "--compile", "--out", str(tmp_path / "x"))
 
 
+def test_lm_train_speed_profile_records_the_hosts_time(script, tmp_path):
+    # --profile: the host's time to queue a step (on the CPU the step runs as it is queued: host ms is about ms).
+    script("lm_train_speed", "--device", "cpu", "--rows", "attn", "--warmup", "0", "--iters", "3", "--profile",
+           "--out", str(tmp_path / "lm"))  # fmt: skip
+    (record,) = json.loads((tmp_path / "lm.json").read_text())["records"]
+    assert 0.5 * record["ms"] < record["host_ms"] < 2 * record["ms"]
+    assert "profile_ms" not in record  # the GPU's kernel times: CUDA only
+    header = next(line for line in (tmp_path / "lm.md").read_text().splitlines() if line.startswith("| row"))
+    assert header.endswith("| params M | host ms | note |")
+
+
 def test_lm_train_speed_ratios_stay_within_their_run(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import lm_train_speed
