@@ -152,11 +152,23 @@ def _write_atomic(checkpoint: dict[str, Any], path: Path, copied: torch.cuda.Eve
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
+        cause = _os_error(e)
+        if cause is not None:
             raise CheckpointError(
-                f"cannot write checkpoint {path}: {e.strerror or e}; the checkpoints written before are kept"
+                f"cannot write checkpoint {path}: {cause.strerror or cause}; the checkpoints written before are kept"
             ) from e
         raise
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError `error` is or arose from, else None: a full disk inside torch.save can surface as the RuntimeError
+    its zip writer raises while closing the file, with the OSError as its context."""
+    seen: set[int] = set()
+    found: BaseException | None = error
+    while found is not None and id(found) not in seen and not isinstance(found, OSError):
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return found if isinstance(found, OSError) else None
 
 
 def _link_or_copy(source: str, target: str, strict: bool) -> bool:

@@ -28,6 +28,7 @@ mode, step = sys.argv[2], int(sys.argv[3])
 class KillAt(Callback):
     def on_train_batch_end(self, trainer, *args):
         if mode == "epoch" and trainer.global_step == step:
+            trainer.strategy.checkpoint_io.teardown()  # epoch 0's checkpoints on disk: the background writer is not raced
             os.kill(os.getpid(), signal.SIGKILL)
 
 real_save, writes = torch.save, []
@@ -87,13 +88,16 @@ def small_tmpfs(tmp_path):
 
 
 class FillDisk(mmeff.trainer.Callback):
-    """A competing writer: once epoch 1 starts, another process fills the run folder's filesystem."""
+    """A competing writer: once epoch 1 starts and epoch 0's checkpoints are on disk (trainer.async_checkpoint writes
+    them in the background: without the wait the filler sometimes won the race), another process fills the run
+    folder's filesystem."""
 
     def __init__(self, path):
         self.path = path
 
     def on_train_epoch_start(self, trainer, task):
         if trainer.current_epoch == 1:
+            trainer.strategy.checkpoint_io.teardown()  # waits for the queued writes; the next save starts a writer
             subprocess.run(["dd", "if=/dev/zero", f"of={self.path}", "bs=4k"], capture_output=True, check=False)
 
 
