@@ -1,10 +1,10 @@
 """Rotary position embedding (Su et al., 2021, RoFormer).
 
 backend (mmeff.ops.dispatch) "triton" runs mmeff.kernels.rope on CUDA: one kernel each way that reads x through
-its strides and writes the output in the dtype asked for. It exists because the reference (fp32 upcast, two strided
-halves, four products and two sums, a cat, a cast back) ran at about 10x the memory-bandwidth bound on the H200:
-1.7 ms per layer and pass for q or k [32, 4096, 6, 64] bf16 of a bidirectional RetNet at 1024 px; the kernel takes
-0.11 ms forward and backward there. While torch.compile traces, the reference is taken: Inductor fuses it itself.
+its strides and writes the output in the dtype asked for. The reference (fp32 upcast, two strided halves, four
+products and two sums, a cat, a cast back) ran as many passes over q and k: with it a bidirectional RetNet ViT-S at
+1024 px trained at 0.62x timm's img/s on the H200, with the kernel at 0.89x (benchmarks/results/vision_speed_h200.md,
+runs 23-24). While torch.compile traces, the reference is taken: Inductor fuses it itself.
 """
 
 from __future__ import annotations
