@@ -20,7 +20,7 @@ from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
 from mmeff.ops import flex, masks, varlen_attention
 from mmeff.ops.masks import MaskMod
-from mmeff.ops.rope import apply_rope, rope_angles
+from mmeff.ops.rope import Positions, angles_of, apply_rope
 
 
 def slot_positions(n: int, bound: tuple[int, int] | None, device: torch.device) -> Tensor:
@@ -82,8 +82,8 @@ class SoftmaxAttention(nn.Module):
         self.causal, self.rope, self.rope_base, self.dropout = causal, rope, rope_base, dropout
         self.out = nn.Linear(dim, dim, bias=bias)
 
-    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Queries [B, H, T, Dk] and the per-token tensors to cache, each [B, h, T, d]."""
+    def project(self, x: Tensor, pos: Positions) -> tuple[Tensor, dict[str, Tensor]]:
+        """Queries [B, H, T, Dk] and the per-token tensors to cache, each [B, h, T, d]; `pos` for `rotate`."""
         raise NotImplementedError
 
     def mask(self, length: int, device: torch.device) -> MaskMod | None:
@@ -94,11 +94,12 @@ class SoftmaxAttention(nn.Module):
         """(first tokens kept, recent window) that bound a causal decoding cache; None keeps every token."""
         return None
 
-    def rotate(self, pos: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
-        """RoPE at positions `pos` on each [B, T, h, d] tensor (unchanged when `rope` is off)."""
+    def rotate(self, pos: Positions, *xs: Tensor) -> tuple[Tensor, ...]:
+        """RoPE at positions `pos` ([T] or [B, T], or the first of T consecutive ones) on each [B, T, h, d] tensor
+        (unchanged when `rope` is off)."""
         if not self.rope:
             return xs
-        cos, sin = rope_angles(pos, xs[0].shape[-1], self.rope_base)
+        cos, sin = angles_of(pos, xs[0].shape[1], xs[0].shape[-1], xs[0].device, self.rope_base)
         return tuple(apply_rope(x, cos, sin) for x in xs)
 
     def attention(
@@ -157,7 +158,8 @@ class SoftmaxAttention(nn.Module):
         if layout.docs is not None and cache is not None:
             raise ValueError("layout.docs (packed documents) is for training and evaluation; decoding takes one sequence per row")
         offset = cache.offset if cache is not None else 0
-        pos = layout.replace(offset=layout.offset + offset).positions(x.shape[1], x.device)  # RoPE positions
+        # RoPE positions: consecutive from the first one (their angles are kept), or restarting at each document.
+        pos = layout.offset + offset if layout.docs is None else layout.replace(offset=layout.offset + offset).positions(x.shape[1], x.device)
         q, kv = self.project(x, pos)
         kv_pos = None
         if cache is not None:
@@ -187,7 +189,7 @@ class Attention(SoftmaxAttention):
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
 
-    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def project(self, x: Tensor, pos: Positions) -> tuple[Tensor, dict[str, Tensor]]:
         B, T, _ = x.shape
         q = self.q_norm(self.q(x).view(B, T, self.heads, self.head_dim))
         k, v = self.kv(x).view(B, T, 2, self.kv_heads, self.head_dim).unbind(2)

@@ -17,6 +17,7 @@ from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.blocks.registry import register
 from mmeff.ops import flex
+from mmeff.ops.rope import Positions
 from mmeff.ops.routing import router_scores, switch_aux_loss, topk_route
 from mmeff.ops.varlen import per_document
 
@@ -63,7 +64,7 @@ class LatentAttention(SoftmaxAttention):
         # no bias: the key/value up-projection must fold into the queries and outputs when decoding
         self.kv_up = nn.Linear(self.kv_rank, heads * 2 * self.head_dim, bias=False)
 
-    def project(self, x: Tensor, pos: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def project(self, x: Tensor, pos: Positions) -> tuple[Tensor, dict[str, Tensor]]:
         B, T, _ = x.shape
         q_nope, q_rope = self.q(x).view(B, T, self.heads, -1).split([self.head_dim, self.rope_dim], -1)
         latent, k_rope = self.kv_down(x).split([self.kv_rank, self.rope_dim], -1)

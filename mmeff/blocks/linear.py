@@ -24,7 +24,7 @@ from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_par
 from mmeff.ops.conv import depthwise_conv2d
 from mmeff.ops.features import FEATURE_MAPS
 from mmeff.ops.recompute import recomputed
-from mmeff.ops.rope import apply_rope, rope_angles
+from mmeff.ops.rope import apply_rope, range_angles
 
 Recurred = tuple[Tensor, Tensor | None]  # (o [B, T, H, V], final state [B, H, K, V] or None)
 
@@ -248,8 +248,7 @@ class RetNet(LinearMixer):
     def position(self, x: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
         if not self.rope:
             return x.to(dtype)
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-        cos, sin = rope_angles(positions, x.shape[-1], self.rope_base)
+        cos, sin = range_angles(offset, x.shape[1], x.shape[-1], x.device, self.rope_base)
         return apply_rope(x, cos, sin, dtype)
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:

@@ -9,7 +9,8 @@ runs 23-24). While torch.compile traces, the reference is taken: Inductor fuses 
 
 from __future__ import annotations
 
-from typing import Optional
+from collections import OrderedDict
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -17,7 +18,12 @@ from torch import Tensor
 from mmeff.ops import dispatch
 from mmeff.ops.dispatch import Backend
 
-__all__ = ["apply_rope", "rope_angles"]
+__all__ = ["Positions", "apply_rope", "angles_of", "range_angles", "rope_angles"]
+
+# Where RoPE is applied: a [T] or [B, T] tensor of positions, or the first of T consecutive ones (an int).
+Positions = Union[Tensor, int]
+_KEPT = 8  # range angles kept (the most recently used): the lengths and offsets a run trains and decodes at
+_ranges: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 
 
 def rope_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +31,32 @@ def rope_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> tup
     inv = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
     ang = positions.float()[..., None] * inv
     return ang.cos(), ang.sin()
+
+
+def range_angles(start: int, length: int, dim: int, device: torch.device, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """rope_angles of positions start .. start + length - 1, made once and kept for the calls after it (every layer of
+    a model and its backward ask for the same angles, each time nine small kernels: a quarter of the eager RetNet LM
+    step's launches on the H200, lm_train_speed_h200.md run 12). Made anew while torch.compile
+    traces (Inductor fuses them) or a CUDA graph is captured (a replay must not read a tensor the cache may drop)."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return rope_angles(torch.arange(start, start + length, device=device), dim, base)
+    key = (device, start, length, dim, base, torch.is_inference_mode_enabled())  # inference tensors cannot be saved
+    if key in _ranges:
+        _ranges.move_to_end(key)
+        return _ranges[key]
+    with torch.no_grad():
+        angles = _ranges[key] = rope_angles(torch.arange(start, start + length, device=device), dim, base)
+    if len(_ranges) > _KEPT:
+        _ranges.popitem(last=False)
+    return angles
+
+
+def angles_of(positions: Positions, length: int, dim: int, device: torch.device, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin for `positions`: a tensor of them, or the first of `length` consecutive ones (kept, range_angles)."""
+    if isinstance(positions, int):
+        return range_angles(positions, length, dim, device, base)
+    return rope_angles(positions, dim, base)
 
 
 def apply_rope(
