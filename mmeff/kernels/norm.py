@@ -8,6 +8,9 @@ w and b (the per-head norm of the linear mixers). Statistics are fp32; y is writ
 fp32 and the matmul casts it again). The backward recomputes x_hat from the saved mean and rstd and writes dx
 plus per-program partial sums of dw and db, which the host adds up: no atomics, deterministic.
 
+L2 normalisation (the `l2` feature map of q and k: y = x / max(||x||, eps) over the last dim) has its own pair of
+kernels below: it keeps y and the norms for its backward, dx = (dy - y <dy, y>) / max(||x||, eps).
+
 An optional swish gate z (same shape as x) is fused in: norm(x) * silu(z) (GATE_AFTER, the gated output norm of
 GLA, RetNet, Gated DeltaNet) or norm(x * silu(z)) (GATE_BEFORE, Mamba-2's gated RMSNorm). The backward recomputes
 silu(z) and the gated input, so a gated norm keeps x and z only, and writes dz beside dx.
@@ -187,6 +190,74 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     dw = dw_part.view(chunks, -1).sum(0).to(weight.dtype) if weight is not None else None
     db = db_part.view(chunks, -1).sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db, dz
+
+
+@triton.jit
+def _l2_fwd_kernel(x, y, norm, M, H, N, sxm, sxh, eps, BR: tl.constexpr, BN: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BN)
+    inside = (rows < M)[:, None] & (cols < N)[None, :]
+    src = ((rows // H) * sxm + (rows % H) * sxh)[:, None] + cols[None, :]
+    xv = tl.load(x + src, mask=inside, other=0.0).to(tl.float32)
+    n = tl.sqrt(tl.sum(xv * xv, axis=1))
+    tl.store(norm + rows, n, mask=rows < M)
+    tl.store(y + rows[:, None] * N + cols[None, :], (xv / tl.maximum(n, eps)[:, None]).to(y.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _l2_bwd_kernel(y, dy, norm, dx, M, N, eps, BR: tl.constexpr, BN: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BN)
+    inside = (rows < M)[:, None] & (cols < N)[None, :]
+    off = rows[:, None] * N + cols[None, :]
+    yv = tl.load(y + off, mask=inside, other=0.0).to(tl.float32)
+    dyv = tl.load(dy + off, mask=inside, other=0.0).to(tl.float32)
+    n = tl.load(norm + rows, mask=rows < M, other=1.0)
+    along = tl.where(n > eps, tl.sum(yv * dyv, axis=1), 0.0)  # below eps the divisor is the constant eps
+    tl.store(dx + off, ((dyv - yv * along[:, None]) / tl.maximum(n, eps)[:, None]).to(dx.dtype.element_ty), mask=inside)
+
+
+def _l2_tiles(width: int) -> tuple[int, int]:
+    BN = triton.next_power_of_2(width)
+    return max(1, min(ROWS, 4096 // BN)), BN
+
+
+class L2Normalize(torch.autograd.Function):
+    """x / max(||x||, eps) over the last dim (fp32 inside), in x's dtype: one kernel each way, y and the norms kept for
+    the backward (mmeff.ops.features' `l2` semantics). x [..., H, N] is read through its strides where its leading
+    dims merge (a slice of a fused stream is not copied)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        width = x.shape[-1]
+        try:
+            x3 = x.view(-1, *x.shape[-2:]) if x.dim() > 1 and x.stride(-1) == 1 else x.reshape(-1, 1, width)
+        except RuntimeError:  # leading dims that do not merge into one stride
+            x3 = x.contiguous().view(-1, *x.shape[-2:])
+        rows = x3.shape[0] * x3.shape[1]
+        y = empty(x.shape, x.dtype, x.device)
+        norm = empty((rows,), torch.float32, x.device)
+        BR, BN = _l2_tiles(width)
+        if rows:
+            _l2_fwd_kernel[(triton.cdiv(rows, BR),)](
+                x3, y, norm, rows, x3.shape[1], width, x3.stride(0), x3.stride(1), eps, BR=BR, BN=BN,
+                num_warps=_warps(BR * BN),
+            )  # fmt: skip
+        ctx.save_for_backward(y, norm)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        y, norm = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = empty(y.shape, dy.dtype, dy.device)
+        BR, BN = _l2_tiles(y.shape[-1])
+        if norm.numel():
+            _l2_bwd_kernel[(triton.cdiv(norm.numel(), BR),)](
+                y, dy, norm, dx, norm.numel(), y.shape[-1], ctx.eps, BR=BR, BN=BN, num_warps=_warps(BR * BN)
+            )  # fmt: skip
+        return dx, None
 
 
 class Norm(torch.autograd.Function):

@@ -376,6 +376,37 @@ def test_rope(kernels, seed, shape, fused):
         assert ((got.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-6).all(), name
 
 
+@pytest.mark.xdist_group("rope")
+@pytest.mark.parametrize(
+    "shape,fused",
+    [
+        ((4, 4096, 8, 128), True),  # the gated_deltanet LM's q: a slice of the short conv's fused q, k, v output
+        ((32, 4096, 6, 64), False),  # gated_deltanet-bi's k at 1024 px
+    ],
+)
+def test_l2_normalize(kernels, seed, shape, fused):
+    # The l2 feature map's kernels (mmeff.kernels.norm.L2Normalize) against the reference autograd function on the
+    # same bf16 inputs, both computing in fp32: y within one bf16 ulp, dx within one ulp of the reference formula on
+    # the kernel's own y (a y one ulp apart moves dx by more: dy - y <dy, y> cancels).
+    from mmeff.kernels.norm import L2Normalize
+    from mmeff.ops.features import _L2Normalize
+
+    B, T, H, D = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    source = torch.randn(B, T, (3 if fused else 1) * H * D, device="cuda", generator=gen).to(torch.bfloat16)
+    dy = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
+    x = source[..., : H * D].unflatten(-1, (H, D))
+    y = L2Normalize.apply(x.detach().requires_grad_(), 1e-12)
+    leaf = x.detach().requires_grad_()
+    (dx,) = torch.autograd.grad(L2Normalize.apply(leaf, 1e-12), leaf, dy)
+    want_y = _L2Normalize.apply(x.detach().requires_grad_(), 1e-12)
+    along = (dy.float() * y.float()).sum(-1, keepdim=True)
+    own_dx = ((dy.float() - y.float() * along) / x.float().norm(dim=-1, keepdim=True)).to(torch.bfloat16)
+    for name, got, want in (("y", y, want_y), ("dx", dx, own_dx)):
+        assert got.dtype == torch.bfloat16
+        assert ((got.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-6).all(), name
+
+
 @pytest.mark.xdist_group("moe")
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 def test_moe_glue(kernels, monkeypatch, seed, dtype):

@@ -95,3 +95,55 @@ def test_gated_norm_matches_reference(norm_kernels, monkeypatch, rows, groups, w
         results.append([out, *(t.grad for t in ts)])
     for got, want in zip(*results):
         _close(got, want, 2e-5)
+
+
+# x [B, T, H, N] as it reaches the l2 feature map: contiguous, or q's slice of a fused conv output (strided rows);
+# N not a power of two; one row all zeros (its norm below eps: no projection in the backward, dx = dy / eps).
+# fp32: each element of y and dx within 1e-6 * max(1, |reference|) of the reference autograd function (measured ~1e-7). bf16: y within
+# one bf16 ulp (2^-7 relative; the interpreter truncates where the reference rounds), and dx within one ulp of the
+# reference's backward formula applied to the kernel's own y (a y one ulp apart moves dx further: dy - y <dy, y>
+# cancels; against float64 both the kernel's and the reference's dx are off by up to 0.002 at |dx| < 0.6).
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2_normalize_matches_reference(norm_kernels, monkeypatch, fused, dtype):
+    from mmeff.ops import features
+
+    monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
+    B, T, H, N, eps = 2, 5, 3, 20, 1e-12
+    gen = torch.Generator().manual_seed(7)
+    first = H * N if fused else 0  # where x starts in its source
+    source = torch.randn(B, T, (3 if fused else 1) * H * N, generator=gen) * 2
+    source[1, 2, first + N : first + 2 * N] = 0.0  # x[1, 2, 1]
+    dy = torch.randn(B, T, H, N, generator=gen).to(dtype)
+
+    def run(fn):
+        leaf = source.to(dtype).requires_grad_()
+        y = fn(leaf[..., first : first + H * N].unflatten(-1, (H, N)), eps)
+        return y, torch.autograd.grad(y, leaf, dy)[0][..., first : first + H * N].unflatten(-1, (H, N))
+
+    (y, dx), (want_y, want_dx) = run(norm_kernels.L2Normalize.apply), run(features._L2Normalize.apply)
+    assert y.dtype == dx.dtype == dtype and y.shape == dx.shape == want_y.shape
+    assert y[1, 2, 1].abs().max() == 0  # the zero row stays zero
+    if dtype == torch.float32:
+        for got, want in ((y, want_y), (dx, want_dx)):
+            assert ((got - want).abs() <= 1e-6 * want.abs().clamp_min(1.0)).all()  # elementwise: dx / eps is 1e12-sized
+        return
+    n = source[..., first : first + H * N].unflatten(-1, (H, N)).to(dtype).float().norm(dim=-1, keepdim=True)
+    along = torch.where(n > eps, (dy.float() * y.float()).sum(-1, keepdim=True), 0.0)
+    own_dx = ((dy.float() - y.float() * along) / n.clamp_min(eps)).to(dtype)
+    for got, want in ((y, want_y), (dx, own_dx)):
+        assert ((got.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-6).all()
+
+
+def test_l2_feature_map_takes_the_kernel_on_cuda(norm_kernels, monkeypatch):
+    from mmeff.ops import dispatch
+    from mmeff.ops.features import FEATURE_MAPS
+
+    calls = []
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    monkeypatch.setattr(norm_kernels.L2Normalize, "apply", lambda *a: calls.append(a) or a[0])
+    FEATURE_MAPS["l2"](torch.randn(2, 3, 4, requires_grad=True))
+    assert len(calls) == 1
+    monkeypatch.setenv("MMEFF_FORCE_REFERENCE", "1")
+    FEATURE_MAPS["l2"](torch.randn(2, 3, 4, requires_grad=True))
+    assert len(calls) == 1
