@@ -629,14 +629,20 @@ def warm(rows: list[str], args: argparse.Namespace, shape: Shape) -> None:
 
 
 def select(names: list[str] | None) -> list[str]:
-    """The rows named, in the order given (a call that may be cut runs the rows it needs most first); default all but
-    the mamba2_mmeff variant. The tables list rows in their own order."""
+    """The rows named, in the order given (a call that may be cut runs the rows it needs most first) but the peers
+    after every mmeff row; default all but the mamba2_mmeff variant. The tables list rows in their own order.
+
+    Why peers last: on the H200 an mmeff row run after hf_llama in the same process queued its step slower than one
+    run after mmeff attn (RetNet at T=4096: 151,356 and 183,764 tok/s after it, 242,956 after attn, on three
+    machines; lm_train_speed_h200.md runs 12-14), while hf_llama's own figure did not depend on what ran before it.
+    """
     if not names:
-        return DEFAULT_ROWS
+        names = DEFAULT_ROWS
     unknown = [n for n in names if n not in ORDER]
     if unknown:
         raise SystemExit(f"lm_train_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(ORDER)}")
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(names))
+    return [n for n in names if n not in PEERS] + [n for n in names if n in PEERS]
 
 
 def main() -> None:

@@ -105,6 +105,16 @@ def test_lm_train_speed_ratios_stay_within_their_run(monkeypatch):
     assert [r["vs_attn"] for r in records] == [1.0, 0.5, 1.0, 0.75]
 
 
+def test_lm_train_speed_runs_the_peers_after_the_mmeff_rows(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lm_train_speed
+
+    assert lm_train_speed.select(["attn", "hf_llama", "retnet", "fla_gla", "gla"]) == ["attn", "retnet", "gla", "hf_llama", "fla_gla"]
+    rows = lm_train_speed.select(None)
+    first_peer = min(rows.index(p) for p in lm_train_speed.PEERS)
+    assert all(r not in lm_train_speed.PEERS for r in rows[:first_peer]) and set(rows[first_peer:]) <= set(lm_train_speed.PEERS)
+
+
 def test_lm_train_speed_names_only_its_own_commit(monkeypatch, tmp_path):
     # A tree exported into another repository (as on the GPU machine) must not take that repository's commit.
     import subprocess
