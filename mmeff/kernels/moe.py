@@ -9,6 +9,8 @@ inverse permutation, so results are deterministic. Reference semantics (plain Py
     combine(rows, order, inv, w) = (w[..., None] * rows[inv].view(N, k, D)).sum(1)  [N, D]
     swiglu(h) = silu(h[:, :H]) * h[:, H:]                                           [M, H]
 
+The SwiGLU kernels also serve the dense SwiGLU MLP (mmeff.ops.mlp), whose gate and up are two tensors.
+
 `mmeff.ops.grouped` calls these on CUDA and the reference elsewhere.
 """
 
@@ -58,27 +60,28 @@ def _combine_bwd_kernel(grad_out, order, weight, rows, grad_rows, grad_weight, D
 
 
 @triton.jit
-def _swiglu_fwd_kernel(h, out, H, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(gate, up, out, H, s_in, BLOCK: tl.constexpr):
+    # Row `row` of gate and up starts at row * s_in (2H: the halves of one [M, 2H] tensor; H: two tensors).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < H
-    gate = tl.load(h + row * 2 * H + cols, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(h + row * 2 * H + H + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out + row * H + cols, (gate * tl.sigmoid(gate) * up).to(out.dtype.element_ty), mask=inside)
+    g = tl.load(gate + row * s_in + cols, mask=inside, other=0.0).to(tl.float32)
+    u = tl.load(up + row * s_in + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out + row * H + cols, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(h, grad_out, grad_h, H, BLOCK: tl.constexpr):
+def _swiglu_bwd_kernel(gate, up, grad_out, grad_gate, grad_up, H, s_in, BLOCK: tl.constexpr):
+    # The gradients are laid out as the inputs (row stride s_in).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < H
-    gate = tl.load(h + row * 2 * H + cols, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(h + row * 2 * H + H + cols, mask=inside, other=0.0).to(tl.float32)
-    g = tl.load(grad_out + row * H + cols, mask=inside, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    d_gate = g * up * sig * (1.0 + gate * (1.0 - sig))
-    tl.store(grad_h + row * 2 * H + cols, d_gate.to(grad_h.dtype.element_ty), mask=inside)
-    tl.store(grad_h + row * 2 * H + H + cols, (g * gate * sig).to(grad_h.dtype.element_ty), mask=inside)
+    g = tl.load(gate + row * s_in + cols, mask=inside, other=0.0).to(tl.float32)
+    u = tl.load(up + row * s_in + cols, mask=inside, other=0.0).to(tl.float32)
+    d = tl.load(grad_out + row * H + cols, mask=inside, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    tl.store(grad_gate + row * s_in + cols, (d * u * sig * (1.0 + g * (1.0 - sig))).to(grad_gate.dtype.element_ty), mask=inside)
+    tl.store(grad_up + row * s_in + cols, (d * g * sig).to(grad_up.dtype.element_ty), mask=inside)
 
 
 def _block(n: int) -> int:
@@ -137,18 +140,33 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor) -> Tensor:
         h = h.contiguous()
-        M, H = h.shape[0], h.shape[1] // 2
-        out = empty((M, H), h.dtype, h.device)
-        block = _block(H)
-        _swiglu_fwd_kernel[(M, triton.cdiv(H, block))](h, out, H, block)
         ctx.save_for_backward(h)
-        return out
+        return silu_mul(h, h[:, h.shape[1] // 2 :], h.shape[1] // 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (h,) = ctx.saved_tensors
-        M, H = h.shape[0], h.shape[1] // 2
         grad_h = empty(h.shape, h.dtype, h.device)
-        block = _block(H)
-        _swiglu_bwd_kernel[(M, triton.cdiv(H, block))](h, grad.contiguous(), grad_h, H, block)
+        H = h.shape[1] // 2
+        silu_mul_backward(grad, h, h[:, H:], grad_h, grad_h[:, H:], H)
         return grad_h
+
+
+def silu_mul(gate: Tensor, up: Tensor, width: int) -> Tensor:
+    """silu(gate) * up [M, width] (computed in fp32, written in gate's dtype) of `width` columns of the rows of gate
+    and up, which share one row stride and have unit column stride."""
+    M = gate.shape[0]
+    out = empty((M, width), gate.dtype, gate.device)
+    if out.numel():
+        block = _block(width)
+        _swiglu_fwd_kernel[(M, triton.cdiv(width, block))](gate, up, out, width, gate.stride(0), block)
+    return out
+
+
+def silu_mul_backward(grad: Tensor, gate: Tensor, up: Tensor, grad_gate: Tensor, grad_up: Tensor, width: int) -> None:
+    """Write the gradients of silu_mul(gate, up, width) from `grad` [M, width] into grad_gate and grad_up (laid out
+    as gate and up)."""
+    M = gate.shape[0]
+    if M and width:
+        block = _block(width)
+        _swiglu_bwd_kernel[(M, triton.cdiv(width, block))](gate, up, grad.contiguous(), grad_gate, grad_up, width, gate.stride(0), block)

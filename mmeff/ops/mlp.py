@@ -7,6 +7,9 @@ Gradients equal the plain composition's to rounding (`tests/ops/test_mlp.py`); t
 reference (`MMEFF_FORCE_REFERENCE=1`, `recompute=False`, inference, and `torch.export`, which cannot trace a
 function that saves tensors with dynamic shapes). Under `torch.compile` Inductor's partitioner may make the same
 choice by itself.
+
+On CUDA the SwiGLU activation and its gradient are one Triton kernel each (mmeff.kernels.moe's, which the MoE experts
+use too): PyTorch's are two kernels forward (silu, product) and four backward, each a pass over [tokens, hidden].
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmeff.ops import dispatch
 from mmeff.ops.dispatch import exporting, force_reference
 
 __all__ = ["act_linear", "activation"]
@@ -29,6 +33,30 @@ def activation(a: Tensor, up: Optional[Tensor], kind: str) -> Tensor:
     return F.gelu(a) if kind == "gelu" else F.silu(a) * up
 
 
+def _fused_swiglu(a: Tensor, up: Optional[Tensor], kind: str) -> bool:
+    """Whether mmeff's SwiGLU kernels take this activation (CUDA, not while torch.compile traces)."""
+    if kind != "swiglu":
+        return False
+
+    def triton() -> str:
+        if torch.compiler.is_compiling():
+            return "torch.compile traces: Inductor fuses the reference"
+        if up.dtype != a.dtype:
+            return f"gate {a.dtype} and up {up.dtype} differ in dtype"
+        return dispatch.triton_unsupported(a, "moe")
+
+    return dispatch.choose("swiglu", "auto", [("triton", triton)]) == "triton"
+
+
+def _activate(a: Tensor, up: Optional[Tensor], kind: str, fused: bool) -> Tensor:
+    """activation(a, up, kind), by mmeff's SwiGLU kernel where `fused`."""
+    if not fused:
+        return activation(a, up, kind)
+    width = a.shape[-1]
+    kernels = dispatch.triton_kernels("moe")
+    return kernels.silu_mul(a.reshape(-1, width), up.reshape(-1, width), width).view(a.shape)
+
+
 class _ActLinear(torch.autograd.Function):
     """y = act(a[, up]) @ W^T + b, in a's dtype; saves a (and up), not act's output."""
 
@@ -37,11 +65,14 @@ class _ActLinear(torch.autograd.Function):
         device = a.device.type
         # The projection in autocast's dtype where autocast is on (as F.linear under it), else in a's.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        fused = _fused_swiglu(a, up, kind)
+        if fused:  # the kernels read rows at one stride
+            a, up = a.contiguous(), up.contiguous()
         with torch.autocast(device, enabled=False):
-            h = activation(a, up, kind).to(dtype)
+            h = _activate(a, up, kind, fused).to(dtype)
             y = F.linear(h, weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(a, up, weight)
-        ctx.kind, ctx.dtype, ctx.bias_dtype = kind, dtype, None if bias is None else bias.dtype
+        ctx.kind, ctx.dtype, ctx.bias_dtype, ctx.fused = kind, dtype, None if bias is None else bias.dtype, fused
         return y
 
     @staticmethod
@@ -49,13 +80,20 @@ class _ActLinear(torch.autograd.Function):
         a, up, weight = ctx.saved_tensors
         with torch.autocast(a.device.type, enabled=False):
             dy = dy.to(ctx.dtype)
-            h = activation(a, up, ctx.kind).to(ctx.dtype)  # recomputed
+            h = _activate(a, up, ctx.kind, ctx.fused).to(ctx.dtype)  # recomputed
             flat_dy, flat_h = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
             dweight = (flat_dy.t() @ flat_h).to(weight.dtype) if ctx.needs_input_grad[2] else None
             dbias = flat_dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
             dh = (dy @ weight.to(ctx.dtype)).to(a.dtype)
             if ctx.kind == "gelu":
                 return torch.ops.aten.gelu_backward(dh, a), None, dweight, dbias, None
+            if ctx.fused:
+                width = a.shape[-1]
+                da, dup = torch.empty_like(a), torch.empty_like(up)
+                dispatch.triton_kernels("moe").silu_mul_backward(
+                    dh.reshape(-1, width), a.view(-1, width), up.view(-1, width), da.view(-1, width), dup.view(-1, width), width
+                )  # fmt: skip
+                return da, dup if ctx.needs_input_grad[1] else None, dweight, dbias, None
             dup = dh * F.silu(a) if ctx.needs_input_grad[1] else None
             return torch.ops.aten.silu_backward(dh * up, a), dup, dweight, dbias, None
 

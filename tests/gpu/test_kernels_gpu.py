@@ -415,6 +415,10 @@ def test_moe_glue(kernels, monkeypatch, seed, dtype):
     # every gradient, computed in fp32 on the same inputs.
     from mmeff.kernels import moe
     from mmeff.ops import grouped
+    from mmeff.ops.mlp import act_linear
+
+    def swiglu_mlp(gate, up, weight):
+        return act_linear(gate, weight, None, "swiglu", up)
 
     tokens, k, dim, hidden = 16384, 2, 1024, 2816
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -429,6 +433,8 @@ def test_moe_glue(kernels, monkeypatch, seed, dtype):
         "combine": (lambda r, w: moe.Combine.apply(r, order, inv, w), lambda r, w: grouped.combine(r, order, inv, w),
                     [rows, weights]),
         "swiglu": (moe.SwiGLU.apply, lambda a: grouped.activate(a, True), [h]),
+        # the dense SwiGLU MLP's activation + down projection (its kernels: gate and up as two tensors)
+        "dense_swiglu": (swiglu_mlp, swiglu_mlp, [h[:tokens, :hidden], h[:tokens, hidden:], h[-dim:, :hidden] / hidden**0.5]),
     }  # fmt: skip
 
     def run(fn, inputs, upcast):

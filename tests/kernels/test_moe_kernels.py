@@ -78,3 +78,33 @@ def test_gather_reads_non_contiguous_rows(moe_kernels):
     expected = (weights[..., None] * rows[inv].view(9, 2, -1)).sum(1)
     assert torch.allclose(moe_kernels.Combine.apply(rows, order, inv, weights), expected, atol=1e-6)
     assert torch.allclose(moe_kernels.gather_sum(rows, inv, None, 2), rows[inv].view(9, 2, -1).sum(1), atol=1e-6)
+
+
+# The dense SwiGLU MLP's activation through mmeff.ops.act_linear with a faked GPU: the kernels (silu_mul and its
+# backward, gate and up as two tensors) against the plain composition F.linear(silu(gate) * up, W), output and the
+# gradients of gate, up and W. Hidden width 40 (not a power of two), 3 x 7 rows; gate given as a transposed view
+# (not contiguous: copied first). Tolerances as above.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_swiglu_matches_the_plain_composition(moe_kernels, monkeypatch, dtype):
+    from mmeff.ops import dispatch
+    from mmeff.ops.mlp import act_linear
+
+    monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    gen = torch.Generator().manual_seed(3)
+    gate = torch.randn(7, 3, 40, generator=gen).to(dtype).transpose(0, 1)
+    up = torch.randn(3, 7, 40, generator=gen).to(dtype)
+    weight = torch.randn(16, 40, generator=gen).to(dtype)
+
+    def plain(g, u, w):
+        return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w)
+
+    calls = []
+    monkeypatch.setattr(moe_kernels, "silu_mul", lambda *a, f=moe_kernels.silu_mul: calls.append(1) or f(*a))
+    actual = _run(lambda g, u, w: act_linear(g, w, None, "swiglu", u), [gate, up, weight])
+    assert calls  # the kernel ran (forward and the backward's recompute)
+    expected = _run(plain, [gate.float(), up.float(), weight.float()])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(actual, expected):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert (got.float() - want).abs().max() <= tol * max(1.0, want.abs().max().item())
