@@ -14,6 +14,15 @@ from mmeff.ops.dispatch import exporting
 __all__ = ["FEATURE_MAPS"]
 
 
+def pointwise_unsupported(x: Tensor) -> str:
+    """Why mmeff.kernels.pointwise cannot map `x`; "" when it can."""
+    if torch.compiler.is_compiling() or exporting():
+        return "torch.compile traces: Inductor fuses the reference"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {x.dtype}"
+    return dispatch.triton_unsupported(x, "pointwise")
+
+
 class _EluPlusOne(torch.autograd.Function):
     """elu(x) + 1 with its own backward: torch.compile's traced `elu_backward` gets other strides than the eager
     kernel's, and a view after it failed at run time (tests/blocks/test_linear_mixers.py::test_compiled_mixer_...).
@@ -32,8 +41,12 @@ class _EluPlusOne(torch.autograd.Function):
 
 
 def _elu_plus_one(x: Tensor) -> Tensor:
-    """elu(x) + 1: the autograd function where a backward is recorded, the plain ops elsewhere (torch.export with
-    dynamic shapes fails on an autograd function that saves a tensor of symbolic size)."""
+    """elu(x) + 1: on CUDA one Triton kernel each way (mmeff.kernels.pointwise), else the autograd function where a
+    backward is recorded, the plain ops elsewhere (torch.export with dynamic shapes fails on an autograd function that
+    saves a tensor of symbolic size)."""
+    if dispatch.choose("elu_plus_one", "auto", [("triton", lambda: pointwise_unsupported(x))]) == "triton":
+        kernels = dispatch.triton_kernels("pointwise")
+        return kernels.Pointwise.apply(x, kernels.ELU_PLUS_ONE.value, 1.0, x.dtype)
     if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
         return F.elu(x) + 1.0
     return _EluPlusOne.apply(x)

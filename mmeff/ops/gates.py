@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmeff.ops import dispatch
 from mmeff.ops.dispatch import exporting
-from mmeff.ops.features import at_least_fp32
+from mmeff.ops.features import at_least_fp32, pointwise_unsupported
 
 __all__ = ["log_sigmoid_gate"]
 
@@ -32,8 +33,14 @@ class _LogSigmoidGate(torch.autograd.Function):
 
 
 def log_sigmoid_gate(x: Tensor, normalizer: float = 1.0) -> Tensor:
-    """logsigmoid(x) / normalizer in fp32 (GLA's log decay): the autograd function where a backward is recorded, the
-    plain ops elsewhere (torch.export with dynamic shapes fails on an autograd function that saves a tensor)."""
+    """logsigmoid(x) / normalizer in fp32 (GLA's log decay): on CUDA one Triton kernel each way
+    (mmeff.kernels.pointwise), else the autograd function where a backward is recorded, the plain ops elsewhere
+    (torch.export with dynamic shapes fails on an autograd function that saves a tensor)."""
+    out = torch.promote_types(x.dtype, torch.float32)
+    fast = [("triton", lambda: pointwise_unsupported(x))] if out == torch.float32 else []
+    if dispatch.choose("log_sigmoid_gate", "auto", fast) == "triton":
+        kernels = dispatch.triton_kernels("pointwise")
+        return kernels.Pointwise.apply(x, kernels.LOG_SIGMOID.value, normalizer, out)
     if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
         return F.logsigmoid(at_least_fp32(x)) / normalizer
     return _LogSigmoidGate.apply(x, normalizer)

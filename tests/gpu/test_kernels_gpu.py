@@ -407,6 +407,32 @@ def test_l2_normalize(kernels, seed, shape, fused):
         assert ((got.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-6).all(), name
 
 
+@pytest.mark.xdist_group("rope")
+@pytest.mark.parametrize("name,shape", [("log_sigmoid_gate", (4, 4096, 512)), ("elu_plus_one", (512, 196, 6, 32))])
+def test_pointwise(kernels, seed, name, shape):
+    # mmeff.kernels.pointwise at the GLA LM's gate size and gla-bi's q at 224 px, on bf16 inputs, against the
+    # reference autograd functions in fp32 on the same values: an fp32 result within 1e-6 + 1e-5 relative, a bf16 one
+    # within one ulp (two for elu + 1's gradient, which reads the bf16 output).
+    from mmeff.ops import features, gates
+
+    fast, reference = {
+        "log_sigmoid_gate": (lambda x: gates.log_sigmoid_gate(x, 16.0), lambda x: gates._LogSigmoidGate.apply(x, 16.0)),
+        "elu_plus_one": (features.FEATURE_MAPS["elu"], features._EluPlusOne.apply),
+    }[name]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(shape, device="cuda", generator=gen) * 4).to(torch.bfloat16)
+
+    def run(fn, leaf):
+        leaf = leaf.detach().clone().requires_grad_()
+        y = fn(leaf)
+        dy = torch.randn(y.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        return y, torch.autograd.grad(y, leaf, dy.to(torch.bfloat16).to(y.dtype))[0]  # the same values both runs
+
+    for got, want, ulps in zip(run(fast, x), run(reference, x.float()), (1, 2)):
+        rtol = 1e-5 if got.dtype == torch.float32 else ulps * 2**-7
+        assert ((got.float() - want).abs() <= 1e-6 + rtol * want.abs()).all(), name
+
+
 @pytest.mark.xdist_group("moe")
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 def test_moe_glue(kernels, monkeypatch, seed, dtype):
