@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import empty, sm_count
+from mmeff.kernels.utils import empty, last_dim_contiguous, sm_count
 
 ROWS = 16  # most rows per forward program (a [ROWS, N] tile of at most 4,096 values)
 # Gate modes (constexpr GATE): none, norm(x) * silu(z), norm(x * silu(z)).
@@ -230,10 +230,11 @@ class L2Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, eps: float) -> Tensor:  # type: ignore[override]
         width = x.shape[-1]
+        x2 = last_dim_contiguous(x if x.dim() > 1 else x[None])
         try:
-            x3 = x.view(-1, *x.shape[-2:]) if x.dim() > 1 and x.stride(-1) == 1 else x.reshape(-1, 1, width)
+            x3 = x2.view(-1, *x2.shape[-2:])
         except RuntimeError:  # leading dims that do not merge into one stride
-            x3 = x.contiguous().view(-1, *x.shape[-2:])
+            x3 = x2.contiguous().view(-1, *x2.shape[-2:])
         rows = x3.shape[0] * x3.shape[1]
         y = empty(x.shape, x.dtype, x.device)
         norm = empty((rows,), torch.float32, x.device)

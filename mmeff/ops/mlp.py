@@ -41,8 +41,8 @@ def _fused_swiglu(a: Tensor, up: Optional[Tensor], kind: str) -> bool:
     def triton() -> str:
         if torch.compiler.is_compiling():
             return "torch.compile traces: Inductor fuses the reference"
-        if up.dtype != a.dtype:
-            return f"gate {a.dtype} and up {up.dtype} differ in dtype"
+        if up.dtype != a.dtype or a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"gate {a.dtype} and up {up.dtype} (the kernels compute in fp32 and take fp32, bf16, fp16 alike)"
         return dispatch.triton_unsupported(a, "moe")
 
     return dispatch.choose("swiglu", "auto", [("triton", triton)]) == "triton"

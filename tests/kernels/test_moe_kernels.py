@@ -108,3 +108,15 @@ def test_dense_swiglu_matches_the_plain_composition(moe_kernels, monkeypatch, dt
     for got, want in zip(actual, expected):
         assert got.dtype == dtype and got.shape == want.shape
         assert (got.float() - want).abs().max() <= tol * max(1.0, want.abs().max().item())
+
+
+def test_dense_swiglu_takes_the_reference_for_float64(moe_kernels, monkeypatch):
+    # The kernels compute in fp32: fp64 inputs keep the plain composition's precision.
+    from mmeff.ops import dispatch
+    from mmeff.ops.mlp import act_linear
+
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    monkeypatch.setattr(moe_kernels, "silu_mul", lambda *a: pytest.fail("the fp32 kernel took fp64 inputs"))
+    gate, up, weight = (torch.randn(*shape, dtype=torch.float64) for shape in ((4, 8), (4, 8), (3, 8)))
+    y = act_linear(gate.requires_grad_(), weight, None, "swiglu", up)
+    torch.testing.assert_close(y, torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight))
