@@ -27,6 +27,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable, Iterator, Literal, Union
 
 import torch
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmeff import ops
+from mmeff.ops import dispatch
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.ops.recompute import outer_hooks, recomputed
@@ -100,7 +102,8 @@ class Routes:
         if not (len(routes) == 1 and routes[0] is None):
             order = torch.cat([_indices(r, length, device) for r in routes])
             back = torch.cat([i * length + torch.argsort(o) for i, o in enumerate(order.view(len(routes), length))])
-            plan = Plan(len(routes), _rows(order, batch, length), _rows(back, batch, len(routes) * length))
+            flip = len(routes) == 2 and routes[0] is None and isinstance(routes[1], str)
+            plan = Plan(len(routes), _rows(order, batch, length), _rows(back, batch, len(routes) * length), flip)
         if not tracing:
             self._plans[key] = plan
         return plan
@@ -113,21 +116,23 @@ class Routes:
             return fn(streams, layout.cu_seqlens)
         # Routes go along the batch, route-minor ([B * R, T]): one gather per stream builds them all, one gathers
         # the outputs back to token order, with no flipped or permuted copy per route.
-        stacked = [_Stack.apply(s, plan.order, plan.back, plan.routes) for s in streams]
+        stacked = [_Stack.apply(s, plan.order, plan.back, plan.routes, plan.flip) for s in streams]
         docs = None if layout.docs is None else _stack(layout.docs, plan.order, plan.routes)
         with regathered(stacked, streams, plan):
             ys = fn(stacked, None if docs is None else cu_seqlens_from_docs(docs))
-        return _Merge.apply(ys, plan.order, plan.back, plan.routes)
+        return _Merge.apply(ys, plan.order, plan.back, plan.routes, plan.flip)
 
 
 @dataclass(frozen=True)
 class Plan:
     """Scan routes as row gathers: `routes` R, `order` [B * R * T] rows of [B * T] that stack the routes along the
-    batch (route-minor), `back` [B * T * R] rows of those [B * R * T] that bring each route back to token order."""
+    batch (route-minor), `back` [B * T * R] rows of those [B * R * T] that bring each route back to token order;
+    `flip`: the routes are the token order and its reverse (what mmeff.kernels.routes does without the gathers)."""
 
     routes: int
     order: Tensor
     back: Tensor
+    flip: bool = False
 
 
 def _rows(index: Tensor, batch: int, span: int) -> Tensor:
@@ -135,8 +140,28 @@ def _rows(index: Tensor, batch: int, span: int) -> Tensor:
     return (torch.arange(batch, device=index.device)[:, None] * span + index).flatten()
 
 
-def _stack(x: Tensor, order: Tensor, routes: int) -> Tensor:
-    """x [B, T, ...] along the routes (a Plan's `order`) -> [B * R, T, ...]."""
+def _flip_kernels(x: Tensor, flip: bool) -> ModuleType | None:
+    """mmeff.kernels.routes where they take stream `x` of a `flip` plan (CUDA, not while torch.compile traces:
+    Inductor fuses the gathers itself), else None."""
+    if not flip:
+        return None
+    fast = [("triton", lambda: routes_unsupported(x))]
+    return dispatch.triton_kernels("routes") if dispatch.choose("scan_routes", "auto", fast) == "triton" else None
+
+
+def routes_unsupported(x: Tensor) -> str:
+    """Why mmeff.kernels.routes cannot take stream `x`; "" when they can."""
+    if torch.compiler.is_compiling() or dispatch.exporting():
+        return "torch.compile traces: Inductor fuses the gathers"
+    return dispatch.triton_unsupported(x, "routes", lambda kernels: kernels.unsupported(x))
+
+
+def _stack(x: Tensor, order: Tensor, routes: int, flip: bool = False, scale: float = 1.0) -> Tensor:
+    """scale * x [B, T, ...] along the routes (a Plan's `order`) -> [B * R, T, ...]."""
+    kernels = _flip_kernels(x, flip)
+    if kernels is not None:
+        return kernels.stack(x, scale)
+    x = x * scale if scale != 1.0 else x
     batch, length = x.shape[:2]
     # A row gather over [B * T, C] (index_select along dim 0): along dim 1 PyTorch's CUDA index_select runs a
     # generic gather kernel, 13.6 of the 85 GPU ms of a gla-bi ViT step at 1024 px on the H200.
@@ -144,8 +169,11 @@ def _stack(x: Tensor, order: Tensor, routes: int) -> Tensor:
     return rows.view(batch * routes, length, *x.shape[2:])
 
 
-def _merge(y: Tensor, back: Tensor, routes: int, mean: bool) -> Tensor:
+def _merge(y: Tensor, back: Tensor, routes: int, mean: bool, flip: bool = False) -> Tensor:
     """Route outputs [B * R, T, ...] back in token order (a Plan's `back`): their sum or mean -> [B, T, ...]."""
+    kernels = _flip_kernels(y, flip)
+    if kernels is not None:
+        return kernels.merge(y, 1.0 / routes if mean else 1.0)
     batch, length = y.shape[0] // routes, y.shape[1]
     rows = y.reshape(batch * routes * length, -1).index_select(0, back)
     rows = rows.view(batch, routes, length, *y.shape[2:])
@@ -157,30 +185,30 @@ def _merge(y: Tensor, back: Tensor, routes: int, mean: bool) -> Tensor:
 # such, so that torch.compile traces the functions too (it failed on a context attribute holding the Plan).
 class _Stack(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, back: Tensor, routes: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, order: Tensor, back: Tensor, routes: int, flip: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(back)
-        ctx.routes = routes
-        return _stack(x, order, routes)
+        ctx.routes, ctx.flip = routes, flip
+        return _stack(x, order, routes, flip)
 
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         (back,) = ctx.saved_tensors
-        return _merge(dy, back, ctx.routes, mean=False), None, None, None
+        return _merge(dy, back, ctx.routes, mean=False, flip=ctx.flip), None, None, None, None
 
 
 class _Merge(torch.autograd.Function):
     """The mean over routes of `_merge`."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, order: Tensor, back: Tensor, routes: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, y: Tensor, order: Tensor, back: Tensor, routes: int, flip: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(order)
-        ctx.routes = routes
-        return _merge(y, back, routes, mean=True)
+        ctx.routes, ctx.flip = routes, flip
+        return _merge(y, back, routes, mean=True, flip=flip)
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         (order,) = ctx.saved_tensors
-        return _stack(dout / ctx.routes, order, ctx.routes), None, None, None
+        return _stack(dout, order, ctx.routes, ctx.flip, scale=1.0 / ctx.routes), None, None, None, None
 
 
 @contextlib.contextmanager
@@ -212,7 +240,7 @@ def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iter
         src = outer_unpack(saved.source)
         if src._version != saved.version:
             raise RuntimeError("a scan stream saved for the backward was modified in place after the forward")
-        return _stack(src, plan.order, plan.routes).as_strided(saved.shape, saved.stride, saved.offset)
+        return _stack(src, plan.order, plan.routes, plan.flip).as_strided(saved.shape, saved.stride, saved.offset)
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

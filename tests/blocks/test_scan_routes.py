@@ -114,8 +114,8 @@ def test_the_route_copies_are_freed_after_the_forward(monkeypatch, scan):
     copies = []
     stack = scan_module._stack
 
-    def recorded(x, order, routes):
-        y = stack(x, order, routes)
+    def recorded(x, order, routes, *args, **kwargs):
+        y = stack(x, order, routes, *args, **kwargs)
         copies.append(weakref.ref(y))
         return y
 

@@ -433,6 +433,32 @@ def test_pointwise(kernels, seed, name, shape):
         assert ((got.float() - want).abs() <= 1e-6 + rtol * want.abs()).all(), name
 
 
+@pytest.mark.xdist_group("rope")
+def test_bi_route_kernels(kernels, monkeypatch, seed):
+    # mmeff.kernels.routes through Routes(scan="bi") at gla-bi's size at 224 px (256 images of 196 tokens; q a [6, 64]
+    # slice of a wider projection, g a [384] one) against the gather form on the same bf16 values: forward and the
+    # gradient of the projection, the saved streams stacked again in the backward. Copies and a mean of two: within one
+    # bf16 ulp.
+    from mmeff.blocks import scan as scan_module
+    from mmeff.blocks.layout import Layout
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    source = torch.randn(256, 196, 4 * 384, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def run(leaf):
+        leaf = leaf.detach().clone().requires_grad_()
+        q, g = leaf[..., :384].unflatten(-1, (6, 64)), leaf[..., 384:768]
+        mix = lambda s, cu: s[0].flatten(2).float().cumsum(1).to(s[0].dtype) * s[1]  # noqa: E731
+        y = scan_module.Routes(causal=False, scan="bi")(mix, [q, g], Layout())
+        dy = torch.randn(y.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        return y, torch.autograd.grad(y, leaf, dy.to(y.dtype))[0]
+
+    got = run(source)
+    monkeypatch.setattr(scan_module, "_flip_kernels", lambda x, flip: None)
+    for g, w in zip(got, run(source)):
+        assert ((g.float() - w.float()).abs() <= 2**-7 * w.float().abs() + 1e-6).all()
+
+
 @pytest.mark.xdist_group("moe")
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 def test_moe_glue(kernels, monkeypatch, seed, dtype):
