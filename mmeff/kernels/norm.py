@@ -181,13 +181,15 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     dw_part = empty((grid, width), torch.float32, x.device) if weight is not None else None
     db_part = empty((grid, width), torch.float32, x.device) if bias is not None else None
     BN = triton.next_power_of_2(width)
-    # Per-head slices (BN <= 128) on [8, 128] tiles and 2 warps: the gated group norm's backward at RetNet's LM size
-    # (16k tokens, 16 heads of 128, bf16) took 129 us a call against 198 us on [16, 128] tiles and 4 warps, GLA's
-    # (8 heads) 60 against 70 us (H200). Wider rows keep [2048 // BN, BN] tiles.
+    # Tiles and warps from sweeps on the H200 (kernel time a call): rows up to 512 wide on 2 warps. ViT-S's layer norm
+    # (50k tokens of 384, x fp32, dy bf16) 191 -> 58 us from 4 warps; RetNet's gated group norm at the LM size (16k
+    # tokens, 16 heads of 128, bf16) 198 -> 129 us on [8, 128] tiles from [16, 128] and 4 warps, GLA's (8 heads)
+    # 70 -> 60 us. The LM's RMS norm (16k tokens of 1024) was fastest as it was, [2, 1024] on 4 warps (48 us).
     BR = max(1, min(16, (1024 if BN <= 128 else 2048) // BN))
     _norm_bwd_kernel[(grid,)](
         x, z, weight, bias, dy, mean, rstd, dx, dz, dw_part, db_part, rows, width, groups, per_program, RMS=rms,
-        HAS_W=weight is not None, HAS_B=bias is not None, GATE=gate, BR=BR, BN=BN, num_warps=_warps(BR * BN),
+        HAS_W=weight is not None, HAS_B=bias is not None, GATE=gate, BR=BR, BN=BN,
+        num_warps=2 if BN <= 512 else _warps(BR * BN),
     )  # fmt: skip
     # Program p wrote group p % G's partial sums: [chunks, G, N] summed over chunks is [G * N], w's layout.
     dw = dw_part.view(chunks, -1).sum(0).to(weight.dtype) if weight is not None else None
