@@ -24,6 +24,7 @@ from mmeff.kernels.utils import (
     SCALAR_GATE,
     Chunks,
     autotune,
+    cdiv,
     empty,
     load_tile,
     load_tile_t,
@@ -143,7 +144,7 @@ def state_blocks(K: int, V: int, programs: int, split_keys: bool, device: torch.
     """Key and value tiles of a sequential pass: the larger one halved (keys down to 32 where they may be
     split, values down to 16) while too few programs would leave SMs idle."""
     bk, bv = pow2(K), min(64, pow2(V))
-    while programs * triton.cdiv(K, bk) * triton.cdiv(V, bv) < 2 * sm_count(device):
+    while programs * cdiv(K, bk) * cdiv(V, bv) < 2 * sm_count(device):
         if split_keys and bk > 32 and bk >= bv:
             bk //= 2
         elif bv > 16:
@@ -170,7 +171,7 @@ def fwd_h(
     h = empty((chunks.num_chunks, heads, dk, dv), k.dtype, k.device)
     v_new = empty(v.shape, v.dtype, v.device) if w is not None else None
     ht = empty((chunks.num_seqs, heads, dk, dv), torch.float32, k.device) if output_final_state else None
-    _fwd_h_kernel[(chunks.num_seqs * heads, triton.cdiv(dv, bv), triton.cdiv(dk, bk))](
+    _fwd_h_kernel[(chunks.num_seqs * heads, cdiv(dv, bv), cdiv(dk, bk))](
         k, v, w, b, h, v_new, h0, ht, chunks.cu_seqlens, chunks.offsets,
         H=heads, K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
         GATE=gate, DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=output_final_state, PREC=precision(k.dtype),
@@ -198,7 +199,7 @@ def bwd_dh(
     dh = empty((chunks.num_chunks, heads, dk, dv), q.dtype, q.device)
     dv_new = empty(do.shape, torch.float32, do.device) if w is not None else None
     dh0 = empty((chunks.num_seqs, heads, dk, dv), torch.float32, q.device) if initial_grad else None
-    _bwd_dh_kernel[(chunks.num_seqs * heads, triton.cdiv(dv, bv), triton.cdiv(dk, bk))](
+    _bwd_dh_kernel[(chunks.num_seqs * heads, cdiv(dv, bv), cdiv(dk, bk))](
         q, k, w, b, do, dv_local, dh, dv_new, dht, dh0, chunks.cu_seqlens, chunks.offsets, scale,
         H=heads, K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
         GATE=gate, DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=initial_grad, PREC=precision(q.dtype),

@@ -25,6 +25,7 @@ from mmeff.kernels.utils import (
     SCALAR_GATE,
     Chunks,
     autotune,
+    cdiv,
     chunk_bounds,
     empty,
     load_tile,
@@ -274,7 +275,7 @@ def fwd_o(
     heads, dk, dv = q.shape[2], q.shape[3], v.shape[3]
     o = empty(v.shape, v.dtype, v.device)
     bv = min(64, pow2(dv))
-    _fwd_o_kernel[(chunks.num_chunks, triton.cdiv(dv, bv), heads)](
+    _fwd_o_kernel[(chunks.num_chunks, cdiv(dv, bv), heads)](
         q, k, v, h, b, span, A, o, chunks.cu_seqlens, chunks.indices, scale,
         H=heads, K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate, LIMIT=span_limit(q.dtype),
         PREC=precision(q.dtype),
@@ -287,7 +288,7 @@ def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chun
     heads, dk, dv = q.shape[2], q.shape[3], do.shape[3]
     out = empty(do.shape, torch.float32, do.device)
     bv = min(64, pow2(dv))
-    _dv_local_kernel[(chunks.num_chunks, triton.cdiv(dv, bv), heads)](
+    _dv_local_kernel[(chunks.num_chunks, cdiv(dv, bv), heads)](
         q, k, b, do, out, chunks.cu_seqlens, chunks.indices, scale,
         H=heads, K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate, PREC=precision(q.dtype),
     )  # fmt: skip

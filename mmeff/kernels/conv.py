@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import autotune, empty
+from mmeff.kernels.utils import autotune, cdiv, empty
 
 BLOCK_T = 64  # rows per program; the channel block BC is tuned
 
@@ -148,7 +148,7 @@ def _conv_bwd_dx_kernel(w, runs, g, dx, T, C, NT, W: tl.constexpr, BT: tl.conste
 
 def _grid(x: Tensor):
     """Launch grid of x [B, T, C]: sequences x row tiles, channel blocks (tuned BC)."""
-    return lambda meta: (x.shape[0] * triton.cdiv(x.shape[1], BLOCK_T), triton.cdiv(x.shape[2], meta["BC"]))
+    return lambda meta: (x.shape[0] * cdiv(x.shape[1], BLOCK_T), cdiv(x.shape[2], meta["BC"]))
 
 
 def unsupported(x: Tensor, weight: Tensor) -> str:
@@ -162,7 +162,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, r
     """act(causal depthwise conv) of x [B, T, C] (contiguous) with weight [C, W] and bias [C] or None, in x's dtype."""
     y = empty(x.shape, x.dtype, x.device)
     _conv_fwd_kernel[_grid(x)](
-        x, weight, bias, runs, y, x.shape[1], x.shape[2], triton.cdiv(x.shape[1], BLOCK_T), W=weight.shape[1],
+        x, weight, bias, runs, y, x.shape[1], x.shape[2], cdiv(x.shape[1], BLOCK_T), W=weight.shape[1],
         BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=runs is not None,
     )  # fmt: skip
     return y
@@ -171,7 +171,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, r
 def causal_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
                          runs: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:  # fmt: skip
     """Gradients (dx, dweight, dbias or None) of causal_conv, each in its input's dtype."""
-    row_tiles = triton.cdiv(x.shape[1], BLOCK_T)
+    row_tiles = cdiv(x.shape[1], BLOCK_T)
     tiles = row_tiles * x.shape[0]
     # g in x's dtype: bf16 halves the traffic of the g kernel's store and the dx kernel's reads (at 4 x 4096 tokens
     # and 3072 channels on the H200, 344 + 125 us a call in fp32 against 292 + 78 us); dw and dbias are summed from

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import autotune, empty, last_dim_contiguous
+from mmeff.kernels.utils import autotune, cdiv, empty, last_dim_contiguous
 
 BLOCK_T = 64  # tokens per program; the channel block BC is tuned
 
@@ -112,7 +112,7 @@ def grid_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], height: int, wi
     y = empty(x.shape, x.dtype, x.device)
     _dwconv_fwd_kernel[_grid(x)](
         x, weight.contiguous(), bias, y, x.stride(0), x.stride(1), tokens, height, width, channels,
-        triton.cdiv(tokens, BLOCK_T), K=weight.shape[-1], BT=BLOCK_T, HAS_BIAS=bias is not None,
+        cdiv(tokens, BLOCK_T), K=weight.shape[-1], BT=BLOCK_T, HAS_BIAS=bias is not None,
     )  # fmt: skip
     return y
 
@@ -123,7 +123,7 @@ def grid_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, he
     x = last_dim_contiguous(x)
     batch, tokens, channels = x.shape
     k = weight.shape[-1]
-    tiles = triton.cdiv(tokens, BLOCK_T)
+    tiles = cdiv(tokens, BLOCK_T)
     dx = empty(x.shape, x.dtype, x.device)
     dw_part = empty((batch * tiles, k * k, channels), torch.float32, x.device)
     db_part = empty((batch * tiles, channels), torch.float32, x.device) if has_bias else None
@@ -137,4 +137,4 @@ def grid_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, has_bias: bool, he
 
 def _grid(x: Tensor):
     """Launch grid of x [B, T, C]: sequences x token tiles, channel blocks (tuned BC)."""
-    return lambda meta: (x.shape[0] * triton.cdiv(x.shape[1], BLOCK_T), triton.cdiv(x.shape[2], meta["BC"]))
+    return lambda meta: (x.shape[0] * cdiv(x.shape[1], BLOCK_T), cdiv(x.shape[2], meta["BC"]))

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import empty
+from mmeff.kernels.utils import cdiv, empty, next_pow2
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _swiglu_bwd_kernel(gate, up, grad_out, grad_gate, grad_up, H, s_in, BLOCK: t
 
 
 def _block(n: int) -> int:
-    return min(triton.next_power_of_2(n), 1024)
+    return min(next_pow2(n), 1024)
 
 
 def gather_sum(src: Tensor, index: Tensor, weight: Tensor | None, k: int) -> Tensor:
@@ -95,7 +95,7 @@ def gather_sum(src: Tensor, index: Tensor, weight: Tensor | None, k: int) -> Ten
     out = empty((index.numel() // k, D), src.dtype, src.device)
     block = _block(D)
     w = weight if weight is not None else index  # any pointer: HAS_WEIGHT keeps it unread
-    _gather_sum_kernel[(out.shape[0], triton.cdiv(D, block))](src, index, w, out, D, k, weight is not None, block)
+    _gather_sum_kernel[(out.shape[0], cdiv(D, block))](src, index, w, out, D, k, weight is not None, block)
     return out
 
 
@@ -159,7 +159,7 @@ def silu_mul(gate: Tensor, up: Tensor, width: int) -> Tensor:
     out = empty((M, width), gate.dtype, gate.device)
     if out.numel():
         block = _block(width)
-        _swiglu_fwd_kernel[(M, triton.cdiv(width, block))](gate, up, out, width, gate.stride(0), block)
+        _swiglu_fwd_kernel[(M, cdiv(width, block))](gate, up, out, width, gate.stride(0), block)
     return out
 
 
@@ -169,4 +169,4 @@ def silu_mul_backward(grad: Tensor, gate: Tensor, up: Tensor, grad_gate: Tensor,
     M = gate.shape[0]
     if M and width:
         block = _block(width)
-        _swiglu_bwd_kernel[(M, triton.cdiv(width, block))](gate, up, grad.contiguous(), grad_gate, grad_up, width, gate.stride(0), block)
+        _swiglu_bwd_kernel[(M, cdiv(width, block))](gate, up, grad.contiguous(), grad_gate, grad_up, width, gate.stride(0), block)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import empty, last_dim_contiguous, pow2, precision
+from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, pow2, precision
 
 FEATURES = {"identity": 0, "elu": 1, "relu": 2}
 BLOCK_T = 64
@@ -213,7 +213,7 @@ def unsupported(q: Tensor, v: Tensor, feature_map: str) -> str:
 
 def _split(T: int, heads: int) -> int:
     """Programs per (sequence, head) of the state kernels."""
-    return max(1, min(triton.cdiv(T, BLOCK_T), triton.cdiv(PROGRAMS, heads)))
+    return max(1, min(cdiv(T, BLOCK_T), cdiv(PROGRAMS, heads)))
 
 
 def _state(k: Tensor, v: Tensor, feature: int) -> tuple[Tensor, Tensor]:
@@ -238,7 +238,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, normalize: bool, eps:
     BK, BV, feature, prec = pow2(K), pow2(V), FEATURES[feature_map], precision(v.dtype)
     S, z = _state(k, v, feature)
     o = empty((B, T, H, V), v.dtype, q.device)
-    _output_kernel[(B * triton.cdiv(T, BLOCK_T), H)](
+    _output_kernel[(B * cdiv(T, BLOCK_T), H)](
         q, S, z, o, T, H, K, V, *q.stride()[:3], scale, eps, BT=BLOCK_T, BK=BK, BV=BV, FEATURE=feature,
         NORMALIZE=normalize, PREC=prec,
     )  # fmt: skip
@@ -265,7 +265,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, normaliz
     dS = ds_part.view(B, H, split, K, V).sum(2) * scale
     dz = dz_part.view(B, H, split, K).sum(2) * scale
     dk, dv = empty(k.shape, k.dtype, q.device), empty(v.shape, v.dtype, q.device)
-    _dkv_kernel[(B * triton.cdiv(T, BLOCK_T), H)](
+    _dkv_kernel[(B * cdiv(T, BLOCK_T), H)](
         k, v, dS, dz, dk, dv, T, H, K, V, *k.stride()[:3], *v.stride()[:3], BT=BLOCK_T, BK=BK, BV=BV,
         FEATURE=feature, NORMALIZE=normalize, PREC=prec,
     )  # fmt: skip

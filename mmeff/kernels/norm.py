@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import empty, last_dim_contiguous, sm_count
+from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, next_pow2, sm_count
 
 ROWS = 16  # most rows per forward program (a [ROWS, N] tile of at most 4,096 values)
 # Gate modes (constexpr GATE): none, norm(x) * silu(z), norm(x * silu(z)).
@@ -155,9 +155,9 @@ def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
     y = empty(x.shape, out_dtype, x.device)
     mean = empty((0 if rms else rows,), torch.float32, x.device)
     rstd = empty((rows,), torch.float32, x.device)
-    BN = triton.next_power_of_2(width)
+    BN = next_pow2(width)
     BR = max(1, min(ROWS, 4096 // BN))
-    _norm_fwd_kernel[(triton.cdiv(rows, BR),)](
+    _norm_fwd_kernel[(cdiv(rows, BR),)](
         x, z, weight, bias, y, mean, rstd, rows, width, groups, eps, RMS=rms, HAS_W=weight is not None,
         HAS_B=bias is not None, GATE=gate, BR=BR, BN=BN, num_warps=_warps(BR * BN),
     )  # fmt: skip
@@ -172,15 +172,15 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     width = x.shape[-1] // groups
     rows = x.numel() // width
     # About 8 programs per SM, each at least 32 rows: enough to hide latency, few partial sums to add.
-    programs = max(1, min(8 * sm_count(x.device), triton.cdiv(rows, 32)))
-    chunks = max(1, triton.cdiv(programs, groups))
-    per_program = triton.cdiv(triton.cdiv(rows, groups), chunks)
+    programs = max(1, min(8 * sm_count(x.device), cdiv(rows, 32)))
+    chunks = max(1, cdiv(programs, groups))
+    per_program = cdiv(cdiv(rows, groups), chunks)
     grid = chunks * groups
     dx = empty(x.shape, x.dtype, x.device)
     dz = empty(z.shape, z.dtype, z.device) if gate else None
     dw_part = empty((grid, width), torch.float32, x.device) if weight is not None else None
     db_part = empty((grid, width), torch.float32, x.device) if bias is not None else None
-    BN = triton.next_power_of_2(width)
+    BN = next_pow2(width)
     # Tiles and warps from sweeps on the H200 (kernel time a call): rows up to 512 wide on 2 warps. ViT-S's layer norm
     # (50k tokens of 384, x fp32, dy bf16) 191 -> 58 us from 4 warps; RetNet's gated group norm at the LM size (16k
     # tokens, 16 heads of 128, bf16) 198 -> 129 us on [8, 128] tiles from [16, 128] and 4 warps, GLA's (8 heads)
@@ -223,7 +223,7 @@ def _l2_bwd_kernel(y, dy, norm, dx, M, N, eps, BR: tl.constexpr, BN: tl.constexp
 
 
 def _l2_tiles(width: int) -> tuple[int, int]:
-    BN = triton.next_power_of_2(width)
+    BN = next_pow2(width)
     return max(1, min(ROWS, 4096 // BN)), BN
 
 
@@ -245,7 +245,7 @@ class L2Normalize(torch.autograd.Function):
         norm = empty((rows,), torch.float32, x.device)
         BR, BN = _l2_tiles(width)
         if rows:
-            _l2_fwd_kernel[(triton.cdiv(rows, BR),)](
+            _l2_fwd_kernel[(cdiv(rows, BR),)](
                 x3, y, norm, rows, x3.shape[1], width, x3.stride(0), x3.stride(1), eps, BR=BR, BN=BN,
                 num_warps=_warps(BR * BN),
             )  # fmt: skip
@@ -260,7 +260,7 @@ class L2Normalize(torch.autograd.Function):
         dx = empty(y.shape, dy.dtype, dy.device)
         BR, BN = _l2_tiles(y.shape[-1])
         if norm.numel():
-            _l2_bwd_kernel[(triton.cdiv(norm.numel(), BR),)](
+            _l2_bwd_kernel[(cdiv(norm.numel(), BR),)](
                 y, dy, norm, dx, norm.numel(), y.shape[-1], ctx.eps, BR=BR, BN=BN, num_warps=_warps(BR * BN)
             )  # fmt: skip
         return dx, None

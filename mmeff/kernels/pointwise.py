@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import empty
+from mmeff.kernels.utils import cdiv, empty
 
 BLOCK = 2048
 LOG_SIGMOID, ELU_PLUS_ONE = tl.constexpr(0), tl.constexpr(1)
@@ -47,7 +47,7 @@ def _bwd_kernel(y, dy, dx, n, scale, MAP: tl.constexpr, BLOCK: tl.constexpr):
 
 def _launch(kernel, *tensors: Tensor, n: int, scale: float, kind: int) -> None:
     if n:
-        kernel[(triton.cdiv(n, BLOCK),)](*tensors, n, scale, MAP=kind, BLOCK=BLOCK)
+        kernel[(cdiv(n, BLOCK),)](*tensors, n, scale, MAP=kind, BLOCK=BLOCK)
 
 
 class Pointwise(torch.autograd.Function):

@@ -19,6 +19,7 @@ from mmeff.kernels.utils import (
     SCALAR_GATE,
     Chunks,
     autotune,
+    cdiv,
     empty,
     load_tile,
     pow2,
@@ -70,7 +71,7 @@ def fused_recurrent(
     o = empty(v.shape, v.dtype, v.device)
     ht = empty((chunks.num_seqs, heads, dk, dv), torch.float32, q.device) if output_final_state else None
     bv = min(32, pow2(dv, 1))
-    _recurrent_kernel[(chunks.num_seqs * heads, triton.cdiv(dv, bv))](
+    _recurrent_kernel[(chunks.num_seqs * heads, cdiv(dv, bv))](
         q, k, v, g, beta, o, h0, ht, chunks.cu_seqlens, scale,
         H=heads, K=dk, V=dv, BK=pow2(dk, 1), BV=bv, GATE=gate, DELTA=beta is not None,
         HAS_H0=h0 is not None, STORE_HT=output_final_state,

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import empty, last_dim_contiguous
+from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, next_pow2
 
 TILE = 2048  # (row, pair) elements of one program: a few (b, t) rows, all their H * D/2 pairs where they fit
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,9 +67,9 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype, inverse:
     cos, sin = (t.contiguous().expand(B, T, D // 2) for t in (cos, sin))
     y = empty(x.shape, out_dtype, x.device)
     if y.numel():
-        BP = min(TILE, triton.next_power_of_2(H * D // 2))
+        BP = min(TILE, next_pow2(H * D // 2))
         BR = TILE // BP
-        _rope_kernel[(triton.cdiv(B * T, BR), triton.cdiv(H * D // 2, BP))](
+        _rope_kernel[(cdiv(B * T, BR), cdiv(H * D // 2, BP))](
             x, cos, sin, y, B * T, T, H, *x.stride()[:3], *cos.stride()[:2], HALF=D // 2, INVERSE=inverse, BR=BR, BP=BP,
         )  # fmt: skip
     return y

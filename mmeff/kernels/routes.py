@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import empty
+from mmeff.kernels.utils import cdiv, empty, next_pow2
 
 BT = 32  # tokens of a tile
 
@@ -55,8 +55,8 @@ def _flat(x: Tensor, batch: int, length: int) -> Tensor:
 
 
 def _grid(batch: int, length: int, width: int) -> tuple[tuple[int, int, int], int]:
-    block = min(128, triton.next_power_of_2(max(width, 16)))
-    return (batch, triton.cdiv(length, BT), triton.cdiv(width, block)), block
+    block = min(128, next_pow2(max(width, 16)))
+    return (batch, cdiv(length, BT), cdiv(width, block)), block
 
 
 def stack(x: Tensor, scale: float = 1.0) -> Tensor:
