@@ -25,6 +25,14 @@ def test_tokens_and_pool(pool, where):
         assert torch.equal(enc.pool(tokens), tokens[:, i])
 
 
+def test_tokens_are_contiguous_so_the_norms_read_them_in_place():
+    # The NHWC patch embedding is a permuted view of the conv's output; left so, the residual adds kept its layout
+    # through the backbone and every norm copied its input (25 copy kernels of a ViT-S step on the H200).
+    enc = ImageEncoder(ImageEncoderConfig(image_size=16, patch_size=4, in_chans=3, pool="mean"), dim=24)
+    x = enc(torch.randn(2, 3, 16, 16)).x
+    assert x.is_contiguous() and (x + torch.randn_like(x)).is_contiguous()  # the residual stream stays so
+
+
 def test_position_embedding_interpolates_to_other_sizes():
     enc = ImageEncoder(ImageEncoderConfig(image_size=16, patch_size=4, pool="mean"), dim=24)
     out = enc(torch.randn(1, 1, 32, 32))
