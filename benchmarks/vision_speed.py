@@ -17,7 +17,7 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   form, no scan); `linear_attn-global+local` and `gla-bi+local` add `local_conv: 3` (a 3x3 depthwise conv of v over
   the grid). `+ckpt` after any mmeff row (`mamba2-bi+ckpt`) sets `backbone.checkpoint: true` (each layer's
   activations recomputed in the backward instead of kept), `+ckpt_mixer` sets `backbone.checkpoint: mixer` (the token
-  mixer's only).
+  mixer's only), `+ckpt_norm` sets `backbone.checkpoint: norm` (the pre-norms' outputs only).
 
 Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, graphs, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
@@ -80,7 +80,7 @@ SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens 
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
 HYBRID = ["gla", "gla", "gla", "attn"]
 FLOP_MATCHED = ("gla-bi", "mamba2-bi")  # rows whose FLOP-matched ceiling the issue sets a goal for (at 224 px)
-CHECKPOINT = {"+ckpt_mixer": "mixer", "+ckpt": True}  # row suffix: backbone.checkpoint
+CHECKPOINT = {"+ckpt_mixer": "mixer", "+ckpt_norm": "norm", "+ckpt": True}  # row suffix: backbone.checkpoint
 
 
 @dataclass(frozen=True)
@@ -478,7 +478,7 @@ def pinned_backends(specs: list[str]) -> Iterator[str]:
 
 
 def select(names: list[str] | None) -> list[str]:
-    """The rows named (a mixer's name selects its scan rows; +ckpt / +ckpt_mixer checkpoint a row's layers / mixers),
+    """The rows named (a mixer's name selects its scan rows; +ckpt / +ckpt_mixer / +ckpt_norm: see CHECKPOINT),
     timm always first."""
     rows = row_names()
     if names:

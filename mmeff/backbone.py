@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from timm.layers import DropPath
 from torch import nn
@@ -9,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmeff.blocks import Cache, Layout, Tokens, build
 from mmeff.config import BackboneConfig, ConfigError, from_dict
+from mmeff.ops.recompute import recomputed, under_autocast_now
 
 
 def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
@@ -29,8 +32,8 @@ def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
 
 
 class Layer(nn.Module):
-    """One pre-norm residual layer: a token mixer then a channel mixer (`checkpoint`: its activations, or with
-    "mixer" the token mixer's only, recomputed in the backward instead of kept)."""
+    """One pre-norm residual layer: a token mixer then a channel mixer (`checkpoint`: its activations, with "mixer"
+    the token mixer's only, with "norm" the two pre-norms' outputs, recomputed in the backward instead of kept)."""
 
     def __init__(
         self, mixer: nn.Module, ffn: nn.Module | None, norm: str, eps: float, dim: int, drop_path: float,
@@ -45,8 +48,8 @@ class Layer(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None, layout: Layout | None = None) -> torch.Tensor:
-        recompute = self.checkpoint and cache is None and torch.is_grad_enabled()
-        if recompute and self.checkpoint != "mixer":
+        recompute = self.checkpoint in (True, "mixer") and cache is None and torch.is_grad_enabled()
+        if recompute and self.checkpoint is True:
             # Inside the layer, so that an FSDP unit wrapping it gathers its weights around the recomputation too.
             return checkpoint(self._forward, x, None, layout, use_reentrant=False)
         return self._forward(x, cache, layout, recompute)
@@ -55,10 +58,19 @@ class Layer(nn.Module):
         if mixer_only:
             x = x + self.drop_path(checkpoint(self._mix, x, layout, use_reentrant=False))
         else:
-            x = x + self.drop_path(self.mixer(self.norm1(x), cache=cache, layout=layout))
+            x = x + self.drop_path(self._normed(self.norm1, x, lambda h: self.mixer(h, cache=cache, layout=layout)))
         if self.ffn is not None:
-            x = x + self.drop_path(self.ffn(self.norm2(x)))
+            x = x + self.drop_path(self._normed(self.norm2, x, self.ffn))
         return x
+
+    def _normed(self, norm: nn.Module, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """fn(norm(x)); with checkpoint "norm" the saved norm(x) is made again from x in the backward (the norm keeps
+        x for its own backward: one [tokens, dim] tensor less kept per norm)."""
+        h = norm(x)
+        if self.checkpoint != "norm" or not torch.is_grad_enabled():
+            return fn(h)
+        with recomputed([(h, under_autocast_now(norm, x.device.type), (x,))]):
+            return fn(h)
 
     def _mix(self, x: torch.Tensor, layout: Layout | None) -> torch.Tensor:
         return self.mixer(self.norm1(x), layout=layout)

@@ -88,8 +88,9 @@ class BackboneConfig:
     final_norm: bool = True
     # Activation checkpointing: true recomputes each layer's activations in the backward instead of keeping them;
     # "mixer" only the token mixer's (the channel mixer's stay: less recomputation, most of the memory saved where
-    # the mixer keeps more than attention, e.g. mamba2's expanded streams).
-    checkpoint: bool | Literal["mixer"] = False
+    # the mixer keeps more than attention, e.g. mamba2's expanded streams); "norm" only the two pre-norms' outputs
+    # (no layer runs twice: each norm again where the backward reads its output; one [tokens, dim] tensor less each).
+    checkpoint: bool | Literal["mixer", "norm"] = False
 
     def __post_init__(self) -> None:
         require(self.dim >= 1, "backbone.dim", self.dim, "an integer >= 1")
@@ -101,7 +102,7 @@ class BackboneConfig:
         # The recomputation in the backward must route as the forward did; this balancing steps the routing bias in
         # every forward (mmeff.blocks.moe), so it would not.
         require(not (self.checkpoint is True and self.ffn == "moe" and self.ffn_options.get("bias_update_rate", 0) > 0),
-                "backbone.checkpoint", self.checkpoint, "false or mixer with backbone.ffn_options.bias_update_rate > 0 "
+                "backbone.checkpoint", self.checkpoint, "false, mixer or norm with backbone.ffn_options.bias_update_rate > 0 "
                 "(the MoE routing bias moves in each forward, so a recomputed layer would route differently); or set "
                 "bias_update_rate: 0")
         used = {item.partition("*")[0].strip() for item in self.pattern}

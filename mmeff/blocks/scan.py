@@ -24,7 +24,6 @@ route; projections, gates and output norms are per token and run once (`project`
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -35,10 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmeff import ops
-from mmeff.ops import dispatch
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
-from mmeff.ops.recompute import outer_hooks, recomputed
+from mmeff.ops import dispatch
+from mmeff.ops.recompute import outer_hooks, recomputed, under_autocast_now
 from mmeff.ops.varlen import cu_seqlens_from_docs
 
 ScanKind = Literal["forward", "bi", "cross", "global"]
@@ -363,16 +362,8 @@ class GroupedNorm(nn.Module):
         # output) would keep its whole base alive here.
         inputs = (y.contiguous(),) if z is None else (y.contiguous(), z.contiguous())
         normed = self(*inputs)
-        kind = y.device.type
-        cast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
-        with recomputed([(normed, functools.partial(self._again, cast), inputs)]):
+        with recomputed([(normed, under_autocast_now(self, y.device.type), inputs)]):
             return out(normed)
-
-    def _again(self, cast: tuple[str, torch.dtype, bool], *inputs: Tensor) -> Tensor:
-        """self(*inputs) under the autocast state of the forward that first made it (a backward runs without)."""
-        kind, dtype, enabled = cast
-        with torch.autocast(kind, dtype=dtype, enabled=enabled):
-            return self(*inputs)
 
 
 def dt_bias_init(size: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:

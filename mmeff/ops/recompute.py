@@ -61,6 +61,18 @@ def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
         products.clear()  # autograd keeps `pack` until the backward: the products must not live on through it
 
 
+def under_autocast_now(fn: Callable[..., Tensor], device_type: str) -> Callable[..., Tensor]:
+    """`fn` as a recipe's `make`: run in the backward (which runs without autocast) under the autocast state of now,
+    so that it makes its product in the dtype the forward made it."""
+    dtype, enabled = torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
+
+    def again(*inputs: Tensor) -> Tensor:
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return fn(*inputs)
+
+    return again
+
+
 def outer_hooks() -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]:
     """(pack, unpack) of the saved-tensor hooks in force (checkpointing, offloading, a count), else the identity: what
     hooks that keep some tensors their own way hand every other tensor to."""

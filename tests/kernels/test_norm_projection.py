@@ -49,3 +49,24 @@ def test_projected_norm_keeps_one_tensor_less_and_changes_no_gradient(kernels, m
         assert plain[2] - made[2] == 2 * 16 * 64 * 2  # the bf16 output of the norm, [2, 16, 64]
     else:  # PyTorch's norms under autocast may keep an fp32 copy of y instead of y, which the recipe then keeps
         assert made[2] <= plain[2]
+
+
+def test_layer_checkpoint_norm_keeps_the_pre_norm_outputs_out(kernels, monkeypatch):
+    # backbone.checkpoint: norm on the kernel path under bf16 autocast: the same output and gradients bit for bit, and
+    # per layer exactly its two pre-norms' bf16 outputs [tokens, dim] less kept (the norm kernels keep x anyway).
+    from mmeff.backbone import Backbone
+
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    cfg = {"dim": 64, "pattern": ["gla"], "depth": 2, "mixers": {"gla": {"heads": 2}}, "causal": False}
+    x0 = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for setting in (False, "norm"):
+        torch.manual_seed(0)
+        model, x = Backbone({**cfg, "checkpoint": setting}), x0.clone().requires_grad_()
+        with saved_bytes() as kept, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        y.float().square().sum().backward()
+        runs[setting] = (y.detach(), [x.grad, *(p.grad for p in model.parameters())], sum(kept.values()))
+    (y, grads, plain), (y_made, grads_made, made) = runs[False], runs["norm"]
+    assert torch.equal(y, y_made) and all(torch.equal(a, b) for a, b in zip(grads, grads_made))
+    assert plain - made == 2 * 2 * x0.numel() * 2  # 2 layers x 2 norms x [2, 16, 64] bf16

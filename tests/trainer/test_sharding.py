@@ -108,22 +108,28 @@ def test_mixers_and_moe_compute_on_plain_weights(world):
 @pytest.mark.parametrize("causal", [True, False])  # false: gla scans both ways, its route copies regathered
 def test_activation_checkpointing_keeps_outputs_and_gradients(causal):
     # Equal gradients, and fewer bytes kept for the backward: the whole layer recomputed (true) keeps the least, the
-    # token mixer only ("mixer") less than no checkpointing.
+    # token mixer only ("mixer") less than no checkpointing, the pre-norms' outputs made again ("norm") less too.
     cfg = {"dim": 32, "pattern": ["gla", "attn"], "mixers": {"gla": {"heads": 2}, "attn": {"heads": 2}}, "causal": causal}
     torch.manual_seed(0)
     weights = Backbone(cfg).state_dict()
     x = torch.randn(2, 16, 32)
     kept, grads = {}, {}
-    for setting in (False, "mixer", True):
+    for setting in (False, "mixer", "norm", True):
         model = Backbone({**cfg, "checkpoint": setting})
         model.load_state_dict(weights)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        saved = {}  # storages: a recipe's input (x, which the norm keeps too) counts once
+
+        def pack(t, saved=saved):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(x).square().mean()
         loss.backward()
-        kept[setting], grads[setting] = sum(saved), {name: p.grad for name, p in model.named_parameters()}
+        kept[setting], grads[setting] = sum(saved.values()), {name: p.grad for name, p in model.named_parameters()}
     assert kept[True] < kept["mixer"] < kept[False], kept
-    for setting in ("mixer", True):
+    assert kept["norm"] < kept[False], kept  # exactly the norms' outputs on the kernel path: test_norm_projection.py
+    for setting in ("mixer", "norm", True):
         for name, grad in grads[False].items():
             torch.testing.assert_close(grads[setting][name], grad, msg=f"{setting}: {name}")
 
