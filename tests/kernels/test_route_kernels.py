@@ -2,11 +2,11 @@
 the Triton interpreter against the gather form (the same Routes with the kernels refused).
 
 Streams are slices of one projection's output (read through their strides, as a mixer's q, k, v are), of 45 tokens
-(a partial token tile) and 24 or 200 channels (a partial channel block, and two blocks). The order-dependent
-function is a running sum of the product of two streams. The forward runs under the route-saving hooks (`regathered`), so
-the backward stacks the saved streams again through the kernels too. Tolerance: fp32 exact (copies, and one sum and
-one scale by 1/2 in fp32 as the reference's mean); bf16 within one bf16 ulp (the interpreter truncates to bf16 where
-the GPU and PyTorch round).
+(a partial token tile) and 24 or 200 channels (a partial channel block, and two blocks), with and without packed
+documents. The order-dependent function is a running sum of the product of two streams, restarting at each document.
+The forward runs under the route-saving hooks (`regathered`), so the backward stacks the saved streams again through
+the kernels too. Tolerance: fp32 exact (copies, and one sum and one scale by 1/2 in fp32 as the reference's mean);
+bf16 within one bf16 ulp (the interpreter truncates to bf16 where the GPU and PyTorch round).
 """
 
 from __future__ import annotations
@@ -23,8 +23,15 @@ from mmeff.ops import dispatch
 
 
 def running_sum(streams, cu_seqlens):
-    """Cumulative sum along T of the first stream times the second (an order-dependent map; no documents here)."""
-    return (streams[0] * streams[1]).cumsum(1)
+    """Cumulative sum along T of the first stream times the second, restarting at each document."""
+    x = streams[0] * streams[1]
+    if cu_seqlens is None:
+        return x.cumsum(1)
+    flat, bounds = x.flatten(0, 1), cu_seqlens.tolist()
+    return torch.cat([flat[a:b].cumsum(0) for a, b in zip(bounds[:-1], bounds[1:])]).view_as(x)
+
+
+DOCS = torch.tensor([[0] * 20 + [1] * 25, [2] * 45])  # packed documents: each reversed on its own
 
 
 @pytest.fixture
@@ -43,8 +50,8 @@ def run(streams_of, layout, source):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("width", [24, 200])
-def test_bi_route_kernels_match_the_gathers(fake_gpu, monkeypatch, dtype, width):
+@pytest.mark.parametrize("width,docs", [(24, False), (200, False), (24, True)])
+def test_bi_route_kernels_match_the_gathers(fake_gpu, monkeypatch, dtype, width, docs):
     calls = []
     for name in ("stack", "merge"):
         monkeypatch.setattr(fake_gpu, name, lambda *a, f=getattr(fake_gpu, name), n=name: calls.append(n) or f(*a))
@@ -55,10 +62,11 @@ def test_bi_route_kernels_match_the_gathers(fake_gpu, monkeypatch, dtype, width)
     def streams_of(x):  # q [B, T, H, C/H] and k [B, T, C]: views into x, rows 3C apart
         return [x[..., :width].unflatten(-1, (heads, -1)).flatten(2), x[..., width : 2 * width]]
 
-    got = run(streams_of, Layout(), source)
+    layout = Layout(docs=DOCS) if docs else Layout()
+    got = run(streams_of, layout, source)
     assert calls.count("stack") == 2 + 2 + 1 and calls.count("merge") == 1 + 2  # forward, saved again, backward
     monkeypatch.setattr(scan_module, "_flip_kernels", lambda x, flip: None)
-    want = run(streams_of, Layout(), source)
+    want = run(streams_of, layout, source)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         if dtype == torch.float32:
