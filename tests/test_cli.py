@@ -302,3 +302,13 @@ def test_sample_writes_a_shard_sample_as_files(digits_root, tmp_path, capsys):
     assert len(written) == 2 and written[0].endswith(".cls") and written[1].endswith(".png")
     assert (tmp_path / written[1]).read_bytes()[:4] == b"\x89PNG"
     assert main(["sample", str(digits_root), "--index", "100000"]) == 2
+
+
+def test_a_command_leaves_the_process_group_it_ran_in(tmp_path):
+    # Lightning keeps the default group after a distributed fit; left to interpreter exit, a rank aborted (SIGABRT).
+    import torch.distributed as dist
+
+    from mmeff import cli
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert cli.main(["blocks"]) == 0 and not dist.is_initialized()
