@@ -150,9 +150,7 @@ def _flip_kernels(x: Tensor, flip: bool) -> ModuleType | None:
 
 def routes_unsupported(x: Tensor) -> str:
     """Why mmeff.kernels.routes cannot take stream `x`; "" when they can."""
-    if torch.compiler.is_compiling() or dispatch.exporting():
-        return "torch.compile traces: Inductor fuses the gathers"
-    return dispatch.triton_unsupported(x, "routes", lambda kernels: kernels.unsupported(x))
+    return dispatch.eager_triton_unsupported(x, "routes", lambda kernels: kernels.unsupported(x))
 
 
 def _stack(x: Tensor, order: Tensor, routes: int, flip: bool = False, scale: float = 1.0) -> Tensor:

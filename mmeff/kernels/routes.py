@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import cdiv, empty, next_pow2
+from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, next_pow2
 
 BT = 32  # tokens of a tile
 
@@ -49,12 +49,6 @@ def _merge_kernel(y, x, T, C, syb, syt, scale, BT: tl.constexpr, BC: tl.constexp
     tl.store(x + i_b * T * C + rows[:, None] * C + cols[None, :], ((ahead + back) * scale).to(x.dtype.element_ty), mask=mask)
 
 
-def _flat(x: Tensor, batch: int, length: int) -> Tensor:
-    """x [batch, length, ...] as [batch, length, C], a view where the trailing dims are one contiguous run."""
-    flat = x.reshape(batch, length, -1)
-    return flat if flat.stride(-1) == 1 else flat.contiguous()
-
-
 def _grid(batch: int, length: int, width: int) -> tuple[tuple[int, int, int], int]:
     block = min(128, next_pow2(max(width, 16)))
     return (batch, cdiv(length, BT), cdiv(width, block)), block
@@ -63,7 +57,7 @@ def _grid(batch: int, length: int, width: int) -> tuple[tuple[int, int, int], in
 def stack(x: Tensor, scale: float = 1.0) -> Tensor:
     """x [B, T, ...] -> [2B, T, ...]: each sequence (times `scale`), then the same reversed, in x's dtype."""
     batch, length = x.shape[:2]
-    flat = _flat(x, batch, length)
+    flat = last_dim_contiguous(x.reshape(batch, length, -1))  # a view where the trailing dims are one run
     y = empty((batch * 2, *x.shape[1:]), x.dtype, x.device)
     if y.numel():
         grid, block = _grid(batch, length, flat.shape[2])
@@ -76,7 +70,7 @@ def merge(y: Tensor, scale: float) -> Tensor:
     """y [2B, T, ...] (stack's layout) -> [B, T, ...]: `scale` x (each first-route sequence + its reversed second
     route), summed in fp32, in y's dtype."""
     length = y.shape[1]
-    flat = _flat(y, y.shape[0], length)
+    flat = last_dim_contiguous(y.reshape(y.shape[0], length, -1))
     batch = y.shape[0] // 2
     x = empty((batch, *y.shape[1:]), y.dtype, y.device)
     if x.numel():

@@ -183,6 +183,14 @@ def triton_kernels(module: str = "") -> ModuleType:
     return sys.modules.get(name) or importlib.import_module(name)
 
 
+def eager_triton_unsupported(x: Tensor, module: str = "", ask: Callable[[ModuleType], str] | None = None) -> str:
+    """triton_unsupported, refusing too while torch.compile or torch.export traces: there the plain-PyTorch form is
+    traced, and Inductor fuses it."""
+    if torch.compiler.is_compiling() or exporting():
+        return "torch.compile traces: Inductor fuses the reference"
+    return triton_unsupported(x, module, ask)
+
+
 def triton_unsupported(x: Tensor, module: str = "", ask: Callable[[ModuleType], str] | None = None) -> str:
     """Why mmeff's Triton kernels (`module` of mmeff.kernels) cannot take a call on `x`; `ask(module)` adds the
     kernels' own conditions. "" when they can."""

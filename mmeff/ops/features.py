@@ -16,11 +16,9 @@ __all__ = ["FEATURE_MAPS"]
 
 def pointwise_unsupported(x: Tensor) -> str:
     """Why mmeff.kernels.pointwise cannot map `x`; "" when it can."""
-    if torch.compiler.is_compiling() or exporting():
-        return "torch.compile traces: Inductor fuses the reference"
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {x.dtype}"
-    return dispatch.triton_unsupported(x, "pointwise")
+    return dispatch.eager_triton_unsupported(x, "pointwise")
 
 
 class _EluPlusOne(torch.autograd.Function):
@@ -91,13 +89,8 @@ def _l2(x: Tensor, eps: float = 1e-12) -> Tensor:
     reference is seven elementwise and reduction launches forward and twelve backward, 456 of the 2,009 launches of
     a gated_deltanet LM step at T=4096 on the H200); elsewhere the autograd function where a backward is recorded (as
     _elu_plus_one)."""
-
-    def triton() -> str:
-        if torch.compiler.is_compiling() or exporting():
-            return "torch.compile traces: Inductor fuses the reference"
-        return dispatch.triton_unsupported(x, "norm", lambda kernels: kernels.unsupported(x, x.shape[-1]))
-
-    if dispatch.choose("l2_normalize", "auto", [("triton", triton)]) == "triton":
+    fast = [("triton", lambda: dispatch.eager_triton_unsupported(x, "norm", lambda k: k.unsupported(x, x.shape[-1])))]
+    if dispatch.choose("l2_normalize", "auto", fast) == "triton":
         return dispatch.triton_kernels("norm").L2Normalize.apply(x, eps)
     if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
         return _l2_with_norm(x, eps)[0]
