@@ -97,7 +97,8 @@ def test_packed_block_shapes(kernels, monkeypatch, seed, kind):
     # test_blocks_gpu's packed form as the kernels see it: documents of 707, 1, 1340, 2047 and 1 tokens, no initial
     # state, retnet's and gated_deltanet's 4 heads of K 128, V 256. Its 5 x 4 (sequence, head) pairs make the H200's
     # state passes (chunk_h.state_blocks) take 32 x 64 tiles where the key is split (scalar_decay), a build no other
-    # check reaches (they take 32 x 16): the block's retnet-packed gradients were off by 5% there.
+    # check reaches (they take 32 x 16): the block's retnet-packed gradients were off by 5% there; under the delta
+    # rule they take 128 x 32 tiles, as gated_deltanet's LM at 4k does.
     lengths = [707, 1, 1340, 2047, 1]
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     inputs = make_inputs(kind, 1, sum(lengths), 4, 128, 256, dtype=torch.bfloat16, device="cuda", seed=seed,

@@ -66,6 +66,21 @@ def test_split_state_tiles(kernels, monkeypatch, kind):
     check(kernels, make_inputs(kind, 1, 50, 1, 32, 32, seed=7), TOL[torch.float32], chunk_size=16)
 
 
+@pytest.mark.parametrize(
+    "programs, K, V, split_keys, tiles",
+    [
+        (32, 128, 256, False, (128, 32)),  # gated_deltanet's LM at 4k: 4 x 8 (sequence, head) pairs
+        (32, 128, 128, False, (128, 16)),  # deltanet's
+        (32, 128, 256, True, (32, 64)),  # retnet's: keys split, two programs a SM
+        (3072, 64, 64, True, (64, 64)),  # a bidirectional ViT's 512 x 6: enough programs untiled
+    ],
+)
+def test_state_tiles_on_a_132_sm_gpu(kernels, monkeypatch, programs, K, V, split_keys, tiles):
+    # The tiles chunk_h.state_blocks picks on the H200 (132 SMs); the delta rule's programs each read every key.
+    monkeypatch.setattr(kernels.chunk_h, "sm_count", lambda device: 132)
+    assert kernels.chunk_h.state_blocks(K, V, programs, split_keys, torch.device("cuda")) == tiles
+
+
 def _chunks(kernels, batch, seqlen, size):
     return kernels.utils.make_chunks(None, batch, seqlen, size, torch.device("cpu"))
 
