@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import ContextManager
+
 import torch
 from torch import nn
 
 from mmeff.blocks.cache import Cache
 from mmeff.ops.conv import causal_conv1d, with_history
+from mmeff.ops.recompute import recomputed, under_autocast_now
 from mmeff.ops.varlen import seq_idx_from_cu_seqlens
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "identity": "identity"}
@@ -42,3 +47,17 @@ class ShortConv(nn.Module):
             cache[key] = full[..., x.shape[1] :].clone()  # the last kernel_size - 1 steps; a copy: do not pin `full`
         docs = None if cu_seqlens is None else seq_idx_from_cu_seqlens(cu_seqlens, x.shape[0] * x.shape[1]).view(x.shape[:2])
         return causal_conv1d(x, self.conv.weight.squeeze(1), self.conv.bias, self.activation, prev, docs=docs)
+
+    def made_again(
+        self, x: torch.Tensor, cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ContextManager[None]]:
+        """(the output of x, a context for what reads it): inside the context a saved view of the output is kept as x,
+        which the conv keeps for its own backward anyway, and the backward makes the output again (one conv pass)."""
+        if cache is not None:  # decoding: no backward
+            return self(x, cache, cu_seqlens=cu_seqlens), contextlib.nullcontext()
+        # The Triton conv keeps a contiguous x: given one, it keeps that tensor, and the recipe's input costs nothing
+        # more (a view would keep its whole base: Mamba-2's in_proj output, z and dt included).
+        x = x.contiguous()
+        out = self(x, cu_seqlens=cu_seqlens)
+        again = under_autocast_now(functools.partial(self, cu_seqlens=cu_seqlens), x.device.type)
+        return out, recomputed([(out, again, (x,))])

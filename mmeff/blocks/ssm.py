@@ -166,24 +166,26 @@ class Mamba2(ScanMixer):
     def mix(self, streams: list[Tensor], cache: Cache | None, cu_seqlens: Tensor | None) -> Tensor:
         batch, length = streams[0].shape[:2]
         xBC, dt = (packed(s, cu_seqlens) for s in streams)
-        xBC = self.conv(xBC, cache, cu_seqlens=cu_seqlens)
+        # SSD keeps x, B and C, views of the conv's output: kept as the conv's input instead, made again in the backward.
+        xBC, kept_as_input = self.conv.made_again(xBC, cache, cu_seqlens)
         x, B, C = xBC.split([self.inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        y = ops.ssd(
-            x.unflatten(-1, (self.heads, self.head_dim)),
-            dt,
-            -self.A_log.float().exp(),
-            B.unflatten(-1, (self.ngroups, self.d_state)),
-            C.unflatten(-1, (self.ngroups, self.d_state)),
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            chunk_size=self.chunk_size,
-            initial_states=cache.get("state") if cache is not None else None,
-            return_final_states=cache is not None,
-            mode=self.mode(x.shape[1]),
-            backend=self.backend,
-            cu_seqlens=cu_seqlens,
-        )
+        with kept_as_input:
+            y = ops.ssd(
+                x.unflatten(-1, (self.heads, self.head_dim)),
+                dt,
+                -self.A_log.float().exp(),
+                B.unflatten(-1, (self.ngroups, self.d_state)),
+                C.unflatten(-1, (self.ngroups, self.d_state)),
+                D=self.D,
+                dt_bias=self.dt_bias,
+                dt_softplus=True,
+                chunk_size=self.chunk_size,
+                initial_states=cache.get("state") if cache is not None else None,
+                return_final_states=cache is not None,
+                mode=self.mode(x.shape[1]),
+                backend=self.backend,
+                cu_seqlens=cu_seqlens,
+            )
         if cache is not None:
             y, cache["state"] = y
         return y.flatten(-2).view(batch, length, -1)
