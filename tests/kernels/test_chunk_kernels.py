@@ -58,12 +58,17 @@ def test_gla_factored_scores(kernels, gates, dtype):
     check(kernels, inputs, TOL[dtype], chunk_size=32)
 
 
-@pytest.mark.parametrize("kind", ["scalar_decay", "gla", "delta_rule"])
-def test_split_state_tiles(kernels, monkeypatch, kind):
+@pytest.mark.parametrize(
+    "kind, value_tile, V",
+    [("scalar_decay", 16, 32), ("gla", 16, 32), ("delta_rule", 16, 32), ("gated_delta_rule", 32, 64)],
+)
+def test_split_state_tiles(kernels, monkeypatch, kind, value_tile, V):
     # On a GPU with few (sequence, head) pairs the sequential passes split the state into key and value
-    # tiles (the delta rule into value tiles only); on the CPU they never would, so force the smallest.
-    monkeypatch.setattr(kernels.chunk_h, "state_blocks", lambda K, V, n, split, device: (16 if split else K, 16))
-    check(kernels, make_inputs(kind, 1, 50, 1, 32, 32, seed=7), TOL[torch.float32], chunk_size=16)
+    # tiles (the delta rule into value tiles only); on the CPU they never would, so force them: the smallest, and
+    # the delta rule's 32-wide value tiles of gated_deltanet's LM (see test_state_tiles_on_a_132_sm_gpu).
+    tiles = lambda K, V, n, split, device: (16 if split else K, value_tile)  # noqa: E731
+    monkeypatch.setattr(kernels.chunk_h, "state_blocks", tiles)
+    check(kernels, make_inputs(kind, 1, 50, 1, 32, V, seed=7), TOL[torch.float32], chunk_size=16)
 
 
 @pytest.mark.parametrize(
