@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import contextlib
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -117,6 +118,33 @@ def saved_bytes() -> Iterator[Dict[int, int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield kept
+
+
+def _mixer_step(mixer: torch.nn.Module, x0: Tensor, layout: Any) -> Tuple[Tensor, list, int]:
+    """(output, gradients of x and every parameter, bytes of the storages autograd kept) of one forward (bf16 autocast)
+    and backward of a token mixer on x0 laid out as `layout`."""
+    x = x0.clone().requires_grad_()
+    with saved_bytes() as kept, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mixer(x, layout=layout)
+    y.float().square().sum().backward()
+    grads = [x.grad.clone(), *(p.grad.clone() for p in mixer.parameters())]
+    mixer.zero_grad(set_to_none=True)
+    return y.detach(), grads, sum(kept.values())
+
+
+def bytes_made_again(monkeypatch: Any, mixer: torch.nn.Module, x0: Tensor, layout: Any, recomputed_at: str) -> int:
+    """Bytes a mixer's step keeps fewer with its `recomputed` (imported as `recomputed_at`) than with a context that
+    makes nothing again, on the Triton path (interpreted); its output and every gradient checked bit for bit equal."""
+    from mmeff.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    made = _mixer_step(mixer, x0, layout)
+    with monkeypatch.context() as m:
+        m.setattr(recomputed_at, lambda recipes: contextlib.nullcontext())
+        kept = _mixer_step(mixer, x0, layout)
+    assert torch.equal(kept[0], made[0])
+    assert all(torch.equal(a, b) for a, b in zip(kept[1], made[1]))
+    return kept[2] - made[2]
 
 
 def max_error(actual: Tensor, expected: Tensor) -> float:
