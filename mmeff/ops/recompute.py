@@ -79,11 +79,13 @@ def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
 
 def under_autocast_now(fn: Callable[..., Tensor], device_type: str) -> Callable[..., Tensor]:
     """`fn` as a recipe's `make`: run in the backward (which runs without autocast) under the autocast state of now,
-    so that it makes its product in the dtype the forward made it."""
+    so that it makes its product in the dtype the forward made it (its cast cache off too where it was: a CUDA-graph
+    capture, mmeff.tasks.graphs)."""
     dtype, enabled = torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
+    cache = torch.is_autocast_cache_enabled()
 
     def again(*inputs: Tensor) -> Tensor:
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache):
             return fn(*inputs)
 
     return again

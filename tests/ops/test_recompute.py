@@ -2,7 +2,7 @@
 
 import torch
 
-from mmeff.ops.recompute import recomputed
+from mmeff.ops.recompute import recomputed, under_autocast_now
 
 
 def kept(fn):
@@ -55,3 +55,14 @@ def test_not_while_compiling(monkeypatch):
 def _square_in(doubled, a):
     with recomputed([(doubled, lambda t: t * 2, (a,))]):
         return doubled.square()
+
+
+def test_a_make_runs_under_the_autocast_state_of_the_forward():
+    # dtype, on/off and the cast cache (off inside a CUDA-graph capture) as where the recipe was made, not the
+    # backward's (no autocast).
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        again = under_autocast_now(
+            lambda: (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_autocast_cache_enabled()),
+            "cpu",
+        )
+    assert again() == (True, torch.bfloat16, False)
