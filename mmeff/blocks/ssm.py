@@ -79,26 +79,28 @@ class Mamba(ScanMixer):
     def mix(self, streams: list[Tensor], cache: Cache | None, cu_seqlens: Tensor | None) -> Tensor:
         batch, length = streams[0].shape[:2]
         x, z = (packed(s, cu_seqlens) for s in streams)
-        x = self.conv(x, cache, cu_seqlens=cu_seqlens)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = dt @ self.dt_proj.weight.t()  # the bias is added (in fp32) by the scan
-        y = ops.selective_scan(
-            x.transpose(1, 2),
-            dt.transpose(1, 2),
-            -self.A_log.float().exp(),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            D=self.D.float(),
-            z=z.transpose(1, 2),
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-            return_last_state=cache is not None,
-            mode=self.mode(x.shape[1]),
-            chunk_size=self.chunk_size,
-            initial_state=cache.get("state") if cache is not None else None,
-            backend=self.backend,
-            cu_seqlens=cu_seqlens,
-        )
+        # x_proj and the scan keep the conv's output: kept as the conv's input instead, made again in the backward.
+        x, kept_as_input = self.conv.made_again(x, cache, cu_seqlens)
+        with kept_as_input:
+            dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt = dt @ self.dt_proj.weight.t()  # the bias is added (in fp32) by the scan
+            y = ops.selective_scan(
+                x.transpose(1, 2),
+                dt.transpose(1, 2),
+                -self.A_log.float().exp(),
+                B.transpose(1, 2),
+                C.transpose(1, 2),
+                D=self.D.float(),
+                z=z.transpose(1, 2),
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+                return_last_state=cache is not None,
+                mode=self.mode(x.shape[1]),
+                chunk_size=self.chunk_size,
+                initial_state=cache.get("state") if cache is not None else None,
+                backend=self.backend,
+                cu_seqlens=cu_seqlens,
+            )
         if cache is not None:
             y, cache["state"] = y
         return y.transpose(1, 2).reshape(batch, length, -1)

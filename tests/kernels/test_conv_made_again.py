@@ -1,7 +1,8 @@
-"""Mamba-2's short-conv output, which SSD keeps views of (x, B, C) for its backward, kept as the conv's input and made
-again there (ShortConv.made_again). On the Triton path (interpreted) under bf16 autocast, as the block runs: output and
-every gradient bit for bit those of keeping it, and the block keeps the conv's output no more (one copy per scan
-route). (DeltaNet's recurrence keeps a packed copy of v, not a view of the conv's output: nothing to gain there.)"""
+"""The short conv's output of Mamba-2 (SSD keeps views of it: x, B, C) and of Mamba (x_proj and the selective scan keep
+it), kept as the conv's input and made again in the backward (ShortConv.made_again). On the Triton path (interpreted)
+under bf16 autocast, as the blocks run: output and every gradient bit for bit those of keeping it, and the block keeps
+the conv's output no more (one copy per scan route). (DeltaNet's recurrence keeps a packed copy of v, not a view of
+the conv's output: nothing to gain there.)"""
 
 import pytest
 import torch
@@ -15,9 +16,15 @@ LAYOUT = Layout(grid=(1, 4, 4))
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_conv_output_made_again_in_the_backward(kernels, monkeypatch, causal):
+@pytest.mark.parametrize(
+    "kind, options, width",
+    [
+        ("mamba2", {"d_state": 16, "head_dim": 16}, 2 * DIM + 2 * 16),  # x (expand 2), B and C, which SSD keeps
+        ("mamba", {"d_state": 8}, 2 * DIM),  # x (expand 2), which x_proj and the selective scan keep
+    ],
+)
+def test_conv_output_made_again_in_the_backward(kernels, monkeypatch, causal, kind, options, width):
     torch.manual_seed(0)
-    mixer = blocks.build("mamba2", DIM, causal=causal, d_state=16, head_dim=16)
+    mixer = blocks.build(kind, DIM, causal=causal, **options)
     fewer = bytes_made_again(monkeypatch, mixer, torch.randn(B, T, DIM), LAYOUT, "mmeff.blocks.conv.recomputed")
-    width = 2 * DIM + 2 * 16  # x (expand 2), B and C
     assert fewer == (1 if causal else 2) * B * T * width * 2  # the conv's bf16 output, every route's
