@@ -83,8 +83,10 @@ def test_lm_train_speed_graphs_mode_keeps_its_own_ratios(script, tmp_path):
 
 
 def test_lm_train_speed_profile_records_the_hosts_time(script, tmp_path):
-    # --profile: the host's time to queue a step (on the CPU the step runs as it is queued: host ms is about ms).
-    script("lm_train_speed", "--device", "cpu", "--rows", "attn", "--warmup", "0", "--iters", "3", "--profile",
+    # --profile: the host's time to queue a step (on the CPU the step runs as it is queued: host ms is about ms). One
+    # untimed step first (a one-time cost out of the timed median): with none, one CI run, beside another process,
+    # gave ms 12.6 against host 4.4.
+    script("lm_train_speed", "--device", "cpu", "--rows", "attn", "--warmup", "1", "--iters", "3", "--profile",
            "--out", str(tmp_path / "lm"))  # fmt: skip
     (record,) = json.loads((tmp_path / "lm.json").read_text())["records"]
     assert 0.5 * record["ms"] < record["host_ms"] < 2 * record["ms"]
