@@ -27,7 +27,8 @@ the bf16 matmul rate measured in the same run), ceiling_img_s (the FLOP-matched 
 FLOPs / the row's FLOPs) and note (OOM, errors, the row limit). A row's FLOPs are counted once: a later run takes
 them from an earlier record of the same row, size and parameter count (the references take minutes at 2048 px);
 `--recount` counts again. `--row-limit S` ends a row that runs past S seconds (its record notes it) and goes on
-with the next. `--compile` runs every model, timm's too, through torch.compile
+with the next (the mamba2 rows need more than 90 s on a fresh H200 where mamba-ssm is installed: its kernels
+autotune in their first step; runs 33 and 35 stopped there). `--compile` runs every model, timm's too, through torch.compile
 (nn.Module.compile, as `trainer.compile: true`). `--graphs` replays each model's forward and backward as CUDA graphs
 through mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs: true` runs (torch.cuda.make_graphed_callables;
 the optimizer step stays eager), timm's too: the step without the host's per-kernel launch cost, which the eager
