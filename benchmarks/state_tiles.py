@@ -8,11 +8,12 @@ two calls: the forward's and the backward's recompute), of `_bwd_dh_kernel`, and
 (torch.profiler, mean of --reps). The row `picked` is what state_blocks gives on this GPU with the kernels' pinned
 launch config. Rows are written as they come (markdown + JSON), so a cut run keeps them.
 
-    python benchmarks/state_tiles.py --out benchmarks/results/state_tiles_h200
+    python benchmarks/state_tiles.py                  # benchmarks/results/state_tiles_<device>.{md,json}
     python benchmarks/state_tiles.py --workloads gated_deltanet-lm deltanet-lm
 
 The value tiles of 32 under the delta rule (c060f51) came from a first form of this sweep in one call, beside another
-sweep on the same GPU: gated_deltanet-lm's passes 0.69 + 0.51 ms (tiles 128 x 16) -> 0.34 + 0.28 ms (128 x 32).
+sweep on the same GPU: gated_deltanet-lm's passes 0.69 + 0.51 ms (tiles 128 x 16) -> 0.34 + 0.28 ms (128 x 32);
+its rows: benchmarks/results/state_tiles_draft_h200.md.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import write_results  # noqa: E402
+from timing import device_tag, write_results  # noqa: E402
 
 from mmeff.kernels import chunk_h  # noqa: E402
 from mmeff.ops.recurrence import linear_recurrence  # noqa: E402
@@ -110,11 +111,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/state_tiles"))
+    parser.add_argument("--out", type=Path, help="path stem of .md/.json (default benchmarks/results/state_tiles_<device>)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("state_tiles: needs a CUDA GPU (the state passes' Triton kernels)")
     device = torch.cuda.get_device_name()
+    out = args.out or Path("benchmarks/results") / f"state_tiles_{device_tag(torch.device('cuda'))}"
     rows: list[dict[str, Any]] = []
     for name in args.workloads:
         batch, length, heads, K, V, decay, delta = WORKLOADS[name]
@@ -132,7 +134,7 @@ def main() -> None:
             row = {"workload": name, "tiles": tiles or picked, "warps": launch[0], "stages": launch[1], **ms}
             rows.append({**row, "note": note})
             print(table(rows[-1:], device).splitlines()[-1], flush=True)
-            write_results(args.out, {"device": device, "torch": torch.__version__, "rows": rows}, table(rows, device))
+            write_results(out, {"device": device, "torch": torch.__version__, "rows": rows}, table(rows, device))
 
 
 if __name__ == "__main__":

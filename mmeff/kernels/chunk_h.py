@@ -145,7 +145,7 @@ def state_blocks(K: int, V: int, programs: int, split_keys: bool, device: torch.
     split, values down to 16) while too few programs would leave SMs idle: fewer than two a SM, or one under the
     delta rule, whose programs hold every key and so each read the chunk's whole w and k again. At gated_deltanet's
     LM size on the H200 (4 x 8 sequence-heads, K 128, V 256) value tiles of 32 in place of 16 took the forward pass
-    0.34 -> 0.17 ms a call and the backward 0.51 -> 0.28 ms (benchmarks/state_tiles.py's first form); deltanet's
+    0.34 -> 0.17 ms a call and the backward 0.51 -> 0.28 ms (benchmarks/results/state_tiles_draft_h200.md); deltanet's
     (V 128) stay at 16."""
     bk, bv = pow2(K), min(64, pow2(V))
     enough = (2 if split_keys else 1) * sm_count(device)
