@@ -8,8 +8,9 @@ bidirectional inputs come from `ScanMixer` (mmeff/blocks/scan.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, ClassVar
+from typing import Any, ClassVar, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from mmeff.blocks.registry import register
 from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter, packed
 from mmeff.ops.conv import depthwise_conv2d
 from mmeff.ops.features import FEATURE_MAPS
-from mmeff.ops.recompute import recomputed
+from mmeff.ops.recompute import Recipe, recomputed, recomputed_output, under_autocast_now
 from mmeff.ops.rope import apply_rope, range_angles
 
 Recurred = tuple[Tensor, Tensor | None]  # (o [B, T, H, V], final state [B, H, K, V] or None)
@@ -76,6 +77,8 @@ class LinearMixer(ScanMixer):
         # copies of what the feature map keeps anyway (ScanMixer's `regathered`). The global form leaves the map to
         # its op (ops.global_linear_attention).
         self.features_first = not conv_size and self.routes.scan != "global"
+        # Whether `attend` maps q and k (a feature map after the scan routes, or positions) or copies v.
+        self.maps_qk = not self.features_first or type(self).position is not LinearMixer.position
         self.widths = [self.key_dim, self.key_dim, self.value_dim]
         width = sum(self.widths)
         self.qkv = nn.Linear(dim, width, bias=bias)
@@ -123,25 +126,30 @@ class LinearMixer(ScanMixer):
     def mix(self, streams: list[torch.Tensor], cache: Cache | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         batch, length = streams[0].shape[:2]
         streams = [packed(s, cu_seqlens) for s in streams]  # packed documents: one row that cu_seqlens bounds
+        kept_as_input: ContextManager[None] = contextlib.nullcontext()
         if self.conv is not None:
             qkv, *gates = streams
-            parts = self.conv(qkv, cache, cu_seqlens=cu_seqlens).split(self.widths, -1)
+            # The recurrence keeps v (and q, k where no feature map makes new ones), views of the conv's output: kept
+            # as the conv's input instead, made again in the backward.
+            out, kept_as_input = self.conv.made_again(qkv, cache, cu_seqlens)
+            parts = out.split(self.widths, -1)
         else:
             parts, gates = streams[:3], streams[3:]
         q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in parts)
-        o, state = self.attend(
-            q,
-            k,
-            v,
-            gates,
-            cache.offset if cache is not None else 0,
-            mode=self.mode(length),
-            chunk_size=self.chunk_size,
-            initial_state=self.initial_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1),
-            output_final_state=cache is not None,
-            scale=self.scale,
-            cu_seqlens=cu_seqlens,
-        )
+        with kept_as_input:
+            o, state = self.attend(
+                q,
+                k,
+                v,
+                gates,
+                cache.offset if cache is not None else 0,
+                mode=self.mode(length),
+                chunk_size=self.chunk_size,
+                initial_state=self.initial_state(cache, batch if cu_seqlens is None else cu_seqlens.numel() - 1),
+                output_final_state=cache is not None,
+                scale=self.scale,
+                cu_seqlens=cu_seqlens,
+            )
         if cache is not None:
             cache["state"] = state
         return o.flatten(-2).view(batch, length, -1)
@@ -149,19 +157,24 @@ class LinearMixer(ScanMixer):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], offset: int, **kw: Any) -> Recurred:
         """Feature map and positions of q, k [B, T, H, K], then the op (`recur`).
 
-        The op keeps the mapped q and k for its backward. Where they are new tensors (a rotation) of q and k that are
-        views of the streams, which the block keeps anyway (a bidirectional scan's as the unstacked source,
-        `regathered`), the backward makes them again: RetNet-bi kept two route-stacked copies of each otherwise.
-        After a short conv, q and k are views of its output, which nothing else keeps: there the mapped ones stay.
+        q and k are views of what the block keeps anyway: of the streams (a bidirectional scan's as the unstacked
+        source, `regathered`), or of the short conv's output, which the backward makes again from the conv's input
+        (`mix`). Where the feature map or the positions make new tensors of them, which the op keeps for its backward
+        (and the l2 map keeps itself), the backward makes them again (RetNet-bi kept two route-stacked copies of its
+        rotated q and k otherwise); so too v's contiguous copy, which the kernels take, after a short conv.
         """
         mapped = functools.partial(self.mapped, offset=offset, dtype=v.dtype)
-        mq, mk = mapped(q), mapped(k)
-        if not self.features_first or torch.compiler.is_compiling():  # compiled: the partitioner picks what to save
-            return self.recur(mq, mk, v, gates, **kw)
-        new = [(m, x) for m, x in ((mq, q), (mk, k)) if m.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
-        if not new:  # nothing to make again (no rotation): no saved-tensor hook on the host's path
-            return self.recur(mq, mk, v, gates, **kw)
-        with recomputed([(m, mapped, (x,)) for m, x in new]):
+        if torch.compiler.is_compiling():  # compiled: the partitioner picks what to save
+            return self.recur(mapped(q), mapped(k), v, gates, **kw)
+        if not self.maps_qk:  # nothing new to make (gla's features before the routes): no hooks on the host's path
+            return self.recur(q, k, v, gates, **kw)
+        mapped = under_autocast_now(mapped, v.device.type)
+        (mq, q_again), (mk, k_again) = recomputed_output(mapped, (q,)), recomputed_output(mapped, (k,))
+        recipes = [r for r in (q_again, k_again) if r is not None]
+        if self.conv is not None and not v.is_contiguous():
+            v, sliced = v.contiguous(), v
+            recipes.append((v, torch.Tensor.contiguous, (sliced,)))
+        with recomputed(recipes):
             return self.recur(mq, mk, v, gates, **kw)
 
     def mapped(self, x: Tensor, offset: int, dtype: torch.dtype) -> Tensor:

@@ -37,7 +37,7 @@ from mmeff import ops
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.ops import dispatch
-from mmeff.ops.recompute import outer_hooks, recomputed, under_autocast_now
+from mmeff.ops.recompute import recomputed, under_autocast_now
 from mmeff.ops.varlen import cu_seqlens_from_docs
 
 ScanKind = Literal["forward", "bi", "cross", "global"]
@@ -211,52 +211,20 @@ class _Merge(torch.autograd.Function):
 @contextlib.contextmanager
 def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iterator[None]:
     """Inside: a tensor saved for the backward that is (a view of) a route-stacked stream is kept as its source
-    stream, and gathered along the routes again when the backward reads it.
+    stream, and gathered along the routes again when the backward first reads it (`recomputed`: once for all the
+    views of one stream, a short conv's input and the recipe of its output alike).
 
     The stacked copies are R times their source (two for `bi`); the recurrence kernels and short convs save them.
     Saved-tensor hooks already in force (activation checkpointing, offloading, benchmarks/saved_memory.py's count)
     get what this keeps: the source stream instead of the stacked copy. Not while torch.compile traces: its
     partitioner picks what to save.
     """
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+
+    def again(source: Tensor) -> Tensor:
+        return _stack(source, plan.order, plan.routes, plan.flip)
+
+    with recomputed([(s, again, (src,)) for s, src in zip(stacked, streams)]):
         yield
-        return
-    outer_pack, outer_unpack = outer_hooks()
-    sources = {s.untyped_storage().data_ptr(): (s, src) for s, src in zip(stacked, streams) if s.numel()}
-
-    def pack(t: Tensor) -> Any:
-        hit = sources.get(t.untyped_storage().data_ptr()) if t.numel() else None
-        if hit is None or hit[0].dtype != t.dtype or hit[0]._version:  # a stacked stream changed in place: keep t
-            return outer_pack(t)
-        src = hit[1]
-        return _Source(outer_pack(src), src._version, t.shape, t.stride(), t.storage_offset())
-
-    def unpack(saved: Any) -> Tensor:
-        if not isinstance(saved, _Source):
-            return outer_unpack(saved)
-        src = outer_unpack(saved.source)
-        if src._version != saved.version:
-            raise RuntimeError("a scan stream saved for the backward was modified in place after the forward")
-        return _stack(src, plan.order, plan.routes, plan.flip).as_strided(saved.shape, saved.stride, saved.offset)
-
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
-    finally:
-        # Autograd keeps `pack` beside every tensor it packed, until the backward: without this the stacked copies
-        # stayed alive through `sources` (3.8 of gla-bi's 17.2 GiB peak at 1024 px on the H200, all 12 layers').
-        sources.clear()
-
-
-@dataclass(frozen=True)
-class _Source:
-    """What `regathered` keeps of a saved view of a stacked stream: the source stream and the view's geometry."""
-
-    source: Any  # the source stream, as the outer hooks packed it
-    version: int
-    shape: torch.Size
-    stride: tuple[int, ...]
-    offset: int
 
 
 def _indices(route: Route, length: int, device: torch.device) -> Tensor:

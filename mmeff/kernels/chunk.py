@@ -2,8 +2,8 @@
 
 Forward: gate cumsum (utils) -> WY representation (chunk_delta, delta rule) or the GLA scores of chunks
 past the span limit (chunk_gla) -> chunk-entry states (chunk_h) -> outputs (chunk_o). Backward keeps the WY
-pieces of the forward but recomputes the states (and GLA's sub-chunk scores), then: dh pass (chunk_h) -> dq, dk,
-dv (chunk_o) -> the kind's own finishing kernel.
+matrix X of the forward but makes its products w, u again and recomputes the states (and GLA's sub-chunk scores),
+then: dh pass (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's own finishing kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from mmeff.kernels.chunk_delta import wy_bwd, wy_fwd
+from mmeff.kernels.chunk_delta import wy_again, wy_bwd, wy_fwd
 from mmeff.kernels.chunk_gla import intra_bwd, intra_scores
 from mmeff.kernels.chunk_h import bwd_dh, fwd_h
 from mmeff.kernels.chunk_o import bwd_dqk, dv_local, fwd_o
@@ -70,12 +70,14 @@ class ChunkRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunks, gate, output_final_state):  # type: ignore[override]
-        # The WY pieces are kept for the backward (recomputing them cost a fifth of its time); states are not, nor
-        # the gate cumsum (one cheap kernel): the raw gates are kept, which a bidirectional scan keeps unstacked.
+        # Of the WY pieces the backward keeps X, [T, H, 64] in the inputs' dtype (solving it again cost a fifth of the
+        # backward's time), and makes w and u again from it in one light pass (wy_again): they are as large as k and
+        # v. States are not kept, nor the gate cumsum (one cheap kernel): the raw gates are kept, which a
+        # bidirectional scan keeps unstacked.
         b, span, wy = chunk_prepare(k, v, g, beta, chunks, gate)
         h, values, A, ht = _forward_states(q, k, v, b, span, wy, h0, chunks, gate, output_final_state)
         o = fwd_o(q, k, values, h, b, span, A, chunks, gate, scale)
-        ctx.save_for_backward(q, k, v, g, beta, h0, *(wy or ()))
+        ctx.save_for_backward(q, k, v, g, beta, h0, *(wy or ())[:1])
         ctx.scale, ctx.chunks, ctx.gate = scale, chunks, gate
         ctx.set_materialize_grads(False)
         return o, ht
@@ -85,6 +87,8 @@ class ChunkRecurrence(torch.autograd.Function):
     def backward(ctx, do, dht):  # type: ignore[override]
         q, k, v, g, beta, h0, *wy = ctx.saved_tensors
         b, span = (None, None) if g is None else chunk_cumsum(g, ctx.chunks)
+        if wy:
+            wy = [wy[0], *wy_again(k, v, b, beta, wy[0], ctx.chunks, ctx.gate)]
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         want_dh0 = h0 is not None and ctx.needs_input_grad[5]

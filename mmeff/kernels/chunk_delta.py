@@ -97,35 +97,42 @@ def _invert_unit_lower(ptr, nr, sr, BT: tl.constexpr):
 
 # On 4 warps Triton 3.6 miscompiles both WY kernels on an H100 at K = 128, V = 32 (u, dv, dbeta wrong; the wide-key
 # GPU test) and ptxas fails on the backward at K = 256; 8 and 2 warps are right (kernels_notes.md, fifth session).
-@autotune(warps(82, 22), key=["H", "K", "V", "BT", "BK", "BV", "GATE"])
+@autotune(warps(82, 22), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "BUILD"])
 @triton.jit
 def _wy_fwd_kernel(
-    k, v, b, beta, X, w, u, cu_seqlens, chunk_indices,
+    k, v, b, beta, X, Xs, w, u, cu_seqlens, chunk_indices,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, PREC: tl.constexpr,
+    GATE: tl.constexpr, PREC: tl.constexpr, BUILD: tl.constexpr, STORE: tl.constexpr,
 ):  # fmt: skip
+    # BUILD: X solved in its fp32 buffer X (and, with STORE, written to Xs in the inputs' dtype, the copy the products
+    # read); else X is that copy, kept from a build, and only w and u are made again from it.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     DT = k.dtype.element_ty
     rows = tl.arange(0, BT)
-    strict = (rows[:, None] > rows[None, :]) & (rows < nr)[:, None]
     off = (tok * H + i_h) * K
     voff = (tok * H + i_h) * V
     xoff = (tok * H + i_h) * BT
     kc = load_tile(k + off, 0, nr, H * K, 0, K, BT, BK)
     bet = load_vec(beta + tok * H + i_h, 0, nr, H, BT)
-    a = mm(kc, load_tile_t(k + off, 0, nr, H * K, 0, K, BT, BK), PREC)
     if GATE == SCALAR_GATE:
         bc, _ = scalar_gate(b, tok, nr, i_h, H, BT)
-        a *= masked_exp(bc[:, None] - bc[None, :], strict)
         kb = kc * (bet * masked_exp(bc, rows < nr))[:, None]
     else:
-        a = tl.where(strict, a, 0.0)
         kb = kc * bet[:, None]
-    store_tile(X + xoff, a * bet[:, None], 0, nr, H * BT, 0, BT, BT, BT)
-    tl.debug_barrier()
-    _invert_unit_lower(X + xoff, nr, H * BT, BT)
+    if BUILD:
+        strict = (rows[:, None] > rows[None, :]) & (rows < nr)[:, None]
+        a = mm(kc, load_tile_t(k + off, 0, nr, H * K, 0, K, BT, BK), PREC)
+        if GATE == SCALAR_GATE:
+            a *= masked_exp(bc[:, None] - bc[None, :], strict)
+        else:
+            a = tl.where(strict, a, 0.0)
+        store_tile(X + xoff, a * bet[:, None], 0, nr, H * BT, 0, BT, BT, BT)
+        tl.debug_barrier()
+        _invert_unit_lower(X + xoff, nr, H * BT, BT)
     x = load_tile(X + xoff, 0, nr, H * BT, 0, BT, BT, BT).to(DT)
+    if STORE:
+        store_tile(Xs + xoff, x, 0, nr, H * BT, 0, BT, BT, BT)
     store_tile(w + off, mm(x, kb, PREC), 0, nr, H * K, 0, K, BT, BK)
     for cv in range(0, V, BV):
         vb = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV) * bet[:, None]
@@ -197,16 +204,35 @@ def _wy_bwd_kernel(
 def wy_fwd(
     k: Tensor, v: Tensor, b: Optional[Tensor], beta: Tensor, chunks: Chunks, gate: int
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """X = (I + A)^{-1} [1, T, H, BT] fp32, w [1, T, H, K] and u [1, T, H, V] in the inputs' dtype."""
-    heads, dk, dv = k.shape[2], k.shape[3], v.shape[3]
+    """X = (I + A)^{-1} [1, T, H, BT], w [1, T, H, K] and u [1, T, H, V], all in the inputs' dtype (X is solved in
+    fp32; w, u and the backward read it in the inputs' dtype, so the copy kept is in that dtype)."""
     X = empty((*k.shape[:3], chunks.size), torch.float32, k.device)
+    kept = X if k.dtype == torch.float32 else empty(X.shape, k.dtype, k.device)
+    w, u = _wy_products(k, v, b, beta, X, kept, chunks, gate, build=True)
+    return kept, w, u
+
+
+def wy_again(
+    k: Tensor, v: Tensor, b: Optional[Tensor], beta: Tensor, X: Tensor, chunks: Chunks, gate: int
+) -> Tuple[Tensor, Tensor]:
+    """w and u made again from the X that wy_fwd returned (bit for bit its w and u): the backward keeps only X, which
+    is a fraction of their size (fla's chunk_gated_delta_rule does the same)."""
+    return _wy_products(k, v, b, beta, X, X, chunks, gate, build=False)
+
+
+def _wy_products(
+    k: Tensor, v: Tensor, b: Optional[Tensor], beta: Tensor, X: Tensor, kept: Tensor, chunks: Chunks, gate: int,
+    build: bool,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """w and u (and, with `build`, X solved into X and copied to `kept` where that is another buffer)."""
+    heads, dk, dv = k.shape[2], k.shape[3], v.shape[3]
     w, u = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
     _wy_fwd_kernel[(chunks.num_chunks, heads)](
-        k, v, b, beta, X, w, u, chunks.cu_seqlens, chunks.indices,
+        k, v, b, beta, X, kept, w, u, chunks.cu_seqlens, chunks.indices,
         H=heads, K=dk, V=dv, BT=chunks.size, BK=pow2(dk), BV=min(64, pow2(dv)), GATE=gate,
-        PREC=precision(k.dtype),
+        PREC=precision(k.dtype), BUILD=build, STORE=build and kept is not X,
     )  # fmt: skip
-    return X, w, u
+    return w, u
 
 
 def wy_bwd(

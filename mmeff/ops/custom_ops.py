@@ -10,7 +10,7 @@ call.
 `mmeff::linear_recurrence` runs mmeff.kernels.linear_recurrence_triton; its fake implementation gives dynamo the
 output shapes, and `mmeff::linear_recurrence_backward` gives the gradients. The custom op cannot keep the
 forward's intermediates (their sizes depend on cu_seqlens' values), so its backward recomputes what the eager
-autograd.Function of mmeff.kernels keeps (the gate cumsum, the delta rule's WY pieces), then runs that function's
+autograd.Function of mmeff.kernels keeps (the gate cumsum, the delta rule's WY matrix), then runs that function's
 backward passes (which recompute the states either way). `mmeff.ops.recurrence` takes this path only while
 torch.compile traces.
 """

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-Recipe = tuple[Tensor, Callable[..., Tensor], Sequence[Tensor]]
+# (product, make or the _Product of a `recomputed_output`, inputs)
+Recipe = tuple[Tensor, "Callable[..., Tensor] | _Product", Sequence[Tensor]]
 
 
 class _Product:
@@ -25,13 +26,19 @@ class _Product:
     Several nodes save views of one product (SSD keeps x, B and C of the short conv's output; the q, k, v, gate
     projections each keep the pre-norm's output): it is made once and lives until the last of them is freed."""
 
-    def __init__(self, make: Callable[..., Tensor], inputs: tuple[Any, ...]) -> None:
-        self.make, self.inputs = make, inputs  # inputs as the outer saved-tensor hooks packed them
+    def __init__(self, make: Callable[..., Tensor], inputs: Sequence[Tensor], pack: Callable[[Tensor], Any]) -> None:
+        self.make = make
+        self.inputs = tuple(pack(x) for x in inputs)  # as the outer saved-tensor hooks packed them
+        # Where they keep an input as it is, the backward must find it as it was (other hooks answer for their own).
+        self.versions = tuple(x._version if p is x else None for x, p in zip(inputs, self.inputs))
         self.made: Tensor | None = None
 
     def get(self, unpack: Callable[[Any], Tensor]) -> Tensor:
         if self.made is None:
-            self.made = self.make(*(unpack(x) for x in self.inputs))
+            inputs = [unpack(x) for x in self.inputs]
+            if any(v is not None and x._version != v for x, v in zip(inputs, self.versions)):
+                raise RuntimeError("an input kept to make a saved tensor again was modified in place after the forward")
+            self.made = self.make(*inputs)
         return self.made
 
 
@@ -50,19 +57,24 @@ def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
     """Inside: a tensor saved for the backward that is (a view of) `product` of a recipe (product, make, inputs) is
     kept as `inputs`, and `make(*inputs)` is run again when the backward first reads it (once for all its saved
     views). `make` must give the product bit for bit (elementwise ops, copies, a deterministic kernel). Saved-tensor
-    hooks already in force get the inputs. Not while torch.compile traces: its partitioner picks what to save."""
+    hooks already in force get the inputs. A recipe of `recomputed_output` shares its product (made once for both).
+    Not while torch.compile traces: its partitioner picks what to save."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield
         return
     outer_pack, outer_unpack = outer_hooks()
-    products = {p.untyped_storage().data_ptr(): [p, make, inputs, None] for p, make, inputs in recipes if p.numel()}
+    products = {
+        p.untyped_storage().data_ptr(): [p, make, inputs, make if isinstance(make, _Product) else None]
+        for p, make, inputs in recipes
+        if p.numel()
+    }
 
     def pack(t: Tensor) -> Any:
         hit = products.get(t.untyped_storage().data_ptr()) if t.numel() else None
         if hit is None or hit[0].dtype != t.dtype or hit[0]._version or t._version:
             return outer_pack(t)
         if hit[3] is None:
-            hit[3] = _Product(hit[1], tuple(outer_pack(x) for x in hit[2]))
+            hit[3] = _Product(hit[1], hit[2], outer_pack)
         return _Made(hit[3], t.shape, t.stride(), t.storage_offset())
 
     def unpack(saved: Any) -> Tensor:
@@ -75,6 +87,52 @@ def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
             yield
     finally:
         products.clear()  # autograd keeps `pack` until the backward: the products must not live on through it
+
+
+class _Pending:
+    """A tensor `recomputed_output`'s call saved: kept as it is (packed by the outer hooks), or as a view of the call's
+    output, once that is known."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def recomputed_output(make: Callable[..., Tensor], inputs: Sequence[Tensor]) -> tuple[Tensor, Recipe | None]:
+    """(make(*inputs), its recipe for `recomputed`, or None): what the call itself saves of its output (an
+    autograd function keeping its result: the l2 feature map) is kept as the inputs too, and made again in the
+    backward, once for the call's own views and those of the recipe. None, and the plain call, where the output is no
+    new tensor (a view of an input) or nothing is recorded; `make` must give its output bit for bit (as `recomputed`)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return make(*inputs), None
+    outer_pack, outer_unpack = outer_hooks()
+    pending: list[tuple[_Pending, Tensor]] = []
+
+    def pack(t: Tensor) -> _Pending:
+        slot = _Pending(None)
+        pending.append((slot, t))  # packed below, once the output is known: then an offloading hook skips its views
+        return slot
+
+    def unpack(slot: _Pending) -> Tensor:
+        if isinstance(slot.value, _Made):
+            return slot.value.product.get(outer_unpack).as_strided(slot.value.shape, slot.value.stride, slot.value.offset)
+        return outer_unpack(slot.value)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = make(*inputs)
+    product = None
+    if out.numel() and not any(out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
+        product = _Product(make, inputs, outer_pack)
+    ptr = out.untyped_storage().data_ptr()
+    for slot, t in pending:
+        own = product is not None and t.untyped_storage().data_ptr() == ptr and t.dtype == out.dtype
+        if own and not (t._version or out._version):
+            slot.value = _Made(product, t.shape, t.stride(), t.storage_offset())
+        else:
+            slot.value = outer_pack(t)
+    pending.clear()  # autograd keeps `pack` until the backward: the call's outputs must not live on through it
+    return out, (None if product is None else (out, product, ()))
 
 
 def under_autocast_now(fn: Callable[..., Tensor], device_type: str) -> Callable[..., Tensor]:

@@ -11,10 +11,10 @@ included) runs as if the interpreter had not.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
-import contextlib
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -132,15 +132,22 @@ def _mixer_step(mixer: torch.nn.Module, x0: Tensor, layout: Any) -> Tuple[Tensor
     return y.detach(), grads, sum(kept.values())
 
 
-def bytes_made_again(monkeypatch: Any, mixer: torch.nn.Module, x0: Tensor, layout: Any, recomputed_at: str) -> int:
-    """Bytes a mixer's step keeps fewer with its `recomputed` (imported as `recomputed_at`) than with a context that
-    makes nothing again, on the Triton path (interpreted); its output and every gradient checked bit for bit equal."""
-    from mmeff.ops import dispatch
+def bytes_made_again(monkeypatch: Any, mixer: torch.nn.Module, x0: Tensor, layout: Any, *recomputed_at: str) -> int:
+    """Bytes a mixer's step keeps fewer with its `recomputed` / `recomputed_output` (imported as each of
+    `recomputed_at`) than with stand-ins that make nothing again, on the Triton path (interpreted); its output and
+    every gradient checked bit for bit equal."""
+    from mmeff.ops import dispatch, recompute
 
+    keeping = {
+        recompute.recomputed: lambda recipes: contextlib.nullcontext(),
+        recompute.recomputed_output: lambda make, inputs: (make(*inputs), None),
+    }
     monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
     made = _mixer_step(mixer, x0, layout)
     with monkeypatch.context() as m:
-        m.setattr(recomputed_at, lambda recipes: contextlib.nullcontext())
+        for name in recomputed_at:
+            module, attr = name.rsplit(".", 1)
+            m.setattr(name, keeping[getattr(importlib.import_module(module), attr)])
         kept = _mixer_step(mixer, x0, layout)
     assert torch.equal(kept[0], made[0])
     assert all(torch.equal(a, b) for a, b in zip(kept[1], made[1]))

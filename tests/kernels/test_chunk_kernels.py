@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 import torch
-from kernel_cases import KINDS, compare, forward_backward, make_inputs, max_error
+from kernel_cases import KINDS, compare, forward_backward, make_inputs, max_error, saved_bytes
 
 from mmeff.ops.recurrence import linear_recurrence
 from mmeff.ops.varlen import cu_seqlens_to
@@ -140,3 +140,29 @@ def test_supports_and_errors(kernels):
                                          cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))  # fmt: skip
     with pytest.raises(ValueError, match="initial_state"):
         kernels.linear_recurrence_triton(q, q, q, initial_state=torch.zeros(2, 2, 16, 16))
+
+
+@pytest.mark.parametrize("kind, dtype", [("delta_rule", torch.float32), ("gated_delta_rule", torch.float32),
+                                         ("gated_delta_rule", torch.float16)])  # fmt: skip
+def test_wy_products_made_again(kernels, kind, dtype):
+    # The backward keeps X alone (in the inputs' dtype) and makes w and u again from it: bit for bit the forward's.
+    cu_seqlens = torch.tensor([0, 9, 9, 10, 31, 37], dtype=torch.int32)
+    inputs = make_inputs(kind, 1, 37, 2, 16, 32, dtype=dtype, seed=7, num_states=5)
+    chunks = kernels.utils.make_chunks(cu_seqlens, 1, 37, 16, torch.device("cpu"))
+    g = inputs["log_decay"]
+    b = None if g is None else kernels.utils.chunk_cumsum(g, chunks)[0]
+    gate = (kernels.utils.NO_GATE if g is None else kernels.utils.SCALAR_GATE).value
+    X, w, u = kernels.chunk_delta.wy_fwd(inputs["k"], inputs["v"], b, inputs["beta"], chunks, gate)
+    again = kernels.chunk_delta.wy_again(inputs["k"], inputs["v"], b, inputs["beta"], X, chunks, gate)
+    assert X.dtype == dtype and X.shape == (1, 37, 2, 16)
+    assert torch.equal(again[0], w) and torch.equal(again[1], u)
+
+
+def test_delta_rule_keeps_x_not_w_and_u(kernels):
+    # What the chunked delta rule keeps for its backward: the inputs and X [T, H, chunk], not w [T, H, K] and u.
+    inputs = make_inputs("gated_delta_rule", 1, 64, 2, 16, 32, seed=8)
+    leaves = {n: t.requires_grad_() for n, t in inputs.items() if t is not None}
+    with saved_bytes() as kept:
+        kernels.linear_recurrence_triton(**leaves, chunk_size=16)
+    inputs_bytes = sum(t.untyped_storage().nbytes() for t in leaves.values())
+    assert sum(kept.values()) == inputs_bytes + 64 * 2 * 16 * 4

@@ -1,8 +1,8 @@
-"""The short conv's output of Mamba-2 (SSD keeps views of it: x, B, C) and of Mamba (x_proj and the selective scan keep
-it), kept as the conv's input and made again in the backward (ShortConv.made_again). On the Triton path (interpreted)
-under bf16 autocast, as the blocks run: output and every gradient bit for bit those of keeping it, and the block keeps
-the conv's output no more (one copy per scan route). (DeltaNet's recurrence keeps a packed copy of v, not a view of
-the conv's output: nothing to gain there.)"""
+"""The short conv's output of Mamba-2 (SSD keeps views of it: x, B, C), of Mamba (x_proj and the selective scan keep
+it) and of the delta-rule mixers (the recipes of their mapped q, k and v's copy read views of it: tests/kernels/
+test_mapped_qk.py), kept as the conv's input and made again in the backward (ShortConv.made_again). On the Triton path
+(interpreted) under bf16 autocast, as the blocks run: output and every gradient bit for bit those of keeping it, and the
+block keeps the conv's output no more (one copy per scan route)."""
 
 import pytest
 import torch
@@ -21,6 +21,7 @@ LAYOUT = Layout(grid=(1, 4, 4))
     [
         ("mamba2", {"d_state": 16, "head_dim": 16}, 2 * DIM + 2 * 16),  # x (expand 2), B and C, which SSD keeps
         ("mamba", {"d_state": 8}, 2 * DIM),  # x (expand 2), which x_proj and the selective scan keep
+        ("gated_deltanet", {"heads": 4}, 4 * DIM),  # q, k (key width dim) and v (value width 2 dim)
     ],
 )
 def test_conv_output_made_again_in_the_backward(kernels, monkeypatch, causal, kind, options, width):

@@ -1,7 +1,8 @@
-"""LinearMixer.attend: the rotated q and k that a recurrence kernel keeps for its backward are made again there from
-the stream views q and k (after a short conv they are kept as they are). On the Triton path (interpreted) under bf16
-autocast, as the blocks run: outputs and every gradient bit for bit those of keeping them, and a bidirectional RetNet
-keeps its two route-stacked copies of the rotated q and k no more."""
+"""LinearMixer.attend: the mapped q and k (rotated; l2-normalised after a short conv) that a recurrence kernel, and the
+l2 map itself, keep for the backward are made again there from the views q and k of the streams or of the short conv's
+output (which the backward makes again from the conv's input); so is v's contiguous copy after a short conv. On the
+Triton path (interpreted) under bf16 autocast, as the blocks run: outputs and every gradient bit for bit those of
+keeping them, and a bidirectional mixer keeps its two route-stacked copies of each no more."""
 
 import pytest
 import torch
@@ -18,11 +19,14 @@ LAYOUT = Layout(grid=(1, 4, 4))
     "kind, options, fewer",
     [
         ("retnet", {}, 2 * 2 * (B * T * DIM * 2)),  # rotated q and k, two routes each, bf16, key width = dim
-        ("retnet", {"conv_size": 4}, 0),  # rotated after the conv, whose output nothing else keeps: kept as they are
+        ("retnet", {"conv_size": 4}, 2 * 4 * (B * T * DIM * 2)),  # and v's copy (value width 2 dim), after the conv
+        ("gated_deltanet", {}, 2 * 4 * (B * T * DIM * 2)),  # l2-normalised q, k and v's copy (value width 2 dim)
+        ("deltanet", {}, 2 * 3 * (B * T * DIM * 2)),  # l2-normalised q, k and v's copy (value width dim)
         ("gla", {}, 0),  # elu + 1 before the routes: nothing new to make
     ],
 )
 def test_mapped_qk_made_again_in_the_backward(kernels, monkeypatch, kind, options, fewer):
     torch.manual_seed(0)
     mixer = blocks.build(kind, DIM, causal=False, heads=HEADS, **options)
-    assert bytes_made_again(monkeypatch, mixer, torch.randn(B, T, DIM), LAYOUT, "mmeff.blocks.linear.recomputed") == fewer
+    names = ("mmeff.blocks.linear.recomputed", "mmeff.blocks.linear.recomputed_output")
+    assert bytes_made_again(monkeypatch, mixer, torch.randn(B, T, DIM), LAYOUT, *names) == fewer

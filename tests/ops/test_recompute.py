@@ -2,7 +2,7 @@
 
 import torch
 
-from mmeff.ops.recompute import recomputed, under_autocast_now
+from mmeff.ops.recompute import recomputed, recomputed_output, under_autocast_now
 
 
 def kept(fn):
@@ -66,3 +66,55 @@ def test_a_make_runs_under_the_autocast_state_of_the_forward():
             "cpu",
         )
     assert again() == (True, torch.bfloat16, False)
+
+
+def test_an_output_its_own_call_keeps_is_made_again_once_for_all_its_views():
+    # exp keeps its result; the square after it keeps it too. As recomputed_output's product, autograd keeps a (its
+    # input) instead, the backward runs exp once for both, and the gradients are bit for bit those of keeping it.
+    a = torch.randn(8, 5, requires_grad=True)
+    grads, calls = [], []
+
+    def exp(t):
+        calls.append(1)
+        return t.exp()
+
+    for use in (False, True):
+        def run():
+            if not use:
+                return exp(a).square()
+            y, recipe = recomputed_output(exp, (a,))
+            with recomputed([recipe]):
+                return y.square()
+
+        calls.clear()
+        out, ptrs = kept(run)
+        out.sum().backward()
+        grads.append(a.grad.clone())
+        a.grad = None
+        assert len(ptrs) == 1 and (a.untyped_storage().data_ptr() in ptrs) is use  # exp's result, or a instead
+        assert len(calls) == (2 if use else 1)  # with the recipe: the forward's call and one in the backward
+    assert torch.equal(*grads)
+
+
+def test_no_recipe_for_a_view_of_the_input():
+    a = torch.randn(4, requires_grad=True)
+    y, recipe = recomputed_output(lambda t: t.view(2, 2), (a,))
+    assert recipe is None and y.shape == (2, 2)
+
+
+def test_the_graph_keeps_no_output_of_a_recomputed_call():
+    # Autograd keeps the saved-tensor hooks until the backward: a table of what the call saved kept its output alive
+    # there (the l2-normalised q and k of a gated_deltanet-bi ViT: 3 KiB per token and layer, saved_memory.py's live).
+    import gc
+    import weakref
+
+    a = torch.randn(8, 5, requires_grad=True)
+    y, recipe = recomputed_output(torch.exp, (a,))
+    with recomputed([recipe]):
+        z = y.square()
+    alive = weakref.ref(y)
+    del y, recipe
+    gc.collect()
+    assert alive() is None
+    z.sum().backward()
+    torch.testing.assert_close(a.grad, 2 * (2 * a.detach()).exp(), rtol=1e-6, atol=0)
