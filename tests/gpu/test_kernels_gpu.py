@@ -138,6 +138,20 @@ def test_parity_model_shapes(kernels, monkeypatch, seed, shape):
     assert_parity(kernels, monkeypatch, inputs, dtype)
 
 
+@pytest.mark.parametrize("kind, dk, dv", [("gated_delta_rule", 128, 256), ("delta_rule", 128, 256), ("delta_rule", 128, 32)])
+def test_wy_products_made_again(kernels, seed, kind, dk, dv):
+    # The backward keeps the delta rule's X alone and makes w and u again from it (a build of _wy_fwd_kernel of its
+    # own, BUILD=False): bit for bit the forward's, at the LM's shapes and at K 128, V 32, where Hopper miscompiled.
+    inputs = make_inputs(kind, 1, 16384, 8, dk, dv, dtype=torch.bfloat16, device="cuda", seed=seed)
+    chunks = kernels.utils.make_chunks(None, 1, 16384, 64, torch.device("cuda"))
+    g = inputs["log_decay"]
+    b = None if g is None else kernels.utils.chunk_cumsum(g, chunks)[0]
+    gate = (kernels.utils.NO_GATE if g is None else kernels.utils.SCALAR_GATE).value
+    X, w, u = kernels.chunk_delta.wy_fwd(inputs["k"], inputs["v"], b, inputs["beta"], chunks, gate)
+    again = kernels.chunk_delta.wy_again(inputs["k"], inputs["v"], b, inputs["beta"], X, chunks, gate)
+    assert X.dtype == torch.bfloat16 and torch.equal(again[0], w) and torch.equal(again[1], u)
+
+
 @pytest.mark.xdist_group("recurrent")
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES)
 @pytest.mark.parametrize("kind", [*KINDS, "gla_delta"])
