@@ -77,8 +77,12 @@ class LinearMixer(ScanMixer):
         # copies of what the feature map keeps anyway (ScanMixer's `regathered`). The global form leaves the map to
         # its op (ops.global_linear_attention).
         self.features_first = not conv_size and self.routes.scan != "global"
-        # Whether `attend` maps q and k (a feature map after the scan routes, or positions) or copies v.
-        self.maps_qk = not self.features_first or type(self).position is not LinearMixer.position
+        # Whether `attend` makes the mapped q and k (a feature map after the scan routes, or positions) and v's copy
+        # again in the backward: where they are views of what the backward has anyway (a scan's stream sources, a
+        # short conv's output). In one token order without a conv, their recipes would keep the projection they come
+        # from, as large as they are together (the RetNet LM's census: 42.79 KiB per token and layer with, 38.79 without).
+        maps_qk = not self.features_first or type(self).position is not LinearMixer.position
+        self.remakes = maps_qk and (conv_size > 0 or not self.routes.is_identity)
         self.widths = [self.key_dim, self.key_dim, self.value_dim]
         width = sum(self.widths)
         self.qkv = nn.Linear(dim, width, bias=bias)
@@ -161,17 +165,17 @@ class LinearMixer(ScanMixer):
         source, `regathered`), or of the short conv's output, which the backward makes again from the conv's input
         (`mix`). Where the feature map or the positions make new tensors of them, which the op keeps for its backward
         (and the l2 map keeps itself), the backward makes them again (RetNet-bi kept two route-stacked copies of its
-        rotated q and k otherwise); so too v's contiguous copy, which the kernels take, after a short conv.
+        rotated q and k otherwise); so too v's contiguous copy, which the kernels take, after a short conv. Not in one
+        token order without a conv (`remakes`): there nothing else keeps what they are views of.
         """
         mapped = functools.partial(self.mapped, offset=offset, dtype=v.dtype)
-        if torch.compiler.is_compiling():  # compiled: the partitioner picks what to save
+        # Compiled, the partitioner picks what to save; nothing to make again: no hooks on the host's path.
+        if torch.compiler.is_compiling() or not self.remakes:
             return self.recur(mapped(q), mapped(k), v, gates, **kw)
-        if not self.maps_qk:  # nothing new to make (gla's features before the routes): no hooks on the host's path
-            return self.recur(q, k, v, gates, **kw)
         mapped = under_autocast_now(mapped, v.device.type)
         (mq, q_again), (mk, k_again) = recomputed_output(mapped, (q,)), recomputed_output(mapped, (k,))
         recipes = [r for r in (q_again, k_again) if r is not None]
-        if self.conv is not None and not v.is_contiguous():
+        if self.conv is not None and not v.is_contiguous():  # the kernels take v contiguous: a copy of the slice
             v, sliced = v.contiguous(), v
             recipes.append((v, torch.Tensor.contiguous, (sliced,)))
         with recomputed(recipes):
