@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from kernel_cases import KINDS, compare, forward_backward, make_inputs, norm_error  # noqa: E402
+from kernel_cases import KINDS, compare, forward_backward, make_inputs, norm_error, wy_made_again  # noqa: E402
 
 from mmeff import ops  # noqa: E402
 from mmeff.ops.recurrence import linear_recurrence  # noqa: E402
@@ -143,13 +143,8 @@ def test_wy_products_made_again(kernels, seed, kind, dk, dv):
     # The backward keeps the delta rule's X alone and makes w and u again from it (a build of _wy_fwd_kernel of its
     # own, BUILD=False): bit for bit the forward's, at the LM's shapes and at K 128, V 32, where Hopper miscompiled.
     inputs = make_inputs(kind, 1, 16384, 8, dk, dv, dtype=torch.bfloat16, device="cuda", seed=seed)
-    chunks = kernels.utils.make_chunks(None, 1, 16384, 64, torch.device("cuda"))
-    g = inputs["log_decay"]
-    b = None if g is None else kernels.utils.chunk_cumsum(g, chunks)[0]
-    gate = (kernels.utils.NO_GATE if g is None else kernels.utils.SCALAR_GATE).value
-    X, w, u = kernels.chunk_delta.wy_fwd(inputs["k"], inputs["v"], b, inputs["beta"], chunks, gate)
-    again = kernels.chunk_delta.wy_again(inputs["k"], inputs["v"], b, inputs["beta"], X, chunks, gate)
-    assert X.dtype == torch.bfloat16 and torch.equal(again[0], w) and torch.equal(again[1], u)
+    X, made, again = wy_made_again(kernels, inputs, None, 64)
+    assert X.dtype == torch.bfloat16 and all(torch.equal(a, m) for a, m in zip(again, made))
 
 
 @pytest.mark.xdist_group("recurrent")

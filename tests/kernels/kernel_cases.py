@@ -154,6 +154,17 @@ def bytes_made_again(monkeypatch: Any, mixer: torch.nn.Module, x0: Tensor, layou
     return kept[2] - made[2]
 
 
+def wy_made_again(kernels: ModuleType, inputs: Dict[str, Optional[Tensor]], cu_seqlens: Optional[Tensor],
+                  chunk_size: int) -> Tuple[Tensor, Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]:  # fmt: skip
+    """(X, the forward's w and u, wy_again's w and u from X) of the delta rule's WY pieces of packed `inputs`."""
+    k, v, g = inputs["k"], inputs["v"], inputs["log_decay"]
+    chunks = kernels.utils.make_chunks(cu_seqlens, 1, k.shape[1], chunk_size, k.device)
+    b = None if g is None else kernels.utils.chunk_cumsum(g, chunks)[0]
+    gate = (kernels.utils.NO_GATE if g is None else kernels.utils.SCALAR_GATE).value
+    X, w, u = kernels.chunk_delta.wy_fwd(k, v, b, inputs["beta"], chunks, gate)
+    return X, (w, u), kernels.chunk_delta.wy_again(k, v, b, inputs["beta"], X, chunks, gate)
+
+
 def max_error(actual: Tensor, expected: Tensor) -> float:
     """max |actual - expected| relative to max(1, max |expected|)."""
     expected = expected.float()

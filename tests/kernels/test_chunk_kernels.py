@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 import torch
-from kernel_cases import KINDS, compare, forward_backward, make_inputs, max_error, saved_bytes
+from kernel_cases import KINDS, compare, forward_backward, make_inputs, max_error, saved_bytes, wy_made_again
 
 from mmeff.ops.recurrence import linear_recurrence
 from mmeff.ops.varlen import cu_seqlens_to
@@ -148,14 +148,9 @@ def test_wy_products_made_again(kernels, kind, dtype):
     # The backward keeps X alone (in the inputs' dtype) and makes w and u again from it: bit for bit the forward's.
     cu_seqlens = torch.tensor([0, 9, 9, 10, 31, 37], dtype=torch.int32)
     inputs = make_inputs(kind, 1, 37, 2, 16, 32, dtype=dtype, seed=7, num_states=5)
-    chunks = kernels.utils.make_chunks(cu_seqlens, 1, 37, 16, torch.device("cpu"))
-    g = inputs["log_decay"]
-    b = None if g is None else kernels.utils.chunk_cumsum(g, chunks)[0]
-    gate = (kernels.utils.NO_GATE if g is None else kernels.utils.SCALAR_GATE).value
-    X, w, u = kernels.chunk_delta.wy_fwd(inputs["k"], inputs["v"], b, inputs["beta"], chunks, gate)
-    again = kernels.chunk_delta.wy_again(inputs["k"], inputs["v"], b, inputs["beta"], X, chunks, gate)
+    X, made, again = wy_made_again(kernels, inputs, cu_seqlens, 16)
     assert X.dtype == dtype and X.shape == (1, 37, 2, 16)
-    assert torch.equal(again[0], w) and torch.equal(again[1], u)
+    assert all(torch.equal(a, m) for a, m in zip(again, made))
 
 
 def test_delta_rule_keeps_x_not_w_and_u(kernels):
