@@ -3,7 +3,8 @@
 A kernel's autograd function saves its inputs. Where an input is a cheap, deterministic product of smaller tensors
 (Mamba-2's q and k: C and B repeated over the heads of their group; its v: x scaled by dt) or of tensors kept anyway
 (a short conv's output, of the input the conv keeps), keeping the product costs memory that one pass in the backward
-gives back.
+gives back. `recomputed` takes products made before; `recomputed_output` a call whose own autograd function keeps its
+output (the l2 feature map), made again from the call's inputs.
 """
 
 from __future__ import annotations
