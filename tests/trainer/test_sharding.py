@@ -109,9 +109,10 @@ def test_mixers_and_moe_compute_on_plain_weights(world):
 def test_activation_checkpointing_keeps_outputs_and_gradients(causal):
     # Equal gradients, and fewer bytes kept for the backward: the whole layer recomputed (true) keeps the least, the
     # token mixer only ("mixer") less than no checkpointing, the pre-norms' outputs made again ("norm") less too.
-    # mamba2: its short conv's output made again in the backward (ShortConv.made_again), inside the recomputed mixer too
-    mixers = {"gla": {"heads": 2}, "mamba2": {"d_state": 8, "head_dim": 16}, "attn": {"heads": 2}}
-    cfg = {"dim": 32, "pattern": ["gla", "mamba2", "attn"], "mixers": mixers, "causal": causal}
+    # mamba2 and gated_deltanet: their short conv's output made again in the backward (ShortConv.made_again), and
+    # gated_deltanet's l2-mapped q and k (recomputed_output), inside the recomputed mixer too
+    mixers = {"gla": {"heads": 2}, "mamba2": {"d_state": 8, "head_dim": 16}, "gated_deltanet": {"heads": 2}, "attn": {"heads": 2}}
+    cfg = {"dim": 32, "pattern": ["gla", "mamba2", "gated_deltanet", "attn"], "mixers": mixers, "causal": causal}
     torch.manual_seed(0)
     weights = Backbone(cfg).state_dict()
     x = torch.randn(2, 16, 32)
