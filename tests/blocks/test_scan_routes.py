@@ -150,3 +150,24 @@ def test_routes_under_activation_checkpointing_keep_their_gradients():
     seed = torch.randn_like(plain)
     for g, e in zip(torch.autograd.grad(recomputed, streams, seed), torch.autograd.grad(plain, streams, seed)):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+def test_a_bidirectional_mamba2_keeps_no_view_of_its_in_projection():
+    # The scan keeps its streams' sources for the backward: views of in_proj's output would keep all of it, z too,
+    # which the gated norm keeps a copy of (1.5 KiB per token and layer of a mamba2-bi ViT-S, saved_memory.py).
+    from mmeff import blocks
+
+    torch.manual_seed(0)
+    block = blocks.build("mamba2", 32, causal=False, d_state=8, head_dim=16)
+    projected = []
+    block.in_proj.register_forward_hook(lambda module, args, out: projected.append(out))  # held: no address reuse
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block(torch.randn(2, 16, 32, requires_grad=True), layout=Layout(grid=(1, 4, 4)))
+    assert projected and projected[0].untyped_storage().data_ptr() not in saved
+    y.sum().backward()
