@@ -163,7 +163,9 @@ class Mamba2(ScanMixer):
 
     def project(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         z, xBC, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.ngroups * self.d_state, self.heads], -1)
-        # Copies: a bidirectional scan keeps its streams' sources for the backward (`regathered`), and views would keep
+        if self.routes.is_identity:
+            return [xBC, dt], z
+        # Copies: a scan along routes keeps its streams' sources for the backward (`regathered`), and views would keep
         # all of in_proj's output, z with it, which the gated norm keeps a copy of (the short conv copied xBC anyway).
         return [xBC.contiguous(), dt.contiguous()], z
 
