@@ -24,7 +24,7 @@ from mmeff.blocks.registry import register
 from mmeff.blocks.scan import GroupedNorm, ScanMixer, dt_bias_init, no_decay_parameter, packed
 from mmeff.ops.conv import depthwise_conv2d
 from mmeff.ops.features import FEATURE_MAPS
-from mmeff.ops.recompute import Recipe, recomputed, recomputed_output, under_autocast_now
+from mmeff.ops.recompute import recomputed, recomputed_output, under_autocast_now
 from mmeff.ops.rope import apply_rope, range_angles
 
 Recurred = tuple[Tensor, Tensor | None]  # (o [B, T, H, V], final state [B, H, K, V] or None)
