@@ -52,6 +52,20 @@ class _Made:
     stride: tuple[int, ...]
     offset: int
 
+    @classmethod
+    def of(cls, product: _Product, t: Tensor) -> _Made:
+        return cls(product, t.shape, t.stride(), t.storage_offset())
+
+    def view(self, unpack: Callable[[Any], Tensor]) -> Tensor:
+        """The saved view, on the product made (once) from the inputs as `unpack` gives them back."""
+        return self.product.get(unpack).as_strided(self.shape, self.stride, self.offset)
+
+
+def _unchanged_view(t: Tensor, product: Tensor) -> bool:
+    """Whether t is a view of `product`, in its dtype, neither written in place (a recipe would make another tensor)."""
+    same = t.untyped_storage().data_ptr() == product.untyped_storage().data_ptr() and t.dtype == product.dtype
+    return same and not (t._version or product._version)
+
 
 @contextlib.contextmanager
 def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
@@ -72,16 +86,14 @@ def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
 
     def pack(t: Tensor) -> Any:
         hit = products.get(t.untyped_storage().data_ptr()) if t.numel() else None
-        if hit is None or hit[0].dtype != t.dtype or hit[0]._version or t._version:
+        if hit is None or not _unchanged_view(t, hit[0]):
             return outer_pack(t)
         if hit[3] is None:
             hit[3] = _Product(hit[1], hit[2], outer_pack)
-        return _Made(hit[3], t.shape, t.stride(), t.storage_offset())
+        return _Made.of(hit[3], t)
 
     def unpack(saved: Any) -> Tensor:
-        if not isinstance(saved, _Made):
-            return outer_unpack(saved)
-        return saved.product.get(outer_unpack).as_strided(saved.shape, saved.stride, saved.offset)
+        return saved.view(outer_unpack) if isinstance(saved, _Made) else outer_unpack(saved)
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -116,22 +128,16 @@ def recomputed_output(make: Callable[..., Tensor], inputs: Sequence[Tensor]) -> 
         return slot
 
     def unpack(slot: _Pending) -> Tensor:
-        if isinstance(slot.value, _Made):
-            return slot.value.product.get(outer_unpack).as_strided(slot.value.shape, slot.value.stride, slot.value.offset)
-        return outer_unpack(slot.value)
+        return slot.value.view(outer_unpack) if isinstance(slot.value, _Made) else outer_unpack(slot.value)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = make(*inputs)
     product = None
     if out.numel() and not any(out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
         product = _Product(make, inputs, outer_pack)
-    ptr = out.untyped_storage().data_ptr()
     for slot, t in pending:
-        own = product is not None and t.untyped_storage().data_ptr() == ptr and t.dtype == out.dtype
-        if own and not (t._version or out._version):
-            slot.value = _Made(product, t.shape, t.stride(), t.storage_offset())
-        else:
-            slot.value = outer_pack(t)
+        own = product is not None and _unchanged_view(t, out)
+        slot.value = _Made.of(product, t) if own else outer_pack(t)
     pending.clear()  # autograd keeps `pack` until the backward: the call's outputs must not live on through it
     return out, (None if product is None else (out, product, ()))
 
