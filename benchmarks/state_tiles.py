@@ -6,7 +6,10 @@ and k. This times, for the LM and ViT sizes of `lm_train_speed.py` and `vision_s
 `mmeff.ops.linear_recurrence` (bf16) per (key tile, value tile, warps, stages): the GPU ms of `_fwd_h_kernel` (its
 two calls: the forward's and the backward's recompute), of `_bwd_dh_kernel`, and of every kernel of the op
 (torch.profiler, mean of --reps). The row `picked` is what state_blocks gives on this GPU with the kernels' pinned
-launch config. Rows are written as they come (markdown + JSON), so a cut run keeps them.
+launch config. Each workload's first row is the peer, in the same run on the same inputs: fla's chunked op
+(chunk_gated_delta_rule, chunk_delta_rule, chunk_simple_gla or chunk_gla), its state passes being its kernels named
+`*fwd_kernel_h*` and `*kernel_dh*`; the picked row's note gives its op ms over fla's. Rows are written as they come
+(markdown + JSON), so a cut run keeps them.
 
     python benchmarks/state_tiles.py                  # benchmarks/results/state_tiles_<device>.{md,json}
     python benchmarks/state_tiles.py --workloads gated_deltanet-lm deltanet-lm
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,11 +66,36 @@ def inputs(batch: int, length: int, heads: int, K: int, V: int, decay: str | Non
     return {"q": q, "k": k.to(torch.bfloat16).requires_grad_(), "v": v, "g": g, "beta": beta, "do": do}
 
 
-def kernel_ms(t: dict[str, Any], reps: int) -> dict[str, float]:
-    """GPU ms per forward + backward: the state passes' kernels and all of the op's."""
+def mmeff_op(t: dict[str, Any]) -> Any:
+    """mmeff's chunked recurrence on the inputs: (o, final state)."""
+    return linear_recurrence(t["q"], t["k"], t["v"], t["g"], t["beta"], scale=t["q"].shape[-1] ** -0.5)
+
+
+def fla_op(t: dict[str, Any]) -> Any:
+    """fla's chunked op of the same recurrence on the same inputs: (o, final state)."""
+    q, k, v, g, beta, scale = t["q"], t["k"], t["v"], t["g"], t["beta"], t["q"].shape[-1] ** -0.5
+    if beta is not None and g is not None:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        return chunk_gated_delta_rule(q, k, v, g, beta, scale=scale)
+    if beta is not None:
+        from fla.ops.delta_rule import chunk_delta_rule
+
+        return chunk_delta_rule(q, k, v, beta, scale=scale)
+    if g.dim() == 3:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        return chunk_simple_gla(q, k, v, g, scale=scale)
+    from fla.ops.gla import chunk_gla
+
+    return chunk_gla(q, k, v, g, scale=scale)
+
+
+def kernel_ms(op: Any, t: dict[str, Any], reps: int) -> dict[str, float]:
+    """GPU ms per forward + backward of `op` (mmeff_op or fla_op): the state passes' kernels and all of the op's."""
 
     def step() -> None:
-        o, _ = linear_recurrence(t["q"], t["k"], t["v"], t["g"], t["beta"], scale=t["q"].shape[-1] ** -0.5)
+        o, _ = op(t)
         o.backward(t["do"])
 
     step()
@@ -77,7 +106,10 @@ def kernel_ms(t: dict[str, Any], reps: int) -> dict[str, float]:
             step()
         torch.cuda.synchronize()
     per = {e.key: e.self_device_time_total / 1e3 / reps for e in prof.key_averages() if e.self_device_time_total > 0}
-    return {"fwd_h_ms": per.get("_fwd_h_kernel", 0.0), "bwd_dh_ms": per.get("_bwd_dh_kernel", 0.0),
+    fwd = ("_fwd_h_kernel", "fwd_kernel_h")  # mmeff's; fla's (chunk_fwd_kernel_h, chunk_gated_delta_rule_fwd_kernel_h_*)
+    bwd = ("_bwd_dh_kernel", "kernel_dh")  # mmeff's; fla's (chunk_bwd_kernel_dh, *_bwd_kernel_dhu_*)
+    return {"fwd_h_ms": sum(ms for key, ms in per.items() if any(n in key for n in fwd)),
+            "bwd_dh_ms": sum(ms for key, ms in per.items() if any(n in key for n in bwd)),
             "op_ms": sum(per.values())}  # fmt: skip
 
 
@@ -94,15 +126,17 @@ def configure(tiles: tuple[int, int] | None, launch: tuple[int, int]) -> None:
 
 def table(rows: list[dict[str, Any]], device: str) -> str:
     lines = [
-        f"Device: {device}; torch {torch.__version__}, Triton {triton.__version__}. One forward + backward of "
-        "`linear_recurrence` (bf16), GPU ms a step (`_fwd_h_kernel`: its two calls).",
+        f"Device: {device}; torch {torch.__version__}, Triton {triton.__version__}. One forward + backward of mmeff's "
+        "`linear_recurrence` (bf16), and first in each workload of fla's op on the same inputs, GPU ms a step "
+        "(`_fwd_h_kernel`: its two calls).",
         "",
         "| workload | tiles (key x value) | warps | stages | fwd_h ms | bwd_dh ms | state passes ms | op ms | note |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         passes = r["fwd_h_ms"] + r["bwd_dh_ms"]
-        lines.append(f"| {r['workload']} | {r['tiles'][0]} x {r['tiles'][1]} | {r['warps']} | {r['stages']} | "
+        tiles = "fla (its own)" if r["tiles"] is None else f"{r['tiles'][0]} x {r['tiles'][1]}"
+        lines.append(f"| {r['workload']} | {tiles} | {r['warps'] or ''} | {r['stages'] or ''} | "
                      f"{r['fwd_h_ms']:.3f} | {r['bwd_dh_ms']:.3f} | {passes:.3f} | {r['op_ms']:.3f} | {r['note']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -118,23 +152,46 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     out = args.out or Path("benchmarks/results") / f"state_tiles_{device_tag(torch.device('cuda'))}"
     rows: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(table(rows[-1:], device).splitlines()[-1], flush=True)
+        write_results(out, {"device": device, "torch": torch.__version__, "rows": rows}, table(rows, device))
+
     for name in args.workloads:
         batch, length, heads, K, V, decay, delta = WORKLOADS[name]
         t = inputs(batch, length, heads, K, V, decay, delta)
+        peer = {"workload": name, "tiles": None, "warps": None, "stages": None, **timed(fla_op, t, args.reps)}
+        record({**peer, "note": peer["note"] or f"fla {fla_version()}"})
         picked = PICK(K, V, batch * heads, not delta, torch.device("cuda"))
         keys = sorted({K, picked[0], *([K // 2, 32] if not delta else [])}, reverse=True)
         candidates = [(bk, bv) for bk in keys for bv in (16, 32, 64) if bk <= K and bv <= V]
         for tiles, launch in [(None, LAUNCHES[0])] + list(itertools.product(candidates, LAUNCHES)):
             configure(tiles, launch)
-            note = "picked" if tiles is None else ""
-            try:
-                ms = kernel_ms(t, args.reps)
-            except Exception as e:  # noqa: BLE001 - a config that fails to build or launch is a row of its own
-                ms, note = dict.fromkeys(("fwd_h_ms", "bwd_dh_ms", "op_ms"), float("nan")), type(e).__name__
-            row = {"workload": name, "tiles": tiles or picked, "warps": launch[0], "stages": launch[1], **ms}
-            rows.append({**row, "note": note})
-            print(table(rows[-1:], device).splitlines()[-1], flush=True)
-            write_results(out, {"device": device, "torch": torch.__version__, "rows": rows}, table(rows, device))
+            ms = timed(mmeff_op, t, args.reps)
+            note = ms.pop("note")
+            if tiles is None and not note:
+                ratio = ms["op_ms"] / peer["op_ms"]
+                note = "picked" + ("" if math.isnan(ratio) else f"; op ms {ratio:.2f}x fla's")
+            record({"workload": name, "tiles": tiles or picked, "warps": launch[0], "stages": launch[1], **ms, "note": note})
+
+
+def timed(op: Any, t: dict[str, Any], reps: int) -> dict[str, Any]:
+    """kernel_ms of `op` and an empty note, or NaNs and the error's name: a config that fails to build or launch,
+    or a peer that is not installed, is a row of its own."""
+    try:
+        return {**kernel_ms(op, t, reps), "note": ""}
+    except Exception as e:  # noqa: BLE001
+        return {**dict.fromkeys(("fwd_h_ms", "bwd_dh_ms", "op_ms"), float("nan")), "note": f"{type(e).__name__}: {e}"[:120]}
+
+
+def fla_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flash-linear-attention")
+    except PackageNotFoundError:
+        return "(version unknown)"
 
 
 if __name__ == "__main__":
