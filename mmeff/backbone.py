@@ -33,7 +33,11 @@ def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
 
 class Layer(nn.Module):
     """One pre-norm residual layer: a token mixer then a channel mixer (`checkpoint`: its activations, with "mixer"
-    the token mixer's only, with "norm" the two pre-norms' outputs, recomputed in the backward instead of kept)."""
+    the token mixer's only, with "norm" the two pre-norms' outputs, recomputed in the backward instead of kept).
+
+    It takes the residual stream x and the branch the layer before left `pending`, and hands on its own: x + pending
+    is made together with the first norm of it (the norm's `added`: one kernel each way on the GPU), x + the mixer's
+    branch with the second, so that no residual add runs on its own (the backbone's final norm adds the last branch)."""
 
     def __init__(
         self, mixer: nn.Module, ffn: nn.Module | None, norm: str, eps: float, dim: int, drop_path: float,
@@ -47,30 +51,42 @@ class Layer(nn.Module):
         self.ffn = ffn
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, layout: Layout | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pending: torch.Tensor | None = None, cache: Cache | None = None,
+        layout: Layout | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the stream up to this layer's last branch, that branch): their sum is the layer's output."""
         recompute = self.checkpoint in (True, "mixer") and cache is None and torch.is_grad_enabled()
         if recompute and self.checkpoint is True:
             # Inside the layer, so that an FSDP unit wrapping it gathers its weights around the recomputation too.
-            return checkpoint(self._forward, x, None, layout, use_reentrant=False)
-        return self._forward(x, cache, layout, recompute)
+            return checkpoint(self._forward, x, pending, None, layout, use_reentrant=False)
+        return self._forward(x, pending, cache, layout, recompute)
 
-    def _forward(self, x: torch.Tensor, cache: Cache | None, layout: Layout | None, mixer_only: bool = False) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, pending: torch.Tensor | None, cache: Cache | None, layout: Layout | None,
+        mixer_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if mixer_only:
-            x = x + self.drop_path(checkpoint(self._mix, x, layout, use_reentrant=False))
+            x = x if pending is None else x + pending
+            branch = checkpoint(self._mix, x, layout, use_reentrant=False)
         else:
-            x = x + self.drop_path(self._normed(self.norm1, x, lambda h: self.mixer(h, cache=cache, layout=layout)))
-        if self.ffn is not None:
-            x = x + self.drop_path(self._normed(self.norm2, x, self.ffn))
-        return x
+            x, branch = self._normed(self.norm1, x, pending, lambda h: self.mixer(h, cache=cache, layout=layout))
+        branch = self.drop_path(branch)
+        if self.ffn is None:
+            return x, branch
+        x, branch = self._normed(self.norm2, x, branch, self.ffn)
+        return x, self.drop_path(branch)
 
-    def _normed(self, norm: nn.Module, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """fn(norm(x)); with checkpoint "norm" the saved norm(x) is made again from x in the backward (the norm keeps
-        x for its own backward: one [tokens, dim] tensor less kept per norm)."""
-        h = norm(x)
+    def _normed(
+        self, norm: nn.Module, x: torch.Tensor, pending: torch.Tensor | None, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, fn(norm(s))) with s = x + pending; with checkpoint "norm" the saved norm(s) is made again from s in the
+        backward (the norm keeps s for its own backward: one [tokens, dim] tensor less kept per norm)."""
+        s, h = (x, norm(x)) if pending is None else norm.added(x, pending)
         if self.checkpoint != "norm" or not torch.is_grad_enabled():
-            return fn(h)
-        with recomputed([(h, under_autocast_now(norm, x.device.type), (x,))]):
-            return fn(h)
+            return s, fn(h)
+        with recomputed([(h, under_autocast_now(norm, s.device.type), (s,))]):
+            return s, fn(h)
 
     def _mix(self, x: torch.Tensor, layout: Layout | None) -> torch.Tensor:
         return self.mixer(self.norm1(x), layout=layout)
@@ -129,6 +145,9 @@ class Backbone(nn.Module):
             raise ValueError(f"Backbone expects tokens [B, T, {self.cfg.dim}], got {tuple(x.shape)}")
         layout = layout or Layout()
         layout.check(x.shape[0], x.shape[1])
+        pending = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache=cache[i] if cache is not None else None, layout=layout)
-        return self.norm(x)
+            x, pending = layer(x, pending, cache=cache[i] if cache is not None else None, layout=layout)
+        if isinstance(self.norm, nn.Identity):
+            return x + pending
+        return self.norm.added(x, pending)[1]

@@ -18,6 +18,10 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         return ops.norm(x, self.weight, None, self.eps, "rms")
 
+    def added(self, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        """(x + r, this norm of it), one pass each way (`mmeff.ops.norm.add_norm`)."""
+        return ops.add_norm(x, r, self.weight, None, self.eps, "rms")
+
 
 @register("layernorm", kind="norm")
 class LayerNorm(nn.LayerNorm):
@@ -28,3 +32,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.norm(x, self.weight, self.bias, self.eps, "layer")
+
+    def added(self, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+        """(x + r, this norm of it), one pass each way (`mmeff.ops.norm.add_norm`)."""
+        return ops.add_norm(x, r, self.weight, self.bias, self.eps, "layer")

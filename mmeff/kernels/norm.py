@@ -8,6 +8,10 @@ w and b (the per-head norm of the linear mixers). Statistics are fp32; y is writ
 fp32 and the matmul casts it again). The backward recomputes x_hat from the saved mean and rstd and writes dx
 plus per-program partial sums of dw and db, which the host adds up: no atomics, deterministic.
 
+A residual r (x's shape) may be added first: s = x + r is written (in torch's dtype of the sum) and normalised, and
+the backward adds the gradient s carries on to the norm's and writes it for x and, in r's dtype, for r (`AddNorm`,
+a pre-norm layer's residual add).
+
 L2 normalisation (the `l2` feature map of q and k: y = x / max(||x||, eps) over the last dim) has its own pair of
 kernels below: it keeps y and the norms for its backward, dx = (dy - y <dy, y>) / max(||x||, eps).
 
@@ -38,13 +42,18 @@ def _warps(width: int) -> int:
 
 
 @triton.jit
-def _norm_fwd_kernel(x, z, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
-                     HAS_B: tl.constexpr, GATE: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+def _norm_fwd_kernel(x, r, s, z, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_B: tl.constexpr, GATE: tl.constexpr, HAS_R: tl.constexpr, BR: tl.constexpr,
+                     BN: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BN)
     inside = (rows < M)[:, None] & (cols < N)[None, :]
     off = rows[:, None] * N + cols[None, :]
     xv = tl.load(x + off, mask=inside, other=0.0).to(tl.float32)
+    if HAS_R:  # s = x + r in s's dtype (as torch adds them), normalised as stored
+        sv = (xv + tl.load(r + off, mask=inside, other=0.0).to(tl.float32)).to(s.dtype.element_ty)
+        tl.store(s + off, sv, mask=inside)
+        xv = sv.to(tl.float32)
     if GATE != NO_GATE:
         zv = tl.load(z + off, mask=inside, other=0.0).to(tl.float32)
         silu = zv * tl.sigmoid(zv)
@@ -70,9 +79,9 @@ def _norm_fwd_kernel(x, z, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.constexpr,
 
 
 @triton.jit
-def _norm_bwd_kernel(x, z, w, b, dy, mean, rstd, dx, dz, dw_part, db_part, M, N, G, rows_per_program,
+def _norm_bwd_kernel(x, z, w, b, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_part, M, N, G, rows_per_program,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GATE: tl.constexpr,
-                     BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+                     HAS_DS: tl.constexpr, HAS_DR: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     # Program p takes the rows of group p % G among rows [start, start + rows_per_program * G), BR at a time,
     # keeping that group's dw and db partial sums in registers.
     pid = tl.program_id(0)
@@ -130,7 +139,11 @@ def _norm_bwd_kernel(x, z, w, b, dy, mean, rstd, dx, dz, dw_part, db_part, M, N,
         if GATE == GATE_BEFORE:  # x_in * silu(z) was normalised
             tl.store(dz + off, (dxv * x_in * dsilu).to(dz.dtype.element_ty), mask=keep)
             dxv *= silu
+        if HAS_DS:  # the gradient the residual stream x carries past the norm
+            dxv += tl.load(ds + off, mask=keep, other=0.0).to(tl.float32)
         tl.store(dx + off, dxv.to(dx.dtype.element_ty), mask=keep)
+        if HAS_DR:  # the residual branch's gradient, in its own dtype
+            tl.store(dr + off, dxv.to(dr.dtype.element_ty), mask=keep)
     if HAS_W:
         tl.store(dw_part + pid * N + cols, dw_acc, mask=cols < N)
     if HAS_B:
@@ -147,28 +160,32 @@ def unsupported(x: Tensor, width: int) -> str:
 
 
 def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool, groups: int,
-             out_dtype: torch.dtype, z: Optional[Tensor] = None, gate: int = 0) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """x [M, G * N] contiguous (and the gate z, its shape, if `gate`) -> (y [M, G * N] in out_dtype, mean [M * G]
-    fp32 (empty for RMS), rstd [M * G] fp32)."""
+             out_dtype: torch.dtype, z: Optional[Tensor] = None, gate: int = 0,
+             r: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """x [M, G * N] contiguous (and the gate z, its shape, if `gate`; a residual r, its shape, added to x first) ->
+    (y [M, G * N] in out_dtype, mean [M * G] fp32 (empty for RMS), rstd [M * G] fp32, the normalised input: x, or
+    x + r in torch's dtype of that sum)."""
     width = x.shape[-1] // groups
     rows = x.numel() // width
     y = empty(x.shape, out_dtype, x.device)
     mean = empty((0 if rms else rows,), torch.float32, x.device)
     rstd = empty((rows,), torch.float32, x.device)
+    s = x if r is None else empty(x.shape, torch.result_type(x, r), x.device)
     BN = next_pow2(width)
     BR = max(1, min(ROWS, 4096 // BN))
     _norm_fwd_kernel[(cdiv(rows, BR),)](
-        x, z, weight, bias, y, mean, rstd, rows, width, groups, eps, RMS=rms, HAS_W=weight is not None,
-        HAS_B=bias is not None, GATE=gate, BR=BR, BN=BN, num_warps=_warps(BR * BN),
+        x, r, s, z, weight, bias, y, mean, rstd, rows, width, groups, eps, RMS=rms, HAS_W=weight is not None,
+        HAS_B=bias is not None, GATE=gate, HAS_R=r is not None, BR=BR, BN=BN, num_warps=_warps(BR * BN),
     )  # fmt: skip
-    return y, mean, rstd
+    return y, mean, rstd, s
 
 
 def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
-             rms: bool, groups: int, z: Optional[Tensor] = None,
-             gate: int = 0) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # fmt: skip
-    """Gradients of x (x's dtype), weight and bias (fp32 sums, cast to their dtypes) and of the gate z (z's dtype,
-    None without a gate) from dy [M, G * N]."""
+             rms: bool, groups: int, z: Optional[Tensor] = None, gate: int = 0, ds: Optional[Tensor] = None,
+             r_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """Gradients of x (x's dtype; plus `ds`, a gradient x has besides the norm's), weight and bias (fp32 sums, cast
+    to their dtypes), of the gate z (z's dtype, None without a gate) and, given the dtype of a residual added into
+    x, of that residual (dx itself where the dtypes match, else written beside it; None without) from dy [M, G * N]."""
     width = x.shape[-1] // groups
     rows = x.numel() // width
     # About 8 programs per SM, each at least 32 rows: enough to hide latency, few partial sums to add.
@@ -177,6 +194,7 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     per_program = cdiv(cdiv(rows, groups), chunks)
     grid = chunks * groups
     dx = empty(x.shape, x.dtype, x.device)
+    dr = empty(x.shape, r_dtype, x.device) if r_dtype not in (None, x.dtype) else None
     dz = empty(z.shape, z.dtype, z.device) if gate else None
     dw_part = empty((grid, width), torch.float32, x.device) if weight is not None else None
     db_part = empty((grid, width), torch.float32, x.device) if bias is not None else None
@@ -187,14 +205,14 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     # 70 -> 60 us. The LM's RMS norm (16k tokens of 1024) was fastest as it was, [2, 1024] on 4 warps (48 us).
     BR = max(1, min(16, (1024 if BN <= 128 else 2048) // BN))
     _norm_bwd_kernel[(grid,)](
-        x, z, weight, bias, dy, mean, rstd, dx, dz, dw_part, db_part, rows, width, groups, per_program, RMS=rms,
-        HAS_W=weight is not None, HAS_B=bias is not None, GATE=gate, BR=BR, BN=BN,
-        num_warps=2 if BN <= 512 else _warps(BR * BN),
+        x, z, weight, bias, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_part, rows, width, groups, per_program,
+        RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, GATE=gate, HAS_DS=ds is not None,
+        HAS_DR=dr is not None, BR=BR, BN=BN, num_warps=2 if BN <= 512 else _warps(BR * BN),
     )  # fmt: skip
     # Program p wrote group p % G's partial sums: [chunks, G, N] summed over chunks is [G * N], w's layout.
     dw = dw_part.view(chunks, -1).sum(0).to(weight.dtype) if weight is not None else None
     db = db_part.view(chunks, -1).sum(0).to(bias.dtype) if bias is not None else None
-    return dx, dw, db, dz
+    return dx, dw, db, dz, dx if r_dtype == x.dtype else dr
 
 
 @triton.jit
@@ -275,7 +293,7 @@ class Norm(torch.autograd.Function):
                 groups: int, out_dtype: torch.dtype, z: Optional[Tensor] = None, gate: int = 0) -> Tensor:  # fmt: skip
         x2 = x.contiguous()
         z2 = z.contiguous() if gate else None
-        y, mean, rstd = norm_fwd(x2, weight, bias, eps, rms, groups, out_dtype, z2, gate)
+        y, mean, rstd, _ = norm_fwd(x2, weight, bias, eps, rms, groups, out_dtype, z2, gate)
         ctx.save_for_backward(x2, weight, bias, mean, rstd, z2)
         ctx.rms, ctx.groups, ctx.gate = rms, groups, gate
         return y
@@ -283,5 +301,29 @@ class Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         x, weight, bias, mean, rstd, z = ctx.saved_tensors
-        dx, dw, db, dz = norm_bwd(dy.contiguous(), x, weight, bias, mean, rstd, ctx.rms, ctx.groups, z, ctx.gate)
+        dx, dw, db, dz, _ = norm_bwd(dy.contiguous(), x, weight, bias, mean, rstd, ctx.rms, ctx.groups, z, ctx.gate)
         return dx, dw, db, None, None, None, None, dz, None
+
+
+class AddNorm(torch.autograd.Function):
+    """(s, y) = (x + r, norm(x + r)) over the last dim, y in `out_dtype`: a residual add and the pre-norm after it in
+    one kernel each way. The backward adds the gradient s carries on (the residual stream's) to the norm's and
+    writes it for x and, in r's dtype, for r: no separate add, gradient sum or cast."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, r: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,  # type: ignore[override]
+                rms: bool, out_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:  # fmt: skip
+        y, mean, rstd, s = norm_fwd(x.contiguous(), weight, bias, eps, rms, 1, out_dtype, r=r.contiguous())
+        ctx.save_for_backward(s, weight, bias, mean, rstd)
+        ctx.rms, ctx.dtypes = rms, (x.dtype, r.dtype)
+        ctx.set_materialize_grads(False)
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds: Optional[Tensor], dy: Optional[Tensor]):  # type: ignore[override]
+        s, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only the sum was used
+            return ds.to(ctx.dtypes[0]), ds.to(ctx.dtypes[1]), None, None, None, None, None
+        ds = None if ds is None else ds.contiguous()
+        dx, dw, db, _, dr = norm_bwd(dy.contiguous(), s, weight, bias, mean, rstd, ctx.rms, 1, ds=ds, r_dtype=ctx.dtypes[1])
+        return dx.to(ctx.dtypes[0]), dr, dw, db, None, None, None

@@ -4,7 +4,7 @@ from mmeff.ops import dispatch
 from mmeff.ops.conv import causal_conv1d
 from mmeff.ops.gates import log_sigmoid_gate
 from mmeff.ops.noncausal import global_linear_attention
-from mmeff.ops.norm import norm
+from mmeff.ops.norm import add_norm, norm
 from mmeff.ops.linear import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention, retention
 from mmeff.ops.mlp import act_linear
 from mmeff.ops.recurrence import linear_recurrence
@@ -16,6 +16,7 @@ dispatch.preload_kernels()
 
 __all__ = [
     "act_linear",
+    "add_norm",
     "apply_rope",
     "causal_conv1d",
     "cu_seqlens_from_docs",

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mmeff.ops import dispatch
 
-__all__ = ["norm", "norm_reference", "output_dtype"]
+__all__ = ["add_norm", "norm", "norm_reference", "output_dtype"]
 
 Kind = Literal["layer", "rms"]
 
@@ -71,6 +71,35 @@ def norm(
         x = x * F.silu(gate)
     y = norm_reference(x, weight, bias, eps, kind, groups).to(out_dtype)
     return y * F.silu(gate) if gate is not None and not gate_first else y
+
+
+def add_norm(
+    x: Tensor, r: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, eps: float = 1e-6,
+    kind: Kind = "layer", backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """(x + r, norm(x + r)): a pre-norm layer's residual add and the norm after it. The sum is in torch's dtype of
+    x + r (the fp32 stream plus a bf16 branch under autocast: fp32), the norm in `output_dtype(x)`. backend "triton"
+    runs both in one kernel each way (mmeff.kernels.norm.AddNorm), with the backward's sum of the stream's two
+    gradients and the branch's cast: on the H200, gla-bi's 24 residual adds and 24 gradient sums apart took 3.0 of a
+    52.3 GPU ms ViT-S step at 224 px, in 48 of its 1,577 launches."""
+    if r.shape != x.shape:
+        raise ValueError(f"the residual {tuple(r.shape)} must have the shape of x {tuple(x.shape)}")
+    if kind not in ("layer", "rms"):
+        raise ValueError(f"kind must be 'layer' or 'rms', got {kind!r}")
+    if kind == "rms" and bias is not None:
+        raise ValueError("an RMS norm has no bias")
+
+    def triton() -> str:
+        width = x.shape[-1]
+        return dispatch.eager_triton_unsupported(
+            x, "norm", lambda kernels: kernels.unsupported(x, width) or kernels.unsupported(r, width)
+        )
+
+    out_dtype = output_dtype(x)
+    if dispatch.choose("norm", backend, [("triton", triton)]) == "triton":
+        return dispatch.triton_kernels("norm").AddNorm.apply(x, r, weight, bias, eps, kind == "rms", out_dtype)
+    s = x + r
+    return s, norm_reference(s, weight, bias, eps, kind, 1).to(out_dtype)
 
 
 def norm_reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, kind: Kind, groups: int) -> Tensor:

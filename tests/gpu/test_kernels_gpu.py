@@ -357,6 +357,39 @@ def test_gated_norm(kernels, seed, gate_first, groups, width):
     assert all(e < TOL[torch.bfloat16] for e in errors.values()), errors
 
 
+@pytest.mark.xdist_group("norm")
+@pytest.mark.parametrize("kind,rows,width", [("layer", 65536, 384), ("rms", 16384, 1024)])  # ViT-S at 224 px; the LM
+def test_add_norm(kernels, seed, kind, rows, width):
+    # A pre-norm layer's residual add fused into its norm under bf16 autocast (mmeff.ops.add_norm: the fp32 stream
+    # plus a bf16 branch): the sum, the norm and the gradients of the stream, the branch, weight and bias bit for bit
+    # those of torch's add then the norm kernel, the stream carrying a gradient of its own past the norm.
+    from mmeff.ops.norm import add_norm, norm
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(rows, width, device="cuda", generator=gen) * 2 + 0.5
+    r = torch.randn(rows, width, device="cuda", generator=gen).to(torch.bfloat16)
+    weight = torch.randn(width, device="cuda", generator=gen)
+    bias = torch.randn(width, device="cuda", generator=gen) if kind == "layer" else None
+    ds = torch.randn(rows, width, device="cuda", generator=gen)
+    dy = torch.randn(rows, width, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, r, weight, bias) if t is not None]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            s, y = fn(*leaves[:3], leaves[3] if bias is not None else None)
+        return [s, y, *torch.autograd.grad([s, y], leaves, [ds, dy])]
+
+    def unfused(x, r, w, b):
+        s = x + r
+        return s, norm(s, w, b, 1e-6, kind, backend="triton")
+
+    actual = run(lambda x, r, w, b: add_norm(x, r, w, b, 1e-6, kind, "triton"))
+    expected = run(unfused)
+    assert [t.dtype for t in actual[:4]] == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
+    for name, a, e in zip(["s", "y", "dx", "dr", "dweight", "dbias"], actual, expected):
+        assert torch.equal(a, e), name
+
+
 @pytest.mark.xdist_group("rope")
 @pytest.mark.parametrize(
     "shape,fused",

@@ -147,3 +147,75 @@ def test_l2_feature_map_takes_the_kernel_on_cuda(norm_kernels, monkeypatch):
     monkeypatch.setenv("MMEFF_FORCE_REFERENCE", "1")
     FEATURE_MAPS["l2"](torch.randn(2, 3, 4, requires_grad=True))
     assert len(calls) == 1
+
+
+# x fp32 (the residual stream) or bf16, r bf16 (a branch under autocast) or fp32; the norm output fp32 or bf16.
+@pytest.mark.parametrize("x_dtype,r_dtype,out_dtype", [
+    (torch.float32, torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+])  # fmt: skip
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("stream_used", [True, False])
+def test_add_norm_matches_add_then_norm(norm_kernels, monkeypatch, x_dtype, r_dtype, out_dtype, kind, stream_used):
+    # AddNorm's (x + r, norm(x + r)) and the gradients of x, r, weight and bias against the Norm kernel on x + r made by
+    # torch (the stream's gradient summed and cast by autograd): bit for bit, since the fused kernels compute the same
+    # sum and the same normalisation. What the kernels cast down from fp32 (r's bf16 gradient; s and the gradients
+    # of a bf16 stream) is within one bf16 ulp, and what follows from such an s within two (the interpreter truncates
+    # where torch and the GPU round). With `stream_used` False only the norm's output reaches the loss (ds is None).
+    monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
+    monkeypatch.setattr(norm_kernels, "sm_count", lambda device: 1)
+    rows, width = 37, 48
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(rows, width, generator=gen) * 3 + 1).to(x_dtype)
+    r = torch.randn(rows, width, generator=gen).to(r_dtype)
+    weight = torch.randn(width, generator=gen)
+    bias = torch.randn(width, generator=gen) if kind == "layer" else None
+    rms = kind == "rms"
+    ds = torch.linspace(-2, 1, rows * width).view(rows, width)
+    dy = torch.linspace(-1, 1, rows * width).view(rows, width).to(out_dtype)
+
+    def fused(x, r, w, b):
+        return norm_kernels.AddNorm.apply(x, r, w, b, 1e-5, rms, out_dtype)
+
+    def unfused(x, r, w, b):
+        s = x + r
+        return s, norm_kernels.Norm.apply(s, w, b, 1e-5, rms, 1, out_dtype)
+
+    results = []
+    for fn in (fused, unfused):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, r, weight, bias) if t is not None]
+        s, y = fn(*leaves[:3], leaves[3] if bias is not None else None)
+        assert s.dtype == torch.result_type(x, r) and y.dtype == out_dtype
+        torch.autograd.backward([s, y] if stream_used else [y], [ds.to(s.dtype), dy] if stream_used else [dy])
+        results.append([s, y, *(t.grad for t in leaves)])
+    for i, (got, want) in enumerate(zip(*results)):
+        assert got.dtype == want.dtype
+        if x_dtype != torch.float32:
+            _close(got, want, 2**-6)
+        elif i == 3 and r_dtype != x_dtype:
+            _close(got, want, 2**-7)
+        else:
+            assert torch.equal(got, want)
+
+
+def test_add_norm_op_matches_reference(norm_kernels):
+    # mmeff.ops.add_norm on the kernel path (CUDA stood in by the interpreter) against its reference, under autocast.
+    from mmeff.ops import dispatch
+    from mmeff.ops.norm import add_norm
+
+    gen = torch.Generator().manual_seed(5)
+    x, r = torch.randn(2, 9, 40, generator=gen), torch.randn(2, 9, 40, generator=gen).bfloat16()
+    weight, bias = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s_ref, y_ref = add_norm(x, r, weight, bias, 1e-6, "layer", backend="torch")
+        original = dispatch.on_cuda
+        dispatch.on_cuda = lambda t: True
+        try:
+            s, y = add_norm(x, r, weight, bias, 1e-6, "layer", backend="triton")
+        finally:
+            dispatch.on_cuda = original
+    assert s.dtype == s_ref.dtype == torch.float32 and y.dtype == y_ref.dtype == torch.bfloat16
+    assert torch.equal(s, s_ref)
+    _close(y, y_ref, 2**-7)
+    with pytest.raises(ValueError, match=r"the residual \(2, 9\) must have the shape of x \(2, 9, 40\)"):
+        add_norm(x, r[..., 0], weight, bias)
