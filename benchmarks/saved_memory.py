@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import lm_train_speed  # noqa: E402  (benchmarks/lm_train_speed.py, beside this script)
 import vision_speed  # noqa: E402  (benchmarks/vision_speed.py, beside this script)
 from mmeff.ops import dispatch  # noqa: E402
-from timing import save_figure, write_results  # noqa: E402
+from timing import save_row_bars, write_results  # noqa: E402
 
 PX = 128  # 64 tokens an image of 16 px patches: the counts are per token; small keeps the interpreted kernels quick
 LM_T = 128  # --lm: tokens a row
@@ -167,13 +167,8 @@ def plot(records: list[dict[str, Any]], path: Path, base: str) -> None:
     ax.bar([i + 0.2 for i in x], [r["live_kib_per_token_layer"] for r in records], 0.4, color="tab:orange",
            label="live after the forward")  # fmt: skip
     ax.axhline(records[0]["live_kib_per_token_layer"], color="grey", linewidth=0.8, label=f"{base}, live")
-    ax.set_xticks(list(x), [r["row"] for r in records])
-    ax.set_ylabel("KiB per token and layer")
-    ax.set_title("Activations of one forward (bf16 autocast, GPU code path, counted on CPU)", fontsize=9)
-    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    save_row_bars(fig, ax, [r["row"] for r in records], "KiB per token and layer",
+                  "Activations of one forward (bf16 autocast, GPU code path, counted on CPU)", path)  # fmt: skip
 
 
 LM_ROWS = ["attn", "gla", "retnet", "deltanet", "mamba2", "gated_deltanet", "hybrid_gla", "hybrid_mamba2"]

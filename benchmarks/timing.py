@@ -122,3 +122,14 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
     plt.close(fig)
+
+
+def save_row_bars(fig: Any, ax: Any, rows: list[str], ylabel: str, title: str, path: Path) -> None:
+    """A bar chart of one bar group per row: its row names, labels and legend, then saved (as save_figure)."""
+    ax.set_xticks(list(range(len(rows))), rows)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)

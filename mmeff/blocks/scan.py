@@ -27,7 +27,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Iterator, Literal, Union
+from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +113,11 @@ class Routes:
         plan = self.plan(batch, length, layout, streams[0].device)
         if plan is None:
             return fn(streams, layout.cu_seqlens)
-        # Routes go along the batch, route-minor ([B * R, T]): one gather per stream builds them all, one gathers
-        # the outputs back to token order, with no flipped or permuted copy per route.
-        stacked = [_Stack.apply(s, plan.order, plan.back, plan.routes, plan.flip) for s in streams]
-        docs = None if layout.docs is None else _stack(layout.docs, plan.order, plan.routes)
+        # Routes go along the batch, route-minor ([B * R, T]): one gather per stream builds them all (one launch for
+        # all streams on the route kernels), one gathers the outputs back to token order, with no flipped or
+        # permuted copy per route.
+        stacked = list(_Stack.apply(plan.order, plan.back, plan.routes, plan.flip, *streams))
+        docs = None if layout.docs is None else _stack([layout.docs], plan.order, plan.routes)[0]
         with regathered(stacked, streams, plan):
             ys = fn(stacked, None if docs is None else cu_seqlens_from_docs(docs))
         return _Merge.apply(ys, plan.order, plan.back, plan.routes, plan.flip)
@@ -139,12 +140,12 @@ def _rows(index: Tensor, batch: int, span: int) -> Tensor:
     return (torch.arange(batch, device=index.device)[:, None] * span + index).flatten()
 
 
-def _flip_kernels(x: Tensor, flip: bool) -> ModuleType | None:
-    """mmeff.kernels.routes where they take stream `x` of a `flip` plan (CUDA, not while torch.compile traces:
+def _flip_kernels(xs: Sequence[Tensor], flip: bool) -> ModuleType | None:
+    """mmeff.kernels.routes where they take streams `xs` of a `flip` plan (CUDA, not while torch.compile traces:
     Inductor fuses the gathers itself), else None."""
     if not flip:
         return None
-    fast = [("triton", lambda: routes_unsupported(x))]
+    fast = [("triton", lambda: next((why for why in map(routes_unsupported, xs) if why), ""))]
     return dispatch.triton_kernels("routes") if dispatch.choose("scan_routes", "auto", fast) == "triton" else None
 
 
@@ -153,44 +154,53 @@ def routes_unsupported(x: Tensor) -> str:
     return dispatch.eager_triton_unsupported(x, "routes", lambda kernels: kernels.unsupported(x))
 
 
-def _stack(x: Tensor, order: Tensor, routes: int, flip: bool = False, scale: float = 1.0) -> Tensor:
-    """scale * x [B, T, ...] along the routes (a Plan's `order`) -> [B * R, T, ...]."""
-    kernels = _flip_kernels(x, flip)
+def _stack(xs: Sequence[Tensor], order: Tensor, routes: int, flip: bool = False, scale: float = 1.0) -> list[Tensor]:
+    """scale * x [B, T, ...] along the routes (a Plan's `order`) -> [B * R, T, ...], for each stream x of `xs`."""
+    kernels = _flip_kernels(xs, flip)
     if kernels is not None:
-        return kernels.stack(x, scale)
-    x = x * scale if scale != 1.0 else x
-    batch, length = x.shape[:2]
+        return kernels.stack(xs, scale)
     # A row gather over [B * T, C] (index_select along dim 0): along dim 1 PyTorch's CUDA index_select runs a
     # generic gather kernel, 13.6 of the 85 GPU ms of a gla-bi ViT step at 1024 px on the H200.
+    return [_gathered(x * scale if scale != 1.0 else x, order, routes) for x in xs]
+
+
+def _gathered(x: Tensor, order: Tensor, routes: int) -> Tensor:
+    """x [B, T, ...] gathered along the routes: rows `order` of [B * T, ...] -> [B * R, T, ...]."""
+    batch, length = x.shape[:2]
     rows = x.reshape(batch * length, -1).index_select(0, order)
     return rows.view(batch * routes, length, *x.shape[2:])
 
 
-def _merge(y: Tensor, back: Tensor, routes: int, mean: bool, flip: bool = False) -> Tensor:
-    """Route outputs [B * R, T, ...] back in token order (a Plan's `back`): their sum or mean -> [B, T, ...]."""
-    kernels = _flip_kernels(y, flip)
+def _merge(ys: Sequence[Tensor], back: Tensor, routes: int, mean: bool, flip: bool = False) -> list[Tensor]:
+    """Route outputs [B * R, T, ...] back in token order (a Plan's `back`): their sum or mean -> [B, T, ...], for each
+    stream of `ys`."""
+    kernels = _flip_kernels(ys, flip)
     if kernels is not None:
-        return kernels.merge(y, 1.0 / routes if mean else 1.0)
-    batch, length = y.shape[0] // routes, y.shape[1]
-    rows = y.reshape(batch * routes * length, -1).index_select(0, back)
-    rows = rows.view(batch, routes, length, *y.shape[2:])
-    return rows.mean(1) if mean else rows.sum(1)
+        return kernels.merge(ys, 1.0 / routes if mean else 1.0)
+    merged = []
+    for y in ys:
+        batch, length = y.shape[0] // routes, y.shape[1]
+        rows = y.reshape(batch * routes * length, -1).index_select(0, back).view(batch, routes, length, *y.shape[2:])
+        merged.append(rows.mean(1) if mean else rows.sum(1))
+    return merged
 
 
 # The two are each other's gradients (index_select's own backward, an index_add with atomics, took 20 of the
 # 100 GPU ms of a gla-bi ViT step at 1024 px on the H200). The index tensors go in as inputs and are saved as
 # such, so that torch.compile traces the functions too (it failed on a context attribute holding the Plan).
 class _Stack(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, back: Tensor, routes: int, flip: bool) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(back)
-        ctx.routes, ctx.flip = routes, flip
-        return _stack(x, order, routes, flip)
+    """Every stream along the routes: (order, back, routes, flip, *streams) -> the stacked streams."""
 
     @staticmethod
-    def backward(ctx, dy: Tensor):  # type: ignore[override]
+    def forward(ctx, order: Tensor, back: Tensor, routes: int, flip: bool, *xs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.save_for_backward(back)
+        ctx.routes, ctx.flip = routes, flip
+        return tuple(_stack(xs, order, routes, flip))
+
+    @staticmethod
+    def backward(ctx, *dys: Tensor):  # type: ignore[override]
         (back,) = ctx.saved_tensors
-        return _merge(dy, back, ctx.routes, mean=False, flip=ctx.flip), None, None, None, None
+        return None, None, None, None, *_merge(dys, back, ctx.routes, mean=False, flip=ctx.flip)
 
 
 class _Merge(torch.autograd.Function):
@@ -200,19 +210,19 @@ class _Merge(torch.autograd.Function):
     def forward(ctx, y: Tensor, order: Tensor, back: Tensor, routes: int, flip: bool) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(order)
         ctx.routes, ctx.flip = routes, flip
-        return _merge(y, back, routes, mean=True, flip=flip)
+        return _merge([y], back, routes, mean=True, flip=flip)[0]
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         (order,) = ctx.saved_tensors
-        return _stack(dout, order, ctx.routes, ctx.flip, scale=1.0 / ctx.routes), None, None, None, None
+        return _stack([dout], order, ctx.routes, ctx.flip, scale=1.0 / ctx.routes)[0], None, None, None, None
 
 
 @contextlib.contextmanager
 def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iterator[None]:
     """Inside: a tensor saved for the backward that is (a view of) a route-stacked stream is kept as its source
     stream, and gathered along the routes again when the backward first reads it (`recomputed`: once for all the
-    views of one stream, a short conv's input and the recipe of its output alike).
+    streams and all their views, a short conv's input and the recipe of its output alike).
 
     The stacked copies are R times their source (two for `bi`); the recurrence kernels and short convs save them.
     Saved-tensor hooks already in force (activation checkpointing, offloading, benchmarks/saved_memory.py's count)
@@ -220,10 +230,10 @@ def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iter
     partitioner picks what to save.
     """
 
-    def again(source: Tensor) -> Tensor:
-        return _stack(source, plan.order, plan.routes, plan.flip)
+    def again(*sources: Tensor) -> list[Tensor]:
+        return _stack(sources, plan.order, plan.routes, plan.flip)
 
-    with recomputed([(s, again, (src,)) for s, src in zip(stacked, streams)]):
+    with recomputed([(tuple(stacked), again, streams)]):
         yield
 
 

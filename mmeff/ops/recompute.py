@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# (product, make or the _Product of a `recomputed_output`, inputs)
-Recipe = tuple[Tensor, "Callable[..., Tensor] | _Product", Sequence[Tensor]]
+# (product, make or the _Product of a `recomputed_output`, inputs); a tuple of products made by one call of `make`
+Recipe = tuple["Tensor | tuple[Tensor, ...]", "Callable[..., Any] | _Product", Sequence[Tensor]]
 
 
 class _Product:
@@ -27,14 +27,14 @@ class _Product:
     Several nodes save views of one product (SSD keeps x, B and C of the short conv's output; the q, k, v, gate
     projections each keep the pre-norm's output): it is made once and lives until the last of them is freed."""
 
-    def __init__(self, make: Callable[..., Tensor], inputs: Sequence[Tensor], pack: Callable[[Tensor], Any]) -> None:
+    def __init__(self, make: Callable[..., Any], inputs: Sequence[Tensor], pack: Callable[[Tensor], Any]) -> None:
         self.make = make
         self.inputs = tuple(pack(x) for x in inputs)  # as the outer saved-tensor hooks packed them
         # Where they keep an input as it is, the backward must find it as it was (other hooks answer for their own).
         self.versions = tuple(x._version if p is x else None for x, p in zip(inputs, self.inputs))
-        self.made: Tensor | None = None
+        self.made: Any = None
 
-    def get(self, unpack: Callable[[Any], Tensor]) -> Tensor:
+    def get(self, unpack: Callable[[Any], Tensor]) -> Any:
         if self.made is None:
             inputs = [unpack(x) for x in self.inputs]
             if any(v is not None and x._version != v for x, v in zip(inputs, self.versions)):
@@ -45,20 +45,23 @@ class _Product:
 
 @dataclass(frozen=True)
 class _Made:
-    """What `recomputed` keeps of a saved (view of a) product: the product's recipe and the view's geometry."""
+    """What `recomputed` keeps of a saved (view of a) product: the product's recipe, which of its products (None: it
+    makes one), and the view's geometry."""
 
     product: _Product
+    index: int | None
     shape: torch.Size
     stride: tuple[int, ...]
     offset: int
 
     @classmethod
-    def of(cls, product: _Product, t: Tensor) -> _Made:
-        return cls(product, t.shape, t.stride(), t.storage_offset())
+    def of(cls, product: _Product, t: Tensor, index: int | None = None) -> _Made:
+        return cls(product, index, t.shape, t.stride(), t.storage_offset())
 
     def view(self, unpack: Callable[[Any], Tensor]) -> Tensor:
         """The saved view, on the product made (once) from the inputs as `unpack` gives them back."""
-        return self.product.get(unpack).as_strided(self.shape, self.stride, self.offset)
+        made = self.product.get(unpack)
+        return (made if self.index is None else made[self.index]).as_strided(self.shape, self.stride, self.offset)
 
 
 def _unchanged_view(t: Tensor, product: Tensor) -> bool:
@@ -71,26 +74,29 @@ def _unchanged_view(t: Tensor, product: Tensor) -> bool:
 def recomputed(recipes: Sequence[Recipe]) -> Iterator[None]:
     """Inside: a tensor saved for the backward that is (a view of) `product` of a recipe (product, make, inputs) is
     kept as `inputs`, and `make(*inputs)` is run again when the backward first reads it (once for all its saved
-    views). `make` must give the product bit for bit (elementwise ops, copies, a deterministic kernel). Saved-tensor
-    hooks already in force get the inputs. A recipe of `recomputed_output` shares its product (made once for both).
-    Not while torch.compile traces: its partitioner picks what to save."""
+    views). `make` must give the product bit for bit (elementwise ops, copies, a deterministic kernel). A tuple of
+    products is made by one call of `make` (returning them in order), once for all of them. Saved-tensor hooks already
+    in force get the inputs. A recipe of `recomputed_output` shares its product (made once for both). Not while
+    torch.compile traces: its partitioner picks what to save."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         yield
         return
     outer_pack, outer_unpack = outer_hooks()
-    products = {
-        p.untyped_storage().data_ptr(): [p, make, inputs, make if isinstance(make, _Product) else None]
-        for p, make, inputs in recipes
-        if p.numel()
-    }
+    products: dict[int, tuple[Tensor, list[Any], int | None]] = {}  # storage -> (product, its recipe, index)
+    for p, make, inputs in recipes:
+        recipe = [make, inputs, make if isinstance(make, _Product) else None]  # the _Product once a view is saved
+        for i, member in enumerate(p) if isinstance(p, tuple) else [(None, p)]:
+            if member.numel():
+                products[member.untyped_storage().data_ptr()] = (member, recipe, i)
 
     def pack(t: Tensor) -> Any:
         hit = products.get(t.untyped_storage().data_ptr()) if t.numel() else None
         if hit is None or not _unchanged_view(t, hit[0]):
             return outer_pack(t)
-        if hit[3] is None:
-            hit[3] = _Product(hit[1], hit[2], outer_pack)
-        return _Made.of(hit[3], t)
+        _, recipe, index = hit
+        if recipe[2] is None:
+            recipe[2] = _Product(recipe[0], recipe[1], outer_pack)
+        return _Made.of(recipe[2], t, index)
 
     def unpack(saved: Any) -> Tensor:
         return saved.view(outer_unpack) if isinstance(saved, _Made) else outer_unpack(saved)

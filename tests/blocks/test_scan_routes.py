@@ -114,10 +114,10 @@ def test_the_route_copies_are_freed_after_the_forward(monkeypatch, scan):
     copies = []
     stack = scan_module._stack
 
-    def recorded(x, order, routes, *args, **kwargs):
-        y = stack(x, order, routes, *args, **kwargs)
-        copies.append(weakref.ref(y))
-        return y
+    def recorded(xs, order, routes, *args, **kwargs):
+        ys = stack(xs, order, routes, *args, **kwargs)
+        copies.extend(weakref.ref(y) for y in ys)
+        return ys
 
     monkeypatch.setattr(scan_module, "_stack", recorded)
     streams = [torch.randn(2, 13, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]

@@ -64,7 +64,8 @@ def test_bi_route_kernels_match_the_gathers(fake_gpu, monkeypatch, dtype, width,
 
     layout = Layout(docs=DOCS) if docs else Layout()
     got = run(streams_of, layout, source)
-    assert calls.count("stack") == 2 + 2 + 1 and calls.count("merge") == 1 + 2  # forward, saved again, backward
+    # Each one launch for both streams: forward, saved again, backward (the output's gradient; the streams')
+    assert calls.count("stack") == 1 + 1 + 1 and calls.count("merge") == 1 + 1
     monkeypatch.setattr(scan_module, "_flip_kernels", lambda x, flip: None)
     want = run(streams_of, layout, source)
     for g, w in zip(got, want):
@@ -82,3 +83,30 @@ def test_other_routes_keep_the_gathers(fake_gpu, monkeypatch):
     Routes(causal=False, scan="cross")(running_sum, streams, Layout(grid=(1, 3, 4), special=1))
     Routes(causal=False, scan="bi", order="column")(running_sum, streams, Layout(grid=(1, 3, 4), special=1))
     assert not calls
+
+
+def test_streams_of_other_widths_and_dtypes_share_one_launch(fake_gpu, monkeypatch):
+    # A mixer's streams differ in width and dtype (GLA's bf16 q, k, v beside its fp32 log decays): one stack launch
+    # for all of them each way, and every gradient equal to the gathers'.
+    calls = []
+    for name in ("stack", "merge"):
+        monkeypatch.setattr(fake_gpu, name, lambda *a, f=getattr(fake_gpu, name), n=name: calls.append(n) or f(*a))
+    gen = torch.Generator().manual_seed(5)
+    sources = [torch.randn(2, 45, 3 * 40, generator=gen).bfloat16(), torch.randn(2, 45, 6, generator=gen)]
+
+    def cumsums(streams, cu_seqlens):  # the squares keep the streams for the backward: stacked again there
+        return torch.cat([(s * s).float().cumsum(1) for s in streams], -1)
+
+    def run():
+        leaves = [s.detach().clone().requires_grad_() for s in sources]
+        streams = [leaves[0][..., :40], leaves[0][..., 80:], leaves[1]]  # 40 and 40 bf16 channels, 6 fp32
+        y = Routes(causal=False, scan="bi")(cumsums, streams, Layout())
+        return [y, *torch.autograd.grad(y, leaves, torch.linspace(-1, 1, y.numel()).view(y.shape))]
+
+    got = run()
+    assert calls == ["stack", "merge", "stack", "stack", "merge"]  # forward; the backward: saved again, both merges
+    monkeypatch.setattr(scan_module, "_flip_kernels", lambda xs, flip: None)
+    want = run()
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        assert ((g.float() - w.float()).abs() <= 2**-7 * w.float().abs() + 1e-6).all()

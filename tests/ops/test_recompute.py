@@ -33,6 +33,32 @@ def test_a_recomputed_product_is_not_kept_and_gives_the_same_gradients():
     assert all(torch.equal(x, y) for x, y in zip(*grads))
 
 
+def test_a_tuple_of_products_is_made_by_one_call_once():
+    # Two products of one call (the route kernels stack all of a mixer's streams in one launch): each kept as the
+    # inputs, the call run once in the backward for both, the gradients bit for bit those without the hooks.
+    a, b = torch.randn(8, 5, requires_grad=True), torch.randn(8, 3, requires_grad=True)
+    grads, calls = [], []
+
+    def both(x, y):
+        calls.append(1)
+        return x * 2, y * 3
+
+    for use in (False, True):
+        def run():
+            pa, pb = both(a, b)
+            with recomputed([((pa, pb), both, (a, b))] if use else []):
+                return pa.square().sum() + pb.square().sum()  # each square keeps its product
+
+        y, ptrs = kept(run)
+        y.backward()
+        grads.append((a.grad.clone(), b.grad.clone()))
+        a.grad = b.grad = None
+        inputs = {a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}
+        assert len(ptrs) == 2 and (ptrs == inputs) is use  # the inputs kept, or the two products
+    assert len(calls) == 3  # two forwards, one backward
+    assert all(torch.equal(x, y) for x, y in zip(*grads))
+
+
 def test_a_product_changed_in_place_is_kept_as_it_is():
     a = torch.randn(4, requires_grad=True)
     doubled = a * 2

@@ -1,0 +1,189 @@
+"""Launches of one eager training step, counted on the CPU: the ops a GPU step enqueues from the host.
+
+The eager vision steps at 224 px wait on the host (on the H200, gla-bi's GPU time was 52.3 ms a step and its eager
+step 104.6 ms; with the forward and backward replayed as CUDA graphs 53.6): every op and kernel launch costs host time.
+This counts them for one training step of each row (forward, loss, backward, fused AdamW; bf16 autocast) on the GPU's
+code path: `mmeff.ops.dispatch.on_cuda` answers yes and the Triton kernels run in Triton's interpreter on CPU tensors.
+Counted: every aten op that is not a view or metadata op (each launches one kernel or more on CUDA) and every Triton
+kernel launch (the ops the interpreter runs for a launch are not counted). The sizes are tiny (2 images of 32 px, or
+2 rows of 16 tokens) and the widths and depths the speed scripts': the count per step does not depend on the tokens.
+The GPU launches more kernels than this counts (cuBLAS split-K reductions, memsets, several kernels for one op: the
+H200's profiler counted 986 for timm's step and 1,577 for gla-bi's at 42b10a2); the count is of the ops the host
+issues, each with its Python and dispatch cost.
+
+    python benchmarks/launches.py                          # the vision rows: timm, attn, the bidirectional mixers
+    python benchmarks/launches.py --lm                     # the LM rows of lm_train_speed.py
+
+Writes benchmarks/results/launches_cpu.{md,json,png} (records: row, aten_ops, triton_launches, launches,
+vs_<first row>), with --lm launches_lm_cpu.*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the kernels run on CPU tensors
+
+import torch  # noqa: E402
+import triton.runtime.autotuner as autotuner  # noqa: E402
+import triton.runtime.interpreter as interpreter  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import lm_train_speed  # noqa: E402  (benchmarks/lm_train_speed.py, beside this script)
+import vision_speed  # noqa: E402  (benchmarks/vision_speed.py, beside this script)
+from mmeff.ops import dispatch  # noqa: E402
+from timing import save_row_bars, write_results  # noqa: E402
+
+VISION_ROWS = ["timm", "attn", "linear_attn-bi", "gla-bi", "retnet-bi", "mamba2-bi", "gated_deltanet-bi", "hybrid-bi"]
+LM_ROWS = ["attn", "gla", "retnet", "deltanet", "mamba2", "gated_deltanet", "hybrid_gla", "hybrid_mamba2"]
+PX, T = 32, 16
+# Ops that launch nothing on CUDA: views, metadata, allocation without a fill.
+QUIET = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "split_with_sizes", "split", "unsqueeze",
+         "squeeze", "select", "as_strided", "detach", "alias", "unbind", "_reshape_alias", "unflatten", "reshape",
+         "flatten", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "promote_types",
+         "lift_fresh", "_record_function_enter_new", "_record_function_exit", "is_same_size"}  # fmt: skip
+
+
+class _Launches(TorchDispatchMode):
+    """Counts aten ops that launch (outside Triton launches) and Triton kernel launches while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aten: Counter = Counter()
+        self.triton: Counter = Counter()
+        self._inside = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.__name__.split(".")[0]
+        if not self._inside and name not in QUIET:
+            self.aten[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def launching(self, name: str, launch: Callable[[], Any]) -> Any:
+        """Run one Triton launch, counted once (its own tensor traffic in the interpreter not)."""
+        if not self._inside:
+            self.triton[name] += 1
+        self._inside += 1
+        try:
+            return launch()
+        finally:
+            self._inside -= 1
+
+
+def _hook_triton(counter: list[_Launches | None]) -> None:
+    """Route the interpreter's kernel launches (direct and through an autotuner) through the active counter."""
+    getitem, run = interpreter.InterpretedFunction.__getitem__, autotuner.Autotuner.run
+
+    def launcher(self, grid):  # type: ignore[no-untyped-def]
+        launch = getitem(self, grid)
+        return lambda *a, **k: launch(*a, **k) if counter[0] is None else counter[0].launching(self.fn.__name__, lambda: launch(*a, **k))
+
+    def tuned(self, *a, **k):  # type: ignore[no-untyped-def]
+        name = getattr(self.fn, "__name__", None) or self.fn.fn.__name__
+        return run(self, *a, **k) if counter[0] is None else counter[0].launching(name, lambda: run(self, *a, **k))
+
+    interpreter.InterpretedFunction.__getitem__ = launcher
+    autotuner.Autotuner.run = tuned
+
+
+def step_of(row: str, lm: bool, smoke: bool) -> Callable[[], None]:
+    """One training step of `row` as its speed script runs it (fused AdamW), at the tiny size (`smoke`: the scripts'
+    smoke models too)."""
+    torch.manual_seed(0)
+    if lm:
+        model, logits_of = lm_train_speed.build(row, lm_train_speed.SMOKE if smoke else lm_train_speed.REAL, T)
+        tokens = torch.randint(0, 256, (2, T + 1))
+        return lm_train_speed.train_step(model, logits_of, tokens, None)
+    shape = vision_speed.SMOKE if smoke else vision_speed.REAL
+    model, example = vision_speed.timm_model(PX, shape) if row == "timm" else vision_speed.build(row, PX, shape)
+    return vision_speed.train_step(model, example.expand(2, *example.shape[1:]).clone(), shape.classes)
+
+
+def count(row: str, lm: bool, smoke: bool, counter: list[_Launches | None]) -> dict[str, Any]:
+    """One record: the launches of the row's second step (the first builds the optimizer state)."""
+    step = step_of(row, lm, smoke)
+    step()
+    counter[0] = _Launches()
+    try:
+        with counter[0]:
+            step()
+        aten, triton = counter[0].aten, counter[0].triton
+    finally:
+        counter[0] = None
+    return {"row": row, "aten_ops": sum(aten.values()), "triton_launches": sum(triton.values()),
+            "launches": sum(aten.values()) + sum(triton.values()), "aten": dict(aten.most_common()),
+            "triton": dict(triton.most_common())}  # fmt: skip
+
+
+def table(records: list[dict[str, Any]], command: str, setting: str) -> str:
+    """Markdown: launches per step against the first row's, under the command that counted them."""
+    base = records[0]["row"]
+    lines = [f"`{command}` (CPU, torch {torch.__version__}; {setting}; one training step: forward, loss, backward, "
+             "fused AdamW under bf16 autocast, the GPU code path with the Triton kernels interpreted). Launches: aten "
+             "ops other than views and metadata, plus Triton kernel launches.", "",
+             f"| row | aten ops | Triton launches | launches | vs {base} | most Triton launches |",
+             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in records:
+        top = ", ".join(f"{k} {v}" for k, v in list(r["triton"].items())[:4])
+        lines.append(f"| {r['row']} | {r['aten_ops']:,} | {r['triton_launches']:,} | {r['launches']:,} | "
+                     f"{r[f'vs_{base}']:.2f}x | {top} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Stacked bars: aten ops and Triton launches per step of each row (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    x = list(range(len(records)))
+    aten = [r["aten_ops"] for r in records]
+    ax.bar(x, aten, 0.6, color="tab:blue", label="aten ops")
+    ax.bar(x, [r["triton_launches"] for r in records], 0.6, bottom=aten, color="tab:orange", label="Triton launches")
+    save_row_bars(fig, ax, [r["row"] for r in records], "launches per training step",
+                  "Launches of one eager training step (GPU code path, counted on CPU)", path)  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="+", help=f"rows (default {' '.join(VISION_ROWS)}; --lm: {' '.join(LM_ROWS)})")
+    p.add_argument("--lm", action="store_true", help="rows of lm_train_speed.py instead of vision_speed.py")
+    p.add_argument("--smoke", action="store_true", help="the speed scripts' tiny models (a check that rows run)")
+    p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/launches_cpu, --lm: launches_lm_cpu)")
+    args = p.parse_args()
+    rows = args.rows or (LM_ROWS if args.lm else VISION_ROWS)
+    known = lm_train_speed.PATTERNS if args.lm else vision_speed.row_names()
+    unknown = [r for r in rows if r not in known]
+    if unknown:
+        raise SystemExit(f"launches: unknown rows {' '.join(unknown)}; rows of {'lm_train_speed' if args.lm else 'vision_speed'}.py: "
+                         f"{' '.join(known)}")  # fmt: skip
+    out = args.out or Path(__file__).parent / "results" / ("launches_lm_cpu" if args.lm else "launches_cpu")
+    setting = f"width {lm_train_speed.REAL.dim}, 2 rows of {T} tokens" if args.lm else f"ViT-S/16, 2 images of {PX} px"
+    dispatch.on_cuda = lambda x: True  # the GPU path (this process only)
+    for script in (vision_speed, lm_train_speed):  # their steps' bf16 autocast, which they leave off on the CPU
+        script.autocast = lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
+    counter: list[_Launches | None] = [None]
+    _hook_triton(counter)
+    command = "python benchmarks/launches.py " + " ".join(sys.argv[1:])
+    records = []
+    for row in rows:
+        records.append(count(row, args.lm, args.smoke, counter))
+        for r in records:
+            r[f"vs_{records[0]['row']}"] = r["launches"] / records[0]["launches"]
+        write_results(out, {"command": command, "setting": setting, "records": records}, table(records, command, setting))
+        plot(records, out.with_name(out.name + ".png"))
+        print(f"{row}: {records[-1]['launches']} launches ({records[-1]['aten_ops']} aten ops, "
+              f"{records[-1]['triton_launches']} Triton)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
