@@ -13,7 +13,6 @@ import functools
 from typing import Any, ClassVar, ContextManager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmeff import ops
@@ -316,7 +315,7 @@ class _BetaMixer(LinearMixer):
         self.beta = nn.Linear(dim, self.heads, bias=False)
 
     def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [self.beta_scale * torch.sigmoid(self.beta(x).float())]
+        return [ops.scaled_sigmoid(self.beta(x), self.beta_scale)]
 
 
 @register("deltanet")
@@ -352,7 +351,7 @@ class GatedDeltaNet(_BetaMixer):
         self.dt_bias = no_decay_parameter(dt_bias_init(self.heads))
 
     def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        log_g = -self.A_log.float().exp() * F.softplus(self.alpha(x).float() + self.dt_bias)
+        log_g = ops.softplus_decay(self.alpha(x), self.dt_bias, -self.A_log.float().exp())[1]
         return [log_g, *super().gates(x)]
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:

@@ -2,22 +2,34 @@
 
     log-sigmoid gate   y = logsigmoid(x) / n     (fp32)         dx = dy * (1 - exp(n y)) / n   (x's dtype)
     elu + 1            y = elu(x) + 1            (x's dtype)    dx = dy * min(y, 1)            (dy's dtype)
+    scaled sigmoid     y = n sigmoid(x)          (fp32)         dx = dy * y * (1 - y / n)      (x's dtype)
 
-Both backwards read the output only, which the recurrence keeps anyway. One kernel each way, over the flat elements;
-PyTorch's are three launches forward and six backward for the gate, two and two for elu + 1.
+The backwards read the output only, which the recurrence keeps anyway. One kernel each way, over the flat elements;
+PyTorch's are three launches forward and six backward for the gate, two and two for elu + 1 and for the sigmoid.
+
+Mamba's time step and log decay per head (`Decay`: Mamba-2's and Gated DeltaNet's), from x [N, H] read through its
+row stride, a bias b [H] and A [H] (< 0):
+
+    dt = clamp(softplus(x + b), lo, hi)   (fp32; softplus as torch's: x past 20 stays x)      log_decay = A dt (fp32)
+
+in one kernel each way, where PyTorch launched 5 forward and 10 backward (the clamp's mask alone 5). The backward
+reads x again (the forward keeps x, b and A only), writes dx and per-program partial sums of db and dA.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import cdiv, empty
+from mmeff.kernels.utils import cdiv, empty, next_pow2
 
 BLOCK = 2048
-LOG_SIGMOID, ELU_PLUS_ONE = tl.constexpr(0), tl.constexpr(1)
+LOG_SIGMOID, ELU_PLUS_ONE, SIGMOID = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+ROWS = 64  # rows of a Decay program
 
 
 @triton.jit
@@ -27,6 +39,8 @@ def _fwd_kernel(x, y, n, scale, MAP: tl.constexpr, BLOCK: tl.constexpr):
     v = tl.load(x + i, mask=inside, other=0.0).to(tl.float32)
     if MAP == LOG_SIGMOID:
         out = (tl.minimum(v, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(v)))) / scale
+    elif MAP == SIGMOID:
+        out = scale * tl.sigmoid(v)
     else:
         out = tl.where(v > 0, v + 1.0, tl.exp(v))
     tl.store(y + i, out.to(y.dtype.element_ty), mask=inside)
@@ -40,6 +54,8 @@ def _bwd_kernel(y, dy, dx, n, scale, MAP: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.load(dy + i, mask=inside, other=0.0).to(tl.float32)
     if MAP == LOG_SIGMOID:
         out = g * (1.0 - tl.exp(v * scale)) / scale
+    elif MAP == SIGMOID:
+        out = g * v * (1.0 - v / scale)
     else:
         out = g * tl.minimum(v, 1.0)
     tl.store(dx + i, out.to(dx.dtype.element_ty), mask=inside)
@@ -51,7 +67,8 @@ def _launch(kernel, *tensors: Tensor, n: int, scale: float, kind: int) -> None:
 
 
 class Pointwise(torch.autograd.Function):
-    """y = map(x) (`kind` LOG_SIGMOID with `scale` n, in `out_dtype`; or ELU_PLUS_ONE) and its gradient from y."""
+    """y = map(x) (`kind` LOG_SIGMOID or SIGMOID with `scale` n, in `out_dtype`; or ELU_PLUS_ONE) and its gradient
+    from y."""
 
     @staticmethod
     def forward(ctx, x: Tensor, kind: int, scale: float, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
@@ -66,6 +83,106 @@ class Pointwise(torch.autograd.Function):
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         (y,) = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = empty(y.shape, ctx.x_dtype if ctx.kind == LOG_SIGMOID.value else dy.dtype, y.device)
+        dx = empty(y.shape, dy.dtype if ctx.kind == ELU_PLUS_ONE.value else ctx.x_dtype, y.device)
         _launch(_bwd_kernel, y, dy, dx, n=y.numel(), scale=ctx.scale, kind=ctx.kind)
         return dx, None, None, None
+
+
+@triton.jit
+def _decay_fwd_kernel(x, b, A, dt, log_decay, N, H, sx, lo, hi, HAS_B: tl.constexpr, SOFTPLUS: tl.constexpr,
+                      CLAMP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BH)
+    inside = (rows < N)[:, None] & (cols < H)[None, :]
+    v = tl.load(x + rows[:, None] * sx + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    if HAS_B:
+        v += tl.load(b + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    if SOFTPLUS:
+        v = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(v)))
+    if CLAMP:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    a = tl.load(A + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    off = rows[:, None] * H + cols[None, :]
+    tl.store(dt + off, v, mask=inside)
+    tl.store(log_decay + off, v * a, mask=inside)
+
+
+@triton.jit
+def _decay_bwd_kernel(x, b, A, ddt, dlog, dx, db_part, dA_part, N, H, sx, lo, hi, HAS_B: tl.constexpr,
+                      SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_DDT: tl.constexpr, HAS_DLOG: tl.constexpr,
+                      BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BH)
+    inside = (rows < N)[:, None] & (cols < H)[None, :]
+    u = tl.load(x + rows[:, None] * sx + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    if HAS_B:
+        u += tl.load(b + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    v = u
+    if SOFTPLUS:
+        v = tl.where(u > 20.0, u, tl.log(1.0 + tl.exp(u)))
+    a = tl.load(A + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    off = rows[:, None] * H + cols[None, :]
+    g = tl.zeros([BR, BH], dtype=tl.float32)
+    if HAS_DDT:
+        g += tl.load(ddt + off, mask=inside, other=0.0).to(tl.float32)
+    if HAS_DLOG:
+        gl = tl.load(dlog + off, mask=inside, other=0.0).to(tl.float32)
+        g += gl * a
+    if CLAMP:  # torch's clamp passes the gradient where lo <= v <= hi
+        g = tl.where((v >= lo) & (v <= hi), g, 0.0)
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    if HAS_DLOG:
+        tl.store(dA_part + pid * H + cols, tl.sum(gl * v, 0), mask=cols < H)
+    if SOFTPLUS:
+        g = tl.where(u > 20.0, g, g * tl.sigmoid(u))
+    tl.store(dx + rows[:, None] * H + cols[None, :], g.to(dx.dtype.element_ty), mask=inside)
+    if HAS_B:
+        tl.store(db_part + pid * H + cols, tl.sum(g, 0), mask=cols < H)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x [..., H] as [N, H] with unit column stride: a view where it can be."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+class Decay(torch.autograd.Function):
+    """(dt, A dt) with dt = clamp(softplus(x + b), lo, hi), both fp32 [..., H] (see the module's docstring); b may be
+    None, softplus and the clamp off (`clamp` False: no clamp, as where softplus cannot leave [lo, hi])."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b: Optional[Tensor], A: Tensor, lo: float, hi: float, softplus: bool,  # type: ignore[override]
+                clamp: bool) -> Tuple[Tensor, Tensor]:  # fmt: skip
+        flat = _rows(x)
+        n, h = flat.shape
+        dt = empty(x.shape, torch.float32, x.device)
+        log_decay = empty(x.shape, torch.float32, x.device)
+        if n:
+            _decay_fwd_kernel[(cdiv(n, ROWS),)](flat, b, A, dt, log_decay, n, h, flat.stride(0), lo, hi,
+                                                HAS_B=b is not None, SOFTPLUS=softplus, CLAMP=clamp, BR=ROWS,
+                                                BH=next_pow2(h))  # fmt: skip
+        ctx.save_for_backward(x, b, A)
+        ctx.options = (lo, hi, softplus, clamp)
+        ctx.set_materialize_grads(False)
+        return dt, log_decay
+
+    @staticmethod
+    def backward(ctx, ddt: Optional[Tensor], dlog: Optional[Tensor]):  # type: ignore[override]
+        x, b, A = ctx.saved_tensors
+        lo, hi, softplus, clamp = ctx.options
+        flat = _rows(x)
+        n, h = flat.shape
+        programs = cdiv(n, ROWS)
+        dx = empty(x.shape, x.dtype, x.device)
+        db_part = empty((programs, h), torch.float32, x.device) if b is not None else None
+        dA_part = empty((programs, h), torch.float32, x.device) if dlog is not None else None
+        if n:
+            _decay_bwd_kernel[(programs,)](
+                flat, b, A, None if ddt is None else ddt.contiguous(), None if dlog is None else dlog.contiguous(), dx, db_part,
+                dA_part, n, h, flat.stride(0), lo, hi, HAS_B=b is not None, SOFTPLUS=softplus, CLAMP=clamp,
+                HAS_DDT=ddt is not None, HAS_DLOG=dlog is not None, BR=ROWS, BH=next_pow2(h),
+            )  # fmt: skip
+        db = None if b is None else db_part.sum(0).to(b.dtype)
+        dA = None if dlog is None else dA_part.sum(0).to(A.dtype)
+        return dx, db, dA, None, None, None, None

@@ -2,7 +2,7 @@
 
 from mmeff.ops import dispatch
 from mmeff.ops.conv import causal_conv1d
-from mmeff.ops.gates import log_sigmoid_gate
+from mmeff.ops.gates import log_sigmoid_gate, scaled_sigmoid, softplus_decay
 from mmeff.ops.noncausal import global_linear_attention
 from mmeff.ops.norm import add_norm, norm
 from mmeff.ops.linear import delta_rule, gated_delta_rule, gated_linear_attention, linear_attention, retention
@@ -29,6 +29,8 @@ __all__ = [
     "log_sigmoid_gate",
     "norm",
     "retention",
+    "scaled_sigmoid",
     "selective_scan",
+    "softplus_decay",
     "ssd",
 ]

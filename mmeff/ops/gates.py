@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,7 +13,7 @@ from mmeff.ops import dispatch
 from mmeff.ops.dispatch import exporting
 from mmeff.ops.features import at_least_fp32, pointwise_unsupported
 
-__all__ = ["log_sigmoid_gate"]
+__all__ = ["log_sigmoid_gate", "scaled_sigmoid", "softplus_decay"]
 
 
 class _LogSigmoidGate(torch.autograd.Function):
@@ -44,3 +47,37 @@ def log_sigmoid_gate(x: Tensor, normalizer: float = 1.0) -> Tensor:
     if exporting() or not (torch.is_grad_enabled() and x.requires_grad):
         return F.logsigmoid(at_least_fp32(x)) / normalizer
     return _LogSigmoidGate.apply(x, normalizer)
+
+
+def scaled_sigmoid(x: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * sigmoid(x) in fp32 (the delta rule's write strength beta): on CUDA one Triton kernel each way
+    (mmeff.kernels.pointwise, the backward from the output, which the recurrence keeps), else the plain ops."""
+    out = torch.promote_types(x.dtype, torch.float32)
+    fast = [("triton", lambda: pointwise_unsupported(x))] if out == torch.float32 else []
+    if dispatch.choose("scaled_sigmoid", "auto", fast) == "triton":
+        kernels = dispatch.triton_kernels("pointwise")
+        return kernels.Pointwise.apply(x, kernels.SIGMOID.value, scale, out)
+    return scale * torch.sigmoid(at_least_fp32(x))
+
+
+def softplus_decay(
+    x: Tensor, bias: Optional[Tensor], A: Tensor, limit: tuple[float, float] = (0.0, math.inf), softplus: bool = True
+) -> tuple[Tensor, Tensor]:
+    """(dt, A * dt) in fp32 (or wider) with dt = clamp(softplus(x + bias), *limit): Mamba's time step and log decay
+    per head, x [..., H], bias and A [H] (Mamba-2's SSD, Gated DeltaNet's decay). On CUDA one Triton kernel each way
+    (mmeff.kernels.pointwise.Decay), where PyTorch launched 5 forward and 10 backward; else the plain ops."""
+    if A.shape != x.shape[-1:] or (bias is not None and bias.shape != A.shape):
+        raise ValueError(f"A {tuple(A.shape)} and bias {None if bias is None else tuple(bias.shape)} must be [H] of "
+                         f"x {tuple(x.shape)}")  # fmt: skip
+    clamp = not (softplus and limit == (0.0, math.inf))  # softplus never leaves [0, inf)
+    fast = [("triton", lambda: pointwise_unsupported(x) or ("A not fp32" if A.dtype != torch.float32 else ""))]
+    if dispatch.choose("softplus_decay", "auto", fast) == "triton":
+        return dispatch.triton_kernels("pointwise").Decay.apply(x, bias, A, *limit, softplus, clamp)
+    dt = at_least_fp32(x)
+    if bias is not None:
+        dt = dt + at_least_fp32(bias)
+    if softplus:
+        dt = F.softplus(dt)  # threshold 20, as mamba-ssm's kernel
+    if clamp:
+        dt = dt.clamp(min=limit[0], max=limit[1])
+    return dt, dt * at_least_fp32(A)

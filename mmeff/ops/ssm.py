@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mmeff.ops import dispatch
 from mmeff.ops.dispatch import Backend, check_backend
+from mmeff.ops.gates import softplus_decay
 from mmeff.ops.recompute import recomputed
 from mmeff.ops.recurrence import Mode, check_cu_seqlens, run_recurrence, triton_check
 from mmeff.ops.varlen import seq_idx_from_cu_seqlens
@@ -60,24 +61,19 @@ def ssd(
     check_cu_seqlens(cu_seqlens, x.shape[0])
 
     @dispatch.once
-    def dt_final() -> Tensor:
-        dtf = dt.float()
-        if dt_bias is not None:
-            dtf = dtf + dt_bias.float()
-        if dt_softplus:
-            dtf = F.softplus(dtf)  # threshold 20, as mamba-ssm's kernel
-        return dtf.clamp(min=dt_limit[0], max=dt_limit[1])
+    def decays() -> tuple[Tensor, Tensor]:
+        return softplus_decay(dt, dt_bias, A.float(), dt_limit, dt_softplus)
 
     @dispatch.once
     def recurrence() -> dict:
-        dtf = dt_final()
+        dtf, log_decay = decays()
         # q, k, v stay in x's dtype (the PyTorch path computes in fp32 anyway): fp32 would send 16-bit models to
         # the kernels' fp32 build, which for d_state 128 compiles for minutes and runs several times slower.
         return dict(
             q=_per_head(C, heads, x.dtype),
             k=_per_head(B, heads, x.dtype),
             v=_scaled(x, dtf),
-            log_decay=dtf * A.float(),
+            log_decay=log_decay,
             beta=None,
             initial_state=None if initial_states is None else initial_states.transpose(-1, -2),
             cu_seqlens=cu_seqlens,
@@ -125,7 +121,7 @@ def ssd(
     # The kernels' backward reads q, k and v again: made again from C, B, x and dt (kept anyway), not kept themselves.
     # q and k are C and B repeated over the heads of their group, heads / groups times their size.
     per_head = functools.partial(_per_head, heads=heads, dtype=x.dtype)
-    recipes = [(args["q"], per_head, (C,)), (args["k"], per_head, (B,)), (args["v"], _scaled, (x, dt_final()))]
+    recipes = [(args["q"], per_head, (C,)), (args["k"], per_head, (B,)), (args["v"], _scaled, (x, decays()[0]))]
     with recomputed(recipes if impl == "triton" else ()):
         y, state = run_recurrence(impl, **args, scale=1.0, output_final_state=return_final_states, chunk_size=chunk_size)
     if D is not None and D.dim() == 1:

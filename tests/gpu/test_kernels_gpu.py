@@ -451,9 +451,13 @@ def test_l2_normalize(kernels, seed, shape, fused):
 
 
 @pytest.mark.xdist_group("rope")
-@pytest.mark.parametrize("name,shape", [("log_sigmoid_gate", (4, 4096, 512)), ("elu_plus_one", (512, 196, 6, 32))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [("log_sigmoid_gate", (4, 4096, 512)), ("elu_plus_one", (512, 196, 6, 32)), ("scaled_sigmoid", (4, 4096, 8))],
+)
 def test_pointwise(kernels, seed, name, shape):
-    # mmeff.kernels.pointwise at the GLA LM's gate size and gla-bi's q at 224 px, on bf16 inputs, against the
+    # mmeff.kernels.pointwise at the GLA LM's gate size, gla-bi's q at 224 px and the delta rule LM's beta, on bf16
+    # inputs, against the
     # reference autograd functions in fp32 on the same values: an fp32 result within 1e-6 + 1e-5 relative, a bf16 one
     # within one ulp (two for elu + 1's gradient, which reads the bf16 output).
     from mmeff.ops import features, gates
@@ -461,6 +465,7 @@ def test_pointwise(kernels, seed, name, shape):
     fast, reference = {
         "log_sigmoid_gate": (lambda x: gates.log_sigmoid_gate(x, 16.0), lambda x: gates._LogSigmoidGate.apply(x, 16.0)),
         "elu_plus_one": (features.FEATURE_MAPS["elu"], features._EluPlusOne.apply),
+        "scaled_sigmoid": (gates.scaled_sigmoid, torch.sigmoid),
     }[name]
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = (torch.randn(shape, device="cuda", generator=gen) * 4).to(torch.bfloat16)
@@ -474,6 +479,34 @@ def test_pointwise(kernels, seed, name, shape):
     for got, want, ulps in zip(run(fast, x), run(reference, x.float()), (1, 2)):
         rtol = 1e-5 if got.dtype == torch.float32 else ulps * 2**-7
         assert ((got.float() - want).abs() <= 1e-6 + rtol * want.abs()).all(), name
+
+
+@pytest.mark.xdist_group("rope")
+@pytest.mark.parametrize("limit", [(0.0, float("inf")), (1e-3, 0.1)])
+def test_softplus_decay(kernels, monkeypatch, seed, limit):
+    # Mamba's time step and log decay (mmeff.kernels.pointwise.Decay) at the Mamba-2 LM's size (16k tokens, 32
+    # heads; dt a strided slice of the bf16 in_proj output) against the plain ops on the same values, with both outputs'
+    # gradients: fp32 results within 1e-6 + 1e-5 relative (A's and the bias' sums against their largest), bf16 dx
+    # within one ulp.
+    from mmeff.ops import dispatch, gates
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    source = (torch.randn(4, 4096, 96, device="cuda", generator=gen) * 4).to(torch.bfloat16)
+    bias = torch.randn(32, device="cuda", generator=gen)
+    A = -torch.rand(32, device="cuda", generator=gen) * 16
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (source, bias, A)]
+        dt, log_decay = gates.softplus_decay(leaves[0][..., 32:64], leaves[1], leaves[2], limit)
+        grads = [torch.randn(dt.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(i)) for i in (1, 2)]
+        return [dt, log_decay, *torch.autograd.grad([dt, log_decay], leaves, grads)]
+
+    got = run()
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: False)
+    for g, w in zip(got, run()):
+        rtol = 1e-5 if g.dtype == torch.float32 else 2**-7
+        scale = w.float().abs().max() if w.dim() == 1 else w.float().abs()
+        assert ((g.float() - w.float()).abs() <= 1e-6 + rtol * scale).all()
 
 
 @pytest.mark.xdist_group("rope")
@@ -497,7 +530,7 @@ def test_bi_route_kernels(kernels, monkeypatch, seed):
         return y, torch.autograd.grad(y, leaf, dy.to(y.dtype))[0]
 
     got = run(source)
-    monkeypatch.setattr(scan_module, "_flip_kernels", lambda x, flip: None)
+    monkeypatch.setattr(scan_module, "_flip_kernels", lambda xs, flip: None)
     for g, w in zip(got, run(source)):
         assert ((g.float() - w.float()).abs() <= 2**-7 * w.float().abs() + 1e-6).all()
 

@@ -1,5 +1,5 @@
-"""The pointwise kernels (mmeff.kernels.pointwise: GLA's log-sigmoid gate and the elu+1 feature map, through
-mmeff.ops with a faked GPU) under the Triton interpreter against the reference autograd functions: output and the
+"""The pointwise kernels (mmeff.kernels.pointwise: GLA's log-sigmoid gate, the elu+1 feature map, the delta rule's
+scaled sigmoid and Mamba's time step and log decay, through mmeff.ops with a faked GPU) under the Triton interpreter against the reference autograd functions: output and the
 gradient of x, fp32 and bf16 inputs, a flat size that is not a multiple of the block.
 
 The reference runs in fp32 on the same (bf16) values. Tolerance: |kernel - reference| <= 1e-6 + 1e-5 |reference| for
@@ -29,6 +29,7 @@ def fake_gpu(kernels, monkeypatch):
 MAPS = {
     "log_sigmoid_gate": (lambda x: gates.log_sigmoid_gate(x, 16.0), lambda x: gates._LogSigmoidGate.apply(x, 16.0)),
     "elu_plus_one": (features.FEATURE_MAPS["elu"], features._EluPlusOne.apply),
+    "scaled_sigmoid": (lambda x: gates.scaled_sigmoid(x, 2.0), lambda x: 2.0 * torch.sigmoid(x)),
 }
 
 
@@ -50,7 +51,49 @@ def test_pointwise_maps_match_reference(fake_gpu, monkeypatch, name, dtype):
 
     got, want = run(fast, x), run(reference, x.float())
     assert calls
-    assert got[1].dtype == dtype and got[0].dtype == (torch.float32 if name == "log_sigmoid_gate" else dtype)
+    assert got[1].dtype == dtype and got[0].dtype == (dtype if name == "elu_plus_one" else torch.float32)
     for g, w, ulps in zip(got, want, (1, 2)):
         rtol = 1e-5 if g.dtype == torch.float32 else ulps * 2**-7
         assert g.shape == w.shape and ((g.float() - w).abs() <= 1e-6 + rtol * w.abs()).all()
+
+
+# x [B, T, H] bf16 or fp32, a strided slice (Mamba-2's dt in its in_proj output) or not; H not a power of two; rows
+# past one program; values past softplus' threshold (20) and a clamp that bites. Tolerance: fp32 results within
+# 1e-6 + 1e-5 |reference| (log(1 + e^x) against log1p; the gradients of A and the bias, sums over the tokens in
+# another order, against their largest element), bf16 dx within one bf16 ulp (the interpreter truncates).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("limit,bias", [((0.0, float("inf")), True), ((1e-3, 0.1), True), ((0.0, float("inf")), False)])
+@pytest.mark.parametrize("used", ["both", "dt", "log"])
+def test_softplus_decay_matches_reference(fake_gpu, monkeypatch, dtype, strided, limit, bias, used):
+    calls = []
+    monkeypatch.setattr(fake_gpu.Decay, "apply", lambda *a, f=fake_gpu.Decay.apply: calls.append(1) or f(*a))
+    gen = torch.Generator().manual_seed(11)
+    H = 6
+    source = (torch.randn(2, 70, 3 * H, generator=gen) * 8).to(dtype)
+    source[0, 0, :3] = torch.tensor([25.0, -30.0, 0.0])
+    b = torch.randn(H, generator=gen) if bias else None
+    A = -torch.rand(H, generator=gen) * 4 - 0.1
+
+    def run(op):
+        leaves = [t.detach().clone().requires_grad_() for t in (source, A) + ((b,) if bias else ())]
+        x = leaves[0][..., H : 2 * H] if strided else leaves[0][..., :H].contiguous()
+        dt, log_decay = op(x, leaves[2] if bias else None, leaves[1], limit)
+        outs = {"both": [dt, log_decay], "dt": [dt], "log": [log_decay]}[used]
+        grads = torch.autograd.grad(outs, leaves, [torch.linspace(-1, 1, o.numel()).view(o.shape) for o in outs],
+                                    allow_unused=True)  # fmt: skip
+        return [dt, log_decay, *grads]
+
+    got = run(gates.softplus_decay)
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: False)
+    want = run(gates.softplus_decay)
+    assert len(calls) == 1
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.abs().any()
+            continue
+        rtol = 1e-5 if g.dtype == torch.float32 else 2**-7
+        # A and the bias sum over the tokens in another order: their error against the largest
+        err = (g.float() - w.float()).abs()
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert (err <= 1e-6 + rtol * (w.float().abs().max() if w.dim() == 1 else w.float().abs())).all()

@@ -32,3 +32,24 @@ def test_log_sigmoid_gate_in_bf16_keeps_only_its_output():
     assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, rtol=1e-2, atol=1e-4)
     with torch.no_grad():
         assert torch.equal(log_sigmoid_gate(x, 16.0), F.logsigmoid(x.float()) / 16.0)
+
+
+def test_softplus_decay_is_mambas_time_step_and_log_decay():
+    # (clamp(softplus(x + b)), A * that) in fp32, the clamp only where softplus could leave the limits; gradients of x,
+    # b and A by autograd through the plain ops (gradcheck in fp64); A and b must be [H] of x.
+    import pytest
+
+    from mmeff.ops import softplus_decay
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64) * 4
+    b, A = torch.randn(3, generator=gen, dtype=torch.float64), -torch.rand(3, generator=gen, dtype=torch.float64)
+    dt, log_decay = softplus_decay(x.bfloat16(), b.float(), A.float(), (1e-3, 0.5))
+    expected = F.softplus(x.bfloat16().float() + b.float()).clamp(1e-3, 0.5)
+    assert dt.dtype == log_decay.dtype == torch.float32
+    assert torch.equal(dt, expected) and torch.equal(log_decay, expected * A.float())
+    for limit in ((0.0, float("inf")), (1e-3, 0.5)):
+        inputs = tuple(t.clone().requires_grad_() for t in (x, b, A))
+        torch.autograd.gradcheck(lambda x, b, A: softplus_decay(x, b, A, limit), inputs)
+    with pytest.raises(ValueError, match=r"A \(4,\) and bias \(3,\) must be \[H\] of x \(2, 5, 3\)"):
+        softplus_decay(x, b, torch.ones(4))
