@@ -173,7 +173,7 @@ def main() -> None:
         script.autocast = lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
     counter: list[_Launches | None] = [None]
     _hook_triton(counter)
-    command = "python benchmarks/launches.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python benchmarks/launches.py", *sys.argv[1:]])
     records = []
     for row in rows:
         records.append(count(row, args.lm, args.smoke, counter))
