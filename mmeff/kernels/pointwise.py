@@ -13,7 +13,8 @@ row stride, a bias b [H] and A [H] (< 0):
     dt = clamp(softplus(x + b), lo, hi)   (fp32; softplus as torch's: x past 20 stays x)      log_decay = A dt (fp32)
 
 in one kernel each way, where PyTorch launched 5 forward and 10 backward (the clamp's mask alone 5). The backward
-reads x again (the forward keeps x, b and A only), writes dx and per-program partial sums of db and dA.
+reads x again (the forward keeps x, b and A only; x's own copy, written by the forward, where x is a slice of a wider
+tensor), writes dx and per-program partial sums of db and dA.
 """
 
 from __future__ import annotations
@@ -89,12 +90,15 @@ class Pointwise(torch.autograd.Function):
 
 
 @triton.jit
-def _decay_fwd_kernel(x, b, A, dt, log_decay, N, H, sx, lo, hi, HAS_B: tl.constexpr, SOFTPLUS: tl.constexpr,
-                      CLAMP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+def _decay_fwd_kernel(x, b, A, dt, log_decay, kept, N, H, sx, lo, hi, HAS_B: tl.constexpr, SOFTPLUS: tl.constexpr,
+                      CLAMP: tl.constexpr, KEEP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BH)
     inside = (rows < N)[:, None] & (cols < H)[None, :]
-    v = tl.load(x + rows[:, None] * sx + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    raw = tl.load(x + rows[:, None] * sx + cols[None, :], mask=inside, other=0.0)
+    if KEEP:  # x's own copy for the backward
+        tl.store(kept + rows[:, None] * H + cols[None, :], raw, mask=inside)
+    v = raw.to(tl.float32)
     if HAS_B:
         v += tl.load(b + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
     if SOFTPLUS:
@@ -141,12 +145,6 @@ def _decay_bwd_kernel(x, b, A, ddt, dlog, dx, db_part, dA_part, N, H, sx, lo, hi
         tl.store(db_part + pid * H + cols, tl.sum(g, 0), mask=cols < H)
 
 
-def _rows(x: Tensor) -> Tensor:
-    """x [..., H] as [N, H] with unit column stride: a view where it can be."""
-    flat = x.reshape(-1, x.shape[-1])
-    return flat if flat.stride(-1) == 1 else flat.contiguous()
-
-
 class Decay(torch.autograd.Function):
     """(dt, A dt) with dt = clamp(softplus(x + b), lo, hi), both fp32 [..., H] (see the module's docstring); b may be
     None, softplus and the clamp off (`clamp` False: no clamp, as where softplus cannot leave [lo, hi])."""
@@ -154,15 +152,21 @@ class Decay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, b: Optional[Tensor], A: Tensor, lo: float, hi: float, softplus: bool,  # type: ignore[override]
                 clamp: bool) -> Tuple[Tensor, Tensor]:  # fmt: skip
-        flat = _rows(x)
+        flat = x.reshape(-1, x.shape[-1])
+        flat = flat if flat.stride(-1) == 1 else flat.contiguous()
         n, h = flat.shape
         dt = empty(x.shape, torch.float32, x.device)
         log_decay = empty(x.shape, torch.float32, x.device)
+        # A slice of a wider tensor (Mamba-2's dt, of its in_proj output) would keep all of that alive for the
+        # backward (8.3 KiB per token and layer of the Mamba-2 LM, benchmarks/saved_memory.py): the kernel writes x's
+        # own copy, kept instead.
+        own = x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+        kept = x if own else empty(x.shape, x.dtype, x.device)
         if n:
-            _decay_fwd_kernel[(cdiv(n, ROWS),)](flat, b, A, dt, log_decay, n, h, flat.stride(0), lo, hi,
-                                                HAS_B=b is not None, SOFTPLUS=softplus, CLAMP=clamp, BR=ROWS,
-                                                BH=next_pow2(h))  # fmt: skip
-        ctx.save_for_backward(x, b, A)
+            _decay_fwd_kernel[(cdiv(n, ROWS),)](flat, b, A, dt, log_decay, kept, n, h, flat.stride(0), lo, hi,
+                                                HAS_B=b is not None, SOFTPLUS=softplus, CLAMP=clamp, KEEP=not own,
+                                                BR=ROWS, BH=next_pow2(h))  # fmt: skip
+        ctx.save_for_backward(kept, b, A)
         ctx.options = (lo, hi, softplus, clamp)
         ctx.set_materialize_grads(False)
         return dt, log_decay
@@ -171,7 +175,7 @@ class Decay(torch.autograd.Function):
     def backward(ctx, ddt: Optional[Tensor], dlog: Optional[Tensor]):  # type: ignore[override]
         x, b, A = ctx.saved_tensors
         lo, hi, softplus, clamp = ctx.options
-        flat = _rows(x)
+        flat = x.reshape(-1, x.shape[-1])
         n, h = flat.shape
         programs = cdiv(n, ROWS)
         dx = empty(x.shape, x.dtype, x.device)
