@@ -28,8 +28,7 @@ def _grads(fn, backbone: Backbone, x0: torch.Tensor) -> list[torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("checkpoint", [False, "norm"])
+@pytest.mark.parametrize("norm,checkpoint", [("layernorm", False), ("rmsnorm", "norm")])
 def test_fused_residual_adds_change_nothing(kernels, monkeypatch, norm, checkpoint):
     monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
     torch.manual_seed(0)
