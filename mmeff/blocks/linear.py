@@ -119,10 +119,14 @@ class LinearMixer(ScanMixer):
         if self.conv is not None:
             streams = [qkv]
         else:
-            q, k, v = qkv.split(self.widths, -1)
             if self.features_first and self.feature is not FEATURE_MAPS["identity"]:
-                q, k = (self.feature(t.unflatten(-1, (self.heads, -1))).flatten(-2).to(v.dtype) for t in (q, k))
+                # q and k through the map (per element or per head) in one call, read in place from the projection.
+                qk, v = qkv.split([2 * self.key_dim, self.value_dim], -1)
+                qk = self.feature(qk.unflatten(-1, (2 * self.heads, -1))).flatten(-2).to(v.dtype)
+                q, k = qk.split(self.key_dim, -1)
                 v = v.contiguous()  # a view of the projection would keep it all (raw q and k too) for the backward
+            else:
+                q, k, v = qkv.split(self.widths, -1)
             streams = [q, k, v]
         return [*streams, *self.gates(x)], (self.gate(x) if self.gate is not None else None)
 

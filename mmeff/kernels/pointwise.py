@@ -34,10 +34,12 @@ ROWS = 64  # rows of a Decay program
 
 
 @triton.jit
-def _fwd_kernel(x, y, n, scale, MAP: tl.constexpr, BLOCK: tl.constexpr):
+def _fwd_kernel(x, y, n, width, sx, scale, MAP: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr):
+    # x: rows of `width` elements `sx` apart (STRIDED: a slice of a wider tensor, read in place), else contiguous.
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < n
-    v = tl.load(x + i, mask=inside, other=0.0).to(tl.float32)
+    at = (i // width) * sx + i % width if STRIDED else i
+    v = tl.load(x + at, mask=inside, other=0.0).to(tl.float32)
     if MAP == LOG_SIGMOID:
         out = (tl.minimum(v, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(v)))) / scale
     elif MAP == SIGMOID:
@@ -62,9 +64,18 @@ def _bwd_kernel(y, dy, dx, n, scale, MAP: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(dx + i, out.to(dx.dtype.element_ty), mask=inside)
 
 
-def _launch(kernel, *tensors: Tensor, n: int, scale: float, kind: int) -> None:
-    if n:
-        kernel[(cdiv(n, BLOCK),)](*tensors, n, scale, MAP=kind, BLOCK=BLOCK)
+def _rows(x: Tensor) -> Optional[Tensor]:
+    """x as [rows, width] with width its longest trailing contiguous run and one stride between rows (a view), or
+    None where x has no such view."""
+    width = 1
+    for size, stride in zip(reversed(x.shape), reversed(x.stride())):
+        if stride != width and size != 1:
+            break
+        width *= size
+    try:
+        return x.view(-1, width) if x.numel() else None
+    except RuntimeError:
+        return None
 
 
 class Pointwise(torch.autograd.Function):
@@ -73,9 +84,14 @@ class Pointwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, kind: int, scale: float, out_dtype: torch.dtype) -> Tensor:  # type: ignore[override]
-        x = x.contiguous()
+        rows = _rows(x)  # a slice of a projection's output (q and k together) read in place, not copied first
+        if rows is None:
+            x = x.contiguous()
+            rows = x.view(1, -1)
         y = empty(x.shape, out_dtype, x.device)
-        _launch(_fwd_kernel, x, y, n=x.numel(), scale=scale, kind=kind)
+        if n := x.numel():
+            _fwd_kernel[(cdiv(n, BLOCK),)](rows, y, n, rows.shape[1], rows.stride(0), scale, MAP=kind,
+                                           STRIDED=not x.is_contiguous(), BLOCK=BLOCK)  # fmt: skip
         ctx.save_for_backward(y)
         ctx.kind, ctx.scale, ctx.x_dtype = kind, scale, x.dtype
         return y
@@ -85,7 +101,8 @@ class Pointwise(torch.autograd.Function):
         (y,) = ctx.saved_tensors
         dy = dy.contiguous()
         dx = empty(y.shape, dy.dtype if ctx.kind == ELU_PLUS_ONE.value else ctx.x_dtype, y.device)
-        _launch(_bwd_kernel, y, dy, dx, n=y.numel(), scale=ctx.scale, kind=ctx.kind)
+        if n := y.numel():
+            _bwd_kernel[(cdiv(n, BLOCK),)](y, dy, dx, n, ctx.scale, MAP=ctx.kind, BLOCK=BLOCK)
         return dx, None, None, None
 
 

@@ -1,6 +1,6 @@
 """The pointwise kernels (mmeff.kernels.pointwise: GLA's log-sigmoid gate, the elu+1 feature map, the delta rule's
 scaled sigmoid and Mamba's time step and log decay, through mmeff.ops with a faked GPU) under the Triton interpreter against the reference autograd functions: output and the
-gradient of x, fp32 and bf16 inputs, a flat size that is not a multiple of the block.
+gradient of x, fp32 and bf16 inputs (contiguous, a slice read in place, a view copied first), a flat size that is not a multiple of the block.
 
 The reference runs in fp32 on the same (bf16) values. Tolerance: |kernel - reference| <= 1e-6 + 1e-5 |reference| for
 an fp32 result (the kernel's log(1 + e^-|x|) against logsigmoid's log1p differs by ~1e-8 absolute); a bf16 result
@@ -33,19 +33,30 @@ MAPS = {
 }
 
 
+# Inputs: contiguous; q and k's slice of a qkv projection [B, T, 3 * 2 * 20] as heads [B, T, 2 * 2, 20] (rows 120
+# apart, read in place); a transposed view (no rows view: copied first).
+LAYOUTS = {
+    "contiguous": ((3, 1000), lambda x: x),
+    "slice": ((3, 25, 120), lambda x: x[..., :80].unflatten(-1, (4, 20))),
+    "transposed": ((1000, 3), lambda x: x.t()),
+}
+
+
 @pytest.mark.parametrize("name", MAPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pointwise_maps_match_reference(fake_gpu, monkeypatch, name, dtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pointwise_maps_match_reference(fake_gpu, monkeypatch, name, dtype, layout):
     calls = []
     monkeypatch.setattr(fake_gpu.Pointwise, "apply", lambda *a, f=fake_gpu.Pointwise.apply: calls.append(1) or f(*a))
     gen = torch.Generator().manual_seed(5)
-    x = (torch.randn(3, 1000, generator=gen) * 6).to(dtype)  # 3,000 elements: two blocks, the second masked
-    x[0, :4] = torch.tensor([40.0, -40.0, 0.0, 1e-3])
+    shape, view = LAYOUTS[layout]
+    x = (torch.randn(*shape, generator=gen) * 6).to(dtype)  # 3,000 or 9,000 elements: the last block masked
+    x.view(-1)[:4] = torch.tensor([40.0, -40.0, 0.0, 1e-3])
     fast, reference = MAPS[name]
 
     def run(fn, leaf):
         leaf = leaf.detach().clone().requires_grad_()
-        y = fn(leaf)
+        y = fn(view(leaf))
         dy = torch.linspace(-1, 1, y.numel()).view(y.shape).to(y.dtype)
         return y, torch.autograd.grad(y, leaf, dy)[0]
 
@@ -113,3 +124,30 @@ def test_softplus_decay_keeps_only_its_own_inputs(fake_gpu, strided):
     assert sum(kept.values()) == (2 * 70 * 32 + 32 + 32) * 4
     (dt.sum() + log_decay.sum()).backward()
     assert source.grad is not None if strided else x.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["gla", "linear_attn"])
+def test_bidirectional_mixer_maps_q_and_k_in_one_launch(fake_gpu, monkeypatch, kind):
+    # A bidirectional mixer without a short conv maps q and k (elu + 1) before its scan routes: one launch for both,
+    # read in place from the qkv projection; output and every gradient as on the reference path mapping q and k each
+    # after the routes (fp32, within 1e-5).
+    from mmeff import blocks
+    from mmeff.blocks.layout import Layout
+
+    calls = []
+    monkeypatch.setattr(fake_gpu.Pointwise, "apply", lambda *a, f=fake_gpu.Pointwise.apply: calls.append(a[1]) or f(*a))
+    torch.manual_seed(0)
+    mixer = blocks.build(kind, 64, heads=4, causal=False, feature_map="elu")
+    x = torch.randn(2, 16, 64)
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        y = mixer(leaf, layout=Layout(grid=(1, 4, 4)))
+        return [y, *torch.autograd.grad(y, [leaf, *mixer.parameters()], torch.linspace(-1, 1, y.numel()).view(y.shape))]
+
+    got = run()
+    assert calls.count(fake_gpu.ELU_PLUS_ONE.value) == 1
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: False)
+    mixer.features_first = False
+    for g, w in zip(got, run()):
+        assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-5)
