@@ -12,7 +12,7 @@ H200's profiler counted 986 for timm's step and 1,577 for gla-bi's at 42b10a2); 
 issues, each with its Python and dispatch cost.
 
     python benchmarks/launches.py                          # the vision rows: timm, attn, the bidirectional mixers
-    python benchmarks/launches.py --lm                     # the LM rows of lm_train_speed.py
+    python benchmarks/launches.py --lm                     # the LM rows of lm_train_speed.py and HF Llama
 
 Writes benchmarks/results/launches_cpu.{md,json,png} (records: row, aten_ops, triton_launches, launches,
 vs_<first row>), with --lm launches_lm_cpu.*.
@@ -40,7 +40,7 @@ from mmeff.ops import dispatch  # noqa: E402
 from timing import save_row_bars, write_results  # noqa: E402
 
 VISION_ROWS = ["timm", "attn", "linear_attn-bi", "gla-bi", "retnet-bi", "mamba2-bi", "gated_deltanet-bi", "hybrid-bi"]
-LM_ROWS = ["attn", "gla", "retnet", "deltanet", "mamba2", "gated_deltanet", "hybrid_gla", "hybrid_mamba2"]
+LM_ROWS = ["attn", "hf_llama", "gla", "retnet", "deltanet", "mamba2", "gated_deltanet", "hybrid_gla", "hybrid_mamba2"]
 PX, T = 32, 16
 # Ops that launch nothing on CUDA: views, metadata, allocation without a fill.
 QUIET = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "split_with_sizes", "split", "unsqueeze",
@@ -161,7 +161,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/launches_cpu, --lm: launches_lm_cpu)")
     args = p.parse_args()
     rows = args.rows or (LM_ROWS if args.lm else VISION_ROWS)
-    known = lm_train_speed.PATTERNS if args.lm else vision_speed.row_names()
+    known = [*lm_train_speed.PATTERNS, "hf_llama"] if args.lm else vision_speed.row_names()
     unknown = [r for r in rows if r not in known]
     if unknown:
         raise SystemExit(f"launches: unknown rows {' '.join(unknown)}; rows of {'lm_train_speed' if args.lm else 'vision_speed'}.py: "
