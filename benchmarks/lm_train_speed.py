@@ -11,7 +11,8 @@ Rows (`--rows`; default all but mamba2_mmeff):
   it imports), `mamba2_mmeff` (the same on mmeff's own SSD kernels), `gated_deltanet` (8 heads, K 128, V 256),
   `deltanet` (8 heads, K = V = 128), `retnet` (8 heads, K 128, V 256), `hybrid_gla` ([gla, gla, gla, attn]),
   `hybrid_mamba2` ([mamba2, mamba2, mamba2, attn]), `attn_moe` / `gla_moe` (8 SwiGLU experts of 1368, top-2: the
-  active parameters of the dense twin; Switch aux loss added to the loss as `mmeff fit` does).
+  active parameters of the dense twin; Switch aux loss added to the loss as `mmeff fit` does). An mmeff row ending in
+  `+ckpt_norm`, `+ckpt_mixer` or `+ckpt` sets `backbone.checkpoint` to norm, mixer or true (`mamba2+ckpt_norm`).
 - peers, same dims: `hf_llama` (transformers LlamaForCausalLM, attn_implementation="sdpa") for attn; `fla_gla`,
   `fla_deltanet`, `fla_gated_deltanet` (fla's GLA / DeltaNet / GatedDeltaNetForCausalLM, their default fused norms,
   SwiGLU and short convs) for gla, deltanet, gated_deltanet; `mamba_ssm` (MambaLMHeadModel, Mamba2 + GatedMLP 2736,
@@ -92,7 +93,8 @@ from mmeff.ops.varlen import doc_bounds
 from mmeff.tasks import build_model
 from mmeff.tasks.graphs import GraphedTraining
 from timing import (  # beside this file
-    copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel, save_figure, write_results,
+    CHECKPOINT, copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel, save_figure,
+    unchecked, write_results,
 )
 
 
@@ -154,8 +156,15 @@ def mixer_options(shape: Shape) -> dict[str, dict[str, Any]]:
     }
 
 
+def pattern_of(row: str) -> list[str] | None:
+    """The backbone pattern of mmeff row `row` (a checkpoint suffix, `attn+ckpt_norm`, sets backbone.checkpoint), None
+    for a peer's."""
+    return PATTERNS.get(unchecked(row)[0])
+
+
 def run_config(row: str, shape: Shape, T: int) -> config.RunConfig:
     """The RunConfig of mmeff row `row` at sequence length T."""
+    row, checkpoint = unchecked(row)
     pattern = PATTERNS[row]
     options = mixer_options(shape)
     mixers = {m: {**options[m], **VARIANTS.get(row, {}).get(m, {})} for m in dict.fromkeys(pattern)}
@@ -165,7 +174,8 @@ def run_config(row: str, shape: Shape, T: int) -> config.RunConfig:
     return config.parse(
         {"name": f"lm_speed_{row}", "encoder": {"name": "text", "tokenizer": "byte", "seq_len": T},
          "backbone": {"dim": shape.dim, "depth": shape.depth, "pattern": pattern, "causal": True,
-                      "ffn": "moe" if moe else "swiglu", "ffn_options": ffn_options, "mixers": mixers},
+                      "ffn": "moe" if moe else "swiglu", "ffn_options": ffn_options, "mixers": mixers,
+                      "checkpoint": checkpoint},
          "task": {"name": "lm"}}
     )  # fmt: skip
 
@@ -176,7 +186,7 @@ Logits = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 def build(row: str, shape: Shape, T: int, bounds: tuple[int, ...] | None = None) -> tuple[nn.Module, Logits]:
     """(model, fn(tokens [B, T], docs) -> logits [B, T, V]) of `row`; `bounds`: the documents' boundaries as host
     integers, as `mmeff fit` finds them on the CPU before a batch moves (mmeff.tasks.lm.host_facts)."""
-    if row in PATTERNS:
+    if pattern_of(row):
         model = build_model(run_config(row, shape, T))
         return model, lambda x, docs: model(x, docs=docs, bounds=bounds)
     model = PEER_BUILDERS[row](shape, T)
@@ -338,7 +348,7 @@ def mixers_of(row: str, shape: Shape) -> list[tuple[str, nn.Module]]:
     """(name, module) of each layer's mixer of mmeff row `row`: one of each kind built on the CPU, cycled to the depth."""
     options = run_config(row, shape, 1).backbone.mixers
     built = {m: blocks.build(m, shape.dim, causal=True, **options[m]) for m in options}
-    pattern = PATTERNS[row]
+    pattern = pattern_of(row)
     return [(pattern[i % len(pattern)], built[pattern[i % len(pattern)]]) for i in range(shape.depth)]
 
 
@@ -638,9 +648,10 @@ def select(names: list[str] | None) -> list[str]:
     """
     if not names:
         names = DEFAULT_ROWS
-    unknown = [n for n in names if n not in ORDER]
+    unknown = [n for n in names if n not in ORDER and not pattern_of(n)]
     if unknown:
-        raise SystemExit(f"lm_train_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(ORDER)}")
+        raise SystemExit(f"lm_train_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(ORDER)} (an mmeff "
+                         f"row may end in {' or '.join(CHECKPOINT)})")  # fmt: skip
     names = list(dict.fromkeys(names))
     return [n for n in names if n not in PEERS] + [n for n in names if n in PEERS]
 
@@ -648,7 +659,7 @@ def select(names: list[str] | None) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", "--mixers", nargs="+", help=f"rows to run, in this order (default all but mamba2_mmeff): "
-                   f"{', '.join(ORDER)}")  # fmt: skip
+                   f"{', '.join(ORDER)}; an mmeff row may end in {', '.join(CHECKPOINT)} (backbone.checkpoint)")  # fmt: skip
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 2048 4096 16384 65536; cpu: 64)")
     p.add_argument("--tokens", type=int, help="tokens per step: B = max(1, tokens // T) (default 16384; cpu: 128)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: tiny sizes, fp32 (a smoke test)")

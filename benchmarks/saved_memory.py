@@ -122,7 +122,7 @@ def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool) -> dict[
 def measure_lm(row: str, shape: lm_train_speed.Shape) -> dict[str, Any]:
     """One record of an lm_train_speed row: KiB one layer keeps (and leaves live) per token, from models of two and one
     times its pattern's layers (a hybrid's mean over its pattern) on rows of LM_T tokens, batches of 2 and 1 rows."""
-    unit = len(lm_train_speed.PATTERNS[row])
+    unit = len(lm_train_speed.pattern_of(row))
     per_token = []
     for depth in (unit, 2 * unit):
         torch.manual_seed(0)
@@ -187,10 +187,11 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / ("saved_memory_lm_cpu" if args.lm else "saved_memory_cpu")
     if args.lm:
         rows = args.rows or LM_ROWS
-        unknown = [r for r in rows if r not in lm_train_speed.PATTERNS]
+        unknown = [r for r in rows if not lm_train_speed.pattern_of(r)]
         if unknown or rows[0] != "attn":
             raise SystemExit(f"saved_memory --lm: rows start with attn and are mmeff rows of lm_train_speed.py "
-                             f"({' '.join(lm_train_speed.PATTERNS)}); got {' '.join(rows)}")  # fmt: skip
+                             f"({' '.join(lm_train_speed.PATTERNS)}, each may end in "
+                             f"{' or '.join(lm_train_speed.CHECKPOINT)}); got {' '.join(rows)}")  # fmt: skip
         shape = lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL
         base, setting = "attn", f"width {shape.dim}, rows of {LM_T} tokens"
     else:

@@ -133,3 +133,15 @@ def save_row_bars(fig: Any, ax: Any, rows: list[str], ylabel: str, title: str, p
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# Row suffix -> backbone.checkpoint, for the rows of vision_speed.py and lm_train_speed.py ("gla-bi+ckpt_norm").
+CHECKPOINT = {"+ckpt_mixer": "mixer", "+ckpt_norm": "norm", "+ckpt": True}
+
+
+def unchecked(row: str) -> tuple[str, bool | str]:
+    """(the row without its checkpoint suffix, backbone.checkpoint)."""
+    for suffix, checkpoint in CHECKPOINT.items():
+        if row.endswith(suffix):
+            return row.removesuffix(suffix), checkpoint
+    return row, False

@@ -75,13 +75,12 @@ from mmeff import config, ops
 from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
 from mmeff.tasks.graphs import GraphedTraining
-from timing import device_tag, error_note, free, matmul_rate, median_ms, save_figure, write_results  # benchmarks/timing.py, beside this script
+from timing import CHECKPOINT, device_tag, error_note, free, matmul_rate, median_ms, save_figure, unchecked, write_results  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
 HYBRID = ["gla", "gla", "gla", "attn"]
 FLOP_MATCHED = ("gla-bi", "mamba2-bi")  # rows whose FLOP-matched ceiling the issue sets a goal for (at 224 px)
-CHECKPOINT = {"+ckpt_mixer": "mixer", "+ckpt_norm": "norm", "+ckpt": True}  # row suffix: backbone.checkpoint
 
 
 @dataclass(frozen=True)
@@ -144,14 +143,6 @@ def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
                     mixers[m]["grid"] = list(grid)
     return {"dim": shape.dim, "depth": shape.depth, "pattern": pattern, "causal": False, "ffn": "mlp",
             "ffn_options": {"ratio": 4.0}, "norm": "layernorm", "mixers": mixers, "checkpoint": checkpoint}  # fmt: skip
-
-
-def unchecked(row: str) -> tuple[str, bool | str]:
-    """(the row without its checkpoint suffix, backbone.checkpoint)."""
-    for suffix, checkpoint in CHECKPOINT.items():
-        if row.endswith(suffix):
-            return row.removesuffix(suffix), checkpoint
-    return row, False
 
 
 def _block(name: str) -> type:

@@ -117,6 +117,21 @@ def test_lm_train_speed_runs_the_peers_after_the_mmeff_rows(monkeypatch):
     assert all(r not in lm_train_speed.PEERS for r in rows[:first_peer]) and set(rows[first_peer:]) <= set(lm_train_speed.PEERS)
 
 
+def test_lm_train_speed_checkpoint_rows_set_the_backbone_option(monkeypatch):
+    # `<row>+ckpt_norm` (+ckpt_mixer, +ckpt) is the mmeff row with backbone.checkpoint set, as vision_speed's rows; a
+    # peer or an unknown row with a suffix is refused by name.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lm_train_speed
+
+    assert lm_train_speed.select(["hf_llama", "mamba2+ckpt_norm", "attn"]) == ["mamba2+ckpt_norm", "attn", "hf_llama"]
+    for row, checkpoint in (("mamba2+ckpt_norm", "norm"), ("hybrid_gla+ckpt_mixer", "mixer"), ("gla+ckpt", True), ("gla", False)):
+        cfg = lm_train_speed.run_config(row, lm_train_speed.SMOKE, 64)
+        assert cfg.backbone.checkpoint == checkpoint and cfg.backbone.pattern == lm_train_speed.pattern_of(row)
+    for bad in ("hf_llama+ckpt", "gla+fast"):
+        with pytest.raises(SystemExit, match=bad.replace("+", r"\+")):
+            lm_train_speed.select([bad])
+
+
 def test_lm_train_speed_names_only_its_own_commit(monkeypatch, tmp_path):
     # A tree exported into another repository (as on the GPU machine) must not take that repository's commit.
     import subprocess
