@@ -4,7 +4,8 @@
     elu + 1            y = elu(x) + 1            (x's dtype)    dx = dy * min(y, 1)            (dy's dtype)
     scaled sigmoid     y = n sigmoid(x)          (fp32)         dx = dy * y * (1 - y / n)      (x's dtype)
 
-The backwards read the output only, which the recurrence keeps anyway. One kernel each way, over the flat elements;
+The backwards read the output only, which the recurrence keeps anyway. One kernel each way, over the flat elements
+(the forward reads rows of a wider tensor in place: a bidirectional mixer's q and k, one slice of its qkv output);
 PyTorch's are three launches forward and six backward for the gate, two and two for elu + 1 and for the sigmoid.
 
 Mamba's time step and log decay per head (`Decay`: Mamba-2's and Gated DeltaNet's), from x [N, H] read through its
