@@ -20,8 +20,8 @@ Rows (`--rows`; default all but mamba2_mmeff):
   'skipped'; one that refuses to run (fla 0.6 refuses chunk_gated_delta_rule's backward on Hopper with Triton < 3.7.1)
   is noted 'refused: <its reason>'. Peers run unpacked only (`--docs 0`).
 
-Per record (JSON): row, T, B, docs, compiled, graphs, tok_s, ms (median step), peak_gib, vs_attn (tok/s over mmeff attn's at
-the same T, docs and mode), vs_peer (an mmeff row's tok/s over its peer's), vs_dense (a MoE row over its dense twin),
+Per record (JSON): row, T, B, docs, compiled (and compile_mode, where not torch.compile's default), graphs, tok_s, ms
+(median step), peak_gib, vs_attn (tok/s over mmeff attn's at the same T, docs and mode), vs_peer (an mmeff row's tok/s over its peer's), vs_dense (a MoE row over its dense twin),
 params_m, active_params_m, floor_ms and its parts, mfu, note. The floor of one step is
     floor = matmul_flops / R + mixer floor + 28 bytes x params / W
 - R: the bf16 matmul rate measured in the same run (8192^3 bf16 matmul; fp32 on the CPU); W: the copy bandwidth
@@ -46,7 +46,8 @@ x R): model FLOPs utilisation against the measured matmul rate (the datasheet's 
 `host_ms`, the host's time to queue one step from an idle device (median of 3). A step whose host_ms is near its ms,
 with GPU time to spare, waits on the host: its kernels are queued slower than the GPU runs them.
 `--docs 0 8` runs each mmeff row unpacked and with 8 packed documents per sequence (the layout's cu_seqlens reach
-every mixer). `--compile` runs every model through torch.compile (nn.Module.compile); `--graphs` replays each mmeff
+every mixer). `--compile [MODE]` runs every model through torch.compile (nn.Module.compile, in `MODE`, as
+`trainer.compile`); `--graphs` replays each mmeff
 row's forward and backward as CUDA graphs (mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs` runs for
 the classify task; unpacked rows only, no peers, no MoE: a replay would drop the balancing loss). Peak memory is not
 recorded under graphs (their pools are outside the allocator's count). Records merge into
@@ -92,9 +93,10 @@ from mmeff.encoders.text import ByteTokenizer
 from mmeff.ops.varlen import doc_bounds
 from mmeff.tasks import build_model
 from mmeff.tasks.graphs import GraphedTraining
+from mmeff.trainer import compile_options
 from timing import (  # beside this file
-    CHECKPOINT, copy_bandwidth, device_tag, error_note, free, matmul_rate, median_ms, run_in_parallel, save_figure,
-    unchecked, write_results,
+    CHECKPOINT, COMPILE_MODES, add_compile_argument, compile_fields, compile_label, copy_bandwidth, device_tag,
+    error_note, free, matmul_rate, median_ms, run_in_parallel, save_figure, unchecked, write_results,
 )
 
 
@@ -133,7 +135,7 @@ PATTERNS = {
 }
 VARIANTS = {"mamba2_mmeff": {"mamba2": {"backend": "triton"}}}  # per-mixer options a row adds
 DENSE_TWIN = {"attn_moe": "attn", "gla_moe": "gla"}
-MODES = ["eager", "compiled", "graphs"]
+MODES = ["eager", "compiled", *(f"compiled-{m}" for m in COMPILE_MODES[1:]), "graphs"]  # the tables' order
 PEERS = {"hf_llama": "attn", "fla_gla": "gla", "mamba_ssm": "mamba2", "fla_gated_deltanet": "gated_deltanet",
          "fla_deltanet": "deltanet"}  # fmt: skip
 PACKAGES = {"hf_llama": "transformers", "fla_gla": "fla", "fla_deltanet": "fla", "fla_gated_deltanet": "fla",
@@ -447,7 +449,7 @@ def synchronize(device: torch.device) -> None:
 def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """One record: build, (compile,) time, floor; a refusal, an error or OOM becomes the record's note."""
     B = max(1, shape.tokens // T)
-    record: dict[str, Any] = {"row": row, "T": T, "B": B, "docs": ndocs, "compiled": args.compile, "graphs": args.graphs}
+    record: dict[str, Any] = {"row": row, "T": T, "B": B, "docs": ndocs, **compile_fields(args.compile), "graphs": args.graphs}
     if args.graphs and (row in PEERS or ndocs):
         return {**record, "note": "skipped: --graphs replays mmeff rows without packed documents"}
     if row in PEERS:
@@ -466,7 +468,7 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
         record.update(params_m=params / 1e6, active_params_m=active / 1e6)
         if args.compile:
             torch._dynamo.reset()  # a fresh cache per model: rows would otherwise hit dynamo's recompile limit
-            model.compile()
+            model.compile(**compile_options(args.compile))
         if args.graphs:
             graphed = GraphedTraining(model)
             logits_of = lambda x, docs: graphed(x)  # noqa: E731
@@ -491,8 +493,8 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
 
 
 def mode(record: dict[str, Any]) -> str:
-    """'eager', 'compiled' or 'graphs' (records written before --graphs existed ran without)."""
-    return "graphs" if record.get("graphs") else "compiled" if record["compiled"] else "eager"
+    """'eager', 'compiled', 'compiled-<mode>' or 'graphs' (records written before --graphs existed ran without)."""
+    return "graphs" if record.get("graphs") else compile_label(record) or "eager"
 
 
 def relate(records: list[dict[str, Any]]) -> None:
@@ -629,7 +631,7 @@ def warm(rows: list[str], args: argparse.Namespace, shape: Shape) -> None:
     lengths = sorted({t if shape.tokens // T > 1 else 2 * t for T in args.T or shape.lengths})  # B = 2, B = 1
     base = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--T", *map(str, lengths),
             "--tokens", str(2 * t), "--warmup", "1", "--iters", "1", "--docs", *map(str, args.docs),
-            *(["--compile"] if args.compile else [])]  # fmt: skip
+            *(["--compile", args.compile] if args.compile else [])]  # fmt: skip
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lm_train_speed_warm_") as tmp:
         commands = [[*base, "--rows", row, "--out", f"{tmp}/{row}"] for row in rows]
@@ -665,7 +667,7 @@ def main() -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: tiny sizes, fp32 (a smoke test)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--iters", type=int, default=5, help="timed steps; the median counts")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model (the peers too)")
+    add_compile_argument(p, "the peers")
     p.add_argument("--graphs", action="store_true", help="forward + backward of the mmeff rows as CUDA graphs (unpacked only)")
     p.add_argument("--docs", type=int, nargs="+", default=[0], help="packed documents per sequence (0: none); peers: 0 only")
     p.add_argument("--profile", action="store_true", help="add the GPU time per kernel category of one step (CUDA)")

@@ -145,3 +145,27 @@ def unchecked(row: str) -> tuple[str, bool | str]:
         if row.endswith(suffix):
             return row.removesuffix(suffix), checkpoint
     return row, False
+
+
+# `--compile [MODE]` of vision_speed.py and lm_train_speed.py: torch.compile's modes, as `trainer.compile` takes them.
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+def add_compile_argument(p: Any, who: str) -> None:
+    """`--compile [MODE]` on argparse parser `p`: False without it, "default" alone, else the mode named."""
+    p.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES, metavar="MODE",
+                   help=f"torch.compile every model ({who} too), as trainer.compile: MODE is one of "
+                        f"{', '.join(COMPILE_MODES)} (default: default; reduce-overhead adds Inductor's CUDA graphs)")  # fmt: skip
+
+
+def compile_label(record: dict[str, Any]) -> str:
+    """'' for an eager record, 'compiled' for torch.compile's default mode, else 'compiled-<mode>'."""
+    if not record["compiled"]:
+        return ""
+    mode = record.get("compile_mode", "default")
+    return "compiled" if mode == "default" else f"compiled-{mode}"
+
+
+def compile_fields(setting: str | bool) -> dict[str, Any]:
+    """A record's `compiled` (bool) and, for a mode other than the default, its `compile_mode`."""
+    return {"compiled": bool(setting), **({"compile_mode": setting} if setting not in (False, "default") else {})}

@@ -29,7 +29,8 @@ them from an earlier record of the same row, size and parameter count (the refer
 `--recount` counts again. `--row-limit S` ends a row that runs past S seconds (its record notes it) and goes on
 with the next (the mamba2 rows need more than 90 s on a fresh H200 where mamba-ssm is installed: its kernels
 autotune in their first step; runs 33 and 35 stopped there). `--compile` runs every model, timm's too, through torch.compile
-(nn.Module.compile, as `trainer.compile: true`). `--graphs` replays each model's forward and backward as CUDA graphs
+(nn.Module.compile, as `trainer.compile: true`); `--compile reduce-overhead` (or another torch.compile mode) in that
+mode, as `trainer.compile: reduce-overhead` (record field `compile_mode`; the tables' mode `compiled-reduce-overhead`). `--graphs` replays each model's forward and backward as CUDA graphs
 through mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs: true` runs (torch.cuda.make_graphed_callables;
 the optimizer step stays eager), timm's too: the step without the host's per-kernel launch cost, which the eager
 mmeff rows pay for their many small kernels (record field `graphs`). Results merge into benchmarks/results/vision_speed_<device>.{md,json,png}
@@ -75,7 +76,8 @@ from mmeff import config, ops
 from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
 from mmeff.tasks.graphs import GraphedTraining
-from timing import CHECKPOINT, device_tag, error_note, free, matmul_rate, median_ms, save_figure, unchecked, write_results  # benchmarks/timing.py, beside this script
+from mmeff.trainer import compile_options
+from timing import CHECKPOINT, add_compile_argument, compile_fields, compile_label, device_tag, error_note, free, matmul_rate, median_ms, save_figure, unchecked, write_results  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
@@ -250,7 +252,7 @@ def measure(
     errors, OOM and the row limit become the record's note."""
     tokens = audio_grid(shape)[0] * audio_grid(shape)[1] if px == "audio" else (px // shape.patch) ** 2
     batch = max(1, shape.tokens // tokens) if px == "audio" or args.smoke else SIZES[px]
-    record: dict[str, Any] = {"row": row, "px": px, "tokens": tokens, "batch": batch, "compiled": args.compile,
+    record: dict[str, Any] = {"row": row, "px": px, "tokens": tokens, "batch": batch, **compile_fields(args.compile),
                               "graphs": args.graphs}  # fmt: skip
     torch.manual_seed(0)
     model = step = None
@@ -269,14 +271,14 @@ def measure(
             record["flops_per_img"] = flops_per_input(model, example.to(device), shape.classes)
         if args.compile:
             torch._dynamo.reset()  # a fresh cache per model: rows would otherwise hit dynamo's recompile limit
-            model.compile()
+            model.compile(**compile_options(args.compile))
         inputs = example.to(device).expand(batch, *example.shape[1:]).clone()
         step = train_step(model, inputs, shape.classes, args.graphs)
         ms, peak = median_ms(step, device, args.warmup, args.reps)
         if args.profile:
-            profile(step, args.out_dir_resolved / f"profile_{row}_{px}{mode_tag(args.compile, args.graphs)}.txt")
+            profile(step, args.out_dir_resolved / f"profile_{row}_{px}{mode_tag(*mode(record))}.txt")
         if args.memory:
-            memory_snapshot(step, args.out_dir_resolved / f"memory_{row}_{px}{mode_tag(args.compile, args.graphs)}.pickle")
+            memory_snapshot(step, args.out_dir_resolved / f"memory_{row}_{px}{mode_tag(*mode(record))}.pickle")
         # Under CUDA graphs the graphs' private memory pools are not in the allocator's allocated count: no peak.
         record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=None if args.graphs else peak)
         record["floor_ms"] = record["flops_per_img"] * batch / args.rate * 1e3
@@ -401,14 +403,15 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def mode(record: dict[str, Any]) -> tuple[bool, bool]:
-    """(compiled, graphs) of a record (records written before --graphs existed ran without)."""
-    return record["compiled"], record.get("graphs", False)
+def mode(record: dict[str, Any]) -> tuple[str, bool]:
+    """(compile label: '', 'compiled' or 'compiled-<mode>'; graphs) of a record (records written before --graphs
+    existed ran without)."""
+    return compile_label(record), record.get("graphs", False)
 
 
-def mode_tag(compiled: bool, graphs: bool) -> str:
-    """'', '_compiled', '_graphs' or '_compiled_graphs'."""
-    return ("_compiled" if compiled else "") + ("_graphs" if graphs else "")
+def mode_tag(compiled: str, graphs: bool) -> str:
+    """'', '_compiled', '_compiled-reduce-overhead', '_graphs', ...: a record's mode in file names and tables."""
+    return (f"_{compiled}" if compiled else "") + ("_graphs" if graphs else "")
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -488,7 +491,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="+", help=f"rows to run (default all): {', '.join(row_names())}")
     p.add_argument("--px", nargs="+", help="image sizes 224 512 1024 2048 and/or 'audio' (default all)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model (timm's too)")
+    add_compile_argument(p, "timm's")
     p.add_argument("--graphs", action="store_true", help="forward + backward as CUDA graphs, every model (timm's too)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--reps", type=int, default=10, help="timed steps; the median counts")
@@ -527,7 +530,7 @@ def main() -> None:
             for row in select(args.rows):
                 record = {**measure(row, px, shape, args, device, records), **run}
                 record["row"] = row if row == "timm" else row + pinned
-                key = (record["row"], px, args.compile, args.graphs)
+                key = (record["row"], px, *mode(record))
                 records = [r for r in records if (r["row"], r["px"], *mode(r)) != key] + [record]
                 relate(records)
                 write(records, out_dir, name)

@@ -154,7 +154,9 @@ class TrainerConfig:
     save_top_k: int = 1
     monitor: str = "val/loss"
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its optimizer step is skipped
-    compile: bool = False  # torch.compile the model (in place: checkpoints keep the plain parameter names)
+    # torch.compile the model (in place: checkpoints keep the plain parameter names); true: torch.compile's default
+    # mode, or a mode by name (reduce-overhead: Inductor's CUDA graphs besides)
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
     cuda_graphs: bool = False  # classify, lm with task.documents joined: training forward + backward as CUDA graphs (one GPU)
     checkpoint_every_n_steps: int | None = None  # also rewrite last.ckpt every n optimizer steps (mid-epoch resume)
     async_checkpoint: bool = True  # one process: checkpoints written by a background thread from a host copy
@@ -179,7 +181,7 @@ class TrainerConfig:
                     "trainer.strategy", f"{self.strategy} on {self.devices} device(s) x {self.num_nodes} node(s)",
                     "one device (strategy auto, devices 1, num_nodes 1) with trainer.cuda_graphs")
             require(not self.compile, "trainer.compile", self.compile,
-                    "false with trainer.cuda_graphs (compiled CUDA graphs: torch.compile's mode reduce-overhead)")
+                    "false with trainer.cuda_graphs (compiled CUDA graphs: trainer.compile: reduce-overhead)")
         require(self.checkpoint_every_n_steps is None or self.checkpoint_every_n_steps >= 1,
                 "trainer.checkpoint_every_n_steps", self.checkpoint_every_n_steps, "null or an integer >= 1")
         require(self.logger in LOGGERS or "." in self.logger.strip(".") and " " not in self.logger, "trainer.logger",

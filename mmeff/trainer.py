@@ -42,6 +42,11 @@ log = logging.getLogger("mmeff")
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
+def compile_options(setting: bool | str) -> dict[str, str]:
+    """nn.Module.compile's keyword arguments for `trainer.compile` (true: torch.compile's defaults, else a mode)."""
+    return {} if setting is True or setting == "default" else {"mode": str(setting)}
+
+
 def nonfinite_tensors(module: nn.Module) -> list[str]:
     """Names of the parameters and buffers of `module` holding a NaN or an infinity (this rank's shards only)."""
     return [
@@ -638,7 +643,8 @@ def fit(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> L
     if cfg.lora:
         print(lora.apply(model, cfg.lora))
     if cfg.trainer.compile:
-        model.compile()  # nn.Module.compile, not torch.compile(model): state_dict names stay those of the plain model
+        # nn.Module.compile, not torch.compile(model): state_dict names stay those of the plain model
+        model.compile(**compile_options(cfg.trainer.compile))
     task = build_task(lora.task_config(cfg), model)
     trainer = build_trainer(cfg, overwrite=overwrite)
     # Written only once the config has built a model and a trainer: a rejected config leaves no run folder.

@@ -95,3 +95,27 @@ def test_the_bar_shows_the_training_loss_that_lightning_no_longer_reads_each_ste
     # Lightning turns each progress-bar value into a Python number after every step (a wait for the device there).
     assert not [k for k in trainer.progress_bar_metrics if k.startswith("train/")]
     assert shown and all(isinstance(m["train/loss"], float) and isinstance(m["train/acc"], float) for m in shown)
+
+
+@pytest.mark.parametrize("setting, options", [(True, {}), ("default", {}), ("reduce-overhead", {"mode": "reduce-overhead"}),
+                                              ("max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"})])  # fmt: skip
+def test_trainer_compile_takes_torch_compiles_mode_by_name(tiny_config, monkeypatch, setting, options):
+    from torch import nn
+
+    seen = []
+    plain_compile = nn.Module.compile
+
+    def compile_traced(self, **kwargs):
+        seen.append(kwargs)
+        plain_compile(self, backend="aot_eager")  # AOT-autograd tracing without Inductor's C++ build: fast
+
+    monkeypatch.setattr(nn.Module, "compile", compile_traced)
+    assert main(["fit", str(tiny_config(**ONE_STEP)), f"--trainer.compile={str(setting).lower()}"]) == 0
+    assert seen == [options]
+
+
+def test_trainer_compile_names_the_modes_it_takes(tiny_config):
+    with pytest.raises(config.ConfigError, match="trainer.compile: got 'fast'.*reduce-overhead"):
+        config.load(tiny_config(**{"trainer.compile": "fast"}))
+    with pytest.raises(config.ConfigError, match="trainer.compile: reduce-overhead"):
+        config.load(tiny_config(**{"trainer.compile": "reduce-overhead", "trainer.cuda_graphs": True}))

@@ -22,6 +22,35 @@ def test_vision_speed_smoke_writes_every_field(script, tmp_path):
     assert (tmp_path / "speed.md").read_text().count("| gla-cross | no |") == 2
 
 
+def test_vision_speed_keeps_each_compile_mode_apart(script, tmp_path, monkeypatch):
+    # --compile MODE compiles timm and the mmeff rows alike in torch.compile's MODE (as trainer.compile: MODE); records
+    # of two modes sit side by side, each row related to timm's record of its own mode.
+    from torch import nn
+
+    modes = []
+    plain_compile = nn.Module.compile
+
+    def compile_traced(self, **options):
+        modes.append(options.get("mode", "default"))
+        plain_compile(self, backend="aot_eager")  # AOT-autograd tracing without Inductor's C++ build: fast
+
+    monkeypatch.setattr(nn.Module, "compile", compile_traced)
+    args = ("--smoke", "--rows", "attn", "--px", "224", "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path), "--name", "speed")
+    script("vision_speed", *args, "--compile")
+    script("vision_speed", *args, "--compile", "reduce-overhead")
+    assert modes == ["default", "default", "reduce-overhead", "reduce-overhead"]  # timm, attn; timm, attn
+    records = json.loads((tmp_path / "speed.json").read_text())["records"]
+    assert [(r["row"], r["compiled"], r.get("compile_mode")) for r in records] == [
+        ("timm", True, None), ("attn", True, None), ("timm", True, "reduce-overhead"), ("attn", True, "reduce-overhead")]
+    timm = {r.get("compile_mode"): r["img_s"] for r in records if r["row"] == "timm"}
+    for r in records:
+        assert r["vs_timm"] == pytest.approx(r["img_s"] / timm[r.get("compile_mode")])
+    table = (tmp_path / "speed.md").read_text()
+    assert "| attn | compiled | " in table and "| attn | compiled-reduce-overhead | " in table
+    with pytest.raises(SystemExit):
+        script("vision_speed", *args, "--compile", "fast")  # argparse names the modes it takes
+
+
 def test_vision_speed_counts_flops_once_and_stops_a_row_at_its_limit(script, tmp_path, monkeypatch):
     # A second run takes each row's FLOPs from the first one's records (counting runs the references: minutes at
     # 2048 px on the H200), and --row-limit ends a row that runs too long, noting it, and goes on with the next row.
