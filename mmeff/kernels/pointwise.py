@@ -16,11 +16,20 @@ row stride, a bias b [H] and A [H] (< 0):
 in one kernel each way, where PyTorch launched 5 forward and 10 backward (the clamp's mask alone 5). The backward
 reads x again (the forward keeps x, b and A only; x's own copy, written by the forward, where x is a slice of a wider
 tensor), writes dx and per-program partial sums of db and dA.
+
+Mamba-2's SSD around its recurrence, per head h of x [N, H, P] (x read through its token stride: a slice of the short
+conv's output), dt [N, H] and D [H] fp32 (`HeadScale`, `HeadSkip`):
+
+    v = x dt                 (x's dtype; fp32 product)     dx = dv dt (x's dtype), ddt = sum_p dv x (fp32)
+    out = y + D x            (y's dtype; fp32 sum)         dy = dout, dx = D dout (x's dtype), dD = sum dout x
+
+one kernel each way (the skip's backward adds the sum of its per-program partials of dD), where PyTorch launched 2
+forward and 5 backward for v (fp32 copies of dv and dx between them) and 3 forward and 6 backward for the skip.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -208,3 +217,113 @@ class Decay(torch.autograd.Function):
         db = None if b is None else db_part.sum(0).to(b.dtype)
         dA = None if dlog is None else dA_part.sum(0).to(A.dtype)
         return dx, db, dA, None, None, None, None
+
+
+HEAD_TILE = 4096  # elements of a HeadScale / HeadSkip program: tokens x (heads x head width)
+
+
+@triton.jit
+def _head_fwd_kernel(x, w, y, out, N, H, P, sx, SKIP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+                     BP: tl.constexpr):  # fmt: skip
+    # SKIP: out = y + w[h] x (w = D [H]), else out = w[n, h] x (w = dt [N, H]); x rows `sx` apart, the rest contiguous.
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    cols = tl.arange(0, BH * BP)
+    inside = (rows < N)[:, None] & (cols < H * P)[None, :]
+    v = tl.load(x + rows[:, None] * sx + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    head = cols // BP
+    off = rows[:, None] * (H * P) + cols[None, :]
+    if SKIP:
+        d = tl.load(w + head, mask=cols < H * P, other=0.0)[None, :]
+        v = tl.load(y + off, mask=inside, other=0.0).to(tl.float32) + d * v
+    else:
+        v = v * tl.load(w + rows[:, None] * H + head[None, :], mask=inside, other=0.0)
+    tl.store(out + off, v.to(out.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _head_bwd_kernel(x, w, dout, dx, dw, N, H, P, sx, SKIP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+                     BP: tl.constexpr):  # fmt: skip
+    # dx = w dout; SKIP: dw [programs, H] partial sums of dout x over the program's tokens, else dw [N, H] = sum_p.
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BT + tl.arange(0, BT)
+    cols = tl.arange(0, BH * BP)
+    inside = (rows < N)[:, None] & (cols < H * P)[None, :]
+    v = tl.load(x + rows[:, None] * sx + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    off = rows[:, None] * (H * P) + cols[None, :]
+    g = tl.load(dout + off, mask=inside, other=0.0).to(tl.float32)
+    head = cols // BP
+    if SKIP:
+        scale = tl.load(w + head, mask=cols < H * P, other=0.0)[None, :]
+    else:
+        scale = tl.load(w + rows[:, None] * H + head[None, :], mask=inside, other=0.0)
+    tl.store(dx + off, (g * scale).to(dx.dtype.element_ty), mask=inside)
+    per_head = tl.sum(tl.reshape(g * v, (BT, BH, BP)), 2)  # [BT, BH]
+    heads = tl.arange(0, BH)
+    if SKIP:
+        tl.store(dw + pid * H + heads, tl.sum(per_head, 0), mask=heads < H)
+    else:
+        tl.store(dw + rows[:, None] * H + heads[None, :], per_head, mask=(rows < N)[:, None] & (heads < H)[None, :])
+
+
+def _head_rows(x: Tensor) -> Tensor:
+    """x [..., H, P] as [N, H * P] rows (a view where its heads and head channels are contiguous, else a copy)."""
+    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        x = x.contiguous()
+    try:
+        return x.view(-1, x.shape[-2] * x.shape[-1])
+    except RuntimeError:
+        return x.contiguous().view(-1, x.shape[-2] * x.shape[-1])
+
+
+def _head_launch(kernel: Callable, x: Tensor, *tensors: Optional[Tensor], skip: bool) -> None:
+    """Launch a head kernel over x's [N, H, P] (P a power of two) with the tensors between x and the sizes."""
+    rows = _head_rows(x)
+    n, (h, p) = rows.shape[0], x.shape[-2:]
+    bh = next_pow2(h)
+    bt = max(1, HEAD_TILE // (bh * p))
+    if n:
+        kernel[(cdiv(n, bt),)](rows, *tensors, n, h, p, rows.stride(0), SKIP=skip, BT=bt, BH=bh, BP=p)
+
+
+class HeadScale(torch.autograd.Function):
+    """v = x dt per head (x [..., H, P], dt [..., H] fp32; v in x's dtype) and its gradients (see the docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dt: Tensor) -> Tensor:  # type: ignore[override]
+        dt = dt.contiguous()
+        v = empty(x.shape, x.dtype, x.device)
+        _head_launch(_head_fwd_kernel, x, dt, None, v, skip=False)
+        ctx.save_for_backward(x, dt)
+        return v
+
+    @staticmethod
+    def backward(ctx, dv: Tensor):  # type: ignore[override]
+        x, dt = ctx.saved_tensors
+        dx = empty(x.shape, x.dtype, x.device)
+        ddt = empty(dt.shape, torch.float32, x.device)
+        _head_launch(_head_bwd_kernel, x, dt, dv.contiguous(), dx, ddt, skip=False)
+        return dx, ddt
+
+
+class HeadSkip(torch.autograd.Function):
+    """out = y + D x per head (y [..., H, P] contiguous, x [..., H, P], D [H] fp32; out in y's dtype) and its
+    gradients (see the docstring)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, D: Tensor) -> Tensor:  # type: ignore[override]
+        out = empty(y.shape, y.dtype, y.device)
+        _head_launch(_head_fwd_kernel, x, D, y.contiguous(), out, skip=True)
+        ctx.save_for_backward(x, D)
+        ctx.y_dtype = y.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):  # type: ignore[override]
+        x, D = ctx.saved_tensors
+        dout = dout.contiguous()
+        n, (h, p) = x.numel() // (x.shape[-2] * x.shape[-1]), x.shape[-2:]
+        programs = cdiv(n, max(1, HEAD_TILE // (next_pow2(h) * p)))
+        dx = empty(x.shape, x.dtype, x.device)
+        parts = empty((programs, h), torch.float32, x.device)
+        _head_launch(_head_bwd_kernel, x, D, dout, dx, parts, skip=True)
+        return dout.to(ctx.y_dtype), dx, parts.sum(0).to(D.dtype)

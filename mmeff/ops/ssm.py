@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mmeff.ops import dispatch
 from mmeff.ops.dispatch import Backend, check_backend
+from mmeff.ops.features import pointwise_unsupported
 from mmeff.ops.gates import softplus_decay
 from mmeff.ops.recompute import recomputed
 from mmeff.ops.recurrence import Mode, check_cu_seqlens, run_recurrence, triton_check
@@ -224,8 +225,21 @@ def _per_head(t: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).repeat_interleave(heads // t.shape[2], dim=2)
 
 
+def _per_head_unsupported(x: Tensor, *others: Tensor) -> str:
+    """Why mmeff.kernels.pointwise's per-head maps (HeadScale, HeadSkip) cannot take x [..., H, P]; "" when they can."""
+    heads, width = x.shape[-2:]
+    if width & (width - 1) or (1 << (heads - 1).bit_length()) * width > 16384:
+        return f"x {tuple(x.shape)}: head width not a power of two, or over 16384 elements a token"
+    if any(t.dtype != torch.float32 for t in others):
+        return f"dtypes {[t.dtype for t in others]} (dt, D in float32)"
+    return pointwise_unsupported(x)
+
+
 def _scaled(x: Tensor, dtf: Tensor) -> Tensor:
-    """SSD's value x * dt [B,T,H,P] in x's dtype (promoted to fp32 in the product; autograd keeps x as it is)."""
+    """SSD's value x * dt [B,T,H,P] in x's dtype (promoted to fp32 in the product; autograd keeps x as it is); on CUDA
+    one Triton kernel each way (mmeff.kernels.pointwise.HeadScale, bit for bit the plain ops' forward)."""
+    if dispatch.choose("ssd_scale", "auto", [("triton", lambda: _per_head_unsupported(x, dtf))]) == "triton":
+        return dispatch.triton_kernels("pointwise").HeadScale.apply(x, dtf)
     return (x * dtf[..., None]).to(x.dtype)
 
 
@@ -233,6 +247,9 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor
     """(y + D * x) * silu(z) in fp32, cast to the output dtype. x stays in its dtype: D * x promotes to fp32, and
     autograd keeps x instead of a fp32 copy (two such copies were 12 of the 40 KiB per token and layer that a
     mamba2-bi ViT kept, benchmarks/saved_memory.py)."""
+    skip = D is not None and z is None and D.shape == (x.shape[-2], 1) and y.dtype == dtype and y.shape == x.shape
+    if skip and dispatch.choose("ssd_skip", "auto", [("triton", lambda: _per_head_unsupported(x, D))]) == "triton":
+        return dispatch.triton_kernels("pointwise").HeadSkip.apply(y, x, D[:, 0])  # one kernel each way
     if D is not None:
         y = y + x * D.float()
     if z is not None:

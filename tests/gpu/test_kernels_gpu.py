@@ -518,6 +518,42 @@ def test_softplus_decay(kernels, monkeypatch, seed, limit):
 
 
 @pytest.mark.xdist_group("rope")
+@pytest.mark.parametrize("op", ["scale", "skip"])
+def test_ssd_per_head_maps(kernels, monkeypatch, seed, op):
+    # SSD's v = x dt and out = y + D x (mmeff.kernels.pointwise.HeadScale / HeadSkip) at the Mamba-2 LM's size (16k
+    # tokens, 32 heads of 64; x a slice of the bf16 short-conv output [.., 2304]) against the plain ops on the same
+    # values: bf16 results within one ulp (v bit for bit: one product, rounded as torch rounds; the skip's y + D x may
+    # fuse into one FMA), ddt within 1e-5 relative, dD (a sum over the tokens in another order) within 1e-5 of its
+    # largest element.
+    from mmeff.ops import dispatch, ssm
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    source = torch.randn(4, 4096, 2304, device="cuda", generator=gen).to(torch.bfloat16)
+    other = torch.rand(4, 4096, 32, device="cuda", generator=gen) if op == "scale" else torch.randn(32, device="cuda", generator=gen)
+    y = torch.randn(4, 4096, 32, 64, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (source, other, y)]
+        x = leaves[0][..., :2048].unflatten(-1, (32, 64))
+        out = ssm._scaled(x, leaves[1]) if op == "scale" else ssm._skip_and_gate(leaves[2], x, leaves[1][:, None], None, x.dtype)
+        dout = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(out.dtype)
+        return [out, *torch.autograd.grad(out, leaves, dout, allow_unused=True)]
+
+    got = run()
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: False)
+    want = run()
+    if op == "scale":  # v is made again in the backward (mmeff.ops.recompute): bit for bit as the plain ops
+        assert torch.equal(got[0], want[0])
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+            continue
+        rtol = 1e-5 if g.dtype == torch.float32 else 2**-7
+        scale = w.float().abs().max() if w.dim() == 1 else w.float().abs()
+        assert ((g.float() - w.float()).abs() <= 1e-6 + rtol * scale).all()
+
+
+@pytest.mark.xdist_group("rope")
 def test_bi_route_kernels(kernels, monkeypatch, seed):
     # mmeff.kernels.routes through Routes(scan="bi") at gla-bi's size at 224 px (256 images of 196 tokens; q a [6, 64]
     # slice of a wider projection, g a [384] one) against the gather form on the same bf16 values: forward and the

@@ -151,3 +151,44 @@ def test_bidirectional_mixer_maps_q_and_k_in_one_launch(fake_gpu, monkeypatch, k
     mixer.features_first = False
     for g, w in zip(got, run()):
         assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+# SSD's per-head maps around its recurrence (mmeff.ops.ssm: v = x dt, out = y + D x): x a slice of a wider tensor (the
+# short conv's output, read in place), 3 heads (not a power of two) of 16, 100 tokens (past one program's 64).
+# Tolerance: outputs and dx within one ulp of their dtype (bf16: the interpreter truncates where the GPU rounds),
+# ddt within 1e-5 relative; dD, a sum over the tokens in another order, within 1e-5 of its largest element.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["scale", "skip"])
+def test_ssd_per_head_maps_match_reference(fake_gpu, monkeypatch, dtype, op):
+    from mmeff.ops import ssm
+
+    calls = []
+    for name in ("HeadScale", "HeadSkip"):
+        fn = getattr(fake_gpu, name)
+        monkeypatch.setattr(fn, "apply", lambda *a, f=fn.apply: calls.append(1) or f(*a))
+    gen = torch.Generator().manual_seed(3)
+    H, P = 3, 16
+    source = torch.randn(2, 50, 2 * H * P + 8, generator=gen).to(dtype)
+    other = {"scale": torch.rand(2, 50, H, generator=gen) + 0.01, "skip": torch.randn(H, generator=gen)}[op]
+    y = torch.randn(2, 50, H, P, generator=gen).to(dtype)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (source, other, y)]
+        x = leaves[0][..., 8 : 8 + H * P].unflatten(-1, (H, P))
+        out = ssm._scaled(x, leaves[1]) if op == "scale" else ssm._skip_and_gate(leaves[2], x, leaves[1][:, None], None, dtype)
+        grads = torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype),
+                                    allow_unused=True)  # fmt: skip
+        return [out, *grads]
+
+    got = run()
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: False)
+    want = run()
+    assert len(calls) == 1
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+            continue
+        assert g.dtype == w.dtype and g.shape == w.shape
+        ulp = 2**-7 if g.dtype == torch.bfloat16 else 1e-5
+        scale = w.float().abs().max() if w.dim() == 1 else w.float().abs()  # dD: a sum in another order
+        assert ((g.float() - w.float()).abs() <= 1e-6 + ulp * scale).all()
