@@ -11,11 +11,19 @@ The GPU launches more kernels than this counts (cuBLAS split-K reductions, memse
 H200's profiler counted 986 for timm's step and 1,577 for gla-bi's at 42b10a2); the count is of the ops the host
 issues, each with its Python and dispatch cost.
 
+`--traffic` (with `--lm`) counts instead the bytes that those aten ops read and write, outside matmuls, softmax
+attention and the optimizer, per token and layer: the elementwise glue that lm_train_speed.py's `--profile` files
+under "other" GPU time (each op's tensors' sizes, inputs and outputs; a view read whole counts whole). One forward,
+loss and backward of models of one and two times the row's pattern on 1 and 2 rows of 128 tokens: the difference
+over the tokens and the pattern's layers leaves out the weights', the embedding's and the head's part.
+
     python benchmarks/launches.py                          # the vision rows: timm, attn, the bidirectional mixers
     python benchmarks/launches.py --lm                     # the LM rows of lm_train_speed.py and HF Llama
+    python benchmarks/launches.py --lm --traffic --rows attn mamba2 gated_deltanet
 
 Writes benchmarks/results/launches_cpu.{md,json,png} (records: row, aten_ops, triton_launches, launches,
-vs_<first row>), with --lm launches_lm_cpu.*.
+vs_<first row>), with --lm launches_lm_cpu.*, with --lm --traffic traffic_lm_cpu.* (records: row,
+kib_per_token_layer, vs_<first row>, ops: KiB per token and layer by aten op).
 """
 
 from __future__ import annotations
@@ -24,15 +32,18 @@ import argparse
 import os
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the kernels run on CPU tensors
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import triton.runtime.autotuner as autotuner  # noqa: E402
 import triton.runtime.interpreter as interpreter  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import lm_train_speed  # noqa: E402  (benchmarks/lm_train_speed.py, beside this script)
 import vision_speed  # noqa: E402  (benchmarks/vision_speed.py, beside this script)
@@ -73,6 +84,73 @@ class _Launches(TorchDispatchMode):
             return launch()
         finally:
             self._inside -= 1
+
+
+# Ops whose GPU time lm_train_speed.py --profile files under matmul, softmax attention or the optimizer.
+NOT_GLUE = {"mm", "bmm", "addmm", "linear", "_fused_adamw_", "_scaled_dot_product_flash_attention_for_cpu",
+            "_scaled_dot_product_flash_attention_for_cpu_backward"}  # fmt: skip
+TRAFFIC_T = 128  # --traffic: tokens a row
+
+
+class _Traffic(_Launches):
+    """Also sums the bytes of the tensors (inputs and outputs) of every counted aten op outside NOT_GLUE, by op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if not self._inside and name not in QUIET and name not in NOT_GLUE and not name.startswith("_foreach"):
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+def traffic(row: str, counter: list[_Launches | None], shape: lm_train_speed.Shape) -> dict[str, Any]:
+    """One --traffic record: KiB per token and layer moved by the glue of an LM row's forward, loss and backward."""
+    unit = len(lm_train_speed.pattern_of(row) or ["attn"])  # hf_llama: one layer a unit
+    counts: dict[tuple[int, int], Counter] = {}
+    for depth in (unit, 2 * unit):
+        torch.manual_seed(0)
+        model, logits_of = lm_train_speed.build(row, replace(shape, depth=depth), TRAFFIC_T)
+        for rows in (1, 2):
+            tokens = torch.randint(0, 256, (rows, TRAFFIC_T + 1), generator=torch.Generator().manual_seed(rows))
+
+            def step() -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = logits_of(tokens[:, :-1], None)
+                F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+
+            step()  # process-wide caches (the rope tables) filled before the counted step
+            counter[0] = _Traffic()
+            try:
+                with counter[0]:
+                    step()
+                counts[depth, rows] = counter[0].bytes
+            finally:
+                counter[0] = None
+    per = Counter()
+    for op in set().union(*counts.values()):
+        moved = counts[2 * unit, 2][op] - counts[2 * unit, 1][op] - counts[unit, 2][op] + counts[unit, 1][op]
+        per[op] = moved / TRAFFIC_T / unit / 1024
+    return {"row": row, "kib_per_token_layer": sum(per.values()),
+            "ops": {op: kib for op, kib in per.most_common() if abs(kib) >= 0.05}}  # fmt: skip
+
+
+def traffic_table(records: list[dict[str, Any]], command: str, width: int) -> str:
+    """Markdown: glue KiB per token and layer against the first row's, the largest ops."""
+    base = records[0]["row"]
+    lines = [f"`{command}` (CPU, torch {torch.__version__}; width {width}, rows of {TRAFFIC_T} "
+             "tokens; one forward, loss and backward under bf16 autocast, the GPU code path with the Triton kernels "
+             "interpreted). Glue: the bytes that aten ops other than views, metadata, matmuls, softmax attention and "
+             "the optimizer read and write (their tensors' sizes), per token and layer; Triton kernels not counted.",
+             "", f"| row | glue: KiB per token and layer | vs {base} | largest ops (KiB) |", "|---|---:|---:|---|"]  # fmt: skip
+    for r in records:
+        top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["ops"].items())[:6])
+        lines.append(f"| {r['row']} | {r['kib_per_token_layer']:.1f} | {r[f'vs_{base}']:.2f}x | {top} |")
+    return "\n".join(lines) + "\n"
 
 
 def _hook_triton(counter: list[_Launches | None]) -> None:
@@ -153,20 +231,39 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
                   "Launches of one eager training step (GPU code path, counted on CPU)", path)  # fmt: skip
 
 
+def save_bars(records: list[dict[str, Any]], key: str, ylabel: str, title: str, out: Path) -> None:
+    """One bar per row of `key` (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar(range(len(records)), [r[key] for r in records], 0.6, color="tab:blue", label=ylabel)
+    save_row_bars(fig, ax, [r["row"] for r in records], ylabel, title, out.with_name(out.name + ".png"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="+", help=f"rows (default {' '.join(VISION_ROWS)}; --lm: {' '.join(LM_ROWS)})")
     p.add_argument("--lm", action="store_true", help="rows of lm_train_speed.py instead of vision_speed.py")
     p.add_argument("--smoke", action="store_true", help="the speed scripts' tiny models (a check that rows run)")
-    p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/launches_cpu, --lm: launches_lm_cpu)")
+    p.add_argument("--traffic", action="store_true", help="with --lm: the glue's bytes per token and layer instead")
+    p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/launches_cpu, --lm: launches_lm_cpu, "
+                                            "--lm --traffic: traffic_lm_cpu)")  # fmt: skip
     args = p.parse_args()
+    if args.traffic and not args.lm:
+        p.error("--traffic counts the LM rows: add --lm")
     rows = args.rows or (LM_ROWS if args.lm else VISION_ROWS)
     known = [*lm_train_speed.PATTERNS, "hf_llama"] if args.lm else vision_speed.row_names()
     unknown = [r for r in rows if r not in known]
     if unknown:
         raise SystemExit(f"launches: unknown rows {' '.join(unknown)}; rows of {'lm_train_speed' if args.lm else 'vision_speed'}.py: "
                          f"{' '.join(known)}")  # fmt: skip
-    out = args.out or Path(__file__).parent / "results" / ("launches_lm_cpu" if args.lm else "launches_cpu")
+    stem = "traffic_lm_cpu" if args.traffic else "launches_lm_cpu" if args.lm else "launches_cpu"
+    out = args.out or Path(__file__).parent / "results" / stem
     setting = f"width {lm_train_speed.REAL.dim}, 2 rows of {T} tokens" if args.lm else f"ViT-S/16, 2 images of {PX} px"
     dispatch.on_cuda = lambda x: True  # the GPU path (this process only)
     for script in (vision_speed, lm_train_speed):  # their steps' bf16 autocast, which they leave off on the CPU
@@ -176,6 +273,15 @@ def main() -> None:
     command = " ".join(["python benchmarks/launches.py", *sys.argv[1:]])
     records = []
     for row in rows:
+        if args.traffic:
+            records.append(traffic(row, counter, lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL))
+            for r in records:
+                r[f"vs_{records[0]['row']}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
+            write_results(out, {"command": command, "T": TRAFFIC_T, "records": records}, traffic_table(records, command, (lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL).dim))
+            save_bars(records, "kib_per_token_layer", "glue KiB per token and layer",
+                      "Bytes moved by the glue ops of one training step (GPU code path, counted on CPU)", out)  # fmt: skip
+            print(f"{row}: {records[-1]['kib_per_token_layer']:.1f} KiB per token and layer of glue", flush=True)
+            continue
         records.append(count(row, args.lm, args.smoke, counter))
         for r in records:
             r[f"vs_{records[0]['row']}"] = r["launches"] / records[0]["launches"]

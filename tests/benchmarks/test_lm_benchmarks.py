@@ -1,6 +1,7 @@
 """The text LM benchmark scripts at tiny sizes on the CPU, and the GPU run configs they time."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,6 @@ def test_saved_memory_of_the_lm_rows_counts_one_layer(tmp_path):
     # One layer's bytes per token (two pattern lengths of layers less one), on the kernels' path, for the LM rows: a
     # hybrid's figure is the mean of its pattern's layers.
     import subprocess
-    import sys
 
     subprocess.run([sys.executable, str(BENCHMARKS / "saved_memory.py"), "--lm", "--smoke", "--rows", "attn", "gla",
                     "hybrid_gla", "--out", str(tmp_path / "mem")], check=True)  # fmt: skip
@@ -204,3 +204,21 @@ def test_saved_memory_of_the_lm_rows_counts_one_layer(tmp_path):
     assert kept["gla"] > 0 and kept["attn"] > 0
     assert kept["hybrid_gla"] == pytest.approx((3 * kept["gla"] + kept["attn"]) / 4, rel=0.02)  # gla x3, attn
     assert "| hybrid_gla |" in (tmp_path / "mem.md").read_text()
+
+
+def test_launches_traffic_counts_the_glue_of_an_lm_step(tmp_path):
+    # --lm --traffic: the bytes per token and layer of the aten ops outside matmuls, attention and the optimizer. Mamba-2's
+    # v = x dt and its skip D x run as per-head kernels (mmeff.kernels.pointwise): no elementwise product is left in its
+    # glue (its plain ops moved 108 of its 383 KiB per token and layer through aten.mul at the LM's size). In its own
+    # process: the script runs Triton in its interpreter and fakes the GPU.
+    import subprocess
+
+    subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--lm", "--traffic", "--smoke", "--rows", "mamba2",
+                    "--out", str(tmp_path / "traffic")], check=True)  # fmt: skip
+    records = {r["row"]: r for r in json.loads((tmp_path / "traffic.json").read_text())["records"]}
+    assert records["mamba2"]["kib_per_token_layer"] > 0 and records["mamba2"]["vs_mamba2"] == 1.0
+    assert sum(records["mamba2"]["ops"].values()) == pytest.approx(records["mamba2"]["kib_per_token_layer"], rel=0.01)
+    assert "mul" not in records["mamba2"]["ops"], records["mamba2"]["ops"]
+    assert "| mamba2 |" in (tmp_path / "traffic.md").read_text()
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--traffic"], check=True, capture_output=True)
