@@ -331,7 +331,8 @@ class NonFiniteLoss(Callback):
 
     @staticmethod
     def _flags(trainer: L.Trainer, task: L.LightningModule, loss: torch.Tensor | None) -> torch.Tensor | None:
-        """[loss not finite, gradient not finite] on the device, or None with neither a loss nor a gradient."""
+        """[loss not finite, gradient not finite] on the device, or None with neither a loss nor a gradient. The
+        gradients' norm it takes is left on an mmeff task (`step_grad_norm`) for its gradient clipping."""
         loss_bad = ~torch.isfinite(loss) if loss is not None else None
         grad_bad = None
         if getattr(trainer.precision_plugin, "scaler", None) is None:
@@ -339,6 +340,8 @@ class NonFiniteLoss(Callback):
             norm = torch.nn.utils.get_total_norm(grads) if grads else None
             if norm is not None and hasattr(norm, "full_tensor"):  # sharded: a collective, so every rank takes it
                 norm = norm.full_tensor()
+            elif norm is not None and hasattr(task, "step_grad_norm"):  # for the task's gradient clipping
+                task.step_grad_norm = (norm, frozenset(map(id, grads)))
             grad_bad = ~torch.isfinite(norm) if norm is not None else None
         some = loss_bad if loss_bad is not None else grad_bad
         if some is None:

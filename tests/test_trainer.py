@@ -119,3 +119,39 @@ def test_trainer_compile_names_the_modes_it_takes(tiny_config):
         config.load(tiny_config(**{"trainer.compile": "fast"}))
     with pytest.raises(config.ConfigError, match="trainer.compile: reduce-overhead"):
         config.load(tiny_config(**{"trainer.compile": "reduce-overhead", "trainer.cuda_graphs": True}))
+
+
+def test_clipping_scales_by_the_norm_the_nonfinite_check_took(tiny_config, monkeypatch):
+    # NonFiniteLoss takes the gradients' total norm each step; the task's clipping scales by it instead of taking it
+    # again (torch's clip_grad_norm_ only where the check took none, or over other gradients). Same result as
+    # clip_grad_norm_ within 1e-6 (the two sum the squares in another order).
+    from types import SimpleNamespace
+
+    import torch
+
+    from mmeff.tasks import build_task
+    from mmeff.trainer import NonFiniteLoss
+
+    task = build_task(config.load(tiny_config()))
+    opt = torch.optim.AdamW(task.parameters())
+    task._trainer = SimpleNamespace(precision_plugin=SimpleNamespace())  # bf16 / fp32: no loss scaler
+    gen = torch.Generator().manual_seed(0)
+    for p in task.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 10
+    grads = [p.grad.clone() for p in task.parameters()]
+    coef = (1.0 / (torch.nn.utils.get_total_norm(grads) + 1e-6)).clamp(max=1.0)  # as torch's clip_grad_norm_
+    want = [g * coef for g in grads]
+    assert coef < 0.01  # the test clips
+    taken = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: taken.append(max_norm))
+    NonFiniteLoss._flags(task._trainer, task, torch.tensor(1.0))
+    task.configure_gradient_clipping(opt, 1.0, "norm")
+    assert taken == [] and task.step_grad_norm is None
+    for p, w in zip(task.parameters(), want):
+        assert torch.allclose(p.grad, w, rtol=1e-6, atol=0)
+    task.configure_gradient_clipping(opt, 1.0, "norm")  # no norm taken since: clip_grad_norm_ takes it
+    next(task.parameters()).grad = None
+    NonFiniteLoss._flags(task._trainer, task, torch.tensor(1.0))
+    next(task.parameters()).grad = torch.ones_like(next(task.parameters()))  # not among the gradients it covered
+    task.configure_gradient_clipping(opt, 1.0, "norm")
+    assert taken == [1.0, 1.0]

@@ -62,6 +62,9 @@ class TaskModule(L.LightningModule):
         self.model = model
         self.skipped = 0
         self.bar_values: dict[str, torch.Tensor] = {}  # training values for the progress bar, on the device
+        # The gradients' total 2-norm that mmeff.trainer.NonFiniteLoss took this step, with the ids of the gradients
+        # it covers: clipping scales by it instead of taking it again (one foreach norm and its stack a step less).
+        self.step_grad_norm: tuple[torch.Tensor, frozenset[int]] | None = None
         set_trainable(model, cfg.freeze, cfg.train)
         refusal = self.cuda_graphs_refusal() if cfg.trainer.cuda_graphs else None
         if refusal:
@@ -147,8 +150,11 @@ class TaskModule(L.LightningModule):
         if not gradient_clip_val or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        taken, self.step_grad_norm = self.step_grad_norm, None
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        elif taken is not None and taken[1] == frozenset(id(p.grad) for p in params if p.grad is not None):
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, taken[0])
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
