@@ -185,8 +185,9 @@ def test_fit_clips_gradients_of_a_fused_adamw_under_bf16_mixed(tmp_path, monkeyp
                  "trainer.kwargs.val_check_interval": 2, "run_dir": tmp_path / "run"}  # fmt: skip
     cfg = config.load(GPU_CONFIGS[2], [f"{k}={v}" for k, v in overrides.items()])
     assert cfg.optim.fused and cfg.trainer.gradient_clip_val == 1.0
-    norms, clip = [], torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, limit: norms.append(limit) or clip(params, limit))
+    norms, clip = [], torch.nn.utils.clip_grads_with_norm_  # by the norm that the non-finite check took
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_",
+                        lambda params, limit, norm: norms.append(limit) or clip(params, limit, norm))  # fmt: skip
     fit(cfg)
     assert norms == [1.0, 1.0]  # every step clipped (before: RuntimeError "does not allow for gradient clipping")
 
