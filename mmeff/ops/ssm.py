@@ -249,7 +249,7 @@ def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor
     mamba2-bi ViT kept, benchmarks/saved_memory.py)."""
     skip = D is not None and z is None and D.shape == (x.shape[-2], 1) and y.dtype == dtype and y.shape == x.shape
     if skip and dispatch.choose("ssd_skip", "auto", [("triton", lambda: _per_head_unsupported(x, D))]) == "triton":
-        return dispatch.triton_kernels("pointwise").HeadSkip.apply(y, x, D[:, 0])  # one kernel each way
+        return dispatch.triton_kernels("pointwise").HeadSkip.apply(y, x, D.reshape(-1))  # one kernel each way
     if D is not None:
         y = y + x * D.float()
     if z is not None:
