@@ -271,13 +271,15 @@ def main() -> None:
     counter: list[_Launches | None] = [None]
     _hook_triton(counter)
     command = " ".join(["python benchmarks/launches.py", *sys.argv[1:]])
+    lm_shape = lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL
     records = []
     for row in rows:
         if args.traffic:
-            records.append(traffic(row, counter, lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL))
+            records.append(traffic(row, counter, lm_shape))
             for r in records:
                 r[f"vs_{records[0]['row']}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
-            write_results(out, {"command": command, "T": TRAFFIC_T, "records": records}, traffic_table(records, command, (lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL).dim))
+            write_results(out, {"command": command, "T": TRAFFIC_T, "records": records},
+                          traffic_table(records, command, lm_shape.dim))  # fmt: skip
             save_bars(records, "kib_per_token_layer", "glue KiB per token and layer",
                       "Bytes moved by the glue ops of one training step (GPU code path, counted on CPU)", out)  # fmt: skip
             print(f"{row}: {records[-1]['kib_per_token_layer']:.1f} KiB per token and layer of glue", flush=True)

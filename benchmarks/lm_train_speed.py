@@ -21,8 +21,8 @@ Rows (`--rows`; default all but mamba2_mmeff):
   is noted 'refused: <its reason>'. Peers run unpacked only (`--docs 0`).
 
 Per record (JSON): row, T, B, docs, compiled (and compile_mode, where not torch.compile's default), graphs, tok_s, ms
-(median step), peak_gib, vs_attn (tok/s over mmeff attn's at the same T, docs and mode), vs_peer (an mmeff row's tok/s over its peer's), vs_dense (a MoE row over its dense twin),
-params_m, active_params_m, floor_ms and its parts, mfu, note. The floor of one step is
+(median step), peak_gib, vs_attn (tok/s over mmeff attn's at the same T, docs and mode), vs_peer (an mmeff row's tok/s
+over its peer's), vs_dense (a MoE row over its dense twin), params_m, active_params_m, floor_ms and its parts, mfu, note. The floor of one step is
     floor = matmul_flops / R + mixer floor + 28 bytes x params / W
 - R: the bf16 matmul rate measured in the same run (8192^3 bf16 matmul; fp32 on the CPU); W: the copy bandwidth
   measured in the same run (bytes read + written by a 1 GiB device copy).
@@ -47,9 +47,8 @@ x R): model FLOPs utilisation against the measured matmul rate (the datasheet's 
 with GPU time to spare, waits on the host: its kernels are queued slower than the GPU runs them.
 `--docs 0 8` runs each mmeff row unpacked and with 8 packed documents per sequence (the layout's cu_seqlens reach
 every mixer). `--compile [MODE]` runs every model through torch.compile (nn.Module.compile, in `MODE`, as
-`trainer.compile`); `--graphs` replays each mmeff
-row's forward and backward as CUDA graphs (mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs` runs for
-the classify task; unpacked rows only, no peers, no MoE: a replay would drop the balancing loss). Peak memory is not
+`trainer.compile`); `--graphs` replays each mmeff row's forward and backward as CUDA graphs
+(mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs` runs for the classify task; unpacked rows only, no peers, no MoE: a replay would drop the balancing loss). Peak memory is not
 recorded under graphs (their pools are outside the allocator's count). Records merge into
 `--out`.{md,json,png} (default benchmarks/results/lm_train_speed_<device>) by (row, T, docs, mode), rewritten
 after every record, so a run cut short keeps its rows and several runs build one table.

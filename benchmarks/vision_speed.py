@@ -30,7 +30,8 @@ them from an earlier record of the same row, size and parameter count (the refer
 with the next (the mamba2 rows need more than 90 s on a fresh H200 where mamba-ssm is installed: its kernels
 autotune in their first step; runs 33 and 35 stopped there). `--compile` runs every model, timm's too, through torch.compile
 (nn.Module.compile, as `trainer.compile: true`); `--compile reduce-overhead` (or another torch.compile mode) in that
-mode, as `trainer.compile: reduce-overhead` (record field `compile_mode`; the tables' mode `compiled-reduce-overhead`). `--graphs` replays each model's forward and backward as CUDA graphs
+mode, as `trainer.compile: reduce-overhead` (record field `compile_mode`; the tables' mode `compiled-reduce-overhead`).
+`--graphs` replays each model's forward and backward as CUDA graphs
 through mmeff.tasks.graphs.GraphedTraining, what `trainer.cuda_graphs: true` runs (torch.cuda.make_graphed_callables;
 the optimizer step stays eager), timm's too: the step without the host's per-kernel launch cost, which the eager
 mmeff rows pay for their many small kernels (record field `graphs`). Results merge into benchmarks/results/vision_speed_<device>.{md,json,png}

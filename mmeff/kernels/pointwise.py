@@ -265,24 +265,22 @@ def _head_bwd_kernel(x, w, dout, dx, dw, N, H, P, sx, SKIP: tl.constexpr, BT: tl
         tl.store(dw + rows[:, None] * H + heads[None, :], per_head, mask=(rows < N)[:, None] & (heads < H)[None, :])
 
 
-def _head_rows(x: Tensor) -> Tensor:
-    """x [..., H, P] as [N, H * P] rows (a view where its heads and head channels are contiguous, else a copy)."""
-    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
-        x = x.contiguous()
-    try:
-        return x.view(-1, x.shape[-2] * x.shape[-1])
-    except RuntimeError:
-        return x.contiguous().view(-1, x.shape[-2] * x.shape[-1])
+def _head_tiling(x: Tensor) -> tuple[Tensor, int, int]:
+    """x [..., H, P] (P a power of two) as [N, H * P] rows (read in place where its heads and head channels are
+    contiguous, else copied), the tokens a program takes and the programs."""
+    heads, width = x.shape[-2:]
+    rows = (x if x.stride(-1) == 1 and x.stride(-2) == width else x.contiguous()).reshape(-1, heads * width)
+    tokens = max(1, HEAD_TILE // (next_pow2(heads) * width))
+    return rows, tokens, cdiv(rows.shape[0], tokens)
 
 
 def _head_launch(kernel: Callable, x: Tensor, *tensors: Optional[Tensor], skip: bool) -> None:
-    """Launch a head kernel over x's [N, H, P] (P a power of two) with the tensors between x and the sizes."""
-    rows = _head_rows(x)
-    n, (h, p) = rows.shape[0], x.shape[-2:]
-    bh = next_pow2(h)
-    bt = max(1, HEAD_TILE // (bh * p))
-    if n:
-        kernel[(cdiv(n, bt),)](rows, *tensors, n, h, p, rows.stride(0), SKIP=skip, BT=bt, BH=bh, BP=p)
+    """Launch a head kernel over x's [N, H, P] with the tensors between x and the sizes."""
+    rows, tokens, programs = _head_tiling(x)
+    heads, width = x.shape[-2:]
+    if programs:
+        kernel[(programs,)](rows, *tensors, rows.shape[0], heads, width, rows.stride(0), SKIP=skip, BT=tokens,
+                            BH=next_pow2(heads), BP=width)  # fmt: skip
 
 
 class HeadScale(torch.autograd.Function):
@@ -321,9 +319,7 @@ class HeadSkip(torch.autograd.Function):
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         x, D = ctx.saved_tensors
         dout = dout.contiguous()
-        n, (h, p) = x.numel() // (x.shape[-2] * x.shape[-1]), x.shape[-2:]
-        programs = cdiv(n, max(1, HEAD_TILE // (next_pow2(h) * p)))
         dx = empty(x.shape, x.dtype, x.device)
-        parts = empty((programs, h), torch.float32, x.device)
+        parts = empty((_head_tiling(x)[2], x.shape[-2]), torch.float32, x.device)
         _head_launch(_head_bwd_kernel, x, D, dout, dx, parts, skip=True)
         return dout.to(ctx.y_dtype), dx, parts.sum(0).to(D.dtype)
