@@ -62,16 +62,19 @@ def unsupported(
 ) -> str:
     """Why linear_recurrence_triton cannot take this call on CUDA tensors, "" when it can: fp32/bf16/fp16,
     K <= MAX_KEY_DIM, token and head counts within the kernels' index range; per-key decay together with the
-    delta rule, and mode "recurrent", only through the forward-only fused recurrent kernel."""
+    delta rule, and mode "recurrent", only through the forward-only fused recurrent kernel; q and k with fewer heads
+    than v (shared by groups) under a scalar gate or none (mmeff.ops.linear_recurrence repeats them for the others)."""
     if not {q.dtype, k.dtype, v.dtype} <= set(_DTYPES):
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (the kernels take float32, bfloat16, float16)"
     if q.shape[-1] > MAX_KEY_DIM:
         return f"key dim {q.shape[-1]} > {MAX_KEY_DIM}"
-    tokens, heads = q.shape[0] * q.shape[1], q.shape[2]
+    tokens, heads = q.shape[0] * q.shape[1], v.shape[2]
     if tokens >= MAX_TOKENS:
         return f"B*T = {tokens} tokens (q {tuple(q.shape)}): token indices and cu_seqlens are int32, limit 2**31 - 1"
     if heads > MAX_HEADS:
         return f"{heads} heads (q {tuple(q.shape)}): a launch grid dimension holds at most {MAX_HEADS}"
+    if q.shape[2] != heads and ((log_decay is not None and log_decay.dim() == 4) or beta is not None):
+        return f"q {tuple(q.shape)} shared by groups of v's {heads} heads with per-key decay or the delta rule"
     grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
     if mode == "recurrent":
         return "mode='recurrent' with gradients (the fused recurrent kernel is forward-only)" if grad else ""
@@ -96,11 +99,11 @@ def linear_recurrence_triton(
     chunk_size: int = 64,
     mode: str = "chunk",
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """mmeff.ops.linear_recurrence on q, k [B,T,H,K], v [B,T,H,V], log_decay [B,T,H] or [B,T,H,K], beta
-    [B,T,H]; with cu_seqlens (int32 [N+1], B = 1) the N packed sequences are independent and
-    initial_state / the final state are [N,H,K,V]. chunk_size is rounded to 16, 32 or 64. Mode "recurrent"
-    (no gradients) takes the fused step-by-step kernel, as do, without gradients, sequences of at most
-    RECURRENT_MAX_LEN steps."""
+    """mmeff.ops.linear_recurrence on q, k [B,T,H,K] (or [B,T,G,K], G dividing H, for a scalar gate or none), v
+    [B,T,H,V], log_decay [B,T,H] or [B,T,H,K], beta [B,T,H]; with cu_seqlens (int32 [N+1], B = 1) the N packed
+    sequences are independent and initial_state / the final state are [N,H,K,V]. chunk_size is rounded to 16, 32
+    or 64. Mode "recurrent" (no gradients) takes the fused step-by-step kernel, as do, without gradients, sequences
+    of at most RECURRENT_MAX_LEN steps."""
     args, chunks, gate = pack(q, k, v, log_decay, beta, initial_state, cu_seqlens, chunk_size)
     grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
     if mode == "recurrent" and grad:
@@ -126,7 +129,9 @@ def pack(
 ) -> Tuple[Tuple[Optional[Tensor], ...], Chunks, int]:
     """The kernels' inputs (q, k, v in their common dtype, log decay, beta, initial state in fp32; all but the
     state as [1, B*T, H, *]), their chunk layout (chunk_size rounded to 16, 32 or 64) and gate kind."""
-    batch, seqlen, heads, dk = q.shape
+    batch, seqlen, heads, dk = *v.shape[:3], q.shape[3]
+    if q.shape[2] != heads and ((log_decay is not None and log_decay.dim() == 4) or beta is not None):
+        raise ValueError(f"q {tuple(q.shape)} shared by groups of v's {heads} heads: only under a scalar gate or none")
     if cu_seqlens is not None and batch != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)

@@ -51,7 +51,8 @@ def chunk_backward(
     chunks: Chunks, gate: int, want_dh0: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # fmt: skip
     """(dq, dk, dv, d log decay, dbeta, dh0) from the output gradient `do` (contiguous) and the final state's `dht`
-    (fp32 or None): the states recomputed, then dh (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's finishing kernel."""
+    (fp32 or None): the states recomputed, then dh (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's finishing kernel.
+    q and k may have fewer heads than v (a divisor: groups of heads share them), under a scalar gate or none."""
     X, w, _ = wy or (None, None, None)
     h, values, A, _ = _forward_states(q, k, v, b, span, wy, h0, chunks, gate, False)
     local = None if beta is None else dv_local(q, k, b, do, chunks, gate, scale)
@@ -62,6 +63,8 @@ def chunk_backward(
     dq, dk, dv, dg, dbeta = parts["dq"], parts["dk"], parts["dv"], parts["dg"], None
     if beta is not None:
         dk, dv, dbeta, dg = wy_bwd(k, v, b, beta, X, parts, dv_new, chunks, gate)
+    if q.shape[2] != v.shape[2]:  # q and k shared by groups of heads: each head's gradient summed into its group's
+        dq, dk = (d.unflatten(2, (q.shape[2], -1)).sum(3) for d in (dq, dk))
     return dq, dk, dv, dg, dbeta, dh0
 
 

@@ -28,6 +28,7 @@ from mmeff.kernels.utils import (
     empty,
     load_tile,
     load_tile_t,
+    key_row,
     load_vec,
     masked_exp,
     mm,
@@ -69,12 +70,13 @@ def chunk_decay(b, tok, nr, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.co
         return ones, ones, tl.zeros([BK, 1], dtype=tl.float32) + 1.0
 
 
-@autotune(warps(42, 43), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"])
+@autotune(warps(42, 43), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"])
 @triton.jit
 def _fwd_h_kernel(
     k, v, w, b, h, v_new, h0, ht, cu_seqlens, chunk_offsets,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     i_nh, i_v, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -88,7 +90,7 @@ def _fwd_h_kernel(
         tok = bos + i_t * BT
         nr = T - i_t * BT
         store_tile(h + ((c0 + i_t) * H + i_h) * K * V, state, ck, K, V, cv, V, BK, BV)
-        kt = load_tile_t(k + (tok * H + i_h) * K, 0, nr, H * K, ck, K, BT, BK)
+        kt = load_tile_t(k + key_row(tok, i_h, H, HK, K), 0, nr, HK * K, ck, K, BT, BK)
         vc = load_tile(v + (tok * H + i_h) * V, 0, nr, H * V, cv, V, BT, BV)
         if DELTA:
             wc = load_tile(w + (tok * H + i_h) * K, 0, nr, H * K, 0, K, BT, BK)
@@ -100,12 +102,13 @@ def _fwd_h_kernel(
         store_tile(ht + i_nh.to(tl.int64) * K * V, state, ck, K, V, cv, V, BK, BV)
 
 
-@autotune(warps(42, 43), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"])
+@autotune(warps(42, 43), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"])
 @triton.jit
 def _bwd_dh_kernel(
     q, k, w, b, do, dv_local, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     i_nh, i_v, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -122,11 +125,11 @@ def _bwd_dh_kernel(
         nr = T - i_t * BT
         store_tile(dh + ((c0 + i_t) * H + i_h) * K * V, grad, ck, K, V, cv, V, BK, BV)
         from_start, to_end, whole = chunk_decay(b, tok, nr, i_h, ck, H, K, BT, BK, GATE)
-        qt = load_tile_t(q + (tok * H + i_h) * K, 0, nr, H * K, ck, K, BT, BK)
+        qt = load_tile_t(q + key_row(tok, i_h, H, HK, K), 0, nr, HK * K, ck, K, BT, BK)
         doc = load_tile(do + (tok * H + i_h) * V, 0, nr, H * V, cv, V, BT, BV)
         update = mm((qt * from_start * scale).to(q.dtype.element_ty), doc, PREC)
         if DELTA:
-            kc = load_tile(k + (tok * H + i_h) * K, 0, nr, H * K, 0, K, BT, BK)
+            kc = load_tile(k + key_row(tok, i_h, H, HK, K), 0, nr, HK * K, 0, K, BT, BK)
             if GATE == SCALAR_GATE:
                 bc, bl = scalar_gate(b, tok, nr, i_h, H, BT)
                 kc = kc * masked_exp(bl - bc, tl.arange(0, BT) < nr)[:, None]
@@ -171,14 +174,14 @@ def fwd_h(
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Chunk-entry states h [NT, H, K, V] (k's dtype), v~ = u - w h for the delta rule (w given, v = u),
     and the final states [N, H, K, V] fp32 if asked."""
-    heads, dk, dv = k.shape[2], k.shape[3], v.shape[3]
+    heads, dk, dv = v.shape[2], k.shape[3], v.shape[3]
     bk, bv = state_blocks(dk, dv, chunks.num_seqs * heads, w is None, k.device)
     h = empty((chunks.num_chunks, heads, dk, dv), k.dtype, k.device)
     v_new = empty(v.shape, v.dtype, v.device) if w is not None else None
     ht = empty((chunks.num_seqs, heads, dk, dv), torch.float32, k.device) if output_final_state else None
     _fwd_h_kernel[(chunks.num_seqs * heads, cdiv(dv, bv), cdiv(dk, bk))](
         k, v, w, b, h, v_new, h0, ht, chunks.cu_seqlens, chunks.offsets,
-        H=heads, K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
+        H=heads, HK=k.shape[2], K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
         GATE=gate, DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=output_final_state, PREC=precision(k.dtype),
     )  # fmt: skip
     return h, v_new, ht
@@ -199,14 +202,14 @@ def bwd_dh(
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients dh [NT, H, K, V] w.r.t. each chunk's exit state, the initial-state gradient [N, H, K, V]
     fp32 if asked, and for the delta rule (w given) the full gradient of v~, fp32."""
-    heads, dk, dv = q.shape[2], q.shape[3], do.shape[3]
+    heads, dk, dv = do.shape[2], q.shape[3], do.shape[3]
     bk, bv = state_blocks(dk, dv, chunks.num_seqs * heads, w is None, q.device)
     dh = empty((chunks.num_chunks, heads, dk, dv), q.dtype, q.device)
     dv_new = empty(do.shape, torch.float32, do.device) if w is not None else None
     dh0 = empty((chunks.num_seqs, heads, dk, dv), torch.float32, q.device) if initial_grad else None
     _bwd_dh_kernel[(chunks.num_seqs * heads, cdiv(dv, bv), cdiv(dk, bk))](
         q, k, w, b, do, dv_local, dh, dv_new, dht, dh0, chunks.cu_seqlens, chunks.offsets, scale,
-        H=heads, K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
+        H=heads, HK=q.shape[2], K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
         GATE=gate, DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=initial_grad, PREC=precision(q.dtype),
     )  # fmt: skip
     return dh, dh0, dv_new

@@ -28,6 +28,7 @@ from mmeff.kernels.utils import (
     cdiv,
     chunk_bounds,
     empty,
+    key_row,
     load_tile,
     load_tile_t,
     masked_exp,
@@ -43,13 +44,14 @@ from mmeff.kernels.utils import (
 
 
 @triton.jit
-def scores_t(q, k, b, tok, nr, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-             GATE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+def scores_t(q, k, b, tok, nr, i_h, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+             BK: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """P^T [BT, BT] of one chunk for a scalar or no gate: (j, i) -> sum_k k_j q_i exp(b_i - b_j) for j <= i."""
-    off = (tok * H + i_h) * K
+    off = key_row(tok, i_h, H, HK, K)
     pt = tl.zeros([BT, BT], dtype=tl.float32)
     for c in range(0, K, BK):
-        pt += mm(load_tile(k + off, 0, nr, H * K, c, K, BT, BK), load_tile_t(q + off, 0, nr, H * K, c, K, BT, BK), PREC)
+        kc = load_tile(k + off, 0, nr, HK * K, c, K, BT, BK)
+        pt += mm(kc, load_tile_t(q + off, 0, nr, HK * K, c, K, BT, BK), PREC)
     rows = tl.arange(0, BT)
     upper = (rows[:, None] <= rows[None, :]) & (rows < nr)[None, :]
     if GATE == SCALAR_GATE:
@@ -67,12 +69,12 @@ def factored_key(k, b, off, ref, nr, c, H: tl.constexpr, K: tl.constexpr, BT: tl
     return load_tile_t(k + off, 0, nr, H * K, c, K, BT, BK) * decay
 
 
-@autotune(warps(42, 82), key=["H", "K", "V", "BT", "BK", "BV", "GATE"])
+@autotune(warps(42, 82), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE"])
 @triton.jit
 def _fwd_o_kernel(
     q, k, v, h, b, span, A, o, cu_seqlens, chunk_indices, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # GLA chunks within the span limit get their scores here as (q exp(b - b_ref)) (k exp(b_ref - b))^T; the
     # others read them from chunk_gla's sub-chunk kernel.
@@ -82,6 +84,7 @@ def _fwd_o_kernel(
     cv = i_v * BV
     rows = tl.arange(0, BT)
     off = (tok * H + i_h) * K
+    qk = key_row(tok, i_h, H, HK, K)  # off itself where HK = H (per-key gates)
     hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
     if GATE == KEY_GATE:
         fast = tl.load(span + i_c.to(tl.int64) * H + i_h) <= LIMIT
@@ -89,7 +92,7 @@ def _fwd_o_kernel(
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     s = tl.zeros([BT, BT], dtype=tl.float32)
     for c in range(0, K, BK):
-        qc = load_tile(q + off, 0, nr, H * K, c, K, BT, BK)
+        qc = load_tile(q + qk, 0, nr, HK * K, c, K, BT, BK)
         if GATE == KEY_GATE:
             bc = load_tile(b + off, 0, nr, H * K, c, K, BT, BK)
             if fast:
@@ -98,7 +101,7 @@ def _fwd_o_kernel(
                 s += mm(q_ref, factored_key(k, b, off, ref, nr, c, H, K, BT, BK).to(DT), PREC)
             qc = (qc * masked_exp(bc, (rows < nr)[:, None])).to(DT)
         else:
-            s += mm(qc, load_tile_t(k + off, 0, nr, H * K, c, K, BT, BK), PREC)
+            s += mm(qc, load_tile_t(k + qk, 0, nr, HK * K, c, K, BT, BK), PREC)
         acc += mm(qc, load_tile(hp, c, K, V, cv, V, BK, BV), PREC)
     causal = (rows[:, None] >= rows[None, :]) & (rows < nr)[:, None]
     if GATE == SCALAR_GATE:
@@ -116,16 +119,16 @@ def _fwd_o_kernel(
     store_tile(o + (tok * H + i_h) * V, scale * (acc + mm(s.to(DT), vc, PREC)), 0, nr, H * V, cv, V, BT, BV)
 
 
-@autotune(warps(42), key=["H", "K", "V", "BT", "BK", "BV", "GATE"])
+@autotune(warps(42), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE"])
 @triton.jit
 def _dv_local_kernel(
     q, k, b, do, dv, cu_seqlens, chunk_indices, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
-    pt = scores_t(q, k, b, tok, nr, i_h, H, K, BT, BK, GATE, PREC)
+    pt = scores_t(q, k, b, tok, nr, i_h, H, HK, K, BT, BK, GATE, PREC)
     off = (tok * H + i_h) * V
     doc = load_tile(do + off, 0, nr, H * V, i_v * BV, V, BT, BV)
     store_tile(dv + off, scale * mm(pt.to(do.dtype.element_ty), doc, PREC), 0, nr, H * V, i_v * BV, V, BT, BV)
@@ -147,19 +150,20 @@ def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) ->
     return configs
 
 
-@autotune(warps(82, 42, 22), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"], prune=_sm90_safe_configs)
+@autotune(warps(82, 42, 22), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"], prune=_sm90_safe_configs)
 @triton.jit
 def _bwd_dqk_kernel(
     q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, cu_seqlens,
     chunk_indices, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # Full key width per program (BK >= K); value tiles are looped over. For the delta rule v is v~ and,
     # instead of dv, dw = -dv~ h^T is produced; dk and the decay gradient are then partial (chunk_delta
     # adds the terms of w and of the triangular solve). GLA chunks within the span limit are finished here
     # through the factored scores; for the others the inter-chunk parts of dq and dk (dq_part, dk_part),
-    # the score gradient dA and the last-step decay term go to chunk_gla's sub-chunk kernel.
+    # the score gradient dA and the last-step decay term go to chunk_gla's sub-chunk kernel. Heads sharing q and k
+    # (HK < H) read them at qk and write their own dq and dk, at off, which chunk.py sums over each group.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     DT = q.dtype.element_ty
@@ -173,8 +177,9 @@ def _bwd_dqk_kernel(
     voff = (tok * H + i_h) * V
     hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
     dhp = dh + (i_c.to(tl.int64) * H + i_h) * K * V
-    qc = load_tile(q + off, 0, nr, H * K, 0, K, BT, BK)
-    kc = load_tile(k + off, 0, nr, H * K, 0, K, BT, BK)
+    qk = key_row(tok, i_h, H, HK, K)
+    qc = load_tile(q + qk, 0, nr, HK * K, 0, K, BT, BK)
+    kc = load_tile(k + qk, 0, nr, HK * K, 0, K, BT, BK)
 
     if GATE == SCALAR_GATE:
         bc, bl = scalar_gate(b, tok, nr, i_h, H, BT)
@@ -203,7 +208,7 @@ def _bwd_dqk_kernel(
             else:
                 pt = (load_tile_t(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT) * scale).to(DT)
         else:
-            pt = (scores_t(q, k, b, tok, nr, i_h, H, K, BT, BK, GATE, PREC) * scale).to(DT)
+            pt = (scores_t(q, k, b, tok, nr, i_h, H, HK, K, BT, BK, GATE, PREC) * scale).to(DT)
 
     dq_acc = tl.zeros([BT, BK], dtype=tl.float32)
     dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
@@ -272,25 +277,26 @@ def fwd_o(
     chunks: Chunks, gate: int, scale: float,
 ) -> Tensor:  # fmt: skip
     """Outputs [1, T, H, V] in v's dtype; A: GLA's intra-chunk scores of the chunks past the span limit."""
-    heads, dk, dv = q.shape[2], q.shape[3], v.shape[3]
+    heads, dk, dv = v.shape[2], q.shape[3], v.shape[3]
     o = empty(v.shape, v.dtype, v.device)
     bv = min(64, pow2(dv))
     _fwd_o_kernel[(chunks.num_chunks, cdiv(dv, bv), heads)](
         q, k, v, h, b, span, A, o, chunks.cu_seqlens, chunks.indices, scale,
-        H=heads, K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate, LIMIT=span_limit(q.dtype),
-        PREC=precision(q.dtype),
+        H=heads, HK=q.shape[2], K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate,
+        LIMIT=span_limit(q.dtype), PREC=precision(q.dtype),
     )  # fmt: skip
     return o
 
 
 def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chunks, gate: int, scale: float) -> Tensor:
     """scale * P^T do per chunk, fp32: the intra-chunk part of the value gradient."""
-    heads, dk, dv = q.shape[2], q.shape[3], do.shape[3]
+    heads, dk, dv = do.shape[2], q.shape[3], do.shape[3]
     out = empty(do.shape, torch.float32, do.device)
     bv = min(64, pow2(dv))
     _dv_local_kernel[(chunks.num_chunks, cdiv(dv, bv), heads)](
         q, k, b, do, out, chunks.cu_seqlens, chunks.indices, scale,
-        H=heads, K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate, PREC=precision(q.dtype),
+        H=heads, HK=q.shape[2], K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate,
+        PREC=precision(q.dtype),
     )  # fmt: skip
     return out
 
@@ -299,29 +305,29 @@ def bwd_dqk(
     q: Tensor, k: Tensor, v: Tensor, h: Tensor, dh: Tensor, b: Optional[Tensor], span: Optional[Tensor],
     A: Optional[Tensor], do: Tensor, dv_new: Optional[Tensor], chunks: Chunks, gate: int, scale: float,
 ) -> dict:  # fmt: skip
-    """Gradients of one chunk pass (see _bwd_dqk_kernel): dq, dk, and dv, dw, dg, and for GLA the partial
-    dq_part, dk_part, dA, dg_last of the chunks past the span limit."""
-    heads, dk_, dv_ = q.shape[2], q.shape[3], v.shape[3]
+    """Gradients of one chunk pass (see _bwd_dqk_kernel): dq, dk (one per head of v, also where q and k have fewer),
+    and dv, dw, dg, and for GLA the partial dq_part, dk_part, dA, dg_last of the chunks past the span limit."""
+    heads, dk_, dv_ = v.shape[2], q.shape[3], v.shape[3]
     delta, key_gate = dv_new is not None, gate == KEY_GATE
 
-    def new(like: Tensor, last: int, fp32: bool = False) -> Tensor:
-        return empty((*like.shape[:3], last), torch.float32 if fp32 else like.dtype, like.device)
+    def new(last: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return empty((*v.shape[:3], last), dtype, v.device)
 
     out = {
-        "dq": new(q, dk_),
-        "dk": new(k, dk_, delta),
-        "dv": None if delta else new(v, dv_),
-        "dw": new(k, dk_, True) if delta else None,
-        "dg": new(q, dk_, True) if key_gate else (empty(q.shape[:3], torch.float32, q.device) if gate == SCALAR_GATE else None),
-        "dq_part": new(q, dk_, True) if key_gate else None,
-        "dk_part": new(k, dk_, True) if key_gate else None,
-        "dA": new(q, chunks.size, True) if key_gate else None,
+        "dq": new(dk_, q.dtype),
+        "dk": new(dk_, torch.float32 if delta else k.dtype),
+        "dv": None if delta else new(dv_, v.dtype),
+        "dw": new(dk_) if delta else None,
+        "dg": new(dk_) if key_gate else (empty(v.shape[:3], torch.float32, v.device) if gate == SCALAR_GATE else None),
+        "dq_part": new(dk_) if key_gate else None,
+        "dk_part": new(dk_) if key_gate else None,
+        "dA": new(chunks.size) if key_gate else None,
         "dg_last": empty((chunks.num_chunks, heads, dk_), torch.float32, q.device) if key_gate else None,
     }
     names = ("dq", "dk", "dv", "dw", "dg", "dq_part", "dk_part", "dA", "dg_last")
     _bwd_dqk_kernel[(chunks.num_chunks, heads)](
         q, k, v, h, dh, b, span, A, do, dv_new, *(out[n] for n in names), chunks.cu_seqlens, chunks.indices, scale,
-        H=heads, K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)),
+        H=heads, HK=q.shape[2], K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)),
         GATE=gate, DELTA=delta, LIMIT=span_limit(q.dtype), PREC=precision(q.dtype),
     )  # fmt: skip
     return out

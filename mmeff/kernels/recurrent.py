@@ -21,6 +21,7 @@ from mmeff.kernels.utils import (
     autotune,
     cdiv,
     empty,
+    key_row,
     load_tile,
     pow2,
     seq_bounds,
@@ -29,11 +30,11 @@ from mmeff.kernels.utils import (
 )
 
 
-@autotune(warps(41), key=["H", "K", "V", "BK", "BV", "GATE", "DELTA"])
+@autotune(warps(41), key=["H", "HK", "K", "V", "BK", "BV", "GATE", "DELTA"])
 @triton.jit
 def _recurrent_kernel(
     q, k, v, g, beta, o, h0, ht, cu_seqlens, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):  # fmt: skip
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
@@ -47,8 +48,9 @@ def _recurrent_kernel(
         state += load_tile(h0 + i_nh.to(tl.int64) * K * V, 0, K, V, i_v * BV, V, BK, BV)
     for t in range(T):
         row = (bos + t) * H + i_h
-        qt = tl.load(q + row * K + ck, mask=mk, other=0.0).to(tl.float32)
-        kt = tl.load(k + row * K + ck, mask=mk, other=0.0).to(tl.float32)
+        qk = key_row(bos + t, i_h, H, HK, K)
+        qt = tl.load(q + qk + ck, mask=mk, other=0.0).to(tl.float32)
+        kt = tl.load(k + qk + ck, mask=mk, other=0.0).to(tl.float32)
         vt = tl.load(v + row * V + cv, mask=mv, other=0.0).to(tl.float32)
         if GATE == SCALAR_GATE:
             state *= tl.exp(tl.load(g + row))
@@ -66,14 +68,15 @@ def fused_recurrent(
     q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], scale: float,
     h0: Optional[Tensor], chunks: Chunks, gate: int, output_final_state: bool,
 ) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
-    """Outputs [1, T, H, V] in v's dtype and the final states [N, H, K, V] fp32 if asked; packed inputs."""
-    heads, dk, dv = q.shape[2], q.shape[3], v.shape[3]
+    """Outputs [1, T, H, V] in v's dtype and the final states [N, H, K, V] fp32 if asked; packed inputs (q and k
+    may have fewer heads, shared by groups of H / HK)."""
+    heads, dk, dv = v.shape[2], q.shape[3], v.shape[3]
     o = empty(v.shape, v.dtype, v.device)
     ht = empty((chunks.num_seqs, heads, dk, dv), torch.float32, q.device) if output_final_state else None
     bv = min(32, pow2(dv, 1))
     _recurrent_kernel[(chunks.num_seqs * heads, cdiv(dv, bv))](
         q, k, v, g, beta, o, h0, ht, chunks.cu_seqlens, scale,
-        H=heads, K=dk, V=dv, BK=pow2(dk, 1), BV=bv, GATE=gate, DELTA=beta is not None,
+        H=heads, HK=q.shape[2], K=dk, V=dv, BK=pow2(dk, 1), BV=bv, GATE=gate, DELTA=beta is not None,
         HAS_H0=h0 is not None, STORE_HT=output_final_state,
     )  # fmt: skip
     return o, ht

@@ -245,6 +245,12 @@ def chunk_bounds(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
 
 
 @triton.jit
+def key_row(tok, i_h, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr):
+    """Offset of token tok's key (or query) for head i_h of H, in [T, HK, K] keys shared by groups of H / HK heads."""
+    return (tok * HK + i_h // (H // HK)) * K
+
+
+@triton.jit
 def load_tile(ptr, r0, nr, sr, c0, nc, BR: tl.constexpr, BC: tl.constexpr):
     """[BR, BC] tile at (r0, c0) of an [nr, nc] matrix with row stride sr; zero outside it."""
     r = r0 + tl.arange(0, BR)

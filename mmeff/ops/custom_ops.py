@@ -45,7 +45,7 @@ def _forward(
 @_forward.register_fake
 def _(q, k, v, g, beta, h0, cu_seqlens, scale, chunk_size, final):
     seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    ht = q.new_empty(seqs, q.shape[2], q.shape[3], v.shape[3], dtype=torch.float32) if final else _absent(q)
+    ht = q.new_empty(seqs, v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32) if final else _absent(q)
     return torch.empty_like(v), ht
 
 

@@ -58,6 +58,10 @@ def linear_recurrence(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Run the recurrence on q, k [B,T,H,K], v [B,T,H,V], log_decay [B,T,H] or [B,T,H,K], beta [B,T,H].
 
+    q and k may have fewer heads G (a divisor of H), shared by groups of H / G heads in order, as grouped-query
+    attention shares keys: Mamba-2's B and C. The kernels read them shared under a scalar gate or none; per-key
+    decay and the delta rule get them repeated.
+
     cu_seqlens (int32 [N+1], B = 1) packs N independent sequences along T, each starting from its own
     initial_state [N,H,K,V] (zeros if none) and giving its own final state [N,H,K,V]. backend: auto, torch
     or triton (mmeff.ops.dispatch).
@@ -66,14 +70,19 @@ def linear_recurrence(
         raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    batch, seqlen, heads, dk = q.shape
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
+    batch, seqlen, heads, dk = *v.shape[:3], q.shape[3]
+    if k.shape != q.shape or v.shape[:2] != q.shape[:2] or heads % q.shape[2]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match "
+            "(q and k alike; their heads dividing v's)"
+        )
     if log_decay is not None and log_decay.shape not in ((batch, seqlen, heads), (batch, seqlen, heads, dk)):
         raise ValueError(f"log_decay must be [B,T,H] or [B,T,H,K], got {tuple(log_decay.shape)}")
     if beta is not None and beta.shape != (batch, seqlen, heads):
         raise ValueError(f"beta must be [B,T,H], got {tuple(beta.shape)}")
     check_cu_seqlens(cu_seqlens, batch)
+    if q.shape[2] != heads and (beta is not None or (log_decay is not None and log_decay.dim() == 4)):
+        q, k = (_repeat_heads(x, heads) for x in (q, k))
 
     def triton() -> str:
         return triton_check(q, k, v, log_decay, beta, initial_state, cu_seqlens, mode)
@@ -121,6 +130,8 @@ def run_recurrence(
     cu_seqlens: Optional[Tensor],
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """The recurrence by `impl` ("triton" or "torch"), on arguments linear_recurrence has checked."""
+    if impl == "torch":
+        q, k = (_repeat_heads(x, v.shape[2]) for x in (q, k))
     if impl == "triton" and mode == "chunk" and torch.compiler.is_compiling():  # no graph break on the kernels
         return linear_recurrence_op(q, k, v, log_decay, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     if impl == "triton":
@@ -142,6 +153,11 @@ def run_recurrence(
         outs.append(o)
         states.append(state)
     return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
+
+
+def _repeat_heads(x: Tensor, heads: int) -> Tensor:
+    """q or k [B,T,G,K] repeated over the heads of each group: [B,T,heads,K] (x itself where G = heads)."""
+    return x if x.shape[2] == heads else x.repeat_interleave(heads // x.shape[2], dim=2)
 
 
 def _torch_recurrence(

@@ -71,8 +71,8 @@ def ssd(
         # q, k, v stay in x's dtype (the PyTorch path computes in fp32 anyway): fp32 would send 16-bit models to
         # the kernels' fp32 build, which for d_state 128 compiles for minutes and runs several times slower.
         return dict(
-            q=_per_head(C, heads, x.dtype),
-            k=_per_head(B, heads, x.dtype),
+            q=_keys(C, x.dtype),
+            k=_keys(B, x.dtype),
             v=_scaled(x, dtf),
             log_decay=log_decay,
             beta=None,
@@ -120,9 +120,8 @@ def ssd(
         )
     args = recurrence()
     # The kernels' backward reads q, k and v again: made again from C, B, x and dt (kept anyway), not kept themselves.
-    # q and k are C and B repeated over the heads of their group, heads / groups times their size.
-    per_head = functools.partial(_per_head, heads=heads, dtype=x.dtype)
-    recipes = [(args["q"], per_head, (C,)), (args["k"], per_head, (B,)), (args["v"], _scaled, (x, decays()[0]))]
+    keys = functools.partial(_keys, dtype=x.dtype)
+    recipes = [(args["q"], keys, (C,)), (args["k"], keys, (B,)), (args["v"], _scaled, (x, decays()[0]))]
     with recomputed(recipes if impl == "triton" else ()):
         y, state = run_recurrence(impl, **args, scale=1.0, output_final_state=return_final_states, chunk_size=chunk_size)
     if D is not None and D.dim() == 1:
@@ -220,9 +219,10 @@ def _scan_input(m: Tensor, batch: int, dim: int, seqlen: int) -> Tensor:
     return m.permute(0, 3, 1, 2).repeat_interleave(dim // m.shape[1], dim=2)
 
 
-def _per_head(t: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
-    """SSD's B or C [B,T,G,N] in `dtype`, repeated over the heads of each group: [B,T,H,N] (the kernels' k or q)."""
-    return t.to(dtype).repeat_interleave(heads // t.shape[2], dim=2)
+def _keys(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """SSD's B or C [B,T,G,N] as the recurrence's k or q: in `dtype`, contiguous; each of the G shared by the heads of
+    its group (the kernels read them so, rather than a copy repeated per head)."""
+    return t.to(dtype).contiguous()
 
 
 def _per_head_unsupported(x: Tensor, *others: Tensor) -> str:

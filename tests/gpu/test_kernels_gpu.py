@@ -138,6 +138,14 @@ def test_parity_model_shapes(kernels, monkeypatch, seed, shape):
     assert_parity(kernels, monkeypatch, inputs, dtype)
 
 
+@pytest.mark.xdist_group("ssd-32x128x64-bf16-shared")
+def test_parity_keys_shared_at_model_shape(kernels, monkeypatch, seed):
+    # Mamba-2's SSD as its mixer hands it to the kernels at the LM's size: C and B (q, k) one head shared by all 32.
+    inputs = make_inputs("scalar_decay", 1, 16384, 32, 128, 64, dtype=torch.bfloat16, device="cuda", seed=seed)
+    inputs["q"], inputs["k"] = (inputs[n][:, :, :1].contiguous() for n in ("q", "k"))
+    assert_parity(kernels, monkeypatch, inputs, torch.bfloat16)
+
+
 @pytest.mark.parametrize("kind, dk, dv", [("gated_delta_rule", 128, 256), ("delta_rule", 128, 256), ("delta_rule", 128, 32)])
 def test_wy_products_made_again(kernels, seed, kind, dk, dv):
     # The backward keeps the delta rule's X alone and makes w and u again from it (a build of _wy_fwd_kernel of its

@@ -161,3 +161,27 @@ def test_delta_rule_keeps_x_not_w_and_u(kernels):
         kernels.linear_recurrence_triton(**leaves, chunk_size=16)
     inputs_bytes = sum(t.untyped_storage().nbytes() for t in leaves.values())
     assert sum(kept.values()) == inputs_bytes + 64 * 2 * 16 * 4
+
+
+@pytest.mark.parametrize("kind", ["linear_attention", "scalar_decay"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_keys_shared_by_groups_of_heads(kernels, kind, packed):
+    # Mamba-2's q and k (C and B): 2 key heads shared by the 6 value heads in groups of 3, read in place by every
+    # kernel; the reference repeats them per head, so dq and dk are each group's heads' gradients summed.
+    cu_seqlens = torch.tensor([0, 9, 9, 10, 31, 37], dtype=torch.int32) if packed else None
+    inputs = make_inputs(kind, 1 if packed else 2, 37, 6, 16, 16, seed=9, num_states=5 if packed else None)
+    inputs["q"], inputs["k"] = inputs["q"][:, :, ::3].contiguous(), inputs["k"][:, :, ::3].contiguous()
+    check(kernels, inputs, TOL[torch.float32], chunk_size=16, cu_seqlens=cu_seqlens)
+    # The group reading key head 1 is heads 3-5: a kernel reading head h // 2 (or h % 2) fails the check above.
+    with torch.no_grad():
+        got = kernels.linear_recurrence_triton(**inputs, cu_seqlens=cu_seqlens, chunk_size=16, mode="recurrent")[0]
+    ref = reference(**inputs, cu_seqlens=cu_seqlens)[0]
+    assert max_error(got, ref) <= TOL[torch.float32]
+
+
+def test_shared_keys_refused_with_per_key_decay(kernels):
+    inputs = make_inputs("gla", 1, 8, 4, 16, 16)
+    inputs["q"], inputs["k"] = inputs["q"][:, :, :2], inputs["k"][:, :, :2]
+    assert "per-key decay or the delta rule" in kernels.unsupported(**inputs)
+    with pytest.raises(ValueError, match="only under a scalar gate or none"):
+        kernels.linear_recurrence_triton(**inputs)

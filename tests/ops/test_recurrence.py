@@ -255,6 +255,30 @@ def test_core_options_and_errors() -> None:
         linear_recurrence(q, q, q, beta=torch.zeros(1, 5, 2, 1))
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["additive", "delta"])
+@pytest.mark.parametrize("decay", ["none", "scalar", "channel"])
+def test_keys_shared_by_groups_of_heads(decay: str, delta: bool) -> None:
+    # q and k with 2 heads for v's 6: heads 0-2 read key head 0, heads 3-5 key head 1, as if repeated per head; their
+    # gradients are the sums over each group's heads.
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 20, 2, DK, generator=gen) for _ in range(2))
+    v = torch.randn(1, 20, 6, DV, generator=gen)
+    decay_shape = {"none": None, "scalar": (1, 20, 6), "channel": (1, 20, 6, DK)}[decay]
+    log_decay = None if decay_shape is None else F.logsigmoid(torch.randn(*decay_shape, generator=gen))
+    beta = torch.sigmoid(torch.randn(1, 20, 6, generator=gen)) if delta else None
+
+    def run(shared: bool) -> Tuple[Tensor, ...]:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        qk = leaves[:2] if shared else [t.repeat_interleave(3, dim=2) for t in leaves[:2]]
+        o, _ = linear_recurrence(*qk, leaves[2], log_decay, beta, chunk_size=8)
+        return (o, *torch.autograd.grad((o * o).sum(), leaves))
+
+    for a, b in zip(run(True), run(False)):
+        assert_close(a, b, *TOL[torch.float32], "shared keys")
+    with pytest.raises(ValueError, match="their heads dividing v's"):
+        linear_recurrence(q, k, v[:, :, :5])
+
+
 @pytest.mark.parametrize("size", [64, 48])
 @pytest.mark.parametrize("keys", ["random", "alike", "equal"])
 def test_unit_lower_inverse_solves_like_solve_triangular(keys: str, size: int) -> None:
