@@ -49,15 +49,16 @@ class ShortConv(nn.Module):
         return causal_conv1d(x, self.conv.weight.squeeze(1), self.conv.bias, self.activation, prev, docs=docs)
 
     def made_again(
-        self, x: torch.Tensor, cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None
+        self, x: torch.Tensor, cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None, keep_view: bool = False
     ) -> tuple[torch.Tensor, ContextManager[None]]:
         """(the output of x, a context for what reads it): inside the context a saved view of the output is kept as x,
-        which the conv keeps for its own backward anyway, and the backward makes the output again (one conv pass)."""
+        which the conv keeps for its own backward anyway, and the backward makes the output again (one conv pass).
+        `keep_view`: x, a view of a wider tensor the backward keeps anyway, is kept as it is rather than copied."""
         if cache is not None:  # decoding: no backward
             return self(x, cache, cu_seqlens=cu_seqlens), contextlib.nullcontext()
-        # The Triton conv keeps a contiguous x: given one, it keeps that tensor, and the recipe's input costs nothing
-        # more (a view would keep its whole base: Mamba-2's in_proj output, z and dt included).
-        x = x.contiguous()
+        # Contiguous, the recipe's input is the very tensor the conv keeps, nothing more; a view would keep its whole
+        # base (Mamba-2's in_proj output, z and dt included), unless that is kept anyway (`keep_view`).
+        x = x if keep_view else x.contiguous()
         out = self(x, cu_seqlens=cu_seqlens)
         again = under_autocast_now(functools.partial(self, cu_seqlens=cu_seqlens), x.device.type)
         return out, recomputed([(out, again, (x,))])

@@ -330,13 +330,14 @@ class GroupedNorm(nn.Module):
         kind = "rms" if self.kind == "rms" else "layer"
         return ops.norm(y, self.weight, self.bias, self.eps, kind, self.groups, gate=z, gate_first=self.gate_first)
 
-    def projected(self, out: nn.Module, y: Tensor, z: Tensor | None = None) -> Tensor:
+    def projected(self, out: nn.Module, y: Tensor, z: Tensor | None = None, keep_gate_view: bool = False) -> Tensor:
         """out(self(y, z)), with the norm's output made again from y and z in the backward (where `out` reads it)
         instead of kept: the norm's own backward keeps y and z already, so this keeps a [tokens, width] tensor less
-        per block (benchmarks/saved_memory.py)."""
+        per block (benchmarks/saved_memory.py). `keep_gate_view`: z, a view of a wider tensor the backward keeps
+        anyway, is read and kept in place rather than copied."""
         # Contiguous first, so that the norm keeps these very tensors: a view (Mamba-2's z is a slice of in_proj's
-        # output) would keep its whole base alive here.
-        inputs = (y.contiguous(),) if z is None else (y.contiguous(), z.contiguous())
+        # output) would keep its whole base alive here, unless that is kept anyway.
+        inputs = (y.contiguous(),) if z is None else (y.contiguous(), z if keep_gate_view else z.contiguous())
         normed = self(*inputs)
         with recomputed([(normed, under_autocast_now(self, y.device.type), inputs)]):
             return out(normed)

@@ -166,14 +166,15 @@ class Mamba2(ScanMixer):
         if self.routes.is_identity:
             return [xBC, dt], z
         # Copies: a scan along routes keeps its streams' sources for the backward (`regathered`), and views would keep
-        # all of in_proj's output, z with it, which the gated norm keeps a copy of (the short conv copied xBC anyway).
+        # all of in_proj's output, z with it, which the gated norm then keeps a copy of.
         return [xBC.contiguous(), dt.contiguous()], z
 
     def mix(self, streams: list[Tensor], cache: Cache | None, cu_seqlens: Tensor | None) -> Tensor:
         batch, length = streams[0].shape[:2]
         xBC, dt = (packed(s, cu_seqlens) for s in streams)
         # SSD keeps x, B and C, views of the conv's output: kept as the conv's input instead, made again in the backward.
-        xBC, kept_as_input = self.conv.made_again(xBC, cache, cu_seqlens)
+        # Without routes that input is a view of in_proj's output, kept whole anyway (z by the gated norm, below).
+        xBC, kept_as_input = self.conv.made_again(xBC, cache, cu_seqlens, keep_view=True)
         x, B, C = xBC.split([self.inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         with kept_as_input:
             y = ops.ssd(
@@ -197,4 +198,5 @@ class Mamba2(ScanMixer):
         return y.flatten(-2).view(batch, length, -1)
 
     def output(self, y: Tensor, z: Tensor) -> Tensor:
-        return self.norm.projected(self.out, y, z)
+        # Without routes, z and the conv's input (views) keep all of in_proj's output: no copy of either is made.
+        return self.norm.projected(self.out, y, z, keep_gate_view=self.routes.is_identity)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import autotune, cdiv, empty
+from mmeff.kernels.utils import autotune, cdiv, empty, rows_of
 
 BLOCK_T = 64  # rows per program; the channel block BC is tuned
 
@@ -29,11 +29,11 @@ def _configs(*choices: tuple[int, int]) -> list[triton.Config]:
 
 
 @triton.jit
-def _tile_offsets(b, t, c0, T, C, BT: tl.constexpr, BC: tl.constexpr):
-    """Element offsets of rows t.. (a [BT] vector) and columns c0.. of sequence b, and their mask."""
+def _tile_offsets(b, t, c0, T, C, S, BT: tl.constexpr, BC: tl.constexpr):
+    """Element offsets of rows t.. (a [BT] vector) and columns c0.. of sequence b, rows S apart, and their mask."""
     cols = c0 + tl.arange(0, BC)
     inside = (t >= 0) & (t < T)
-    return (b * T + t)[:, None] * C + cols[None, :], inside[:, None] & (cols < C)[None, :]
+    return (b * T + t)[:, None] * S + cols[None, :], inside[:, None] & (cols < C)[None, :]
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _same_doc(runs, b, t, u, T, DOCS: tl.constexpr):
 
 
 @triton.jit
-def _pre_activation(x, w, bias, runs, b, t0, c0, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def _pre_activation(x, w, bias, runs, b, t0, c0, T, C, SX, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                     HAS_BIAS: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
     """bias + sum_j w[:, j] x[t - (W - 1) + j] for rows t0..t0 + BT of sequence b, fp32 [BT, BC]."""
     cols = c0 + tl.arange(0, BC)
@@ -56,7 +56,7 @@ def _pre_activation(x, w, bias, runs, b, t0, c0, T, C, W: tl.constexpr, BT: tl.c
         acc += tl.load(bias + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(W):
         src = rows - (W - 1) + j
-        off, mask = _tile_offsets(b, src, c0, T, C, BT, BC)
+        off, mask = _tile_offsets(b, src, c0, T, C, SX, BT, BC)
         mask &= _same_doc(runs, b, src, rows, T, DOCS)[:, None]
         tap = tl.load(w + cols * W + j, mask=cols < C, other=0.0).to(tl.float32)
         acc += tl.load(x + off, mask=mask, other=0.0).to(tl.float32) * tap[None, :]
@@ -72,24 +72,24 @@ def _tile(NT):
 
 @autotune(_configs((128, 4), (64, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
 @triton.jit
-def _conv_fwd_kernel(x, w, bias, runs, y, T, C, NT, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def _conv_fwd_kernel(x, w, bias, runs, y, T, C, SX, NT, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
     b, i_t = _tile(NT)
     i_c = tl.program_id(1)
-    pre = _pre_activation(x, w, bias, runs, b, i_t * BT, i_c * BC, T, C, W, BT, BC, HAS_BIAS, DOCS)
+    pre = _pre_activation(x, w, bias, runs, b, i_t * BT, i_c * BC, T, C, SX, W, BT, BC, HAS_BIAS, DOCS)
     out = pre * tl.sigmoid(pre) if SILU else pre
-    off, mask = _tile_offsets(b, i_t * BT + tl.arange(0, BT), i_c * BC, T, C, BT, BC)
+    off, mask = _tile_offsets(b, i_t * BT + tl.arange(0, BT), i_c * BC, T, C, C, BT, BC)
     tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, W: tl.constexpr, BT: tl.constexpr,
+def _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, SX, W: tl.constexpr, BT: tl.constexpr,
                          BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
     """Gradient of the pre-activation at rows t0..t0 + BT of sequence b (zero past the sequence), fp32."""
-    off, mask = _tile_offsets(b, t0 + tl.arange(0, BT), c0, T, C, BT, BC)
+    off, mask = _tile_offsets(b, t0 + tl.arange(0, BT), c0, T, C, C, BT, BC)
     g = tl.load(dy + off, mask=mask, other=0.0).to(tl.float32)
     if SILU:
-        pre = _pre_activation(x, w, bias, runs, b, t0, c0, T, C, W, BT, BC, HAS_BIAS, DOCS)
+        pre = _pre_activation(x, w, bias, runs, b, t0, c0, T, C, SX, W, BT, BC, HAS_BIAS, DOCS)
         sig = tl.sigmoid(pre)
         g *= sig * (1.0 + pre * (1.0 - sig))
     return g
@@ -102,21 +102,21 @@ def _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, W: tl.constexpr,
 # tiles of g.
 @autotune(_configs((64, 4), (128, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
 @triton.jit
-def _conv_bwd_g_kernel(x, w, bias, runs, dy, g, dw_part, db_part, T, C, NT, W: tl.constexpr, BT: tl.constexpr,
+def _conv_bwd_g_kernel(x, w, bias, runs, dy, g, dw_part, db_part, T, C, SX, NT, W: tl.constexpr, BT: tl.constexpr,
                        BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
     b, i_t = _tile(NT)
     i_c = tl.program_id(1)
     t0, c0 = i_t * BT, i_c * BC
     cols = c0 + tl.arange(0, BC)
     rows = t0 + tl.arange(0, BT)
-    g_own = _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, W, BT, BC, HAS_BIAS, SILU, DOCS)
-    off, mask = _tile_offsets(b, rows, c0, T, C, BT, BC)
+    g_own = _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, SX, W, BT, BC, HAS_BIAS, SILU, DOCS)
+    off, mask = _tile_offsets(b, rows, c0, T, C, C, BT, BC)
     tl.store(g + off, g_own, mask=mask)
     # Partial weight and bias gradients of this tile's output rows: [tile, W, C] and [tile, C].
     tile = b * NT + i_t
     for j in tl.static_range(W):
         src = rows - (W - 1) + j
-        off, mask = _tile_offsets(b, src, c0, T, C, BT, BC)
+        off, mask = _tile_offsets(b, src, c0, T, C, SX, BT, BC)
         mask &= _same_doc(runs, b, src, rows, T, DOCS)[:, None]
         xj = tl.load(x + off, mask=mask, other=0.0).to(tl.float32)
         tl.store(dw_part + (tile * W + j) * C + cols, tl.sum(xj * g_own, 0), mask=cols < C)
@@ -137,12 +137,12 @@ def _conv_bwd_dx_kernel(w, runs, g, dx, T, C, NT, W: tl.constexpr, BT: tl.conste
     rows = t0 + tl.arange(0, BT)
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for s in tl.static_range(W):
-        off, mask = _tile_offsets(b, rows + s, c0, T, C, BT, BC)
+        off, mask = _tile_offsets(b, rows + s, c0, T, C, C, BT, BC)
         if s > 0:
             mask &= _same_doc(runs, b, rows, rows + s, T, DOCS)[:, None]
         tap = tl.load(w + cols * W + (W - 1 - s), mask=cols < C, other=0.0).to(tl.float32)
         acc += tl.load(g + off, mask=mask, other=0.0) * tap[None, :]
-    off, mask = _tile_offsets(b, rows, c0, T, C, BT, BC)
+    off, mask = _tile_offsets(b, rows, c0, T, C, C, BT, BC)
     tl.store(dx + off, acc.to(dx.dtype.element_ty), mask=mask)
 
 
@@ -159,11 +159,12 @@ def unsupported(x: Tensor, weight: Tensor) -> str:
 
 
 def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, runs: Optional[Tensor]) -> Tensor:
-    """act(causal depthwise conv) of x [B, T, C] (contiguous) with weight [C, W] and bias [C] or None, in x's dtype."""
+    """act(causal depthwise conv) of x [B, T, C] (its rows one stride apart: `rows_of`) with weight [C, W] and bias
+    [C] or None, in x's dtype (y contiguous)."""
     y = empty(x.shape, x.dtype, x.device)
+    T, C = x.shape[1:]
     _conv_fwd_kernel[_grid(x)](
-        x, weight, bias, runs, y, x.shape[1], x.shape[2], cdiv(x.shape[1], BLOCK_T), W=weight.shape[1],
-        BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=runs is not None,
+        x, weight, bias, runs, y, T, C, rows_of(x).stride(0), cdiv(T, BLOCK_T), W=weight.shape[1], BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=runs is not None,
     )  # fmt: skip
     return y
 
@@ -182,8 +183,8 @@ def causal_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     db_part = None if bias is None else empty((tiles, x.shape[2]), torch.float32, x.device)
     T, C, W, docs = x.shape[1], x.shape[2], weight.shape[1], runs is not None
     _conv_bwd_g_kernel[_grid(x)](
-        x, weight, bias, runs, dy.contiguous(), g, dw_part, db_part, T, C, row_tiles, W=W, BT=BLOCK_T,
-        HAS_BIAS=bias is not None, SILU=silu, DOCS=docs,
+        x, weight, bias, runs, dy.contiguous(), g, dw_part, db_part, T, C, rows_of(x).stride(0), row_tiles, W=W,
+        BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=docs,
     )  # fmt: skip
     _conv_bwd_dx_kernel[_grid(x)](weight, runs, g, dx, T, C, row_tiles, W=W, BT=BLOCK_T, DOCS=docs)
     dw = dw_part.sum(0).t().to(weight.dtype).contiguous()  # the layout the custom op's fake promises
@@ -199,7 +200,8 @@ class CausalConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,  # type: ignore[override]
                 runs: Optional[Tensor] = None) -> Tensor:  # fmt: skip
-        x, weight = x.contiguous(), weight.contiguous()
+        # A view of a wider tensor's columns is read (and kept) in place: Mamba-2 keeps its in_proj output anyway.
+        x, weight = rows_of(x).view(x.shape), weight.contiguous()
         runs = None if runs is None else runs.to(torch.int32).contiguous()
         ctx.save_for_backward(x, weight, bias, runs)
         ctx.silu = silu

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, next_pow2, sm_count
+from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, next_pow2, rows_of, sm_count
 
 ROWS = 16  # most rows per forward program (a [ROWS, N] tile of at most 4,096 values)
 # Gate modes (constexpr GATE): none, norm(x) * silu(z), norm(x * silu(z)).
@@ -42,7 +42,13 @@ def _warps(width: int) -> int:
 
 
 @triton.jit
-def _norm_fwd_kernel(x, r, s, z, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
+def _gate_offsets(rows, cols, N, G, SZ):
+    """Offsets in the gate z of columns `cols` of normalised rows `rows` (G of N a token row, token rows SZ apart)."""
+    return ((rows // G) * SZ + (rows % G) * N)[:, None] + cols[None, :]
+
+
+@triton.jit
+def _norm_fwd_kernel(x, r, s, z, w, b, y, mean, rstd, M, N, G, SZ, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
                      HAS_B: tl.constexpr, GATE: tl.constexpr, HAS_R: tl.constexpr, BR: tl.constexpr,
                      BN: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -55,7 +61,7 @@ def _norm_fwd_kernel(x, r, s, z, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.cons
         tl.store(s + off, sv, mask=inside)
         xv = sv.to(tl.float32)
     if GATE != NO_GATE:
-        zv = tl.load(z + off, mask=inside, other=0.0).to(tl.float32)
+        zv = tl.load(z + _gate_offsets(rows, cols, N, G, SZ), mask=inside, other=0.0).to(tl.float32)
         silu = zv * tl.sigmoid(zv)
     if GATE == GATE_BEFORE:
         xv *= silu
@@ -79,7 +85,7 @@ def _norm_fwd_kernel(x, r, s, z, w, b, y, mean, rstd, M, N, G, eps, RMS: tl.cons
 
 
 @triton.jit
-def _norm_bwd_kernel(x, z, w, b, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_part, M, N, G, rows_per_program,
+def _norm_bwd_kernel(x, z, w, b, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_part, M, N, G, SZ, rows_per_program,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GATE: tl.constexpr,
                      HAS_DS: tl.constexpr, HAS_DR: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     # Program p takes the rows of group p % G among rows [start, start + rows_per_program * G), BR at a time,
@@ -104,7 +110,7 @@ def _norm_bwd_kernel(x, z, w, b, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_par
         xv = tl.load(x + off, mask=keep, other=0.0).to(tl.float32)
         dyv = tl.load(dy + off, mask=keep, other=0.0).to(tl.float32)
         if GATE != NO_GATE:
-            zv = tl.load(z + off, mask=keep, other=0.0).to(tl.float32)
+            zv = tl.load(z + _gate_offsets(row, cols, N, G, SZ), mask=keep, other=0.0).to(tl.float32)
             sig = tl.sigmoid(zv)
             silu = zv * sig
             dsilu = sig * (1.0 + zv * (1.0 - sig))
@@ -159,10 +165,16 @@ def unsupported(x: Tensor, width: int) -> str:
     return ""
 
 
+def _gate_stride(z: Optional[Tensor]) -> int:
+    """Stride between z's token rows (0 without a gate)."""
+    return 0 if z is None else rows_of(z).stride(0)
+
+
 def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool, groups: int,
              out_dtype: torch.dtype, z: Optional[Tensor] = None, gate: int = 0,
              r: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """x [M, G * N] contiguous (and the gate z, its shape, if `gate`; a residual r, its shape, added to x first) ->
+    """x [M, G * N] contiguous (and the gate z, its shape, rows one stride apart, if `gate`; a residual r, its shape,
+    contiguous, added to x first) ->
     (y [M, G * N] in out_dtype, mean [M * G] fp32 (empty for RMS), rstd [M * G] fp32, the normalised input: x, or
     x + r in torch's dtype of that sum)."""
     width = x.shape[-1] // groups
@@ -174,7 +186,7 @@ def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
     BN = next_pow2(width)
     BR = max(1, min(ROWS, 4096 // BN))
     _norm_fwd_kernel[(cdiv(rows, BR),)](
-        x, r, s, z, weight, bias, y, mean, rstd, rows, width, groups, eps, RMS=rms, HAS_W=weight is not None,
+        x, r, s, z, weight, bias, y, mean, rstd, rows, width, groups, _gate_stride(z), eps, RMS=rms, HAS_W=weight is not None,
         HAS_B=bias is not None, GATE=gate, HAS_R=r is not None, BR=BR, BN=BN, num_warps=_warps(BR * BN),
     )  # fmt: skip
     return y, mean, rstd, s
@@ -195,7 +207,7 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     grid = chunks * groups
     dx = empty(x.shape, x.dtype, x.device)
     dr = empty(x.shape, r_dtype, x.device) if r_dtype not in (None, x.dtype) else None
-    dz = empty(z.shape, z.dtype, z.device) if gate else None
+    dz = empty(z.shape, z.dtype, z.device) if gate else None  # contiguous, as x
     # The weight's and the bias's partial sums in one buffer: one reduction launch for both.
     parts = empty(((weight is not None) + (bias is not None), grid, width), torch.float32, x.device)
     dw_part = parts[0] if weight is not None else None
@@ -207,7 +219,8 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     # 70 -> 60 us. The LM's RMS norm (16k tokens of 1024) was fastest as it was, [2, 1024] on 4 warps (48 us).
     BR = max(1, min(16, (1024 if BN <= 128 else 2048) // BN))
     _norm_bwd_kernel[(grid,)](
-        x, z, weight, bias, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_part, rows, width, groups, per_program,
+        x, z, weight, bias, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_part, rows, width, groups, _gate_stride(z),
+        per_program,
         RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, GATE=gate, HAS_DS=ds is not None,
         HAS_DR=dr is not None, BR=BR, BN=BN, num_warps=2 if BN <= 512 else _warps(BR * BN),
     )  # fmt: skip
@@ -295,7 +308,9 @@ class Norm(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,  # type: ignore[override]
                 groups: int, out_dtype: torch.dtype, z: Optional[Tensor] = None, gate: int = 0) -> Tensor:  # fmt: skip
         x2 = x.contiguous()
-        z2 = z.contiguous() if gate else None
+        # The gate is read (and kept) in place where its rows are one stride apart (mmeff.blocks.scan.GroupedNorm
+        # .projected decides whether a view of a wider tensor may be kept).
+        z2 = rows_of(z).view(z.shape) if gate else None
         y, mean, rstd, _ = norm_fwd(x2, weight, bias, eps, rms, groups, out_dtype, z2, gate)
         ctx.save_for_backward(x2, weight, bias, mean, rstd, z2)
         ctx.rms, ctx.groups, ctx.gate = rms, groups, gate

@@ -49,6 +49,16 @@ def last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def rows_of(x: Tensor) -> Tensor:
+    """x seen as rows [-1, x.shape[-1]] with a dense last dimension and one row stride (a view of a wider tensor's
+    columns, as Mamba-2's slices of its in_proj output, stays a view), else a contiguous copy of it."""
+    try:
+        rows = x.view(-1, x.shape[-1])
+    except RuntimeError:  # leading dimensions that do not merge
+        return x.contiguous().view(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
+
+
 def pinning_requested() -> bool:
     """Whether MMEFF_TRITON_PIN=1 asks every autotuned kernel to run its first config only (see autotune)."""
     return os.environ.get("MMEFF_TRITON_PIN") == "1"

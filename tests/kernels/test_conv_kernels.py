@@ -44,6 +44,32 @@ def test_conv_matches_reference(conv_kernels, monkeypatch, batch, seqlen, channe
         assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), i
 
 
+@pytest.mark.parametrize("silu", [True, False])
+def test_conv_reads_and_keeps_a_column_view(conv_kernels, monkeypatch, silu):
+    # Mamba-2's xBC: channels 3..133 of a wider [B, T, 150] tensor, rows 150 apart, read in place and kept as that
+    # view (no copy saved); output and gradients as for a contiguous x.
+    monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
+    gen = torch.Generator().manual_seed(11)
+    wide = torch.randn(2, 70, 150, generator=gen)
+    weight, b = torch.randn(130, 4, generator=gen) / 4, torch.randn(130, generator=gen)
+    kept = []
+
+    def conv(x, weight, bias):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            return conv_kernels.CausalConv.apply(x, weight, bias, silu)
+
+    leaf = wide.clone().requires_grad_()
+    x = leaf[..., 3:133]
+    actual = _run(conv, x.detach(), weight, b)  # a contiguous clone: the same values
+    out = conv(x, weight, b)
+    out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+    assert any(t.data_ptr() == x.data_ptr() and t.stride() == x.stride() for t in kept[-3:])  # the view, kept
+    expected = _run(lambda *a: causal_conv1d(*a, "silu" if silu else "identity"), x.detach(), weight, b)
+    for got, want in [(out, expected[0]), (leaf.grad[..., 3:133], expected[1]), *zip(actual, expected)]:
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert not leaf.grad[..., :3].any() and not leaf.grad[..., 133:].any()
+
+
 @pytest.mark.parametrize("width", [4, 2])
 def test_conv_with_documents_matches_reference(conv_kernels, monkeypatch, width):
     # Packed documents (`runs`): rows of 70 tokens cut at 1, 33 and 64 (a one-token document, a cut inside a row

@@ -65,16 +65,18 @@ def test_norm_writes_the_dtype_asked(norm_kernels):
     "kind,affine,rows,groups,width", [("layer", True, 37, 1, 48), ("rms", True, 130, 2, 64), ("rms", False, 5, 3, 20)]
 )
 @pytest.mark.parametrize("gate_first", [False, True])
-def test_gated_norm_matches_reference(norm_kernels, monkeypatch, rows, groups, width, kind, affine, gate_first):
+@pytest.mark.parametrize("gate_view", [False, True], ids=["gate", "gate_view"])
+def test_gated_norm_matches_reference(norm_kernels, monkeypatch, rows, groups, width, kind, affine, gate_first, gate_view):
     # The swish gate fused into the kernels: norm(x) * silu(z) and norm(x * silu(z)), output and the gradients
-    # of x, z, weight and bias, against mmeff.ops.norm's reference (the same ops unfused).
+    # of x, z, weight and bias, against mmeff.ops.norm's reference (the same ops unfused). `gate_view`: z is columns
+    # of a wider tensor (Mamba-2's z, of its in_proj output), read in place.
     from mmeff.ops.norm import norm
 
     monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
     monkeypatch.setattr(norm_kernels, "sm_count", lambda device: 1)
     gen = torch.Generator().manual_seed(rows + width)
     x = torch.randn(rows, groups * width, generator=gen) * 3 + 1
-    z = torch.randn(rows, groups * width, generator=gen) * 2
+    z = torch.randn(rows, groups * width + (9 if gate_view else 0), generator=gen) * 2
     weight = torch.randn(groups * width, generator=gen) if affine else None
     bias = torch.randn(groups * width, generator=gen) if kind == "layer" else None
     mode = (norm_kernels.GATE_BEFORE if gate_first else norm_kernels.GATE_AFTER).value
@@ -90,7 +92,7 @@ def test_gated_norm_matches_reference(norm_kernels, monkeypatch, rows, groups, w
     results = []
     for fn in (fused, reference):
         ts = [t.detach().clone().requires_grad_() for t in leaves]
-        out = fn(*ts)
+        out = fn(ts[0], ts[1][:, : groups * width], *ts[2:])  # with gate_view, columns of z's leaf: rows 9 wider
         out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
         results.append([out, *(t.grad for t in ts)])
     for got, want in zip(*results):
