@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
@@ -142,42 +143,57 @@ class Chunks:
     max_len: int
 
 
-def _device_key(device: torch.device) -> tuple:
-    """Cache key of the device (index made explicit) and, on CUDA, of its current stream: cached index tensors
-    are written by an asynchronous kernel on the stream they were made on."""
+def _device_key(device: torch.device) -> torch.device:
+    """Cache key of the device (its index made explicit)."""
     device = torch.device(device)
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+# One thread that makes the cached layouts of CUDA calls (see _made_for_cache).
+_LAYOUTS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmeff-layouts")
+
+
+def _made_for_cache(build: Callable[..., Chunks], *args: object, device: torch.device, shared: bool) -> Chunks:
+    """build(*args, device), for a cache that later calls read. On CUDA it runs on a thread of its own, on that
+    thread's default stream after the calling stream's work so far, and the calling stream waits for it (`shared`:
+    the host too, as the entry may be read from any stream). So the entry is not allocated where the calling
+    thread's allocations go: Inductor's CUDA graph trees (torch.compile mode "reduce-overhead") send those into a
+    graph's private pool while they warm it up, and refuse live tensors there that the graph does not output
+    ("Detected 3 tensor(s) in the cudagraph pool not tracked as outputs": a fixed layout's three on an H100,
+    tests/gpu/test_cuda_graphs_gpu.py)."""
     if device.type != "cuda":
-        return (device,)
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return (torch.device("cuda", index), torch.cuda.current_stream(index).cuda_stream)
+        return build(*args, device)
+    caller = torch.cuda.current_stream(device)
+    ready = torch.cuda.Event()
+    ready.record(caller)
 
+    def made() -> tuple[Chunks, torch.cuda.Event]:
+        with torch.cuda.device(device):
+            torch.cuda.current_stream().wait_event(ready)  # cu_seqlens as the calling stream leaves it
+            chunks = build(*args, device)
+            done = torch.cuda.Event()
+            done.record()
+            if shared:
+                done.synchronize()
+            return chunks, done
 
-def _build_fixed_chunks(batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
-    """Chunk layout of `batch` sequences of `seqlen` steps."""
-    per = cdiv(seqlen, size)
-    seq = torch.arange(batch + 1, dtype=torch.int32, device=device)
-    idx = torch.arange(per, dtype=torch.int32, device=device)
-    return Chunks(
-        cu_seqlens=seq * seqlen,
-        indices=torch.stack([seq[:-1].repeat_interleave(per), idx.repeat(batch)], dim=1).contiguous(),
-        offsets=seq[:-1] * per,
-        num_seqs=batch,
-        num_chunks=batch * per,
-        size=size,
-        max_len=seqlen,
-    )
+    chunks, done = _LAYOUTS.submit(made).result()
+    caller.wait_event(done)
+    return chunks
 
 
 @lru_cache(maxsize=64)
-def _cached_fixed_chunks(batch: int, seqlen: int, size: int, device_key: tuple) -> Chunks:
-    return _build_fixed_chunks(batch, seqlen, size, device_key[0])
+def _cached_fixed_chunks(batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
+    return _made_for_cache(_build_fixed_chunks, batch, seqlen, size, device=device, shared=True)
 
 
 def make_chunks(cu_seqlens: Optional[Tensor], batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
     """Chunk layout for `batch` sequences of `seqlen` steps, or for the packed sequences of `cu_seqlens`,
     which must bound all `batch * seqlen` tokens (a bound past them would send the kernels out of bounds).
-    Fixed-length layouts are cached per shape, device and stream (they cost host time on every call
-    otherwise), except while a CUDA graph is captured: its tensors would hold nothing until a replay."""
+    Layouts are cached per shape and device (they cost host time on every call otherwise), except while a CUDA
+    graph is captured: its tensors would hold nothing until a replay."""
     capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
     if cu_seqlens is None:
         if capturing:
@@ -193,7 +209,8 @@ def make_chunks(cu_seqlens: Optional[Tensor], batch: int, seqlen: int, size: int
         held = _PACKED[id(cu_seqlens)] = (weakref.ref(cu_seqlens), {})
         weakref.finalize(cu_seqlens, _PACKED.pop, id(cu_seqlens), None)
     if key not in held[1]:
-        held[1][key] = _build_packed_chunks(cu_seqlens, batch, seqlen, size, device)
+        built = _made_for_cache(_build_packed_chunks, cu_seqlens, batch, seqlen, size, device=key[3], shared=False)
+        held[1][key] = built
     return held[1][key]
 
 

@@ -531,8 +531,8 @@ def test_ssd_per_head_maps(kernels, monkeypatch, seed, op):
     # SSD's v = x dt and out = y + D x (mmeff.kernels.pointwise.HeadScale / HeadSkip) at the Mamba-2 LM's size (16k
     # tokens, 32 heads of 64; x a slice of the bf16 short-conv output [.., 2304]) against the plain ops on the same
     # values: bf16 results within one ulp (v bit for bit: one product, rounded as torch rounds; the skip's y + D x may
-    # fuse into one FMA), ddt within 1e-5 relative, dD (a sum over the tokens in another order) within 1e-5 of its
-    # largest element.
+    # fuse into one FMA); the fp32 sums, ddt (over a head's 64 products) and dD (over the tokens), in another order:
+    # within 1e-5 of the tensor's largest element (relative to each element, ddt's cancellations failed on an H100).
     from mmeff.ops import dispatch, ssm
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -557,7 +557,7 @@ def test_ssd_per_head_maps(kernels, monkeypatch, seed, op):
             assert g is None
             continue
         rtol = 1e-5 if g.dtype == torch.float32 else 2**-7
-        scale = w.float().abs().max() if w.dim() == 1 else w.float().abs()
+        scale = w.float().abs().max() if g.dtype == torch.float32 else w.float().abs()
         assert ((g.float() - w.float()).abs() <= 1e-6 + rtol * scale).all()
 
 
