@@ -184,6 +184,22 @@ def _made_for_cache(build: Callable[..., Chunks], *args: object, device: torch.d
     return chunks
 
 
+def _build_fixed_chunks(batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
+    """Chunk layout of `batch` sequences of `seqlen` steps."""
+    per = cdiv(seqlen, size)
+    seq = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    idx = torch.arange(per, dtype=torch.int32, device=device)
+    return Chunks(
+        cu_seqlens=seq * seqlen,
+        indices=torch.stack([seq[:-1].repeat_interleave(per), idx.repeat(batch)], dim=1).contiguous(),
+        offsets=seq[:-1] * per,
+        num_seqs=batch,
+        num_chunks=batch * per,
+        size=size,
+        max_len=seqlen,
+    )
+
+
 @lru_cache(maxsize=64)
 def _cached_fixed_chunks(batch: int, seqlen: int, size: int, device: torch.device) -> Chunks:
     return _made_for_cache(_build_fixed_chunks, batch, seqlen, size, device=device, shared=True)
