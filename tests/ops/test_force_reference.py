@@ -66,8 +66,8 @@ def _op_calls() -> Dict[str, tuple[str, Callable[[], object]]]:
         "linear_recurrence_recurrent": ("triton", lambda: ops.linear_recurrence(q, q, v, g, mode="recurrent")),
         "gated_linear_attention": ("triton", lambda: ops.gated_linear_attention(q, q, v, F.logsigmoid(q))),
         "gated_delta_rule": ("triton", lambda: ops.gated_delta_rule(q, q, v, g, beta)),
-        "ssd": ("mamba_ssm", lambda: ops.ssd(x, dt, A, bc, bc)),
-        "ssd_packed": ("mamba_ssm", lambda: ops.ssd(x, dt, A, bc, bc, cu_seqlens=cu)),
+        "ssd": ("triton", lambda: ops.ssd(x, dt, A, bc, bc)),
+        "ssd_packed": ("triton", lambda: ops.ssd(x, dt, A, bc, bc, cu_seqlens=cu)),
         "selective_scan": ("mamba_ssm", lambda: ops.selective_scan(u, u, -torch.rand(4, 8), scan_bc, scan_bc)),
         "causal_conv1d": ("triton", lambda: ops.causal_conv1d(x.flatten(2), _randn(8, 4))),
         "causal_conv1d_docs": ("triton", lambda: ops.causal_conv1d(x.flatten(2), _randn(8, 4), docs=docs)),
@@ -94,7 +94,7 @@ def test_ops_reach_their_fast_path_unless_forced(fake_gpu, monkeypatch, op):
 
 
 def test_ssd_takes_triton_without_mamba_ssm(fake_gpu, monkeypatch):
-    # "auto" goes on to mmeff's kernels when mamba-ssm is missing; mamba-ssm cannot take what its kernels lack.
+    # "auto" takes mmeff's kernels, mamba-ssm missing or not; mamba-ssm cannot take what its kernels lack.
     monkeypatch.setattr(ssm, "_load_mamba_ssd", lambda: None)
     monkeypatch.setattr(ssm, "_load_mamba_selective_scan", lambda: None)
     x, dt, A, bc = _randn(1, 12, 2, 4), _randn(1, 12, 2), -torch.rand(2), _randn(1, 12, 1, 8)

@@ -297,7 +297,7 @@ def test_backend_selection_on_cpu(monkeypatch: pytest.MonkeyPatch, caplog: pytes
     monkeypatch.setattr(dispatch, "_logged", set())  # each choice is logged once per process
     with caplog.at_level("INFO", logger="mmeff.ops"):
         torch.testing.assert_close(ssd(*args), ref)
-    assert "ssd: torch (mamba_ssm: inputs not on CUDA; triton: inputs not on CUDA)" in caplog.messages
+    assert "ssd: torch (triton: inputs not on CUDA; mamba_ssm: inputs not on CUDA)" in caplog.messages
     for backend in ("mamba_ssm", "triton"):
         with pytest.raises(RuntimeError, match=f"ssd: backend='{backend}' requested but .*inputs not on CUDA"):
             ssd(*args, backend=backend)
