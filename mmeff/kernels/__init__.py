@@ -139,14 +139,23 @@ def pack(
     def packed(x: Optional[Tensor], to: torch.dtype) -> Optional[Tensor]:
         return None if x is None else x.to(to).reshape(1, batch * seqlen, *x.shape[2:]).contiguous()
 
+    def keys(x: Tensor) -> Tensor:
+        # Under a scalar gate or none the kernels read q and k through one token-row stride (key_row): columns of a
+        # wider tensor stay views (Mamba-2's B and C, of its short conv's output); the other kernels take them dense.
+        y = x.to(dtype).reshape(1, batch * seqlen, *x.shape[2:])
+        return y if y.stride()[2:] == (dk, 1) and not (beta is not None or gate == KEY_GATE.value) else y.contiguous()
+
     size = 1 << max(4, min(6, (max(chunk_size, 1) - 1).bit_length()))
     chunks = make_chunks(cu_seqlens, batch, seqlen, size, q.device)
     if initial_state is not None and initial_state.shape != (chunks.num_seqs, heads, dk, v.shape[-1]):
         raise ValueError(f"initial_state must be [N,H,K,V], got {tuple(initial_state.shape)}")
     gate = (NO_GATE if log_decay is None else (KEY_GATE if log_decay.dim() == 4 else SCALAR_GATE)).value
+    pq, pk = keys(q), keys(k)
+    if pq.stride(1) != pk.stride(1):  # one stride for both
+        pq, pk = pq.contiguous(), pk.contiguous()
     args = (
-        packed(q, dtype),
-        packed(k, dtype),
+        pq,
+        pk,
         packed(v, dtype),
         packed(log_decay, torch.float32),
         packed(beta, torch.float32),

@@ -29,6 +29,7 @@ from mmeff.kernels.utils import (
     load_tile,
     load_tile_t,
     key_row,
+    key_stride,
     load_vec,
     masked_exp,
     mm,
@@ -73,7 +74,7 @@ def chunk_decay(b, tok, nr, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.co
 @autotune(warps(42, 43), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"])
 @triton.jit
 def _fwd_h_kernel(
-    k, v, w, b, h, v_new, h0, ht, cu_seqlens, chunk_offsets,
+    k, v, w, b, h, v_new, h0, ht, cu_seqlens, chunk_offsets, SK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     PREC: tl.constexpr,
@@ -90,7 +91,7 @@ def _fwd_h_kernel(
         tok = bos + i_t * BT
         nr = T - i_t * BT
         store_tile(h + ((c0 + i_t) * H + i_h) * K * V, state, ck, K, V, cv, V, BK, BV)
-        kt = load_tile_t(k + key_row(tok, i_h, H, HK, K), 0, nr, HK * K, ck, K, BT, BK)
+        kt = load_tile_t(k + key_row(tok, i_h, H, HK, K, SK), 0, nr, SK, ck, K, BT, BK)
         vc = load_tile(v + (tok * H + i_h) * V, 0, nr, H * V, cv, V, BT, BV)
         if DELTA:
             wc = load_tile(w + (tok * H + i_h) * K, 0, nr, H * K, 0, K, BT, BK)
@@ -105,7 +106,7 @@ def _fwd_h_kernel(
 @autotune(warps(42, 43), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"])
 @triton.jit
 def _bwd_dh_kernel(
-    q, k, w, b, do, dv_local, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, scale,
+    q, k, w, b, do, dv_local, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, scale, SK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     PREC: tl.constexpr,
@@ -125,11 +126,11 @@ def _bwd_dh_kernel(
         nr = T - i_t * BT
         store_tile(dh + ((c0 + i_t) * H + i_h) * K * V, grad, ck, K, V, cv, V, BK, BV)
         from_start, to_end, whole = chunk_decay(b, tok, nr, i_h, ck, H, K, BT, BK, GATE)
-        qt = load_tile_t(q + key_row(tok, i_h, H, HK, K), 0, nr, HK * K, ck, K, BT, BK)
+        qt = load_tile_t(q + key_row(tok, i_h, H, HK, K, SK), 0, nr, SK, ck, K, BT, BK)
         doc = load_tile(do + (tok * H + i_h) * V, 0, nr, H * V, cv, V, BT, BV)
         update = mm((qt * from_start * scale).to(q.dtype.element_ty), doc, PREC)
         if DELTA:
-            kc = load_tile(k + key_row(tok, i_h, H, HK, K), 0, nr, HK * K, 0, K, BT, BK)
+            kc = load_tile(k + key_row(tok, i_h, H, HK, K, SK), 0, nr, SK, 0, K, BT, BK)
             if GATE == SCALAR_GATE:
                 bc, bl = scalar_gate(b, tok, nr, i_h, H, BT)
                 kc = kc * masked_exp(bl - bc, tl.arange(0, BT) < nr)[:, None]
@@ -180,7 +181,7 @@ def fwd_h(
     v_new = empty(v.shape, v.dtype, v.device) if w is not None else None
     ht = empty((chunks.num_seqs, heads, dk, dv), torch.float32, k.device) if output_final_state else None
     _fwd_h_kernel[(chunks.num_seqs * heads, cdiv(dv, bv), cdiv(dk, bk))](
-        k, v, w, b, h, v_new, h0, ht, chunks.cu_seqlens, chunks.offsets,
+        k, v, w, b, h, v_new, h0, ht, chunks.cu_seqlens, chunks.offsets, key_stride(k),
         H=heads, HK=k.shape[2], K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
         GATE=gate, DELTA=w is not None, HAS_H0=h0 is not None, STORE_HT=output_final_state, PREC=precision(k.dtype),
     )  # fmt: skip
@@ -208,7 +209,7 @@ def bwd_dh(
     dv_new = empty(do.shape, torch.float32, do.device) if w is not None else None
     dh0 = empty((chunks.num_seqs, heads, dk, dv), torch.float32, q.device) if initial_grad else None
     _bwd_dh_kernel[(chunks.num_seqs * heads, cdiv(dv, bv), cdiv(dk, bk))](
-        q, k, w, b, do, dv_local, dh, dv_new, dht, dh0, chunks.cu_seqlens, chunks.offsets, scale,
+        q, k, w, b, do, dv_local, dh, dv_new, dht, dh0, chunks.cu_seqlens, chunks.offsets, scale, key_stride(q),
         H=heads, HK=q.shape[2], K=dk, V=dv, BT=chunks.size, BK=bk, BV=bv,
         GATE=gate, DELTA=w is not None, HAS_DHT=dht is not None, STORE_DH0=initial_grad, PREC=precision(q.dtype),
     )  # fmt: skip

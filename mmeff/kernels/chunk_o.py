@@ -29,6 +29,7 @@ from mmeff.kernels.utils import (
     chunk_bounds,
     empty,
     key_row,
+    key_stride,
     load_tile,
     load_tile_t,
     masked_exp,
@@ -44,14 +45,14 @@ from mmeff.kernels.utils import (
 
 
 @triton.jit
-def scores_t(q, k, b, tok, nr, i_h, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+def scores_t(q, k, b, tok, nr, i_h, SK, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """P^T [BT, BT] of one chunk for a scalar or no gate: (j, i) -> sum_k k_j q_i exp(b_i - b_j) for j <= i."""
-    off = key_row(tok, i_h, H, HK, K)
+    off = key_row(tok, i_h, H, HK, K, SK)
     pt = tl.zeros([BT, BT], dtype=tl.float32)
     for c in range(0, K, BK):
-        kc = load_tile(k + off, 0, nr, HK * K, c, K, BT, BK)
-        pt += mm(kc, load_tile_t(q + off, 0, nr, HK * K, c, K, BT, BK), PREC)
+        kc = load_tile(k + off, 0, nr, SK, c, K, BT, BK)
+        pt += mm(kc, load_tile_t(q + off, 0, nr, SK, c, K, BT, BK), PREC)
     rows = tl.arange(0, BT)
     upper = (rows[:, None] <= rows[None, :]) & (rows < nr)[None, :]
     if GATE == SCALAR_GATE:
@@ -72,7 +73,7 @@ def factored_key(k, b, off, ref, nr, c, H: tl.constexpr, K: tl.constexpr, BT: tl
 @autotune(warps(42, 82), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE"])
 @triton.jit
 def _fwd_o_kernel(
-    q, k, v, h, b, span, A, o, cu_seqlens, chunk_indices, scale,
+    q, k, v, h, b, span, A, o, cu_seqlens, chunk_indices, scale, SK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -84,7 +85,7 @@ def _fwd_o_kernel(
     cv = i_v * BV
     rows = tl.arange(0, BT)
     off = (tok * H + i_h) * K
-    qk = key_row(tok, i_h, H, HK, K)  # off itself where HK = H (per-key gates)
+    qk = key_row(tok, i_h, H, HK, K, SK)  # off itself under per-key gates (q and k contiguous, HK = H)
     hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
     if GATE == KEY_GATE:
         fast = tl.load(span + i_c.to(tl.int64) * H + i_h) <= LIMIT
@@ -92,7 +93,7 @@ def _fwd_o_kernel(
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     s = tl.zeros([BT, BT], dtype=tl.float32)
     for c in range(0, K, BK):
-        qc = load_tile(q + qk, 0, nr, HK * K, c, K, BT, BK)
+        qc = load_tile(q + qk, 0, nr, SK, c, K, BT, BK)
         if GATE == KEY_GATE:
             bc = load_tile(b + off, 0, nr, H * K, c, K, BT, BK)
             if fast:
@@ -101,7 +102,7 @@ def _fwd_o_kernel(
                 s += mm(q_ref, factored_key(k, b, off, ref, nr, c, H, K, BT, BK).to(DT), PREC)
             qc = (qc * masked_exp(bc, (rows < nr)[:, None])).to(DT)
         else:
-            s += mm(qc, load_tile_t(k + qk, 0, nr, HK * K, c, K, BT, BK), PREC)
+            s += mm(qc, load_tile_t(k + qk, 0, nr, SK, c, K, BT, BK), PREC)
         acc += mm(qc, load_tile(hp, c, K, V, cv, V, BK, BV), PREC)
     causal = (rows[:, None] >= rows[None, :]) & (rows < nr)[:, None]
     if GATE == SCALAR_GATE:
@@ -122,13 +123,13 @@ def _fwd_o_kernel(
 @autotune(warps(42), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE"])
 @triton.jit
 def _dv_local_kernel(
-    q, k, b, do, dv, cu_seqlens, chunk_indices, scale,
+    q, k, b, do, dv, cu_seqlens, chunk_indices, scale, SK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
-    pt = scores_t(q, k, b, tok, nr, i_h, H, HK, K, BT, BK, GATE, PREC)
+    pt = scores_t(q, k, b, tok, nr, i_h, SK, H, HK, K, BT, BK, GATE, PREC)
     off = (tok * H + i_h) * V
     doc = load_tile(do + off, 0, nr, H * V, i_v * BV, V, BT, BV)
     store_tile(dv + off, scale * mm(pt.to(do.dtype.element_ty), doc, PREC), 0, nr, H * V, i_v * BV, V, BT, BV)
@@ -154,7 +155,7 @@ def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) ->
 @triton.jit
 def _bwd_dqk_kernel(
     q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, cu_seqlens,
-    chunk_indices, scale,
+    chunk_indices, scale, SK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -177,9 +178,9 @@ def _bwd_dqk_kernel(
     voff = (tok * H + i_h) * V
     hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
     dhp = dh + (i_c.to(tl.int64) * H + i_h) * K * V
-    qk = key_row(tok, i_h, H, HK, K)
-    qc = load_tile(q + qk, 0, nr, HK * K, 0, K, BT, BK)
-    kc = load_tile(k + qk, 0, nr, HK * K, 0, K, BT, BK)
+    qk = key_row(tok, i_h, H, HK, K, SK)
+    qc = load_tile(q + qk, 0, nr, SK, 0, K, BT, BK)
+    kc = load_tile(k + qk, 0, nr, SK, 0, K, BT, BK)
 
     if GATE == SCALAR_GATE:
         bc, bl = scalar_gate(b, tok, nr, i_h, H, BT)
@@ -208,7 +209,7 @@ def _bwd_dqk_kernel(
             else:
                 pt = (load_tile_t(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT) * scale).to(DT)
         else:
-            pt = (scores_t(q, k, b, tok, nr, i_h, H, HK, K, BT, BK, GATE, PREC) * scale).to(DT)
+            pt = (scores_t(q, k, b, tok, nr, i_h, SK, H, HK, K, BT, BK, GATE, PREC) * scale).to(DT)
 
     dq_acc = tl.zeros([BT, BK], dtype=tl.float32)
     dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
@@ -281,7 +282,7 @@ def fwd_o(
     o = empty(v.shape, v.dtype, v.device)
     bv = min(64, pow2(dv))
     _fwd_o_kernel[(chunks.num_chunks, cdiv(dv, bv), heads)](
-        q, k, v, h, b, span, A, o, chunks.cu_seqlens, chunks.indices, scale,
+        q, k, v, h, b, span, A, o, chunks.cu_seqlens, chunks.indices, scale, key_stride(q),
         H=heads, HK=q.shape[2], K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate,
         LIMIT=span_limit(q.dtype), PREC=precision(q.dtype),
     )  # fmt: skip
@@ -294,7 +295,7 @@ def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chun
     out = empty(do.shape, torch.float32, do.device)
     bv = min(64, pow2(dv))
     _dv_local_kernel[(chunks.num_chunks, cdiv(dv, bv), heads)](
-        q, k, b, do, out, chunks.cu_seqlens, chunks.indices, scale,
+        q, k, b, do, out, chunks.cu_seqlens, chunks.indices, scale, key_stride(q),
         H=heads, HK=q.shape[2], K=dk, V=dv, BT=chunks.size, BK=min(64, pow2(dk)), BV=bv, GATE=gate,
         PREC=precision(q.dtype),
     )  # fmt: skip
@@ -327,6 +328,7 @@ def bwd_dqk(
     names = ("dq", "dk", "dv", "dw", "dg", "dq_part", "dk_part", "dA", "dg_last")
     _bwd_dqk_kernel[(chunks.num_chunks, heads)](
         q, k, v, h, dh, b, span, A, do, dv_new, *(out[n] for n in names), chunks.cu_seqlens, chunks.indices, scale,
+        key_stride(q),
         H=heads, HK=q.shape[2], K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)),
         GATE=gate, DELTA=delta, LIMIT=span_limit(q.dtype), PREC=precision(q.dtype),
     )  # fmt: skip

@@ -22,6 +22,7 @@ from mmeff.kernels.utils import (
     cdiv,
     empty,
     key_row,
+    key_stride,
     load_tile,
     pow2,
     seq_bounds,
@@ -33,7 +34,7 @@ from mmeff.kernels.utils import (
 @autotune(warps(41), key=["H", "HK", "K", "V", "BK", "BV", "GATE", "DELTA"])
 @triton.jit
 def _recurrent_kernel(
-    q, k, v, g, beta, o, h0, ht, cu_seqlens, scale,
+    q, k, v, g, beta, o, h0, ht, cu_seqlens, scale, SK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):  # fmt: skip
@@ -48,7 +49,7 @@ def _recurrent_kernel(
         state += load_tile(h0 + i_nh.to(tl.int64) * K * V, 0, K, V, i_v * BV, V, BK, BV)
     for t in range(T):
         row = (bos + t) * H + i_h
-        qk = key_row(bos + t, i_h, H, HK, K)
+        qk = key_row(bos + t, i_h, H, HK, K, SK)
         qt = tl.load(q + qk + ck, mask=mk, other=0.0).to(tl.float32)
         kt = tl.load(k + qk + ck, mask=mk, other=0.0).to(tl.float32)
         vt = tl.load(v + row * V + cv, mask=mv, other=0.0).to(tl.float32)
@@ -75,7 +76,7 @@ def fused_recurrent(
     ht = empty((chunks.num_seqs, heads, dk, dv), torch.float32, q.device) if output_final_state else None
     bv = min(32, pow2(dv, 1))
     _recurrent_kernel[(chunks.num_seqs * heads, cdiv(dv, bv))](
-        q, k, v, g, beta, o, h0, ht, chunks.cu_seqlens, scale,
+        q, k, v, g, beta, o, h0, ht, chunks.cu_seqlens, scale, key_stride(q),
         H=heads, HK=q.shape[2], K=dk, V=dv, BK=pow2(dk, 1), BV=bv, GATE=gate, DELTA=beta is not None,
         HAS_H0=h0 is not None, STORE_HT=output_final_state,
     )  # fmt: skip

@@ -50,6 +50,11 @@ def last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def key_stride(k: Tensor) -> int:
+    """Stride between the token rows of packed keys or queries [1, T, HK, K] (see kernels.pack)."""
+    return k.stride(1)
+
+
 def rows_of(x: Tensor) -> Tensor:
     """x seen as rows [-1, x.shape[-1]] with a dense last dimension and one row stride (a view of a wider tensor's
     columns, as Mamba-2's slices of its in_proj output, stays a view), else a contiguous copy of it."""
@@ -288,9 +293,10 @@ def chunk_bounds(cu_seqlens, chunk_indices, i_c, BT: tl.constexpr):
 
 
 @triton.jit
-def key_row(tok, i_h, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr):
-    """Offset of token tok's key (or query) for head i_h of H, in [T, HK, K] keys shared by groups of H / HK heads."""
-    return (tok * HK + i_h // (H // HK)) * K
+def key_row(tok, i_h, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, SK):
+    """Offset of token tok's key (or query) for head i_h of H, in [T, HK, K] keys shared by groups of H / HK heads,
+    their token rows SK apart (HK * K where contiguous; a view of a wider tensor's columns: Mamba-2's B and C)."""
+    return tok * SK + (i_h // (H // HK)) * K
 
 
 @triton.jit

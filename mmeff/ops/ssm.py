@@ -73,8 +73,8 @@ def ssd(
         # q, k, v stay in x's dtype (the PyTorch path computes in fp32 anyway): fp32 would send 16-bit models to
         # the kernels' fp32 build, which for d_state 128 compiles for minutes and runs several times slower.
         return dict(
-            q=_keys(C, x.dtype),
-            k=_keys(B, x.dtype),
+            q=C.to(x.dtype),  # each of the G shared by the heads of its group: the kernels read them in place
+            k=B.to(x.dtype),
             v=_scaled(x, dtf),
             log_decay=log_decay,
             beta=None,
@@ -121,9 +121,11 @@ def ssd(
             **packed,
         )
     args = recurrence()
-    # The kernels' backward reads q, k and v again: made again from C, B, x and dt (kept anyway), not kept themselves.
-    keys = functools.partial(_keys, dtype=x.dtype)
-    recipes = [(args["q"], keys, (C,)), (args["k"], keys, (B,)), (args["v"], _scaled, (x, decays()[0]))]
+    # The kernels' backward reads q, k and v again: v made again from x and dt (kept anyway), not kept itself; q and k
+    # too where they are copies of C and B in another dtype.
+    cast = functools.partial(Tensor.to, dtype=x.dtype)
+    recipes = [(args[n], cast, (t,)) for n, t in (("q", C), ("k", B)) if args[n] is not t]
+    recipes.append((args["v"], _scaled, (x, decays()[0])))
     with recomputed(recipes if impl == "triton" else ()):
         y, state = run_recurrence(impl, **args, scale=1.0, output_final_state=return_final_states, chunk_size=chunk_size)
     if D is not None and D.dim() == 1:
@@ -219,12 +221,6 @@ def _scan_input(m: Tensor, batch: int, dim: int, seqlen: int) -> Tensor:
     if dim % m.shape[1]:
         raise ValueError(f"groups {m.shape[1]} must divide channels {dim}")
     return m.permute(0, 3, 1, 2).repeat_interleave(dim // m.shape[1], dim=2)
-
-
-def _keys(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """SSD's B or C [B,T,G,N] as the recurrence's k or q: in `dtype`, contiguous; each of the G shared by the heads of
-    its group (the kernels read them so, rather than a copy repeated per head)."""
-    return t.to(dtype).contiguous()
 
 
 def _per_head_unsupported(x: Tensor, *others: Tensor) -> str:

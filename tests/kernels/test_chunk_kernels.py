@@ -172,6 +172,21 @@ def test_keys_shared_by_groups_of_heads(kernels, kind, packed):
     inputs = make_inputs(kind, 1 if packed else 2, 37, 6, 16, 16, seed=9, num_states=5 if packed else None)
     inputs["q"], inputs["k"] = inputs["q"][:, :, ::3].contiguous(), inputs["k"][:, :, ::3].contiguous()
     check(kernels, inputs, TOL[torch.float32], chunk_size=16, cu_seqlens=cu_seqlens)
+    # As Mamba-2 hands them over: columns of one wider tensor (its short conv's output), token rows 80 apart.
+    wide = torch.cat([inputs["q"].flatten(2), inputs["k"].flatten(2), torch.zeros(*inputs["q"].shape[:2], 16)], -1)
+    wide.requires_grad_()
+    views = dict(inputs, q=wide[..., :32].unflatten(-1, (2, 16)), k=wide[..., 32:64].unflatten(-1, (2, 16)))
+    args = kernels.pack(**{n: views[n] for n in ("q", "k", "v", "log_decay", "beta")}, initial_state=None,
+                        cu_seqlens=cu_seqlens, chunk_size=16)[0]  # fmt: skip
+    assert args[0].data_ptr() == wide.data_ptr() and args[0].stride(1) == 80 and args[1].stride(1) == 80
+    got = kernels.linear_recurrence_triton(**views, cu_seqlens=cu_seqlens, chunk_size=16)[0]
+    (got * torch.linspace(-1, 1, got.numel()).view(got.shape)).sum().backward()
+    ref_q, ref_k = (inputs[n].clone().requires_grad_() for n in ("q", "k"))
+    want = reference(**dict(inputs, q=ref_q, k=ref_k), cu_seqlens=cu_seqlens)[0]
+    (want * torch.linspace(-1, 1, want.numel()).view(want.shape)).sum().backward()
+    dq, dk = wide.grad[..., :32].unflatten(-1, (2, 16)), wide.grad[..., 32:64].unflatten(-1, (2, 16))
+    errors = [max_error(got, want), max_error(dq, ref_q.grad), max_error(dk, ref_k.grad)]
+    assert all(e <= TOL[torch.float32] for e in errors), errors
     # The group reading key head 1 is heads 3-5: a kernel reading head h // 2 (or h % 2) fails the check above.
     with torch.no_grad():
         got = kernels.linear_recurrence_triton(**inputs, cu_seqlens=cu_seqlens, chunk_size=16, mode="recurrent")[0]
