@@ -50,6 +50,14 @@ def _max_len(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
     return q.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
 
 
+def _shared_keys_refused(q: Tensor, v: Tensor, log_decay: Optional[Tensor], beta: Optional[Tensor]) -> str:
+    """Why the kernels cannot read q and k shared by groups of v's heads; "" where they can or need not."""
+    if q.shape[2] == v.shape[2] or not ((log_decay is not None and log_decay.dim() == 4) or beta is not None):
+        return ""
+    return (f"q {tuple(q.shape)} shared by groups of v's {v.shape[2]} heads with per-key decay or the delta rule "
+            "(the kernels take them only under a scalar gate or none)")  # fmt: skip
+
+
 def unsupported(
     q: Tensor,
     k: Tensor,
@@ -73,8 +81,8 @@ def unsupported(
         return f"B*T = {tokens} tokens (q {tuple(q.shape)}): token indices and cu_seqlens are int32, limit 2**31 - 1"
     if heads > MAX_HEADS:
         return f"{heads} heads (q {tuple(q.shape)}): a launch grid dimension holds at most {MAX_HEADS}"
-    if q.shape[2] != heads and ((log_decay is not None and log_decay.dim() == 4) or beta is not None):
-        return f"q {tuple(q.shape)} shared by groups of v's {heads} heads with per-key decay or the delta rule"
+    if refused := _shared_keys_refused(q, v, log_decay, beta):
+        return refused
     grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
     if mode == "recurrent":
         return "mode='recurrent' with gradients (the fused recurrent kernel is forward-only)" if grad else ""
@@ -130,8 +138,8 @@ def pack(
     """The kernels' inputs (q, k, v in their common dtype, log decay, beta, initial state in fp32; all but the
     state as [1, B*T, H, *]), their chunk layout (chunk_size rounded to 16, 32 or 64) and gate kind."""
     batch, seqlen, heads, dk = *v.shape[:3], q.shape[3]
-    if q.shape[2] != heads and ((log_decay is not None and log_decay.dim() == 4) or beta is not None):
-        raise ValueError(f"q {tuple(q.shape)} shared by groups of v's {heads} heads: only under a scalar gate or none")
+    if refused := _shared_keys_refused(q, v, log_decay, beta):
+        raise ValueError(refused)
     if cu_seqlens is not None and batch != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {batch}")
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
