@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mmeff.kernels.utils import cdiv, empty, next_pow2
+from mmeff.kernels.utils import cdiv, empty, next_pow2, rows_of
 
 BLOCK = 2048
 LOG_SIGMOID, ELU_PLUS_ONE, SIGMOID = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -269,7 +269,7 @@ def _head_tiling(x: Tensor) -> tuple[Tensor, int, int]:
     """x [..., H, P] (P a power of two) as [N, H * P] rows (read in place where its heads and head channels are
     contiguous, else copied), the tokens a program takes and the programs."""
     heads, width = x.shape[-2:]
-    rows = (x if x.stride(-1) == 1 and x.stride(-2) == width else x.contiguous()).reshape(-1, heads * width)
+    rows = rows_of(x.reshape(*x.shape[:-2], heads * width))
     tokens = max(1, HEAD_TILE // (next_pow2(heads) * width))
     return rows, tokens, cdiv(rows.shape[0], tokens)
 
