@@ -96,7 +96,7 @@ from mmeff.tasks.graphs import GraphedTraining
 from mmeff.trainer import compile_options
 from timing import (  # beside this file
     CHECKPOINT, COMPILE_MODES, add_compile_argument, compile_fields, compile_label, copy_bandwidth, device_tag,
-    error_note, free, matmul_rate, median_ms, run_in_parallel, save_figure, unchecked, write_results,
+    error_note, free, matmul_rate, median_ms, replays_graphs, run_in_parallel, save_figure, unchecked, write_results,
 )
 
 
@@ -477,7 +477,7 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
         tokens = torch.randint(0, 256, (B, T + 1), device=device)
         step = train_step(model, logits_of, tokens, None if docs is None else docs.to(device))
         ms, peak = median_ms(step, device, args.warmup, args.iters)
-        record.update(ms=ms, tok_s=B * T / ms * 1e3, peak_gib=None if args.graphs else peak)
+        record.update(ms=ms, tok_s=B * T / ms * 1e3, peak_gib=None if replays_graphs(args.graphs, args.compile) else peak)
         if args.profile:
             record["host_ms"] = host_ms(step, device)
         if args.profile and device.type == "cuda":

@@ -166,6 +166,12 @@ def compile_label(record: dict[str, Any]) -> str:
     return "compiled" if mode == "default" else f"compiled-{mode}"
 
 
+def replays_graphs(graphs: bool, compile_setting: str | bool) -> bool:
+    """Whether a step replays CUDA graphs (`--graphs`, or torch.compile's reduce-overhead and max-autotune modes): their
+    private memory pools are not in the allocator's allocated count, so such a step has no peak to report."""
+    return graphs or compile_setting in ("reduce-overhead", "max-autotune")
+
+
 def compile_fields(setting: str | bool) -> dict[str, Any]:
     """A record's `compiled` (bool) and, for a mode other than the default, its `compile_mode`."""
     return {"compiled": bool(setting), **({"compile_mode": setting} if setting not in (False, "default") else {})}

@@ -78,7 +78,7 @@ from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
 from mmeff.tasks.graphs import GraphedTraining
 from mmeff.trainer import compile_options
-from timing import CHECKPOINT, add_compile_argument, compile_fields, compile_label, device_tag, error_note, free, matmul_rate, median_ms, save_figure, unchecked, write_results  # benchmarks/timing.py, beside this script
+from timing import CHECKPOINT, add_compile_argument, compile_fields, compile_label, device_tag, error_note, free, matmul_rate, median_ms, replays_graphs, save_figure, unchecked, write_results  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
@@ -280,8 +280,7 @@ def measure(
             profile(step, args.out_dir_resolved / f"profile_{row}_{px}{mode_tag(*mode(record))}.txt")
         if args.memory:
             memory_snapshot(step, args.out_dir_resolved / f"memory_{row}_{px}{mode_tag(*mode(record))}.pickle")
-        # Under CUDA graphs the graphs' private memory pools are not in the allocator's allocated count: no peak.
-        record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=None if args.graphs else peak)
+        record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=None if replays_graphs(args.graphs, args.compile) else peak)
         record["floor_ms"] = record["flops_per_img"] * batch / args.rate * 1e3
     except torch.cuda.OutOfMemoryError:
         record["note"] = "OOM"
