@@ -7,8 +7,9 @@ whose D channels become heads with value dim 1), scale 1.
 
 `backend` (mmeff.ops.dispatch): "auto" runs SSD on mmeff's Triton kernels when they cover the call, else on
 mamba-ssm's, else PyTorch (measured in one process on an H100, the Mamba-2 LM of benchmarks/lm_train_speed.py trained
-at 91.1 ms a step on mmeff's SSD against 134.2 on mamba-ssm's at T = 4k, 123.0 against 134.4 at 16k:
-lm_ssd_h100.md); the selective scan takes mamba-ssm's kernel first. "mamba_ssm" and "triton" insist on theirs;
+at 91.1 ms a step on mmeff's SSD against 134.2 on mamba-ssm's at T = 4k, 123.0 against 134.4 at 16k; on a second
+H100 110.5 against 95.5 at 4k: both wait on the host, which differs between machines; lm_ssd_h100.md); the selective
+scan takes mamba-ssm's kernel first. "mamba_ssm" and "triton" insist on theirs;
 "torch" is PyTorch. `cu_seqlens` (int32 [N+1], batch 1) packs N sequences along T, states reset at each start,
 initial and final states per sequence; mamba-ssm takes it for SSD as `seq_idx` (and `cu_seqlens` for
 the final states), not for the selective scan, whose CUDA kernel has no variable-length form.
