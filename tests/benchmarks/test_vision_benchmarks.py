@@ -250,3 +250,12 @@ def test_launches_counts_the_ops_and_kernels_of_a_step(tmp_path):
     assert records["gla-bi"]["triton"]["_stack_kernel"] == 3 * depth and records["gla-bi"]["triton"]["_merge_kernel"] == 2 * depth
     assert records["timm"]["launches"] < records["gla-bi"]["launches"] and records["timm"]["vs_timm"] == 1.0
     assert "| gla-bi |" in (tmp_path / "launches.md").read_text() and (tmp_path / "launches.png").stat().st_size > 0
+
+
+def test_host_cost_says_it_needs_cuda():
+    # It times what a CUDA step launches (tests/gpu/test_benchmarks_gpu.py runs it there); here it says so and stops.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "host_cost.py")], capture_output=True, text=True)
+    assert done.returncode != 0 and "no CUDA device here" in done.stderr

@@ -1,0 +1,25 @@
+"""The GPU-only benchmark scripts run through on this device's torch and Triton. Skipped without CUDA (conftest)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+pytestmark = pytest.mark.xdist_group("benchmarks")
+
+
+def test_host_cost_times_every_call_and_the_parts_of_a_triton_launch(tmp_path):
+    # Every call is timed, the parts of Triton's launch read through its internals too (a Triton version whose
+    # internals moved fails here rather than in a benchmark run), and the profile tables are written.
+    subprocess.run([sys.executable, str(BENCHMARKS / "host_cost.py"), "--profile", "--out", str(tmp_path / "host")],
+                   check=True, capture_output=True)  # fmt: skip
+    records = json.loads((tmp_path / "host.json").read_text())["records"]
+    assert [r["call"] for r in records if r["host_us"] is None] == []
+    assert {r["group"] for r in records} == {"aten", "triton", "norm"}
+    text = (tmp_path / "host.md").read_text()
+    assert text.count("torch.profiler, 20 calls of") == 2 and (tmp_path / "host.png").stat().st_size > 0
