@@ -1,5 +1,5 @@
 """Host microseconds a call of what an eager training step launches: aten ops, a Triton launch and its parts,
-mmeff's norm against PyTorch's layer norm, forward and backward (CUDA only).
+mmeff's norm against PyTorch's layer norm, forward and backward, and what a Python autograd.Function costs (CUDA only).
 
 The eager vision steps at 224 px and the LM steps at 4k wait on the host (`launches.py` counts their launches). This
 times the calls one by one: 3,000 of each on [64, 384] bf16 tensors, small enough that the GPU keeps up, with no
@@ -87,7 +87,23 @@ def cases() -> list[tuple[str, str, Callable[[], Any]]]:
         ("norm", "nn.LayerNorm forward, with gradients", lambda: ln(xg)),
         ("norm", "mmeff ops.norm forward, sum, backward", lambda: norm(xg, wg, bg, 1e-6, "layer").sum().backward()),
         ("norm", "nn.LayerNorm forward, sum, backward", lambda: ln(xg).sum().backward()),
+        # What a Python autograd.Function's backward costs apart from its work (its backward runs on autograd's CUDA
+        # thread): an identity Function against an aten op, each with the same sum and backward.
+        ("autograd", "Python autograd.Function (identity) forward, sum, backward", lambda: _Identity.apply(xg).sum().backward()),
+        ("autograd", "aten view_as forward, sum, backward", lambda: xg.view_as(xg).sum().backward()),
     ]  # fmt: skip
+
+
+class _Identity(torch.autograd.Function):
+    """x -> x, gradient passed through: the Python Function machinery alone."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return dy
 
 
 def profile_table(fn: Callable[[], Any]) -> str:

@@ -20,6 +20,6 @@ def test_host_cost_times_every_call_and_the_parts_of_a_triton_launch(tmp_path):
                    check=True, capture_output=True)  # fmt: skip
     records = json.loads((tmp_path / "host.json").read_text())["records"]
     assert [r["call"] for r in records if r["host_us"] is None] == []
-    assert {r["group"] for r in records} == {"aten", "triton", "norm"}
+    assert {r["group"] for r in records} == {"aten", "triton", "norm", "autograd"}
     text = (tmp_path / "host.md").read_text()
     assert text.count("torch.profiler, 20 calls of") == 2 and (tmp_path / "host.png").stat().st_size > 0
