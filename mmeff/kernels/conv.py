@@ -163,8 +163,10 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, r
     [C] or None, in x's dtype (y contiguous)."""
     y = empty(x.shape, x.dtype, x.device)
     T, C = x.shape[1:]
+    rows = rows_of(x)  # the kernel reads these: x itself where its rows are one stride apart
     _conv_fwd_kernel[_grid(x)](
-        x, weight, bias, runs, y, T, C, rows_of(x).stride(0), cdiv(T, BLOCK_T), W=weight.shape[1], BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=runs is not None,
+        rows, weight, bias, runs, y, T, C, rows.stride(0), cdiv(T, BLOCK_T), W=weight.shape[1], BT=BLOCK_T,
+        HAS_BIAS=bias is not None, SILU=silu, DOCS=runs is not None,
     )  # fmt: skip
     return y
 
@@ -182,8 +184,9 @@ def causal_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     dw_part = empty((tiles, *weight.shape[::-1]), torch.float32, x.device)
     db_part = None if bias is None else empty((tiles, x.shape[2]), torch.float32, x.device)
     T, C, W, docs = x.shape[1], x.shape[2], weight.shape[1], runs is not None
+    rows = rows_of(x)
     _conv_bwd_g_kernel[_grid(x)](
-        x, weight, bias, runs, dy.contiguous(), g, dw_part, db_part, T, C, rows_of(x).stride(0), row_tiles, W=W,
+        rows, weight, bias, runs, dy.contiguous(), g, dw_part, db_part, T, C, rows.stride(0), row_tiles, W=W,
         BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=docs,
     )  # fmt: skip
     _conv_bwd_dx_kernel[_grid(x)](weight, runs, g, dx, T, C, row_tiles, W=W, BT=BLOCK_T, DOCS=docs)

@@ -165,11 +165,6 @@ def unsupported(x: Tensor, width: int) -> str:
     return ""
 
 
-def _gate_stride(z: Optional[Tensor]) -> int:
-    """Stride between z's token rows (0 without a gate)."""
-    return 0 if z is None else rows_of(z).stride(0)
-
-
 def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool, groups: int,
              out_dtype: torch.dtype, z: Optional[Tensor] = None, gate: int = 0,
              r: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -183,10 +178,11 @@ def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
     mean = empty((0 if rms else rows,), torch.float32, x.device)
     rstd = empty((rows,), torch.float32, x.device)
     s = x if r is None else empty(x.shape, torch.result_type(x, r), x.device)
+    zr = None if z is None else rows_of(z)  # the gate's token rows, one stride apart (z itself where they are)
     BN = next_pow2(width)
     BR = max(1, min(ROWS, 4096 // BN))
     _norm_fwd_kernel[(cdiv(rows, BR),)](
-        x, r, s, z, weight, bias, y, mean, rstd, rows, width, groups, _gate_stride(z), eps, RMS=rms, HAS_W=weight is not None,
+        x, r, s, zr, weight, bias, y, mean, rstd, rows, width, groups, 0 if zr is None else zr.stride(0), eps, RMS=rms, HAS_W=weight is not None,
         HAS_B=bias is not None, GATE=gate, HAS_R=r is not None, BR=BR, BN=BN, num_warps=_warps(BR * BN),
     )  # fmt: skip
     return y, mean, rstd, s
@@ -218,9 +214,10 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     # tokens, 16 heads of 128, bf16) 198 -> 129 us on [8, 128] tiles from [16, 128] and 4 warps, GLA's (8 heads)
     # 70 -> 60 us. The LM's RMS norm (16k tokens of 1024) was fastest as it was, [2, 1024] on 4 warps (48 us).
     BR = max(1, min(16, (1024 if BN <= 128 else 2048) // BN))
+    zr = None if z is None else rows_of(z)
     _norm_bwd_kernel[(grid,)](
-        x, z, weight, bias, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_part, rows, width, groups, _gate_stride(z),
-        per_program,
+        x, zr, weight, bias, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_part, rows, width, groups,
+        0 if zr is None else zr.stride(0), per_program,
         RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, GATE=gate, HAS_DS=ds is not None,
         HAS_DR=dr is not None, BR=BR, BN=BN, num_warps=2 if BN <= 512 else _warps(BR * BN),
     )  # fmt: skip

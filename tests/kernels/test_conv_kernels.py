@@ -70,6 +70,21 @@ def test_conv_reads_and_keeps_a_column_view(conv_kernels, monkeypatch, silu):
     assert not leaf.grad[..., :3].any() and not leaf.grad[..., 133:].any()
 
 
+def test_conv_functions_read_any_layout(conv_kernels, monkeypatch):
+    # causal_conv and its backward called directly on x whose batch and time do not merge into one row stride (time
+    # major in memory): they read a dense copy, never x's memory through the copy's strides.
+    monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(70, 2, 24, generator=gen).transpose(0, 1)  # [2, 70, 24], strides (24, 48, 1)
+    weight, b = torch.randn(24, 4, generator=gen) / 4, torch.randn(24, generator=gen)
+    dy = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    y = conv_kernels.causal_conv(x, weight, b, True, None)
+    grads = conv_kernels.causal_conv_backward(dy, x, weight, b, True, None)
+    expected = _run(lambda *a: causal_conv1d(*a, "silu"), x.contiguous(), weight, b)
+    for got, want in zip([y, *grads], expected):
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
 @pytest.mark.parametrize("width", [4, 2])
 def test_conv_with_documents_matches_reference(conv_kernels, monkeypatch, width):
     # Packed documents (`runs`): rows of 70 tokens cut at 1, 33 and 64 (a one-token document, a cut inside a row

@@ -99,6 +99,24 @@ def test_gated_norm_matches_reference(norm_kernels, monkeypatch, rows, groups, w
         _close(got, want, 2e-5)
 
 
+def test_gated_norm_functions_read_any_gate_layout(norm_kernels, monkeypatch):
+    # norm_fwd and norm_bwd called directly with a gate z whose rows are not dense (stored column major): they read
+    # a dense copy of it, never z's memory through the copy's strides.
+    monkeypatch.setattr(importlib.import_module("mmeff.kernels.utils"), "POISON", True)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 48, generator=gen)
+    z = torch.randn(48, 37, generator=gen).t()  # [37, 48], strides (1, 37)
+    weight, bias = torch.randn(48, generator=gen), torch.randn(48, generator=gen)
+    mode = norm_kernels.GATE_AFTER.value
+    dy = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    y, mean, rstd, _ = norm_kernels.norm_fwd(x, weight, bias, 1e-5, False, 1, torch.float32, z, mode)
+    dx, dw, db, dz, _ = norm_kernels.norm_bwd(dy, x, weight, bias, mean, rstd, False, 1, z, mode)
+    expected = norm_kernels.norm_fwd(x, weight, bias, 1e-5, False, 1, torch.float32, z.contiguous(), mode)[0]
+    want = norm_kernels.norm_bwd(dy, x, weight, bias, mean, rstd, False, 1, z.contiguous(), mode)[:4]
+    for got, ref in zip([y, dx, dw, db, dz], [expected, *want]):
+        _close(got, ref, 1e-6)
+
+
 # x [B, T, H, N] as it reaches the l2 feature map: contiguous, or q's slice of a fused conv output (strided rows);
 # N not a power of two; one row all zeros (its norm below eps: no projection in the backward, dx = dy / eps).
 # fp32: each element of y and dx within 1e-6 * max(1, |reference|) of the reference autograd function (measured ~1e-7). bf16: y within
