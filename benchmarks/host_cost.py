@@ -8,12 +8,20 @@ synchronisation inside, so the time per call is the host's. A Triton launch is s
 a part another version lacks is reported as failed, the rest still runs). `--profile` adds a torch.profiler table
 (CPU and CUDA) of one mmeff norm forward and backward and one of nn.LayerNorm's.
 
+Where the backward runs: on CUDA, autograd's engine hands every backward to its own thread for the device, where each
+Python autograd.Function's backward takes the GIL; `torch.autograd.set_multithreading_enabled(False)` keeps the
+backward on the calling thread. The norm and identity cases are timed both ways, and `--steps` times whole eager
+training steps of the speed scripts both ways in one process (alternating blocks of steps, median step): vision rows
+of benchmarks/vision_speed.py at 224 px (batch 256) and LM rows of benchmarks/lm_train_speed.py at T = 4,096 (B = 4).
+
     python benchmarks/host_cost.py          # writes benchmarks/results/host_cost_<device>.{md,json,png}
+    python benchmarks/host_cost.py --steps vision:timm vision:gla-bi lm:attn lm:gla
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -91,7 +99,74 @@ def cases() -> list[tuple[str, str, Callable[[], Any]]]:
         # thread): an identity Function against an aten op, each with the same sum and backward.
         ("autograd", "Python autograd.Function (identity) forward, sum, backward", lambda: _Identity.apply(xg).sum().backward()),
         ("autograd", "aten view_as forward, sum, backward", lambda: xg.view_as(xg).sum().backward()),
+        ("caller thread", "mmeff ops.norm forward, sum, backward",
+         on_caller(lambda: norm(xg, wg, bg, 1e-6, "layer").sum().backward())),
+        ("caller thread", "nn.LayerNorm forward, sum, backward", on_caller(lambda: ln(xg).sum().backward())),
+        ("caller thread", "Python autograd.Function (identity) forward, sum, backward",
+         on_caller(lambda: _Identity.apply(xg).sum().backward())),
+        ("caller thread", "aten view_as forward, sum, backward", on_caller(lambda: xg.view_as(xg).sum().backward())),
     ]  # fmt: skip
+
+
+def on_caller(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` with autograd's multithreading off: its backward runs on the calling thread, not the device's."""
+
+    def call() -> Any:
+        with torch.autograd.set_multithreading_enabled(False):
+            return fn()
+
+    return call
+
+
+def step_of(spec: str) -> Callable[[], None]:
+    """One eager training step of `vision:<row>` (vision_speed.py, 224 px, batch 256) or `lm:<row>` (lm_train_speed.py,
+    T = 4,096, B = 4) on CUDA."""
+    import lm_train_speed
+    import vision_speed
+
+    kind, _, row = spec.partition(":")
+    torch.manual_seed(0)
+    if kind == "vision":
+        model, example = vision_speed.build(row, 224, vision_speed.REAL)
+        model = model.cuda()
+        batch = example.expand(vision_speed.SIZES[224], *example.shape[1:]).contiguous().cuda()
+        return vision_speed.train_step(model, batch, vision_speed.REAL.classes)
+    if kind == "lm":
+        T = 4096
+        model, logits_of = lm_train_speed.build(row, lm_train_speed.REAL, T)
+        tokens = torch.randint(0, 256, (lm_train_speed.REAL.tokens // T, T + 1), device="cuda")
+        return lm_train_speed.train_step(model.cuda(), logits_of, tokens, None)
+    raise SystemExit(f"host_cost: --steps takes vision:<row> or lm:<row>, got {spec!r}")
+
+
+def step_records(specs: list[str], blocks: int = 4, per_block: int = 5) -> list[dict[str, Any]]:
+    """Median ms of each step with the backward on autograd's device thread and on the calling thread, in alternating
+    blocks of `per_block` steps after 3 untimed ones of each."""
+    records = []
+    for spec in specs:
+        step = step_of(spec)
+        ways = {"device thread": step, "calling thread": on_caller(step)}
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        for fn in ways.values():
+            for _ in range(3):
+                fn()
+        for _ in range(blocks):
+            for way, fn in ways.items():
+                for _ in range(per_block):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    fn()
+                    torch.cuda.synchronize()
+                    times[way].append((time.perf_counter() - start) * 1e3)
+        ms = {way: statistics.median(t) for way, t in times.items()}
+        records.append({"group": "step", "call": spec, "device_thread_ms": ms["device thread"],
+                        "calling_thread_ms": ms["calling thread"],
+                        "speedup": ms["device thread"] / ms["calling thread"]})  # fmt: skip
+        print(f"{spec}: {ms['device thread']:.1f} ms a step, backward on the device thread; "
+              f"{ms['calling thread']:.1f} on the calling thread", flush=True)
+        del step, ways
+        torch.cuda.empty_cache()
+    return records
 
 
 class _Identity(torch.autograd.Function):
@@ -120,6 +195,9 @@ def profile_table(fn: Callable[[], Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of the two norms' forward and backward")
+    p.add_argument("--steps", nargs="+", default=[], metavar="KIND:ROW",
+                   help="also time eager training steps with the backward on each thread: vision:<row> of "
+                        "vision_speed.py at 224 px, lm:<row> of lm_train_speed.py at T = 4096")  # fmt: skip
     p.add_argument("--out", type=Path, help="results stem (default benchmarks/results/host_cost_<device>)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -142,6 +220,14 @@ def main() -> None:
     for r in records:
         shown = f"{r['host_us']:.1f}" if r["host_us"] is not None else f"failed: {r['note']}"
         lines.append(f"| {r['group']} | {r['call']} | {shown} |")
+    steps = step_records(args.steps)
+    if steps:
+        lines += ["", "One eager training step (median ms, CUDA-synchronised), the backward on autograd's device thread "
+                  "and on the calling thread (`torch.autograd.set_multithreading_enabled(False)`):", "",
+                  "| step | device thread ms | calling thread ms | speed-up |", "|---|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {r['call']} | {r['device_thread_ms']:.1f} | {r['calling_thread_ms']:.1f} | {r['speedup']:.2f}x |"
+                  for r in steps]  # fmt: skip
+    records += steps
     if args.profile:
         xg = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         wg = torch.ones(N, device="cuda", requires_grad=True)
@@ -154,7 +240,7 @@ def main() -> None:
     write_results(out, {"command": command, "device": device, "records": records}, "\n".join(lines) + "\n")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in records if r["host_us"] is not None]
+    timed = [r for r in records if r.get("host_us") is not None]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.bar(range(len(timed)), [r["host_us"] for r in timed], label=device)
     save_row_bars(fig, ax, [r["call"][:38] for r in timed], "host us a call", "Host time a call (no sync inside)",

@@ -15,11 +15,17 @@ pytestmark = pytest.mark.xdist_group("benchmarks")
 
 def test_host_cost_times_every_call_and_the_parts_of_a_triton_launch(tmp_path):
     # Every call is timed, the parts of Triton's launch read through its internals too (a Triton version whose
-    # internals moved fails here rather than in a benchmark run), and the profile tables are written.
-    subprocess.run([sys.executable, str(BENCHMARKS / "host_cost.py"), "--profile", "--out", str(tmp_path / "host")],
-                   check=True, capture_output=True)  # fmt: skip
+    # internals moved fails here rather than in a benchmark run), the profile tables are written, and whole steps
+    # are timed with the backward on each thread.
+    subprocess.run([sys.executable, str(BENCHMARKS / "host_cost.py"), "--profile", "--steps", "vision:attn", "lm:attn",
+                    "--out", str(tmp_path / "host")], check=True, capture_output=True)  # fmt: skip
     records = json.loads((tmp_path / "host.json").read_text())["records"]
-    assert [r["call"] for r in records if r["host_us"] is None] == []
-    assert {r["group"] for r in records} == {"aten", "triton", "norm", "autograd"}
+    calls = [r for r in records if r["group"] != "step"]
+    assert [r["call"] for r in calls if r["host_us"] is None] == []
+    assert {r["group"] for r in calls} == {"aten", "triton", "norm", "autograd", "caller thread"}
+    steps = [r for r in records if r["group"] == "step"]
+    assert [r["call"] for r in steps] == ["vision:attn", "lm:attn"]
+    assert all(r["device_thread_ms"] > 0 and r["calling_thread_ms"] > 0 for r in steps)
     text = (tmp_path / "host.md").read_text()
     assert text.count("torch.profiler, 20 calls of") == 2 and (tmp_path / "host.png").stat().st_size > 0
+    assert "| vision:attn |" in text
