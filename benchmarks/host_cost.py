@@ -5,14 +5,17 @@ The eager vision steps at 224 px and the LM steps at 4k wait on the host (`launc
 times the calls one by one: 3,000 of each on [64, 384] bf16 tensors, small enough that the GPU keeps up, with no
 synchronisation inside, so the time per call is the host's. A Triton launch is split into the parts of Triton's
 `JITFunction.run` (the argument binder, the cache key, the C launcher), read through Triton's internals (3.5 and 3.6;
-a part another version lacks is reported as failed, the rest still runs). `--profile` adds a torch.profiler table
+a part another version lacks is reported as failed, the rest still runs), beside mmeff's own launch path for a known
+key (mmeff.kernels.launch.Launcher: the compiled kernel's launcher called directly). `--profile` adds a torch.profiler table
 (CPU and CUDA) of one mmeff norm forward and backward and one of nn.LayerNorm's.
 
 Where the backward runs: on CUDA, autograd's engine hands every backward to its own thread for the device, where each
 Python autograd.Function's backward takes the GIL; `torch.autograd.set_multithreading_enabled(False)` keeps the
 backward on the calling thread. The norm and identity cases are timed both ways, and `--steps` times whole eager
-training steps of the speed scripts both ways in one process (alternating blocks of steps, median step): vision rows
-of benchmarks/vision_speed.py at 224 px (batch 256) and LM rows of benchmarks/lm_train_speed.py at T = 4,096 (B = 4).
+training steps of the speed scripts in one process (alternating blocks of steps, median step) three ways: as mmeff
+runs them, with the backward on the calling thread, and with mmeff's kernels launched through Triton's own path
+instead of mmeff's Launcher: vision rows of benchmarks/vision_speed.py at 224 px (batch 256) and LM rows of
+benchmarks/lm_train_speed.py at T = 4,096 (B = 4).
 
     python benchmarks/host_cost.py          # writes benchmarks/results/host_cost_<device>.{md,json,png}
     python benchmarks/host_cost.py --steps vision:timm vision:gla-bi lm:attn lm:gla
@@ -65,7 +68,7 @@ def cases() -> list[tuple[str, str, Callable[[], Any]]]:
     grid = (cdiv(M, BR), 1, 1)
     args = (x, None, x, None, w, b, y, mean, rstd, M, N, 1, 0, 1e-6)
     constexprs = dict(RMS=False, HAS_W=True, HAS_B=True, GATE=0, HAS_R=False, BR=BR, BN=BN)
-    jit = kernels._norm_fwd_kernel
+    jit = kernels._norm_fwd_kernel.kernel  # the JITFunction (mmeff launches it through a Launcher)
     compiled = jit[grid](*args, **constexprs, num_warps=kernels._warps(BR * BN))
     device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)
@@ -83,6 +86,8 @@ def cases() -> list[tuple[str, str, Callable[[], Any]]]:
         ("aten", "linear, bf16 weight", lambda: F.linear(x, weight)),
         ("triton", "JITFunction launch `kernel[grid](...)`",
          lambda: jit[grid](*args, **constexprs, num_warps=kernels._warps(BR * BN))),
+        ("triton", "mmeff Launcher `kernel[grid](...)`, a known key: the compiled kernel's launcher called directly",
+         lambda: kernels._norm_fwd_kernel[grid](*args, **constexprs, num_warps=kernels._warps(BR * BN))),
         ("triton", "part: argument binder", lambda: binder(*args, **constexprs, num_warps=kernels._warps(BR * BN))),
         ("triton", "part: cache key", lambda: compute_cache_key(key_cache, specialization, options)),
         ("triton", "part: current device and stream", lambda: driver.active.get_current_stream(driver.active.get_current_device())),
@@ -139,13 +144,34 @@ def step_of(spec: str) -> Callable[[], None]:
     raise SystemExit(f"host_cost: --steps takes vision:<row> or lm:<row>, got {spec!r}")
 
 
+def on_tritons_path(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` with mmeff's kernels launched through Triton's own JITFunction.run (Autotuner.run), not mmeff's Launcher."""
+    from mmeff.kernels.launch import Launcher
+
+    def call() -> Any:
+        direct = Launcher.__getitem__
+        Launcher.__getitem__ = lambda self, grid: self.kernel[grid]
+        try:
+            return fn()
+        finally:
+            Launcher.__getitem__ = direct
+
+    return call
+
+
+# Ways of running a step: (record field, table column).
+WAYS = [("ms", "mmeff's default ms"), ("calling_thread_ms", "backward on the calling thread ms"),
+        ("tritons_launch_ms", "Triton's launch path ms")]  # fmt: skip
+
+
 def step_records(specs: list[str], blocks: int = 4, per_block: int = 5) -> list[dict[str, Any]]:
-    """Median ms of each step with the backward on autograd's device thread and on the calling thread, in alternating
-    blocks of `per_block` steps after 3 untimed ones of each."""
+    """Median ms of each step as mmeff runs it (its Launcher, the backward on autograd's device thread), with the
+    backward on the calling thread, and with Triton's own launch path, in alternating blocks of `per_block` steps
+    after 3 untimed ones of each."""
     records = []
     for spec in specs:
         step = step_of(spec)
-        ways = {"device thread": step, "calling thread": on_caller(step)}
+        ways = dict(zip((f for f, _ in WAYS), (step, on_caller(step), on_tritons_path(step))))
         times: dict[str, list[float]] = {way: [] for way in ways}
         for fn in ways.values():
             for _ in range(3):
@@ -158,12 +184,8 @@ def step_records(specs: list[str], blocks: int = 4, per_block: int = 5) -> list[
                     fn()
                     torch.cuda.synchronize()
                     times[way].append((time.perf_counter() - start) * 1e3)
-        ms = {way: statistics.median(t) for way, t in times.items()}
-        records.append({"group": "step", "call": spec, "device_thread_ms": ms["device thread"],
-                        "calling_thread_ms": ms["calling thread"],
-                        "speedup": ms["device thread"] / ms["calling thread"]})  # fmt: skip
-        print(f"{spec}: {ms['device thread']:.1f} ms a step, backward on the device thread; "
-              f"{ms['calling thread']:.1f} on the calling thread", flush=True)
+        records.append({"group": "step", "call": spec, **{way: statistics.median(t) for way, t in times.items()}})
+        print(f"{spec}: " + ", ".join(f"{col} {records[-1][f]:.1f}" for f, col in WAYS), flush=True)
         del step, ways
         torch.cuda.empty_cache()
     return records
@@ -222,11 +244,12 @@ def main() -> None:
         lines.append(f"| {r['group']} | {r['call']} | {shown} |")
     steps = step_records(args.steps)
     if steps:
-        lines += ["", "One eager training step (median ms, CUDA-synchronised), the backward on autograd's device thread "
-                  "and on the calling thread (`torch.autograd.set_multithreading_enabled(False)`):", "",
-                  "| step | device thread ms | calling thread ms | speed-up |", "|---|---:|---:|---:|"]  # fmt: skip
-        lines += [f"| {r['call']} | {r['device_thread_ms']:.1f} | {r['calling_thread_ms']:.1f} | {r['speedup']:.2f}x |"
-                  for r in steps]  # fmt: skip
+        lines += ["", "One eager training step (median ms, CUDA-synchronised) as mmeff runs it (its kernels through "
+                  "mmeff.kernels.launch.Launcher, the backward on autograd's device thread), with the backward on the "
+                  "calling thread (`torch.autograd.set_multithreading_enabled(False)`) and with Triton's own launch "
+                  "path (JITFunction.run):", "",
+                  "| step | " + " | ".join(col for _, col in WAYS) + " |", "|---|" + "---:|" * len(WAYS)]  # fmt: skip
+        lines += ["| " + " | ".join([r["call"], *(f"{r[f]:.1f}" for f, _ in WAYS)]) + " |" for r in steps]
     records += steps
     if args.profile:
         xg = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)

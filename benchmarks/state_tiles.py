@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import device_tag, write_results  # noqa: E402
 
 from mmeff.kernels import chunk_h  # noqa: E402
+from mmeff.kernels.launch import clear  # noqa: E402
 from mmeff.ops.recurrence import linear_recurrence  # noqa: E402
 
 # name: (batch, length, heads, key, value, decay: None | "scalar" | "key", delta rule)
@@ -119,9 +120,10 @@ PICK = chunk_h.state_blocks
 def configure(tiles: tuple[int, int] | None, launch: tuple[int, int]) -> None:
     """Tiles for every state pass (None: state_blocks' own) and one launch config for both kernels."""
     chunk_h.state_blocks = PICK if tiles is None else (lambda *a: tiles)
-    for kernel in (chunk_h._fwd_h_kernel, chunk_h._bwd_dh_kernel):
+    for kernel in (chunk_h._fwd_h_kernel.kernel, chunk_h._bwd_dh_kernel.kernel):  # the autotuners
         kernel.configs = [triton.Config({}, num_warps=launch[0], num_stages=launch[1])]
         kernel.cache = {}
+    clear()  # and the compiled kernels kept for direct launches
 
 
 def table(rows: list[dict[str, Any]], device: str) -> str:

@@ -21,10 +21,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmeff.kernels.launch import jit
 from mmeff.kernels.utils import cdiv, empty, next_pow2
 
 
-@triton.jit
+@jit
 def _gather_sum_kernel(src, index, weight, out, D, K: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_D: tl.constexpr):
     # out[n] = sum_j weight[n, j] * src[index[n * K + j]]; one program per (token, column block).
     n = tl.program_id(0).to(tl.int64)
@@ -40,7 +41,7 @@ def _gather_sum_kernel(src, index, weight, out, D, K: tl.constexpr, HAS_WEIGHT: 
     tl.store(out + n * D + cols, acc.to(out.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@jit
 def _combine_bwd_kernel(grad_out, order, weight, rows, grad_rows, grad_weight, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
     # Sorted row i holds assignment a = order[i] of token a // K: its gradient is weight[a] * grad_out[token],
     # and weight[a]'s is <grad_out[token], rows[i]>. One program per sorted row.
@@ -59,7 +60,7 @@ def _combine_bwd_kernel(grad_out, order, weight, rows, grad_rows, grad_weight, D
     tl.store(grad_weight + a, tl.sum(dot, axis=0))
 
 
-@triton.jit
+@jit
 def _swiglu_fwd_kernel(gate, up, out, H, s_in, BLOCK: tl.constexpr):
     # Row `row` of gate and up starts at row * s_in (2H: the halves of one [M, 2H] tensor; H: two tensors).
     row = tl.program_id(0).to(tl.int64)
@@ -70,7 +71,7 @@ def _swiglu_fwd_kernel(gate, up, out, H, s_in, BLOCK: tl.constexpr):
     tl.store(out + row * H + cols, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@jit
 def _swiglu_bwd_kernel(gate, up, grad_out, grad_gate, grad_up, H, s_in, BLOCK: tl.constexpr):
     # The gradients are laid out as the inputs (row stride s_in).
     row = tl.program_id(0).to(tl.int64)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmeff.kernels.launch import jit
 from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, pow2, precision
 
 FEATURES = {"identity": 0, "elu": 1, "relu": 2}
@@ -106,7 +107,7 @@ def _span(T, BT: tl.constexpr):
     return start, tl.minimum(start + span, T)
 
 
-@triton.jit
+@jit
 def _state_kernel(k, v, s_part, z_part, T, H, K, V, skb, skt, skh, svb, svt, svh, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, FEATURE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     bh = tl.program_id(0)
@@ -125,7 +126,7 @@ def _state_kernel(k, v, s_part, z_part, T, H, K, V, skb, skt, skh, svb, svt, svh
     tl.store(z_part + part * K + r, zacc, mask=r < K)
 
 
-@triton.jit
+@jit
 def _output_kernel(q, S, z, o, T, H, K, V, sqb, sqt, sqh, scale, eps, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     b, t0, h, bh = _token_tile(T, H, BT)
@@ -141,7 +142,7 @@ def _output_kernel(q, S, z, o, T, H, K, V, sqb, sqt, sqh, scale, eps, BT: tl.con
     tl.store(o + off, num.to(o.dtype.element_ty), mask=(t < T)[:, None] & (c < V)[None, :])
 
 
-@triton.jit
+@jit
 def _dq_kernel(q, do, S, z, dq, ds_part, dz_part, T, H, K, V, sqb, sqt, sqh, scale, eps, BT: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     # num = scale phi(q) S, den = scale phi(q).z + eps, o = num / den:
@@ -181,7 +182,7 @@ def _dq_kernel(q, do, S, z, dq, ds_part, dz_part, T, H, K, V, sqb, sqt, sqh, sca
     tl.store(dz_part + part * K + r, dzacc, mask=r < K)
 
 
-@triton.jit
+@jit
 def _dkv_kernel(k, v, dS, dz, dk, dv, T, H, K, V, skb, skt, skh, svb, svt, svh, BT: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     # S = sum_s phi(k_s)^T v_s, z = sum_s phi(k_s):  d phi(k_s) = v_s dS^T + dz,  dv_s = phi(k_s) dS

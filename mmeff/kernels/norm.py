@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmeff.kernels.launch import jit
 from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, next_pow2, rows_of, sm_count
 
 ROWS = 16  # most rows per forward program (a [ROWS, N] tile of at most 4,096 values)
@@ -47,7 +48,7 @@ def _gate_offsets(rows, cols, N, G, SZ):
     return ((rows // G) * SZ + (rows % G) * N)[:, None] + cols[None, :]
 
 
-@triton.jit
+@jit
 def _norm_fwd_kernel(x, r, s, z, w, b, y, mean, rstd, M, N, G, SZ, eps, RMS: tl.constexpr, HAS_W: tl.constexpr,
                      HAS_B: tl.constexpr, GATE: tl.constexpr, HAS_R: tl.constexpr, BR: tl.constexpr,
                      BN: tl.constexpr):  # fmt: skip
@@ -84,7 +85,7 @@ def _norm_fwd_kernel(x, r, s, z, w, b, y, mean, rstd, M, N, G, SZ, eps, RMS: tl.
     tl.store(y + off, out.to(y.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@jit
 def _norm_bwd_kernel(x, z, w, b, dy, ds, mean, rstd, dx, dr, dz, dw_part, db_part, M, N, G, SZ, rows_per_program,
                      RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, GATE: tl.constexpr,
                      HAS_DS: tl.constexpr, HAS_DR: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):  # fmt: skip
@@ -228,7 +229,7 @@ def norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     return dx, dw, db, dz, dx if r_dtype == x.dtype else dr
 
 
-@triton.jit
+@jit
 def _l2_fwd_kernel(x, y, norm, M, H, N, sxm, sxh, eps, BR: tl.constexpr, BN: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BN)
@@ -240,7 +241,7 @@ def _l2_fwd_kernel(x, y, norm, M, H, N, sxm, sxh, eps, BR: tl.constexpr, BN: tl.
     tl.store(y + rows[:, None] * N + cols[None, :], (xv / tl.maximum(n, eps)[:, None]).to(y.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@jit
 def _l2_bwd_kernel(y, dy, norm, dx, M, N, eps, BR: tl.constexpr, BN: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BN)

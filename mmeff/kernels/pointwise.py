@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmeff.kernels.launch import jit
 from mmeff.kernels.utils import cdiv, empty, next_pow2, rows_of
 
 BLOCK = 2048
@@ -43,7 +44,7 @@ LOG_SIGMOID, ELU_PLUS_ONE, SIGMOID = tl.constexpr(0), tl.constexpr(1), tl.conste
 ROWS = 64  # rows of a Decay program
 
 
-@triton.jit
+@jit
 def _fwd_kernel(x, y, n, width, sx, scale, MAP: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr):
     # x: rows of `width` elements `sx` apart (STRIDED: a slice of a wider tensor, read in place), else contiguous.
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -59,7 +60,7 @@ def _fwd_kernel(x, y, n, width, sx, scale, MAP: tl.constexpr, STRIDED: tl.conste
     tl.store(y + i, out.to(y.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@jit
 def _bwd_kernel(y, dy, dx, n, scale, MAP: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < n
@@ -116,7 +117,7 @@ class Pointwise(torch.autograd.Function):
         return dx, None, None, None
 
 
-@triton.jit
+@jit
 def _decay_fwd_kernel(x, b, A, dt, log_decay, kept, N, H, sx, lo, hi, HAS_B: tl.constexpr, SOFTPLUS: tl.constexpr,
                       CLAMP: tl.constexpr, KEEP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -138,7 +139,7 @@ def _decay_fwd_kernel(x, b, A, dt, log_decay, kept, N, H, sx, lo, hi, HAS_B: tl.
     tl.store(log_decay + off, v * a, mask=inside)
 
 
-@triton.jit
+@jit
 def _decay_bwd_kernel(x, b, A, ddt, dlog, dx, db_part, dA_part, N, H, sx, lo, hi, HAS_B: tl.constexpr,
                       SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_DDT: tl.constexpr, HAS_DLOG: tl.constexpr,
                       BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
@@ -222,7 +223,7 @@ class Decay(torch.autograd.Function):
 HEAD_TILE = 4096  # elements of a HeadScale / HeadSkip program: tokens x (heads x head width)
 
 
-@triton.jit
+@jit
 def _head_fwd_kernel(x, w, y, out, N, H, P, sx, SKIP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
                      BP: tl.constexpr):  # fmt: skip
     # SKIP: out = y + w[h] x (w = D [H]), else out = w[n, h] x (w = dt [N, H]); x rows `sx` apart, the rest contiguous.
@@ -240,7 +241,7 @@ def _head_fwd_kernel(x, w, y, out, N, H, P, sx, SKIP: tl.constexpr, BT: tl.const
     tl.store(out + off, v.to(out.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@jit
 def _head_bwd_kernel(x, w, dout, dx, dw, N, H, P, sx, SKIP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
                      BP: tl.constexpr):  # fmt: skip
     # dx = w dout; SKIP: dw [programs, H] partial sums of dout x over the program's tokens, else dw [N, H] = sum_p.

@@ -15,13 +15,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmeff.kernels.launch import jit
 from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, next_pow2
 
 TILE = 2048  # (row, pair) elements of one program: a few (b, t) rows, all their H * D/2 pairs where they fit
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@triton.jit
+@jit
 def _rope_kernel(x, cos, sin, y, rows, T, H, sxb, sxt, sxh, scb, sct, HALF: tl.constexpr, INVERSE: tl.constexpr,
                  BR: tl.constexpr, BP: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)

@@ -21,12 +21,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmeff.kernels.launch import jit
 from mmeff.kernels.utils import cdiv, empty, last_dim_contiguous, next_pow2
 
 BT = 32  # tokens of a tile
 
 
-@triton.jit
+@jit
 def _stack_kernel(xs, ys, T, Cs, sxbs, sxts, scale, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                   SCALED: tl.constexpr):  # fmt: skip
     # Program axis 2 takes stream pid % N, its channel block pid // N (past a narrower stream's width: nothing).
@@ -45,7 +46,7 @@ def _stack_kernel(xs, ys, T, Cs, sxbs, sxts, scale, N: tl.constexpr, BT: tl.cons
             tl.store(base + T * C + (T - 1 - rows)[:, None] * C + cols[None, :], v, mask=mask)
 
 
-@triton.jit
+@jit
 def _merge_kernel(ys, xs, T, Cs, sybs, syts, scale, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     i_b, i_t, pid = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     rows = i_t * BT + tl.arange(0, BT)

@@ -24,10 +24,10 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.autotuner import Autotuner
 
+from mmeff.kernels import launch
+from mmeff.kernels.launch import INTERPRET, Launcher, jit
 from mmeff.ops.varlen import host_bounds, to_device, version
 
-# Read once, as triton.jit does when it decorates the kernels of this package.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Gate kinds (constexpr GATE): no decay, one log decay per head and step, one per key channel. Compiled
 # kernels may read globals only as tl.constexpr; the host passes and compares their plain `.value`.
@@ -79,18 +79,19 @@ def autotune(configs: Sequence[triton.Config], key: list[str], prune: Optional[C
     """triton.autotune over `configs`, whose first one that `prune` keeps is the pinned config. MMEFF_TRITON_PIN=1
     at import (or pin_configs) runs that one only: one compile per shape, no choice among builds (tests,
     compile-bound runs); the interpreter, which cannot benchmark, runs the first config. `prune(configs,
-    named_args, **constexprs)` drops the configs a launch must not use (Hopper miscompiles), pinned or not."""
+    named_args, **constexprs)` drops the configs a launch must not use (Hopper miscompiles), pinned or not. The tuner
+    is launched through a Launcher (mmeff.kernels.launch): its compiled kernel per call key is launched directly."""
     configs = list(configs)
 
     def select(candidates: list, named_args: dict, **constexprs: object) -> list:
         kept = prune(candidates, named_args, **constexprs) if prune else candidates
         return kept[:1] if _PINNED[0] else kept
 
-    def wrap(fn: Callable) -> Autotuner:
+    def wrap(fn: Callable) -> Launcher:
         tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": select})(fn)
         _TUNED.append((tuner, configs, prune is not None))
         _set(tuner, configs, prune is not None)
-        return tuner
+        return Launcher(tuner)
 
     return wrap
 
@@ -107,6 +108,7 @@ def pin_configs(pinned: bool) -> None:
     for tuner, configs, prunes in _TUNED:
         _set(tuner, configs, prunes)
         tuner.cache.clear()
+    launch.clear()  # the compiled kernels kept for direct launches were chosen in the other mode
 
 
 def warps(*choices: int) -> list[triton.Config]:
@@ -354,7 +356,7 @@ def ref_row(nr, BT: tl.constexpr):
     return (tl.minimum(nr, BT) - 1) // 2
 
 
-@triton.jit
+@jit
 def _cumsum_kernel(g, b, span, cu_seqlens, chunk_indices,
                    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, SPAN: tl.constexpr):  # fmt: skip
     i_c, i_h = tl.program_id(0), tl.program_id(1)

@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-AUTOTUNED = 13  # chunk_h 2, chunk_o 3, chunk_gla 2, chunk_delta 2, conv 3, recurrent 1
+AUTOTUNED = 15  # chunk_h 2, chunk_o 3, chunk_gla 2, chunk_delta 2, conv 3, conv2d 2, recurrent 1
 
 
 @pytest.fixture
 def utils():
     """The compiled (not interpreted) mmeff.kernels.utils, every autotuned kernel defined; pinning restored after."""
-    from mmeff.kernels import chunk, conv, recurrent, utils  # noqa: F401 - importing defines the kernels
+    from mmeff.kernels import chunk, conv, conv2d, recurrent, utils  # noqa: F401 - importing defines the kernels
 
     yield utils
     utils.pin_configs(utils.pinning_requested())
@@ -64,7 +64,7 @@ def test_pinned_and_tuned_launches_skip_the_hopper_miscompiles(utils, pinned):
     from mmeff.kernels import chunk_o
 
     utils.pin_configs(pinned)
-    tuner = chunk_o._bwd_dqk_kernel
+    tuner = chunk_o._bwd_dqk_kernel.kernel  # the autotuner (its Launcher launches it)
     configs = next(c for t, c, _ in utils._TUNED if t is tuner)
     warps = lambda launch: {c.num_warps for c in _running(tuner, configs, launch)}  # noqa: E731
     assert 4 not in warps(_launch(torch.bfloat16, utils.KEY_GATE))  # GLA: 4 warps miscompile (K = 32)
