@@ -277,7 +277,7 @@ def measure(
         step = train_step(model, inputs, shape.classes, args.graphs)
         ms, peak = median_ms(step, device, args.warmup, args.reps)
         if args.profile:
-            profile(step, args.out_dir_resolved / f"profile_{row}_{px}{mode_tag(*mode(record))}.txt")
+            profile(step, args.out_dir_resolved / f"profile_{row}_{px}{mode_tag(*mode(record))}.txt", device)
         if args.memory:
             memory_snapshot(step, args.out_dir_resolved / f"memory_{row}_{px}{mode_tag(*mode(record))}.pickle")
         record.update(ms=ms, img_s=batch / ms * 1e3, peak_gib=None if replays_graphs(args.graphs, args.compile) else peak)
@@ -310,10 +310,12 @@ def _chain(e: BaseException | None) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
-def profile(step: Callable[[], None], path: Path) -> None:
-    """The GPU kernels of one step, by total time (torch.profiler), and the host's Python functions over three
-    steps, by own time (cProfile: where the eager step's host time goes; on CUDA the backward runs on autograd's
-    device thread, which cProfile does not see: its share shows as run_backward), written to `path`."""
+def profile(step: Callable[[], None], path: Path, device: torch.device) -> None:
+    """Where one step's time goes, written to `path`: its GPU kernels by total time and its ops by the host's own
+    time (torch.profiler; on CUDA a Python autograd.Function's backward shows as an autograd::engine::evaluate_function
+    row on autograd's device thread), and the host's Python functions over three steps by own time (cProfile), the
+    backward run on the calling thread (`torch.autograd.set_multithreading_enabled(False)`) so that cProfile sees
+    it: on autograd's CUDA thread it showed only as run_backward."""
     import cProfile
     import io
     import pstats
@@ -321,19 +323,28 @@ def profile(step: Callable[[], None], path: Path) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
-    with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with profiler(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         step()
-        torch.cuda.synchronize()
+        sync()
     host = cProfile.Profile()
     start = time.perf_counter()
-    host.runcall(lambda: [step() for _ in range(3)])
-    torch.cuda.synchronize()
+    with torch.autograd.set_multithreading_enabled(False):
+        host.runcall(lambda: [step() for _ in range(3)])
+    sync()
     wall = (time.perf_counter() - start) * 1e3 / 3
     text = io.StringIO()
-    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(30)
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(40)
+    ops = prof.key_averages()
+    sections = [f"{'GPU kernels' if cuda else 'Ops'} of one step, by total {'CUDA' if cuda else 'CPU'} time:",
+                ops.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90),
+                "Ops of one step by the host's own time (self CPU), autograd's backward nodes among them:",
+                ops.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90),
+                f"Host, 3 steps under cProfile with the backward on the calling thread ({wall:.1f} ms a step with "
+                f"cProfile's overhead):", text.getvalue()]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
-                    + f"\n\nHost, 3 steps under cProfile ({wall:.1f} ms a step with its overhead):\n" + text.getvalue())
+    path.write_text("\n\n".join(sections))
 
 
 def memory_snapshot(step: Callable[[], None], path: Path) -> None:
@@ -500,7 +511,8 @@ def main() -> None:
     p.add_argument("--name", help="file stem (default vision_speed_<device>)")
     p.add_argument("--recount", action="store_true", help="count every row's FLOPs again (default: from an earlier record)")
     p.add_argument("--row-limit", type=int, default=0, help="seconds a row may take before it is stopped (0: no limit)")
-    p.add_argument("--profile", action="store_true", help="also write each row's kernels of one step (profile_<row>_<px>.txt)")
+    p.add_argument("--profile", action="store_true", help="also write where each row's step goes, GPU kernels and host, "
+                   "to profile_<row>_<px>.txt")
     p.add_argument("--backend", action="append", default=[], metavar="OP=NAME",
                    help="pin an mmeff op's backend for the mmeff rows (e.g. depthwise_conv2d=torch); rows named row[OP=NAME]")
     p.add_argument("--memory", action="store_true", help="also write each row's allocator history of one step (memory_<row>_<px>.pickle)")

@@ -266,3 +266,14 @@ def test_host_cost_says_it_needs_cuda():
 
     done = subprocess.run([sys.executable, str(BENCHMARKS / "host_cost.py")], capture_output=True, text=True)
     assert done.returncode != 0 and "no CUDA device here" in done.stderr
+
+
+def test_vision_speed_profile_shows_the_backwards_host_time(script, tmp_path):
+    # The cProfile section runs the backward on the calling thread: on CUDA, autograd's device thread ran the Python
+    # autograd.Functions' backwards out of cProfile's sight. Here mmeff's own backward functions must be listed.
+    script("vision_speed", "--smoke", "--rows", "gla-bi", "--px", "224", "--warmup", "0", "--reps", "1", "--profile",
+           "--out-dir", str(tmp_path), "--name", "speed")  # fmt: skip
+    text = next(tmp_path.rglob("profile_gla-bi_*.txt")).read_text()  # --smoke: 32 px
+    assert "Ops of one step by the host's own time" in text and "autograd::engine::evaluate_function" in text
+    host = text.split("under cProfile", 1)[1]
+    assert "(backward)" in host and "mmeff/" in host
