@@ -41,6 +41,8 @@ by (row, px, compiled, graphs), written after every row, so a run cut short keep
 `--backend OP=NAME` (repeatable) pins an mmeff op's backend for every mmeff row of the run, e.g.
 `--backend depthwise_conv2d=torch` (cuDNN instead of mmeff's grid-conv kernel); those rows are recorded as
 `row[OP=NAME]`, beside the default rows, against the same run's timm row: an in-step A/B of one op's implementations.
+`--chunk-size N` builds the scan mixers with chunks of N tokens (default 64; a 224 px image's 196 tokens fill 4
+chunks of 64 to 77%, 7 of 32 to 88%); those rows are recorded as `row[chunk_size=N]`.
 
 `--memory` writes each row's allocator history over one step (memory_<row>_<px>.pickle beside the results: every
 allocation and free with its Python stack; where a peak comes from, for rows above timm's peak memory):
@@ -65,7 +67,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,7 @@ class Shape:
     audio_stride: int = 10
     window: int = 256
     block: int = 64
+    chunk: int | None = None  # the scan mixers' chunk_size (None: theirs)
 
 
 REAL = Shape()
@@ -142,6 +145,8 @@ def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
                 mixers[m]["scan"] = scan
                 if "local" in extras:
                     mixers[m]["local_conv"] = 3
+                if shape.chunk:
+                    mixers[m]["chunk_size"] = shape.chunk
                 if "grid" in inspect.signature(ScanMixer.__init__).parameters:  # before the token layout carried it
                     mixers[m]["grid"] = list(grid)
     return {"dim": shape.dim, "depth": shape.depth, "pattern": pattern, "causal": False, "ffn": "mlp",
@@ -261,7 +266,7 @@ def measure(
         signal.signal(signal.SIGALRM, _row_limit)
         signal.alarm(args.row_limit)
     try:
-        model, example = build(row, px, shape)
+        model, example = build(row, px, replace(shape, chunk=args.chunk_size) if row != "timm" else shape)
         model = model.to(device)
         record["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         same = (unchecked(row)[0], px, record["params_m"])  # checkpointing recomputes; the model's FLOPs stay
@@ -513,6 +518,8 @@ def main() -> None:
     p.add_argument("--row-limit", type=int, default=0, help="seconds a row may take before it is stopped (0: no limit)")
     p.add_argument("--profile", action="store_true", help="also write where each row's step goes, GPU kernels and host, "
                    "to profile_<row>_<px>.txt")
+    p.add_argument("--chunk-size", type=int, help="the scan mixers' chunk length (default theirs, 64); rows named "
+                   "row[chunk_size=N]")
     p.add_argument("--backend", action="append", default=[], metavar="OP=NAME",
                    help="pin an mmeff op's backend for the mmeff rows (e.g. depthwise_conv2d=torch); rows named row[OP=NAME]")
     p.add_argument("--memory", action="store_true", help="also write each row's allocator history of one step (memory_<row>_<px>.pickle)")
@@ -541,7 +548,7 @@ def main() -> None:
         for px in sizes:
             for row in select(args.rows):
                 record = {**measure(row, px, shape, args, device, records), **run}
-                record["row"] = row if row == "timm" else row + pinned
+                record["row"] = row if row == "timm" else row + pinned + (f"[chunk_size={args.chunk_size}]" if args.chunk_size else "")
                 key = (record["row"], px, *mode(record))
                 records = [r for r in records if (r["row"], r["px"], *mode(r)) != key] + [record]
                 relate(records)

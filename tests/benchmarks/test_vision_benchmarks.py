@@ -1,5 +1,6 @@
 """The vision benchmark scripts at tiny sizes on the CPU: every record they promise, written where they say."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -277,3 +278,19 @@ def test_vision_speed_profile_shows_the_backwards_host_time(script, tmp_path):
     assert "Ops of one step by the host's own time" in text and "autograd::engine::evaluate_function" in text
     host = text.split("under cProfile", 1)[1]
     assert "(backward)" in host and "mmeff/" in host
+
+
+def test_vision_speed_chunk_size_builds_the_scan_mixers_with_it(script, tmp_path, monkeypatch):
+    # --chunk-size: an A/B of the chunk length at one image size (196 tokens fill 64-token chunks to 77%).
+    import vision_speed
+
+    built = []
+    build = vision_speed.build
+    monkeypatch.setattr(vision_speed, "build", lambda row, px, shape: built.append((row, shape.chunk)) or build(row, px, shape))
+    script("vision_speed", "--smoke", "--rows", "gla-bi", "--px", "224", "--warmup", "0", "--reps", "1", "--chunk-size",
+           "16", "--out-dir", str(tmp_path), "--name", "speed")  # fmt: skip
+    assert built == [("timm", None), ("gla-bi", 16)]
+    model, _ = build("gla-bi", 224, dataclasses.replace(vision_speed.SMOKE, chunk=16))
+    assert {m.chunk_size for m in model.modules() if hasattr(m, "chunk_size")} == {16}
+    records = json.loads((tmp_path / "speed.json").read_text())["records"]
+    assert [r["row"] for r in records] == ["timm", "gla-bi[chunk_size=16]"]
