@@ -17,7 +17,6 @@ The SwiGLU kernels also serve the dense SwiGLU MLP (mmeff.ops.mlp), whose gate a
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 

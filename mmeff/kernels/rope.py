@@ -11,7 +11,6 @@ angle; the angles come from integer positions and get no gradient, so only they 
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 

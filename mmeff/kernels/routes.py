@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 

@@ -28,7 +28,6 @@ from mmeff.kernels import launch
 from mmeff.kernels.launch import INTERPRET, Launcher, jit
 from mmeff.ops.varlen import host_bounds, to_device, version
 
-
 # Gate kinds (constexpr GATE): no decay, one log decay per head and step, one per key channel. Compiled
 # kernels may read globals only as tl.constexpr; the host passes and compares their plain `.value`.
 NO_GATE, SCALAR_GATE, KEY_GATE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
