@@ -120,7 +120,7 @@ PICK = chunk_h.state_blocks
 def configure(tiles: tuple[int, int] | None, launch: tuple[int, int]) -> None:
     """Tiles for every state pass (None: state_blocks' own) and one launch config for both kernels."""
     chunk_h.state_blocks = PICK if tiles is None else (lambda *a: tiles)
-    for kernel in (chunk_h._fwd_h_kernel.kernel, chunk_h._bwd_dh_kernel.kernel):  # the autotuners
+    for kernel in (chunk_h._fwd_h_kernel.fn, chunk_h._bwd_dh_kernel.fn):  # the autotuners
         kernel.configs = [triton.Config({}, num_warps=launch[0], num_stages=launch[1])]
         kernel.cache = {}
     clear()  # and the compiled kernels kept for direct launches

@@ -52,21 +52,22 @@ def clear() -> None:
 
 class Launcher:
     """A Triton JITFunction or Autotuner, launched as `launcher[grid](*args, **kwargs)` (see the module docstring);
-    `kernel` is the Triton object, for its own attributes (an autotuner's configs) and its own launch path."""
+    `fn` is the Triton object (as an autotuner's `fn` is its JITFunction), for its own attributes (an autotuner's
+    configs) and its own launch path."""
 
-    def __init__(self, kernel: Any) -> None:
-        self.kernel = kernel
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
         self.compiled: dict[Any, tuple] = {}
-        base = kernel
+        base = fn
         while not isinstance(base, JITFunction) and hasattr(base, "fn"):
             base = base.fn
-        self.direct = not INTERPRET and isinstance(base, JITFunction) and isinstance(kernel, (JITFunction, Autotuner))
+        self.direct = not INTERPRET and isinstance(base, JITFunction) and isinstance(fn, (JITFunction, Autotuner))
         self.params = [(p.name, p.default) for p in base.signature.parameters.values()] if self.direct else []
         _LAUNCHERS.add(self)
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
         if not self.direct or callable(grid):
-            return self.kernel[grid]
+            return self.fn[grid]
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid: tuple, args: tuple, kwargs: dict) -> Any:
@@ -75,7 +76,7 @@ class Launcher:
             key = (device, _spec(args), tuple(kwargs.items()))
             kept = self.compiled.get(key)
         except TypeError:  # an argument that cannot be hashed: Triton's path
-            return self.kernel[grid](*args, **kwargs)
+            return self.fn[grid](*args, **kwargs)
         if kept is None or _hooked():
             return self._first(grid, args, kwargs, key)
         run, function, packed, tail = kept
@@ -86,12 +87,12 @@ class Launcher:
             log.warning("%s: launching directly failed (%r); Triton's launch path from now on", self, e)
             self.direct = False
             self.compiled.clear()
-            return self.kernel[grid](*args, **kwargs)
+            return self.fn[grid](*args, **kwargs)
         return None
 
     def _first(self, grid: tuple, args: tuple, kwargs: dict, key: Any) -> Any:
         """Triton's launch (compiling or tuning where needed); its compiled kernel kept under `key` where it can be."""
-        compiled = self.kernel[grid](*args, **kwargs)
+        compiled = self.fn[grid](*args, **kwargs)
         kept = self._entry(compiled, args, kwargs)
         if kept is not None and not _hooked():
             if len(self.compiled) >= MAX_KEYS:
@@ -108,8 +109,8 @@ class Launcher:
         if compiled is None or not hasattr(compiled, "packed_metadata"):  # a jit hook's skip, an async compile
             return None
         named = dict(kwargs)
-        if isinstance(self.kernel, Autotuner):
-            config = self.kernel.best_config
+        if isinstance(self.fn, Autotuner):
+            config = self.fn.best_config
             if config.pre_hook is not None:
                 return None
             named.update(config.kwargs)
@@ -125,7 +126,7 @@ class Launcher:
         return run, compiled.function, compiled.packed_metadata, tuple(tail)
 
     def __repr__(self) -> str:
-        return f"Launcher({self.kernel!r})"
+        return f"Launcher({self.fn!r})"
 
 
 def _spec(args: tuple) -> tuple:

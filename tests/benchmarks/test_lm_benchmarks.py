@@ -223,3 +223,16 @@ def test_launches_traffic_counts_the_glue_of_an_lm_step(tmp_path):
     assert "| mamba2 |" in (tmp_path / "traffic.md").read_text()
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--traffic"], check=True, capture_output=True)
+
+
+def test_lm_train_speed_profile_files_mmeffs_kernels_as_recurrence_kernels():
+    # --profile's "recurrence kernels" are mmeff's kernels by name, found through their wrappers (Launcher,
+    # Autotuner); a wrapper it cannot see through would file them all under "other". In a subprocess: importing
+    # mmeff.kernels here would stay for the later tests (tests/kernels/test_dispatch.py checks it is not imported).
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import lm_train_speed; "
+            "print(' '.join(sorted(lm_train_speed.mmeff_kernels())))")  # fmt: skip
+    names = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[2]).stdout.split()  # fmt: skip
+    assert {"_fwd_h_kernel", "_bwd_dqk_kernel", "_intra_fwd_kernel", "_cumsum_kernel"} <= set(names)

@@ -33,7 +33,7 @@ def one(kind: str, dk: int, dv: int, warps: int, stages: int) -> dict:
     from mmeff.kernels import chunk_o
     from mmeff.ops.recurrence import linear_recurrence
 
-    chunk_o._bwd_dqk_kernel.kernel.configs = [triton.Config({}, num_warps=warps, num_stages=stages)]  # the autotuner
+    chunk_o._bwd_dqk_kernel.fn.configs = [triton.Config({}, num_warps=warps, num_stages=stages)]  # the autotuner
     inputs = make_inputs(kind, 1, 3000, 4, dk, dv, dtype=torch.bfloat16, device="cuda", seed=dk * 7 + dv)
     got = forward_backward(kernels.linear_recurrence_triton, inputs)
     os.environ["MMEFF_FORCE_REFERENCE"] = "1"

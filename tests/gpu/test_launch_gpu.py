@@ -26,7 +26,7 @@ def _tritons_path(monkeypatch) -> None:
     """Every Launcher takes Triton's own launch path (JITFunction.run, Autotuner.run)."""
     from mmeff.kernels import launch
 
-    monkeypatch.setattr(launch.Launcher, "__getitem__", lambda self, grid: self.kernel[grid])
+    monkeypatch.setattr(launch.Launcher, "__getitem__", lambda self, grid: self.fn[grid])
 
 
 def _norm_step(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Tensor) -> list[torch.Tensor]:

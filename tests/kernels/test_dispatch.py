@@ -102,7 +102,7 @@ def test_wy_kernels_skip_miscompiled_configs():
     from mmeff.kernels import chunk_delta
 
     for kernel in (chunk_delta._wy_fwd_kernel, chunk_delta._wy_bwd_kernel):
-        configs = kernel.kernel.configs  # the autotuner's
+        configs = kernel.fn.configs  # the autotuner's
         assert configs and all(c.num_warps != 4 for c in configs)
 
 

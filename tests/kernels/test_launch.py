@@ -131,7 +131,7 @@ def test_hooks_function_grids_and_unhashable_arguments_take_tritons_path(toy, mo
 
 def test_a_launcher_that_fails_sends_the_kernel_back_to_triton_for_good(launch, toy, caplog):
     launcher, calls = toy
-    launcher.kernel.fail = True
+    launcher.fn.fail = True
     x = torch.zeros(8)
     launcher[(1,)](x, x, 3, 0.5, False, BLOCK=16)
     with caplog.at_level(logging.WARNING, logger="mmeff.kernels.launch"):
@@ -185,4 +185,4 @@ def test_an_autotuned_kernel_launches_the_chosen_config_directly(launch, toy):
     hooked = launch.Launcher(_Tuner(triton.Config({}, num_warps=8, pre_hook=lambda args: None)))
     for _ in range(2):
         hooked[(2,)](x, x, 3, 0.5, False, BLOCK=16, MODE=3)
-    assert [c[0] for c in hooked.kernel.fn.calls] == ["triton", "triton"]  # a pre-hook runs on Triton's path only
+    assert [c[0] for c in hooked.fn.fn.calls] == ["triton", "triton"]  # a pre-hook runs on Triton's path only

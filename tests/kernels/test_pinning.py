@@ -64,7 +64,7 @@ def test_pinned_and_tuned_launches_skip_the_hopper_miscompiles(utils, pinned):
     from mmeff.kernels import chunk_o
 
     utils.pin_configs(pinned)
-    tuner = chunk_o._bwd_dqk_kernel.kernel  # the autotuner (its Launcher launches it)
+    tuner = chunk_o._bwd_dqk_kernel.fn  # the autotuner (its Launcher launches it)
     configs = next(c for t, c, _ in utils._TUNED if t is tuner)
     warps = lambda launch: {c.num_warps for c in _running(tuner, configs, launch)}  # noqa: E731
     assert 4 not in warps(_launch(torch.bfloat16, utils.KEY_GATE))  # GLA: 4 warps miscompile (K = 32)
