@@ -79,7 +79,7 @@ class Launcher:
             return self.fn[grid](*args, **kwargs)
         if kept is None or _hooked():
             return self._first(grid, args, kwargs, key)
-        run, function, packed, tail = kept
+        compiled, run, function, packed, tail = kept
         try:
             run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, _stream(device), function,
                 packed, None, None, None, *args, *tail)  # fmt: skip
@@ -88,7 +88,7 @@ class Launcher:
             self.direct = False
             self.compiled.clear()
             return self.fn[grid](*args, **kwargs)
-        return None
+        return compiled  # as Triton's launch returns it
 
     def _first(self, grid: tuple, args: tuple, kwargs: dict, key: Any) -> Any:
         """Triton's launch (compiling or tuning where needed); its compiled kernel kept under `key` where it can be."""
@@ -104,8 +104,8 @@ class Launcher:
         return compiled
 
     def _entry(self, compiled: Any, args: tuple, kwargs: dict) -> tuple | None:
-        """(launcher, function handle, packed metadata, the arguments after `args` in signature order) of a compiled
-        kernel, or None where it cannot be launched directly."""
+        """(the compiled kernel, its launcher, function handle and packed metadata, the arguments after `args` in
+        signature order), or None where it cannot be launched directly."""
         if compiled is None or not hasattr(compiled, "packed_metadata"):  # a jit hook's skip, an async compile
             return None
         named = dict(kwargs)
@@ -123,7 +123,7 @@ class Launcher:
             else:
                 return None
         run = compiled.run  # loads the module: the function handle is set after
-        return run, compiled.function, compiled.packed_metadata, tuple(tail)
+        return compiled, run, compiled.function, compiled.packed_metadata, tuple(tail)
 
     def __repr__(self) -> str:
         return f"Launcher({self.fn!r})"

@@ -186,3 +186,10 @@ def test_an_autotuned_kernel_launches_the_chosen_config_directly(launch, toy):
     for _ in range(2):
         hooked[(2,)](x, x, 3, 0.5, False, BLOCK=16, MODE=3)
     assert [c[0] for c in hooked.fn.fn.calls] == ["triton", "triton"]  # a pre-hook runs on Triton's path only
+
+
+def test_a_direct_launch_returns_the_compiled_kernel_as_tritons_does(toy):
+    launcher, _ = toy
+    x = torch.zeros(8)
+    first = launcher[(1,)](x, x, 3, 0.5, False, BLOCK=16)
+    assert isinstance(first, _Compiled) and launcher[(1,)](x, x, 3, 0.5, False, BLOCK=16) is first
