@@ -11,19 +11,20 @@ The GPU launches more kernels than this counts (cuBLAS split-K reductions, memse
 H200's profiler counted 986 for timm's step and 1,577 for gla-bi's at 42b10a2); the count is of the ops the host
 issues, each with its Python and dispatch cost.
 
-`--traffic` (with `--lm`) counts instead the bytes that those aten ops read and write, outside matmuls, softmax
-attention and the optimizer, per token and layer: the elementwise glue that lm_train_speed.py's `--profile` files
-under "other" GPU time (each op's tensors' sizes, inputs and outputs; a view read whole counts whole). One forward,
-loss and backward of models of one and two times the row's pattern on 1 and 2 rows of 128 tokens: the difference
-over the tokens and the pattern's layers leaves out the weights', the embedding's and the head's part.
+`--traffic` counts instead the bytes that those aten ops read and write, outside matmuls, softmax attention and the
+optimizer, per token and layer: the elementwise glue that lm_train_speed.py's `--profile` files under "other" GPU
+time (each op's tensors' sizes, inputs and outputs; a view read whole counts whole). One forward, loss and backward
+of models of one and two times the row's pattern on 1 and 2 inputs (rows of 128 tokens, or images of 128 px): the
+difference over the tokens and the pattern's layers leaves out the weights', the embedding's and the head's part.
 
     python benchmarks/launches.py                          # the vision rows: timm, attn, the bidirectional mixers
     python benchmarks/launches.py --lm                     # the LM rows of lm_train_speed.py and HF Llama
     python benchmarks/launches.py --lm --traffic --rows attn mamba2 gated_deltanet
+    python benchmarks/launches.py --traffic --rows timm attn gla-bi mamba2-bi
 
 Writes benchmarks/results/launches_cpu.{md,json,png} (records: row, aten_ops, triton_launches, launches,
-vs_<first row>), with --lm launches_lm_cpu.*, with --lm --traffic traffic_lm_cpu.* (records: row,
-kib_per_token_layer, vs_<first row>, ops: KiB per token and layer by aten op).
+vs_<first row>), with --lm launches_lm_cpu.*, with --traffic traffic_cpu.* and with --lm --traffic traffic_lm_cpu.*
+(records: row, kib_per_token_layer, vs_<first row>, ops: KiB per token and layer by aten op).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class _Launches(TorchDispatchMode):
 # Ops whose GPU time lm_train_speed.py --profile files under matmul, softmax attention or the optimizer.
 NOT_GLUE = {"mm", "bmm", "addmm", "linear", "_fused_adamw_", "_scaled_dot_product_flash_attention_for_cpu",
             "_scaled_dot_product_flash_attention_for_cpu_backward"}  # fmt: skip
-TRAFFIC_T = 128  # --traffic: tokens a row
+TRAFFIC_T = 128  # --lm --traffic: tokens a row
+TRAFFIC_PX = 128  # --traffic: 64 tokens an image
 
 
 class _Traffic(_Launches):
@@ -108,42 +110,72 @@ class _Traffic(_Launches):
         return out
 
 
-def traffic(row: str, counter: list[_Launches | None], shape: lm_train_speed.Shape) -> dict[str, Any]:
-    """One --traffic record: KiB per token and layer moved by the glue of an LM row's forward, loss and backward."""
-    unit = len(lm_train_speed.pattern_of(row) or ["attn"])  # hf_llama: one layer a unit
+def traffic(counter: list[_Launches | None], steps: Callable[[int, int], Callable[[], None]], unit: int,
+            tokens: int) -> dict[str, Any]:
+    """KiB per token and layer moved by the glue of one forward, loss and backward: `steps(depth, n)` is that step of
+    a model of `depth` layers on n inputs of `tokens` tokens; models of one and two times the row's pattern (`unit`
+    layers) on 1 and 2 inputs, whose difference leaves out the weights', the embedding's and the head's part."""
     counts: dict[tuple[int, int], Counter] = {}
     for depth in (unit, 2 * unit):
-        torch.manual_seed(0)
-        model, logits_of = lm_train_speed.build(row, replace(shape, depth=depth), TRAFFIC_T)
-        for rows in (1, 2):
-            tokens = torch.randint(0, 256, (rows, TRAFFIC_T + 1), generator=torch.Generator().manual_seed(rows))
-
-            def step() -> None:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    logits = logits_of(tokens[:, :-1], None)
-                F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
-
+        for n in (1, 2):
+            step = steps(depth, n)
             step()  # process-wide caches (the rope tables) filled before the counted step
             counter[0] = _Traffic()
             try:
                 with counter[0]:
                     step()
-                counts[depth, rows] = counter[0].bytes
+                counts[depth, n] = counter[0].bytes
             finally:
                 counter[0] = None
     per = Counter()
     for op in set().union(*counts.values()):
         moved = counts[2 * unit, 2][op] - counts[2 * unit, 1][op] - counts[unit, 2][op] + counts[unit, 1][op]
-        per[op] = moved / TRAFFIC_T / unit / 1024
-    return {"row": row, "kib_per_token_layer": sum(per.values()),
-            "ops": {op: kib for op, kib in per.most_common() if abs(kib) >= 0.05}}  # fmt: skip
+        per[op] = moved / tokens / unit / 1024
+    return {"kib_per_token_layer": sum(per.values()), "ops": {op: kib for op, kib in per.most_common() if abs(kib) >= 0.05}}
 
 
-def traffic_table(records: list[dict[str, Any]], command: str, width: int) -> str:
+def lm_traffic(row: str, counter: list[_Launches | None], shape: lm_train_speed.Shape) -> dict[str, Any]:
+    """One --lm --traffic record: an LM row on rows of TRAFFIC_T byte tokens."""
+
+    def steps(depth: int, rows: int) -> Callable[[], None]:
+        torch.manual_seed(0)
+        _, logits_of = lm_train_speed.build(row, replace(shape, depth=depth), TRAFFIC_T)
+        tokens = torch.randint(0, 256, (rows, TRAFFIC_T + 1), generator=torch.Generator().manual_seed(rows))
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = logits_of(tokens[:, :-1], None)
+            F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+
+        return step
+
+    unit = len(lm_train_speed.pattern_of(row) or ["attn"])  # hf_llama: one layer a unit
+    return {"row": row, **traffic(counter, steps, unit, TRAFFIC_T)}
+
+
+def vision_traffic(row: str, counter: list[_Launches | None], shape: vision_speed.Shape) -> dict[str, Any]:
+    """One --traffic record: a vision row on images of TRAFFIC_PX px."""
+
+    def steps(depth: int, images: int) -> Callable[[], None]:
+        torch.manual_seed(0)
+        model, example = vision_speed.build(row, TRAFFIC_PX, replace(shape, depth=depth))
+        x, target = example.expand(images, *example.shape[1:]).clone(), torch.zeros(images, dtype=torch.long)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x)
+            F.cross_entropy(logits.float(), target).backward()
+
+        return step
+
+    unit = len(vision_speed.HYBRID) if row.startswith("hybrid") else 1
+    return {"row": row, **traffic(counter, steps, unit, (TRAFFIC_PX // shape.patch) ** 2)}
+
+
+def traffic_table(records: list[dict[str, Any]], command: str, setting: str) -> str:
     """Markdown: glue KiB per token and layer against the first row's, the largest ops."""
     base = records[0]["row"]
-    lines = [f"`{command}` (CPU, torch {torch.__version__}; width {width}, rows of {TRAFFIC_T} "
-             "tokens; one forward, loss and backward under bf16 autocast, the GPU code path with the Triton kernels "
+    lines = [f"`{command}` (CPU, torch {torch.__version__}; {setting}; one forward, loss and backward under bf16 autocast, the GPU code path with the Triton kernels "
              "interpreted). Glue: the bytes that aten ops other than views, metadata, matmuls, softmax attention and "
              "the optimizer read and write (their tensors' sizes), per token and layer; Triton kernels not counted.",
              "", f"| row | glue: KiB per token and layer | vs {base} | largest ops (KiB) |", "|---|---:|---:|---|"]  # fmt: skip
@@ -250,19 +282,17 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", help=f"rows (default {' '.join(VISION_ROWS)}; --lm: {' '.join(LM_ROWS)})")
     p.add_argument("--lm", action="store_true", help="rows of lm_train_speed.py instead of vision_speed.py")
     p.add_argument("--smoke", action="store_true", help="the speed scripts' tiny models (a check that rows run)")
-    p.add_argument("--traffic", action="store_true", help="with --lm: the glue's bytes per token and layer instead")
+    p.add_argument("--traffic", action="store_true", help="the glue's bytes per token and layer instead")
     p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/launches_cpu, --lm: launches_lm_cpu, "
-                                            "--lm --traffic: traffic_lm_cpu)")  # fmt: skip
+                                            "--traffic: traffic_cpu, --lm --traffic: traffic_lm_cpu)")  # fmt: skip
     args = p.parse_args()
-    if args.traffic and not args.lm:
-        p.error("--traffic counts the LM rows: add --lm")
     rows = args.rows or (LM_ROWS if args.lm else VISION_ROWS)
     known = [*lm_train_speed.PATTERNS, "hf_llama"] if args.lm else vision_speed.row_names()
     unknown = [r for r in rows if r not in known]
     if unknown:
         raise SystemExit(f"launches: unknown rows {' '.join(unknown)}; rows of {'lm_train_speed' if args.lm else 'vision_speed'}.py: "
                          f"{' '.join(known)}")  # fmt: skip
-    stem = "traffic_lm_cpu" if args.traffic else "launches_lm_cpu" if args.lm else "launches_cpu"
+    stem = ("traffic" if args.traffic else "launches") + ("_lm" if args.lm else "") + "_cpu"
     out = args.out or Path(__file__).parent / "results" / stem
     setting = f"width {lm_train_speed.REAL.dim}, 2 rows of {T} tokens" if args.lm else f"ViT-S/16, 2 images of {PX} px"
     dispatch.on_cuda = lambda x: True  # the GPU path (this process only)
@@ -272,14 +302,19 @@ def main() -> None:
     _hook_triton(counter)
     command = " ".join(["python benchmarks/launches.py", *sys.argv[1:]])
     lm_shape = lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL
+    vision_shape = vision_speed.SMOKE if args.smoke else vision_speed.REAL
+    if args.lm:
+        moved = f"width {lm_shape.dim}, rows of {TRAFFIC_T} tokens"
+    else:
+        moved = f"ViT-S/16 (width {vision_shape.dim}), images of {TRAFFIC_PX} px; the patch embedding and head left out"
     records = []
     for row in rows:
         if args.traffic:
-            records.append(traffic(row, counter, lm_shape))
+            records.append(lm_traffic(row, counter, lm_shape) if args.lm else vision_traffic(row, counter, vision_shape))
             for r in records:
                 r[f"vs_{records[0]['row']}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
-            write_results(out, {"command": command, "T": TRAFFIC_T, "records": records},
-                          traffic_table(records, command, lm_shape.dim))  # fmt: skip
+            write_results(out, {"command": command, "setting": moved, "records": records},
+                          traffic_table(records, command, moved))  # fmt: skip
             save_bars(records, "kib_per_token_layer", "glue KiB per token and layer",
                       "Bytes moved by the glue ops of one training step (GPU code path, counted on CPU)", out)  # fmt: skip
             print(f"{row}: {records[-1]['kib_per_token_layer']:.1f} KiB per token and layer of glue", flush=True)

@@ -221,8 +221,6 @@ def test_launches_traffic_counts_the_glue_of_an_lm_step(tmp_path):
     assert sum(records["mamba2"]["ops"].values()) == pytest.approx(records["mamba2"]["kib_per_token_layer"], rel=0.01)
     assert "mul" not in records["mamba2"]["ops"], records["mamba2"]["ops"]
     assert "| mamba2 |" in (tmp_path / "traffic.md").read_text()
-    with pytest.raises(subprocess.CalledProcessError):
-        subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--traffic"], check=True, capture_output=True)
 
 
 def test_lm_train_speed_profile_files_mmeffs_kernels_as_recurrence_kernels():

@@ -294,3 +294,19 @@ def test_vision_speed_chunk_size_builds_the_scan_mixers_with_it(script, tmp_path
     assert {m.chunk_size for m in model.modules() if hasattr(m, "chunk_size")} == {16}
     records = json.loads((tmp_path / "speed.json").read_text())["records"]
     assert [r["row"] for r in records] == ["timm", "gla-bi[chunk_size=16]"]
+
+
+def test_launches_traffic_counts_the_glue_of_a_vision_step(tmp_path):
+    # --traffic without --lm: the vision rows' glue bytes per token and layer (the patch embedding and head left out by
+    # the difference of one- and two-layer models). Its own process: the script fakes the GPU.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--traffic", "--smoke", "--rows", "attn", "gla-bi",
+                    "--out", str(tmp_path / "traffic")], check=True)  # fmt: skip
+    records = {r["row"]: r for r in json.loads((tmp_path / "traffic.json").read_text())["records"]}
+    assert set(records) == {"attn", "gla-bi"} and records["attn"]["vs_attn"] == 1.0
+    for r in records.values():
+        assert r["kib_per_token_layer"] > 0
+        assert sum(r["ops"].values()) == pytest.approx(r["kib_per_token_layer"], rel=0.01)
+    assert "patch embedding and head left out" in (tmp_path / "traffic.md").read_text()
