@@ -141,7 +141,7 @@ def step_of(spec: str) -> Callable[[], None]:
         model, logits_of = lm_train_speed.build(row, lm_train_speed.REAL, T)
         tokens = torch.randint(0, 256, (lm_train_speed.REAL.tokens // T, T + 1), device="cuda")
         return lm_train_speed.train_step(model.cuda(), logits_of, tokens, None)
-    raise SystemExit(f"host_cost: --steps takes vision:<row> or lm:<row>, got {spec!r}")
+    raise ValueError(f"a step is vision:<row> or lm:<row>, not {spec!r}")
 
 
 def on_tritons_path(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -218,10 +218,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of the two norms' forward and backward")
     p.add_argument("--steps", nargs="+", default=[], metavar="KIND:ROW",
-                   help="also time eager training steps with the backward on each thread: vision:<row> of "
-                        "vision_speed.py at 224 px, lm:<row> of lm_train_speed.py at T = 4096")  # fmt: skip
+                   help="also time eager training steps as mmeff runs them, with the backward on the calling thread "
+                        "and with Triton's launch path: vision:<row> of vision_speed.py at 224 px, lm:<row> of "
+                        "lm_train_speed.py at T = 4096")  # fmt: skip
     p.add_argument("--out", type=Path, help="results stem (default benchmarks/results/host_cost_<device>)")
     args = p.parse_args()
+    bad = [spec for spec in args.steps if spec.partition(":")[0] not in ("vision", "lm") or not spec.partition(":")[2]]
+    if bad:
+        p.error(f"--steps takes vision:<row> or lm:<row>, got {' '.join(bad)}")
     if not torch.cuda.is_available():
         raise SystemExit("host_cost: times what a CUDA step launches; no CUDA device here")
     import triton

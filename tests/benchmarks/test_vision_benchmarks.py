@@ -267,6 +267,9 @@ def test_host_cost_says_it_needs_cuda():
 
     done = subprocess.run([sys.executable, str(BENCHMARKS / "host_cost.py")], capture_output=True, text=True)
     assert done.returncode != 0 and "no CUDA device here" in done.stderr
+    # A step it cannot build is refused before any timing, on any machine.
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "host_cost.py"), "--steps", "gla-bi"], capture_output=True, text=True)
+    assert done.returncode != 0 and "--steps takes vision:<row> or lm:<row>, got gla-bi" in done.stderr
 
 
 def test_vision_speed_profile_shows_the_backwards_host_time(script, tmp_path):
