@@ -305,10 +305,10 @@ def test_launches_traffic_counts_the_glue_of_a_vision_step(tmp_path):
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--traffic", "--smoke", "--rows", "attn", "gla-bi",
+    subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--traffic", "--smoke", "--rows", "timm", "attn",
                     "--out", str(tmp_path / "traffic")], check=True)  # fmt: skip
     records = {r["row"]: r for r in json.loads((tmp_path / "traffic.json").read_text())["records"]}
-    assert set(records) == {"attn", "gla-bi"} and records["attn"]["vs_attn"] == 1.0
+    assert set(records) == {"timm", "attn"} and records["timm"]["vs_timm"] == 1.0
     for r in records.values():
         assert r["kib_per_token_layer"] > 0
         assert sum(r["ops"].values()) == pytest.approx(r["kib_per_token_layer"], rel=0.01)
