@@ -6,8 +6,8 @@ times the calls one by one: 3,000 of each on [64, 384] bf16 tensors, small enoug
 synchronisation inside, so the time per call is the host's. A Triton launch is split into the parts of Triton's
 `JITFunction.run` (the argument binder, the cache key, the C launcher), read through Triton's internals (3.5 and 3.6;
 a part another version lacks is reported as failed, the rest still runs), beside mmeff's own launch path for a known
-key (mmeff.kernels.launch.Launcher: the compiled kernel's launcher called directly). `--profile` adds a torch.profiler table
-(CPU and CUDA) of one mmeff norm forward and backward and one of nn.LayerNorm's.
+key (mmeff.kernels.launch.Launcher: the compiled kernel's launcher called directly). `--profile` adds a torch.profiler
+table (CPU and CUDA) of one mmeff norm forward and backward and one of nn.LayerNorm's.
 
 Where the backward runs: on CUDA, autograd's engine hands every backward to its own thread for the device, where each
 Python autograd.Function's backward takes the GIL; `torch.autograd.set_multithreading_enabled(False)` keeps the

@@ -131,7 +131,8 @@ def traffic(counter: list[_Launches | None], steps: Callable[[int, int], Callabl
     for op in set().union(*counts.values()):
         moved = counts[2 * unit, 2][op] - counts[2 * unit, 1][op] - counts[unit, 2][op] + counts[unit, 1][op]
         per[op] = moved / tokens / unit / 1024
-    return {"kib_per_token_layer": sum(per.values()), "ops": {op: kib for op, kib in per.most_common() if abs(kib) >= 0.05}}
+    kept = {op: kib for op, kib in per.most_common() if abs(kib) >= 0.05}
+    return {"kib_per_token_layer": sum(per.values()), "ops": kept}
 
 
 def lm_traffic(row: str, counter: list[_Launches | None], shape: lm_train_speed.Shape) -> dict[str, Any]:
@@ -175,9 +176,10 @@ def vision_traffic(row: str, counter: list[_Launches | None], shape: vision_spee
 def traffic_table(records: list[dict[str, Any]], command: str, setting: str) -> str:
     """Markdown: glue KiB per token and layer against the first row's, the largest ops."""
     base = records[0]["row"]
-    lines = [f"`{command}` (CPU, torch {torch.__version__}; {setting}; one forward, loss and backward under bf16 autocast, the GPU code path with the Triton kernels "
-             "interpreted). Glue: the bytes that aten ops other than views, metadata, matmuls, softmax attention and "
-             "the optimizer read and write (their tensors' sizes), per token and layer; Triton kernels not counted.",
+    lines = [f"`{command}` (CPU, torch {torch.__version__}; {setting}; one forward, loss and backward under bf16 "
+             "autocast, the GPU code path with the Triton kernels interpreted). Glue: the bytes that aten ops other "
+             "than views, metadata, matmuls, softmax attention and the optimizer read and write (their tensors' "
+             "sizes), per token and layer; Triton kernels not counted.",
              "", f"| row | glue: KiB per token and layer | vs {base} | largest ops (KiB) |", "|---|---:|---:|---|"]  # fmt: skip
     for r in records:
         top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["ops"].items())[:6])

@@ -83,6 +83,9 @@ from mmeff.trainer import compile_options
 from timing import CHECKPOINT, add_compile_argument, compile_fields, compile_label, device_tag, error_note, free, matmul_rate, median_ms, replays_graphs, save_figure, unchecked, write_results  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
+# --chunk-size: the chunk lengths mmeff's chunked kernels run (mmeff.kernels.pack rounds any other to one of these, so
+# a row named by another would not run at it on the GPU).
+CHUNK_SIZES = (16, 32, 64)
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
 HYBRID = ["gla", "gla", "gla", "attn"]
 FLOP_MATCHED = ("gla-bi", "mamba2-bi")  # rows whose FLOP-matched ceiling the issue sets a goal for (at 224 px)
@@ -518,8 +521,8 @@ def main() -> None:
     p.add_argument("--row-limit", type=int, default=0, help="seconds a row may take before it is stopped (0: no limit)")
     p.add_argument("--profile", action="store_true", help="also write where each row's step goes, GPU kernels and host, "
                    "to profile_<row>_<px>.txt")
-    p.add_argument("--chunk-size", type=int, help="the scan mixers' chunk length (default theirs, 64); rows named "
-                   "row[chunk_size=N]")
+    p.add_argument("--chunk-size", type=int, choices=CHUNK_SIZES, help="the scan mixers' chunk length (default theirs, "
+                   "64); rows named row[chunk_size=N]")
     p.add_argument("--backend", action="append", default=[], metavar="OP=NAME",
                    help="pin an mmeff op's backend for the mmeff rows (e.g. depthwise_conv2d=torch); rows named row[OP=NAME]")
     p.add_argument("--memory", action="store_true", help="also write each row's allocator history of one step (memory_<row>_<px>.pickle)")

@@ -297,6 +297,8 @@ def test_vision_speed_chunk_size_builds_the_scan_mixers_with_it(script, tmp_path
     assert {m.chunk_size for m in model.modules() if hasattr(m, "chunk_size")} == {16}
     records = json.loads((tmp_path / "speed.json").read_text())["records"]
     assert [r["row"] for r in records] == ["timm", "gla-bi[chunk_size=16]"]
+    with pytest.raises(SystemExit):  # 48 would run as 64 in the kernels under a row named 48
+        script("vision_speed", "--smoke", "--rows", "gla-bi", "--chunk-size", "48")
 
 
 def test_launches_traffic_counts_the_glue_of_a_vision_step(tmp_path):
