@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,11 @@ def test_host_cost_times_every_call_and_the_parts_of_a_triton_launch(tmp_path):
     # Every call is timed, the parts of Triton's launch read through its internals too (a Triton version whose
     # internals moved fails here rather than in a benchmark run), the profile tables are written, and whole steps
     # are timed with the backward on each thread.
-    subprocess.run([sys.executable, str(BENCHMARKS / "host_cost.py"), "--profile", "--steps", "vision:attn", "lm:attn",
-                    "--out", str(tmp_path / "host")], check=True, capture_output=True)  # fmt: skip
+    # The script imports mmeff from the checkout, as `python benchmarks/host_cost.py` from its root does.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "host_cost.py"), "--profile", "--steps", "vision:attn", "lm:attn",
+                           "--out", str(tmp_path / "host")], capture_output=True, text=True, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
     records = json.loads((tmp_path / "host.json").read_text())["records"]
     calls = [r for r in records if r["group"] != "step"]
     assert [r["call"] for r in calls if r["host_us"] is None] == []
