@@ -13,6 +13,13 @@ still held, as before a backward), whether autograd saved it or something else k
 what is kept outside the saved-tensor hooks: a hook's own closure kept gla-bi's route copies alive until 5416efe,
 3.8 of its 17.2 GiB peak at 1024 px on the H200, while the saved count showed only the source streams.
 
+`--peak`: a training step's peak beyond what the forward keeps (the backward's transient buffers: one layer's
+gradients and its kernels' work tensors), from every storage's lifetime over a 2-layer model's step, batches of 8 and
+4, the weights' gradients left out; the full-depth step peak per token is live x depth + transient. Against the H200's
+allocator peaks at 1,024 px (vision_speed_h200.md; 65,536 tokens a step, plus about 0.6 GiB of weights, gradients,
+AdamW state and the batch): timm 169.2 KiB per token here, 10.6 GiB + 0.6 against 11.3 there; attn 137.7, 8.6 + 0.6
+against 9.2; gla-bi 155.4 (at 6cd3f52 there), 9.7 + 0.6 against 10.3.
+
 Not counted: workspace inside a kernel and the allocator's fragmentation. Mamba-2 runs mmeff's Triton SSD here; on a
 GPU with mamba-ssm installed it runs mamba-ssm's kernels, which keep other tensors.
 
@@ -23,6 +30,7 @@ attn first): one layer's bytes per token, a 2-layer model's count less a 1-layer
     python benchmarks/saved_memory.py                          # every row of vision_speed.py except the cross scans
     python benchmarks/saved_memory.py --rows timm attn gla-bi --detail
     python benchmarks/saved_memory.py --lm                     # every mmeff row of lm_train_speed.py
+    python benchmarks/saved_memory.py --rows timm gated_deltanet-bi --peak
 
 Writes benchmarks/results/saved_memory_cpu.{md,json,png} (records: row, kib_per_token_layer, vs_timm,
 live_kib_per_token_layer, live_vs_timm, largest), with --lm saved_memory_lm_cpu.* (vs_attn, live_vs_attn).
@@ -72,23 +80,71 @@ def kept(model: torch.nn.Module, images: torch.Tensor) -> dict[int, tuple[int, t
 
 
 class _Allocations(TorchDispatchMode):
-    """Every storage an op returns while active: {data pointer: (weak reference, bytes)}."""
+    """Every storage an op returns while active: {data pointer: (weak reference, bytes)}; with `track`, also each
+    one's lifetime in ops (`spans`: [first op, op after which it was found freed or None, bytes, address, weak
+    reference])."""
 
     supports_higher_order_operators = True  # FlexAttention (the sparse rows) runs as one
 
-    def __init__(self) -> None:
+    def __init__(self, track: bool = False) -> None:
         super().__init__()
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.track, self.ops, self.spans, self._open = track, 0, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
+        self.ops += 1
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and not is_fake(t):  # FlexAttention traces its masks on fake tensors
                 storage = t.untyped_storage()
                 seen = self.storages.get(storage.data_ptr())
                 if seen is None or seen[0].expired():  # a freed storage's address reused
                     self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+                    if self.track:
+                        self._open.append([self.ops, None, storage.nbytes(), storage.data_ptr(), StorageWeakRef(storage)])
+                        self.spans.append(self._open[-1])
+        if self.track:  # the op's inputs it freed are gone by now
+            for span in self._open:
+                if span[4].expired():
+                    span[1] = self.ops
+            self._open = [span for span in self._open if span[1] is None]
         return out
+
+    def __enter__(self) -> "_Allocations":
+        if self.track:  # Triton's interpreter holds each launch's arguments in a reference cycle (its _to_cpu closure)
+            # until the next automatic collection; a GPU launch lets them go when it returns, so collect there.
+            from triton.runtime.interpreter import GridExecutor
+
+            launch = self._launch = GridExecutor.__call__
+
+            def collected(*args: Any, **kwargs: Any) -> Any:
+                out = launch(*args, **kwargs)
+                gc.collect()
+                return out
+
+            GridExecutor.__call__ = collected
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.track:
+            from triton.runtime.interpreter import GridExecutor
+
+            GridExecutor.__call__ = self._launch
+        super().__exit__(*exc)
+
+    def peak(self, leave_out: set[int]) -> int:
+        """Most bytes of the tracked storages alive at once, leaving out those still alive at `leave_out`'s addresses."""
+        change = [0] * (self.ops + 2)
+        for start, end, nbytes, ptr, _ in self.spans:
+            if end is None and ptr in leave_out:
+                continue
+            change[start] += nbytes
+            change[self.ops + 1 if end is None else end] -= nbytes
+        total = best = 0
+        for c in change:
+            total += c
+            best = max(best, total)
+        return best
 
 
 def live(model: torch.nn.Module, images: torch.Tensor) -> int:
@@ -101,8 +157,32 @@ def live(model: torch.nn.Module, images: torch.Tensor) -> int:
     return alive
 
 
-def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool) -> dict[str, Any]:
-    """One record: KiB kept per token and layer (and the largest kinds of tensor with `detail`)."""
+def step_peak(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """Most bytes live at once of those one bf16-autocast training step (forward, loss, backward) allocates, the
+    weights' gradients left out (the same at every batch, they would hide the activations' peak at small ones)."""
+    model.zero_grad(set_to_none=True)
+    with _Allocations(track=True) as allocations, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images).float().square().mean().backward()
+    grads = {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return allocations.peak(grads)
+
+
+def transient(row: str, shape: vision_speed.Shape, px: int) -> float:
+    """KiB per token that a training step's peak holds beyond what the forward keeps: the backward's own buffers
+    (one layer's gradients and its kernels' work tensors at a time), from a 2-layer model, batches of 8 and 4 (at
+    fewer tokens the weights' transient gradients move the peak)."""
+    torch.manual_seed(0)
+    shape = replace(shape, depth=2)
+    model, example = vision_speed.timm_model(px, shape) if row == "timm" else vision_speed.build(row, px, shape)
+    images = [example.expand(n, *example.shape[1:]).clone() for n in (4, 8)]
+    extra = [step_peak(model, x) - live(model, x) for x in images]
+    return (extra[1] - extra[0]) / 4 / (px // shape.patch) ** 2 / 1024
+
+
+def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool, peak: bool) -> dict[str, Any]:
+    """One record: KiB kept per token and layer (and the largest kinds of tensor with `detail`; with `peak`, the
+    backward's transient KiB per token and the step's peak per token at the full depth)."""
     torch.manual_seed(0)
     model, example = vision_speed.timm_model(px, shape) if row == "timm" else vision_speed.build(row, px, shape)
     tokens = (px // shape.patch) ** 2
@@ -111,6 +191,9 @@ def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool) -> dict[
     record: dict[str, Any] = {"row": row, "kib_per_token_layer": per_image / tokens / shape.depth / 1024}
     alive = [live(model, example.expand(n, *example.shape[1:]).clone()) for n in (1, 2)]
     record["live_kib_per_token_layer"] = (alive[1] - alive[0]) / tokens / shape.depth / 1024
+    if peak:
+        record["transient_kib_per_token"] = transient(row, shape, px)
+        record["peak_kib_per_token"] = record["live_kib_per_token_layer"] * shape.depth + record["transient_kib_per_token"]
     if detail:
         kinds: Counter = Counter()
         for nbytes, dims, dtype in counts[1].values():
@@ -145,6 +228,13 @@ def table(records: list[dict[str, Any]], command: str, setting: str, base: str) 
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {r['row']} | {r['kib_per_token_layer']:.2f} | {r[f'vs_{base}']:.2f}x | "
               f"{r['live_kib_per_token_layer']:.2f} | {r[f'live_vs_{base}']:.2f}x |" for r in records]  # fmt: skip
+    if any("peak_kib_per_token" in r for r in records):
+        lines += ["", "A training step's peak (`--peak`), KiB per token: the backward's transient bytes (the peak of a "
+                  "2-layer model's step less what its forward keeps: one layer's gradients and kernel buffers at a time) "
+                  "and the step's peak at the full depth (live after the forward x depth + transient).", "",
+                  f"| row | transient KiB per token | step peak KiB per token | vs {base} |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['row']} | {r['transient_kib_per_token']:.1f} | {r['peak_kib_per_token']:.1f} | "
+                  f"{r[f'peak_vs_{base}']:.2f}x |" for r in records if "peak_kib_per_token" in r]  # fmt: skip
     for r in records:
         if r.get("largest"):
             lines += ["", f"{r['row']}, bytes per token and layer by kind of tensor (batch of 2; weights' bf16 copies included):", ""]
@@ -181,6 +271,8 @@ def main() -> None:
                                              f"lm_train_speed.py (default: {' '.join(LM_ROWS)})")  # fmt: skip
     p.add_argument("--lm", action="store_true", help="the causal LMs of lm_train_speed.py, against mmeff attn")
     p.add_argument("--detail", action="store_true", help="also list each row's largest kinds of kept tensor (vision)")
+    p.add_argument("--peak", action="store_true", help="also the backward's transient bytes and the step's peak per token "
+                   "(vision; a 2-layer model's training step each row)")
     p.add_argument("--smoke", action="store_true", help="the tiny models of the speed scripts (a check that rows run)")
     p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/saved_memory_cpu, --lm: saved_memory_lm_cpu)")
     args = p.parse_args()
@@ -204,16 +296,19 @@ def main() -> None:
     dispatch.on_cuda = lambda x: True  # the GPU path: each op keeps what its fast path keeps (this process only)
     records = []
     for row in rows:
-        records.append(measure_lm(row, shape) if args.lm else measure(row, shape, px, args.detail))
+        records.append(measure_lm(row, shape) if args.lm else measure(row, shape, px, args.detail, args.peak))
         for r in records:
             r[f"vs_{base}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
             r[f"live_vs_{base}"] = r["live_kib_per_token_layer"] / records[0]["live_kib_per_token_layer"]
+            if "peak_kib_per_token" in r:
+                r[f"peak_vs_{base}"] = r["peak_kib_per_token"] / records[0]["peak_kib_per_token"]
         command = "python benchmarks/saved_memory.py " + " ".join(sys.argv[1:])
         scale = {"T": LM_T} if args.lm else {"px": px}
         write_results(out, {**scale, "command": command, "records": records}, table(records, command, setting, base))
         plot(records, out.with_name(out.name + ".png"), base)
+        peak = f", step peak {records[-1]['peak_kib_per_token']:.1f} KiB per token" if args.peak else ""
         print(f"{row}: {records[-1]['kib_per_token_layer']:.2f} KiB per token and layer saved, "
-              f"{records[-1]['live_kib_per_token_layer']:.2f} live", flush=True)
+              f"{records[-1]['live_kib_per_token_layer']:.2f} live{peak}", flush=True)
 
 
 if __name__ == "__main__":

@@ -61,10 +61,10 @@ def _backward(
         grads = [None] * 5 + [dht]
     else:
         pq, pk, pv, pg, pbeta, ph0 = args
-        b, span, wy = kernels.chunk_prepare(pk, pv, pg, pbeta, chunks, gate)
         do = do.reshape(pv.shape).to(pv.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        grads = kernels.chunk_backward(pq, pk, pv, b, span, pbeta, ph0, wy, do, dht, scale, chunks, gate, ph0 is not None)
+        grads = kernels.chunk_backward(pq, pk, pv, pbeta, ph0, *kernels.chunk_prepare(pk, pv, pg, pbeta, chunks, gate), do,
+                                       dht, scale, chunks, gate, ph0 is not None)  # fmt: skip
     return tuple(  # type: ignore[return-value]
         _absent(q) if x is None else (torch.zeros_like(x) if d is None else d.reshape(x.shape).to(x.dtype))
         for x, d in zip(inputs, grads)

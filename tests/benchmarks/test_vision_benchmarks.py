@@ -158,6 +158,22 @@ def test_saved_memory_counts_what_the_gpu_path_keeps(tmp_path):
     assert "| linear_attn-global |" in (tmp_path / "mem.md").read_text() and (tmp_path / "mem.png").stat().st_size > 0
 
 
+def test_saved_memory_peak_adds_the_backward_transient(tmp_path):
+    # --peak: a 2-layer model's training step, its peak less what its forward keeps (the backward's buffers, the
+    # weights' gradients left out), per token; the full-depth estimate is live x depth + that. In its own process as
+    # above.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(BENCHMARKS / "saved_memory.py"), "--smoke", "--rows", "attn", "--peak", "--out",
+                    str(tmp_path / "mem")], check=True)  # fmt: skip
+    records = json.loads((tmp_path / "mem.json").read_text())["records"]
+    for r in records:
+        assert r["transient_kib_per_token"] > 0
+        assert r["peak_kib_per_token"] == pytest.approx(2 * r["live_kib_per_token_layer"] + r["transient_kib_per_token"])
+    assert records[0]["peak_vs_timm"] == 1.0 and "| attn | " in (tmp_path / "mem.md").read_text().split("step peak")[-1]
+
+
 def test_vision_train_trains_an_mmeff_config_and_timm_and_tests_them(script, tmp_path):
     from mmeff.data import build_shards
 
