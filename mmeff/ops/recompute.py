@@ -25,7 +25,9 @@ class _Product:
     """A product's recipe, its inputs packed once for every saved view of it, and the product once a backward made it.
 
     Several nodes save views of one product (SSD keeps x, B and C of the short conv's output; the q, k, v, gate
-    projections each keep the pre-norm's output): it is made once and lives until the last of them is freed."""
+    projections each keep the pre-norm's output): it is made once and held until each saved view has been read back
+    (`views` counts those not yet read), then left to the views handed out. A short conv's output, from which the
+    recipes of gated_deltanet's l2-mapped q, k and v's copy make theirs, so goes before the kernels' backward runs."""
 
     def __init__(self, make: Callable[..., Any], inputs: Sequence[Tensor], pack: Callable[[Tensor], Any]) -> None:
         self.make = make
@@ -33,14 +35,21 @@ class _Product:
         # Where they keep an input as it is, the backward must find it as it was (other hooks answer for their own).
         self.versions = tuple(x._version if p is x else None for x, p in zip(inputs, self.inputs))
         self.made: Any = None
+        self.views = 0
 
     def get(self, unpack: Callable[[Any], Tensor]) -> Any:
-        if self.made is None:
+        """The product, made on the first read of a saved view; one view's read counted (the last lets it go: a
+        second backward through a retained graph makes it again for each view)."""
+        made = self.made
+        if made is None:
             inputs = [unpack(x) for x in self.inputs]
             if any(v is not None and x._version != v for x, v in zip(inputs, self.versions)):
                 raise RuntimeError("an input kept to make a saved tensor again was modified in place after the forward")
-            self.made = self.make(*inputs)
-        return self.made
+            made = self.made = self.make(*inputs)
+        self.views -= 1
+        if self.views <= 0:
+            self.made = None
+        return made
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class _Made:
 
     @classmethod
     def of(cls, product: _Product, t: Tensor, index: int | None = None) -> _Made:
+        product.views += 1
         return cls(product, index, t.shape, t.stride(), t.storage_offset())
 
     def view(self, unpack: Callable[[Any], Tensor]) -> Tensor:

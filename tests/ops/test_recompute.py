@@ -33,6 +33,49 @@ def test_a_recomputed_product_is_not_kept_and_gives_the_same_gradients():
     assert all(torch.equal(x, y) for x, y in zip(*grads))
 
 
+def test_a_product_goes_once_each_saved_view_was_read():
+    # Two nodes keep views of one product (a short conv's output, which the recipes of gated_deltanet's mapped q, k
+    # and v's copy read). Made in the backward when the first reads its view, it is held for the second, then left to
+    # the views handed out: once those go, its memory is free while the backward goes on. A second backward through
+    # the retained graph makes it again, and the gradients are the same.
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    a = torch.randn(8, 5, requires_grad=True)
+    freed, made = [], []
+
+    class Reads(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            ref = StorageWeakRef(x.untyped_storage())
+            out = g * x.sign()
+            del x
+            gc.collect()
+            freed.append(ref.expired())
+            return out
+
+    def double(t):
+        made.append(1)
+        return t * 2
+
+    doubled = double(a)
+    with recomputed([(doubled, double, (a,))]):
+        y = Reads.apply(doubled[:4]) + Reads.apply(doubled[4:])
+    del doubled
+    y.backward(retain_graph=True)
+    first = a.grad.clone()
+    y.backward()
+    assert freed == [False, True, True, True]  # held for the second reader, then gone after each read
+    assert len(made) == 1 + 1 + 2 and torch.equal(a.grad, 2 * first)
+
+
 def test_a_tuple_of_products_is_made_by_one_call_once():
     # Two products of one call (the route kernels stack all of a mixer's streams in one launch): each kept as the
     # inputs, the call run once in the backward for both, the gradients bit for bit those without the hooks.
