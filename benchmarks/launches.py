@@ -91,6 +91,7 @@ class _Launches(TorchDispatchMode):
 NOT_GLUE = {"mm", "bmm", "addmm", "linear", "_fused_adamw_", "_scaled_dot_product_flash_attention_for_cpu",
             "_scaled_dot_product_flash_attention_for_cpu_backward"}  # fmt: skip
 TRAFFIC_T = 128  # --lm --traffic: tokens a row
+SMOKE_TRAFFIC_T = 64  # with --smoke: one chunk a row (the interpreted kernels run half the programs)
 TRAFFIC_PX = 128  # --traffic: 64 tokens an image
 
 
@@ -135,13 +136,13 @@ def traffic(counter: list[_Launches | None], steps: Callable[[int, int], Callabl
     return {"kib_per_token_layer": sum(per.values()), "ops": kept}
 
 
-def lm_traffic(row: str, counter: list[_Launches | None], shape: lm_train_speed.Shape) -> dict[str, Any]:
-    """One --lm --traffic record: an LM row on rows of TRAFFIC_T byte tokens."""
+def lm_traffic(row: str, counter: list[_Launches | None], shape: lm_train_speed.Shape, T: int) -> dict[str, Any]:
+    """One --lm --traffic record: an LM row on rows of T byte tokens."""
 
     def steps(depth: int, rows: int) -> Callable[[], None]:
         torch.manual_seed(0)
-        _, logits_of = lm_train_speed.build(row, replace(shape, depth=depth), TRAFFIC_T)
-        tokens = torch.randint(0, 256, (rows, TRAFFIC_T + 1), generator=torch.Generator().manual_seed(rows))
+        _, logits_of = lm_train_speed.build(row, replace(shape, depth=depth), T)
+        tokens = torch.randint(0, 256, (rows, T + 1), generator=torch.Generator().manual_seed(rows))
 
         def step() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -151,7 +152,7 @@ def lm_traffic(row: str, counter: list[_Launches | None], shape: lm_train_speed.
         return step
 
     unit = len(lm_train_speed.pattern_of(row) or ["attn"])  # hf_llama: one layer a unit
-    return {"row": row, **traffic(counter, steps, unit, TRAFFIC_T)}
+    return {"row": row, **traffic(counter, steps, unit, T)}
 
 
 def vision_traffic(row: str, counter: list[_Launches | None], shape: vision_speed.Shape) -> dict[str, Any]:
@@ -305,14 +306,15 @@ def main() -> None:
     command = " ".join(["python benchmarks/launches.py", *sys.argv[1:]])
     lm_shape = lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL
     vision_shape = vision_speed.SMOKE if args.smoke else vision_speed.REAL
+    lm_t = SMOKE_TRAFFIC_T if args.smoke else TRAFFIC_T
     if args.lm:
-        moved = f"width {lm_shape.dim}, rows of {TRAFFIC_T} tokens"
+        moved = f"width {lm_shape.dim}, rows of {lm_t} tokens"
     else:
         moved = f"ViT-S/16 (width {vision_shape.dim}), images of {TRAFFIC_PX} px; the patch embedding and head left out"
     records = []
     for row in rows:
         if args.traffic:
-            records.append(lm_traffic(row, counter, lm_shape) if args.lm else vision_traffic(row, counter, vision_shape))
+            records.append(lm_traffic(row, counter, lm_shape, lm_t) if args.lm else vision_traffic(row, counter, vision_shape))
             for r in records:
                 r[f"vs_{records[0]['row']}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
             write_results(out, {"command": command, "setting": moved, "records": records},

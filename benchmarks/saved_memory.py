@@ -62,6 +62,7 @@ from timing import save_row_bars, write_results  # noqa: E402
 
 PX = 128  # 64 tokens an image of 16 px patches: the counts are per token; small keeps the interpreted kernels quick
 LM_T = 128  # --lm: tokens a row
+SMOKE_LM_T = 64  # --lm --smoke: one chunk a row (the interpreted kernels run half the programs)
 SMOKE_PX = 64  # --smoke: 64 tokens of 8 px
 
 
@@ -202,18 +203,18 @@ def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool, peak: bo
     return record
 
 
-def measure_lm(row: str, shape: lm_train_speed.Shape) -> dict[str, Any]:
+def measure_lm(row: str, shape: lm_train_speed.Shape, T: int) -> dict[str, Any]:
     """One record of an lm_train_speed row: KiB one layer keeps (and leaves live) per token, from models of two and one
-    times its pattern's layers (a hybrid's mean over its pattern) on rows of LM_T tokens, batches of 2 and 1 rows."""
+    times its pattern's layers (a hybrid's mean over its pattern) on rows of T tokens, batches of 2 and 1 rows."""
     unit = len(lm_train_speed.pattern_of(row))
     per_token = []
     for depth in (unit, 2 * unit):
         torch.manual_seed(0)
-        model, _ = lm_train_speed.build(row, replace(shape, depth=depth), LM_T)
-        rows = [torch.randint(0, 256, (n, LM_T), generator=torch.Generator().manual_seed(n)) for n in (1, 2)]
+        model, _ = lm_train_speed.build(row, replace(shape, depth=depth), T)
+        rows = [torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(n)) for n in (1, 2)]
         saved = [sum(b for b, _, _ in kept(model, x).values()) for x in rows]
         alive = [live(model, x) for x in rows]
-        per_token.append(((saved[1] - saved[0]) / LM_T, (alive[1] - alive[0]) / LM_T))
+        per_token.append(((saved[1] - saved[0]) / T, (alive[1] - alive[0]) / T))
     return {"row": row, "kib_per_token_layer": (per_token[1][0] - per_token[0][0]) / unit / 1024,
             "live_kib_per_token_layer": (per_token[1][1] - per_token[0][1]) / unit / 1024}  # fmt: skip
 
@@ -286,8 +287,8 @@ def main() -> None:
             raise SystemExit(f"saved_memory --lm: rows start with attn and are mmeff rows of lm_train_speed.py "
                              f"({' '.join(lm_train_speed.PATTERNS)}, each may end in "
                              f"{' or '.join(lm_train_speed.CHECKPOINT)}); got {' '.join(rows)}")  # fmt: skip
-        shape = lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL
-        base, setting = "attn", f"width {shape.dim}, rows of {LM_T} tokens"
+        shape, lm_t = (lm_train_speed.SMOKE, SMOKE_LM_T) if args.smoke else (lm_train_speed.REAL, LM_T)
+        base, setting = "attn", f"width {shape.dim}, rows of {lm_t} tokens"
     else:
         try:
             rows = vision_speed.select(args.rows or rows)  # timm first; a mixer's name selects its rows; +ckpt, +ckpt_mixer
@@ -298,14 +299,14 @@ def main() -> None:
     dispatch.on_cuda = lambda x: True  # the GPU path: each op keeps what its fast path keeps (this process only)
     records = []
     for row in rows:
-        records.append(measure_lm(row, shape) if args.lm else measure(row, shape, px, args.detail, args.peak))
+        records.append(measure_lm(row, shape, lm_t) if args.lm else measure(row, shape, px, args.detail, args.peak))
         for r in records:
             r[f"vs_{base}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
             r[f"live_vs_{base}"] = r["live_kib_per_token_layer"] / records[0]["live_kib_per_token_layer"]
             if "peak_kib_per_token" in r:
                 r[f"peak_vs_{base}"] = r["peak_kib_per_token"] / records[0]["peak_kib_per_token"]
         command = "python benchmarks/saved_memory.py " + " ".join(sys.argv[1:])
-        scale = {"T": LM_T} if args.lm else {"px": px}
+        scale = {"T": lm_t} if args.lm else {"px": px}
         write_results(out, {**scale, "command": command, "records": records}, table(records, command, setting, base))
         plot(records, out.with_name(out.name + ".png"), base)
         peak = f", step peak {records[-1]['peak_kib_per_token']:.1f} KiB per token" if args.peak else ""
