@@ -70,7 +70,7 @@ def chunk_backward(
     dq, dk, dv, dg, dbeta = parts["dq"], parts["dk"], parts["dv"], parts["dg"], None
     if beta is not None:
         dk, dv, dbeta, dg = wy_bwd(k, v, b, beta, X, parts, dv_new, chunks, gate)
-    if q.shape[2] != v.shape[2]:  # q and k shared by groups of heads: each head's gradient summed into its group's
+    if dq.shape[2] != q.shape[2]:  # q and k shared by groups of heads: each head's gradient summed into its group's
         dq, dk = (d.unflatten(2, (q.shape[2], -1)).sum(3) for d in (dq, dk))
     return dq, dk, dv, dg, dbeta, dh0
 

@@ -151,22 +151,15 @@ def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) ->
     return configs
 
 
-@autotune(warps(82, 42, 22), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE", "DELTA"], prune=_sm90_safe_configs)
 @triton.jit
-def _bwd_dqk_kernel(
-    q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, cu_seqlens,
-    chunk_indices, scale, SK,
-    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
+def _dqk_head(
+    q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, i_c, i_h, tok, nr,
+    scale, SK, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
-    # Full key width per program (BK >= K); value tiles are looped over. For the delta rule v is v~ and,
-    # instead of dv, dw = -dv~ h^T is produced; dk and the decay gradient are then partial (chunk_delta
-    # adds the terms of w and of the triangular solve). GLA chunks within the span limit are finished here
-    # through the factored scores; for the others the inter-chunk parts of dq and dk (dq_part, dk_part),
-    # the score gradient dA and the last-step decay term go to chunk_gla's sub-chunk kernel. Heads sharing q and k
-    # (HK < H) read them at qk and write their own dq and dk, at off, which chunk.py sums over each group.
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
+    """Head i_h of chunk i_c (see _bwd_dqk_kernel): writes its dv (or dw), dg and GLA's parts, and returns its
+    dq, dk [BT, BK] fp32 (under a per-key gate also written here)."""
     DT = q.dtype.element_ty
     rows = tl.arange(0, BT)
     valid = rows < nr
@@ -261,8 +254,6 @@ def _bwd_dqk_kernel(
             ds_t = tl.where(upper, ds_t, 0.0)
         dqc += mm(ds.to(DT), kc, PREC)
         dkc += mm((ds_t * scale).to(DT), qc, PREC)
-        store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
-        store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
         if DELTA:
             store_tile(dw + off, -dw_acc, 0, nr, H * K, 0, K, BT, BK)
         if GATE == SCALAR_GATE:
@@ -271,6 +262,49 @@ def _bwd_dqk_kernel(
             if not DELTA:
                 g_step = rev_cumsum(g_step, 0)
             tl.store(dg + (tok + rows) * H + i_h, g_step, mask=valid)
+    return dqc, dkc
+
+
+@autotune(warps(82, 42, 22), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE", "DELTA", "GH"], prune=_sm90_safe_configs)
+@triton.jit
+def _bwd_dqk_kernel(
+    q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, cu_seqlens,
+    chunk_indices, scale, SK, SPLIT_STRIDE,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
+    GH: tl.constexpr,
+):  # fmt: skip
+    # Full key width per program (BK >= K); value tiles are looped over. For the delta rule v is v~ and,
+    # instead of dv, dw = -dv~ h^T is produced; dk and the decay gradient are then partial (chunk_delta
+    # adds the terms of w and of the triangular solve). GLA chunks within the span limit are finished here
+    # through the factored scores; for the others the inter-chunk parts of dq and dk (dq_part, dk_part),
+    # the score gradient dA and the last-step decay term go to chunk_gla's sub-chunk kernel.
+    # GH = 1: one head a program, its dq and dk at its own head's place ([T, H, K], also where q and k have fewer
+    # heads). GH > 1 (q and k shared by groups of heads, no delta rule): GH heads of one group a program, their dq
+    # and dk summed here into [splits, T, HK, K] fp32 (split i_p % splits of the group; the host adds the splits),
+    # which keeps the per-head copies (H / HK times q's size) out of memory.
+    i_c, i_p = tl.program_id(0), tl.program_id(1)
+    _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
+    if GH == 1:
+        dqc, dkc = _dqk_head(q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA,
+                             dg_last, i_c, i_p, tok, nr, scale, SK, H, HK, K, V, BT, BK, BV, GATE, DELTA, LIMIT, PREC)
+        if GATE != KEY_GATE:
+            off = (tok * H + i_p) * K
+            store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
+            store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
+    else:
+        dq_sum = tl.zeros([BT, BK], dtype=tl.float32)
+        dk_sum = tl.zeros([BT, BK], dtype=tl.float32)
+        for j in range(GH):
+            dqc, dkc = _dqk_head(q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA,
+                                 dg_last, i_c, i_p * GH + j, tok, nr, scale, SK, H, HK, K, V, BT, BK, BV, GATE, DELTA,
+                                 LIMIT, PREC)  # fmt: skip
+            dq_sum += dqc
+            dk_sum += dkc
+        splits = H // HK // GH
+        out = (i_p % splits).to(tl.int64) * SPLIT_STRIDE + (tok * HK + i_p * GH // (H // HK)) * K
+        store_tile(dq + out, dq_sum, 0, nr, HK * K, 0, K, BT, BK)
+        store_tile(dk + out, dk_sum, 0, nr, HK * K, 0, K, BT, BK)
 
 
 def fwd_o(
@@ -302,21 +336,42 @@ def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chun
     return out
 
 
+# Grouped heads (GH > 1) split each group over enough programs that a small batch still fills the GPU: the fewest
+# splits (a divisor of the group's size) giving at least this many programs. Only for keys up to GROUP_KEYS wide: a
+# program's two sums are [64, K] fp32 tiles live across its heads. Measured on an H100 (vision_speed.py and
+# lm_train_speed.py, each against its own baseline row in the same process): mamba2-bi at 224 px (K 64, 12 heads a
+# program) 1,971 -> 2,121 img/s, peak 9.16 -> 8.94 GiB; the LM's mamba2 at 4k (K 128, 8 heads a program, 4 splits)
+# 181,975 -> 156,468 tokens/s, so K 128 stays a head a program.
+GROUP_PROGRAMS = 1024
+GROUP_KEYS = 64
+
+
+def head_splits(groups: int, programs: int) -> int:
+    """Splits of each group of `groups` heads sharing q and k: the fewest (a divisor of `groups`) for which
+    `programs` (chunks x key heads) times it reaches GROUP_PROGRAMS; `groups` (a head a program) at most."""
+    return next(d for d in range(1, groups + 1) if groups % d == 0 and (programs * d >= GROUP_PROGRAMS or d == groups))
+
+
 def bwd_dqk(
     q: Tensor, k: Tensor, v: Tensor, h: Tensor, dh: Tensor, b: Optional[Tensor], span: Optional[Tensor],
     A: Optional[Tensor], do: Tensor, dv_new: Optional[Tensor], chunks: Chunks, gate: int, scale: float,
 ) -> dict:  # fmt: skip
-    """Gradients of one chunk pass (see _bwd_dqk_kernel): dq, dk (one per head of v, also where q and k have fewer),
-    and dv, dw, dg, and for GLA the partial dq_part, dk_part, dA, dg_last of the chunks past the span limit."""
-    heads, dk_, dv_ = v.shape[2], q.shape[3], v.shape[3]
+    """Gradients of one chunk pass (see _bwd_dqk_kernel): dq, dk, and dv, dw, dg, and for GLA the partial dq_part,
+    dk_part, dA, dg_last of the chunks past the span limit. dq and dk have q's heads where groups of heads share q and
+    k outside the delta rule (summed over each group in the kernel), else v's (chunk.py sums those over each group)."""
+    heads, key_heads, dk_, dv_ = v.shape[2], q.shape[2], q.shape[3], v.shape[3]
     delta, key_gate = dv_new is not None, gate == KEY_GATE
+    grouped_ok = not delta and pow2(dk_) <= GROUP_KEYS
+    splits = head_splits(heads // key_heads, chunks.num_chunks * key_heads) if grouped_ok else heads // key_heads
+    per_program = heads // key_heads // splits  # GH
 
     def new(last: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return empty((*v.shape[:3], last), dtype, v.device)
 
+    summed = (splits, *v.shape[:2], key_heads, dk_)
     out = {
-        "dq": new(dk_, q.dtype),
-        "dk": new(dk_, torch.float32 if delta else k.dtype),
+        "dq": empty(summed, torch.float32, v.device) if per_program > 1 else new(dk_, q.dtype),
+        "dk": empty(summed, torch.float32, v.device) if per_program > 1 else new(dk_, torch.float32 if delta else k.dtype),
         "dv": None if delta else new(dv_, v.dtype),
         "dw": new(dk_) if delta else None,
         "dg": new(dk_) if key_gate else (empty(v.shape[:3], torch.float32, v.device) if gate == SCALAR_GATE else None),
@@ -326,10 +381,13 @@ def bwd_dqk(
         "dg_last": empty((chunks.num_chunks, heads, dk_), torch.float32, q.device) if key_gate else None,
     }
     names = ("dq", "dk", "dv", "dw", "dg", "dq_part", "dk_part", "dA", "dg_last")
-    _bwd_dqk_kernel[(chunks.num_chunks, heads)](
+    _bwd_dqk_kernel[(chunks.num_chunks, heads // per_program)](
         q, k, v, h, dh, b, span, A, do, dv_new, *(out[n] for n in names), chunks.cu_seqlens, chunks.indices, scale,
-        key_stride(q),
-        H=heads, HK=q.shape[2], K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)),
-        GATE=gate, DELTA=delta, LIMIT=span_limit(q.dtype), PREC=precision(q.dtype),
+        key_stride(q), v.shape[1] * key_heads * dk_,
+        H=heads, HK=key_heads, K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)),
+        GATE=gate, DELTA=delta, LIMIT=span_limit(q.dtype), PREC=precision(q.dtype), GH=per_program,
     )  # fmt: skip
+    if per_program > 1:  # the splits added, in q's and k's dtype
+        for name, like in (("dq", q), ("dk", k)):
+            out[name] = out[name].sum(0).to(like.dtype)
     return out

@@ -146,6 +146,18 @@ def test_parity_keys_shared_at_model_shape(kernels, monkeypatch, seed):
     assert_parity(kernels, monkeypatch, inputs, torch.bfloat16)
 
 
+@pytest.mark.xdist_group("ssd-12x64x64-bf16-grouped")
+def test_parity_heads_sharing_keys_grouped_at_vision_shape(kernels, monkeypatch, seed):
+    # The ViT's bidirectional Mamba-2 (benchmarks/vision_speed.py at 224 px): 12 heads of K 64, V 64 share one key
+    # head, 196 tokens a sequence. At its 512 sequences the backward takes the 12 heads of a chunk in one program and
+    # writes their dq, dk summed; here 64 sequences (256 chunks) take it with 2 splits a group.
+    assert kernels.chunk_o.head_splits(12, 256) == 4 and kernels.chunk_o.head_splits(12, 2048) == 1
+    monkeypatch.setattr(kernels.chunk_o, "GROUP_PROGRAMS", 512)
+    inputs = make_inputs("scalar_decay", 64, 196, 12, 64, 64, dtype=torch.bfloat16, device="cuda", seed=seed)
+    inputs["q"], inputs["k"] = (inputs[n][:, :, :1].contiguous() for n in ("q", "k"))
+    assert_parity(kernels, monkeypatch, inputs, torch.bfloat16)
+
+
 @pytest.mark.parametrize("kind, dk, dv", [("gated_delta_rule", 128, 256), ("delta_rule", 128, 256), ("delta_rule", 128, 32)])
 def test_wy_products_made_again(kernels, seed, kind, dk, dv):
     # The backward keeps the delta rule's X alone and makes w and u again from it (a build of _wy_fwd_kernel of its
