@@ -383,7 +383,7 @@ def bwd_dqk(
     names = ("dq", "dk", "dv", "dw", "dg", "dq_part", "dk_part", "dA", "dg_last")
     _bwd_dqk_kernel[(chunks.num_chunks, heads // per_program)](
         q, k, v, h, dh, b, span, A, do, dv_new, *(out[n] for n in names), chunks.cu_seqlens, chunks.indices, scale,
-        key_stride(q), v.shape[1] * key_heads * dk_,
+        key_stride(q), v.shape[1] * key_heads * dk_ if per_program > 1 else 0,  # 0: no new launch key per length
         H=heads, HK=key_heads, K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)),
         GATE=gate, DELTA=delta, LIMIT=span_limit(q.dtype), PREC=precision(q.dtype), GH=per_program,
     )  # fmt: skip
