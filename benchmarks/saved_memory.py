@@ -25,12 +25,14 @@ GPU with mamba-ssm installed it runs mamba-ssm's kernels, which keep other tenso
 
 `--lm`: the rows of benchmarks/lm_train_speed.py instead (causal LMs of width 1024 on rows of 128 byte tokens, mmeff
 attn first): one layer's bytes per token, a 2-layer model's count less a 1-layer one's (a hybrid: 8 and 4 layers, over
-4), so the embedding and the vocabulary head are out of it.
+4), so the embedding and the vocabulary head are out of it. `--lm --peak`: their training step's census as above, from a
+2-layer model (a hybrid: its pattern's 4), rows of 128 tokens, batches of 4 and 2 rows.
 
     python benchmarks/saved_memory.py                          # every row of vision_speed.py except the cross scans
     python benchmarks/saved_memory.py --rows timm attn gla-bi --detail
     python benchmarks/saved_memory.py --lm                     # every mmeff row of lm_train_speed.py
     python benchmarks/saved_memory.py --rows timm gated_deltanet-bi --peak
+    python benchmarks/saved_memory.py --lm --rows attn mamba2 --peak
 
 Writes benchmarks/results/saved_memory_cpu.{md,json,png} (records: row, kib_per_token_layer, vs_timm,
 live_kib_per_token_layer, live_vs_timm, largest), with --lm saved_memory_lm_cpu.* (vs_attn, live_vs_attn).
@@ -203,9 +205,20 @@ def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool, peak: bo
     return record
 
 
-def measure_lm(row: str, shape: lm_train_speed.Shape, T: int) -> dict[str, Any]:
+def lm_transient(row: str, shape: lm_train_speed.Shape, T: int) -> float:
+    """KiB per token that an LM row's training step peaks at beyond what its forward keeps (as `transient`): a model of
+    two layers (a hybrid: its pattern's), rows of T tokens, batches of 4 and 2 rows."""
+    torch.manual_seed(0)
+    model, _ = lm_train_speed.build(row, replace(shape, depth=max(2, len(lm_train_speed.pattern_of(row)))), T)
+    rows = [torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(n)) for n in (2, 4)]
+    extra = [step_peak(model, x) - live(model, x) for x in rows]
+    return (extra[1] - extra[0]) / 2 / T / 1024
+
+
+def measure_lm(row: str, shape: lm_train_speed.Shape, T: int, peak: bool) -> dict[str, Any]:
     """One record of an lm_train_speed row: KiB one layer keeps (and leaves live) per token, from models of two and one
-    times its pattern's layers (a hybrid's mean over its pattern) on rows of T tokens, batches of 2 and 1 rows."""
+    times its pattern's layers (a hybrid's mean over its pattern) on rows of T tokens, batches of 2 and 1 rows; with
+    `peak`, the step's transient and its peak per token at the row's full depth, as `measure`."""
     unit = len(lm_train_speed.pattern_of(row))
     per_token = []
     for depth in (unit, 2 * unit):
@@ -215,8 +228,12 @@ def measure_lm(row: str, shape: lm_train_speed.Shape, T: int) -> dict[str, Any]:
         saved = [sum(b for b, _, _ in kept(model, x).values()) for x in rows]
         alive = [live(model, x) for x in rows]
         per_token.append(((saved[1] - saved[0]) / T, (alive[1] - alive[0]) / T))
-    return {"row": row, "kib_per_token_layer": (per_token[1][0] - per_token[0][0]) / unit / 1024,
-            "live_kib_per_token_layer": (per_token[1][1] - per_token[0][1]) / unit / 1024}  # fmt: skip
+    record = {"row": row, "kib_per_token_layer": (per_token[1][0] - per_token[0][0]) / unit / 1024,
+              "live_kib_per_token_layer": (per_token[1][1] - per_token[0][1]) / unit / 1024}  # fmt: skip
+    if peak:
+        record["transient_kib_per_token"] = lm_transient(row, shape, T)
+        record["peak_kib_per_token"] = record["live_kib_per_token_layer"] * shape.depth + record["transient_kib_per_token"]
+    return record
 
 
 def table(records: list[dict[str, Any]], command: str, setting: str, base: str) -> str:
@@ -273,12 +290,10 @@ def main() -> None:
     p.add_argument("--lm", action="store_true", help="the causal LMs of lm_train_speed.py, against mmeff attn")
     p.add_argument("--detail", action="store_true", help="also list each row's largest kinds of kept tensor (vision)")
     p.add_argument("--peak", action="store_true", help="also the backward's transient bytes and the step's peak per token "
-                   "(vision; a 2-layer model's training step each row)")
+                   "(a 2-layer model's training step each row; a hybrid LM's pattern)")
     p.add_argument("--smoke", action="store_true", help="the tiny models of the speed scripts (a check that rows run)")
     p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/saved_memory_cpu, --lm: saved_memory_lm_cpu)")
     args = p.parse_args()
-    if args.peak and args.lm:
-        p.error("--peak counts the vision rows' training step; the LM rows have no step census yet (drop --lm or --peak)")
     out = args.out or Path(__file__).parent / "results" / ("saved_memory_lm_cpu" if args.lm else "saved_memory_cpu")
     if args.lm:
         rows = args.rows or LM_ROWS
@@ -297,9 +312,14 @@ def main() -> None:
         shape, px = (vision_speed.SMOKE, SMOKE_PX) if args.smoke else (vision_speed.REAL, PX)
         base, setting = "timm", f"{px} px images"
     dispatch.on_cuda = lambda x: True  # the GPU path: each op keeps what its fast path keeps (this process only)
+    # At the GPU's 65k tokens a step the heads sharing SSD's q and k take one program a group in the backward (their
+    # dq and dk summed there: mmeff.kernels.chunk_o.head_splits); the census's few chunks would take a head a program.
+    from mmeff.kernels import chunk_o
+
+    chunk_o.GROUP_PROGRAMS = 1
     records = []
     for row in rows:
-        records.append(measure_lm(row, shape, lm_t) if args.lm else measure(row, shape, px, args.detail, args.peak))
+        records.append(measure_lm(row, shape, lm_t, args.peak) if args.lm else measure(row, shape, px, args.detail, args.peak))
         for r in records:
             r[f"vs_{base}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
             r[f"live_vs_{base}"] = r["live_kib_per_token_layer"] / records[0]["live_kib_per_token_layer"]

@@ -207,6 +207,19 @@ def test_saved_memory_of_the_lm_rows_counts_one_layer(tmp_path):
     assert "| hybrid_gla |" in (tmp_path / "mem.md").read_text()
 
 
+def test_saved_memory_lm_peak_adds_the_step_transient(tmp_path):
+    # --lm --peak: an LM row's training step census (a 2-layer model's step peak less what its forward keeps, per
+    # token) and the step's peak per token at the row's depth (the smoke model's 2 layers), as for the vision rows.
+    import subprocess
+
+    subprocess.run([sys.executable, str(BENCHMARKS / "saved_memory.py"), "--lm", "--smoke", "--rows", "attn", "--peak",
+                    "--out", str(tmp_path / "mem")], check=True)  # fmt: skip
+    record = json.loads((tmp_path / "mem.json").read_text())["records"][0]
+    assert record["transient_kib_per_token"] > 0 and record["peak_vs_attn"] == 1.0
+    assert record["peak_kib_per_token"] == pytest.approx(2 * record["live_kib_per_token_layer"] + record["transient_kib_per_token"])
+    assert "| attn | " in (tmp_path / "mem.md").read_text().split("step peak")[-1]
+
+
 def test_launches_traffic_counts_the_glue_of_an_lm_step(tmp_path):
     # --lm --traffic: the bytes per token and layer of the aten ops outside matmuls, attention and the optimizer. Mamba-2's
     # v = x dt and its skip D x run as per-head kernels (mmeff.kernels.pointwise): no elementwise product is left in its
