@@ -265,6 +265,77 @@ def _dqk_head(
     return dqc, dkc
 
 
+@triton.jit
+def _dqk_group(
+    q, k, v, h, dh, b, do, dv, dg, i_c, i_h0, tok, nr, scale, SK, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr,
+    V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, GH: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """Heads i_h0 .. i_h0 + GH - 1 of chunk i_c, sharing q and k (no or a scalar gate, no delta rule): writes each
+    head's dv and dg, and returns their dq and dk summed, [BT, BK] fp32."""
+    # What _dqk_head does a head at a time, with q k^T made once for the group and the intra-chunk terms taken through
+    # the heads' summed score gradient: sum_h dS_h k = (sum_h dS_h) k, and a head's decay-gradient terms
+    # q_i.(dS_h k)_i - k_i.(dS_h^T q)_i are the row and column sums of dS_h * (q k^T): 5 products a head for 9.
+    DT = q.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < nr
+    last = tl.minimum(nr, BT) - 1
+    causal = (rows[:, None] >= rows[None, :]) & valid[:, None]
+    qk = key_row(tok, i_h0, H, HK, K, SK)
+    qc = load_tile(q + qk, 0, nr, SK, 0, K, BT, BK)
+    kc = load_tile(k + qk, 0, nr, SK, 0, K, BT, BK)
+    s = mm(qc, tl.trans(kc), PREC)
+    dq_sum = tl.zeros([BT, BK], dtype=tl.float32)
+    dk_sum = tl.zeros([BT, BK], dtype=tl.float32)
+    ds_sum = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(GH):
+        i_h = i_h0 + j
+        voff = (tok * H + i_h) * V
+        hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
+        dhp = dh + (i_c.to(tl.int64) * H + i_h) * K * V
+        if GATE == SCALAR_GATE:
+            bc, bl = scalar_gate(b, tok, nr, i_h, H, BT)
+            from_start = masked_exp(bc, valid)[:, None]
+            to_end = masked_exp(bl - bc, valid)[:, None]
+            decay = masked_exp(bc[:, None] - bc[None, :], causal)
+        else:
+            from_start = tl.where(valid, 1.0, 0.0)[:, None]
+            to_end = from_start
+            decay = tl.where(causal, 1.0, 0.0)
+        p_t = tl.trans((s * decay * scale).to(DT))
+        kdec = (kc * to_end).to(DT)
+        dq_acc = tl.zeros([BT, BK], dtype=tl.float32)
+        dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
+        ds = tl.zeros([BT, BT], dtype=tl.float32)
+        hdh = tl.zeros([BK], dtype=tl.float32)
+        for cv in range(0, V, BV):
+            vc = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV)
+            doc = load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV)
+            h_t = load_tile_t(hp, 0, K, V, cv, V, BK, BV)
+            dh_t = load_tile_t(dhp, 0, K, V, cv, V, BK, BV)
+            dq_acc += mm(doc, h_t, PREC)
+            dk_acc += mm(vc, dh_t, PREC)
+            hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
+            ds += mm(doc, tl.trans(vc), PREC)
+            dvc = mm(kdec, load_tile(dhp, 0, K, V, cv, V, BK, BV), PREC) + mm(p_t, doc, PREC)
+            store_tile(dv + voff, dvc, 0, nr, H * V, cv, V, BT, BV)
+        dqc = dq_acc * from_start * scale
+        dkc = dk_acc * to_end
+        ds = ds * scale * decay
+        dq_sum += dqc
+        dk_sum += dkc
+        ds_sum += ds
+        if GATE == SCALAR_GATE:
+            g_last = tl.sum(hdh, 0) * tl.exp(bl) + tl.sum(tl.sum(kc.to(tl.float32) * dkc, 1), 0)
+            intra = ds * s
+            g_step = tl.sum(qc.to(tl.float32) * dqc - kc.to(tl.float32) * dkc, 1) + tl.sum(intra, 1) - tl.sum(intra, 0)
+            g_step += tl.where(rows == last, g_last, 0.0)
+            tl.store(dg + (tok + rows) * H + i_h, rev_cumsum(g_step, 0), mask=valid)
+    dq_sum += mm(ds_sum.to(DT), kc, PREC)
+    dk_sum += mm(tl.trans(ds_sum.to(DT)), qc, PREC)
+    return dq_sum, dk_sum
+
+
 @autotune(warps(82, 42, 22), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE", "DELTA", "GH"], prune=_sm90_safe_configs)
 @triton.jit
 def _bwd_dqk_kernel(
@@ -280,8 +351,8 @@ def _bwd_dqk_kernel(
     # through the factored scores; for the others the inter-chunk parts of dq and dk (dq_part, dk_part),
     # the score gradient dA and the last-step decay term go to chunk_gla's sub-chunk kernel.
     # GH = 1: one head a program, its dq and dk at its own head's place ([T, H, K], also where q and k have fewer
-    # heads). GH > 1 (q and k shared by groups of heads, no delta rule): GH heads of one group a program, their dq
-    # and dk summed here into [splits, T, HK, K] fp32 (split i_p % splits of the group; the host adds the splits),
+    # heads). GH > 1 (q and k shared by groups of heads, no delta rule): GH heads of one group a program
+    # (_dqk_group), their dq and dk summed here into [splits, T, HK, K] fp32 (split i_p % splits of the group; the host adds the splits),
     # which keeps the per-head copies (H / HK times q's size) out of memory.
     i_c, i_p = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
@@ -293,14 +364,8 @@ def _bwd_dqk_kernel(
             store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
             store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
     else:
-        dq_sum = tl.zeros([BT, BK], dtype=tl.float32)
-        dk_sum = tl.zeros([BT, BK], dtype=tl.float32)
-        for j in range(GH):
-            dqc, dkc = _dqk_head(q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA,
-                                 dg_last, i_c, i_p * GH + j, tok, nr, scale, SK, H, HK, K, V, BT, BK, BV, GATE, DELTA,
-                                 LIMIT, PREC)  # fmt: skip
-            dq_sum += dqc
-            dk_sum += dkc
+        dq_sum, dk_sum = _dqk_group(q, k, v, h, dh, b, do, dv, dg, i_c, i_p * GH, tok, nr, scale, SK, H, HK, K, V, BT,
+                                    BK, BV, GATE, GH, PREC)  # fmt: skip
         splits = H // HK // GH
         out = (i_p % splits).to(tl.int64) * SPLIT_STRIDE + (tok * HK + i_p * GH // (H // HK)) * K
         store_tile(dq + out, dq_sum, 0, nr, HK * K, 0, K, BT, BK)
@@ -338,12 +403,14 @@ def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chun
 
 # Grouped heads (GH > 1) split each group over enough programs that a small batch still fills the GPU: the fewest
 # splits (a divisor of the group's size) giving at least this many programs. Only for keys up to GROUP_KEYS wide: a
-# program's two sums are [64, K] fp32 tiles live across its heads. Measured on an H100 (vision_speed.py and
+# program keeps q, k, q k^T and its dq, dk and dS sums live across its heads. Measured on an H100 (vision_speed.py and
 # lm_train_speed.py, each against its own baseline row in the same process): mamba2-bi at 224 px (K 64, 12 heads a
-# program) 1,971 -> 2,121 img/s, peak 9.16 -> 8.94 GiB; the LM's mamba2 at 4k (K 128, 8 heads a program, 4 splits)
-# 181,975 -> 156,468 tokens/s, so K 128 stays a head a program.
+# program) 2,010 img/s with the heads looped through _dqk_head, 2,377 through _dqk_group (a head a program: 1,971
+# against 2,121 looped, an earlier machine); the LM's mamba2 at 4k (K 128, 8 heads a program, 4 splits) 181,895
+# tokens/s a head a program, 203,427 through _dqk_group, peak 9.71 -> 9.54 GiB. 4,096 or 8,192 programs were no
+# faster at 224 px than 1,024 (2,296 and 2,301 against 2,325 img/s).
 GROUP_PROGRAMS = 1024
-GROUP_KEYS = 64
+GROUP_KEYS = 128
 
 
 def head_splits(groups: int, programs: int) -> int:

@@ -140,7 +140,9 @@ def test_parity_model_shapes(kernels, monkeypatch, seed, shape):
 
 @pytest.mark.xdist_group("ssd-32x128x64-bf16-shared")
 def test_parity_keys_shared_at_model_shape(kernels, monkeypatch, seed):
-    # Mamba-2's SSD as its mixer hands it to the kernels at the LM's size: C and B (q, k) one head shared by all 32.
+    # Mamba-2's SSD as its mixer hands it to the kernels at the LM's size: C and B (q, k) one head shared by all 32;
+    # the backward takes 8 of them a program (4 splits: 256 chunks), K 128.
+    assert kernels.chunk_o.head_splits(32, 256) == 4 and kernels.chunk_o.GROUP_KEYS >= 128
     inputs = make_inputs("scalar_decay", 1, 16384, 32, 128, 64, dtype=torch.bfloat16, device="cuda", seed=seed)
     inputs["q"], inputs["k"] = (inputs[n][:, :, :1].contiguous() for n in ("q", "k"))
     assert_parity(kernels, monkeypatch, inputs, torch.bfloat16)

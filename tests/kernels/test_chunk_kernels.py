@@ -231,14 +231,16 @@ def test_keys_shared_by_groups_of_heads(kernels, kind, packed):
     assert max_error(got, ref) <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize("programs, splits", [(1, 1), (12, 2)])
-def test_heads_sharing_keys_sum_their_dq_dk_in_the_kernel(kernels, monkeypatch, programs, splits):
+@pytest.mark.parametrize("kind, dv, programs, splits",
+                         [("scalar_decay", 16, 1, 1), ("scalar_decay", 16, 12, 2), ("linear_attention", 80, 1, 1)])
+def test_heads_sharing_keys_sum_their_dq_dk_in_the_kernel(kernels, monkeypatch, kind, dv, programs, splits):
     # Mamba-2's shape: 6 value heads share one key head. Where chunks x key heads x splits reach GROUP_PROGRAMS, a
     # program takes 6 / splits heads and writes their dq and dk summed (no [T, 6, K] per-head copies): 6 chunks here,
-    # so 1 program a chunk when any count will do, 2 (3 heads each, the host adding the two) for 12.
+    # so 1 program a chunk when any count will do, 2 (3 heads each, the host adding the two) for 12. No gate and
+    # values over one 64-wide tile take the group's other branches.
     monkeypatch.setattr(kernels.chunk_o, "GROUP_PROGRAMS", programs)
     assert kernels.chunk_o.head_splits(6, 6) == splits
-    inputs = make_inputs("scalar_decay", 2, 37, 6, 16, 16, seed=4)
+    inputs = make_inputs(kind, 2, 37, 6, 16, dv, seed=4)
     inputs["q"], inputs["k"] = inputs["q"][:, :, :1].contiguous(), inputs["k"][:, :, :1].contiguous()
     made = []
     original = kernels.chunk_o.empty
@@ -246,7 +248,7 @@ def test_heads_sharing_keys_sum_their_dq_dk_in_the_kernel(kernels, monkeypatch, 
     check(kernels, inputs, TOL[torch.float32], chunk_size=16)
     tokens = 2 * 37
     # dq's and dk's buffers per split; per head only o (forward) and dv, where the per-head path also made dq and dk
-    assert made.count((splits, 1, tokens, 1, 16)) == 2 and made.count((1, tokens, 6, 16)) == 2, made
+    assert made.count((splits, 1, tokens, 1, 16)) == 2 and made.count((1, tokens, 6, dv)) == 2, made
 
 
 def test_shared_keys_refused_with_per_key_decay(kernels):
