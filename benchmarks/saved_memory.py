@@ -23,6 +23,12 @@ against 9.2; gla-bi 155.4 (at 6cd3f52 there), 9.7 + 0.6 against 10.3.
 Not counted: workspace inside a kernel and the allocator's fragmentation. Mamba-2 runs mmeff's Triton SSD here; on a
 GPU with mamba-ssm installed it runs mamba-ssm's kernels, which keep other tensors.
 
+`--compiled`: also what torch.compile keeps: the tensors its backward graph takes from the forward, as Inductor's
+partitioner picks them (the graphs then run uncompiled, the kernels interpreted), batches of 2 and 1. Until the
+selective-checkpoint regions of mmeff.ops.recompute.compiled_recomputing it kept 20.4 (gla-bi) and 26.7 (mamba2-bi)
+KiB per token and layer where eager mode keeps 12.8 and 14.0 (on the H100 at 224 px: peaks of 12.1 and 15.6 GiB
+compiled against 8.0 and 9.0 eager, vision_speed_h100.md run 5).
+
 `--lm`: the rows of benchmarks/lm_train_speed.py instead (causal LMs of width 1024 on rows of 128 byte tokens, mmeff
 attn first): one layer's bytes per token, a 2-layer model's count less a 1-layer one's (a hybrid: 8 and 4 layers, over
 4), so the embedding and the vocabulary head are out of it. `--lm --peak`: their training step's census as above, from a
@@ -33,6 +39,7 @@ attn first): one layer's bytes per token, a 2-layer model's count less a 1-layer
     python benchmarks/saved_memory.py --lm                     # every mmeff row of lm_train_speed.py
     python benchmarks/saved_memory.py --rows timm gated_deltanet-bi --peak
     python benchmarks/saved_memory.py --lm --rows attn mamba2 --peak
+    python benchmarks/saved_memory.py --rows timm gla-bi mamba2-bi --compiled
 
 Writes benchmarks/results/saved_memory_cpu.{md,json,png} (records: row, kib_per_token_layer, vs_timm,
 live_kib_per_token_layer, live_vs_timm, largest), with --lm saved_memory_lm_cpu.* (vs_attn, live_vs_attn).
@@ -150,6 +157,34 @@ class _Allocations(TorchDispatchMode):
         return best
 
 
+def compiled_kept(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """Bytes of the tensors torch.compile's backward graphs take from the forward of one bf16-autocast training step
+    (the saved activations and weights as Inductor's partitioner picks them; the graphs run uncompiled)."""
+    from functools import partial
+
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    kept = 0
+
+    def backward(gm: torch.fx.GraphModule, _: Any) -> Any:
+        nonlocal kept
+        for node in gm.graph.nodes:
+            value = node.meta.get("val")
+            if node.op == "placeholder" and not node.name.startswith("tangents") and isinstance(value, torch.Tensor):
+                kept += value.numel() * value.element_size()
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward,
+                           partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"))  # fmt: skip
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.compile(model, backend=backend, dynamic=False)(images).float().square().mean()
+    loss.backward()  # the backward graph is partitioned (and `backward` called) on its first run
+    model.zero_grad(set_to_none=True)
+    return kept
+
+
 def live(model: torch.nn.Module, images: torch.Tensor) -> int:
     """Bytes allocated by one bf16-autocast forward (and its loss) and still alive after it."""
     with _Allocations() as allocations, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -183,9 +218,10 @@ def transient(row: str, shape: vision_speed.Shape, px: int) -> float:
     return (extra[1] - extra[0]) / 4 / (px // shape.patch) ** 2 / 1024
 
 
-def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool, peak: bool) -> dict[str, Any]:
+def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool, peak: bool, compiled: bool = False) -> dict[str, Any]:
     """One record: KiB kept per token and layer (and the largest kinds of tensor with `detail`; with `peak`, the
-    backward's transient KiB per token and the step's peak per token at the full depth)."""
+    backward's transient KiB per token and the step's peak per token at the full depth; with `compiled`, what
+    torch.compile keeps per token and layer)."""
     torch.manual_seed(0)
     model, example = vision_speed.timm_model(px, shape) if row == "timm" else vision_speed.build(row, px, shape)
     tokens = (px // shape.patch) ** 2
@@ -194,6 +230,9 @@ def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool, peak: bo
     record: dict[str, Any] = {"row": row, "kib_per_token_layer": per_image / tokens / shape.depth / 1024}
     alive = [live(model, example.expand(n, *example.shape[1:]).clone()) for n in (1, 2)]
     record["live_kib_per_token_layer"] = (alive[1] - alive[0]) / tokens / shape.depth / 1024
+    if compiled:
+        counted = [compiled_kept(model, example.expand(n, *example.shape[1:]).clone()) for n in (1, 2)]
+        record["compiled_kib_per_token_layer"] = (counted[1] - counted[0]) / tokens / shape.depth / 1024
     if peak:
         record["transient_kib_per_token"] = transient(row, shape, px)
         record["peak_kib_per_token"] = record["live_kib_per_token_layer"] * shape.depth + record["transient_kib_per_token"]
@@ -253,6 +292,13 @@ def table(records: list[dict[str, Any]], command: str, setting: str, base: str) 
                   f"| row | transient KiB per token | step peak KiB per token | vs {base} |", "|---|---:|---:|---:|"]
         lines += [f"| {r['row']} | {r['transient_kib_per_token']:.1f} | {r['peak_kib_per_token']:.1f} | "
                   f"{r[f'peak_vs_{base}']:.2f}x |" for r in records if "peak_kib_per_token" in r]  # fmt: skip
+    if any("compiled_kib_per_token_layer" in r for r in records):
+        lines += ["", "Compiled (`--compiled`): the tensors torch.compile's backward graphs take from the forward, as "
+                  "Inductor's partitioner picks them, KiB per token and layer, beside eager mode's saved count.", "",
+                  "| row | compiled | eager (saved) | compiled / eager |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['row']} | {r['compiled_kib_per_token_layer']:.2f} | {r['kib_per_token_layer']:.2f} | "
+                  f"{r['compiled_kib_per_token_layer'] / r['kib_per_token_layer']:.2f}x |"
+                  for r in records if "compiled_kib_per_token_layer" in r]  # fmt: skip
     for r in records:
         if r.get("largest"):
             lines += ["", f"{r['row']}, bytes per token and layer by kind of tensor (batch of 2; weights' bf16 copies included):", ""]
@@ -291,10 +337,13 @@ def main() -> None:
     p.add_argument("--detail", action="store_true", help="also list each row's largest kinds of kept tensor (vision)")
     p.add_argument("--peak", action="store_true", help="also the backward's transient bytes and the step's peak per token "
                    "(a 2-layer model's training step each row; a hybrid LM's pattern)")
+    p.add_argument("--compiled", action="store_true", help="also what torch.compile keeps for the backward (vision)")
     p.add_argument("--smoke", action="store_true", help="the tiny models of the speed scripts (a check that rows run)")
     p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/saved_memory_cpu, --lm: saved_memory_lm_cpu)")
     args = p.parse_args()
     out = args.out or Path(__file__).parent / "results" / ("saved_memory_lm_cpu" if args.lm else "saved_memory_cpu")
+    if args.lm and args.compiled:
+        raise SystemExit("saved_memory: --compiled counts the vision rows (leave out --lm)")
     if args.lm:
         rows = args.rows or LM_ROWS
         unknown = [r for r in rows if not lm_train_speed.pattern_of(r)]
@@ -319,7 +368,8 @@ def main() -> None:
     chunk_o.GROUP_PROGRAMS = 1
     records = []
     for row in rows:
-        records.append(measure_lm(row, shape, lm_t, args.peak) if args.lm else measure(row, shape, px, args.detail, args.peak))
+        records.append(measure_lm(row, shape, lm_t, args.peak) if args.lm
+                       else measure(row, shape, px, args.detail, args.peak, args.compiled))
         for r in records:
             r[f"vs_{base}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
             r[f"live_vs_{base}"] = r["live_kib_per_token_layer"] / records[0]["live_kib_per_token_layer"]

@@ -37,7 +37,7 @@ from mmeff import ops
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.ops import dispatch
-from mmeff.ops.recompute import recomputed, under_autocast_now
+from mmeff.ops.recompute import compiled_recomputing, recomputed, under_autocast_now
 from mmeff.ops.varlen import cu_seqlens_from_docs
 
 ScanKind = Literal["forward", "bi", "cross", "global"]
@@ -116,10 +116,17 @@ class Routes:
         # Routes go along the batch, route-minor ([B * R, T]): one gather per stream builds them all (one launch for
         # all streams on the route kernels), one gathers the outputs back to token order, with no flipped or
         # permuted copy per route.
-        stacked = list(_Stack.apply(plan.order, plan.back, plan.routes, plan.flip, *streams))
         docs = None if layout.docs is None else _stack([layout.docs], plan.order, plan.routes)[0]
-        with regathered(stacked, streams, plan):
-            ys = fn(stacked, None if docs is None else cu_seqlens_from_docs(docs))
+        cu_seqlens = None if docs is None else cu_seqlens_from_docs(docs)
+
+        def run(*sources: Tensor) -> Tensor:
+            stacked = list(_Stack.apply(plan.order, plan.back, plan.routes, plan.flip, *sources))
+            with regathered(stacked, list(sources), plan):
+                return fn(stacked, cu_seqlens)
+
+        # Compiled, the stacked copies are gathered again in the backward, as `regathered` has them in eager mode (the
+        # merge stays outside: made again, it would keep the routes' outputs, R times its own).
+        ys = compiled_recomputing(run, *streams)
         return _Merge.apply(ys, plan.order, plan.back, plan.routes, plan.flip)
 
 
@@ -338,9 +345,13 @@ class GroupedNorm(nn.Module):
         # Contiguous first, so that the norm keeps these very tensors: a view (Mamba-2's z is a slice of in_proj's
         # output) would keep its whole base alive here, unless that is kept anyway.
         inputs = (y.contiguous(),) if z is None else (y.contiguous(), z if keep_gate_view else z.contiguous())
-        normed = self(*inputs)
-        with recomputed([(normed, under_autocast_now(self, y.device.type), inputs)]):
-            return out(normed)
+
+        def run(*inputs: Tensor) -> Tensor:
+            normed = self(*inputs)
+            with recomputed([(normed, under_autocast_now(self, y.device.type), inputs)]):
+                return out(normed)
+
+        return compiled_recomputing(run, *inputs)  # compiled, the same through the partitioner
 
 
 def dt_bias_init(size: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:

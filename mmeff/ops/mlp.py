@@ -5,8 +5,9 @@ SiLU(g), u and their product besides g in a SwiGLU one. `act_linear` keeps the i
 recomputes its output in the backward (one elementwise pass), where the projection's weight gradient needs it.
 Gradients equal the plain composition's to rounding (`tests/ops/test_mlp.py`); the plain composition is the
 reference (`MMEFF_FORCE_REFERENCE=1`, `recompute=False`, inference, and `torch.export`, which cannot trace a
-function that saves tensors with dynamic shapes). Under `torch.compile` Inductor's partitioner may make the same
-choice by itself.
+function that saves tensors with dynamic shapes). Under `torch.compile` the plain composition runs as a selective
+activation checkpoint (`mmeff.ops.recompute.compiled_recomputing`): Inductor's partitioner kept the activation's
+output beside its input otherwise, since the projection's weight gradient reads it.
 
 On CUDA the SwiGLU activation and its gradient are one Triton kernel each (mmeff.kernels.moe's, which the MoE experts
 use too): PyTorch's are two kernels forward (silu, product) and four backward, each a pass over [tokens, hidden].
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from mmeff.ops import dispatch
 from mmeff.ops.dispatch import exporting, force_reference
+from mmeff.ops.recompute import compiled_recomputing
 
 __all__ = ["act_linear", "activation"]
 
@@ -114,4 +116,10 @@ def act_linear(
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if not recompute or not recorded or force_reference() or exporting():
         return F.linear(activation(a, up, kind), weight, bias)
+    if torch.compiler.is_compiling():
+
+        def plain(a: Tensor, up: Optional[Tensor], weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+            return F.linear(activation(a, up, kind), weight, bias)
+
+        return compiled_recomputing(plain, a, up, weight, bias)
     return _ActLinear.apply(a, up, weight, bias, kind)

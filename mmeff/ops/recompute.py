@@ -4,7 +4,8 @@ A kernel's autograd function saves its inputs. Where an input is a cheap, determ
 (Mamba-2's q and k: C and B repeated over the heads of their group; its v: x scaled by dt) or of tensors kept anyway
 (a short conv's output, of the input the conv keeps), keeping the product costs memory that one pass in the backward
 gives back. `recomputed` takes products made before; `recomputed_output` a call whose own autograd function keeps its
-output (the l2 feature map), made again from the call's inputs.
+output (the l2 feature map), made again from the call's inputs. Both work through saved-tensor hooks, which
+torch.compile does not trace; there `compiled_recomputing` asks its partitioner for the same.
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+# What compiled_recomputing's regions keep when the backward needs it: the outputs of matmuls and of mmeff's kernels
+# (custom ops, namespace "mmeff") but the short conv's, which eager mode makes again too (mmeff.blocks.conv);
+# everything else in them (casts, gathers, elementwise ops) is made again.
+_KEPT = frozenset(getattr(torch.ops.aten, name).default for name in ("mm", "addmm", "bmm", "baddbmm", "convolution"))
+_REMADE_KERNELS = frozenset({"mmeff::causal_conv"})
 
 # (product, make or the _Product of a `recomputed_output`, inputs); a tuple of products made by one call of `make`
 Recipe = tuple["Tensor | tuple[Tensor, ...]", "Callable[..., Any] | _Product", Sequence[Tensor]]
@@ -180,3 +189,27 @@ def outer_hooks() -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]:
 
 def _same(t: Any) -> Any:
     return t
+
+
+def _keep_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective checkpointing's policy of `compiled_recomputing`."""
+    kept = op in _KEPT or (getattr(op, "namespace", None) == "mmeff" and op.name() not in _REMADE_KERNELS)
+    return CheckpointPolicy.PREFER_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def compiled_recomputing(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args); while torch.compile traces with a backward to record, as a selective activation checkpoint whose
+    casts, gathers and elementwise ops are made again in the backward rather than kept (their inputs kept instead).
+
+    Inductor's partitioner keeps any value that a matmul or a kernel reads in the backward (it would be materialized
+    there anyway): an MLP's GELU output, which the next projection's weight gradient reads, and the route-stacked
+    copies of the bidirectional scans, which the kernels read, were then kept beside their inputs. Compiled ViT-S
+    rows kept 20.4 (gla-bi) and 26.7 (mamba2-bi) KiB per token and layer against 12.8 and 14.0 eager; in these regions
+    12.8 and 14.8 (`benchmarks/saved_memory.py --compiled`). On an H100 at 224 px that took the compiled peaks from
+    12.1 to 8.1 GiB (gla-bi) and 15.6 to 8.8 (mamba2-bi), for 2.7% and 9.4% of their compiled speed against timm's
+    (`benchmarks/results/vision_speed_h100.md`, runs 5 and 6).
+    """
+    if not torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
+

@@ -174,6 +174,22 @@ def test_saved_memory_peak_adds_the_backward_transient(tmp_path):
     assert records[0]["peak_vs_timm"] == 1.0 and "| attn | " in (tmp_path / "mem.md").read_text().split("step peak")[-1]
 
 
+def test_saved_memory_compiled_keeps_what_eager_keeps(tmp_path):
+    # --compiled: the partition torch.compile's backward takes. gla-bi's route copies and MLP activation are made again
+    # there as in eager mode (mmeff.ops.recompute.compiled_recomputing; kept, they came to 1.6x eager's count). In its
+    # own process as above.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(BENCHMARKS / "saved_memory.py"), "--smoke", "--rows", "gla-bi", "--compiled",
+                    "--out", str(tmp_path / "mem")], check=True)  # fmt: skip
+    records = {r["row"]: r for r in json.loads((tmp_path / "mem.json").read_text())["records"]}
+    assert list(records) == ["timm", "gla-bi"] and records["timm"]["compiled_kib_per_token_layer"] > 0
+    gla = records["gla-bi"]
+    assert gla["compiled_kib_per_token_layer"] <= 1.05 * gla["kib_per_token_layer"], gla
+    assert "| gla-bi |" in (tmp_path / "mem.md").read_text().split("Compiled")[-1]
+
+
 def test_vision_train_trains_an_mmeff_config_and_timm_and_tests_them(script, tmp_path):
     from mmeff.data import build_shards
 

@@ -1,7 +1,15 @@
 """Saved tensors made again in the backward (mmeff.ops.recompute); SSD's use of it: tests/kernels/test_dispatch.py."""
 
-import torch
+from functools import partial
 
+import pytest
+import torch
+from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+from torch._dynamo.backends.common import aot_autograd
+
+from mmeff.blocks.layout import Layout
+from mmeff.blocks.scan import Routes
+from mmeff.ops import mlp
 from mmeff.ops.recompute import recomputed, recomputed_output, under_autocast_now
 
 
@@ -187,3 +195,54 @@ def test_the_graph_keeps_no_output_of_a_recomputed_call():
     assert alive() is None
     z.sum().backward()
     torch.testing.assert_close(a.grad, 2 * (2 * a.detach()).exp(), rtol=1e-6, atol=0)
+
+
+def compiled_kept(fn, *inputs):
+    """Element counts of the tensors torch.compile keeps for the backward of fn(*inputs).sum(), as Inductor's
+    partitioner picks them (the graphs themselves run uncompiled)."""
+    kept = []
+
+    def backward(gm, _):
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" and not node.name.startswith("tangents") and isinstance(node.meta.get("val"), torch.Tensor):
+                kept.append(node.meta["val"].numel())
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward,
+                           partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"))  # fmt: skip
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, dynamic=False)(*inputs).sum().backward()
+    return kept
+
+
+def _plain(fn, *args):
+    return fn(*args)
+
+
+@pytest.mark.parametrize("regions", [True, False])
+def test_compiled_mlp_keeps_the_activation_input_only(monkeypatch, regions):
+    # GELU's output [64, 48] feeds the projection's weight gradient, so the partitioner kept it beside GELU's input;
+    # in a compiled_recomputing region only the input is kept (the check fails without the region).
+    if not regions:
+        monkeypatch.setattr(mlp, "compiled_recomputing", _plain)
+    a = torch.randn(64, 48, requires_grad=True)
+    weight, bias = torch.randn(16, 48, requires_grad=True), torch.randn(16, requires_grad=True)
+    kept = compiled_kept(lambda a, w, b: mlp.act_linear(a * 2, w, b, "gelu"), a, weight, bias)
+    assert (kept.count(a.numel()) == 1) is regions, kept
+
+
+@pytest.mark.parametrize("regions", [True, False])
+def test_compiled_bidirectional_routes_keep_their_source_not_the_stacked_copy(monkeypatch, regions):
+    # A `scan: bi` mixer's streams go along both routes as one stacked copy [2B, T, C], which a matmul (a kernel in a
+    # real mixer) reads in the backward: the partitioner kept it; in the region it keeps the source x (half the size)
+    # and gathers the copy again in the backward.
+    import mmeff.blocks.scan as scan
+
+    if not regions:
+        monkeypatch.setattr(scan, "compiled_recomputing", _plain)
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    weight = torch.randn(8, 8, requires_grad=True)
+    routes = Routes(causal=False, scan="bi")
+    kept = compiled_kept(lambda x, w: routes(lambda streams, _: streams[0].tanh() @ w, [x * 2], Layout()), x, weight)
+    assert (2 * x.numel() in kept) is not regions, kept
+
