@@ -152,6 +152,22 @@ def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) ->
 
 
 @triton.jit
+def _value_tile(v, do, hp, dhp, voff, nr, cv, dq_acc, dk_acc, hdh, ds, H: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """One value tile (columns cv..cv + BV) of a head's chunk: its v and do rows and h, dh transposed, and the
+    inter-chunk dq, dk, <h, dh> and score-gradient sums with it added."""
+    vc = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV)
+    doc = load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV)
+    h_t = load_tile_t(hp, 0, K, V, cv, V, BK, BV)
+    dh_t = load_tile_t(dhp, 0, K, V, cv, V, BK, BV)
+    dq_acc += mm(doc, h_t, PREC)
+    dk_acc += mm(vc, dh_t, PREC)
+    hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
+    ds += mm(doc, tl.trans(vc), PREC)
+    return vc, doc, h_t, dq_acc, dk_acc, hdh, ds
+
+
+@triton.jit
 def _dqk_head(
     q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, i_c, i_h, tok, nr,
     scale, SK, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -211,14 +227,8 @@ def _dqk_head(
     ds_t = tl.zeros([BT, BT], dtype=tl.float32)
     hdh = tl.zeros([BK], dtype=tl.float32)
     for cv in range(0, V, BV):
-        vc = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV)
-        doc = load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV)
-        h_t = load_tile_t(hp, 0, K, V, cv, V, BK, BV)
-        dh_t = load_tile_t(dhp, 0, K, V, cv, V, BK, BV)
-        dq_acc += mm(doc, h_t, PREC)
-        dk_acc += mm(vc, dh_t, PREC)
-        hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
-        ds += mm(doc, tl.trans(vc), PREC)
+        vc, doc, h_t, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, dq_acc, dk_acc, hdh, ds, H, K, V,
+                                                            BT, BK, BV, PREC)  # fmt: skip
         ds_t += mm(vc, tl.trans(doc), PREC)
         if DELTA:
             dw_acc += mm(load_tile(dv_new + voff, 0, nr, H * V, cv, V, BT, BV).to(DT), h_t, PREC)
@@ -309,14 +319,8 @@ def _dqk_group(
         ds = tl.zeros([BT, BT], dtype=tl.float32)
         hdh = tl.zeros([BK], dtype=tl.float32)
         for cv in range(0, V, BV):
-            vc = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV)
-            doc = load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV)
-            h_t = load_tile_t(hp, 0, K, V, cv, V, BK, BV)
-            dh_t = load_tile_t(dhp, 0, K, V, cv, V, BK, BV)
-            dq_acc += mm(doc, h_t, PREC)
-            dk_acc += mm(vc, dh_t, PREC)
-            hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
-            ds += mm(doc, tl.trans(vc), PREC)
+            _, doc, _, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, dq_acc, dk_acc, hdh, ds, H, K,
+                                                             V, BT, BK, BV, PREC)  # fmt: skip
             dvc = mm(kdec, load_tile(dhp, 0, K, V, cv, V, BK, BV), PREC) + mm(p_t, doc, PREC)
             store_tile(dv + voff, dvc, 0, nr, H * V, cv, V, BT, BV)
         dqc = dq_acc * from_start * scale
