@@ -229,6 +229,10 @@ def test_compiled_mlp_keeps_the_activation_input_only(monkeypatch, regions):
     weight, bias = torch.randn(16, 48, requires_grad=True), torch.randn(16, requires_grad=True)
     kept = compiled_kept(lambda a, w, b: mlp.act_linear(a * 2, w, b, "gelu"), a, weight, bias)
     assert (kept.count(a.numel()) == 1) is regions, kept
+    compiled = [t.grad for t in (a, weight, bias)]
+    want = torch.autograd.grad(mlp.act_linear(a * 2, weight, bias, "gelu").sum(), (a, weight, bias))
+    for got, expected in zip(compiled, want):
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("regions", [True, False])
@@ -243,6 +247,12 @@ def test_compiled_bidirectional_routes_keep_their_source_not_the_stacked_copy(mo
     x = torch.randn(2, 16, 8, requires_grad=True)
     weight = torch.randn(8, 8, requires_grad=True)
     routes = Routes(causal=False, scan="bi")
-    kept = compiled_kept(lambda x, w: routes(lambda streams, _: streams[0].tanh() @ w, [x * 2], Layout()), x, weight)
+    def run(x, w):
+        return routes(lambda streams, _: streams[0].tanh().cumsum(1) @ w, [x * 2], Layout())
+
+    kept = compiled_kept(run, x, weight)
     assert (2 * x.numel() in kept) is not regions, kept
+    compiled = [x.grad, weight.grad]
+    for got, expected in zip(compiled, torch.autograd.grad(run(x, weight).sum(), (x, weight))):
+        torch.testing.assert_close(got, expected)
 
