@@ -24,7 +24,11 @@ conv's output), dt [N, H] and D [H] fp32 (`HeadScale`, `HeadSkip`):
     out = y + D x            (y's dtype; fp32 sum)         dy = dout, dx = D dout (x's dtype), dD = sum dout x
 
 one kernel each way (the skip's backward adds the sum of its per-program partials of dD), where PyTorch launched 2
-forward and 5 backward for v (fp32 copies of dv and dx between them) and 3 forward and 6 backward for the skip.
+forward and 5 backward for v (fp32 copies of dv and dx between them) and 3 forward and 6 backward for the skip. The
+two of one x share a `link` (a dict): the skip's backward then leaves its dx to the scale's, which adds D dout to
+dv dt in the same pass. Autograd otherwise held the skip's dx, [N, H, P], through the whole recurrence backward
+between them, waiting for the other term (mamba2-bi's step peak, benchmarks/saved_memory.py --peak); dout is alive
+there anyway, as the recurrence backward's input.
 """
 
 from __future__ import annotations
@@ -241,9 +245,10 @@ def _head_fwd_kernel(x, w, y, out, N, H, P, sx, SKIP: tl.constexpr, BT: tl.const
 
 
 @jit
-def _head_bwd_kernel(x, w, dout, dx, dw, N, H, P, sx, SKIP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-                     BP: tl.constexpr):  # fmt: skip
-    # dx = w dout; SKIP: dw [programs, H] partial sums of dout x over the program's tokens, else dw [N, H] = sum_p.
+def _head_bwd_kernel(x, w, dout, dx, dw, skip_dout, d, N, H, P, sx, SKIP: tl.constexpr, DX: tl.constexpr,
+                     ADD: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BP: tl.constexpr):  # fmt: skip
+    # dx = w dout (DX false: none), ADD: plus d[h] skip_dout (the skip's term for the same x); SKIP: dw [programs, H]
+    # partial sums of dout x over the program's tokens, else dw [N, H] = sum_p.
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BT + tl.arange(0, BT)
     cols = tl.arange(0, BH * BP)
@@ -256,7 +261,12 @@ def _head_bwd_kernel(x, w, dout, dx, dw, N, H, P, sx, SKIP: tl.constexpr, BT: tl
         scale = tl.load(w + head, mask=cols < H * P, other=0.0)[None, :]
     else:
         scale = tl.load(w + rows[:, None] * H + head[None, :], mask=inside, other=0.0)
-    tl.store(dx + off, (g * scale).to(dx.dtype.element_ty), mask=inside)
+    if DX:
+        gx = g * scale
+        if ADD:
+            skip = tl.load(skip_dout + off, mask=inside, other=0.0).to(tl.float32)
+            gx += tl.load(d + head, mask=cols < H * P, other=0.0)[None, :] * skip
+        tl.store(dx + off, gx.to(dx.dtype.element_ty), mask=inside)
     per_head = tl.sum(tl.reshape(g * v, (BT, BH, BP)), 2)  # [BT, BH]
     heads = tl.arange(0, BH)
     if SKIP:
@@ -274,52 +284,63 @@ def _head_tiling(x: Tensor) -> tuple[Tensor, int, int]:
     return rows, tokens, cdiv(rows.shape[0], tokens)
 
 
-def _head_launch(kernel: Callable, x: Tensor, *tensors: Optional[Tensor], skip: bool) -> None:
-    """Launch a head kernel over x's [N, H, P] with the tensors between x and the sizes."""
+def _head_launch(kernel: Callable, x: Tensor, *tensors: Optional[Tensor], skip: bool, **flags: bool) -> None:
+    """Launch a head kernel over x's [N, H, P] with the tensors between x and the sizes (`flags`: the backward's DX
+    and ADD)."""
     rows, tokens, programs = _head_tiling(x)
     heads, width = x.shape[-2:]
     if programs:
-        kernel[(programs,)](rows, *tensors, rows.shape[0], heads, width, rows.stride(0), SKIP=skip, BT=tokens,
+        kernel[(programs,)](rows, *tensors, rows.shape[0], heads, width, rows.stride(0), SKIP=skip, **flags, BT=tokens,
                             BH=next_pow2(heads), BP=width)  # fmt: skip
 
 
 class HeadScale(torch.autograd.Function):
-    """v = x dt per head (x [..., H, P], dt [..., H] fp32; v in x's dtype) and its gradients (see the docstring)."""
+    """v = x dt per head (x [..., H, P], dt [..., H] fp32; v in x's dtype) and its gradients (see the docstring);
+    `link` (a dict or None) shared with the HeadSkip of the same x, whose term of dx this backward then adds."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dt: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, dt: Tensor, link: Optional[dict] = None) -> Tensor:  # type: ignore[override]
         dt = dt.contiguous()
         v = empty(x.shape, x.dtype, x.device)
         _head_launch(_head_fwd_kernel, x, dt, None, v, skip=False)
         ctx.save_for_backward(x, dt)
+        ctx.link = link
+        if link is not None and ctx.needs_input_grad[0]:
+            link["armed"] = True  # a backward that makes dx will run after the skip's
         return v
 
     @staticmethod
     def backward(ctx, dv: Tensor):  # type: ignore[override]
         x, dt = ctx.saved_tensors
+        link = ctx.link if ctx.link is not None else {}
+        skip_dout, D = link.pop("dout", None), link.pop("D", None)
         dx = empty(x.shape, x.dtype, x.device)
         ddt = empty(dt.shape, torch.float32, x.device)
-        _head_launch(_head_bwd_kernel, x, dt, dv.contiguous(), dx, ddt, skip=False)
-        return dx, ddt
+        _head_launch(_head_bwd_kernel, x, dt, dv.contiguous(), dx, ddt, skip_dout, D, skip=False, DX=True,
+                     ADD=skip_dout is not None)  # fmt: skip
+        return dx, ddt, None
 
 
 class HeadSkip(torch.autograd.Function):
     """out = y + D x per head (y [..., H, P] contiguous, x [..., H, P], D [H] fp32; out in y's dtype) and its
-    gradients (see the docstring)."""
+    gradients (see the docstring); with the `link` of x's HeadScale, dx is left to that one's backward."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, D: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, y: Tensor, x: Tensor, D: Tensor, link: Optional[dict] = None) -> Tensor:  # type: ignore[override]
         out = empty(y.shape, y.dtype, y.device)
         _head_launch(_head_fwd_kernel, x, D, y.contiguous(), out, skip=True)
         ctx.save_for_backward(x, D)
-        ctx.y_dtype = y.dtype
+        ctx.y_dtype, ctx.link = y.dtype, link
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         x, D = ctx.saved_tensors
         dout = dout.contiguous()
-        dx = empty(x.shape, x.dtype, x.device)
+        left = ctx.link is not None and ctx.link.get("armed", False) and ctx.needs_input_grad[1]
+        dx = None if left else empty(x.shape, x.dtype, x.device)
         parts = empty((_head_tiling(x)[2], x.shape[-2]), torch.float32, x.device)
-        _head_launch(_head_bwd_kernel, x, D, dout, dx, parts, skip=True)
-        return dout.to(ctx.y_dtype), dx, parts.sum(0).to(D.dtype)
+        _head_launch(_head_bwd_kernel, x, D, dout, dx, parts, None, None, skip=True, DX=not left, ADD=False)
+        if left:
+            ctx.link.update(dout=dout, D=D)
+        return dout.to(ctx.y_dtype), dx, parts.sum(0).to(D.dtype), None

@@ -68,6 +68,8 @@ def ssd(
     def decays() -> tuple[Tensor, Tensor]:
         return softplus_decay(dt, dt_bias, A.float(), dt_limit, dt_softplus)
 
+    link: dict = {}  # the skip's backward leaves its dx to the scale's (mmeff.kernels.pointwise, on the Triton path)
+
     @dispatch.once
     def recurrence() -> dict:
         dtf, log_decay = decays()
@@ -76,7 +78,7 @@ def ssd(
         return dict(
             q=C.to(x.dtype),  # each of the G shared by the heads of its group: the kernels read them in place
             k=B.to(x.dtype),
-            v=_scaled(x, dtf),
+            v=_scaled(x, dtf, link),
             log_decay=log_decay,
             beta=None,
             initial_state=None if initial_states is None else initial_states.transpose(-1, -2),
@@ -131,7 +133,7 @@ def ssd(
         y, state = run_recurrence(impl, **args, scale=1.0, output_final_state=return_final_states, chunk_size=chunk_size)
     if D is not None and D.dim() == 1:
         D = D[:, None]
-    out = _skip_and_gate(y, x, D, z, x.dtype)
+    out = _skip_and_gate(y, x, D, z, x.dtype, link)
     return (out, state.transpose(-1, -2).contiguous()) if return_final_states else out
 
 
@@ -158,6 +160,8 @@ def selective_scan(
         raise NotImplementedError("selective_scan supports real A only")
     batch, dim, seqlen = u.shape
     check_cu_seqlens(cu_seqlens, batch)
+
+    link: dict = {}  # the skip's backward leaves its dx to the scale's (mmeff.kernels.pointwise, on the Triton path)
 
     @dispatch.once
     def recurrence() -> dict:
@@ -234,21 +238,23 @@ def _per_head_unsupported(x: Tensor, *others: Tensor) -> str:
     return pointwise_unsupported(x)
 
 
-def _scaled(x: Tensor, dtf: Tensor) -> Tensor:
+def _scaled(x: Tensor, dtf: Tensor, link: Optional[dict] = None) -> Tensor:
     """SSD's value x * dt [B,T,H,P] in x's dtype (promoted to fp32 in the product; autograd keeps x as it is); on CUDA
-    one Triton kernel each way (mmeff.kernels.pointwise.HeadScale, bit for bit the plain ops' forward)."""
+    one Triton kernel each way (mmeff.kernels.pointwise.HeadScale, bit for bit the plain ops' forward), `link` shared
+    with the skip's of the same x."""
     if dispatch.choose("ssd_scale", "auto", [("triton", lambda: _per_head_unsupported(x, dtf))]) == "triton":
-        return dispatch.triton_kernels("pointwise").HeadScale.apply(x, dtf)
+        return dispatch.triton_kernels("pointwise").HeadScale.apply(x, dtf, link)
     return (x * dtf[..., None]).to(x.dtype)
 
 
-def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor], dtype: torch.dtype,
+                   link: Optional[dict] = None) -> Tensor:  # fmt: skip
     """(y + D * x) * silu(z) in fp32, cast to the output dtype. x stays in its dtype: D * x promotes to fp32, and
     autograd keeps x instead of a fp32 copy (two such copies were 12 of the 40 KiB per token and layer that a
     mamba2-bi ViT kept, benchmarks/saved_memory.py)."""
     skip = D is not None and z is None and D.shape == (x.shape[-2], 1) and y.dtype == dtype and y.shape == x.shape
     if skip and dispatch.choose("ssd_skip", "auto", [("triton", lambda: _per_head_unsupported(x, D))]) == "triton":
-        return dispatch.triton_kernels("pointwise").HeadSkip.apply(y, x, D.reshape(-1))  # one kernel each way
+        return dispatch.triton_kernels("pointwise").HeadSkip.apply(y, x, D.reshape(-1), link)  # one kernel each way
     if D is not None:
         y = y + x * D.float()
     if z is not None:

@@ -576,6 +576,33 @@ def test_ssd_per_head_maps(kernels, monkeypatch, seed, op):
 
 
 @pytest.mark.xdist_group("rope")
+def test_ssd_skip_leaves_its_dx_to_the_scale(kernels, monkeypatch, seed):
+    # The two maps of one x linked as mmeff.ops.ssm.ssd links them (the skip's dx added in the scale's backward), at
+    # the size above, a cumulative sum standing in for the recurrence between them: gradients within 2 bf16 ulps of
+    # each one's largest element of the plain ops' (the linked dx rounds once, autograd's sum of two terms twice).
+    from mmeff.ops import dispatch, ssm
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    source = torch.randn(4, 4096, 2304, device="cuda", generator=gen).to(torch.bfloat16)
+    dt, D = torch.rand(4, 4096, 32, device="cuda", generator=gen), torch.randn(32, device="cuda", generator=gen)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (source, dt, D)]
+        x = leaves[0][..., :2048].unflatten(-1, (32, 64))
+        link: dict = {}
+        y = ssm._scaled(x, leaves[1], link).cumsum(1) * 0.01
+        out = ssm._skip_and_gate(y, x, leaves[2][:, None], None, x.dtype, link)
+        dout = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(out.dtype)
+        return [out, *torch.autograd.grad(out, leaves, dout)]
+
+    got = run()
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: False)
+    for g, w in zip(got, run()):
+        rtol = 1e-5 if g.dtype == torch.float32 else 2 * 2**-7
+        assert ((g.float() - w.float()).abs() <= 1e-6 + rtol * w.float().abs().max()).all()
+
+
+@pytest.mark.xdist_group("rope")
 def test_bi_route_kernels(kernels, monkeypatch, seed):
     # mmeff.kernels.routes through Routes(scan="bi") at gla-bi's size at 224 px (256 images of 196 tokens; q a [6, 64]
     # slice of a wider projection, g a [384] one) against the gather form on the same bf16 values: forward and the

@@ -192,3 +192,39 @@ def test_ssd_per_head_maps_match_reference(fake_gpu, monkeypatch, dtype, op):
         ulp = 2**-7 if g.dtype == torch.bfloat16 else 1e-5
         scale = w.float().abs().max() if w.dim() == 1 else w.float().abs()  # dD: a sum in another order
         assert ((g.float() - w.float()).abs() <= 1e-6 + ulp * scale).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssd_skip_leaves_its_dx_to_the_scale(fake_gpu, monkeypatch, dtype):
+    # SSD's v = x dt and out = y + D x sharing one link (mmeff.ops.ssm.ssd): the skip's backward makes no dx of its
+    # own (autograd held it through the recurrence's backward, waiting for the scale's term); the scale's backward
+    # adds D dout to dv dt in its pass. Gradients as the plain ops' within 2 ulps of each one's largest element (the
+    # linked dx rounds once where autograd's sum rounds each term), a cumulative sum standing in for the recurrence.
+    from mmeff.ops import ssm
+
+    gen = torch.Generator().manual_seed(5)
+    H, P = 3, 16
+    source = torch.randn(2, 50, H * P + 8, generator=gen).to(dtype)
+    dt, D = torch.rand(2, 50, H, generator=gen) + 0.01, torch.randn(H, generator=gen)
+    made = []
+    original = fake_gpu.empty
+    monkeypatch.setattr(fake_gpu, "empty", lambda shape, *a: made.append(tuple(shape)) or original(shape, *a))
+
+    def run(link):
+        leaves = [t.detach().clone().requires_grad_() for t in (source, dt, D)]
+        x = leaves[0][..., 8:].unflatten(-1, (H, P))
+        y = ssm._scaled(x, leaves[1], link).cumsum(1) * 0.5
+        out = ssm._skip_and_gate(y, x, leaves[2][:, None], None, dtype, link)
+        made.clear()
+        grads = torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view(out.shape).to(dtype))
+        return [out, *grads], made.count((2, 50, H, P))
+
+    (got, linked), (alone, unlinked) = run({}), run(None)
+    assert (linked, unlinked) == (1, 2)  # dx buffers made in the backward
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: False)
+    want, _ = run(None)
+    for g, a, w in zip(got, alone, want):  # the linked dx rounds once, the others' twice: 2 ulps of the largest
+        ulp = 2**-7 if g.dtype == torch.bfloat16 else 1e-5
+        assert g.dtype == w.dtype and ((g.float() - w.float()).abs() <= 1e-6 + 2 * ulp * w.float().abs().max()).all()
+        assert ((a.float() - w.float()).abs() <= 1e-6 + 2 * ulp * w.float().abs().max()).all()
+
