@@ -25,9 +25,9 @@ GPU with mamba-ssm installed it runs mamba-ssm's kernels, which keep other tenso
 
 `--compiled`: also what torch.compile keeps: the tensors its backward graph takes from the forward, as Inductor's
 partitioner picks them (the graphs then run uncompiled, the kernels interpreted), batches of 2 and 1. Until the
-selective-checkpoint regions of mmeff.ops.recompute.compiled_recomputing it kept 20.4 (gla-bi) and 26.7 (mamba2-bi)
-KiB per token and layer where eager mode keeps 12.8 and 14.0 (on the H100 at 224 px: peaks of 12.1 and 15.6 GiB
-compiled against 8.0 and 9.0 eager, vision_speed_h100.md run 5).
+selective-checkpoint regions of mmeff.ops.recompute.compiled_recomputing it kept 19.1 (gla-bi) and 25.5 (mamba2-bi)
+KiB per token and layer where eager mode keeps 11.6 and 12.8, now 11.6 and 12.5 (saved_memory_compiled_cpu.md; on the
+H100 at 224 px: peaks of 12.1 and 15.6 GiB compiled against 8.0 and 9.0 eager, 8.1 and 8.8 with the regions).
 
 `--lm`: the rows of benchmarks/lm_train_speed.py instead (causal LMs of width 1024 on rows of 128 byte tokens, mmeff
 attn first): one layer's bytes per token, a 2-layer model's count less a 1-layer one's (a hybrid: 8 and 4 layers, over

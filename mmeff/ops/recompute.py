@@ -204,8 +204,8 @@ def compiled_recomputing(fn: Callable[..., Any], *args: Any) -> Any:
     Inductor's partitioner keeps any value that a matmul or a kernel reads in the backward (it would be materialized
     there anyway): an MLP's GELU output, which the next projection's weight gradient reads, and the route-stacked
     copies of the bidirectional scans, which the kernels read, were then kept beside their inputs. Compiled ViT-S
-    rows kept 20.4 (gla-bi) and 26.7 (mamba2-bi) KiB per token and layer against 12.8 and 14.0 eager; in these regions
-    12.8 and 14.8 (`benchmarks/saved_memory.py --compiled`). On an H100 at 224 px that took the compiled peaks from
+    rows kept 19.1 (gla-bi) and 25.5 (mamba2-bi) KiB per token and layer against 11.6 and 12.8 eager; in these regions
+    11.6 and 12.5 (`benchmarks/saved_memory.py --compiled`). On an H100 at 224 px that took the compiled peaks from
     12.1 to 8.1 GiB (gla-bi) and 15.6 to 8.8 (mamba2-bi), for 2.7% and 9.4% of their compiled speed against timm's
     (`benchmarks/results/vision_speed_h100.md`, runs 5 and 6).
     """
