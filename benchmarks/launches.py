@@ -91,7 +91,6 @@ class _Launches(TorchDispatchMode):
 NOT_GLUE = {"mm", "bmm", "addmm", "linear", "_fused_adamw_", "_scaled_dot_product_flash_attention_for_cpu",
             "_scaled_dot_product_flash_attention_for_cpu_backward"}  # fmt: skip
 TRAFFIC_T = 128  # --lm --traffic: tokens a row
-SMOKE_TRAFFIC_T = 64  # with --smoke: one chunk a row (the interpreted kernels run half the programs)
 TRAFFIC_PX = 128  # --traffic: 64 tokens an image
 
 
@@ -306,7 +305,7 @@ def main() -> None:
     command = " ".join(["python benchmarks/launches.py", *sys.argv[1:]])
     lm_shape = lm_train_speed.SMOKE if args.smoke else lm_train_speed.REAL
     vision_shape = vision_speed.SMOKE if args.smoke else vision_speed.REAL
-    lm_t = SMOKE_TRAFFIC_T if args.smoke else TRAFFIC_T
+    lm_t = lm_train_speed.SMOKE.lengths[0] if args.smoke else TRAFFIC_T  # smoke: one chunk a row (half the programs)
     if args.lm:
         moved = f"width {lm_shape.dim}, rows of {lm_t} tokens"
     else:

@@ -67,11 +67,11 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import lm_train_speed  # noqa: E402  (benchmarks/lm_train_speed.py, beside this script)
 import vision_speed  # noqa: E402  (benchmarks/vision_speed.py, beside this script)
 from mmeff.ops import dispatch  # noqa: E402
+from mmeff.ops.recompute import kept_when_compiled  # noqa: E402
 from timing import save_row_bars, write_results  # noqa: E402
 
 PX = 128  # 64 tokens an image of 16 px patches: the counts are per token; small keeps the interpreted kernels quick
 LM_T = 128  # --lm: tokens a row
-SMOKE_LM_T = 64  # --lm --smoke: one chunk a row (the interpreted kernels run half the programs)
 SMOKE_PX = 64  # --smoke: 64 tokens of 8 px
 
 
@@ -160,29 +160,9 @@ class _Allocations(TorchDispatchMode):
 def compiled_kept(model: torch.nn.Module, images: torch.Tensor) -> int:
     """Bytes of the tensors torch.compile's backward graphs take from the forward of one bf16-autocast training step
     (the saved activations and weights as Inductor's partitioner picks them; the graphs run uncompiled)."""
-    from functools import partial
-
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-
-    kept = 0
-
-    def backward(gm: torch.fx.GraphModule, _: Any) -> Any:
-        nonlocal kept
-        for node in gm.graph.nodes:
-            value = node.meta.get("val")
-            if node.op == "placeholder" and not node.name.startswith("tangents") and isinstance(value, torch.Tensor):
-                kept += value.numel() * value.element_size()
-        return make_boxed_func(gm.forward)
-
-    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward,
-                           partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"))  # fmt: skip
-    torch._dynamo.reset()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = torch.compile(model, backend=backend, dynamic=False)(images).float().square().mean()
-    loss.backward()  # the backward graph is partitioned (and `backward` called) on its first run
+    kept = kept_when_compiled(model, images, autocast=torch.bfloat16)
     model.zero_grad(set_to_none=True)
-    return kept
+    return sum(t.numel() * t.element_size() for t in kept)
 
 
 def live(model: torch.nn.Module, images: torch.Tensor) -> int:
@@ -351,7 +331,8 @@ def main() -> None:
             raise SystemExit(f"saved_memory --lm: rows start with attn and are mmeff rows of lm_train_speed.py "
                              f"({' '.join(lm_train_speed.PATTERNS)}, each may end in "
                              f"{' or '.join(lm_train_speed.CHECKPOINT)}); got {' '.join(rows)}")  # fmt: skip
-        shape, lm_t = (lm_train_speed.SMOKE, SMOKE_LM_T) if args.smoke else (lm_train_speed.REAL, LM_T)
+        # --smoke: the smoke LM's own length (one chunk a row: the interpreted kernels run half the programs of 128)
+        shape, lm_t = (lm_train_speed.SMOKE, lm_train_speed.SMOKE.lengths[0]) if args.smoke else (lm_train_speed.REAL, LM_T)
         base, setting = "attn", f"width {shape.dim}, rows of {lm_t} tokens"
     else:
         try:

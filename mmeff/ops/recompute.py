@@ -213,3 +213,30 @@ def compiled_recomputing(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
 
+
+def kept_when_compiled(fn: Callable[..., Tensor], *inputs: Tensor, autocast: torch.dtype | None = None) -> list[Tensor]:
+    """The tensors (fake: shapes and dtypes) that torch.compile's backward graphs take from the forward of
+    fn(*inputs) (under `autocast` where given), as Inductor's partitioner picks them, over one backward of its
+    output's mean square; the graphs run uncompiled. Dynamo's caches are reset first. (benchmarks/saved_memory.py
+    --compiled, the regions' tests.)"""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    kept: list[Tensor] = []
+
+    def backward(gm: torch.fx.GraphModule, _: Any) -> Any:
+        for node in gm.graph.nodes:
+            value = node.meta.get("val")
+            if node.op == "placeholder" and not node.name.startswith("tangents") and isinstance(value, Tensor):
+                kept.append(value)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward,
+                           partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"))  # fmt: skip
+    torch._dynamo.reset()
+    device = inputs[0].device.type
+    with torch.autocast(device, dtype=autocast or torch.get_autocast_dtype(device), enabled=autocast is not None):
+        out = torch.compile(fn, backend=backend, dynamic=False)(*inputs)
+    out.float().square().mean().backward()  # the backward graph is partitioned (and `backward` called) on its first run
+    return kept
+

@@ -1,16 +1,12 @@
 """Saved tensors made again in the backward (mmeff.ops.recompute); SSD's use of it: tests/kernels/test_dispatch.py."""
 
-from functools import partial
-
 import pytest
 import torch
-from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-from torch._dynamo.backends.common import aot_autograd
 
 from mmeff.blocks.layout import Layout
 from mmeff.blocks.scan import Routes
 from mmeff.ops import mlp
-from mmeff.ops.recompute import recomputed, recomputed_output, under_autocast_now
+from mmeff.ops.recompute import kept_when_compiled, recomputed, recomputed_output, under_autocast_now
 
 
 def kept(fn):
@@ -198,21 +194,8 @@ def test_the_graph_keeps_no_output_of_a_recomputed_call():
 
 
 def compiled_kept(fn, *inputs):
-    """Element counts of the tensors torch.compile keeps for the backward of fn(*inputs).sum(), as Inductor's
-    partitioner picks them (the graphs themselves run uncompiled)."""
-    kept = []
-
-    def backward(gm, _):
-        for node in gm.graph.nodes:
-            if node.op == "placeholder" and not node.name.startswith("tangents") and isinstance(node.meta.get("val"), torch.Tensor):
-                kept.append(node.meta["val"].numel())
-        return make_boxed_func(gm.forward)
-
-    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward,
-                           partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"))  # fmt: skip
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, dynamic=False)(*inputs).sum().backward()
-    return kept
+    """Element counts of the tensors torch.compile keeps for the backward of fn(*inputs)."""
+    return [t.numel() for t in kept_when_compiled(fn, *inputs)]
 
 
 def _plain(fn, *args):
@@ -230,7 +213,7 @@ def test_compiled_mlp_keeps_the_activation_input_only(monkeypatch, regions):
     kept = compiled_kept(lambda a, w, b: mlp.act_linear(a * 2, w, b, "gelu"), a, weight, bias)
     assert (kept.count(a.numel()) == 1) is regions, kept
     compiled = [t.grad for t in (a, weight, bias)]
-    want = torch.autograd.grad(mlp.act_linear(a * 2, weight, bias, "gelu").sum(), (a, weight, bias))
+    want = torch.autograd.grad(mlp.act_linear(a * 2, weight, bias, "gelu").square().mean(), (a, weight, bias))
     for got, expected in zip(compiled, want):
         torch.testing.assert_close(got, expected)
 
@@ -253,6 +236,6 @@ def test_compiled_bidirectional_routes_keep_their_source_not_the_stacked_copy(mo
     kept = compiled_kept(run, x, weight)
     assert (2 * x.numel() in kept) is not regions, kept
     compiled = [x.grad, weight.grad]
-    for got, expected in zip(compiled, torch.autograd.grad(run(x, weight).sum(), (x, weight))):
+    for got, expected in zip(compiled, torch.autograd.grad(run(x, weight).square().mean(), (x, weight))):
         torch.testing.assert_close(got, expected)
 
