@@ -37,7 +37,9 @@ class LinearMixer(ScanMixer):
     norm (per-head 'rms', 'group' or 'none'), gate (swish output gate), scale (q scale; None = K**-0.5),
     local_conv (odd kernel size of a depthwise 2-D conv over v on the layout's token grid, added to the
     output: the "DWC" of Han et al., 2023, FLatten Transformer, which gives linear attention back the
-    locality and rank it lacks; bidirectional only; 0 = none), chunk_size, and the scan options of ScanMixer.
+    locality and rank it lacks; bidirectional only; 0 = none), remake_gate (the backward makes the output gate
+    again from the block's input, which it keeps anyway, instead of keeping the gate: one [tokens, value width] tensor
+    less per block for one more matmul), chunk_size, and the scan options of ScanMixer.
     """
 
     defaults: ClassVar[dict[str, Any]] = {}
@@ -57,6 +59,7 @@ class LinearMixer(ScanMixer):
         scale: float | None = None,
         bias: bool = False,
         local_conv: int = 0,
+        remake_gate: bool = False,
         **scan_options: Any,
     ) -> None:
         super().__init__(causal=causal, **scan_options)
@@ -87,6 +90,7 @@ class LinearMixer(ScanMixer):
         self.qkv = nn.Linear(dim, width, bias=bias)
         self.conv = ShortConv(width, conv_size, bias=False) if conv_size else None
         self.gate = nn.Linear(dim, self.value_dim, bias=bias) if gate else None
+        self.remake_gate = remake_gate and gate
         self.norm = GroupedNorm(self.value_dim, heads, norm)
         self.out = nn.Linear(self.value_dim, dim, bias=bias)
         self.local_conv = (
@@ -128,7 +132,7 @@ class LinearMixer(ScanMixer):
             else:
                 q, k, v = qkv.split(self.widths, -1)
             streams = [q, k, v]
-        return [*streams, *self.gates(x)], (self.gate(x) if self.gate is not None else None)
+        return [*streams, *self.gates(x)], (x, self.gate(x) if self.gate is not None else None)
 
     def mix(self, streams: list[torch.Tensor], cache: Cache | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         batch, length = streams[0].shape[:2]
@@ -208,8 +212,14 @@ class LinearMixer(ScanMixer):
             return y + near
         return torch.cat([y[:, :start], y[:, start:end] + near, y[:, end:]], dim=1)
 
-    def output(self, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        return self.norm.projected(self.out, y, gate)
+    def output(self, y: torch.Tensor, extras: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        x, gate = extras
+        if gate is None or not self.remake_gate:
+            return self.norm.projected(self.out, y, gate)
+        # The gate is x's projection, and the backward keeps x for the projections' weight gradients: the norm's
+        # backward reads the gate made again from it.
+        with recomputed([(gate, under_autocast_now(self.gate, x.device.type), (x,))]):
+            return self.norm.projected(self.out, y, gate)
 
 
 @register("linear_attn")
@@ -252,10 +262,11 @@ class RetNet(LinearMixer):
     """Multi-scale retention (Sun et al., 2023 'Retentive Network'): fixed per-head decays, group norm, swish gate.
 
     Head h decays by gamma_h = 1 - 2^(-5-h); q, k are rotated by position (`rope`: the paper's
-    e^{in theta}, without xPos' extra scaling); values are 2x wide (expand_v=2) as in the paper.
+    e^{in theta}, without xPos' extra scaling); values are 2x wide (expand_v=2) as in the paper, the swish gate as
+    wide: the backward makes it again from the block's input (`remake_gate`) rather than keep it.
     """
 
-    defaults: ClassVar[dict[str, Any]] = {"expand_v": 2.0, "norm": "group", "gate": True}
+    defaults: ClassVar[dict[str, Any]] = {"expand_v": 2.0, "norm": "group", "gate": True, "remake_gate": True}
 
     def __init__(self, dim: int, *, causal: bool = True, rope: bool = True, rope_base: float = 10000.0, **options: Any) -> None:
         super().__init__(dim, causal=causal, **{**self.defaults, **options})
@@ -343,10 +354,11 @@ class GatedDeltaNet(_BetaMixer):
     """Gated DeltaNet (Yang et al., 2024 'Gated Delta Networks'): delta rule with a Mamba-2 style decay alpha.
 
     log alpha = -exp(A_log) * softplus(W_a x + dt_bias) per head (A ~ U(0, 16), Mamba's dt init),
-    beta = sigmoid(W_b x), short conv, L2 q/k, RMSNorm with swish output gate, values 2x wide.
+    beta = sigmoid(W_b x), short conv, L2 q/k, RMSNorm with swish output gate, values 2x wide (the gate as wide,
+    so made again in the backward: `remake_gate`).
     """
 
-    defaults: ClassVar[dict[str, Any]] = {"conv_size": 4, "feature_map": "l2", "gate": True, "expand_v": 2.0}
+    defaults: ClassVar[dict[str, Any]] = {"conv_size": 4, "feature_map": "l2", "gate": True, "expand_v": 2.0, "remake_gate": True}
 
     def __init__(self, dim: int, *, causal: bool = True, **options: Any) -> None:
         super().__init__(dim, causal=causal, **{**self.defaults, **options})

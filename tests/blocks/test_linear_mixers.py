@@ -251,6 +251,28 @@ def test_global_linear_attention_keeps_no_more_than_softmax_attention():
     assert per_token["linear"] <= per_token["softmax"], per_token
 
 
+@pytest.mark.parametrize("options", [{"causal": True}, {"causal": False, "scan": "bi"}])
+def test_remade_gate_is_not_kept_and_gives_the_same_gradients(options):
+    # remake_gate (RetNet's default): the swish gate, [tokens, value width], is made again in the backward from the
+    # block's input, which the projections keep anyway: the gate's storage is not kept, the gradients are the same.
+    dim, T = 32, 24
+    grads = {}
+    for remake in (False, True):
+        torch.manual_seed(0)
+        block = make("retnet", dim, heads=2, remake_gate=remake, **options)
+        gates = []
+        block.gate.register_forward_hook(lambda module, args, out: gates.append(out))
+        kept = set()
+        x = torch.randn(2, T, dim, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.add(t.untyped_storage().data_ptr()) or t, lambda t: t):
+            y = block(x)
+        assert (gates[0].untyped_storage().data_ptr() in kept) is not remake
+        assert x.untyped_storage().data_ptr() in kept  # the projections' input, which the gate is made again from
+        y.square().sum().backward()
+        grads[remake] = [x.grad, *(p.grad for p in block.parameters())]
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+
+
 def test_elu_feature_map_matches_autograd_of_elu_plus_one():
     from mmeff.blocks.linear import FEATURE_MAPS
 

@@ -70,3 +70,28 @@ def test_layer_checkpoint_norm_keeps_the_pre_norm_outputs_out(kernels, monkeypat
     (y, grads, plain), (y_made, grads_made, made) = runs[False], runs["norm"]
     assert torch.equal(y, y_made) and all(torch.equal(a, b) for a, b in zip(grads, grads_made))
     assert plain - made == 2 * 2 * x0.numel() * 2  # 2 layers x 2 norms x [2, 16, 64] bf16
+
+
+@pytest.mark.parametrize("checkpoint", [False, "norm"])
+def test_remade_gate_keeps_one_gate_less_a_layer_and_changes_no_gradient(kernels, monkeypatch, checkpoint):
+    # remake_gate (RetNet's and Gated DeltaNet's default: their gates are twice the model's width) on the kernel path
+    # under bf16 autocast: the gate made again from the block's input in the backward, which keeps the input anyway
+    # (or, with checkpoint: norm, makes it again from the residual stream first): bit for bit the same output and
+    # gradients, and per layer exactly its bf16 gate [tokens, value width] less kept.
+    from mmeff.backbone import Backbone
+
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    x0 = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for remake in (False, True):
+        torch.manual_seed(0)
+        mixer = {"heads": 2, "remake_gate": remake, "scan": "bi"}
+        cfg = {"dim": 32, "pattern": ["retnet"], "depth": 2, "mixers": {"retnet": mixer}, "causal": False}
+        model, x = Backbone({**cfg, "checkpoint": checkpoint}), x0.clone().requires_grad_()
+        with saved_bytes() as kept, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        y.float().square().sum().backward()
+        runs[remake] = (y.detach(), [x.grad, *(p.grad for p in model.parameters())], sum(kept.values()))
+    (y, grads, plain), (y_made, grads_made, made) = runs[False], runs[True]
+    assert torch.equal(y, y_made) and all(torch.equal(a, b) for a, b in zip(grads, grads_made))
+    assert plain - made == 2 * 2 * 16 * 64 * 2  # 2 layers x [2, 16, 64] bf16 (values twice the width of 32)
