@@ -70,7 +70,7 @@ def _synchronize():
     """Kernel faults are asynchronous: wait for the device after each test so that the test which caused one
     reports it (every later test of the worker fails with the same sticky error). Then hand the worker's cached
     blocks back: eight workers share one card, and on an 80 GB H100 two tests ran out of memory while the other
-    workers' caches held 78 GiB they no longer used."""
+    seven workers' processes held 78 GiB between them (a caching allocator keeps the blocks of finished tests)."""
     yield
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
