@@ -206,8 +206,8 @@ def compiled_recomputing(fn: Callable[..., Any], *args: Any) -> Any:
     copies of the bidirectional scans, which the kernels read, were then kept beside their inputs. Compiled ViT-S
     rows kept 19.1 (gla-bi) and 25.5 (mamba2-bi) KiB per token and layer against 11.6 and 12.8 eager; in these regions
     11.6 and 12.5 (`benchmarks/saved_memory.py --compiled`). On an H100 at 224 px that took the compiled peaks from
-    12.1 to 8.1 GiB (gla-bi) and 15.6 to 8.8 (mamba2-bi), for 2.7% and 9.4% of their compiled speed against timm's
-    (`benchmarks/results/vision_speed_h100.md`, runs 5 and 6).
+    12.1 to 8.1 GiB (gla-bi) and 15.6 to 8.8 (mamba2-bi); their speed against timm's moved within the spread between
+    processes (mamba2-bi 0.31-0.36x with any region off or all on; `benchmarks/results/vision_speed_h100.md`, runs 5-7).
     """
     if not torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return fn(*args)

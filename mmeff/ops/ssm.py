@@ -161,8 +161,6 @@ def selective_scan(
     batch, dim, seqlen = u.shape
     check_cu_seqlens(cu_seqlens, batch)
 
-    link: dict = {}  # the skip's backward leaves its dx to the scale's (mmeff.kernels.pointwise, on the Triton path)
-
     @dispatch.once
     def recurrence() -> dict:
         d = delta.float()
