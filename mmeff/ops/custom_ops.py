@@ -7,6 +7,12 @@ only the inputs, so one path serves both. The short convolution (`mmeff::causal_
 its op only while torch.compile traces; eagerly it stays the autograd.Function that the kernel tests and benchmarks
 call.
 
+The rotary embedding (`mmeff::rope`, mmeff.kernels.rope) also takes its op only while torch.compile traces. Left to
+Inductor, the reference fused the angles' pow, cos and sin into each rotation, forward and backward, made again for
+every element of q and k: on an H100 the four kernels took 13.9 of the compiled attn LM's 61.5 GPU ms a step at
+T 4,096 (the eager kernel 1.2 ms; benchmarks/results/lm_train_speed_h100.md). Through the op the angles are made
+once a layer, [T, D/2], and the kernel reads them.
+
 `mmeff::linear_recurrence` runs mmeff.kernels.linear_recurrence_triton; its fake implementation gives dynamo the
 output shapes, and `mmeff::linear_recurrence_backward` gives the gradients. The custom op cannot keep the
 forward's intermediates (their sizes depend on cu_seqlens' values), so its backward recomputes what the eager
@@ -24,7 +30,7 @@ from torch import Tensor
 
 from mmeff.ops import dispatch
 
-__all__ = ["causal_conv_op", "global_linear_attention_op", "grid_conv_op", "linear_recurrence_op"]
+__all__ = ["causal_conv_op", "global_linear_attention_op", "grid_conv_op", "linear_recurrence_op", "rope_op"]
 
 
 def _absent(like: Tensor) -> Tensor:
@@ -234,3 +240,33 @@ def global_linear_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, no
                                feature_map: str) -> Tensor:  # fmt: skip
     """mmeff.kernels.noncausal (forward and backward) through the custom op: o [B, T, H, V]."""
     return _global_la(q, k, v, scale, normalize, eps, feature_map)
+
+
+@torch.library.custom_op("mmeff::rope", mutates_args=())
+def _rope(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype, inverse: bool) -> Tensor:
+    return dispatch.triton_kernels("rope").rotate(x, cos, sin, out_dtype, inverse)
+
+
+@_rope.register_fake
+def _(x, cos, sin, out_dtype, inverse):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _rope_setup(ctx, inputs, output) -> None:
+    x, cos, sin, out_dtype, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.x_dtype, ctx.inverse = x.dtype, inverse
+
+
+def _rope_autograd(ctx, dy: Tensor):
+    cos, sin = ctx.saved_tensors
+    return _rope(dy, cos, sin, ctx.x_dtype, not ctx.inverse), None, None, None, None
+
+
+_rope.register_autograd(_rope_autograd, setup_context=_rope_setup)
+
+
+def rope_op(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """mmeff.kernels.rope's rotation (and its backward, the inverse rotation) through the custom op (no gradient
+    for the angles)."""
+    return _rope(x, cos, sin, out_dtype, False)

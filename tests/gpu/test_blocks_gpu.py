@@ -196,14 +196,15 @@ def test_moe_block(monkeypatch, experts, top_k):
 
 
 @pytest.mark.xdist_group("compiled")
-@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "linear_attn-global", "mamba2"])
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "linear_attn-global", "mamba2", "retnet", "attn"])
 def test_compiled_bidirectional_block(name):
     # torch.compile(fullgraph=True, Inductor) of the bidirectional block on the fast path: the recurrence as mmeff's
     # custom op (its backward runs the kernels' backward passes on the inputs), the route gathers as autograd
     # functions, the short conv's kernels as a custom op. Against the eager fast block: the same function rounded in other
     # places, so the tolerances above.
     # linear_attn-global: the fused non-causal kernels and the grid conv, custom ops both; mamba2: its short conv
-    # (custom op under compile) and the SSD kernels.
+    # (custom op under compile) and the SSD kernels; retnet and attn: the rotary embedding's kernel (custom op under
+    # compile).
     from mmeff.blocks.layout import Layout
 
     name, _, scan = name.partition("-")

@@ -355,7 +355,9 @@ def _custom_op_cases() -> dict[str, tuple]:
         "global_linear_attention/wide": (q, k, wide, 0.25, False, 1e-6, "relu"),
         "global_linear_attention_backward": (torch.randn(2, 37, 2, 16, generator=g), q.detach(), k.detach(), v.detach(),
                                              0.25, True, 1e-6, "identity"),  # fmt: skip
-        "linear_recurrence": (wk.requires_grad_(), wk, wv, gate, None, None, None, 0.25, 16, True),
+        "rope": (wk.requires_grad_(), *(t.squeeze(0) for t in torch.randn(2, 1, 37, 8, generator=g).unbind(0)),
+                 torch.bfloat16, False),
+        "linear_recurrence": (wk, wk, wv, gate, None, None, None, 0.25, 16, True),
         "linear_recurrence_backward": (torch.randn(2, 37, 2, 24, generator=g), None, wk.detach(), wk.detach(), wv, gate,
                                        None, None, None, 0.25, 16),  # fmt: skip
     }
