@@ -17,7 +17,9 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   form, no scan); `linear_attn-global+local` and `gla-bi+local` add `local_conv: 3` (a 3x3 depthwise conv of v over
   the grid). `+ckpt` after any mmeff row (`mamba2-bi+ckpt`) sets `backbone.checkpoint: true` (each layer's
   activations recomputed in the backward instead of kept), `+ckpt_mixer` sets `backbone.checkpoint: mixer` (the token
-  mixer's only), `+ckpt_norm` sets `backbone.checkpoint: norm` (the pre-norms' outputs only).
+  mixer's only), `+ckpt_norm` sets `backbone.checkpoint: norm` (the pre-norms' outputs only). `+groups` after a scan
+  row (`gated_deltanet-bi+groups`, before any `+ckpt...`) sets `scan_tokens: 32768` (GROUP_TOKENS): the batch's
+  sequences run their routes in groups of at most that many route-stacked tokens, one group's backward at a time.
 
 Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, graphs, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
@@ -88,6 +90,7 @@ SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens 
 CHUNK_SIZES = (16, 32, 64)
 SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
 HYBRID = ["gla", "gla", "gla", "attn"]
+GROUP_TOKENS = 32768  # `+groups` rows: scan_tokens (at 1,024 px four groups of 4 images, bi)
 FLOP_MATCHED = ("gla-bi", "mamba2-bi")  # rows whose FLOP-matched ceiling the issue sets a goal for (at 224 px)
 
 
@@ -148,6 +151,8 @@ def backbone(row: str, shape: Shape, grid: tuple[int, int]) -> dict[str, Any]:
                 mixers[m]["scan"] = scan
                 if "local" in extras:
                     mixers[m]["local_conv"] = 3
+                if "groups" in extras:
+                    mixers[m]["scan_tokens"] = GROUP_TOKENS
                 if shape.chunk:
                     mixers[m]["chunk_size"] = shape.chunk
                 if "grid" in inspect.signature(ScanMixer.__init__).parameters:  # before the token layout carried it
@@ -496,11 +501,11 @@ def select(names: list[str] | None) -> list[str]:
     timm always first."""
     rows = row_names()
     if names:
-        base = {n: unchecked(n)[0] for n in names}
+        base = {n: unchecked(n)[0].removesuffix("+groups") for n in names}
         unknown = [n for n, b in base.items() if b == "timm" != n or not any(r == b or r.startswith(f"{b}-") for r in rows)]
         if unknown:
             raise SystemExit(f"vision_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(rows)} "
-                             f"(each may end in {' or '.join(CHECKPOINT)})")
+                             f"(each may end in +groups, and in {' or '.join(CHECKPOINT)})")
         suffixes = [(b, n[len(b):]) for n, b in base.items()]
         rows = ["timm"] + [r + s for b, s in suffixes for r in rows if r != "timm" and (r == b or r.startswith(f"{b}-"))]
     return list(dict.fromkeys(rows))

@@ -17,7 +17,10 @@ sequence when it reaches them. Packed documents (`layout.docs`) are scanned each
 recurrence restarts at every boundary (`cu_seqlens`), and the reverse route reverses each document.
 
 Routes are stacked along the batch dimension (each sequence's routes side by side), so the recurrence runs
-once for all of them, with shared weights. Only the order-dependent part of a mixer (short conv + recurrence, `mix`) runs per
+once for all of them, with shared weights. ``scan_tokens: N`` caps the route-stacked tokens of one run: the batch's
+sequences go through their routes in groups of at most N tokens (one sequence's routes at the least; packed
+documents in one group), one group after another, so that the backward holds one group's working buffers at a
+time rather than the whole batch's: more, smaller launches for a lower peak. Only the order-dependent part of a mixer (short conv + recurrence, `mix`) runs per
 route; projections, gates and output norms are per token and run once (`project`, `output`).
 """
 
@@ -51,7 +54,8 @@ MixFn = Callable[[list[Tensor], Union[Tensor, None]], Tensor]
 class Routes:
     """The token orders a mixer scans along, and how route outputs go back to token order."""
 
-    def __init__(self, causal: bool, scan: ScanKind | None = None, order: Order = "raster") -> None:
+    def __init__(self, causal: bool, scan: ScanKind | None = None, order: Order = "raster",
+                 max_tokens: int | None = None) -> None:  # fmt: skip
         scan = scan or ("forward" if causal else "bi")
         if scan not in ("forward", "bi", "cross", "global"):
             raise ValueError(f"scan must be 'forward', 'bi', 'cross' or 'global', got {scan!r}")
@@ -59,7 +63,9 @@ class Routes:
             raise ValueError(f"order must be 'raster' or 'column', got {order!r}")
         if causal and (scan != "forward" or order != "raster"):
             raise ValueError("a causal mixer scans forward in token order; scan/order need causal=false")
-        self.scan, self.order, self.causal = scan, order, causal
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"scan_tokens must be a positive number of tokens or null, got {max_tokens}")
+        self.scan, self.order, self.causal, self.max_tokens = scan, order, causal, max_tokens
         self._plans: dict[tuple, Plan | None] = {}
 
     @property
@@ -113,6 +119,17 @@ class Routes:
         plan = self.plan(batch, length, layout, streams[0].device)
         if plan is None:
             return fn(streams, layout.cu_seqlens)
+        group = max(1, self.max_tokens // (plan.routes * length)) if self.max_tokens else batch  # sequences a call
+        if group < batch and layout.docs is None:
+            # Groups of sequences one after another, each through its own routes: the backward of one group ends,
+            # and frees its buffers, before the next one's starts.
+            groups = [list(part) for part in zip(*(s.split(group) for s in streams))]
+            plans = (self.plan(part[0].shape[0], length, layout, part[0].device) for part in groups)
+            return torch.cat([self._stacked(fn, part, layout, p) for part, p in zip(groups, plans)])
+        return self._stacked(fn, streams, layout, plan)
+
+    def _stacked(self, fn: MixFn, streams: list[Tensor], layout: Layout, plan: Plan) -> Tensor:
+        """`fn` on the streams' routes stacked along the batch, its outputs merged back to token order."""
         # Routes go along the batch, route-minor ([B * R, T]): one gather per stream builds them all (one launch for
         # all streams on the route kernels), one gathers the outputs back to token order, with no flipped or
         # permuted copy per route.
@@ -255,18 +272,21 @@ class ScanMixer(nn.Module):
     """Base of the linear/SSM token mixers: `project` per token, `mix` along the scan routes, `output` per token.
 
     Subclasses implement the three steps; `mix` owns the order-dependent state (short conv,
-    recurrence) and reads/writes it in the cache. The base checks the scan options, runs the
-    routes and counts the consumed tokens in `cache.offset`.
+    recurrence) and reads/writes it in the cache. The base checks the scan options (scan, order, chunk_size,
+    scan_tokens: see the module docstring), runs the routes and counts the consumed tokens in `cache.offset`.
     """
 
     supports_global = False  # whether `mix` has a form without a scan (scan: global)
 
-    def __init__(self, *, causal: bool = True, scan: ScanKind | None = None, order: Order = "raster", chunk_size: int = 64) -> None:
+    def __init__(
+        self, *, causal: bool = True, scan: ScanKind | None = None, order: Order = "raster", chunk_size: int = 64,
+        scan_tokens: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         if scan == "global" and not self.supports_global:
             raise ValueError(f"scan: global needs a mixer without decay or delta rule (linear_attn), not {type(self).__name__}")
         self.causal = causal
-        self.routes = Routes(causal, scan, order)
+        self.routes = Routes(causal, scan, order, scan_tokens)
         self.chunk_size = chunk_size
 
     def project(self, x: Tensor) -> tuple[list[Tensor], Any]:

@@ -171,3 +171,75 @@ def test_a_bidirectional_mamba2_keeps_no_view_of_its_in_projection():
         y = block(torch.randn(2, 16, 32, requires_grad=True), layout=Layout(grid=(1, 4, 4)))
     assert projected and projected[0].untyped_storage().data_ptr() not in saved
     y.sum().backward()
+
+
+@pytest.mark.parametrize("scan", ["bi", "cross"])
+def test_routes_in_groups_of_sequences_match_per_route_copies(monkeypatch, scan):
+    # scan_tokens caps the route-stacked tokens of one call: 5 sequences of 13 tokens under a cap of 60 run as groups
+    # of 2 (bi: 2 routes) or 1 (cross: 4 routes), each through its own routes.
+    from mmeff.blocks import scan as scan_module
+
+    calls = []
+    stacked = scan_module.Routes._stacked
+    monkeypatch.setattr(scan_module.Routes, "_stacked", lambda self, fn, xs, *a: calls.append(len(xs[0])) or stacked(self, fn, xs, *a))
+    layout = Layout(grid=(1, 3, 4), special=1)
+    gen = torch.Generator().manual_seed(0)
+    streams = [torch.randn(5, 13, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    routes = Routes(causal=False, scan=scan, max_tokens=60)
+    got = routes(running_sum, streams, layout)
+    assert calls == ([2, 2, 1] if scan == "bi" else [1] * 5)
+    want = per_route(routes, streams, layout)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    seed = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    for g, e in zip(torch.autograd.grad(got, streams, seed), torch.autograd.grad(want, streams, seed)):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+def test_packed_documents_run_their_routes_in_one_group():
+    # Packed rows share their documents' bounds (cu_seqlens over the whole batch): they are not split.
+    routes = Routes(causal=False, scan="bi", max_tokens=1)
+    layout = Layout(docs=torch.tensor([[0] * 5 + [1] * 8, [2] * 13]))
+    streams = [torch.randn(2, 13, 3, dtype=torch.float64) for _ in range(2)]
+    torch.testing.assert_close(routes(running_sum, streams, layout), per_route(routes, streams, layout), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("tokens", [0, -4])
+def test_scan_tokens_must_be_positive(tokens):
+    with pytest.raises(ValueError, match="scan_tokens must be a positive number"):
+        Routes(causal=False, scan="bi", max_tokens=tokens)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2"])
+def test_a_block_scanning_in_groups_has_its_gradients_and_a_smaller_backward(name):
+    # A bidirectional block with `scan_tokens` at half its route-stacked tokens: outputs and every gradient as one
+    # group's (plain-PyTorch path, fp32, 1e-5 of the largest value), and its backward's peak beyond what the forward
+    # keeps (benchmarks/saved_memory.py's count) at most 0.6x one group's (measured: 0.45x gated_deltanet, 0.49x mamba2).
+    import sys
+    from pathlib import Path
+
+    from mmeff import blocks
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    import saved_memory
+
+    class Block(torch.nn.Module):
+        def __init__(self, scan_tokens):
+            super().__init__()
+            options = {"d_state": 16, "head_dim": 16} if name == "mamba2" else {"heads": 2}
+            self.block = blocks.build(name, 64, causal=False, scan="bi", scan_tokens=scan_tokens, **options)
+
+        def forward(self, x):
+            return self.block(x, layout=Layout(grid=(1, 8, 8)))
+
+    x = torch.randn(8, 64, 64, generator=torch.Generator().manual_seed(0))
+    results, transient = [], []
+    for scan_tokens in (None, 8 * 2 * 64 // 2):
+        torch.manual_seed(0)
+        model = Block(scan_tokens)
+        leaf = x.clone().requires_grad_()
+        model(leaf).square().sum().backward()
+        results.append([leaf.grad, *(p.grad for p in model.parameters())])
+        transient.append(saved_memory.step_peak(model, x) - saved_memory.live(model, x))
+    for got, want in zip(*results):
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert transient[1] <= 0.6 * transient[0], transient
