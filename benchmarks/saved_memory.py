@@ -20,6 +20,10 @@ allocator peaks at 1,024 px (vision_speed_h200.md; 65,536 tokens a step, plus ab
 AdamW state and the batch): timm 169.2 KiB per token here, 10.6 GiB + 0.6 against 11.3 there; attn 137.7, 8.6 + 0.6
 against 9.2; gla-bi 155.4 (at 6cd3f52 there), 9.7 + 0.6 against 10.3.
 
+A `+groups` row (`scan_tokens`, benchmarks/vision_speed.py) runs its routes in groups of the batch's images; its
+census batches of 8 and 4 images, far under the row's token cap, are split into as many groups as a 1,024 px batch
+is (16 images: four groups for `bi`), so that the transient counts what that step holds.
+
 Not counted: workspace inside a kernel and the allocator's fragmentation. Mamba-2 runs mmeff's Triton SSD here; on a
 GPU with mamba-ssm installed it runs mamba-ssm's kernels, which keep other tensors.
 
@@ -193,9 +197,29 @@ def transient(row: str, shape: vision_speed.Shape, px: int) -> float:
     torch.manual_seed(0)
     shape = replace(shape, depth=2)
     model, example = vision_speed.timm_model(px, shape) if row == "timm" else vision_speed.build(row, px, shape)
-    images = [example.expand(n, *example.shape[1:]).clone() for n in (4, 8)]
-    extra = [step_peak(model, x) - live(model, x) for x in images]
-    return (extra[1] - extra[0]) / 4 / (px // shape.patch) ** 2 / 1024
+    tokens = (px // shape.patch) ** 2
+    extra = []
+    for n in (4, 8):
+        x = example.expand(n, *example.shape[1:]).clone()
+        groups_as_at_1024(model, n, tokens)
+        extra.append(step_peak(model, x) - live(model, x))
+    return (extra[1] - extra[0]) / 4 / tokens / 1024
+
+
+def groups_as_at_1024(model: torch.nn.Module, images: int, tokens: int) -> None:
+    """Set each grouped scan mixer's token cap (`scan_tokens`) so that a batch of `images` of `tokens` runs in as many
+    groups as vision_speed.py's 1,024 px batch does under the row's cap."""
+    from mmeff.blocks.scan import ScanMixer
+
+    for module in model.modules():
+        routes = module.routes if isinstance(module, ScanMixer) else None
+        if routes is not None and routes.max_tokens and routes.scan in ROUTES:
+            stacked = vision_speed.SIZES[1024] * ROUTES[routes.scan] * (1024 // 16) ** 2
+            groups = stacked // max(routes.max_tokens, stacked // vision_speed.SIZES[1024])
+            routes.max_tokens = images * ROUTES[routes.scan] * tokens // groups
+
+
+ROUTES = {"bi": 2, "cross": 4}  # routes a scan stacks along the batch (what its groups' token caps count)
 
 
 def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool, peak: bool, compiled: bool = False) -> dict[str, Any]:

@@ -86,12 +86,16 @@ class _ActLinear(torch.autograd.Function):
             flat_dy, flat_h = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])
             dweight = (flat_dy.t() @ flat_h).to(weight.dtype) if ctx.needs_input_grad[2] else None
             dbias = flat_dy.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
+            # The activation's output, its gradient and the input's gradient, each [tokens, hidden], were alive at
+            # once: the step's peak of a ViT-S with mmeff's attention (benchmarks/saved_memory.py --peak). Now the
+            # output goes before the gradient is made, and the input's gradient is written over it.
+            del h, flat_h
             dh = (dy @ weight.to(ctx.dtype)).to(a.dtype)
             if ctx.kind == "gelu":
-                return torch.ops.aten.gelu_backward(dh, a), None, dweight, dbias, None
-            if ctx.fused:
+                return torch.ops.aten.gelu_backward.grad_input(dh, a, grad_input=dh), None, dweight, dbias, None
+            if ctx.fused:  # the kernel reads each element of dh before it writes da's there (a is contiguous)
                 width = a.shape[-1]
-                da, dup = torch.empty_like(a), torch.empty_like(up)
+                da, dup = dh.view(a.shape), torch.empty_like(up)
                 dispatch.triton_kernels("moe").silu_mul_backward(
                     dh.reshape(-1, width), a.view(-1, width), up.view(-1, width), da.view(-1, width), dup.view(-1, width), width
                 )  # fmt: skip
