@@ -136,6 +136,28 @@ def test_vision_speed_ckpt_rows_checkpoint_every_layer(script, tmp_path):
     assert [r["row"] for r in records] == ["timm", "attn+ckpt"] and records[1]["img_s"] > 0
 
 
+def test_vision_speed_groups_rows_cap_the_scan_tokens_and_the_census_scales_them(script):
+    # `<scan row>+groups` sets scan_tokens (GROUP_TOKENS: four groups of a 1,024 px batch for `bi`, eight for
+    # `cross`); saved_memory.py gives its small census batches as many groups, so that its transient is that step's.
+    import saved_memory
+    import vision_speed
+
+    from mmeff.blocks.scan import ScanMixer
+
+    assert vision_speed.select(["gated_deltanet-bi+groups", "gla+groups+ckpt_norm"]) == [
+        "timm", "gated_deltanet-bi+groups", "gla-bi+groups+ckpt_norm", "gla-cross+groups+ckpt_norm",
+        "gla-bi+local+groups+ckpt_norm"]  # fmt: skip
+    for row, groups in (("gated_deltanet-bi+groups", 4), ("gla-cross+groups+ckpt_norm", 8)):
+        model, _ = vision_speed.build(row, 32, vision_speed.SMOKE)
+        scans = [m for m in model.modules() if isinstance(m, ScanMixer)]
+        assert scans and all(m.routes.max_tokens == vision_speed.GROUP_TOKENS for m in scans)
+        saved_memory.groups_as_at_1024(model, 8, 4)
+        routes = 2 if "-bi" in row else 4
+        assert all(m.routes.max_tokens == 8 * routes * 4 // groups for m in scans)
+    plain, _ = vision_speed.build("gated_deltanet-bi", 32, vision_speed.SMOKE)
+    assert all(m.routes.max_tokens is None for m in plain.modules() if isinstance(m, ScanMixer))
+
+
 def test_saved_memory_counts_what_the_gpu_path_keeps(tmp_path):
     # The non-causal linear_attn recomputes its feature maps and keeps q, k, v and a state: no more than softmax
     # attention per token (the block-level census in tests/blocks/test_linear_mixers.py, here through the whole model,
