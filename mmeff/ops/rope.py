@@ -69,6 +69,8 @@ def apply_rope(
     dtype = dtype or x.dtype
 
     def triton() -> str:
+        if dispatch.exporting():
+            return "torch.export (ONNX has no lowering of the custom op)"
         if dispatch.needs_grad(cos, sin):
             return "the angles need a gradient"
         return dispatch.triton_unsupported(x, "rope", lambda kernels: kernels.unsupported(x, cos, sin))

@@ -114,6 +114,16 @@ def test_compiled_rope_runs_the_kernel_as_its_custom_op(fake_gpu):
         _close(got, want)
 
 
+def test_exported_rope_takes_the_reference(fake_gpu, monkeypatch):
+    # torch.export (mmeff export: .pt2 or ONNX) gets the plain ops, not the custom op, which ONNX cannot lower.
+    from mmeff.ops import dispatch as dispatch_module
+
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True, raising=False)
+    assert dispatch_module.exporting()
+    with pytest.raises(BackendUnavailable, match="torch.export"):
+        apply_rope(torch.randn(B, T, H, D), *_angles(False), backend="triton")
+
+
 def test_angles_with_a_gradient_take_the_reference(fake_gpu):
     x = torch.randn(B, T, H, D)
     cos, sin = _angles(False)
