@@ -17,11 +17,12 @@ sequence when it reaches them. Packed documents (`layout.docs`) are scanned each
 recurrence restarts at every boundary (`cu_seqlens`), and the reverse route reverses each document.
 
 Routes are stacked along the batch dimension (each sequence's routes side by side), so the recurrence runs
-once for all of them, with shared weights. ``scan_tokens: N`` caps the route-stacked tokens of one run: the batch's
-sequences go through their routes in groups of at most N tokens (one sequence's routes at the least; packed
-documents in one group), one group after another, so that the backward holds one group's working buffers at a
-time rather than the whole batch's: more, smaller launches for a lower peak. Only the order-dependent part of a mixer (short conv + recurrence, `mix`) runs per
-route; projections, gates and output norms are per token and run once (`project`, `output`).
+once for all of them, with shared weights. Only the order-dependent part of a mixer (short conv + recurrence,
+`mix`) runs per route; projections, gates and output norms are per token and run once (`project`, `output`).
+``scan_tokens: N`` caps the route-stacked tokens of one run: the batch's sequences go through their routes in
+groups of at most N tokens (one sequence's routes at the least; packed documents in one group), one group after
+another, so that the backward holds one group's working buffers at a time rather than the whole batch's: more,
+smaller launches for a lower peak.
 """
 
 from __future__ import annotations
