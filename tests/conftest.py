@@ -53,3 +53,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def census(monkeypatch):
+    """benchmarks/saved_memory.py (its step census: step_peak, live) imported in this process, with its default of
+    TRITON_INTERPRET=1 kept out of the kernel imports of later tests (they would run interpreted:
+    tests/kernels/test_launch.py failed so)."""
+    import importlib
+    import os
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    return importlib.import_module("saved_memory")

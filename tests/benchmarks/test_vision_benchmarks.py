@@ -136,10 +136,9 @@ def test_vision_speed_ckpt_rows_checkpoint_every_layer(script, tmp_path):
     assert [r["row"] for r in records] == ["timm", "attn+ckpt"] and records[1]["img_s"] > 0
 
 
-def test_vision_speed_groups_rows_cap_the_scan_tokens_and_the_census_scales_them(script):
+def test_vision_speed_groups_rows_cap_the_scan_tokens_and_the_census_scales_them(script, census):
     # `<scan row>+groups` sets scan_tokens (GROUP_TOKENS: four groups of a 1,024 px batch for `bi`, eight for
     # `cross`); saved_memory.py gives its small census batches as many groups, so that its transient is that step's.
-    import saved_memory
     import vision_speed
 
     from mmeff.blocks.scan import ScanMixer
@@ -151,7 +150,7 @@ def test_vision_speed_groups_rows_cap_the_scan_tokens_and_the_census_scales_them
         model, _ = vision_speed.build(row, 32, vision_speed.SMOKE)
         scans = [m for m in model.modules() if isinstance(m, ScanMixer)]
         assert scans and all(m.routes.max_tokens == vision_speed.GROUP_TOKENS for m in scans)
-        saved_memory.groups_as_at_1024(model, 8, 4)
+        census.groups_as_at_1024(model, 8, 4)
         routes = 2 if "-bi" in row else 4
         assert all(m.routes.max_tokens == 8 * routes * 4 // groups for m in scans)
     plain, _ = vision_speed.build("gated_deltanet-bi", 32, vision_speed.SMOKE)

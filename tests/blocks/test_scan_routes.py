@@ -210,17 +210,11 @@ def test_scan_tokens_must_be_positive(tokens):
 
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "mamba2"])
-def test_a_block_scanning_in_groups_has_its_gradients_and_a_smaller_backward(name):
+def test_a_block_scanning_in_groups_has_its_gradients_and_a_smaller_backward(census, name):
     # A bidirectional block with `scan_tokens` at half its route-stacked tokens: outputs and every gradient as one
     # group's (plain-PyTorch path, fp32, 1e-5 of the largest value), and its backward's peak beyond what the forward
     # keeps (benchmarks/saved_memory.py's count) at most 0.6x one group's (measured: 0.45x gated_deltanet, 0.49x mamba2).
-    import sys
-    from pathlib import Path
-
     from mmeff import blocks
-
-    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-    import saved_memory
 
     class Block(torch.nn.Module):
         def __init__(self, scan_tokens):
@@ -239,7 +233,7 @@ def test_a_block_scanning_in_groups_has_its_gradients_and_a_smaller_backward(nam
         leaf = x.clone().requires_grad_()
         model(leaf).square().sum().backward()
         results.append([leaf.grad, *(p.grad for p in model.parameters())])
-        transient.append(saved_memory.step_peak(model, x) - saved_memory.live(model, x))
+        transient.append(census.step_peak(model, x) - census.live(model, x))
     for got, want in zip(*results):
         assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
     assert transient[1] <= 0.6 * transient[0], transient

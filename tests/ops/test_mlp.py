@@ -121,17 +121,11 @@ def test_ffn_blocks_keep_their_gradients_and_lora_wraps_still_run(name):
     assert getattr(block, proj).lora_B.grad is not None
 
 
-def test_the_backward_holds_one_hidden_wide_tensor_beyond_what_the_forward_keeps():
+def test_the_backward_holds_one_hidden_wide_tensor_beyond_what_the_forward_keeps(census):
     # The recomputed GELU output, its gradient and the input's gradient ([tokens, hidden] each) were alive at once:
     # 2.88 such tensors beyond what the forward keeps (the peak of a ViT-S step with mmeff attention). Now the output
     # goes before its gradient is made and the input's gradient is written over that: 1.00 (benchmarks/saved_memory.py's
     # count of every storage's lifetime; the weights are small beside 4,096 tokens x 128).
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-    import saved_memory
-
     class Mlp(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -141,5 +135,5 @@ def test_the_backward_holds_one_hidden_wide_tensor_beyond_what_the_forward_keeps
             return ops.act_linear(self.fc1(x), self.w)
 
     model, x = Mlp(), torch.randn(4096, 16)
-    transient = saved_memory.step_peak(model, x) - saved_memory.live(model, x)
+    transient = census.step_peak(model, x) - census.live(model, x)
     assert transient / (4096 * 128 * 2) <= 1.1  # bf16 under the census's autocast
