@@ -386,10 +386,11 @@ def test_custom_ops_fakes_match_the_kernels(fake_gpu, case):
         assert [r.stride(d) for d in kept] == [f.stride(d) for d in kept], f"output {i}: {r.stride()} vs {f.stride()}"
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2"])
+@pytest.mark.parametrize("name", ["gated_deltanet"])
 def test_a_block_scanning_in_groups_matches_one_group_on_the_kernels(fake_gpu, name):
     # scan_tokens on the GPU path (route kernels, chunk kernels, short conv; interpreted): 4 sequences in groups of
     # 2 (bi) give the output and every gradient of one group, within 1e-5 of the largest value (fp32; measured 1e-6).
+    # mamba2 passes too (10.6 s; its groups are checked on the plain path in tests/blocks/test_scan_routes.py).
     from mmeff import blocks
     from mmeff.blocks.layout import Layout
 
