@@ -64,8 +64,8 @@ class Routes:
             raise ValueError(f"order must be 'raster' or 'column', got {order!r}")
         if causal and (scan != "forward" or order != "raster"):
             raise ValueError("a causal mixer scans forward in token order; scan/order need causal=false")
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"scan_tokens must be a positive number of tokens or null, got {max_tokens}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+            raise ValueError(f"scan_tokens must be a positive number of tokens or null, got {max_tokens!r}")
         self.scan, self.order, self.causal, self.max_tokens = scan, order, causal, max_tokens
         self._plans: dict[tuple, Plan | None] = {}
 

@@ -203,7 +203,7 @@ def test_packed_documents_run_their_routes_in_one_group():
     torch.testing.assert_close(routes(running_sum, streams, layout), per_route(routes, streams, layout), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("tokens", [0, -4])
+@pytest.mark.parametrize("tokens", [0, -4, 512.0, "32k", True])
 def test_scan_tokens_must_be_positive(tokens):
     with pytest.raises(ValueError, match="scan_tokens must be a positive number"):
         Routes(causal=False, scan="bi", max_tokens=tokens)
@@ -237,3 +237,11 @@ def test_a_block_scanning_in_groups_has_its_gradients_and_a_smaller_backward(cen
     for got, want in zip(*results):
         assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
     assert transient[1] <= 0.6 * transient[0], transient
+
+
+def test_a_bad_scan_tokens_in_a_config_names_its_key():
+    from mmeff import blocks
+    from mmeff.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"backbone\.mixers\.gla.*scan_tokens must be a positive number"):
+        blocks.build("gla", 32, "backbone.mixers.gla", causal=False, scan_tokens="32k")
