@@ -6,7 +6,9 @@ The forward reads each input tile once per tap (the taps overlap, so the re-read
 The backward recomputes the pre-activation instead of saving it: one kernel writes its gradient (x's dtype) and per-tile
 partial sums of dw and dbias, which the host adds up (no atomics, so the result is deterministic); a second one
 writes dx. With packed documents (`runs` [B, T], each token's document index within its row) a tap reading another document reads 0.
-One program per (sequence and row tile, channel block): the grid's first dimension has no 65535 limit.
+One program per (tile of BT rows of the flattened [B * T] rows, channel block): a tile may span sequences (at
+224 px's 196 tokens a tile per sequence's 64 rows would leave a quarter of its rows idle), so every tap checks its
+row's position within its sequence. The grid's first dimension has no 65535 limit.
 """
 
 from __future__ import annotations
@@ -29,67 +31,66 @@ def _configs(*choices: tuple[int, int]) -> list[triton.Config]:
 
 
 @triton.jit
-def _tile_offsets(b, t, c0, T, C, S, BT: tl.constexpr, BC: tl.constexpr):
-    """Element offsets of rows t.. (a [BT] vector) and columns c0.. of sequence b, rows S apart, and their mask."""
+def _tile_offsets(r, t, c0, N, T, C, S, BC: tl.constexpr):
+    """Element offsets of flattened rows r (a [BT] vector, at positions t within their sequences; rows S apart) and
+    columns c0.., and their mask: rows inside their sequence and the tensor."""
     cols = c0 + tl.arange(0, BC)
-    inside = (t >= 0) & (t < T)
-    return (b * T + t)[:, None] * S + cols[None, :], inside[:, None] & (cols < C)[None, :]
+    inside = (t >= 0) & (t < T) & (r < N)
+    return r[:, None] * S + cols[None, :], inside[:, None] & (cols < C)[None, :]
 
 
 @triton.jit
-def _same_doc(runs, b, t, u, T, DOCS: tl.constexpr):
-    """[BT] mask: rows t and u of sequence b are in the same document (always, without documents)."""
+def _same_doc(runs, r, u, valid, DOCS: tl.constexpr):
+    """[BT] mask: flattened rows r and u (where `valid`) are in the same document (always, without documents)."""
     if DOCS:
-        rt = tl.load(runs + b * T + t, mask=(t >= 0) & (t < T), other=-1)
-        return rt == tl.load(runs + b * T + u, mask=(u >= 0) & (u < T), other=-2)
-    return t == t
+        return tl.load(runs + r, mask=valid, other=-1) == tl.load(runs + u, mask=valid, other=-2)
+    return valid
 
 
 @triton.jit
-def _pre_activation(x, w, bias, runs, b, t0, c0, T, C, SX, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def _tile(N, T, BT: tl.constexpr):
+    """Flattened rows (int64 [BT]) of this program's tile and their positions within their sequences."""
+    r = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    return r, (r % T).to(tl.int32)
+
+
+@triton.jit
+def _pre_activation(x, w, bias, runs, r, t, c0, N, T, C, SX, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                     HAS_BIAS: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
-    """bias + sum_j w[:, j] x[t - (W - 1) + j] for rows t0..t0 + BT of sequence b, fp32 [BT, BC]."""
+    """bias + sum_j w[:, j] x[t - (W - 1) + j] for flattened rows r (at positions t), fp32 [BT, BC]."""
     cols = c0 + tl.arange(0, BC)
-    rows = t0 + tl.arange(0, BT)
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(W):
-        src = rows - (W - 1) + j
-        off, mask = _tile_offsets(b, src, c0, T, C, SX, BT, BC)
-        mask &= _same_doc(runs, b, src, rows, T, DOCS)[:, None]
+        shift = W - 1 - j
+        off, mask = _tile_offsets(r - shift, t - shift, c0, N, T, C, SX, BC)
+        mask &= _same_doc(runs, r - shift, r, (t >= shift) & (r < N), DOCS)[:, None]
         tap = tl.load(w + cols * W + j, mask=cols < C, other=0.0).to(tl.float32)
         acc += tl.load(x + off, mask=mask, other=0.0).to(tl.float32) * tap[None, :]
     return acc
 
 
-@triton.jit
-def _tile(NT):
-    """(sequence as int64, row tile) of this program."""
-    pid = tl.program_id(0).to(tl.int64)
-    return pid // NT, (pid % NT).to(tl.int32)
-
-
 @autotune(_configs((128, 4), (64, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
 @triton.jit
-def _conv_fwd_kernel(x, w, bias, runs, y, T, C, SX, NT, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def _conv_fwd_kernel(x, w, bias, runs, y, N, T, C, SX, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
-    b, i_t = _tile(NT)
-    i_c = tl.program_id(1)
-    pre = _pre_activation(x, w, bias, runs, b, i_t * BT, i_c * BC, T, C, SX, W, BT, BC, HAS_BIAS, DOCS)
+    r, t = _tile(N, T, BT)
+    c0 = tl.program_id(1) * BC
+    pre = _pre_activation(x, w, bias, runs, r, t, c0, N, T, C, SX, W, BT, BC, HAS_BIAS, DOCS)
     out = pre * tl.sigmoid(pre) if SILU else pre
-    off, mask = _tile_offsets(b, i_t * BT + tl.arange(0, BT), i_c * BC, T, C, C, BT, BC)
+    off, mask = _tile_offsets(r, t, c0, N, T, C, C, BC)
     tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, SX, W: tl.constexpr, BT: tl.constexpr,
+def _pre_activation_grad(x, w, bias, runs, dy, r, t, c0, N, T, C, SX, W: tl.constexpr, BT: tl.constexpr,
                          BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
-    """Gradient of the pre-activation at rows t0..t0 + BT of sequence b (zero past the sequence), fp32."""
-    off, mask = _tile_offsets(b, t0 + tl.arange(0, BT), c0, T, C, C, BT, BC)
+    """Gradient of the pre-activation at flattened rows r (zero past the tensor), fp32."""
+    off, mask = _tile_offsets(r, t, c0, N, T, C, C, BC)
     g = tl.load(dy + off, mask=mask, other=0.0).to(tl.float32)
     if SILU:
-        pre = _pre_activation(x, w, bias, runs, b, t0, c0, T, C, SX, W, BT, BC, HAS_BIAS, DOCS)
+        pre = _pre_activation(x, w, bias, runs, r, t, c0, N, T, C, SX, W, BT, BC, HAS_BIAS, DOCS)
         sig = tl.sigmoid(pre)
         g *= sig * (1.0 + pre * (1.0 - sig))
     return g
@@ -102,22 +103,20 @@ def _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, SX, W: tl.conste
 # tiles of g.
 @autotune(_configs((64, 4), (128, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
 @triton.jit
-def _conv_bwd_g_kernel(x, w, bias, runs, dy, g, dw_part, db_part, T, C, SX, NT, W: tl.constexpr, BT: tl.constexpr,
+def _conv_bwd_g_kernel(x, w, bias, runs, dy, g, dw_part, db_part, N, T, C, SX, W: tl.constexpr, BT: tl.constexpr,
                        BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
-    b, i_t = _tile(NT)
-    i_c = tl.program_id(1)
-    t0, c0 = i_t * BT, i_c * BC
+    r, t = _tile(N, T, BT)
+    c0 = tl.program_id(1) * BC
     cols = c0 + tl.arange(0, BC)
-    rows = t0 + tl.arange(0, BT)
-    g_own = _pre_activation_grad(x, w, bias, runs, dy, b, t0, c0, T, C, SX, W, BT, BC, HAS_BIAS, SILU, DOCS)
-    off, mask = _tile_offsets(b, rows, c0, T, C, C, BT, BC)
+    g_own = _pre_activation_grad(x, w, bias, runs, dy, r, t, c0, N, T, C, SX, W, BT, BC, HAS_BIAS, SILU, DOCS)
+    off, mask = _tile_offsets(r, t, c0, N, T, C, C, BC)
     tl.store(g + off, g_own, mask=mask)
     # Partial weight and bias gradients of this tile's output rows: [tile, W, C] and [tile, C].
-    tile = b * NT + i_t
+    tile = tl.program_id(0).to(tl.int64)
     for j in tl.static_range(W):
-        src = rows - (W - 1) + j
-        off, mask = _tile_offsets(b, src, c0, T, C, SX, BT, BC)
-        mask &= _same_doc(runs, b, src, rows, T, DOCS)[:, None]
+        shift = W - 1 - j
+        off, mask = _tile_offsets(r - shift, t - shift, c0, N, T, C, SX, BC)
+        mask &= _same_doc(runs, r - shift, r, (t >= shift) & (r < N), DOCS)[:, None]
         xj = tl.load(x + off, mask=mask, other=0.0).to(tl.float32)
         tl.store(dw_part + (tile * W + j) * C + cols, tl.sum(xj * g_own, 0), mask=cols < C)
     if HAS_BIAS:
@@ -126,29 +125,27 @@ def _conv_bwd_g_kernel(x, w, bias, runs, dy, g, dw_part, db_part, T, C, SX, NT, 
 
 @autotune(_configs((128, 4), (64, 4), (128, 8)), key=["C", "W", "DOCS"])
 @triton.jit
-def _conv_bwd_dx_kernel(w, runs, g, dx, T, C, NT, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def _conv_bwd_dx_kernel(w, runs, g, dx, N, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                         DOCS: tl.constexpr):  # fmt: skip
     # Input row t feeds output rows t + s (s = 0 .. W - 1, same document) through tap W - 1 - s, so dx[t] sums
     # the pre-activation gradients g of those rows.
-    b, i_t = _tile(NT)
-    i_c = tl.program_id(1)
-    t0, c0 = i_t * BT, i_c * BC
+    r, t = _tile(N, T, BT)
+    c0 = tl.program_id(1) * BC
     cols = c0 + tl.arange(0, BC)
-    rows = t0 + tl.arange(0, BT)
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for s in tl.static_range(W):
-        off, mask = _tile_offsets(b, rows + s, c0, T, C, C, BT, BC)
+        off, mask = _tile_offsets(r + s, t + s, c0, N, T, C, C, BC)
         if s > 0:
-            mask &= _same_doc(runs, b, rows, rows + s, T, DOCS)[:, None]
+            mask &= _same_doc(runs, r, r + s, (t + s < T) & (r + s < N), DOCS)[:, None]
         tap = tl.load(w + cols * W + (W - 1 - s), mask=cols < C, other=0.0).to(tl.float32)
         acc += tl.load(g + off, mask=mask, other=0.0) * tap[None, :]
-    off, mask = _tile_offsets(b, rows, c0, T, C, C, BT, BC)
+    off, mask = _tile_offsets(r, t, c0, N, T, C, C, BC)
     tl.store(dx + off, acc.to(dx.dtype.element_ty), mask=mask)
 
 
 def _grid(x: Tensor):
-    """Launch grid of x [B, T, C]: sequences x row tiles, channel blocks (tuned BC)."""
-    return lambda meta: (x.shape[0] * cdiv(x.shape[1], BLOCK_T), cdiv(x.shape[2], meta["BC"]))
+    """Launch grid of x [B, T, C]: row tiles of the flattened B * T rows, channel blocks (tuned BC)."""
+    return lambda meta: (cdiv(x.shape[0] * x.shape[1], BLOCK_T), cdiv(x.shape[2], meta["BC"]))
 
 
 def unsupported(x: Tensor, weight: Tensor) -> str:
@@ -165,7 +162,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, r
     T, C = x.shape[1:]
     rows = rows_of(x)  # the kernel reads these: x itself where its rows are one stride apart
     _conv_fwd_kernel[_grid(x)](
-        rows, weight, bias, runs, y, T, C, rows.stride(0), cdiv(T, BLOCK_T), W=weight.shape[1], BT=BLOCK_T,
+        rows, weight, bias, runs, y, rows.shape[0], T, C, rows.stride(0), W=weight.shape[1], BT=BLOCK_T,
         HAS_BIAS=bias is not None, SILU=silu, DOCS=runs is not None,
     )  # fmt: skip
     return y
@@ -174,8 +171,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, r
 def causal_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
                          runs: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:  # fmt: skip
     """Gradients (dx, dweight, dbias or None) of causal_conv, each in its input's dtype."""
-    row_tiles = cdiv(x.shape[1], BLOCK_T)
-    tiles = row_tiles * x.shape[0]
+    tiles = cdiv(x.shape[0] * x.shape[1], BLOCK_T)
     # g in x's dtype: bf16 halves the traffic of the g kernel's store and the dx kernel's reads (at 4 x 4096 tokens
     # and 3072 channels on the H200, 344 + 125 us a call in fp32 against 292 + 78 us); dw and dbias are summed from
     # the fp32 values before the store, and dx is rounded to x's dtype anyway.
@@ -186,10 +182,10 @@ def causal_conv_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[T
     T, C, W, docs = x.shape[1], x.shape[2], weight.shape[1], runs is not None
     rows = rows_of(x)
     _conv_bwd_g_kernel[_grid(x)](
-        rows, weight, bias, runs, dy.contiguous(), g, dw_part, db_part, T, C, rows.stride(0), row_tiles, W=W,
+        rows, weight, bias, runs, dy.contiguous(), g, dw_part, db_part, rows.shape[0], T, C, rows.stride(0), W=W,
         BT=BLOCK_T, HAS_BIAS=bias is not None, SILU=silu, DOCS=docs,
     )  # fmt: skip
-    _conv_bwd_dx_kernel[_grid(x)](weight, runs, g, dx, T, C, row_tiles, W=W, BT=BLOCK_T, DOCS=docs)
+    _conv_bwd_dx_kernel[_grid(x)](weight, runs, g, dx, rows.shape[0], T, C, W=W, BT=BLOCK_T, DOCS=docs)
     dw = dw_part.sum(0).t().to(weight.dtype).contiguous()  # the layout the custom op's fake promises
     db = None if bias is None else db_part.sum(0).to(bias.dtype)
     return dx, dw, db

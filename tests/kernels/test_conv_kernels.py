@@ -1,7 +1,9 @@
 """The short-convolution kernels (mmeff.kernels.conv) under the Triton interpreter against the F.conv1d
 reference (mmeff.ops.conv on CPU): output and the gradients of x, weight and bias.
 
-Tolerance: max |kernel - reference| <= 1e-5 * max(1, max |reference|) in float32 (measured ~1e-7).
+Tolerance: max |kernel - reference| <= 1e-5 * max(1, max |reference|) in float32 (measured ~1e-7); the weight and
+bias gradients, each a sum over all B * T rows in another order than the reference's, 2e-7 * B * T times that (one
+fp32 rounding a term; measured up to 1.0e-5 at 195 rows).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def test_conv_matches_reference(conv_kernels, monkeypatch, batch, seqlen, channe
     expected = _run(lambda *a: causal_conv1d(*a, activation), x, weight, b)
     for i, (got, want) in enumerate(zip(actual, expected)):
         assert got.shape == want.shape and got.dtype == want.dtype, i
-        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), i
+        terms = 1.0 if i < 2 else max(1.0, 0.02 * batch * seqlen)  # out and dx, then the summed weight and bias gradients
+        assert (got - want).abs().max() <= 1e-5 * terms * max(1.0, want.abs().max().item()), i
 
 
 @pytest.mark.parametrize("silu", [True, False])
