@@ -5,7 +5,7 @@
 The forward reads each input tile once per tap (the taps overlap, so the re-reads hit the cache) and writes y.
 The backward recomputes the pre-activation instead of saving it: one kernel writes its gradient (x's dtype) and per-tile
 partial sums of dw and dbias, which the host adds up (no atomics, so the result is deterministic); a second one
-writes dx. With packed documents (`runs` [B, T], each token's document index within its row) a tap reading another document reads 0.
+writes dx. The kernels take widths W up to 4 (`unsupported`): the backward keeps each tap's x tile in registers. With packed documents (`runs` [B, T], each token's document index within its row) a tap reading another document reads 0.
 One program per (tile of BT rows of the flattened [B * T] rows, channel block): a tile may span sequences (at
 224 px's 196 tokens a tile per sequence's 64 rows would leave a quarter of its rows idle), so every tap checks its
 row's position within its sequence. The grid's first dimension has no 65535 limit.
@@ -22,7 +22,8 @@ from torch import Tensor
 
 from mmeff.kernels.utils import autotune, cdiv, empty, rows_of
 
-BLOCK_T = 64  # rows per program; the channel block BC is tuned
+BLOCK_T = 32  # rows per program; the channel block BC is tuned
+MAX_WIDTH = 4  # the backward keeps this many tap tiles at most (one variable each)
 
 
 def _configs(*choices: tuple[int, int]) -> list[triton.Config]:
@@ -48,10 +49,26 @@ def _same_doc(runs, r, u, valid, DOCS: tl.constexpr):
 
 
 @triton.jit
-def _tile(N, T, BT: tl.constexpr):
-    """Flattened rows (int64 [BT]) of this program's tile and their positions within their sequences."""
-    r = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
-    return r, (r % T).to(tl.int32)
+def _tile(T, BT: tl.constexpr):
+    """Flattened rows (int64 [BT]) of this program's tile and their positions within their sequences (int32)."""
+    # One 64-bit remainder a program, then 32-bit ones: with a 64-bit one per row the LM's conv (4 x 4,096 x 2,304)
+    # took 110 us forward against 83 us on per-sequence tiles (H100).
+    r0 = tl.program_id(0).to(tl.int64) * BT
+    return r0 + tl.arange(0, BT), ((r0 % T).to(tl.int32) + tl.arange(0, BT)) % T
+
+
+@triton.jit
+def _x_tap(x, runs, r, t, c0, N, T, C, SX, shift: tl.constexpr, BC: tl.constexpr, DOCS: tl.constexpr):
+    """x at the rows `shift` before flattened rows r (0 before their sequence's or document's start), x's dtype."""
+    off, mask = _tile_offsets(r - shift, t - shift, c0, N, T, C, SX, BC)
+    mask &= _same_doc(runs, r - shift, r, (t >= shift) & (r < N), DOCS)[:, None]
+    return tl.load(x + off, mask=mask, other=0.0)
+
+
+@triton.jit
+def _tap_weight(w, cols, C, j: tl.constexpr, W: tl.constexpr):
+    """Tap j of the weight [C, W] as fp32 [1, BC]."""
+    return tl.load(w + cols * W + j, mask=cols < C, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -63,19 +80,15 @@ def _pre_activation(x, w, bias, runs, r, t, c0, N, T, C, SX, W: tl.constexpr, BT
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(W):
-        shift = W - 1 - j
-        off, mask = _tile_offsets(r - shift, t - shift, c0, N, T, C, SX, BC)
-        mask &= _same_doc(runs, r - shift, r, (t >= shift) & (r < N), DOCS)[:, None]
-        tap = tl.load(w + cols * W + j, mask=cols < C, other=0.0).to(tl.float32)
-        acc += tl.load(x + off, mask=mask, other=0.0).to(tl.float32) * tap[None, :]
+        acc += _x_tap(x, runs, r, t, c0, N, T, C, SX, W - 1 - j, BC, DOCS).to(tl.float32) * _tap_weight(w, cols, C, j, W)
     return acc
 
 
-@autotune(_configs((128, 4), (64, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
+@autotune(_configs((128, 4), (64, 2), (64, 4)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
 @triton.jit
 def _conv_fwd_kernel(x, w, bias, runs, y, N, T, C, SX, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
-    r, t = _tile(N, T, BT)
+    r, t = _tile(T, BT)
     c0 = tl.program_id(1) * BC
     pre = _pre_activation(x, w, bias, runs, r, t, c0, N, T, C, SX, W, BT, BC, HAS_BIAS, DOCS)
     out = pre * tl.sigmoid(pre) if SILU else pre
@@ -83,53 +96,59 @@ def _conv_fwd_kernel(x, w, bias, runs, y, N, T, C, SX, W: tl.constexpr, BT: tl.c
     tl.store(y + off, out.to(y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _pre_activation_grad(x, w, bias, runs, dy, r, t, c0, N, T, C, SX, W: tl.constexpr, BT: tl.constexpr,
-                         BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
-    """Gradient of the pre-activation at flattened rows r (zero past the tensor), fp32."""
-    off, mask = _tile_offsets(r, t, c0, N, T, C, C, BC)
-    g = tl.load(dy + off, mask=mask, other=0.0).to(tl.float32)
-    if SILU:
-        pre = _pre_activation(x, w, bias, runs, r, t, c0, N, T, C, SX, W, BT, BC, HAS_BIAS, DOCS)
-        sig = tl.sigmoid(pre)
-        g *= sig * (1.0 + pre * (1.0 - sig))
-    return g
-
-
 # The backward runs in two kernels. A single one that recomputed the pre-activation of the W shifted row tiles it
 # needs for dx (W * W tile loads a program) took 2.0 ms a call at B 512 x T 196 x C 896 on the H200, over 8x the
 # forward (under 0.25 ms; benchmarks/vision_speed.py --profile, mamba2-bi at 224 px). Now the first kernel writes the
 # pre-activation gradient g once (in x's dtype) with the partial dw / dbias sums, and the second gathers dx from W
-# tiles of g.
-@autotune(_configs((64, 4), (128, 4), (128, 8)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
+# tiles of g. The first keeps each tap's x tile (x0 .. x3) from the pre-activation to the weight gradient: loading
+# them again there took 998 against 662 us at that shape on an H100 (64-row tiles, 64 channels, 4 warps).
+@autotune(_configs((64, 2), (64, 4), (128, 4)), key=["C", "W", "HAS_BIAS", "SILU", "DOCS"])
 @triton.jit
 def _conv_bwd_g_kernel(x, w, bias, runs, dy, g, dw_part, db_part, N, T, C, SX, W: tl.constexpr, BT: tl.constexpr,
                        BC: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOCS: tl.constexpr):  # fmt: skip
-    r, t = _tile(N, T, BT)
+    r, t = _tile(T, BT)
     c0 = tl.program_id(1) * BC
     cols = c0 + tl.arange(0, BC)
-    g_own = _pre_activation_grad(x, w, bias, runs, dy, r, t, c0, N, T, C, SX, W, BT, BC, HAS_BIAS, SILU, DOCS)
+    pre = tl.zeros([BT, BC], dtype=tl.float32)
+    if HAS_BIAS:
+        pre += tl.load(bias + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+    x0 = _x_tap(x, runs, r, t, c0, N, T, C, SX, W - 1, BC, DOCS)
+    pre += x0.to(tl.float32) * _tap_weight(w, cols, C, 0, W)
+    if W > 1:
+        x1 = _x_tap(x, runs, r, t, c0, N, T, C, SX, W - 2, BC, DOCS)
+        pre += x1.to(tl.float32) * _tap_weight(w, cols, C, 1, W)
+    if W > 2:
+        x2 = _x_tap(x, runs, r, t, c0, N, T, C, SX, W - 3, BC, DOCS)
+        pre += x2.to(tl.float32) * _tap_weight(w, cols, C, 2, W)
+    if W > 3:
+        x3 = _x_tap(x, runs, r, t, c0, N, T, C, SX, W - 4, BC, DOCS)
+        pre += x3.to(tl.float32) * _tap_weight(w, cols, C, 3, W)
     off, mask = _tile_offsets(r, t, c0, N, T, C, C, BC)
+    g_own = tl.load(dy + off, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        sig = tl.sigmoid(pre)
+        g_own *= sig * (1.0 + pre * (1.0 - sig))
     tl.store(g + off, g_own, mask=mask)
     # Partial weight and bias gradients of this tile's output rows: [tile, W, C] and [tile, C].
-    tile = tl.program_id(0).to(tl.int64)
-    for j in tl.static_range(W):
-        shift = W - 1 - j
-        off, mask = _tile_offsets(r - shift, t - shift, c0, N, T, C, SX, BC)
-        mask &= _same_doc(runs, r - shift, r, (t >= shift) & (r < N), DOCS)[:, None]
-        xj = tl.load(x + off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dw_part + (tile * W + j) * C + cols, tl.sum(xj * g_own, 0), mask=cols < C)
+    part = dw_part + tl.program_id(0).to(tl.int64) * W * C + cols
+    tl.store(part, tl.sum(x0.to(tl.float32) * g_own, 0), mask=cols < C)
+    if W > 1:
+        tl.store(part + C, tl.sum(x1.to(tl.float32) * g_own, 0), mask=cols < C)
+    if W > 2:
+        tl.store(part + 2 * C, tl.sum(x2.to(tl.float32) * g_own, 0), mask=cols < C)
+    if W > 3:
+        tl.store(part + 3 * C, tl.sum(x3.to(tl.float32) * g_own, 0), mask=cols < C)
     if HAS_BIAS:
-        tl.store(db_part + tile * C + cols, tl.sum(g_own, 0), mask=cols < C)
+        tl.store(db_part + tl.program_id(0).to(tl.int64) * C + cols, tl.sum(g_own, 0), mask=cols < C)
 
 
-@autotune(_configs((128, 4), (64, 4), (128, 8)), key=["C", "W", "DOCS"])
+@autotune(_configs((128, 4), (64, 2), (64, 4)), key=["C", "W", "DOCS"])
 @triton.jit
 def _conv_bwd_dx_kernel(w, runs, g, dx, N, T, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                         DOCS: tl.constexpr):  # fmt: skip
     # Input row t feeds output rows t + s (s = 0 .. W - 1, same document) through tap W - 1 - s, so dx[t] sums
     # the pre-activation gradients g of those rows.
-    r, t = _tile(N, T, BT)
+    r, t = _tile(T, BT)
     c0 = tl.program_id(1) * BC
     cols = c0 + tl.arange(0, BC)
     acc = tl.zeros([BT, BC], dtype=tl.float32)
@@ -152,6 +171,8 @@ def unsupported(x: Tensor, weight: Tensor) -> str:
     """Why CausalConv cannot take x [B, T, C] (CUDA) with weight [C, W], "" when it can."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {x.dtype} (the kernels take float32, bfloat16, float16)"
+    if weight.shape[1] > MAX_WIDTH:
+        return f"kernel width {weight.shape[1]} (the kernels take up to {MAX_WIDTH})"
     return ""
 
 

@@ -209,7 +209,8 @@ def test_selective_scan_packed_triton(fake_gpu):
 
 
 def test_conv_docs_triton(fake_gpu):
-    # Boundaries on both sides of the kernel's 64-row tile edge, a one-token document, two rows.
+    # Boundaries beside the kernel's row-tile edges (32 rows), a one-token document, two rows (the second's tiles
+    # start inside the first sequence: rows are tiled flattened).
     gen = torch.Generator().manual_seed(4)
     docs = torch.zeros(2, 70, dtype=torch.long)
     docs[0, 30:] = 1
@@ -219,6 +220,17 @@ def test_conv_docs_triton(fake_gpu):
     inputs = dict(x=torch.randn(2, 70, 12, generator=gen), weight=torch.randn(12, 4, generator=gen),
                   bias=torch.randn(12, generator=gen))  # fmt: skip
     _both_backends(lambda **kw: ops.causal_conv1d(**kw, docs=docs), inputs)
+
+
+
+def test_conv_wider_than_the_kernels_keep_takes_the_reference(fake_gpu):
+    # The conv backward keeps one x tile per tap, up to 4 (MAX_WIDTH): a wider kernel runs on F.conv1d.
+    assert "width 5" in fake_gpu.conv.unsupported(torch.zeros(1, 8, 4), torch.zeros(4, 5))
+    gen = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(2, 9, 6, generator=gen), torch.randn(6, 5, generator=gen)
+    assert torch.equal(ops.causal_conv1d(x, weight), ops.causal_conv1d(x, weight, backend="torch"))
+    with pytest.raises(RuntimeError, match="kernel width 5"):
+        ops.causal_conv1d(x, weight, backend="triton")
 
 
 def test_recurrent_mode_takes_fused_kernel(fake_gpu, monkeypatch):
