@@ -5,8 +5,9 @@
 The forward reads each input tile once per tap (the taps overlap, so the re-reads hit the cache) and writes y.
 The backward recomputes the pre-activation instead of saving it: one kernel writes its gradient (x's dtype) and per-tile
 partial sums of dw and dbias, which the host adds up (no atomics, so the result is deterministic); a second one
-writes dx. The kernels take widths W up to 4 (`unsupported`): the backward keeps each tap's x tile in registers. With packed documents (`runs` [B, T], each token's document index within its row) a tap reading another document reads 0.
-One program per (tile of BT rows of the flattened [B * T] rows, channel block): a tile may span sequences (at
+writes dx. The kernels take widths W up to 4 (`unsupported`): the backward keeps each tap's x tile in registers.
+With packed documents (`runs` [B, T], each token's document index within its row) a tap reading another document
+reads 0. One program per (tile of BT rows of the flattened [B * T] rows, channel block): a tile may span sequences (at
 224 px's 196 tokens a tile per sequence's 64 rows would leave a quarter of its rows idle), so every tap checks its
 row's position within its sequence. The grid's first dimension has no 65535 limit.
 """
@@ -80,7 +81,8 @@ def _pre_activation(x, w, bias, runs, r, t, c0, N, T, C, SX, W: tl.constexpr, BT
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(W):
-        acc += _x_tap(x, runs, r, t, c0, N, T, C, SX, W - 1 - j, BC, DOCS).to(tl.float32) * _tap_weight(w, cols, C, j, W)
+        tap = _x_tap(x, runs, r, t, c0, N, T, C, SX, W - 1 - j, BC, DOCS)
+        acc += tap.to(tl.float32) * _tap_weight(w, cols, C, j, W)
     return acc
 
 
