@@ -27,6 +27,8 @@ LAYOUT = Layout(grid=(1, 4, 4))
     ],
 )
 def test_conv_output_made_again_in_the_backward(kernels, monkeypatch, causal, kind, options, dim, width):
+    if kind == "mamba" and not causal:  # 24.5 s of CI's 2 cores; its two routes are ScanMixer's, as mamba2's here
+        pytest.skip("mamba's bidirectional case: the routes are tested through mamba2 and gated_deltanet")
     torch.manual_seed(0)
     mixer = blocks.build(kind, dim, causal=causal, **options)
     fewer = bytes_made_again(monkeypatch, mixer, torch.randn(B, T, dim), LAYOUT, "mmeff.blocks.conv.recomputed")
