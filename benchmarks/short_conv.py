@@ -13,7 +13,6 @@ written forward; x, dy read and dx written backward. --out writes the table and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import types
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Callable, Dict
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import cuda_median_ms  # noqa: E402
+from timing import cuda_median_ms, write_results  # noqa: E402
 
 from mmeff.kernels.conv import CausalConv  # noqa: E402
 from mmeff.ops.conv import causal_conv1d_reference  # noqa: E402
@@ -89,8 +88,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+        write_results(args.out.with_suffix(""), {"records": records}, text)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,8 @@ def _conv_bwd_g_kernel(x, w, bias, runs, dy, g, dw_part, db_part, N, T, C, SX, W
         g_own *= sig * (1.0 + pre * (1.0 - sig))
     tl.store(g + off, g_own, mask=mask)
     # Partial weight and bias gradients of this tile's output rows: [tile, W, C] and [tile, C].
-    part = dw_part + tl.program_id(0).to(tl.int64) * W * C + cols
+    tile = tl.program_id(0).to(tl.int64)
+    part = dw_part + tile * W * C + cols
     tl.store(part, tl.sum(x0.to(tl.float32) * g_own, 0), mask=cols < C)
     if W > 1:
         tl.store(part + C, tl.sum(x1.to(tl.float32) * g_own, 0), mask=cols < C)
@@ -141,7 +142,7 @@ def _conv_bwd_g_kernel(x, w, bias, runs, dy, g, dw_part, db_part, N, T, C, SX, W
     if W > 3:
         tl.store(part + 3 * C, tl.sum(x3.to(tl.float32) * g_own, 0), mask=cols < C)
     if HAS_BIAS:
-        tl.store(db_part + tl.program_id(0).to(tl.int64) * C + cols, tl.sum(g_own, 0), mask=cols < C)
+        tl.store(db_part + tile * C + cols, tl.sum(g_own, 0), mask=cols < C)
 
 
 @autotune(_configs((128, 4), (64, 2), (64, 4)), key=["C", "W", "DOCS"])
