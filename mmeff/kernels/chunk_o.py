@@ -135,6 +135,43 @@ def _dv_local_kernel(
     store_tile(dv + off, scale * mm(pt.to(do.dtype.element_ty), doc, PREC), 0, nr, H * V, i_v * BV, V, BT, BV)
 
 
+@autotune(warps(42, 82), key=["H", "K", "V", "BT", "BK", "BV"])
+@triton.jit
+def _gla_dv_kernel(
+    q, k, b, span, A, do, dh, dv, cu_seqlens, chunk_indices, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    LIMIT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # GLA's dv = (k exp(b_C - b)) dh + scale P^T do for one head's chunk, value tiles looped over: _bwd_dqk_kernel's
+    # part where its programs take key tiles (keys wider than GLA_KEY_TILE), P needing every key.
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
+    DT = q.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = (rows < nr)[:, None]
+    keys = tl.arange(0, BK)
+    off = (tok * H + i_h) * K
+    voff = (tok * H + i_h) * V
+    dhp = dh + (i_c.to(tl.int64) * H + i_h) * K * V
+    kc = load_tile(k + off, 0, nr, H * K, 0, K, BT, BK)
+    bq = load_tile(b + off, 0, nr, H * K, 0, K, BT, BK)
+    bl = tl.load(b + off + (tl.minimum(nr, BT) - 1) * H * K + keys, mask=keys < K, other=0.0)
+    kdec = (kc * masked_exp(bl[None, :] - bq, valid)).to(DT)
+    if tl.load(span + i_c.to(tl.int64) * H + i_h) <= LIMIT:
+        b_ref = load_tile(b + off, ref_row(nr, BT), nr, H * K, 0, K, 1, BK)
+        q_ref = (load_tile(q + off, 0, nr, H * K, 0, K, BT, BK) * masked_exp(bq - b_ref, valid)).to(DT)
+        k_ref = (kc * masked_exp(b_ref - bq, valid)).to(DT)
+        upper = (rows[:, None] <= rows[None, :]) & (rows < nr)[None, :]
+        pt = tl.where(upper, mm(k_ref, tl.trans(q_ref), PREC), 0.0)
+    else:
+        pt = load_tile_t(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT)
+    pt = (pt * scale).to(DT)
+    for cv in range(0, V, BV):
+        dvc = mm(kdec, load_tile(dhp, 0, K, V, cv, V, BK, BV), PREC)
+        dvc += mm(pt, load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV), PREC)
+        store_tile(dv + voff, dvc, 0, nr, H * V, cv, V, BT, BV)
+
+
 def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) -> list:
     """Configs of _bwd_dqk_kernel for this launch, leaving out the builds Triton 3.5 / 3.6 compile wrongly on Hopper
     for 16-bit inputs (fp32 and 2 warps are exact in every case measured):
@@ -152,14 +189,14 @@ def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) ->
 
 
 @triton.jit
-def _value_tile(v, do, hp, dhp, voff, nr, cv, dq_acc, dk_acc, hdh, ds, H: tl.constexpr, K: tl.constexpr,
+def _value_tile(v, do, hp, dhp, voff, nr, cv, ck, dq_acc, dk_acc, hdh, ds, H: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """One value tile (columns cv..cv + BV) of a head's chunk: its v and do rows and h, dh transposed, and the
-    inter-chunk dq, dk, <h, dh> and score-gradient sums with it added."""
+    """One value tile (columns cv..cv + BV) of a head's chunk: its v and do rows and h, dh transposed (key rows
+    ck..ck + BK), and the inter-chunk dq, dk, <h, dh> and score-gradient sums with it added."""
     vc = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV)
     doc = load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV)
-    h_t = load_tile_t(hp, 0, K, V, cv, V, BK, BV)
-    dh_t = load_tile_t(dhp, 0, K, V, cv, V, BK, BV)
+    h_t = load_tile_t(hp, ck, K, V, cv, V, BK, BV)
+    dh_t = load_tile_t(dhp, ck, K, V, cv, V, BK, BV)
     dq_acc += mm(doc, h_t, PREC)
     dk_acc += mm(vc, dh_t, PREC)
     hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
@@ -169,13 +206,13 @@ def _value_tile(v, do, hp, dhp, voff, nr, cv, dq_acc, dk_acc, hdh, ds, H: tl.con
 
 @triton.jit
 def _dqk_head(
-    q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, i_c, i_h, tok, nr,
+    q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last, i_c, i_h, ck, tok, nr,
     scale, SK, H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DV: tl.constexpr,
 ):  # fmt: skip
-    """Head i_h of chunk i_c (see _bwd_dqk_kernel): writes its dv (or dw), dg and GLA's parts, and returns its
-    dq, dk [BT, BK] fp32 (under a per-key gate also written here)."""
+    """Head i_h of chunk i_c, key columns ck..ck + BK (see _bwd_dqk_kernel): writes its dv (or dw; DV false: neither),
+    dg and GLA's parts, and returns its dq, dk [BT, BK] fp32 (under a per-key gate also written here)."""
     DT = q.dtype.element_ty
     rows = tl.arange(0, BT)
     valid = rows < nr
@@ -188,8 +225,8 @@ def _dqk_head(
     hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
     dhp = dh + (i_c.to(tl.int64) * H + i_h) * K * V
     qk = key_row(tok, i_h, H, HK, K, SK)
-    qc = load_tile(q + qk, 0, nr, SK, 0, K, BT, BK)
-    kc = load_tile(k + qk, 0, nr, SK, 0, K, BT, BK)
+    qc = load_tile(q + qk, 0, nr, SK, ck, K, BT, BK)
+    kc = load_tile(k + qk, 0, nr, SK, ck, K, BT, BK)
 
     if GATE == SCALAR_GATE:
         bc, bl = scalar_gate(b, tok, nr, i_h, H, BT)
@@ -198,9 +235,10 @@ def _dqk_head(
         whole = tl.exp(bl)
     elif GATE == KEY_GATE:
         fast = tl.load(span + i_c.to(tl.int64) * H + i_h) <= LIMIT
-        bq = load_tile(b + off, 0, nr, H * K, 0, K, BT, BK)
-        b_ref = load_tile(b + off, ref_row(nr, BT), nr, H * K, 0, K, 1, BK)
-        bl = tl.load(b + off + last * H * K + tl.arange(0, BK), mask=tl.arange(0, BK) < K, other=0.0)
+        keys = ck + tl.arange(0, BK)
+        bq = load_tile(b + off, 0, nr, H * K, ck, K, BT, BK)
+        b_ref = load_tile(b + off, ref_row(nr, BT), nr, H * K, ck, K, 1, BK)
+        bl = tl.load(b + off + last * H * K + keys, mask=keys < K, other=0.0)
         from_start = masked_exp(bq, valid[:, None])
         to_end = masked_exp(bl[None, :] - bq, valid[:, None])
         whole = tl.exp(bl)
@@ -208,8 +246,8 @@ def _dqk_head(
         from_start = tl.where(valid, 1.0, 0.0)[:, None]
         to_end = from_start
         whole = 1.0
-    kdec = (kc * to_end).to(DT)
-    if not DELTA:
+    if not DELTA and DV:
+        kdec = (kc * to_end).to(DT)
         if GATE == KEY_GATE:
             if fast:
                 q_ref = (qc * masked_exp(bq - b_ref, valid[:, None])).to(DT)
@@ -227,12 +265,12 @@ def _dqk_head(
     ds_t = tl.zeros([BT, BT], dtype=tl.float32)
     hdh = tl.zeros([BK], dtype=tl.float32)
     for cv in range(0, V, BV):
-        vc, doc, h_t, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, dq_acc, dk_acc, hdh, ds, H, K, V,
-                                                            BT, BK, BV, PREC)  # fmt: skip
+        vc, doc, h_t, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, ck, dq_acc, dk_acc, hdh, ds,
+                                                            H, K, V, BT, BK, BV, PREC)  # fmt: skip
         ds_t += mm(vc, tl.trans(doc), PREC)
         if DELTA:
             dw_acc += mm(load_tile(dv_new + voff, 0, nr, H * V, cv, V, BT, BV).to(DT), h_t, PREC)
-        else:
+        elif DV:
             dvc = mm(kdec, load_tile(dhp, 0, K, V, cv, V, BK, BV), PREC) + mm(pt, doc, PREC)
             store_tile(dv + voff, dvc, 0, nr, H * V, cv, V, BT, BV)
 
@@ -248,14 +286,15 @@ def _dqk_head(
             dqc += mm(ds.to(DT), (kc * e_k).to(DT), PREC) * e_q
             dkc += mm((tl.where(upper, ds_t, 0.0) * scale).to(DT), (qc * e_q).to(DT), PREC) * e_k
             g_step = qc.to(tl.float32) * dqc - kc.to(tl.float32) * dkc + tl.where((rows == last)[:, None], g_last, 0.0)
-            store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
-            store_tile(dk + off, dkc, 0, nr, H * K, 0, K, BT, BK)
-            store_tile(dg + off, rev_cumsum(g_step, 0), 0, nr, H * K, 0, K, BT, BK)
+            store_tile(dq + off, dqc, 0, nr, H * K, ck, K, BT, BK)
+            store_tile(dk + off, dkc, 0, nr, H * K, ck, K, BT, BK)
+            store_tile(dg + off, rev_cumsum(g_step, 0), 0, nr, H * K, ck, K, BT, BK)
         else:
-            store_tile(dq_part + off, dqc, 0, nr, H * K, 0, K, BT, BK)
-            store_tile(dk_part + off, dkc, 0, nr, H * K, 0, K, BT, BK)
-            store_tile(dA + (tok * H + i_h) * BT, ds, 0, nr, H * BT, 0, BT, BT, BT)
-            tl.store(dg_last + (i_c.to(tl.int64) * H + i_h) * K + tl.arange(0, BK), g_last, mask=tl.arange(0, BK) < K)
+            store_tile(dq_part + off, dqc, 0, nr, H * K, ck, K, BT, BK)
+            store_tile(dk_part + off, dkc, 0, nr, H * K, ck, K, BT, BK)
+            if ck == 0:  # the score gradient is the same for every key tile
+                store_tile(dA + (tok * H + i_h) * BT, ds, 0, nr, H * BT, 0, BT, BT, BT)
+            tl.store(dg_last + (i_c.to(tl.int64) * H + i_h) * K + keys, g_last, mask=keys < K)
     else:
         if GATE == SCALAR_GATE:
             ds *= masked_exp(bc[:, None] - bc[None, :], causal)
@@ -319,8 +358,8 @@ def _dqk_group(
         ds = tl.zeros([BT, BT], dtype=tl.float32)
         hdh = tl.zeros([BK], dtype=tl.float32)
         for cv in range(0, V, BV):
-            _, doc, _, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, dq_acc, dk_acc, hdh, ds, H, K,
-                                                             V, BT, BK, BV, PREC)  # fmt: skip
+            _, doc, _, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, 0, dq_acc, dk_acc, hdh, ds,
+                                                             H, K, V, BT, BK, BV, PREC)  # fmt: skip
             dvc = mm(kdec, load_tile(dhp, 0, K, V, cv, V, BK, BV), PREC) + mm(p_t, doc, PREC)
             store_tile(dv + voff, dvc, 0, nr, H * V, cv, V, BT, BV)
         dqc = dq_acc * from_start * scale
@@ -347,13 +386,14 @@ def _bwd_dqk_kernel(
     chunk_indices, scale, SK, SPLIT_STRIDE,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
-    GH: tl.constexpr,
+    GH: tl.constexpr, DV: tl.constexpr,
 ):  # fmt: skip
-    # Full key width per program (BK >= K); value tiles are looped over. For the delta rule v is v~ and,
-    # instead of dv, dw = -dv~ h^T is produced; dk and the decay gradient are then partial (chunk_delta
-    # adds the terms of w and of the triangular solve). GLA chunks within the span limit are finished here
-    # through the factored scores; for the others the inter-chunk parts of dq and dk (dq_part, dk_part),
-    # the score gradient dA and the last-step decay term go to chunk_gla's sub-chunk kernel.
+    # Full key width per program (BK >= K), but GLA keys wider than GLA_KEY_TILE in key tiles of it (grid axis 2):
+    # their dq, dk and dg columns need no other tile's keys, and dv (DV false) comes from _gla_dv_kernel. Value tiles
+    # are looped over. For the delta rule v is v~ and, instead of dv, dw = -dv~ h^T is produced; dk and the decay
+    # gradient are then partial (chunk_delta adds the terms of w and of the triangular solve). GLA chunks within the
+    # span limit are finished here through the factored scores; for the others the inter-chunk parts of dq and dk
+    # (dq_part, dk_part), the score gradient dA and the last-step decay term go to chunk_gla's sub-chunk kernel.
     # GH = 1: one head a program, its dq and dk at its own head's place ([T, H, K], also where q and k have fewer
     # heads). GH > 1 (q and k shared by groups of heads, no delta rule): GH heads of one group a program
     # (_dqk_group), their dq and dk summed here into [splits, T, HK, K] fp32 (split i_p % splits of the group; the host adds the splits),
@@ -361,8 +401,9 @@ def _bwd_dqk_kernel(
     i_c, i_p = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     if GH == 1:
-        dqc, dkc = _dqk_head(q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA,
-                             dg_last, i_c, i_p, tok, nr, scale, SK, H, HK, K, V, BT, BK, BV, GATE, DELTA, LIMIT, PREC)
+        dqc, dkc = _dqk_head(q, k, v, h, dh, b, span, A, do, dv_new, dq, dk, dv, dw, dg, dq_part, dk_part, dA, dg_last,
+                             i_c, i_p, tl.program_id(2) * BK, tok, nr, scale, SK, H, HK, K, V, BT, BK, BV, GATE, DELTA,
+                             LIMIT, PREC, DV)  # fmt: skip
         if GATE != KEY_GATE:
             off = (tok * H + i_p) * K
             store_tile(dq + off, dqc, 0, nr, H * K, 0, K, BT, BK)
@@ -415,6 +456,11 @@ def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chun
 # faster at 224 px than 1,024 (2,296 and 2,301 against 2,325 img/s).
 GROUP_PROGRAMS = 1024
 GROUP_KEYS = 128
+# GLA's key columns per _bwd_dqk_kernel program where its keys are wider (dv then from _gla_dv_kernel). At the LM's
+# gla (4 heads, K 128, V 256; B 4 x T 4,096, bf16; an H100, one process) one program per head and chunk, holding
+# [64, 128] fp32 dq and dk sums across the value loop, took 0.433 ms a call; key tiles of 64 0.236 ms, and
+# _gla_dv_kernel 0.086 ms. Keys of 64 or less (the ViTs' heads) keep one program per head and chunk, dv included.
+GLA_KEY_TILE = 64
 
 
 def head_splits(groups: int, programs: int) -> int:
@@ -435,6 +481,8 @@ def bwd_dqk(
     grouped_ok = not delta and pow2(dk_) <= GROUP_KEYS
     splits = head_splits(heads // key_heads, chunks.num_chunks * key_heads) if grouped_ok else heads // key_heads
     per_program = heads // key_heads // splits  # GH
+    key_tiles = key_gate and not delta and pow2(dk_) > GLA_KEY_TILE
+    bk = GLA_KEY_TILE if key_tiles else pow2(dk_)
 
     def new(last: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return empty((*v.shape[:3], last), dtype, v.device)
@@ -452,12 +500,18 @@ def bwd_dqk(
         "dg_last": empty((chunks.num_chunks, heads, dk_), torch.float32, q.device) if key_gate else None,
     }
     names = ("dq", "dk", "dv", "dw", "dg", "dq_part", "dk_part", "dA", "dg_last")
-    _bwd_dqk_kernel[(chunks.num_chunks, heads // per_program)](
+    _bwd_dqk_kernel[(chunks.num_chunks, heads // per_program, cdiv(dk_, bk))](
         q, k, v, h, dh, b, span, A, do, dv_new, *(out[n] for n in names), chunks.cu_seqlens, chunks.indices, scale,
         key_stride(q), v.shape[1] * key_heads * dk_ if per_program > 1 else 0,  # 0: no new launch key per length
-        H=heads, HK=key_heads, K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)),
-        GATE=gate, DELTA=delta, LIMIT=span_limit(q.dtype), PREC=precision(q.dtype), GH=per_program,
+        H=heads, HK=key_heads, K=dk_, V=dv_, BT=chunks.size, BK=bk, BV=min(64, pow2(dv_)),
+        GATE=gate, DELTA=delta, LIMIT=span_limit(q.dtype), PREC=precision(q.dtype), GH=per_program, DV=not key_tiles,
     )  # fmt: skip
+    if key_tiles:
+        _gla_dv_kernel[(chunks.num_chunks, heads)](
+            q, k, b, span, A, do, dh, out["dv"], chunks.cu_seqlens, chunks.indices, scale,
+            H=heads, K=dk_, V=dv_, BT=chunks.size, BK=pow2(dk_), BV=min(64, pow2(dv_)), LIMIT=span_limit(q.dtype),
+            PREC=precision(q.dtype),
+        )  # fmt: skip
     if per_program > 1:  # the splits added, in q's and k's dtype
         for name, like in (("dq", q), ("dk", k)):
             out[name] = out[name].sum(0).to(like.dtype)

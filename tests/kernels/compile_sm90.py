@@ -74,12 +74,14 @@ def record(out: str, kernels: list[str]) -> None:
             for delta in (False, True):
                 if gate == "key" and delta:
                     continue  # the chunk path falls back to PyTorch; the fused recurrent kernel covers it below
-                for T in (80, 8):  # chunked fwd+bwd, and the fused recurrent kernel (short, no grad)
-                    grad = T > 16
-                    q, k, v = (torch.randn(2, T, 2, 64, dtype=dtype, requires_grad=grad) for _ in range(3))
-                    g = None if gate == "none" else -torch.rand(2, T, 2, *([64] if gate == "key" else []))
+                # GLA's keys of 128 take key tiles in the backward (chunk_o.GLA_KEY_TILE) and _gla_dv_kernel
+                for T, K in ((80, 64), (8, 64), *([(80, 128)] if gate == "key" else [])):
+                    grad = T > 16  # chunked fwd+bwd, and the fused recurrent kernel (short, no grad)
+                    q, k = (torch.randn(2, T, 2, K, dtype=dtype, requires_grad=grad) for _ in range(2))
+                    v = torch.randn(2, T, 2, 64, dtype=dtype, requires_grad=grad)
+                    g = None if gate == "none" else -torch.rand(2, T, 2, *([K] if gate == "key" else []))
                     beta = torch.rand(2, T, 2) if delta else None
-                    h0 = torch.randn(2, 2, 64, 64)
+                    h0 = torch.randn(2, 2, K, 64)
                     for t in (g, beta, h0):
                         if t is not None:
                             t.requires_grad_(grad)

@@ -58,6 +58,28 @@ def test_gla_factored_scores(kernels, gates, dtype):
     check(kernels, inputs, TOL[dtype], chunk_size=32)
 
 
+@pytest.mark.parametrize("gates, dk, packed", [("strong", 32, False), ("mild", 32, False), ("mixed", 48, False),
+                                               ("strong", 32, True)])  # fmt: skip
+def test_gla_key_tiles(kernels, monkeypatch, gates, dk, packed):
+    # Keys wider than chunk_o.GLA_KEY_TILE (the LM's gla: K 128, tiles of 64): _bwd_dqk_kernel's programs take a key
+    # tile each (dq, dk and dg columns) and _gla_dv_kernel makes dv; here tiles of 16, K 48 leaving a partial tile
+    # of the power of two the kernels pad K to. Mixed gates: chunks on both the factored and the sub-chunk path.
+    monkeypatch.setattr(kernels.chunk_o, "GLA_KEY_TILE", 16)
+    real, grids = kernels.chunk_o._gla_dv_kernel, []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels.chunk_o, "_gla_dv_kernel", Recorded())
+    cu_seqlens = torch.tensor([0, 9, 9, 10, 31, 37], dtype=torch.int32) if packed else None
+    batch, seqlen = (1, 37) if packed else (2, 75)
+    inputs = make_inputs("gla", batch, seqlen, 2, dk, 24, seed=11, gates=gates, num_states=5 if packed else None)
+    check(kernels, inputs, TOL[torch.float32], chunk_size=32, cu_seqlens=cu_seqlens)
+    assert len(grids) == 1
+
+
 @pytest.mark.parametrize(
     "kind, value_tile, V",
     [("scalar_decay", 16, 32), ("gla", 16, 32), ("delta_rule", 16, 32), ("gated_delta_rule", 32, 64)],
