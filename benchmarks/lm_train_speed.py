@@ -43,8 +43,8 @@ Peers take the floor of their mmeff row's mixers and their own projections. mfu 
 x R): model FLOPs utilisation against the measured matmul rate (the datasheet's dense bf16 peak is about 1.25x it).
 
 `--profile` adds, per record, where one step's GPU time goes: matmuls, softmax attention, recurrence kernels
-(mmeff's, mamba_ssm's, fla's), short convolutions, the optimizer, the rest (norms, activations, casts, copies); and
-`host_ms`, the host's time to queue one step from an idle device (median of 3). A step whose host_ms is near its ms,
+(mmeff's, mamba_ssm's, fla's), short convolutions, the optimizer, the rest (norms, activations, casts, copies); the
+step's longest kernels by name (`top_kernels`: name, ms, calls; also printed); and `host_ms`, the host's time to queue one step from an idle device (median of 3). A step whose host_ms is near its ms,
 with GPU time to spare, waits on the host: its kernels are queued slower than the GPU runs them.
 `--docs 0 8` runs each mmeff row unpacked and with 8 packed documents per sequence (the layout's cu_seqlens reach
 every mixer). `--compile [MODE]` runs every model through torch.compile (nn.Module.compile, in `MODE`, as
@@ -78,7 +78,7 @@ import tempfile
 import time
 import types
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -410,21 +410,33 @@ CATEGORIES = [  # first match wins; the rest is "other"
 ]  # fmt: skip
 
 
-def breakdown(step: Callable[[], None], ours: set[str]) -> dict[str, float]:
-    """GPU milliseconds of one step per kernel category (torch.profiler)."""
+# Kernels of a profiled step kept in its record (`top_kernels`), the longest first.
+TOP_KERNELS = 12
+
+
+def kernel_times(events: Iterable[Any], ours: set[str]) -> tuple[dict[str, float], list[list]]:
+    """GPU milliseconds per kernel category, and the TOP_KERNELS longest kernels as [name, ms, calls], of
+    torch.profiler's averaged events (CUDA kernels only)."""
+    ms: dict[str, float] = defaultdict(float)
+    kernels = []
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.self_device_time_total <= 0:
+            continue
+        name, event_ms = event.key, event.self_device_time_total / 1e3
+        kind = "recurrence kernels" if name in ours else next((k for k, rx in CATEGORIES if rx.search(name)), "other")
+        ms[kind] += event_ms
+        kernels.append([name, event_ms, event.count])
+    return dict(ms), sorted(kernels, key=lambda kernel: -kernel[1])[:TOP_KERNELS]
+
+
+def breakdown(step: Callable[[], None], ours: set[str]) -> tuple[dict[str, float], list[list]]:
+    """kernel_times of one step (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    ms: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        if event.device_type != torch.autograd.DeviceType.CUDA or event.self_device_time_total <= 0:
-            continue
-        name = event.key
-        kind = "recurrence kernels" if name in ours else next((k for k, rx in CATEGORIES if rx.search(name)), "other")
-        ms[kind] += event.self_device_time_total / 1e3
-    return dict(ms)
+    return kernel_times(prof.key_averages(), ours)
 
 
 def host_ms(step: Callable[[], None], device: torch.device, reps: int = 3) -> float:
@@ -481,7 +493,9 @@ def measure(row: str, T: int, ndocs: int, shape: Shape, args: argparse.Namespace
         if args.profile:
             record["host_ms"] = host_ms(step, device)
         if args.profile and device.type == "cuda":
-            record["profile_ms"] = breakdown(step, args.ours)
+            record["profile_ms"], record["top_kernels"] = breakdown(step, args.ours)
+            for name, kernel_ms, calls in record["top_kernels"]:
+                print(f"  {kernel_ms:8.2f} ms {calls:5d} calls  {name[:100]}", flush=True)
         cost = step_cost(model, mixers_of(PEERS.get(row, row), shape), B, T, args.rate, args.bandwidth)
         record.update(floors(cost, params, ms, args.rate, args.bandwidth))
     except torch.cuda.OutOfMemoryError:
@@ -672,7 +686,8 @@ def main() -> None:
     add_compile_argument(p, "the peers")
     p.add_argument("--graphs", action="store_true", help="forward + backward of the mmeff rows as CUDA graphs (unpacked only)")
     p.add_argument("--docs", type=int, nargs="+", default=[0], help="packed documents per sequence (0: none); peers: 0 only")
-    p.add_argument("--profile", action="store_true", help="add the GPU time per kernel category of one step (CUDA)")
+    p.add_argument("--profile", action="store_true",
+                   help="add the GPU time per kernel category and the longest kernels of one step (CUDA)")
     p.add_argument("--warm", action="store_true", help="first step every row in parallel child processes (see warm)")
     p.add_argument("--warm-s", type=float, default=240.0, help="time limit of the warm-up")
     p.add_argument("--warm-jobs", type=int, default=8, help="child processes at a time in the warm-up")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmeff import config
 
@@ -106,6 +107,28 @@ def test_lm_train_speed_ratios_stay_within_their_run(monkeypatch):
     records = [record("a", "attn", 100.0), record("a", "gla", 50.0), record("b", "attn", 200.0), record("b", "gla", 150.0)]
     lm_train_speed.relate(records)
     assert [r["vs_attn"] for r in records] == [1.0, 0.5, 1.0, 0.75]
+
+
+def test_lm_train_speed_profile_sorts_a_steps_kernels(monkeypatch):
+    # --profile's per-category split and the step's longest kernels from torch.profiler's averaged events: CUDA
+    # kernels only (a CPU op's own time is not GPU time), mmeff's recurrence kernels by name, the rest by pattern.
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lm_train_speed
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(key, us, count, device=cuda):
+        return SimpleNamespace(key=key, self_device_time_total=us, count=count, device_type=device)
+
+    events = [event("nvjet_sm90_tst_256x128", 5250.0, 72), event("_bwd_dqk_kernel", 2360.0, 12),
+              event("_gla_dv_kernel", 860.0, 12), event("multi_tensor_apply_kernel", 1560.0, 8),
+              event("aten::mm", 9000.0, 72, cpu), event("idle", 0.0, 1)]  # fmt: skip
+    monkeypatch.setattr(lm_train_speed, "TOP_KERNELS", 3)
+    categories, top = lm_train_speed.kernel_times(events, {"_bwd_dqk_kernel", "_gla_dv_kernel"})
+    assert categories == pytest.approx({"matmul": 5.25, "recurrence kernels": 3.22, "optimizer": 1.56})
+    assert top == [["nvjet_sm90_tst_256x128", 5.25, 72], ["_bwd_dqk_kernel", 2.36, 12], ["multi_tensor_apply_kernel", 1.56, 8]]
 
 
 def test_lm_train_speed_runs_the_peers_after_the_mmeff_rows(monkeypatch):
