@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-AUTOTUNED = 15  # chunk_h 2, chunk_o 3, chunk_gla 2, chunk_delta 2, conv 3, conv2d 2, recurrent 1
+AUTOTUNED = 16  # chunk_h 2, chunk_o 4, chunk_gla 2, chunk_delta 2, conv 3, conv2d 2, recurrent 1
 
 
 @pytest.fixture
