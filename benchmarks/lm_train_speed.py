@@ -44,8 +44,9 @@ x R): model FLOPs utilisation against the measured matmul rate (the datasheet's 
 
 `--profile` adds, per record, where one step's GPU time goes: matmuls, softmax attention, recurrence kernels
 (mmeff's, mamba_ssm's, fla's), short convolutions, the optimizer, the rest (norms, activations, casts, copies); the
-step's longest kernels by name (`top_kernels`: name, ms, calls; also printed); and `host_ms`, the host's time to queue one step from an idle device (median of 3). A step whose host_ms is near its ms,
-with GPU time to spare, waits on the host: its kernels are queued slower than the GPU runs them.
+step's longest kernels by name (`top_kernels`: name, ms, calls; also printed); and `host_ms`, the host's time to
+queue one step from an idle device (median of 3). A step whose host_ms is near its ms, with GPU time to spare, waits
+on the host: its kernels are queued slower than the GPU runs them.
 `--docs 0 8` runs each mmeff row unpacked and with 8 packed documents per sequence (the layout's cu_seqlens reach
 every mixer). `--compile [MODE]` runs every model through torch.compile (nn.Module.compile, in `MODE`, as
 `trainer.compile`); `--graphs` replays each mmeff row's forward and backward as CUDA graphs
