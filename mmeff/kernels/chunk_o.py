@@ -70,6 +70,23 @@ def factored_key(k, b, off, ref, nr, c, H: tl.constexpr, K: tl.constexpr, BT: tl
     return load_tile_t(k + off, 0, nr, H * K, c, K, BT, BK) * decay
 
 
+@triton.jit
+def gla_scores_t(qc, kc, bq, b_ref, A, fast, tok, nr, i_h, scale, H: tl.constexpr, BT: tl.constexpr,
+                 PREC: tl.constexpr):  # fmt: skip
+    """GLA's scale * P^T [BT, BT] of a head's chunk in qc's dtype, from its q, k [BT, BK] and gate cumsum bq with
+    reference row b_ref: the factored product where `fast` (the chunk within the span limit), else chunk_gla's A."""
+    rows = tl.arange(0, BT)
+    valid = (rows < nr)[:, None]
+    if fast:
+        q_ref = (qc * masked_exp(bq - b_ref, valid)).to(qc.dtype)
+        k_ref = (kc * masked_exp(b_ref - bq, valid)).to(qc.dtype)
+        upper = (rows[:, None] <= rows[None, :]) & (rows < nr)[None, :]
+        pt = tl.where(upper, mm(k_ref, tl.trans(q_ref), PREC), 0.0)
+    else:
+        pt = load_tile_t(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT)
+    return (pt * scale).to(qc.dtype)
+
+
 @autotune(warps(42, 82), key=["H", "HK", "K", "V", "BT", "BK", "BV", "GATE"])
 @triton.jit
 def _fwd_o_kernel(
@@ -146,26 +163,18 @@ def _gla_dv_kernel(
     # part where its programs take key tiles (keys wider than GLA_KEY_TILE), P needing every key.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
-    DT = q.dtype.element_ty
-    rows = tl.arange(0, BT)
-    valid = (rows < nr)[:, None]
     keys = tl.arange(0, BK)
     off = (tok * H + i_h) * K
     voff = (tok * H + i_h) * V
     dhp = dh + (i_c.to(tl.int64) * H + i_h) * K * V
+    qc = load_tile(q + off, 0, nr, H * K, 0, K, BT, BK)
     kc = load_tile(k + off, 0, nr, H * K, 0, K, BT, BK)
     bq = load_tile(b + off, 0, nr, H * K, 0, K, BT, BK)
+    b_ref = load_tile(b + off, ref_row(nr, BT), nr, H * K, 0, K, 1, BK)
     bl = tl.load(b + off + (tl.minimum(nr, BT) - 1) * H * K + keys, mask=keys < K, other=0.0)
-    kdec = (kc * masked_exp(bl[None, :] - bq, valid)).to(DT)
-    if tl.load(span + i_c.to(tl.int64) * H + i_h) <= LIMIT:
-        b_ref = load_tile(b + off, ref_row(nr, BT), nr, H * K, 0, K, 1, BK)
-        q_ref = (load_tile(q + off, 0, nr, H * K, 0, K, BT, BK) * masked_exp(bq - b_ref, valid)).to(DT)
-        k_ref = (kc * masked_exp(b_ref - bq, valid)).to(DT)
-        upper = (rows[:, None] <= rows[None, :]) & (rows < nr)[None, :]
-        pt = tl.where(upper, mm(k_ref, tl.trans(q_ref), PREC), 0.0)
-    else:
-        pt = load_tile_t(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT)
-    pt = (pt * scale).to(DT)
+    kdec = (kc * masked_exp(bl[None, :] - bq, (tl.arange(0, BT) < nr)[:, None])).to(qc.dtype)
+    fast = tl.load(span + i_c.to(tl.int64) * H + i_h) <= LIMIT
+    pt = gla_scores_t(qc, kc, bq, b_ref, A, fast, tok, nr, i_h, scale, H, BT, PREC)
     for cv in range(0, V, BV):
         dvc = mm(kdec, load_tile(dhp, 0, K, V, cv, V, BK, BV), PREC)
         dvc += mm(pt, load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV), PREC)
@@ -249,12 +258,7 @@ def _dqk_head(
     if not DELTA and DV:
         kdec = (kc * to_end).to(DT)
         if GATE == KEY_GATE:
-            if fast:
-                q_ref = (qc * masked_exp(bq - b_ref, valid[:, None])).to(DT)
-                k_ref = (kc * masked_exp(b_ref - bq, valid[:, None])).to(DT)
-                pt = (tl.where(upper, mm(k_ref, tl.trans(q_ref), PREC), 0.0) * scale).to(DT)
-            else:
-                pt = (load_tile_t(A + (tok * H + i_h) * BT, 0, nr, H * BT, 0, BT, BT, BT) * scale).to(DT)
+            pt = gla_scores_t(qc, kc, bq, b_ref, A, fast, tok, nr, i_h, scale, H, BT, PREC)
         else:
             pt = (scores_t(q, k, b, tok, nr, i_h, SK, H, HK, K, BT, BK, GATE, PREC) * scale).to(DT)
 

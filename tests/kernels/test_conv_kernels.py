@@ -107,4 +107,3 @@ def test_conv_with_documents_matches_reference(conv_kernels, monkeypatch, width)
     expected = _run(lambda *a: causal_conv1d_reference(*a, "silu", None, runs), x, weight, b)
     for i, (got, want) in enumerate(zip(actual, expected)):
         assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), i
-
