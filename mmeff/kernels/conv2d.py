@@ -9,8 +9,9 @@ channels-last, it was ahead only at 512 px (0.88 against 1.01 ms) and behind at 
 1.29 / 1.06 against 0.73 / 0.79 / 0.98 ms; benchmarks/results/vision_ops_h200.md); in the step it costs 0.6-1.5 ms
 a layer. One program per (sequence and token tile, channel block): tiles of the flattened B * T tokens, which may
 span images, were slower on an H100 at 224, 512 and 1,024 px (forward 87.7 / 109.2 / 125.7 against 73.8 / 75.8 /
-92.1 us in one process; d130775). The backward is one kernel: dx is the same convolution of dy with the kernel mirrored, and each tile
-writes partial sums of dw and dbias, which the host adds up (no atomics: deterministic, as mmeff.kernels.conv).
+92.1 us in one process; d130775). The backward is one kernel: dx is the same convolution of dy with the kernel
+mirrored, and each tile writes partial sums of dw and dbias, which the host adds up (no atomics: deterministic, as
+mmeff.kernels.conv).
 """
 
 from __future__ import annotations
