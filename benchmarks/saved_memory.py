@@ -71,7 +71,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import lm_train_speed  # noqa: E402  (benchmarks/lm_train_speed.py, beside this script)
 import vision_speed  # noqa: E402  (benchmarks/vision_speed.py, beside this script)
 from mmeff.ops import dispatch  # noqa: E402
-from mmeff.ops.recompute import kept_when_compiled  # noqa: E402
+from mmeff.ops.recompute import kept_when_compiled, saved_storages  # noqa: E402
 from timing import save_row_bars, write_results  # noqa: E402
 
 PX = 128  # 64 tokens an image of 16 px patches: the counts are per token; small keeps the interpreted kernels quick
@@ -81,16 +81,10 @@ SMOKE_PX = 64  # --smoke: 64 tokens of 8 px
 
 def kept(model: torch.nn.Module, images: torch.Tensor) -> dict[int, tuple[int, tuple[int, ...], torch.dtype]]:
     """Storages kept for the backward of one bf16-autocast forward: {data pointer: (bytes, a shape, dtype)}."""
-    found: dict[int, tuple[int, tuple[int, ...], torch.dtype]] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        found.setdefault(storage.data_ptr(), (storage.nbytes(), tuple(t.shape), t.dtype))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(images)
-    return found
+    with saved_storages() as found, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)  # held to the end of the block: its graph keeps what is counted
+    del out
+    return {ptr: (t.untyped_storage().nbytes(), tuple(t.shape), t.dtype) for ptr, t in found.items()}
 
 
 class _Allocations(TorchDispatchMode):

@@ -11,6 +11,7 @@ torch.compile does not trace; there `compiled_recomputing` asks its partitioner 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -189,6 +190,28 @@ def outer_hooks() -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]:
 
 def _same(t: Any) -> Any:
     return t
+
+
+@contextlib.contextmanager
+def saved_storages() -> Iterator[dict[int, Tensor]]:
+    """Inside: the tensors autograd saves for the backward are recorded (kept as they are: hooks outside are not
+    called); at exit the dict holds {storage data pointer: a saved tensor of it} for those the graph still keeps. A
+    tensor saved and let go inside is left out (the reference recurrence's final state, which a mixer drops): its
+    address may already hold another saved storage, which a count by address alone then missed (a CI run of the
+    checkpointing test)."""
+    found: dict[int, Tensor] = {}
+    refs: list[weakref.ref[Tensor]] = []
+
+    def pack(t: Tensor) -> Tensor:
+        refs.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _same):
+        yield found
+    for ref in refs:
+        t = ref()
+        if t is not None:
+            found.setdefault(t.untyped_storage().data_ptr(), t)
 
 
 def _keep_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:

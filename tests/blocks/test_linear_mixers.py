@@ -8,6 +8,7 @@ from mmeff.backbone import Backbone
 from mmeff.blocks import Layout
 from mmeff.blocks.scan import GroupedNorm, ScanMixer
 from mmeff.config import BackboneConfig, ConfigError
+from mmeff.ops.recompute import saved_storages
 
 SCANNED = [n for n in blocks.names("mixer") if issubclass(blocks.entry(n).cls, ScanMixer)]
 MIXERS = SCANNED + ["hybrid_heads"]
@@ -224,16 +225,11 @@ def test_recurrence_runs_in_the_values_dtype(name, monkeypatch):
 
 def _kept_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct non-parameter storages autograd keeps for the backward of block(x)."""
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x)
-    return sum(n for ptr, n in kept.items() if ptr not in params)
+    with saved_storages() as kept:
+        y = block(x)
+    del y
+    return sum(t.untyped_storage().nbytes() for ptr, t in kept.items() if ptr not in params)
 
 
 def test_global_linear_attention_keeps_no_more_than_softmax_attention():

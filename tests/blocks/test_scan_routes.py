@@ -12,6 +12,7 @@ import torch
 
 from mmeff.blocks.layout import Layout
 from mmeff.blocks.scan import Routes
+from mmeff.ops.recompute import saved_storages
 from mmeff.ops.varlen import cu_seqlens_from_docs
 
 
@@ -75,13 +76,7 @@ def test_a_grid_given_as_a_list_plans_like_a_tuple():
 
 def kept_storages(fn):
     """The storages the backward of `fn()` keeps (a saved-tensor hook outside the routes' own), and fn's output."""
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages() as kept:
         out = fn()
     return kept, out
 

@@ -109,15 +109,14 @@ def forward_backward(
 
 @contextmanager
 def saved_bytes() -> Iterator[Dict[int, int]]:
-    """Inside: {data pointer: bytes} of every storage autograd saves a tensor of for the backward."""
+    """Inside: at exit {data pointer: bytes} of every storage autograd keeps a tensor of for the backward
+    (mmeff.ops.recompute.saved_storages)."""
+    from mmeff.ops.recompute import saved_storages
+
     kept: Dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages() as found:
         yield kept
+    kept.update((ptr, t.untyped_storage().nbytes()) for ptr, t in found.items())
 
 
 def _mixer_step(mixer: torch.nn.Module, x0: Tensor, layout: Any) -> Tuple[Tensor, list, int]:

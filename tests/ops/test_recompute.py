@@ -6,15 +6,14 @@ import torch
 from mmeff.blocks.layout import Layout
 from mmeff.blocks.scan import Routes
 from mmeff.ops import mlp
-from mmeff.ops.recompute import kept_when_compiled, recomputed, recomputed_output, under_autocast_now
+from mmeff.ops.recompute import kept_when_compiled, recomputed, recomputed_output, saved_storages, under_autocast_now
 
 
 def kept(fn):
     """(fn's result, the data pointers of the storages autograd saved tensors of during fn)."""
-    ptrs = set()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.add(t.untyped_storage().data_ptr()) or t, lambda t: t):
+    with saved_storages() as found:
         out = fn()
-    return out, ptrs
+    return out, set(found)
 
 
 def test_a_recomputed_product_is_not_kept_and_gives_the_same_gradients():

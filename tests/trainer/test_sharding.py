@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, Shard
 from mmeff import config
 from mmeff.backbone import Backbone
 from mmeff.config import FSDPConfig
+from mmeff.ops.recompute import saved_storages
 from mmeff.strategies import full_state_dict, shard_model
 from mmeff.tasks import build_model
 
@@ -120,16 +121,12 @@ def test_activation_checkpointing_keeps_outputs_and_gradients(causal):
     for setting in (False, "mixer", "norm", True):
         model = Backbone({**cfg, "checkpoint": setting})
         model.load_state_dict(weights)
-        saved = {}  # storages: a recipe's input (x, which the norm keeps too) counts once
-
-        def pack(t, saved=saved):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_storages() as saved:  # storages: a recipe's input (x, which the norm keeps too) counts once
             loss = model(x).square().mean()
+        kept[setting] = sum(t.untyped_storage().nbytes() for t in saved.values())
+        del saved
         loss.backward()
-        kept[setting], grads[setting] = sum(saved.values()), {name: p.grad for name, p in model.named_parameters()}
+        grads[setting] = {name: p.grad for name, p in model.named_parameters()}
     assert kept[True] < kept["mixer"] < kept[False], kept
     assert kept["norm"] < kept[False], kept  # exactly the norms' outputs on the kernel path: test_norm_projection.py
     for setting in ("mixer", "norm", True):
