@@ -198,7 +198,8 @@ def saved_storages() -> Iterator[dict[int, Tensor]]:
     called); at exit the dict holds {storage data pointer: a saved tensor of it} for those the graph still keeps. A
     tensor saved and let go inside is left out (the reference recurrence's final state, which a mixer drops): its
     address may already hold another saved storage, which a count by address alone then missed (a CI run of the
-    checkpointing test)."""
+    checkpointing test). An output its own node keeps (exp's) stays in a cycle with the node, and counted, until a
+    backward frees the graph."""
     found: dict[int, Tensor] = {}
     refs: list[weakref.ref[Tensor]] = []
 

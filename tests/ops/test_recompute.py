@@ -238,3 +238,17 @@ def test_compiled_bidirectional_routes_keep_their_source_not_the_stacked_copy(mo
     for got, expected in zip(compiled, torch.autograd.grad(run(x, weight).square().mean(), (x, weight))):
         torch.testing.assert_close(got, expected)
 
+
+
+def test_saved_storages_counts_what_the_graph_still_holds():
+    # sin keeps its input: the first (2a) is let go with its graph inside the block, the second (3a) is held by y's.
+    # Caveat of any identity hook: a node that keeps its own output (exp) holds it in a cycle that outlives the graph.
+    a = torch.randn(64, requires_grad=True)
+    with saved_storages() as found:
+        dropped = (a * 2).sin()
+        del dropped
+        tripled = a * 3
+        y = tripled.sin()
+    assert list(found) == [tripled.untyped_storage().data_ptr()] and found[tripled.untyped_storage().data_ptr()] is tripled
+    y.sum().backward()
+    torch.testing.assert_close(a.grad, 3 * (3 * a.detach()).cos())
