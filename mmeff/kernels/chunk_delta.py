@@ -6,6 +6,8 @@ Within a chunk, with A_ij = beta_i <k_i, k_j> exp(b_i - b_j) for j < i and X = (
 
 so the chunk acts like linear attention with values v~ (chunk_h computes v~ on its way; chunk_o takes
 it). X is built in place in its buffer: 16 x 16 diagonal blocks inverted in registers, then merged by matmuls.
+The copy of X the backward keeps holds its lower triangle only, row after row (`_packed`): (BT + 1) / 2 values a
+token and head where the square kept BT.
 """
 
 from __future__ import annotations
@@ -95,6 +97,13 @@ def _invert_unit_lower(ptr, nr, sr, BT: tl.constexpr):
     tl.debug_barrier()
 
 
+@triton.jit
+def _packed(Xs, i_c, i_h, r, c, nr, H: tl.constexpr, BT: tl.constexpr):
+    """Pointers and mask of entries (r, c) of chunk i_c's X in head i_h, kept as its lower triangle: rows one after
+    the other, row r from r (r + 1) / 2 (rows >= nr absent)."""
+    return Xs + (i_c * H + i_h) * (BT * (BT + 1) // 2) + r * (r + 1) // 2 + c, (c <= r) & (r < nr)
+
+
 # On 4 warps Triton 3.6 miscompiles both WY kernels on an H100 at K = 128, V = 32 (u, dv, dbeta wrong; the wide-key
 # GPU test) and ptxas fails on the backward at K = 256; 8 and 2 warps are right (kernels_notes.md, fifth session).
 @autotune(warps(82, 22), key=["H", "K", "V", "BT", "BK", "BV", "GATE", "BUILD"])
@@ -102,10 +111,10 @@ def _invert_unit_lower(ptr, nr, sr, BT: tl.constexpr):
 def _wy_fwd_kernel(
     k, v, b, beta, X, Xs, w, u, cu_seqlens, chunk_indices,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, PREC: tl.constexpr, BUILD: tl.constexpr, STORE: tl.constexpr,
+    GATE: tl.constexpr, PREC: tl.constexpr, BUILD: tl.constexpr,
 ):  # fmt: skip
-    # BUILD: X solved in its fp32 buffer X (and, with STORE, written to Xs in the inputs' dtype, the copy the products
-    # read); else X is that copy, kept from a build, and only w and u are made again from it.
+    # BUILD: X solved in its fp32 buffer X and its lower triangle written to Xs in the inputs' dtype (the copy the
+    # products read); else Xs is that copy, kept from a build, and only w and u are made again from it.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     DT = k.dtype.element_ty
@@ -113,6 +122,7 @@ def _wy_fwd_kernel(
     off = (tok * H + i_h) * K
     voff = (tok * H + i_h) * V
     xoff = (tok * H + i_h) * BT
+    packed, lower = _packed(Xs, i_c, i_h, rows[:, None], rows[None, :], nr, H, BT)
     kc = load_tile(k + off, 0, nr, H * K, 0, K, BT, BK)
     bet = load_vec(beta + tok * H + i_h, 0, nr, H, BT)
     if GATE == SCALAR_GATE:
@@ -130,9 +140,10 @@ def _wy_fwd_kernel(
         store_tile(X + xoff, a * bet[:, None], 0, nr, H * BT, 0, BT, BT, BT)
         tl.debug_barrier()
         _invert_unit_lower(X + xoff, nr, H * BT, BT)
-    x = load_tile(X + xoff, 0, nr, H * BT, 0, BT, BT, BT).to(DT)
-    if STORE:
-        store_tile(Xs + xoff, x, 0, nr, H * BT, 0, BT, BT, BT)
+        x = load_tile(X + xoff, 0, nr, H * BT, 0, BT, BT, BT).to(DT)
+        tl.store(packed, x, mask=lower)
+    else:
+        x = tl.load(packed, mask=lower, other=0.0)
     store_tile(w + off, mm(x, kb, PREC), 0, nr, H * K, 0, K, BT, BK)
     for cv in range(0, V, BV):
         vb = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV) * bet[:, None]
@@ -167,7 +178,8 @@ def _wy_bwd_kernel(
     else:
         eb = tl.where(valid, 1.0, 0.0)
         decay = tl.where(strict, 1.0, 0.0)
-    x_t = load_tile_t(X + xoff, 0, nr, H * BT, 0, BT, BT, BT).to(DT)
+    packed_t, lower_t = _packed(X, i_c, i_h, rows[None, :], rows[:, None], nr, H, BT)
+    x_t = tl.load(packed_t, mask=lower_t, other=0.0)  # X^T
     kscale = bet * eb
 
     # w = X kb: d kb = X^T dw, dX = dw kb^T; u = X (beta v) likewise.
@@ -204,10 +216,11 @@ def _wy_bwd_kernel(
 def wy_fwd(
     k: Tensor, v: Tensor, b: Optional[Tensor], beta: Tensor, chunks: Chunks, gate: int
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """X = (I + A)^{-1} [1, T, H, BT], w [1, T, H, K] and u [1, T, H, V], all in the inputs' dtype (X is solved in
-    fp32; w, u and the backward read it in the inputs' dtype, so the copy kept is in that dtype)."""
+    """X = (I + A)^{-1}, each chunk's lower triangle [chunks, H, BT (BT + 1) / 2], w [1, T, H, K] and u [1, T, H, V],
+    all in the inputs' dtype (X is solved in fp32; w, u and the backward read it in the inputs' dtype, so the copy
+    kept is in that dtype)."""
     X = empty((*k.shape[:3], chunks.size), torch.float32, k.device)
-    kept = X if k.dtype == torch.float32 else empty(X.shape, k.dtype, k.device)
+    kept = empty((chunks.num_chunks, k.shape[2], chunks.size * (chunks.size + 1) // 2), k.dtype, k.device)
     w, u = _wy_products(k, v, b, beta, X, kept, chunks, gate, build=True)
     return kept, w, u
 
@@ -224,13 +237,13 @@ def _wy_products(
     k: Tensor, v: Tensor, b: Optional[Tensor], beta: Tensor, X: Tensor, kept: Tensor, chunks: Chunks, gate: int,
     build: bool,
 ) -> Tuple[Tensor, Tensor]:  # fmt: skip
-    """w and u (and, with `build`, X solved into X and copied to `kept` where that is another buffer)."""
+    """w and u (and, with `build`, X solved into X and its lower triangle copied to `kept`)."""
     heads, dk, dv = k.shape[2], k.shape[3], v.shape[3]
     w, u = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
     _wy_fwd_kernel[(chunks.num_chunks, heads)](
         k, v, b, beta, X, kept, w, u, chunks.cu_seqlens, chunks.indices,
         H=heads, K=dk, V=dv, BT=chunks.size, BK=pow2(dk), BV=min(64, pow2(dv)), GATE=gate,
-        PREC=precision(k.dtype), BUILD=build, STORE=build and kept is not X,
+        PREC=precision(k.dtype), BUILD=build,
     )  # fmt: skip
     return w, u
 
@@ -244,7 +257,7 @@ def wy_bwd(
     dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
     dbeta = empty(beta.shape, torch.float32, k.device)
     dg = empty(beta.shape, torch.float32, k.device) if gate == SCALAR_GATE else None
-    scratch = empty(X.shape, k.dtype, k.device)  # dA, read back transposed
+    scratch = empty((*k.shape[:3], chunks.size), k.dtype, k.device)  # dA, read back transposed
     _wy_bwd_kernel[(chunks.num_chunks, heads)](
         k, v, b, beta, X, parts["dw"], dv_new, parts["dk"], parts["dg"], dk, dv, dbeta, dg, scratch,
         chunks.cu_seqlens, chunks.indices,
