@@ -80,10 +80,10 @@ class ChunkRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, chunks, gate, output_final_state):  # type: ignore[override]
-        # Of the WY pieces the backward keeps X, each chunk's lower triangle in the inputs' dtype (about [T, H, 32];
-        # solving it again cost a fifth of the backward's time), and makes w and u again from it in one light pass
-        # (wy_again): they are as large as k and v. States are not kept, nor the gate cumsum (one cheap kernel): the
-        # raw gates are kept, which a bidirectional scan keeps unstacked.
+        # Of the WY pieces the backward keeps X, each chunk's lower triangle in the inputs' dtype ([T, H, 33] at
+        # chunks of 64; solving it again cost a fifth of the backward's time), and makes w and u again from it in one
+        # light pass (wy_again): they are as large as k and v. States are not kept, nor the gate cumsum (one cheap
+        # kernel): the raw gates are kept, which a bidirectional scan keeps unstacked.
         b, span, wy = chunk_prepare(k, v, g, beta, chunks, gate)
         h, values, A, ht = _forward_states(q, k, v, b, span, wy, h0, chunks, gate, output_final_state)
         o = fwd_o(q, k, values, h, b, span, A, chunks, gate, scale)

@@ -6,8 +6,8 @@ Within a chunk, with A_ij = beta_i <k_i, k_j> exp(b_i - b_j) for j < i and X = (
 
 so the chunk acts like linear attention with values v~ (chunk_h computes v~ on its way; chunk_o takes
 it). X is built in place in its buffer: 16 x 16 diagonal blocks inverted in registers, then merged by matmuls.
-The copy of X the backward keeps holds its lower triangle only, row after row (`_packed`): (BT + 1) / 2 values a
-token and head where the square kept BT.
+The copy of X the backward keeps holds its lower triangle only, row after row (`_packed`), in BT / 2 + 1 values a
+token and head where the square took BT: a layout by token, whose shape the chunks' count does not decide.
 """
 
 from __future__ import annotations
@@ -98,10 +98,12 @@ def _invert_unit_lower(ptr, nr, sr, BT: tl.constexpr):
 
 
 @triton.jit
-def _packed(Xs, i_c, i_h, r, c, nr, H: tl.constexpr, BT: tl.constexpr):
-    """Pointers and mask of entries (r, c) of chunk i_c's X in head i_h, kept as its lower triangle: rows one after
-    the other, row r from r (r + 1) / 2 (rows >= nr absent)."""
-    return Xs + (i_c * H + i_h) * (BT * (BT + 1) // 2) + r * (r + 1) // 2 + c, (c <= r) & (r < nr)
+def _packed(Xs, tok, nr, i_h, r, c, H: tl.constexpr, BT: tl.constexpr):
+    """Pointers and mask of entries (r, c) of the X of the chunk from token tok (nr: the sequence's rows left), head
+    i_h, kept as its lower triangle in [T, H, BT / 2 + 1]: the chunk's n token rows hold its heads one after the
+    other, each its rows one after the other, row r from r (r + 1) / 2 (n (n + 1) / 2 values fit in n (BT / 2 + 1))."""
+    n = tl.minimum(nr, BT)
+    return Xs + (tok * H + i_h * n) * (BT // 2 + 1) + r * (r + 1) // 2 + c, (c <= r) & (r < n)
 
 
 # On 4 warps Triton 3.6 miscompiles both WY kernels on an H100 at K = 128, V = 32 (u, dv, dbeta wrong; the wide-key
@@ -122,7 +124,7 @@ def _wy_fwd_kernel(
     off = (tok * H + i_h) * K
     voff = (tok * H + i_h) * V
     xoff = (tok * H + i_h) * BT
-    packed, lower = _packed(Xs, i_c, i_h, rows[:, None], rows[None, :], nr, H, BT)
+    packed, lower = _packed(Xs, tok, nr, i_h, rows[:, None], rows[None, :], H, BT)
     kc = load_tile(k + off, 0, nr, H * K, 0, K, BT, BK)
     bet = load_vec(beta + tok * H + i_h, 0, nr, H, BT)
     if GATE == SCALAR_GATE:
@@ -178,7 +180,7 @@ def _wy_bwd_kernel(
     else:
         eb = tl.where(valid, 1.0, 0.0)
         decay = tl.where(strict, 1.0, 0.0)
-    packed_t, lower_t = _packed(X, i_c, i_h, rows[None, :], rows[:, None], nr, H, BT)
+    packed_t, lower_t = _packed(X, tok, nr, i_h, rows[None, :], rows[:, None], H, BT)
     x_t = tl.load(packed_t, mask=lower_t, other=0.0)  # X^T
     kscale = bet * eb
 
@@ -216,11 +218,11 @@ def _wy_bwd_kernel(
 def wy_fwd(
     k: Tensor, v: Tensor, b: Optional[Tensor], beta: Tensor, chunks: Chunks, gate: int
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """X = (I + A)^{-1}, each chunk's lower triangle [chunks, H, BT (BT + 1) / 2], w [1, T, H, K] and u [1, T, H, V],
-    all in the inputs' dtype (X is solved in fp32; w, u and the backward read it in the inputs' dtype, so the copy
-    kept is in that dtype)."""
+    """X = (I + A)^{-1}, each chunk's lower triangle in [1, T, H, BT / 2 + 1] (`_packed`), w [1, T, H, K] and u
+    [1, T, H, V], all in the inputs' dtype (X is solved in fp32; w, u and the backward read it in the inputs' dtype,
+    so the copy kept is in that dtype)."""
     X = empty((*k.shape[:3], chunks.size), torch.float32, k.device)
-    kept = empty((chunks.num_chunks, k.shape[2], chunks.size * (chunks.size + 1) // 2), k.dtype, k.device)
+    kept = empty((*k.shape[:3], chunks.size // 2 + 1), k.dtype, k.device)
     w, u = _wy_products(k, v, b, beta, X, kept, chunks, gate, build=True)
     return kept, w, u
 

@@ -170,19 +170,19 @@ def test_wy_products_made_again(kernels, kind, dtype):
     cu_seqlens = torch.tensor([0, 9, 9, 10, 31, 37], dtype=torch.int32)
     inputs = make_inputs(kind, 1, 37, 2, 16, 32, dtype=dtype, seed=7, num_states=5)
     X, made, again = wy_made_again(kernels, inputs, cu_seqlens, 16)
-    assert X.dtype == dtype and X.shape == (5, 2, 16 * 17 // 2)  # each chunk's lower triangle
+    assert X.dtype == dtype and X.shape == (1, 37, 2, 16 // 2 + 1)  # each chunk's lower triangle
     assert all(torch.equal(a, m) for a, m in zip(again, made))
 
 
 def test_delta_rule_keeps_x_not_w_and_u(kernels):
-    # What the chunked delta rule keeps for its backward: the inputs and X's lower triangles [chunks, H, chunk (chunk
-    # + 1) / 2], not w [T, H, K] and u.
+    # What the chunked delta rule keeps for its backward: the inputs and X's lower triangles [T, H, chunk / 2 + 1],
+    # not w [T, H, K] and u.
     inputs = make_inputs("gated_delta_rule", 1, 64, 2, 16, 32, seed=8)
     leaves = {n: t.requires_grad_() for n, t in inputs.items() if t is not None}
     with saved_bytes() as kept:
         out = kernels.linear_recurrence_triton(**leaves, chunk_size=16)  # its graph holds what is counted
     inputs_bytes = sum(t.untyped_storage().nbytes() for t in leaves.values())
-    assert sum(kept.values()) == inputs_bytes + 4 * 2 * (16 * 17 // 2) * 4
+    assert sum(kept.values()) == inputs_bytes + 64 * 2 * (16 // 2 + 1) * 4
 
 
 @pytest.mark.parametrize("kind, last", [("gla", "intra_bwd"), ("gated_delta_rule", "wy_bwd")])
