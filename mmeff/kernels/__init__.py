@@ -12,14 +12,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from mmeff.kernels.chunk import ChunkRecurrence, chunk_backward, chunk_prepare
+from mmeff.kernels.chunk import ChunkRecurrence, chunk_backward, chunk_forward, chunk_prepare
 from mmeff.kernels.recurrent import fused_recurrent
 from mmeff.kernels.utils import KEY_GATE, NO_GATE, SCALAR_GATE, Chunks, make_chunks
 
 __all__ = [
     "ChunkRecurrence",
     "chunk_backward",
+    "chunk_forward",
     "chunk_prepare",
+    "chunk_rows",
     "linear_recurrence_triton",
     "pack",
     "unsupported",
@@ -125,6 +127,11 @@ def linear_recurrence_triton(
     return o.reshape(v.shape).to(v.dtype), (ht if output_final_state else None)
 
 
+def chunk_rows(chunk_size: int) -> int:
+    """The kernels' chunk length for a requested chunk_size: rounded up to 16, 32 or 64."""
+    return 1 << max(4, min(6, (max(chunk_size, 1) - 1).bit_length()))
+
+
 def pack(
     q: Tensor,
     k: Tensor,
@@ -153,8 +160,7 @@ def pack(
         y = x.to(dtype).reshape(1, batch * seqlen, *x.shape[2:])
         return y if y.stride()[2:] == (dk, 1) and not (beta is not None or gate == KEY_GATE.value) else y.contiguous()
 
-    size = 1 << max(4, min(6, (max(chunk_size, 1) - 1).bit_length()))
-    chunks = make_chunks(cu_seqlens, batch, seqlen, size, q.device)
+    chunks = make_chunks(cu_seqlens, batch, seqlen, chunk_rows(chunk_size), q.device)
     if initial_state is not None and initial_state.shape != (chunks.num_seqs, heads, dk, v.shape[-1]):
         raise ValueError(f"initial_state must be [N,H,K,V], got {tuple(initial_state.shape)}")
     gate = (NO_GATE if log_decay is None else (KEY_GATE if log_decay.dim() == 4 else SCALAR_GATE)).value

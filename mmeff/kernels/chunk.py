@@ -36,13 +36,25 @@ def _forward_states(
 
 
 def chunk_prepare(
-    k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], chunks: Chunks, gate: int
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tuple[Tensor, ...]]]:
+    k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], chunks: Chunks, gate: int,
+    X: Optional[Tensor] = None,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tuple[Tensor, ...]]]:  # fmt: skip
     """What both passes read besides the inputs: the gate cumsum b and its per-chunk span, and the WY pieces of the
-    delta rule (None where the kind has none)."""
+    delta rule (None where the kind has none): solved, or made from the X a forward kept."""
     b, span = (None, None) if g is None else chunk_cumsum(g, chunks)
-    wy = None if beta is None else wy_fwd(k, v, b, beta, chunks, gate)
-    return b, span, wy
+    if beta is None:
+        return b, span, None
+    return b, span, wy_fwd(k, v, b, beta, chunks, gate) if X is None else (X, *wy_again(k, v, b, beta, X, chunks, gate))
+
+
+def chunk_forward(
+    q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], h0: Optional[Tensor], scale: float,
+    chunks: Chunks, gate: int, output_final_state: bool,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """The forward passes on packed inputs: (o, the final state or None, the delta rule's X for the backward or None)."""
+    b, span, wy = chunk_prepare(k, v, g, beta, chunks, gate)
+    h, values, A, ht = _forward_states(q, k, v, b, span, wy, h0, chunks, gate, output_final_state)
+    return fwd_o(q, k, values, h, b, span, A, chunks, gate, scale), ht, None if wy is None else wy[0]
 
 
 def chunk_backward(
@@ -84,10 +96,8 @@ class ChunkRecurrence(torch.autograd.Function):
         # chunks of 64; solving it again cost a fifth of the backward's time), and makes w and u again from it in one
         # light pass (wy_again): they are as large as k and v. States are not kept, nor the gate cumsum (one cheap
         # kernel): the raw gates are kept, which a bidirectional scan keeps unstacked.
-        b, span, wy = chunk_prepare(k, v, g, beta, chunks, gate)
-        h, values, A, ht = _forward_states(q, k, v, b, span, wy, h0, chunks, gate, output_final_state)
-        o = fwd_o(q, k, values, h, b, span, A, chunks, gate, scale)
-        ctx.save_for_backward(q, k, v, g, beta, h0, *(wy or ())[:1])
+        o, ht, X = chunk_forward(q, k, v, g, beta, h0, scale, chunks, gate, output_final_state)
+        ctx.save_for_backward(q, k, v, g, beta, h0, *(() if X is None else (X,)))
         ctx.scale, ctx.chunks, ctx.gate = scale, chunks, gate
         ctx.set_materialize_grads(False)
         return o, ht

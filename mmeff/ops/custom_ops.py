@@ -14,11 +14,12 @@ T 4,096 (the eager kernel 1.2 ms; benchmarks/results/lm_train_speed_h100.md). Th
 once a layer, [T, D/2], and the kernel reads them.
 
 `mmeff::linear_recurrence` runs mmeff.kernels.linear_recurrence_triton; its fake implementation gives dynamo the
-output shapes, and `mmeff::linear_recurrence_backward` gives the gradients. The custom op cannot keep the
-forward's intermediates (their sizes depend on cu_seqlens' values), so its backward recomputes what the eager
-autograd.Function of mmeff.kernels keeps (the gate cumsum, the delta rule's WY matrix), then runs that function's
-backward passes (which recompute the states either way). `mmeff.ops.recurrence` takes this path only while
-torch.compile traces.
+output shapes, and `mmeff::linear_recurrence_backward` gives the gradients. Of the forward's intermediates the op
+returns, for a backward, the delta rule's WY matrix X (kept by token, [1, T, H, BT / 2 + 1]: a shape the inputs
+give, where the chunks' count depends on cu_seqlens' values); its backward makes the gate cumsum again, as the eager
+autograd.Function of mmeff.kernels does, then runs that function's backward passes (which recompute the states
+either way). Until X was kept, the backward solved it again: a fifth of the eager backward's time when measured.
+`mmeff.ops.recurrence` takes this path only while torch.compile traces.
 """
 
 from __future__ import annotations
@@ -41,25 +42,46 @@ def _absent(like: Tensor) -> Tensor:
 @torch.library.custom_op("mmeff::linear_recurrence", mutates_args=())
 def _forward(
     q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], h0: Optional[Tensor],
-    cu_seqlens: Optional[Tensor], scale: float, chunk_size: int, final: bool,
-) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    cu_seqlens: Optional[Tensor], scale: float, chunk_size: int, final: bool, keep_wy: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o, the final state, the delta rule's X where `keep_wy` asks for it and beta is given; absent ones empty)."""
+    kernels = dispatch.triton_kernels()
+    if _keeps_wy(beta, keep_wy):
+        args, chunks, gate = kernels.pack(q, k, v, g, beta, h0, cu_seqlens, chunk_size)
+        if chunks.num_chunks:
+            with torch.no_grad():
+                o, ht, X = kernels.chunk_forward(*args, scale, chunks, gate, final)
+            return o.reshape(v.shape).to(v.dtype), (ht if final else _absent(q)), X
     with torch.no_grad():
-        o, ht = dispatch.triton_kernels().linear_recurrence_triton(q, k, v, g, beta, scale, h0, final, cu_seqlens, chunk_size)
-    return o, (ht if final else _absent(q))
+        o, ht = kernels.linear_recurrence_triton(q, k, v, g, beta, scale, h0, final, cu_seqlens, chunk_size)
+    X = _wy_like(q, k, v, chunk_size) if _keeps_wy(beta, keep_wy) else _absent(q)  # no chunk: never read
+    return o, (ht if final else _absent(q)), X
 
 
 @_forward.register_fake
-def _(q, k, v, g, beta, h0, cu_seqlens, scale, chunk_size, final):
+def _(q, k, v, g, beta, h0, cu_seqlens, scale, chunk_size, final, keep_wy):
     seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(seqs, v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32) if final else _absent(q)
-    return torch.empty_like(v), ht
+    return torch.empty_like(v), ht, _wy_like(q, k, v, chunk_size) if _keeps_wy(beta, keep_wy) else _absent(q)
+
+
+def _keeps_wy(beta: Optional[Tensor], keep_wy: bool) -> bool:
+    return keep_wy and beta is not None
+
+
+def _wy_like(q: Tensor, k: Tensor, v: Tensor, chunk_size: int) -> Tensor:
+    """An empty tensor of the shape and dtype of the X the kernels keep (mmeff.kernels.chunk_delta.wy_fwd)."""
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    rows = dispatch.triton_kernels().chunk_rows(chunk_size)
+    return q.new_empty(1, v.shape[0] * v.shape[1], v.shape[2], rows // 2 + 1, dtype=dtype)
 
 
 @torch.library.custom_op("mmeff::linear_recurrence_backward", mutates_args=())
 def _backward(
     do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor],
-    h0: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, chunk_size: int,
+    h0: Optional[Tensor], cu_seqlens: Optional[Tensor], X: Optional[Tensor], scale: float, chunk_size: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of q, k, v, g, beta, h0 (absent ones empty); X: the forward's, else solved again."""
     kernels = dispatch.triton_kernels()
     args, chunks, gate = kernels.pack(q, k, v, g, beta, h0, cu_seqlens, chunk_size)
     inputs = (q, k, v, g, beta, h0)
@@ -69,8 +91,8 @@ def _backward(
         pq, pk, pv, pg, pbeta, ph0 = args
         do = do.reshape(pv.shape).to(pv.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        grads = kernels.chunk_backward(pq, pk, pv, pbeta, ph0, *kernels.chunk_prepare(pk, pv, pg, pbeta, chunks, gate), do,
-                                       dht, scale, chunks, gate, ph0 is not None)  # fmt: skip
+        prepared = kernels.chunk_prepare(pk, pv, pg, pbeta, chunks, gate, X)
+        grads = kernels.chunk_backward(pq, pk, pv, pbeta, ph0, *prepared, do, dht, scale, chunks, gate, ph0 is not None)
     return tuple(  # type: ignore[return-value]
         _absent(q) if x is None else (torch.zeros_like(x) if d is None else d.reshape(x.shape).to(x.dtype))
         for x, d in zip(inputs, grads)
@@ -78,26 +100,26 @@ def _backward(
 
 
 @_backward.register_fake
-def _(do, dht, q, k, v, g, beta, h0, cu_seqlens, scale, chunk_size):
+def _(do, dht, q, k, v, g, beta, h0, cu_seqlens, X, scale, chunk_size):
     return tuple(_absent(q) if t is None else torch.empty_like(t) for t in (q, k, v, g, beta, h0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, g, beta, h0, cu_seqlens, scale, chunk_size, final = inputs
-    ctx.save_for_backward(q, k, v, g, beta, h0, cu_seqlens)
+    q, k, v, g, beta, h0, cu_seqlens, scale, chunk_size, final, keep_wy = inputs
+    ctx.save_for_backward(q, k, v, g, beta, h0, cu_seqlens, output[2] if _keeps_wy(beta, keep_wy) else None)
     ctx.scale, ctx.chunk_size, ctx.final, ctx.ht_shape = scale, chunk_size, final, output[1].shape
 
 
-def _autograd(ctx, do: Optional[Tensor], dht: Optional[Tensor]):
-    q, k, v, g, beta, h0, cu_seqlens = ctx.saved_tensors
+def _autograd(ctx, do: Optional[Tensor], dht: Optional[Tensor], dX: Optional[Tensor]):
+    q, k, v, g, beta, h0, cu_seqlens, X = ctx.saved_tensors
     do = torch.zeros_like(v) if do is None else do
     if not ctx.final:
         dht = None
     elif dht is None:
         dht = torch.zeros(ctx.ht_shape, dtype=torch.float32, device=q.device)
-    grads = _backward(do, dht, q, k, v, g, beta, h0, cu_seqlens, ctx.scale, ctx.chunk_size)
+    grads = _backward(do, dht, q, k, v, g, beta, h0, cu_seqlens, X, ctx.scale, ctx.chunk_size)
     present = [t is not None for t in (q, k, v, g, beta, h0)]
-    return (*(grad if there else None for grad, there in zip(grads, present)), None, None, None, None)
+    return (*(grad if there else None for grad, there in zip(grads, present)), None, None, None, None, None)
 
 
 _forward.register_autograd(_autograd, setup_context=_setup_context)
@@ -108,7 +130,10 @@ def linear_recurrence_op(
     initial_state: Optional[Tensor], output_final_state: bool, cu_seqlens: Optional[Tensor], chunk_size: int,
 ) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """mmeff.kernels.linear_recurrence_triton (mode "chunk") through the custom op."""
-    o, ht = _forward(q, k, v, log_decay, beta, initial_state, cu_seqlens, scale, chunk_size, output_final_state)
+    # X is kept only for a backward to come: inference keeps linear_recurrence_triton's choice of kernels.
+    inputs = (q, k, v, log_decay, beta, initial_state)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    o, ht, _ = _forward(q, k, v, log_decay, beta, initial_state, cu_seqlens, scale, chunk_size, output_final_state, training)
     return o, (ht if output_final_state else None)
 
 

@@ -288,6 +288,24 @@ def test_custom_op_matches_reference_and_compiles(fake_gpu):
     assert max_error(ssd, ops.ssd(x, dt, A, B, B, chunk_size=16, cu_seqlens=CU, backend="torch")) <= 1e-4
 
 
+def test_custom_op_solves_the_delta_rules_x_once_in_training(fake_gpu, monkeypatch):
+    # Through mmeff::linear_recurrence with a backward to come, the forward returns the WY matrix X it solved and the
+    # backward makes w and u from it (solving X again took a fifth of the eager backward); without one (keep_wy
+    # false), X is not returned. The gradients: test_custom_op_matches_reference_and_compiles.
+    from functools import partial
+
+    from mmeff.ops.custom_ops import linear_recurrence_op
+
+    solved, solve = [], fake_gpu.chunk.wy_fwd
+    monkeypatch.setattr(fake_gpu.chunk, "wy_fwd", lambda *args: solved.append(args[0].shape) or solve(*args))
+    inputs = make_inputs("gated_delta_rule", 1, 32, 2, 16, 16, seed=8, num_states=len(LENGTHS))
+    forward_backward(partial(linear_recurrence_op, cu_seqlens=CU, chunk_size=16), inputs)
+    assert len(solved) == 1
+    args = [inputs[n] for n in ("q", "k", "v", "log_decay", "beta")]
+    kept, dropped = (torch.ops.mmeff.linear_recurrence(*args, None, CU, 0.25, 16, False, keep)[2] for keep in (True, False))
+    assert kept.shape == (1, 32, 2, 16 // 2 + 1) and kept.dtype == args[0].dtype and dropped.numel() == 0
+
+
 def test_compiled_bidirectional_gla_takes_the_kernels_in_one_graph(fake_gpu):
     # The GPU path of a bidirectional (route-stacked) gla block under torch.compile(fullgraph=True): the routes'
     # gather functions and the recurrence's custom op are traced, with no graph break, and the compiled forward and
@@ -368,9 +386,11 @@ def _custom_op_cases() -> dict[str, tuple]:
                                              0.25, True, 1e-6, "identity"),  # fmt: skip
         "rope": (wk.requires_grad_(), *(t.squeeze(0) for t in torch.randn(2, 1, 37, 8, generator=g).unbind(0)),
                  torch.bfloat16, False),
-        "linear_recurrence": (wk, wk, wv, gate, None, None, None, 0.25, 16, True),
+        "linear_recurrence": (wk, wk, wv, gate, None, None, None, 0.25, 16, True, True),
+        "linear_recurrence/delta": (F.normalize(wk, dim=-1), F.normalize(wk, dim=-1), wv, gate[..., 0],
+                                    torch.rand(2, 37, 2, generator=g), None, None, 0.25, 32, False, True),  # fmt: skip
         "linear_recurrence_backward": (torch.randn(2, 37, 2, 24, generator=g), None, wk.detach(), wk.detach(), wv, gate,
-                                       None, None, None, 0.25, 16),  # fmt: skip
+                                       None, None, None, None, 0.25, 16),  # fmt: skip
     }
 
 
