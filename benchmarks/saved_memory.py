@@ -83,7 +83,6 @@ def kept(model: torch.nn.Module, images: torch.Tensor) -> dict[int, tuple[int, t
     """Storages kept for the backward of one bf16-autocast forward: {data pointer: (bytes, a shape, dtype)}."""
     with saved_storages() as found, torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images)  # held to the end of the block: its graph keeps what is counted
-    del out
     return {ptr: (t.untyped_storage().nbytes(), tuple(t.shape), t.dtype) for ptr, t in found.items()}
 
 

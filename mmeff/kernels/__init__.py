@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from mmeff.kernels.chunk import ChunkRecurrence, chunk_backward, chunk_forward, chunk_prepare
+from mmeff.kernels.chunk import ChunkRecurrence, chunk_backward, chunk_forward
 from mmeff.kernels.recurrent import fused_recurrent
 from mmeff.kernels.utils import KEY_GATE, NO_GATE, SCALAR_GATE, Chunks, make_chunks
 
@@ -20,7 +20,6 @@ __all__ = [
     "ChunkRecurrence",
     "chunk_backward",
     "chunk_forward",
-    "chunk_prepare",
     "chunk_rows",
     "linear_recurrence_triton",
     "pack",

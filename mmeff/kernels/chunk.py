@@ -35,42 +35,33 @@ def _forward_states(
     return h, (v if w is None else v_new), A, ht
 
 
-def chunk_prepare(
-    k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], chunks: Chunks, gate: int,
-    X: Optional[Tensor] = None,
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tuple[Tensor, ...]]]:  # fmt: skip
-    """What both passes read besides the inputs: the gate cumsum b and its per-chunk span, and the WY pieces of the
-    delta rule (None where the kind has none): solved, or made from the X a forward kept."""
-    b, span = (None, None) if g is None else chunk_cumsum(g, chunks)
-    if beta is None:
-        return b, span, None
-    return b, span, wy_fwd(k, v, b, beta, chunks, gate) if X is None else (X, *wy_again(k, v, b, beta, X, chunks, gate))
-
-
 def chunk_forward(
     q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], h0: Optional[Tensor], scale: float,
     chunks: Chunks, gate: int, output_final_state: bool,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:  # fmt: skip
-    """The forward passes on packed inputs: (o, the final state or None, the delta rule's X for the backward or None)."""
-    b, span, wy = chunk_prepare(k, v, g, beta, chunks, gate)
+    """The forward passes on packed inputs (g the raw log decay, fp32): (o, the final state or None, the delta rule's
+    X for the backward or None)."""
+    b, span = (None, None) if g is None else chunk_cumsum(g, chunks)
+    wy = None if beta is None else wy_fwd(k, v, b, beta, chunks, gate)
     h, values, A, ht = _forward_states(q, k, v, b, span, wy, h0, chunks, gate, output_final_state)
     return fwd_o(q, k, values, h, b, span, A, chunks, gate, scale), ht, None if wy is None else wy[0]
 
 
 def chunk_backward(
-    q: Tensor, k: Tensor, v: Tensor, beta: Optional[Tensor], h0: Optional[Tensor], b: Optional[Tensor],
-    span: Optional[Tensor], wy: Optional[Tuple[Tensor, ...]], do: Tensor, dht: Optional[Tensor], scale: float,
-    chunks: Chunks, gate: int, want_dh0: bool,
+    q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], h0: Optional[Tensor],
+    X: Optional[Tensor], do: Tensor, dht: Optional[Tensor], scale: float, chunks: Chunks, gate: int, want_dh0: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # fmt: skip
     """(dq, dk, dv, d log decay, dbeta, dh0) from the output gradient `do` (contiguous) and the final state's `dht`
-    (fp32 or None): the states recomputed, then dh (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's finishing kernel.
-    q and k may have fewer heads than v (a divisor: groups of heads share them), under a scalar gate or none.
-    b, span, wy: chunk_prepare's, in its order; a caller that passes wy without keeping it lets its w and u go early."""
+    (fp32 or None): the gate cumsum, the delta rule's w and u (from X, the forward's, or X solved again where None)
+    and the states made again, then dh (chunk_h) -> dq, dk, dv (chunk_o) -> the kind's finishing kernel. q and k may
+    have fewer heads than v (a divisor: groups of heads share them), under a scalar gate or none."""
+    b, span = (None, None) if g is None else chunk_cumsum(g, chunks)
+    w = u = None
+    if beta is not None:
+        X, w, u = wy_fwd(k, v, b, beta, chunks, gate) if X is None else (X, *wy_again(k, v, b, beta, X, chunks, gate))
     # Each buffer is dropped once its last reader is queued, so that the allocator can hand its memory to the next
     # pass's outputs: gated_deltanet-bi's training step peaked 16.6 KiB per token lower (saved_memory.py --peak).
-    X, w, u = wy or (None, None, None)
-    del wy
-    h, values, A, _ = _forward_states(q, k, v, b, span, None if X is None else (X, w, u), h0, chunks, gate, False)
+    h, values, A, _ = _forward_states(q, k, v, b, span, None if w is None else (X, w, u), h0, chunks, gate, False)
     del u
     local = None if beta is None else dv_local(q, k, b, do, chunks, gate, scale)
     dh, dh0, dv_new = bwd_dh(q, k, w, b, do, local, dht, chunks, gate, scale, want_dh0)
@@ -105,14 +96,10 @@ class ChunkRecurrence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dht):  # type: ignore[override]
-        q, k, v, g, beta, h0, *wy = ctx.saved_tensors
-        b, span = (None, None) if g is None else chunk_cumsum(g, ctx.chunks)
+        q, k, v, g, beta, h0, *kept = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
         want_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        # The WY pieces made in the call, so that no name here holds w and u past chunk_backward's last use of them.
-        grads = chunk_backward(
-            q, k, v, beta, h0, b, span, (wy[0], *wy_again(k, v, b, beta, wy[0], ctx.chunks, ctx.gate)) if wy else None,
-            do, dht, ctx.scale, ctx.chunks, ctx.gate, want_dh0,
-        )  # fmt: skip
+        X = kept[0] if kept else None
+        grads = chunk_backward(q, k, v, g, beta, h0, X, do, dht, ctx.scale, ctx.chunks, ctx.gate, want_dh0)
         return (*grads, None, None, None, None)

@@ -91,8 +91,7 @@ def _backward(
         pq, pk, pv, pg, pbeta, ph0 = args
         do = do.reshape(pv.shape).to(pv.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        prepared = kernels.chunk_prepare(pk, pv, pg, pbeta, chunks, gate, X)
-        grads = kernels.chunk_backward(pq, pk, pv, pbeta, ph0, *prepared, do, dht, scale, chunks, gate, ph0 is not None)
+        grads = kernels.chunk_backward(pq, pk, pv, pg, pbeta, ph0, X, do, dht, scale, chunks, gate, ph0 is not None)
     return tuple(  # type: ignore[return-value]
         _absent(q) if x is None else (torch.zeros_like(x) if d is None else d.reshape(x.shape).to(x.dtype))
         for x, d in zip(inputs, grads)
@@ -133,7 +132,8 @@ def linear_recurrence_op(
     # X is kept only for a backward to come: inference keeps linear_recurrence_triton's choice of kernels.
     inputs = (q, k, v, log_decay, beta, initial_state)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    o, ht, _ = _forward(q, k, v, log_decay, beta, initial_state, cu_seqlens, scale, chunk_size, output_final_state, training)
+    o, ht, _ = _forward(q, k, v, log_decay, beta, initial_state, cu_seqlens, scale, chunk_size, output_final_state,
+                        training)  # fmt: skip
     return o, (ht if output_final_state else None)
 
 

@@ -227,8 +227,7 @@ def _kept_bytes(block: torch.nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct non-parameter storages autograd keeps for the backward of block(x)."""
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     with saved_storages() as kept:
-        y = block(x)
-    del y
+        y = block(x)  # held to the end of the block: its graph keeps what is counted
     return sum(t.untyped_storage().nbytes() for ptr, t in kept.items() if ptr not in params)
 
 

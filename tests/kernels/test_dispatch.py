@@ -270,8 +270,9 @@ def test_large_shapes_run_or_are_refused_by_name(monkeypatch):
 def test_custom_op_matches_reference_and_compiles(fake_gpu):
     # mmeff::linear_recurrence (the kernels as a torch custom op) against the step-by-step reference, eagerly and
     # under torch.compile(fullgraph=True), alone and through the op's dispatch: dynamo captures it without a
-    # graph break, through its fake kernels. Its backward runs the kernels' backward passes on the inputs alone
-    # (the delta rule's WY pieces recomputed; GLA's per-key gates: test_compiled_bidirectional_gla_... below).
+    # graph break, through its fake kernels. Its backward runs the kernels' backward passes on the inputs (the gate
+    # cumsum made again, the delta rule's w and u from the X its forward returned; GLA's per-key gates:
+    # test_compiled_bidirectional_gla_... below).
     from functools import partial
 
     from mmeff.ops.custom_ops import linear_recurrence_op
@@ -302,7 +303,9 @@ def test_custom_op_solves_the_delta_rules_x_once_in_training(fake_gpu, monkeypat
     forward_backward(partial(linear_recurrence_op, cu_seqlens=CU, chunk_size=16), inputs)
     assert len(solved) == 1
     args = [inputs[n] for n in ("q", "k", "v", "log_decay", "beta")]
-    kept, dropped = (torch.ops.mmeff.linear_recurrence(*args, None, CU, 0.25, 16, False, keep)[2] for keep in (True, False))
+    kept, dropped = (
+        torch.ops.mmeff.linear_recurrence(*args, None, CU, 0.25, 16, False, keep)[2] for keep in (True, False)
+    )
     assert kept.shape == (1, 32, 2, 16 // 2 + 1) and kept.dtype == args[0].dtype and dropped.numel() == 0
 
 

@@ -249,6 +249,7 @@ def test_saved_storages_counts_what_the_graph_still_holds():
         del dropped
         tripled = a * 3
         y = tripled.sin()
-    assert list(found) == [tripled.untyped_storage().data_ptr()] and found[tripled.untyped_storage().data_ptr()] is tripled
+    ptr = tripled.untyped_storage().data_ptr()
+    assert list(found) == [ptr] and found[ptr] is tripled
     y.sum().backward()
     torch.testing.assert_close(a.grad, 3 * (3 * a.detach()).cos())
