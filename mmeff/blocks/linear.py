@@ -217,7 +217,10 @@ class LinearMixer(ScanMixer):
         if gate is None or not self.remake_gate:
             return self.norm.projected(self.out, y, gate)
         # The gate is x's projection, and the backward keeps x for the projections' weight gradients: the norm's
-        # backward reads the gate made again from it.
+        # backward reads the gate made again from it. Compiled, the gate is made inside the norm's region (the one
+        # made in `project` then has no reader, and the traced graph drops it).
+        if torch.compiler.is_compiling():
+            return self.norm.projected(self.out, y, x, gate=self.gate)
         with recomputed([(gate, under_autocast_now(self.gate, x.device.type), (x,))]):
             return self.norm.projected(self.out, y, gate)
 

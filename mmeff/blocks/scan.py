@@ -358,21 +358,29 @@ class GroupedNorm(nn.Module):
         kind = "rms" if self.kind == "rms" else "layer"
         return ops.norm(y, self.weight, self.bias, self.eps, kind, self.groups, gate=z, gate_first=self.gate_first)
 
-    def projected(self, out: nn.Module, y: Tensor, z: Tensor | None = None, keep_gate_view: bool = False) -> Tensor:
+    def projected(
+        self, out: nn.Module, y: Tensor, z: Tensor | None = None, keep_gate_view: bool = False,
+        gate: nn.Module | None = None,
+    ) -> Tensor:  # fmt: skip
         """out(self(y, z)), with the norm's output made again from y and z in the backward (where `out` reads it)
         instead of kept: the norm's own backward keeps y and z already, so this keeps a [tokens, width] tensor less
         per block (benchmarks/saved_memory.py). `keep_gate_view`: z, a view of a wider tensor the backward keeps
-        anyway, is read and kept in place rather than copied."""
+        anyway, is read and kept in place rather than copied. `gate` (only while torch.compile traces): z is the
+        input of gate, which is made inside the region and so again in the backward, its matmul too (what eager
+        mode's `remake_gate` recipe does; the partitioner would keep a matmul's output)."""
         # Contiguous first, so that the norm keeps these very tensors: a view (Mamba-2's z is a slice of in_proj's
         # output) would keep its whole base alive here, unless that is kept anyway.
-        inputs = (y.contiguous(),) if z is None else (y.contiguous(), z if keep_gate_view else z.contiguous())
+        inputs = (y.contiguous(),) if z is None else (y.contiguous(), z if keep_gate_view or gate else z.contiguous())
 
         def run(*inputs: Tensor) -> Tensor:
+            if gate is not None:
+                inputs = (inputs[0], gate(inputs[1]))
             normed = self(*inputs)
             with recomputed([(normed, under_autocast_now(self, y.device.type), inputs)]):
                 return out(normed)
 
-        return compiled_recomputing(run, *inputs)  # compiled, the same through the partitioner
+        # compiled, the same through the partitioner
+        return compiled_recomputing(run, *inputs, keep_products=gate is None)
 
 
 def dt_bias_init(size: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:

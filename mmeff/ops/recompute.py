@@ -215,15 +215,17 @@ def saved_storages() -> Iterator[dict[int, Tensor]]:
             found.setdefault(t.untyped_storage().data_ptr(), t)
 
 
-def _keep_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+def _keep(products: bool, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """Selective checkpointing's policy of `compiled_recomputing`."""
-    kept = op in _KEPT or (getattr(op, "namespace", None) == "mmeff" and op.name() not in _REMADE_KERNELS)
+    kernel = getattr(op, "namespace", None) == "mmeff" and op.name() not in _REMADE_KERNELS
+    kept = kernel or (products and op in _KEPT)
     return CheckpointPolicy.PREFER_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def compiled_recomputing(fn: Callable[..., Any], *args: Any) -> Any:
+def compiled_recomputing(fn: Callable[..., Any], *args: Any, keep_products: bool = True) -> Any:
     """fn(*args); while torch.compile traces with a backward to record, as a selective activation checkpoint whose
-    casts, gathers and elementwise ops are made again in the backward rather than kept (their inputs kept instead).
+    casts, gathers and elementwise ops are made again in the backward rather than kept (their inputs kept instead);
+    matmuls' outputs too where not `keep_products`.
 
     Inductor's partitioner keeps any value that a matmul or a kernel reads in the backward (it would be materialized
     there anyway): an MLP's GELU output, which the next projection's weight gradient reads, and the route-stacked
@@ -235,7 +237,8 @@ def compiled_recomputing(fn: Callable[..., Any], *args: Any) -> Any:
     """
     if not torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, _keep_products))
+    policy = partial(_keep, keep_products)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, policy))
 
 
 def kept_when_compiled(fn: Callable[..., Tensor], *inputs: Tensor, autocast: torch.dtype | None = None) -> list[Tensor]:

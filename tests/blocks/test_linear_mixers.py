@@ -268,6 +268,25 @@ def test_remade_gate_is_not_kept_and_gives_the_same_gradients(options):
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
 
 
+def test_compiled_remade_gate_is_not_kept_and_gives_the_same_gradients():
+    # Compiled, the partitioner kept the gate (a matmul's output the norm's backward reads) although eager mode makes
+    # it again: it is now made inside the norm's region, so torch.compile keeps B x T x value width fewer elements.
+    from mmeff.ops.recompute import kept_when_compiled
+
+    dim, T = 32, 24
+    kept, grads = {}, {}
+    for remake in (False, True):
+        torch.manual_seed(0)
+        block = make("retnet", dim, heads=2, remake_gate=remake, causal=False, scan="bi")
+        x = torch.randn(2, T, dim, requires_grad=True)
+        kept[remake] = sum(t.numel() for t in kept_when_compiled(block, x))
+        grads[remake] = [x.grad, *(p.grad for p in block.parameters())]
+        eager = torch.autograd.grad(block(x).float().square().mean(), [x, *block.parameters()])
+        for got, want in zip(grads[remake], eager):
+            torch.testing.assert_close(got, want)
+    assert kept[False] - kept[True] == 2 * T * block.value_dim, kept
+
+
 def test_elu_feature_map_matches_autograd_of_elu_plus_one():
     from mmeff.blocks.linear import FEATURE_MAPS
 
