@@ -44,6 +44,7 @@ attn first): one layer's bytes per token, a 2-layer model's count less a 1-layer
     python benchmarks/saved_memory.py --rows timm gated_deltanet-bi --peak
     python benchmarks/saved_memory.py --lm --rows attn mamba2 --peak
     python benchmarks/saved_memory.py --rows timm gla-bi mamba2-bi --compiled
+    python benchmarks/saved_memory.py --lm --rows attn gated_deltanet retnet --compiled
 
 Writes benchmarks/results/saved_memory_cpu.{md,json,png} (records: row, kib_per_token_layer, vs_timm,
 live_kib_per_token_layer, live_vs_timm, largest), with --lm saved_memory_lm_cpu.* (vs_attn, live_vs_attn).
@@ -251,21 +252,23 @@ def lm_transient(row: str, shape: lm_train_speed.Shape, T: int) -> float:
     return (extra[1] - extra[0]) / 2 / T / 1024
 
 
-def measure_lm(row: str, shape: lm_train_speed.Shape, T: int, peak: bool) -> dict[str, Any]:
+def measure_lm(row: str, shape: lm_train_speed.Shape, T: int, peak: bool, compiled: bool = False) -> dict[str, Any]:
     """One record of an lm_train_speed row: KiB one layer keeps (and leaves live) per token, from models of two and one
     times its pattern's layers (a hybrid's mean over its pattern) on rows of T tokens, batches of 2 and 1 rows; with
-    `peak`, the step's transient and its peak per token at the row's full depth, as `measure`."""
+    `peak`, the step's transient and its peak per token at the row's full depth, as `measure`; with `compiled`, what
+    torch.compile keeps per token and layer, counted the same way."""
     unit = len(lm_train_speed.pattern_of(row))
     per_token = []
     for depth in (unit, 2 * unit):
         torch.manual_seed(0)
         model, _ = lm_train_speed.build(row, replace(shape, depth=depth), T)
         rows = [torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(n)) for n in (1, 2)]
-        saved = [sum(b for b, _, _ in kept(model, x).values()) for x in rows]
-        alive = [live(model, x) for x in rows]
-        per_token.append(((saved[1] - saved[0]) / T, (alive[1] - alive[0]) / T))
-    record = {"row": row, "kib_per_token_layer": (per_token[1][0] - per_token[0][0]) / unit / 1024,
-              "live_kib_per_token_layer": (per_token[1][1] - per_token[0][1]) / unit / 1024}  # fmt: skip
+        counts = [[sum(b for b, _, _ in kept(model, x).values()) for x in rows], [live(model, x) for x in rows]]
+        if compiled:  # after the eager counts: the kernels are imported by then, as on a GPU (dispatch.preload_kernels)
+            counts.append([compiled_kept(model, x) for x in rows])
+        per_token.append([(c[1] - c[0]) / T for c in counts])
+    names = ["kib_per_token_layer", "live_kib_per_token_layer", "compiled_kib_per_token_layer"]
+    record = {"row": row, **{n: (two - one) / unit / 1024 for n, one, two in zip(names, *per_token)}}
     if peak:
         record["transient_kib_per_token"] = lm_transient(row, shape, T)
         record["peak_kib_per_token"] = record["live_kib_per_token_layer"] * shape.depth + record["transient_kib_per_token"]
@@ -334,13 +337,11 @@ def main() -> None:
     p.add_argument("--detail", action="store_true", help="also list each row's largest kinds of kept tensor (vision)")
     p.add_argument("--peak", action="store_true", help="also the backward's transient bytes and the step's peak per token "
                    "(a 2-layer model's training step each row; a hybrid LM's pattern)")
-    p.add_argument("--compiled", action="store_true", help="also what torch.compile keeps for the backward (vision)")
+    p.add_argument("--compiled", action="store_true", help="also what torch.compile keeps for the backward")
     p.add_argument("--smoke", action="store_true", help="the tiny models of the speed scripts (a check that rows run)")
     p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/saved_memory_cpu, --lm: saved_memory_lm_cpu)")
     args = p.parse_args()
     out = args.out or Path(__file__).parent / "results" / ("saved_memory_lm_cpu" if args.lm else "saved_memory_cpu")
-    if args.lm and args.compiled:
-        raise SystemExit("saved_memory: --compiled counts the vision rows (leave out --lm)")
     if args.lm:
         rows = args.rows or LM_ROWS
         unknown = [r for r in rows if not lm_train_speed.pattern_of(r)]
@@ -366,7 +367,7 @@ def main() -> None:
     chunk_o.GROUP_PROGRAMS = 1
     records = []
     for row in rows:
-        records.append(measure_lm(row, shape, lm_t, args.peak) if args.lm
+        records.append(measure_lm(row, shape, lm_t, args.peak, args.compiled) if args.lm
                        else measure(row, shape, px, args.detail, args.peak, args.compiled))
         for r in records:
             r[f"vs_{base}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]

@@ -119,7 +119,10 @@ class Routes:
         batch, length = streams[0].shape[:2]
         plan = self.plan(batch, length, layout, streams[0].device)
         if plan is None:
-            return fn(streams, layout.cu_seqlens)
+            # Compiled, in a region too, so that what eager mode makes again in the backward (`recomputed`) is made
+            # again: outside one the compiled gated_deltanet LM kept 8 KiB a token and layer more than eager mode (its
+            # short conv's output is that size; benchmarks/saved_memory.py --lm --compiled).
+            return compiled_recomputing(lambda *s: fn(list(s), layout.cu_seqlens), *streams)
         group = max(1, self.max_tokens // (plan.routes * length)) if self.max_tokens else batch  # sequences a call
         if group < batch and layout.docs is None:
             # Groups of sequences one after another, each through its own routes: the backward of one group ends,

@@ -9,6 +9,8 @@ import torch
 from kernel_cases import bytes_made_again
 
 from mmeff import blocks
+from mmeff.backbone import Backbone
+from mmeff.config import BackboneConfig
 from mmeff.blocks.layout import Layout
 
 B, T = 2, 16
@@ -33,3 +35,30 @@ def test_conv_output_made_again_in_the_backward(kernels, monkeypatch, causal, ki
     mixer = blocks.build(kind, dim, causal=causal, **options)
     fewer = bytes_made_again(monkeypatch, mixer, torch.randn(B, T, dim), LAYOUT, "mmeff.blocks.conv.recomputed")
     assert fewer == (1 if causal else 2) * B * T * width * 2  # the conv's bf16 output, every route's
+
+
+
+def test_compiled_causal_mixer_keeps_no_more_than_eager(kernels, monkeypatch):
+    # Compiled, a causal mixer (no scan routes, whose region holds the bidirectional ones) ran outside any
+    # compiled_recomputing region, and the partitioner kept what eager mode makes again in the backward: the compiled
+    # gated_deltanet LM kept 43.4 KiB per token and layer against 35.4 eager (benchmarks/saved_memory.py --lm
+    # --compiled; 8 KiB, its short conv's [T, 4096] bf16 output). Counted after an eager step, which imports the
+    # kernels (as dispatch.preload_kernels does on a GPU): the bytes kept for two rows less those for one (the weights
+    # left out). Without the region the compiled layer kept 199,936 bytes a row against eager's 183,040.
+    from mmeff.ops import dispatch
+    from mmeff.ops.recompute import kept_when_compiled, saved_storages
+
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    torch.manual_seed(0)
+    config = BackboneConfig(dim=64, depth=1, pattern=["gated_deltanet"], mixers={"gated_deltanet": {"heads": 4}})
+    model = Backbone(config)
+    eager, compiled = [], []
+    for n in (1, 2):
+        x = torch.randn(n, 64, 64)
+        with saved_storages() as found, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        eager.append(sum(t.untyped_storage().nbytes() for t in found.values()))
+        y.float().sum().backward()
+        kept = kept_when_compiled(model, x, autocast=torch.bfloat16)
+        compiled.append(sum(t.numel() * t.element_size() for t in kept))
+    assert compiled[1] - compiled[0] <= eager[1] - eager[0], (eager, compiled)
