@@ -41,7 +41,7 @@ from mmeff import ops
 from mmeff.blocks.cache import Cache
 from mmeff.blocks.layout import Layout
 from mmeff.ops import dispatch
-from mmeff.ops.recompute import compiled_recomputing, recomputed, under_autocast_now
+from mmeff.ops.recompute import PerRead, Recipe, compiled_recomputing, recomputed, under_autocast_now
 from mmeff.ops.varlen import cu_seqlens_from_docs
 
 ScanKind = Literal["forward", "bi", "cross", "global"]
@@ -114,8 +114,9 @@ class Routes:
             self._plans[key] = plan
         return plan
 
-    def __call__(self, fn: MixFn, streams: list[Tensor], layout: Layout) -> Tensor:
-        """Run `fn` on the token streams [B, T, ...] along every route; mean of the outputs in token order."""
+    def __call__(self, fn: MixFn, streams: list[Tensor], layout: Layout, per_read: int = 0) -> Tensor:
+        """Run `fn` on the token streams [B, T, ...] along every route; mean of the outputs in token order. The first
+        `per_read` streams' route copies are gathered for each read in the backward (`regathered`)."""
         batch, length = streams[0].shape[:2]
         plan = self.plan(batch, length, layout, streams[0].device)
         if plan is None:
@@ -129,10 +130,10 @@ class Routes:
             # and frees its buffers, before the next one's starts.
             groups = [list(part) for part in zip(*(s.split(group) for s in streams))]
             plans = (self.plan(part[0].shape[0], length, layout, part[0].device) for part in groups)
-            return torch.cat([self._stacked(fn, part, layout, p) for part, p in zip(groups, plans)])
-        return self._stacked(fn, streams, layout, plan)
+            return torch.cat([self._stacked(fn, part, layout, p, per_read) for part, p in zip(groups, plans)])
+        return self._stacked(fn, streams, layout, plan, per_read)
 
-    def _stacked(self, fn: MixFn, streams: list[Tensor], layout: Layout, plan: Plan) -> Tensor:
+    def _stacked(self, fn: MixFn, streams: list[Tensor], layout: Layout, plan: Plan, per_read: int) -> Tensor:
         """`fn` on the streams' routes stacked along the batch, its outputs merged back to token order."""
         # Routes go along the batch, route-minor ([B * R, T]): one gather per stream builds them all (one launch for
         # all streams on the route kernels), one gathers the outputs back to token order, with no flipped or
@@ -142,7 +143,7 @@ class Routes:
 
         def run(*sources: Tensor) -> Tensor:
             stacked = list(_Stack.apply(plan.order, plan.back, plan.routes, plan.flip, *sources))
-            with regathered(stacked, list(sources), plan):
+            with regathered(stacked, list(sources), plan, per_read):
                 return fn(stacked, cu_seqlens)
 
         # Compiled, the stacked copies are gathered again in the backward, as `regathered` has them in eager mode (the
@@ -247,10 +248,13 @@ class _Merge(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iterator[None]:
+def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan, per_read: int = 0) -> Iterator[None]:
     """Inside: a tensor saved for the backward that is (a view of) a route-stacked stream is kept as its source
     stream, and gathered along the routes again when the backward first reads it (`recomputed`: once for all the
-    streams and all their views, a short conv's input and the recipe of its output alike).
+    streams and all their views, the recurrence's inputs alike), but the first `per_read` streams, gathered for each
+    read (`PerRead`): a short conv's input is read by the recipe of its output before the recurrence's backward and
+    by the conv's own backward after it; held between the two, it sat through the recurrence's backward, where the
+    step peaks.
 
     The stacked copies are R times their source (two for `bi`); the recurrence kernels and short convs save them.
     Saved-tensor hooks already in force (activation checkpointing, offloading, benchmarks/saved_memory.py's count)
@@ -261,7 +265,13 @@ def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan) -> Iter
     def again(*sources: Tensor) -> list[Tensor]:
         return _stack(sources, plan.order, plan.routes, plan.flip)
 
-    with recomputed([(tuple(stacked), again, streams)]):
+    def again_one(source: Tensor) -> Tensor:
+        return again(source)[0]
+
+    recipes: list[Recipe] = [(c, PerRead(again_one), (s,)) for c, s in zip(stacked[:per_read], streams[:per_read])]
+    if len(stacked) > per_read:
+        recipes.append((tuple(stacked[per_read:]), again, streams[per_read:]))
+    with recomputed(recipes):
         yield
 
 
@@ -292,6 +302,7 @@ class ScanMixer(nn.Module):
         self.causal = causal
         self.routes = Routes(causal, scan, order, scan_tokens)
         self.chunk_size = chunk_size
+        self.conv: nn.Module | None = None  # a subclass's short conv (mmeff.blocks.conv.ShortConv) on the first stream
 
     def project(self, x: Tensor) -> tuple[list[Tensor], Any]:
         """x [B, T, D] -> (token streams [B, T, ...] that `mix` scans, per-token extras for `output`)."""
@@ -327,7 +338,8 @@ class ScanMixer(nn.Module):
         if cache is not None and layout.docs is not None:
             raise ValueError("layout.docs (packed documents) is for training and evaluation; decoding takes one sequence per row")
         streams, extras = self.project(x)
-        y = self.local(self.routes(lambda s, cu: self.mix(s, cache, cu), streams, layout), streams, layout)
+        mixed = self.routes(lambda s, cu: self.mix(s, cache, cu), streams, layout, per_read=int(self.conv is not None))
+        y = self.local(mixed, streams, layout)
         if cache is not None:
             cache.offset += x.shape[1]
         return self.output(y, extras)

@@ -31,13 +31,26 @@ _REMADE_KERNELS = frozenset({"mmeff::causal_conv"})
 Recipe = tuple["Tensor | tuple[Tensor, ...]", "Callable[..., Any] | _Product", Sequence[Tensor]]
 
 
+@dataclass(frozen=True)
+class PerRead:
+    """A recipe's `make` whose product is made for each read of a saved view and not held between reads: for a
+    copy cheaper to make twice than to hold through the backward between its readers (a scan's route-stacked input,
+    read by the short conv's remade output before the recurrence's backward and by the conv's own backward after)."""
+
+    make: Callable[..., Any]
+
+    def __call__(self, *inputs: Tensor) -> Any:
+        return self.make(*inputs)
+
+
 class _Product:
     """A product's recipe, its inputs packed once for every saved view of it, and the product once a backward made it.
 
     Several nodes save views of one product (SSD keeps x, B and C of the short conv's output; the q, k, v, gate
     projections each keep the pre-norm's output): it is made once and held until each saved view has been read back
     (`views` counts those not yet read), then left to the views handed out. A short conv's output, from which the
-    recipes of gated_deltanet's l2-mapped q, k and v's copy make theirs, so goes before the kernels' backward runs."""
+    recipes of gated_deltanet's l2-mapped q, k and v's copy make theirs, so goes before the kernels' backward runs.
+    A `PerRead` recipe's product is made for each read and never held."""
 
     def __init__(self, make: Callable[..., Any], inputs: Sequence[Tensor], pack: Callable[[Tensor], Any]) -> None:
         self.make = make
@@ -46,6 +59,7 @@ class _Product:
         self.versions = tuple(x._version if p is x else None for x, p in zip(inputs, self.inputs))
         self.made: Any = None
         self.views = 0
+        self.held = not isinstance(make, PerRead)
 
     def get(self, unpack: Callable[[Any], Tensor]) -> Any:
         """The product, made on the first read of a saved view; one view's read counted (the last lets it go: a
@@ -55,7 +69,8 @@ class _Product:
             inputs = [unpack(x) for x in self.inputs]
             if any(v is not None and x._version != v for x, v in zip(inputs, self.versions)):
                 raise RuntimeError("an input kept to make a saved tensor again was modified in place after the forward")
-            made = self.made = self.make(*inputs)
+            made = self.make(*inputs)
+            self.made = made if self.held else None
         self.views -= 1
         if self.views <= 0:
             self.made = None

@@ -17,6 +17,17 @@ B, T = 2, 16
 LAYOUT = Layout(grid=(1, 4, 4))
 
 
+class Mixing(torch.nn.Module):
+    """A mixer over 8 x 8 token grids."""
+
+    def __init__(self, mixer: torch.nn.Module) -> None:
+        super().__init__()
+        self.mixer = mixer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixer(x, layout=Layout(grid=(1, 8, 8)))
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
     "kind, options, dim, width",
@@ -62,3 +73,30 @@ def test_compiled_causal_mixer_keeps_no_more_than_eager(kernels, monkeypatch):
         kept = kept_when_compiled(model, x, autocast=torch.bfloat16)
         compiled.append(sum(t.numel() * t.element_size() for t in kept))
     assert compiled[1] - compiled[0] <= eager[1] - eager[0], (eager, compiled)
+
+
+@pytest.mark.parametrize(
+    "kind, options, width",
+    [("gated_deltanet", {"heads": 4}, 4 * 64), ("mamba2", {"d_state": 16, "head_dim": 16}, 2 * 64 + 2 * 16)],
+)
+def test_the_regathered_conv_input_is_not_held_through_the_recurrences_backward(kernels, census, monkeypatch, kind,
+                                                                                 options, width):
+    # A bidirectional scan's short conv reads its input route-stacked, a copy the backward gathers again from the
+    # source stream (mmeff.blocks.scan.regathered), and reads twice: in the recipe of the conv's output, before the
+    # recurrence's backward, and in the conv's own backward, after it. Gathered once and held between the two, the copy
+    # sat through the recurrence's backward, where the step peaks; gathered for each read (`PerRead`), the backward's
+    # peak beyond what the forward keeps is lower by about that copy (B * 2 routes * T * width bf16 bytes).
+    from mmeff.blocks import scan as scan_module
+    from mmeff.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    torch.manual_seed(0)
+    mixer = blocks.build(kind, 64, causal=False, scan="bi", **options)
+    model = Mixing(mixer)
+    x = torch.randn(B, 64, 64, generator=torch.Generator().manual_seed(0))
+    model(x).sum().backward()  # the kernels imported, as dispatch.preload_kernels has them on a GPU
+    transient = [census.step_peak(model, x) - census.live(model, x)]
+    monkeypatch.setattr(scan_module, "PerRead", lambda make: make)  # gathered once, held until its last read
+    transient.append(census.step_peak(model, x) - census.live(model, x))
+    copy = B * 2 * 64 * width * 2
+    assert transient[1] - transient[0] >= 0.9 * copy, (transient, copy)
