@@ -202,11 +202,13 @@ def bwd_dh(
     initial_grad: bool,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients dh [NT, H, K, V] w.r.t. each chunk's exit state, the initial-state gradient [N, H, K, V]
-    fp32 if asked, and for the delta rule (w given) the full gradient of v~, fp32."""
+    fp32 if asked, and for the delta rule (w given) the full gradient of v~, in k's dtype."""
     heads, dk, dv = do.shape[2], q.shape[3], do.shape[3]
     bk, bv = state_blocks(dk, dv, chunks.num_seqs * heads, w is None, q.device)
     dh = empty((chunks.num_chunks, heads, dk, dv), q.dtype, q.device)
-    dv_new = empty(do.shape, torch.float32, do.device) if w is not None else None
+    # v~'s gradient in the inputs' dtype: its readers (chunk_o's dw, wy_bwd) take it as a matmul operand in that dtype,
+    # so an fp32 copy held 2 bytes an element more through the backward's peak and nothing more exact.
+    dv_new = empty(do.shape, k.dtype, do.device) if w is not None else None
     dh0 = empty((chunks.num_seqs, heads, dk, dv), torch.float32, q.device) if initial_grad else None
     _bwd_dh_kernel[(chunks.num_seqs * heads, cdiv(dv, bv), cdiv(dk, bk))](
         q, k, w, b, do, dv_local, dh, dv_new, dht, dh0, chunks.cu_seqlens, chunks.offsets, scale, key_stride(q),

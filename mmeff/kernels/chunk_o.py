@@ -496,7 +496,7 @@ def bwd_dqk(
         "dq": empty(summed, torch.float32, v.device) if per_program > 1 else new(dk_, q.dtype),
         "dk": empty(summed, torch.float32, v.device) if per_program > 1 else new(dk_, torch.float32 if delta else k.dtype),
         "dv": None if delta else new(dv_, v.dtype),
-        "dw": new(dk_) if delta else None,
+        "dw": new(dk_, k.dtype) if delta else None,  # wy_bwd reads it as a matmul operand in k's dtype (as dv_new)
         "dg": new(dk_) if key_gate else (empty(v.shape[:3], torch.float32, v.device) if gate == SCALAR_GATE else None),
         "dq_part": new(dk_) if key_gate else None,
         "dk_part": new(dk_) if key_gate else None,
