@@ -60,12 +60,14 @@ def chunk_backward(
     if beta is not None:
         X, w, u = wy_fwd(k, v, b, beta, chunks, gate) if X is None else (X, *wy_again(k, v, b, beta, X, chunks, gate))
     # Each buffer is dropped once its last reader is queued, so that the allocator can hand its memory to the next
-    # pass's outputs: gated_deltanet-bi's training step peaked 16.6 KiB per token lower (saved_memory.py --peak).
-    h, values, A, _ = _forward_states(q, k, v, b, span, None if w is None else (X, w, u), h0, chunks, gate, False)
-    del u
+    # pass's outputs: gated_deltanet-bi's training step peaked 16.6 KiB per token lower (saved_memory.py --peak). The
+    # dh pass runs before the states are made again, which only chunk_o reads: the states and v~ are not held beside
+    # the dh pass's buffers (dv_local's fp32 gradient among them).
     local = None if beta is None else dv_local(q, k, b, do, chunks, gate, scale)
     dh, dh0, dv_new = bwd_dh(q, k, w, b, do, local, dht, chunks, gate, scale, want_dh0)
-    del local, w
+    del local
+    h, values, A, _ = _forward_states(q, k, v, b, span, None if w is None else (X, w, u), h0, chunks, gate, False)
+    del u, w
     parts = bwd_dqk(q, k, values, h, dh, b, span, A, do, dv_new, chunks, gate, scale)
     del values, h, dh, A
     if gate == KEY_GATE:
