@@ -240,4 +240,3 @@ def test_a_bad_scan_tokens_in_a_config_names_its_key():
 
     with pytest.raises(ConfigError, match=r"backbone\.mixers\.gla.*scan_tokens must be a positive number"):
         blocks.build("gla", 32, "backbone.mixers.gla", causal=False, scan_tokens="32k")
-

@@ -17,17 +17,6 @@ B, T = 2, 16
 LAYOUT = Layout(grid=(1, 4, 4))
 
 
-class Mixing(torch.nn.Module):
-    """A mixer over 8 x 8 token grids."""
-
-    def __init__(self, mixer: torch.nn.Module) -> None:
-        super().__init__()
-        self.mixer = mixer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mixer(x, layout=Layout(grid=(1, 8, 8)))
-
-
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
     "kind, options, dim, width",
@@ -75,28 +64,77 @@ def test_compiled_causal_mixer_keeps_no_more_than_eager(kernels, monkeypatch):
     assert compiled[1] - compiled[0] <= eager[1] - eager[0], (eager, compiled)
 
 
-@pytest.mark.parametrize(
-    "kind, options, width",
-    [("gated_deltanet", {"heads": 4}, 4 * 64), ("mamba2", {"d_state": 16, "head_dim": 16}, 2 * 64 + 2 * 16)],
-)
-def test_the_regathered_conv_input_is_not_held_through_the_recurrences_backward(kernels, census, monkeypatch, kind,
-                                                                                 options, width):
-    # A bidirectional scan's short conv reads its input route-stacked, a copy the backward gathers again from the
-    # source stream (mmeff.blocks.scan.regathered), and reads twice: in the recipe of the conv's output, before the
-    # recurrence's backward, and in the conv's own backward, after it. Gathered once and held between the two, the copy
-    # sat through the recurrence's backward, where the step peaks; gathered for each read (`PerRead`), the backward's
-    # peak beyond what the forward keeps is lower by about that copy (B * 2 routes * T * width bf16 bytes).
+
+@pytest.mark.parametrize("per_read", [1, 0])
+def test_a_short_convs_route_copy_is_not_held_through_the_recurrences_backward(kernels, monkeypatch, per_read):
+    # A short conv's route-stacked input is read twice in the backward: by the recipe of the conv's output (made again
+    # when the recurrence's backward reads it) and by the conv's own backward, after the recurrence's. Gathered once
+    # and held between the two (per_read 0), it sat through the recurrence's backward, where the step peaks
+    # (gated_deltanet-bi: benchmarks/saved_memory.py --peak); a mixer with a conv gathers it for each read (per_read 1).
+    # The conv kernel (interpreted) keeps its input as it is, as on a GPU (F.conv1d keeps a padded copy of its own).
+    import weakref
+
     from mmeff.blocks import scan as scan_module
+    from mmeff.blocks.conv import ShortConv
+    from mmeff.blocks.scan import Routes
     from mmeff.ops import dispatch
 
     monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
-    torch.manual_seed(0)
-    mixer = blocks.build(kind, 64, causal=False, scan="bi", **options)
-    model = Mixing(mixer)
-    x = torch.randn(B, 64, 64, generator=torch.Generator().manual_seed(0))
-    model(x).sum().backward()  # the kernels imported, as dispatch.preload_kernels has them on a GPU
-    transient = [census.step_peak(model, x) - census.live(model, x)]
-    monkeypatch.setattr(scan_module, "PerRead", lambda make: make)  # gathered once, held until its last read
-    transient.append(census.step_peak(model, x) - census.live(model, x))
-    copy = B * 2 * 64 * width * 2
-    assert transient[1] - transient[0] >= 0.9 * copy, (transient, copy)
+
+    source = torch.randn(2, 13, 6, dtype=torch.float32, requires_grad=True)
+    regathered, held = [], []
+    stack = scan_module._stack
+
+    def recorded(xs, order, routes, *args, **kwargs):
+        ys = stack(xs, order, routes, *args, **kwargs)
+        if xs[0] is source and torch.is_grad_enabled() is False and backward_started:  # the backward's gathers of it
+            regathered.extend(weakref.ref(y) for y in ys)
+        return ys
+
+    class Recurrence(torch.autograd.Function):  # keeps the conv's output, as the recurrence kernels do
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.cumsum(1)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors  # the conv's output made again: its input gathered again
+            held.append([r for r in regathered if r() is not None])
+            return g.flip(1).cumsum(1).flip(1) + 0 * x
+
+    monkeypatch.setattr(scan_module, "_stack", recorded)
+    conv = ShortConv(6, 4)
+
+    def mix(streams, cu_seqlens):
+        out, kept_as_input = conv.made_again(streams[0])
+        with kept_as_input:
+            return Recurrence.apply(out)
+
+    backward_started = False
+    out = Routes(causal=False, scan="bi")(mix, [source], Layout(grid=(1, 3, 4), special=1), per_read=per_read)
+    backward_started = True
+    out.square().sum().backward()
+    assert len(regathered) == (2 if per_read else 1)  # for the recipe and for the conv's backward, or once
+    assert len(held[0]) == (0 if per_read else 1)
+    assert torch.isfinite(source.grad).all()
+
+
+@pytest.mark.parametrize(
+    "kind, options, per_read",
+    [("gated_deltanet", {"heads": 4}, 1), ("mamba2", {"d_state": 16, "head_dim": 16}, 1), ("gla", {"heads": 4}, 0)],
+)
+def test_scan_mixers_gather_their_short_convs_input_for_each_read(monkeypatch, kind, options, per_read):
+    # Mixers with a short conv (on their first stream) have its route copy gathered for each read; gla has none.
+    from mmeff.blocks.scan import Routes
+
+    calls = []
+    route = Routes.__call__
+
+    def recorded(self, *args, **kwargs):
+        calls.append(kwargs.get("per_read", 0))
+        return route(self, *args, **kwargs)
+
+    monkeypatch.setattr(Routes, "__call__", recorded)
+    blocks.build(kind, 64, causal=False, **options)(torch.randn(B, T, 64), layout=LAYOUT)
+    assert calls == [per_read]
