@@ -50,7 +50,7 @@ class _Product:
     projections each keep the pre-norm's output): it is made once and held until each saved view has been read back
     (`views` counts those not yet read), then left to the views handed out. A short conv's output, from which the
     recipes of gated_deltanet's l2-mapped q, k and v's copy make theirs, so goes before the kernels' backward runs.
-    A `PerRead` recipe's product is made for each read and never held."""
+    A `PerRead` recipe's product is made for each read and never held; its inputs, as unpacked, are held instead."""
 
     def __init__(self, make: Callable[..., Any], inputs: Sequence[Tensor], pack: Callable[[Tensor], Any]) -> None:
         self.make = make
@@ -60,20 +60,29 @@ class _Product:
         self.made: Any = None
         self.views = 0
         self.held = not isinstance(make, PerRead)
+        self.unpacked: list[Tensor] | None = None  # a PerRead recipe's inputs, unpacked once for all its reads
 
     def get(self, unpack: Callable[[Any], Tensor]) -> Any:
         """The product, made on the first read of a saved view; one view's read counted (the last lets it go: a
         second backward through a retained graph makes it again for each view)."""
         made = self.made
         if made is None:
-            inputs = [unpack(x) for x in self.inputs]
-            if any(v is not None and x._version != v for x, v in zip(inputs, self.versions)):
-                raise RuntimeError("an input kept to make a saved tensor again was modified in place after the forward")
+            inputs = self.unpacked
+            if inputs is None:
+                # Once: activation checkpointing's hooks refuse a second unpack of what they packed.
+                inputs = [unpack(x) for x in self.inputs]
+                if any(v is not None and x._version != v for x, v in zip(inputs, self.versions)):
+                    raise RuntimeError(
+                        "an input kept to make a saved tensor again was modified in place after the forward"
+                    )
             made = self.make(*inputs)
-            self.made = made if self.held else None
+            if self.held:
+                self.made = made
+            else:
+                self.unpacked = inputs
         self.views -= 1
         if self.views <= 0:
-            self.made = None
+            self.made = self.unpacked = None
         return made
 
 

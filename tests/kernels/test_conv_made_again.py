@@ -138,3 +138,26 @@ def test_scan_mixers_gather_their_short_convs_input_for_each_read(monkeypatch, k
     monkeypatch.setattr(Routes, "__call__", recorded)
     blocks.build(kind, 64, causal=False, **options)(torch.randn(B, T, 64), layout=LAYOUT)
     assert calls == [per_read]
+
+
+@pytest.mark.parametrize(
+    "kind, options", [("gated_deltanet", {"heads": 4}), ("mamba2", {"d_state": 16, "head_dim": 16})]
+)
+def test_a_short_convs_route_copy_under_activation_checkpointing(kernels, monkeypatch, kind, options):
+    # Gathered for each read, the copy's source is unpacked once for all reads: activation checkpointing's hooks
+    # (backbone.checkpoint) refuse a second unpack ("Unpack is being triggered for a tensor that was already unpacked
+    # once"). Gradients through a checkpointed bidirectional block equal those without (fp32, conv kernel interpreted).
+    from torch.utils.checkpoint import checkpoint
+
+    from mmeff.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
+    torch.manual_seed(0)
+    mixer = blocks.build(kind, 64, causal=False, **options)
+    x = torch.randn(B, T, 64, requires_grad=True)
+    grads = []
+    for checkpointed in (True, False):
+        y = checkpoint(mixer, x, None, LAYOUT, use_reentrant=False) if checkpointed else mixer(x, layout=LAYOUT)
+        grads.append(torch.autograd.grad(y.square().sum(), [x, *mixer.parameters()]))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
