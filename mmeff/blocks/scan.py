@@ -265,10 +265,8 @@ def regathered(stacked: list[Tensor], streams: list[Tensor], plan: Plan, per_rea
     def again(*sources: Tensor) -> list[Tensor]:
         return _stack(sources, plan.order, plan.routes, plan.flip)
 
-    def again_one(source: Tensor) -> Tensor:
-        return again(source)[0]
-
-    recipes: list[Recipe] = [(c, PerRead(again_one), (s,)) for c, s in zip(stacked[:per_read], streams[:per_read])]
+    one = PerRead(lambda source: again(source)[0])
+    recipes: list[Recipe] = [(c, one, (s,)) for c, s in zip(stacked[:per_read], streams[:per_read])]
     if len(stacked) > per_read:
         recipes.append((tuple(stacked[per_read:]), again, streams[per_read:]))
     with recomputed(recipes):

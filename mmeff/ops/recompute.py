@@ -59,7 +59,6 @@ class _Product:
         self.versions = tuple(x._version if p is x else None for x, p in zip(inputs, self.inputs))
         self.made: Any = None
         self.views = 0
-        self.held = not isinstance(make, PerRead)
         self.unpacked: list[Tensor] | None = None  # a PerRead recipe's inputs, unpacked once for all its reads
 
     def get(self, unpack: Callable[[Any], Tensor]) -> Any:
@@ -76,10 +75,10 @@ class _Product:
                         "an input kept to make a saved tensor again was modified in place after the forward"
                     )
             made = self.make(*inputs)
-            if self.held:
-                self.made = made
-            else:
+            if isinstance(self.make, PerRead):
                 self.unpacked = inputs
+            else:
+                self.made = made
         self.views -= 1
         if self.views <= 0:
             self.made = self.unpacked = None
