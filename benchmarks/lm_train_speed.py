@@ -13,7 +13,8 @@ Rows (`--rows`; default all but the mamba2 variants mamba2_mmeff and mamba2_mamb
   `deltanet` (8 heads, K = V = 128), `retnet` (8 heads, K 128, V 256), `hybrid_gla` ([gla, gla, gla, attn]),
   `hybrid_mamba2` ([mamba2, mamba2, mamba2, attn]), `attn_moe` / `gla_moe` (8 SwiGLU experts of 1368, top-2: the
   active parameters of the dense twin; Switch aux loss added to the loss as `mmeff fit` does). An mmeff row ending in
-  `+ckpt_norm`, `+ckpt_mixer` or `+ckpt` sets `backbone.checkpoint` to norm, mixer or true (`mamba2+ckpt_norm`).
+  `+ckpt_norm`, `+ckpt_mixer`, `+ckpt` or `+no_ckpt` sets `backbone.checkpoint` to norm (the default, which a row
+  without a suffix takes), mixer, true or false (`mamba2+ckpt_mixer`).
 - peers, same dims: `hf_llama` (transformers LlamaForCausalLM, attn_implementation="sdpa") for attn; `fla_gla`,
   `fla_deltanet`, `fla_gated_deltanet` (fla's GLA / DeltaNet / GatedDeltaNetForCausalLM, their default fused norms,
   SwiGLU and short convs) for gla, deltanet, gated_deltanet; `mamba_ssm` (MambaLMHeadModel, Mamba2 + GatedMLP 2736,

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from mmeff.config import BackboneConfig
+
 
 def cuda_median_ms(step: Callable[[], None], warmup: int, iters: int) -> tuple[float, float]:
     """Median milliseconds of `step` over `iters` calls after `warmup` ones (CUDA events), and the peak GiB of those calls."""
@@ -135,8 +137,9 @@ def save_row_bars(fig: Any, ax: Any, rows: list[str], ylabel: str, title: str, p
     save_figure(fig, path)
 
 
-# Row suffix -> backbone.checkpoint, for the rows of vision_speed.py and lm_train_speed.py ("gla-bi+ckpt_norm").
-CHECKPOINT = {"+ckpt_mixer": "mixer", "+ckpt_norm": "norm", "+ckpt": True}
+# Row suffix -> backbone.checkpoint, for the rows of vision_speed.py and lm_train_speed.py ("gla-bi+ckpt_norm"); a row
+# without one takes the config's default ("norm"), `+no_ckpt` keeps every activation (false).
+CHECKPOINT = {"+ckpt_mixer": "mixer", "+ckpt_norm": "norm", "+ckpt": True, "+no_ckpt": False}
 
 
 def unchecked(row: str) -> tuple[str, bool | str]:
@@ -144,7 +147,7 @@ def unchecked(row: str) -> tuple[str, bool | str]:
     for suffix, checkpoint in CHECKPOINT.items():
         if row.endswith(suffix):
             return row.removesuffix(suffix), checkpoint
-    return row, False
+    return row, BackboneConfig.checkpoint
 
 
 # `--compile [MODE]` of vision_speed.py and lm_train_speed.py: torch.compile's modes, as `trainer.compile` takes them.

@@ -17,7 +17,8 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   form, no scan); `linear_attn-global+local` and `gla-bi+local` add `local_conv: 3` (a 3x3 depthwise conv of v over
   the grid). `+ckpt` after any mmeff row (`mamba2-bi+ckpt`) sets `backbone.checkpoint: true` (each layer's
   activations recomputed in the backward instead of kept), `+ckpt_mixer` sets `backbone.checkpoint: mixer` (the token
-  mixer's only), `+ckpt_norm` sets `backbone.checkpoint: norm` (the pre-norms' outputs only). `+groups` after a scan
+  mixer's only), `+ckpt_norm` sets `backbone.checkpoint: norm` (the pre-norms' outputs only: the default, which a
+  row without a suffix takes), `+no_ckpt` sets `backbone.checkpoint: false`. `+groups` after a scan
   row (`gated_deltanet-bi+groups`, before any `+ckpt...`) sets `scan_tokens: 32768` (GROUP_TOKENS): the batch's
   sequences run their routes in groups of at most that many route-stacked tokens, one group's backward at a time.
 

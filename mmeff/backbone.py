@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmeff.blocks import Cache, Layout, Tokens, build
 from mmeff.config import BackboneConfig, ConfigError, from_dict
-from mmeff.ops.recompute import recomputed, under_autocast_now
+from mmeff.ops.recompute import compiled_recomputing, recomputed, under_autocast_now
 
 
 def expand_pattern(pattern: list[str], depth: int | None = None) -> list[str]:
@@ -82,8 +82,14 @@ class Layer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, fn(norm(s))) with s = x + pending; with checkpoint "norm" the saved norm(s) is made again from s in the
         backward (the norm keeps s for its own backward: one [tokens, dim] tensor less kept per norm)."""
+        remade = self.checkpoint == "norm" and torch.is_grad_enabled()
+        if remade and torch.compiler.is_compiling():
+            # Inductor's partitioner keeps norm(s) for the projection's weight gradient unless the norm runs in a
+            # selective-checkpoint region (it fuses the add either way).
+            s = x if pending is None else x + pending
+            return s, fn(compiled_recomputing(norm, s))
         s, h = (x, norm(x)) if pending is None else norm.added(x, pending)
-        if self.checkpoint != "norm" or not torch.is_grad_enabled():
+        if not remade:
             return s, fn(h)
         with recomputed([(h, under_autocast_now(norm, s.device.type), (s,))]):
             return s, fn(h)

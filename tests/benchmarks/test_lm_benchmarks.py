@@ -148,7 +148,8 @@ def test_lm_train_speed_checkpoint_rows_set_the_backbone_option(monkeypatch):
     import lm_train_speed
 
     assert lm_train_speed.select(["hf_llama", "mamba2+ckpt_norm", "attn"]) == ["mamba2+ckpt_norm", "attn", "hf_llama"]
-    for row, checkpoint in (("mamba2+ckpt_norm", "norm"), ("hybrid_gla+ckpt_mixer", "mixer"), ("gla+ckpt", True), ("gla", False)):
+    for row, checkpoint in (("mamba2+ckpt_norm", "norm"), ("hybrid_gla+ckpt_mixer", "mixer"), ("gla+ckpt", True), ("gla", "norm"),
+                           ("gla+no_ckpt", False)):
         cfg = lm_train_speed.run_config(row, lm_train_speed.SMOKE, 64)
         assert cfg.backbone.checkpoint == checkpoint and cfg.backbone.pattern == lm_train_speed.pattern_of(row)
     for bad in ("hf_llama+ckpt", "gla+fast"):

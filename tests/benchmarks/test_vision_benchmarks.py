@@ -115,8 +115,8 @@ def test_vision_speed_pins_an_ops_backend_for_its_rows(script, tmp_path):
 
 
 def test_vision_speed_ckpt_rows_checkpoint_every_layer(script, tmp_path):
-    # `<row>+ckpt` is the row with backbone.checkpoint: true (+ckpt_mixer: mixer), beside the plain row; a bad name
-    # is refused.
+    # `<row>+ckpt` is the row with backbone.checkpoint: true (+ckpt_mixer: mixer, +no_ckpt: false), beside the plain row
+    # (the default, norm); a bad name is refused.
     import vision_speed
 
     assert vision_speed.select(["gla-bi+ckpt", "attn", "mamba2-bi+ckpt_mixer"]) == ["timm", "gla-bi+ckpt", "attn", "mamba2-bi+ckpt_mixer"]
@@ -127,7 +127,8 @@ def test_vision_speed_ckpt_rows_checkpoint_every_layer(script, tmp_path):
     model, _ = vision_speed.build("linear_attn-global+local+ckpt", 32, vision_speed.SMOKE)
     layers = model.backbone.layers
     assert all(layer.checkpoint for layer in layers) and layers[0].mixer.local_conv is not None
-    assert not any(layer.checkpoint for layer in vision_speed.build("attn", 32, vision_speed.SMOKE)[0].backbone.layers)
+    assert all(layer.checkpoint == "norm" for layer in vision_speed.build("attn", 32, vision_speed.SMOKE)[0].backbone.layers)
+    assert not any(layer.checkpoint for layer in vision_speed.build("attn+no_ckpt", 32, vision_speed.SMOKE)[0].backbone.layers)
     mixer_only = vision_speed.build("gla-bi+ckpt_mixer", 32, vision_speed.SMOKE)[0].backbone.layers
     assert all(layer.checkpoint == "mixer" for layer in mixer_only)
     script("vision_speed", "--smoke", "--rows", "attn+ckpt", "--px", "224", "--warmup", "0", "--reps", "1",

@@ -52,8 +52,9 @@ def test_projected_norm_keeps_one_tensor_less_and_changes_no_gradient(kernels, m
 
 
 def test_layer_checkpoint_norm_keeps_the_pre_norm_outputs_out(kernels, monkeypatch):
-    # backbone.checkpoint: norm on the kernel path under bf16 autocast: the same output and gradients bit for bit, and
-    # per layer exactly its two pre-norms' bf16 outputs [tokens, dim] less kept (the norm kernels keep x anyway).
+    # backbone.checkpoint: norm, the default, on the kernel path under bf16 autocast: the same output and gradients as
+    # checkpoint: false bit for bit, and per layer exactly its two pre-norms' bf16 outputs [tokens, dim] less kept (the
+    # norm kernels keep x anyway).
     from mmeff.backbone import Backbone
 
     monkeypatch.setattr(dispatch, "on_cuda", lambda x: True)
@@ -62,7 +63,8 @@ def test_layer_checkpoint_norm_keeps_the_pre_norm_outputs_out(kernels, monkeypat
     runs = {}
     for setting in (False, "norm"):
         torch.manual_seed(0)
-        model, x = Backbone({**cfg, "checkpoint": setting}), x0.clone().requires_grad_()
+        model, x = Backbone({**cfg, "checkpoint": setting} if setting is False else cfg), x0.clone().requires_grad_()
+        assert all(layer.checkpoint == setting for layer in model.layers)
         with saved_bytes() as kept, torch.autocast("cpu", dtype=torch.bfloat16):
             y = model(x)
         y.float().square().sum().backward()
