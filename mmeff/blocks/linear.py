@@ -116,7 +116,7 @@ class LinearMixer(ScanMixer):
         """The state the recurrence starts from (`batch` sequences): the cached one, else zeros (None)."""
         return cache.get("state") if cache is not None else None
 
-    def project(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def project(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         qkv = self.qkv(x)
         # Without a short conv, q, k and v travel as three streams: a bidirectional scan's route gathers then
         # write them contiguous, where splitting one gathered qkv stream would leave the kernels three copies.
@@ -132,7 +132,7 @@ class LinearMixer(ScanMixer):
             else:
                 q, k, v = qkv.split(self.widths, -1)
             streams = [q, k, v]
-        return [*streams, *self.gates(x)], (x, self.gate(x) if self.gate is not None else None)
+        return [*streams, *self.gates(x)], x
 
     def mix(self, streams: list[torch.Tensor], cache: Cache | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         batch, length = streams[0].shape[:2]
@@ -212,15 +212,20 @@ class LinearMixer(ScanMixer):
             return y + near
         return torch.cat([y[:, :start], y[:, start:end] + near, y[:, end:]], dim=1)
 
-    def output(self, y: torch.Tensor, extras: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-        x, gate = extras
-        if gate is None or not self.remake_gate:
-            return self.norm.projected(self.out, y, gate)
-        # The gate is x's projection, and the backward keeps x for the projections' weight gradients: the norm's
-        # backward reads the gate made again from it. Compiled, the gate is made inside the norm's region (the one
-        # made in `project` then has no reader, and the traced graph drops it).
-        if torch.compiler.is_compiling():
+    def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return self.norm.projected(self.out, y, None)
+        # The gate is x's projection, and the backward keeps x for the projections' weight gradients: with
+        # remake_gate the norm's backward reads the gate made again from it. Compiled, the gate is made inside the
+        # norm's region.
+        if self.remake_gate and torch.compiler.is_compiling():
             return self.norm.projected(self.out, y, x, gate=self.gate)
+        # Projected here, after the scan, not in `project`: autograd runs the ready backward of the latest-made node
+        # first, so the gate projection's backward now runs right after the norm's, and the gate's gradient
+        # [tokens, value width] is not held through the recurrence's backward, where the step peaks.
+        gate = self.gate(x)
+        if not self.remake_gate:
+            return self.norm.projected(self.out, y, gate)
         with recomputed([(gate, under_autocast_now(self.gate, x.device.type), (x,))]):
             return self.norm.projected(self.out, y, gate)
 

@@ -268,6 +268,21 @@ def test_remade_gate_is_not_kept_and_gives_the_same_gradients(options):
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
 
 
+@pytest.mark.parametrize("name,remake", [("gated_deltanet", True), ("retnet", False)])
+def test_the_gate_projections_backward_runs_before_the_recurrences(name, remake):
+    # The output gate is projected after the scan, so autograd (latest-made ready node first) runs its projection's
+    # backward right after the output norm's: the gate's gradient is not held through the recurrence's backward.
+    # Seen in the order the weight gradients arrive: the gate's before the short conv's and the decay / beta
+    # projections', which only the recurrence's backward reaches.
+    block = make(name, 32, heads=2, causal=False, scan="bi", remake_gate=remake, conv_size=4)
+    order = []
+    for pname, param in block.named_parameters():
+        param.register_post_accumulate_grad_hook(lambda p, pname=pname: order.append(pname))
+    block(torch.randn(2, 24, 32, requires_grad=True)).square().sum().backward()
+    after = [n for n in order if n.startswith(("conv.", "alpha.", "beta."))]
+    assert after and all(order.index("gate.weight") < order.index(n) for n in after), order
+
+
 def test_compiled_remade_gate_is_not_kept_and_gives_the_same_gradients():
     # Compiled, the partitioner kept the gate (a matmul's output the norm's backward reads) although eager mode makes
     # it again: it is now made inside the norm's region, so torch.compile keeps B x T x value width fewer elements.
