@@ -115,10 +115,11 @@ class KVSlots:
         self.owners: list[weakref.ref[Cache] | None] = [None] * slots
         self.views: list[Tensor | None] = [None] * slots
 
-    def holds(self, slot: int, cache: Cache) -> bool:
-        """Whether `cache` is the live owner of `slot` (its keys are still the view this batch gave it)."""
+    def holds(self, slot: int, cache: Cache | None) -> bool:
+        """Whether `cache` is the live owner of `slot` (its keys are still the view this batch gave it); None, the
+        referent of an owner already collected, holds nothing (it `is` that dead owner's referent too)."""
         owner = self.owners[slot]
-        return owner is not None and owner() is cache and cache.get("k") is self.views[slot]
+        return cache is not None and owner is not None and owner() is cache and cache.get("k") is self.views[slot]
 
     def free(self, taken: set[int]) -> list[int]:
         """Slots outside `taken` whose owner is gone or no longer uses them (a row absent from this step keeps its slot)."""
