@@ -16,15 +16,21 @@ optimizer, per token and layer: the elementwise glue that lm_train_speed.py's `-
 time (each op's tensors' sizes, inputs and outputs; a view read whole counts whole). One forward, loss and backward
 of models of one and two times the row's pattern on 1 and 2 inputs (rows of 128 tokens, or images of 128 px): the
 difference over the tokens and the pattern's layers leaves out the weights', the embedding's and the head's part.
+Beside the glue it counts the Triton kernels' bytes the same way: each launch's distinct addresses loaded plus those
+stored (masks respected, an address once a launch), what the launch must move to and from memory at least; over the
+kernel's time in a GPU profile, the bandwidth it reaches. `--px` sets the vision rows' image size (the recurrence's
+bytes per token depend on the sequence's chunks).
 
     python benchmarks/launches.py                          # the vision rows: timm, attn, the bidirectional mixers
     python benchmarks/launches.py --lm                     # the LM rows of lm_train_speed.py and HF Llama
     python benchmarks/launches.py --lm --traffic --rows attn mamba2 gated_deltanet
     python benchmarks/launches.py --traffic --rows timm attn gla-bi mamba2-bi
+    python benchmarks/launches.py --traffic --px 224 --rows timm attn gla-bi mamba2-bi gated_deltanet-bi retnet-bi
 
 Writes benchmarks/results/launches_cpu.{md,json,png} (records: row, aten_ops, triton_launches, launches,
 vs_<first row>), with --lm launches_lm_cpu.*, with --traffic traffic_cpu.* and with --lm --traffic traffic_lm_cpu.*
-(records: row, kib_per_token_layer, vs_<first row>, ops: KiB per token and layer by aten op).
+(records: row, kib_per_token_layer, vs_<first row>, ops: KiB per token and layer by aten op,
+kernel_kib_per_token_layer, kernels: KiB per token and layer by Triton kernel).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the kernels run on CPU tensors
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton.runtime.autotuner as autotuner  # noqa: E402
@@ -95,11 +102,16 @@ TRAFFIC_PX = 128  # --traffic: 64 tokens an image
 
 
 class _Traffic(_Launches):
-    """Also sums the bytes of the tensors (inputs and outputs) of every counted aten op outside NOT_GLUE, by op."""
+    """Also sums the bytes of the tensors (inputs and outputs) of every counted aten op outside NOT_GLUE, by op, and
+    the bytes each Triton launch reads and writes, by kernel: its distinct addresses loaded plus those stored (masks
+    respected; each address once a launch, however often its programs touch it: what the launch must move to and
+    from memory at least, were its caches perfect; atomics not counted)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bytes: Counter = Counter()
+        self.kernels: Counter = Counter()
+        self._accesses: dict[bool, list[tuple[Any, int]]] = {False: [], True: []}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
@@ -109,30 +121,60 @@ class _Traffic(_Launches):
             self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
         return out
 
+    def launching(self, name: str, launch: Callable[[], Any]) -> Any:
+        if self._inside:  # an autotuner's launch of its kernel: counted as the outer launch
+            return super().launching(name, launch)
+        self._accesses = {False: [], True: []}
+        try:
+            return super().launching(name, launch)
+        finally:
+            self.kernels[name] += sum(_distinct_bytes(a) for a in self._accesses.values())
+
+    def access(self, ptrs: Any, mask: Any, store: bool) -> None:
+        """One interpreted load or store of a launch: the addresses its mask lets through."""
+        if self._inside:
+            size = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+            self._accesses[store].append((ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)], size))
+
+
+def _distinct_bytes(accesses: list[tuple[Any, int]]) -> int:
+    """Bytes at the distinct addresses of `accesses` ((addresses, element size) pairs), per element size."""
+    sizes = {size for _, size in accesses}
+    return sum(size * np.unique(np.concatenate([a for a, s in accesses if s == size])).size for size in sizes)
+
 
 def traffic(counter: list[_Launches | None], steps: Callable[[int, int], Callable[[], None]], unit: int,
             tokens: int) -> dict[str, Any]:
-    """KiB per token and layer moved by the glue of one forward, loss and backward: `steps(depth, n)` is that step of
-    a model of `depth` layers on n inputs of `tokens` tokens; models of one and two times the row's pattern (`unit`
-    layers) on 1 and 2 inputs, whose difference leaves out the weights', the embedding's and the head's part."""
-    counts: dict[tuple[int, int], Counter] = {}
+    """KiB per token and layer moved by the glue and by the Triton kernels of one forward, loss and backward:
+    `steps(depth, n)` is that step of a model of `depth` layers on n inputs of `tokens` tokens; models of one and two
+    times the row's pattern (`unit` layers) on 1 and 2 inputs, whose difference leaves out the weights', the
+    embedding's and the head's part."""
+    counts: dict[tuple[int, int], tuple[Counter, Counter]] = {}
     for depth in (unit, 2 * unit):
         for n in (1, 2):
             step = steps(depth, n)
             step()  # process-wide caches (the rope tables) filled before the counted step
-            counter[0] = _Traffic()
+            counted = counter[0] = _Traffic()
             try:
-                with counter[0]:
+                with counted:
                     step()
-                counts[depth, n] = counter[0].bytes
+                counts[depth, n] = counted.bytes, counted.kernels
             finally:
                 counter[0] = None
-    per = Counter()
-    for op in set().union(*counts.values()):
-        moved = counts[2 * unit, 2][op] - counts[2 * unit, 1][op] - counts[unit, 2][op] + counts[unit, 1][op]
-        per[op] = moved / tokens / unit / 1024
-    kept = {op: kib for op, kib in per.most_common() if abs(kib) >= 0.05}
-    return {"kib_per_token_layer": sum(per.values()), "ops": kept}
+
+    def per_token_layer(which: int) -> Counter:
+        parts = [counts[key][which] for key in ((2 * unit, 2), (2 * unit, 1), (unit, 2), (unit, 1))]
+        per = Counter()
+        for name in set().union(*parts):
+            per[name] = (parts[0][name] - parts[1][name] - parts[2][name] + parts[3][name]) / tokens / unit / 1024
+        return per
+
+    def largest(per: Counter) -> dict[str, float]:
+        return {name: kib for name, kib in per.most_common() if abs(kib) >= 0.05}
+
+    glue, kernels = per_token_layer(0), per_token_layer(1)
+    return {"kib_per_token_layer": sum(glue.values()), "ops": largest(glue),
+            "kernel_kib_per_token_layer": sum(kernels.values()), "kernels": largest(kernels)}
 
 
 def lm_traffic(row: str, counter: list[_Launches | None], shape: lm_train_speed.Shape, T: int) -> dict[str, Any]:
@@ -154,12 +196,12 @@ def lm_traffic(row: str, counter: list[_Launches | None], shape: lm_train_speed.
     return {"row": row, **traffic(counter, steps, unit, T)}
 
 
-def vision_traffic(row: str, counter: list[_Launches | None], shape: vision_speed.Shape) -> dict[str, Any]:
-    """One --traffic record: a vision row on images of TRAFFIC_PX px."""
+def vision_traffic(row: str, counter: list[_Launches | None], shape: vision_speed.Shape, px: int) -> dict[str, Any]:
+    """One --traffic record: a vision row on images of `px` px."""
 
     def steps(depth: int, images: int) -> Callable[[], None]:
         torch.manual_seed(0)
-        model, example = vision_speed.build(row, TRAFFIC_PX, replace(shape, depth=depth))
+        model, example = vision_speed.build(row, px, replace(shape, depth=depth))
         x, target = example.expand(images, *example.shape[1:]).clone(), torch.zeros(images, dtype=torch.long)
 
         def step() -> None:
@@ -170,20 +212,24 @@ def vision_traffic(row: str, counter: list[_Launches | None], shape: vision_spee
         return step
 
     unit = len(vision_speed.HYBRID) if row.startswith("hybrid") else 1
-    return {"row": row, **traffic(counter, steps, unit, (TRAFFIC_PX // shape.patch) ** 2)}
+    return {"row": row, **traffic(counter, steps, unit, (px // shape.patch) ** 2)}
 
 
 def traffic_table(records: list[dict[str, Any]], command: str, setting: str) -> str:
-    """Markdown: glue KiB per token and layer against the first row's, the largest ops."""
+    """Markdown: glue and Triton kernels' KiB per token and layer against the first row's, the largest of each."""
     base = records[0]["row"]
     lines = [f"`{command}` (CPU, torch {torch.__version__}; {setting}; one forward, loss and backward under bf16 "
              "autocast, the GPU code path with the Triton kernels interpreted). Glue: the bytes that aten ops other "
              "than views, metadata, matmuls, softmax attention and the optimizer read and write (their tensors' "
-             "sizes), per token and layer; Triton kernels not counted.",
-             "", f"| row | glue: KiB per token and layer | vs {base} | largest ops (KiB) |", "|---|---:|---:|---|"]  # fmt: skip
+             "sizes), per token and layer. Kernels: the bytes each Triton launch reads and writes, its distinct "
+             "addresses loaded plus those stored, each once a launch (what it must move to and from memory at least).",
+             "", f"| row | glue: KiB per token and layer | vs {base} | largest ops (KiB) | kernels: KiB per token and "
+             "layer | largest kernels (KiB) |", "|---|---:|---:|---|---:|---|"]  # fmt: skip
     for r in records:
         top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["ops"].items())[:6])
-        lines.append(f"| {r['row']} | {r['kib_per_token_layer']:.1f} | {r[f'vs_{base}']:.2f}x | {top} |")
+        kernels = ", ".join(f"{k} {v:.1f}" for k, v in list(r.get("kernels", {}).items())[:6])
+        lines.append(f"| {r['row']} | {r['kib_per_token_layer']:.1f} | {r[f'vs_{base}']:.2f}x | {top} | "
+                     f"{r.get('kernel_kib_per_token_layer', 0.0):.1f} | {kernels} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +247,20 @@ def _hook_triton(counter: list[_Launches | None]) -> None:
 
     interpreter.InterpretedFunction.__getitem__ = launcher
     autotuner.Autotuner.run = tuned
+    builder = interpreter.InterpreterBuilder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def loaded(self, ptrs, mask, *rest):  # type: ignore[no-untyped-def]
+        if isinstance(counter[0], _Traffic):
+            counter[0].access(ptrs, mask, store=False)
+        return load(self, ptrs, mask, *rest)
+
+    def stored(self, ptrs, value, mask, *rest):  # type: ignore[no-untyped-def]
+        if isinstance(counter[0], _Traffic):
+            counter[0].access(ptrs, mask, store=True)
+        return store(self, ptrs, value, mask, *rest)
+
+    builder.create_masked_load, builder.create_masked_store = loaded, stored
 
 
 def step_of(row: str, lm: bool, smoke: bool) -> Callable[[], None]:
@@ -284,7 +344,8 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", help=f"rows (default {' '.join(VISION_ROWS)}; --lm: {' '.join(LM_ROWS)})")
     p.add_argument("--lm", action="store_true", help="rows of lm_train_speed.py instead of vision_speed.py")
     p.add_argument("--smoke", action="store_true", help="the speed scripts' tiny models (a check that rows run)")
-    p.add_argument("--traffic", action="store_true", help="the glue's bytes per token and layer instead")
+    p.add_argument("--traffic", action="store_true", help="the glue's and the kernels' bytes per token and layer instead")
+    p.add_argument("--px", type=int, default=TRAFFIC_PX, help="--traffic: the vision rows' image size")
     p.add_argument("--out", type=Path, help="file stem (default benchmarks/results/launches_cpu, --lm: launches_lm_cpu, "
                                             "--traffic: traffic_cpu, --lm --traffic: traffic_lm_cpu)")  # fmt: skip
     args = p.parse_args()
@@ -309,18 +370,19 @@ def main() -> None:
     if args.lm:
         moved = f"width {lm_shape.dim}, rows of {lm_t} tokens"
     else:
-        moved = f"ViT-S/16 (width {vision_shape.dim}), images of {TRAFFIC_PX} px; the patch embedding and head left out"
+        moved = f"ViT-S/16 (width {vision_shape.dim}), images of {args.px} px; the patch embedding and head left out"
     records = []
     for row in rows:
         if args.traffic:
-            records.append(lm_traffic(row, counter, lm_shape, lm_t) if args.lm else vision_traffic(row, counter, vision_shape))
+            records.append(lm_traffic(row, counter, lm_shape, lm_t) if args.lm else vision_traffic(row, counter, vision_shape, args.px))
             for r in records:
                 r[f"vs_{records[0]['row']}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]
             write_results(out, {"command": command, "setting": moved, "records": records},
                           traffic_table(records, command, moved))  # fmt: skip
             save_bars(records, "kib_per_token_layer", "glue KiB per token and layer",
                       "Bytes moved by the glue ops of one training step (GPU code path, counted on CPU)", out)  # fmt: skip
-            print(f"{row}: {records[-1]['kib_per_token_layer']:.1f} KiB per token and layer of glue", flush=True)
+            print(f"{row}: {records[-1]['kib_per_token_layer']:.1f} KiB per token and layer of glue, "
+                  f"{records[-1]['kernel_kib_per_token_layer']:.1f} of Triton kernels", flush=True)
             continue
         records.append(count(row, args.lm, args.smoke, counter))
         for r in records:

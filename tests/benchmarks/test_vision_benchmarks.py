@@ -369,4 +369,28 @@ def test_launches_traffic_counts_the_glue_of_a_vision_step(tmp_path):
     for r in records.values():
         assert r["kib_per_token_layer"] > 0
         assert sum(r["ops"].values()) == pytest.approx(r["kib_per_token_layer"], rel=0.01)
+    # The Triton kernels' bytes beside the glue's: timm launches none; attn's norms run on mmeff's kernels.
+    assert records["timm"]["kernel_kib_per_token_layer"] == 0 and records["attn"]["kernel_kib_per_token_layer"] > 0
+    assert set(records["attn"]["kernels"]) == {"_norm_fwd_kernel", "_norm_bwd_kernel"}
     assert "patch embedding and head left out" in (tmp_path / "traffic.md").read_text()
+
+
+def test_launches_traffic_counts_a_kernels_distinct_bytes():
+    # A launch's bytes are its distinct addresses loaded plus those stored: the route stack reads each stream once
+    # (a strided slice only its own columns, however many programs touch them) and writes it twice (the sequence and
+    # its reverse).
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import launches, torch\n"
+        "from mmeff.kernels import routes\n"
+        "counter = [None]; launches._hook_triton(counter)\n"
+        "x, y = torch.randn(3, 40, 24), torch.randn(3, 40, 8)\n"
+        "counted = counter[0] = launches._Traffic()\n"
+        "with counted:\n"
+        "    routes.stack([x, y[..., :5]])\n"
+        "print(json.dumps(counted.kernels))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], check=True, capture_output=True, text=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == {"_stack_kernel": 3 * (3 * 40 * (24 + 5) * 4)}
