@@ -376,9 +376,9 @@ def test_launches_traffic_counts_the_glue_of_a_vision_step(tmp_path):
 
 
 def test_launches_traffic_counts_a_kernels_distinct_bytes():
-    # A launch's bytes are its distinct addresses loaded plus those stored: the route stack reads each stream once
-    # (a strided slice only its own columns, however many programs touch them) and writes it twice (the sequence and
-    # its reverse).
+    # A launch's bytes are its distinct addresses loaded plus those stored, as its masks let them through: the route
+    # stack reads each stream once (a strided slice only its own columns, not the rest of its rows or of the tiles)
+    # and writes it twice (the sequence and its reverse).
     import subprocess
     import sys
 
