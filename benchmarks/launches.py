@@ -355,6 +355,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"launches: unknown rows {' '.join(unknown)}; rows of {'lm_train_speed' if args.lm else 'vision_speed'}.py: "
                          f"{' '.join(known)}")  # fmt: skip
+    patch = (vision_speed.SMOKE if args.smoke else vision_speed.REAL).patch
+    if args.px < patch or args.px % patch:
+        raise SystemExit(f"launches: --px {args.px} must be a positive multiple of the patch size, {patch}")
     stem = ("traffic" if args.traffic else "launches") + ("_lm" if args.lm else "") + "_cpu"
     out = args.out or Path(__file__).parent / "results" / stem
     setting = f"width {lm_train_speed.REAL.dim}, 2 rows of {T} tokens" if args.lm else f"ViT-S/16, 2 images of {PX} px"

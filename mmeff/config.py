@@ -90,9 +90,9 @@ class BackboneConfig:
     # "mixer" only the token mixer's (the channel mixer's stay: less recomputation, most of the memory saved where
     # the mixer keeps more than attention, e.g. mamba2's expanded streams); "norm" only the two pre-norms' outputs
     # (no layer runs twice: each norm again where the backward reads its output; one [tokens, dim] tensor less each).
-    # "norm" is the default: bit for bit the same gradients for one norm pass more per norm in the backward, and the
-    # step's peak 1.5 KiB per token and layer lower at width 384 (gated_deltanet-bi's peak over timm's without it, at
-    # 1,024 px on an H100: 12.17 GiB against 11.26; benchmarks/results/vision_speed_h100.md run 12); false keeps them.
+    # "norm" is the default: bit for bit the same gradients for one norm pass more per norm in the backward. On an H100
+    # at 1,024 px (benchmarks/results/vision_speed_h100.md run 18, one process, timm 11.26 GiB) gated_deltanet-bi
+    # peaked at 11.04 GiB with it and 12.08 without, at 0.591x and 0.596x timm's img/s; false keeps them.
     checkpoint: bool | Literal["mixer", "norm"] = "norm"
 
     def __post_init__(self) -> None:

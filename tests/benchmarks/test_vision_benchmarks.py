@@ -394,3 +394,12 @@ def test_launches_traffic_counts_a_kernels_distinct_bytes():
     )
     out = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], check=True, capture_output=True, text=True)
     assert json.loads(out.stdout.splitlines()[-1]) == {"_stack_kernel": 3 * (3 * 40 * (24 + 5) * 4)}
+
+
+def test_launches_traffic_names_a_bad_image_size():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--traffic", "--px", "100", "--rows", "timm"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode != 0 and "--px 100 must be a positive multiple of the patch size, 16" in out.stderr
