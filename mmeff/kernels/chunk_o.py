@@ -200,8 +200,8 @@ def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) ->
 @triton.jit
 def _value_tile(v, do, hp, dhp, voff, nr, cv, ck, dq_acc, dk_acc, hdh, ds, H: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """One value tile (columns cv..cv + BV) of a head's chunk: its v and do rows and h, dh transposed (key rows
-    ck..ck + BK), and the inter-chunk dq, dk, <h, dh> and score-gradient sums with it added."""
+    """One value tile (columns cv..cv + BV) of a head's chunk: its do rows and h transposed (key rows ck..ck + BK),
+    and the inter-chunk dq, dk, <h, dh> and score-gradient sums with it added."""
     vc = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV)
     doc = load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV)
     h_t = load_tile_t(hp, ck, K, V, cv, V, BK, BV)
@@ -210,7 +210,7 @@ def _value_tile(v, do, hp, dhp, voff, nr, cv, ck, dq_acc, dk_acc, hdh, ds, H: tl
     dk_acc += mm(vc, dh_t, PREC)
     hdh += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
     ds += mm(doc, tl.trans(vc), PREC)
-    return vc, doc, h_t, dq_acc, dk_acc, hdh, ds
+    return doc, h_t, dq_acc, dk_acc, hdh, ds
 
 
 @triton.jit
@@ -228,7 +228,6 @@ def _dqk_head(
     last = tl.minimum(nr, BT) - 1
     # Masks also drop steps past the sequence: their zero gate cumsum would make exp(b_i - b_j) overflow.
     causal = (rows[:, None] >= rows[None, :]) & valid[:, None]
-    upper = (rows[:, None] <= rows[None, :]) & valid[None, :]
     off = (tok * H + i_h) * K
     voff = (tok * H + i_h) * V
     hp = h + (i_c.to(tl.int64) * H + i_h) * K * V
@@ -266,12 +265,10 @@ def _dqk_head(
     dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
     dw_acc = tl.zeros([BT, BK], dtype=tl.float32)
     ds = tl.zeros([BT, BT], dtype=tl.float32)
-    ds_t = tl.zeros([BT, BT], dtype=tl.float32)
     hdh = tl.zeros([BK], dtype=tl.float32)
     for cv in range(0, V, BV):
-        vc, doc, h_t, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, ck, dq_acc, dk_acc, hdh, ds,
-                                                            H, K, V, BT, BK, BV, PREC)  # fmt: skip
-        ds_t += mm(vc, tl.trans(doc), PREC)
+        doc, h_t, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, ck, dq_acc, dk_acc, hdh, ds,
+                                                        H, K, V, BT, BK, BV, PREC)  # fmt: skip
         if DELTA:
             dw_acc += mm(load_tile(dv_new + voff, 0, nr, H * V, cv, V, BT, BV).to(DT), h_t, PREC)
         elif DV:
@@ -282,13 +279,15 @@ def _dqk_head(
     dkc = dk_acc * to_end
     # d/d b_C of exp(b_C) h_n + sum_s exp(b_C - b_s) k_s v_s^T, the state passed to the next chunk.
     g_last = hdh * whole + tl.sum(kc.to(tl.float32) * dkc, 0)
+    # The key side takes dS^T, the masked transpose of the query side's score gradient, not a product of its own.
     ds = tl.where(causal, ds * scale, 0.0)
     if GATE == KEY_GATE:
         if fast:  # the factors again rather than two more [BT, BK] fp32 tiles live across the value loop
             e_q = masked_exp(bq - b_ref, valid[:, None])
             e_k = masked_exp(b_ref - bq, valid[:, None])
-            dqc += mm(ds.to(DT), (kc * e_k).to(DT), PREC) * e_q
-            dkc += mm((tl.where(upper, ds_t, 0.0) * scale).to(DT), (qc * e_q).to(DT), PREC) * e_k
+            ds_dt = ds.to(DT)
+            dqc += mm(ds_dt, (kc * e_k).to(DT), PREC) * e_q
+            dkc += mm(tl.trans(ds_dt), (qc * e_q).to(DT), PREC) * e_k
             g_step = qc.to(tl.float32) * dqc - kc.to(tl.float32) * dkc + tl.where((rows == last)[:, None], g_last, 0.0)
             store_tile(dq + off, dqc, 0, nr, H * K, ck, K, BT, BK)
             store_tile(dk + off, dkc, 0, nr, H * K, ck, K, BT, BK)
@@ -302,11 +301,9 @@ def _dqk_head(
     else:
         if GATE == SCALAR_GATE:
             ds *= masked_exp(bc[:, None] - bc[None, :], causal)
-            ds_t *= masked_exp(bc[None, :] - bc[:, None], upper)
-        else:
-            ds_t = tl.where(upper, ds_t, 0.0)
-        dqc += mm(ds.to(DT), kc, PREC)
-        dkc += mm((ds_t * scale).to(DT), qc, PREC)
+        ds_dt = ds.to(DT)
+        dqc += mm(ds_dt, kc, PREC)
+        dkc += mm(tl.trans(ds_dt), qc, PREC)
         if DELTA:
             store_tile(dw + off, -dw_acc, 0, nr, H * K, 0, K, BT, BK)
         if GATE == SCALAR_GATE:
@@ -362,8 +359,8 @@ def _dqk_group(
         ds = tl.zeros([BT, BT], dtype=tl.float32)
         hdh = tl.zeros([BK], dtype=tl.float32)
         for cv in range(0, V, BV):
-            _, doc, _, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, 0, dq_acc, dk_acc, hdh, ds,
-                                                             H, K, V, BT, BK, BV, PREC)  # fmt: skip
+            doc, _, dq_acc, dk_acc, hdh, ds = _value_tile(v, do, hp, dhp, voff, nr, cv, 0, dq_acc, dk_acc, hdh, ds,
+                                                          H, K, V, BT, BK, BV, PREC)  # fmt: skip
             dvc = mm(kdec, load_tile(dhp, 0, K, V, cv, V, BK, BV), PREC) + mm(p_t, doc, PREC)
             store_tile(dv + voff, dvc, 0, nr, H * V, cv, V, BT, BV)
         dqc = dq_acc * from_start * scale
@@ -460,11 +457,13 @@ def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chun
 # faster at 224 px than 1,024 (2,296 and 2,301 against 2,325 img/s).
 GROUP_PROGRAMS = 1024
 GROUP_KEYS = 128
-# GLA's key columns per _bwd_dqk_kernel program where its keys are wider (dv then from _gla_dv_kernel). At the LM's
-# gla (4 heads, K 128, V 256; B 4 x T 4,096, bf16; an H100, one process) one program per head and chunk, holding
-# [64, 128] fp32 dq and dk sums across the value loop, took 0.433 ms a call; key tiles of 64 0.236 ms, and
-# _gla_dv_kernel 0.086 ms. Keys of 64 or less (the ViTs' heads) keep one program per head and chunk, dv included.
-GLA_KEY_TILE = 64
+# GLA's key columns per _bwd_dqk_kernel program where its keys are wider (dv then from _gla_dv_kernel). Measured on
+# an H100, bf16 (benchmarks/results/kernels_notes.md, 2026-12-07): at the LM's gla (4 heads, K 128, V 256; B 4 x
+# T 4,096) one program per head and chunk, holding [64, 128] fp32 dq and dk sums across the value loop, took 0.433 ms
+# a call (an earlier session), key tiles of 64 0.230 ms and of 32 0.224 ms (_gla_dv_kernel 0.09 ms either way); at
+# the ViT's (6 heads, K = V = 64; 512 x 196 tokens) one program per head and chunk, dv included, took 0.962 ms (255
+# registers, 14 spilled: one program an SM), key tiles of 32 0.670 ms (121 registers) and _gla_dv_kernel 0.212 ms.
+GLA_KEY_TILE = 32
 
 
 def head_splits(groups: int, programs: int) -> int:
