@@ -5,11 +5,12 @@ One step = forward, next-token cross-entropy, backward, fused AdamW on B x T tok
 the CPU, `--device cpu`, fp32 without autocast). B = max(1, `--tokens` // T): about 16k tokens per step. Median of
 `--iters` steps after `--warmup`. Width 1024, 12 layers, SwiGLU 2736, byte vocabulary (260 ids), tied embeddings.
 
-Rows (`--rows`; default all but the mamba2 variants mamba2_mmeff and mamba2_mamba_ssm):
+Rows (`--rows`; default all but the variants mamba2_mmeff, mamba2_mamba_ssm and gated_deltanet_v1):
 - mmeff (`mmeff.tasks.build_model` of a RunConfig, what `mmeff fit` trains): `attn` (16 heads of 64, RoPE), `gla`
   (4 heads, K 128, V 256), `mamba2` (head 64, state 128; mmeff.ops.ssd's auto backend: mmeff's SSD kernels, mamba-ssm's
   where they cannot run), `mamba2_mmeff` / `mamba2_mamba_ssm` (the same on mmeff's / mamba-ssm's SSD kernels, named),
-  `gated_deltanet` (8 heads, K 128, V 256),
+  `gated_deltanet` (8 heads, K 128, V 256), `gated_deltanet_v1` (the same with values as wide as keys, expand_v 1: about
+  attn's parameters, 164 M against 152 M),
   `deltanet` (8 heads, K = V = 128), `retnet` (8 heads, K 128, V 256), `hybrid_gla` ([gla, gla, gla, attn]),
   `hybrid_mamba2` ([mamba2, mamba2, mamba2, attn]), `attn_moe` / `gla_moe` (8 SwiGLU experts of 1368, top-2: the
   active parameters of the dense twin; Switch aux loss added to the loss as `mmeff fit` does). An mmeff row ending in
@@ -129,6 +130,7 @@ PATTERNS = {
     "mamba2_mmeff": ["mamba2"],
     "mamba2_mamba_ssm": ["mamba2"],
     "gated_deltanet": ["gated_deltanet"],
+    "gated_deltanet_v1": ["gated_deltanet"],
     "deltanet": ["deltanet"],
     "retnet": ["retnet"],
     "hybrid_gla": ["gla", "gla", "gla", "attn"],
@@ -137,7 +139,8 @@ PATTERNS = {
     "gla_moe": ["gla"],
 }
 # per-mixer options a row adds
-VARIANTS = {"mamba2_mmeff": {"mamba2": {"backend": "triton"}}, "mamba2_mamba_ssm": {"mamba2": {"backend": "mamba_ssm"}}}
+VARIANTS = {"mamba2_mmeff": {"mamba2": {"backend": "triton"}}, "mamba2_mamba_ssm": {"mamba2": {"backend": "mamba_ssm"}},
+            "gated_deltanet_v1": {"gated_deltanet": {"expand_v": 1.0}}}
 DENSE_TWIN = {"attn_moe": "attn", "gla_moe": "gla"}
 MODES = ["eager", "compiled", *(f"compiled-{m}" for m in COMPILE_MODES[1:]), "graphs"]  # the tables' order
 PEERS = {"hf_llama": "attn", "fla_gla": "gla", "mamba_ssm": "mamba2", "fla_gated_deltanet": "gated_deltanet",
@@ -145,7 +148,7 @@ PEERS = {"hf_llama": "attn", "fla_gla": "gla", "mamba_ssm": "mamba2", "fla_gated
 PACKAGES = {"hf_llama": "transformers", "fla_gla": "fla", "fla_deltanet": "fla", "fla_gated_deltanet": "fla",
             "mamba_ssm": "mamba_ssm"}  # fmt: skip
 ORDER = ["attn", "hf_llama", "gla", "fla_gla", "mamba2", "mamba_ssm", "mamba2_mmeff", "mamba2_mamba_ssm", "gated_deltanet",
-         "fla_gated_deltanet", "deltanet", "fla_deltanet", "retnet", "hybrid_gla", "hybrid_mamba2", "attn_moe", "gla_moe"]  # fmt: skip
+         "fla_gated_deltanet", "gated_deltanet_v1", "deltanet", "fla_deltanet", "retnet", "hybrid_gla", "hybrid_mamba2", "attn_moe", "gla_moe"]  # fmt: skip
 DEFAULT_ROWS = [r for r in ORDER if r not in VARIANTS]
 
 
@@ -660,7 +663,7 @@ def warm(rows: list[str], args: argparse.Namespace, shape: Shape) -> None:
 
 def select(names: list[str] | None) -> list[str]:
     """The rows named, in the order given (a call that may be cut runs the rows it needs most first) but the peers
-    after every mmeff row; default all but the mamba2 variants. The tables list rows in their own order.
+    after every mmeff row; default all but the variants (VARIANTS). The tables list rows in their own order.
 
     Why peers last: on the H200 an mmeff row run after hf_llama in the same process queued its step slower than one
     run after mmeff attn (RetNet at T=4096: 151,356 and 183,764 tok/s after it, 242,956 after attn, on three
@@ -678,7 +681,7 @@ def select(names: list[str] | None) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", "--mixers", nargs="+", help=f"rows to run, in this order (default all but the mamba2 variants): "
+    p.add_argument("--rows", "--mixers", nargs="+", help=f"rows to run, in this order (default all but {', '.join(VARIANTS)}): "
                    f"{', '.join(ORDER)}; an mmeff row may end in {', '.join(CHECKPOINT)} (backbone.checkpoint)")  # fmt: skip
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 2048 4096 16384 65536; cpu: 64)")
     p.add_argument("--tokens", type=int, help="tokens per step: B = max(1, tokens // T) (default 16384; cpu: 128)")

@@ -157,6 +157,24 @@ def test_lm_train_speed_checkpoint_rows_set_the_backbone_option(monkeypatch):
             lm_train_speed.select([bad])
 
 
+def test_lm_train_speed_parameter_matched_gated_deltanet(monkeypatch):
+    # gated_deltanet_v1: gated_deltanet's row with values as wide as its keys (expand_v 1), a variant the default
+    # rows leave out; at the real dims its parameters are within 10% of attn's (gated_deltanet's 1.33x).
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import lm_train_speed
+    from mmeff.tasks import build_model
+
+    assert "gated_deltanet_v1" not in lm_train_speed.select(None)
+    params = {}
+    for row in ("attn", "gated_deltanet", "gated_deltanet_v1"):
+        cfg = lm_train_speed.run_config(row, lm_train_speed.REAL, 64)
+        with torch.device("meta"):
+            params[row] = sum(p.numel() for p in build_model(cfg).parameters())
+    mixer = lm_train_speed.run_config("gated_deltanet_v1", lm_train_speed.REAL, 64).backbone.mixers["gated_deltanet"]
+    assert mixer["expand_v"] == 1.0 and mixer["heads"] == 8
+    assert params["gated_deltanet_v1"] / params["attn"] < 1.1 < params["gated_deltanet"] / params["attn"]
+
+
 def test_lm_train_speed_names_only_its_own_commit(monkeypatch, tmp_path):
     # A tree exported into another repository (as on the GPU machine) must not take that repository's commit.
     import subprocess
