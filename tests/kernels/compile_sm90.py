@@ -9,6 +9,14 @@ launch, then compiles each one in a second process with
 Slow (minutes: ptxas runs for every variant), hence a script and not part of `make test`:
 
     python tests/kernels/compile_sm90.py [--arch 90] [--kernels recurrence conv conv2d noncausal]
+    python tests/kernels/compile_sm90.py --kernels recurrence --only _bwd_dqk_kernel --registers
+
+`--registers` prints what ptxas reports for each build: registers a thread and spilled bytes, which set how many
+programs share an SM. Each build gets the alignment hints Triton's JIT gives a launch (16-byte aligned tensors,
+integers that are multiples of 16); with them and the GPU machine's Triton (3.6: `pip install --no-deps --target DIR
+triton==3.6.0`, then `PYTHONPATH=DIR`) the counts equal the H100's own for GLA's backward at K = V = 64 (2026-12-07:
+255 registers and 49,152 B of shared memory with dv in the same program, 121 in key tiles of 32, 128 for
+`_gla_dv_kernel`; without the hints 202 and 255). The local Triton 3.5 gives other counts.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,18 +50,21 @@ def record(out: str, kernels: list[str]) -> None:
         names = list(fn_wrapper.arg_names)
         bound = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
         consts = {p.name for p in inspect.signature(fn).parameters.values() if "constexpr" in str(p.annotation)}
-        sig, cx = {}, {}
+        sig, cx, div16 = {}, {}, []
         for n in names:
             v = bound.get(n)
             if isinstance(v, torch.Tensor):
                 sig[n] = "*" + DTYPES[str(v.dtype).removeprefix("torch.")]
+                div16 += [n] if v.data_ptr() % 16 == 0 else []
             elif v is None or n in consts or isinstance(v, bool) or not isinstance(v, (int, float)):
                 sig[n], cx[n] = "constexpr", getattr(v, "value", v)
             else:
                 sig[n] = "fp32" if isinstance(v, float) else "i32"
+                div16 += [n] if isinstance(v, int) and v % 16 == 0 else []
         opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
         key = (fn.__module__, fn.__qualname__, json.dumps(sig, sort_keys=True), json.dumps(cx, sort_keys=True, default=str))
-        launches.setdefault(key, {"module": fn.__module__, "name": fn.__qualname__, "sig": sig, "cx": cx, "opts": opts})
+        launches.setdefault(key, {"module": fn.__module__, "name": fn.__qualname__, "sig": sig, "cx": cx, "opts": opts,
+                                  "div16": div16})  # fmt: skip
 
     init, getitem = InterpretedFunction.__init__, InterpretedFunction.__getitem__
 
@@ -115,8 +127,31 @@ def record(out: str, kernels: list[str]) -> None:
     print(f"{len(launches)} distinct launches recorded", flush=True)
 
 
-def compile_all(path: str, arch: int) -> int:
-    """Compile each recorded launch for sm`arch`; the number that failed."""
+def divisible(fn: object, names: list[str]) -> dict:
+    """The `tt.divisibility` 16 hints a launch gives its arguments `names` (16-byte aligned tensors, integers that are
+    multiples of 16), as Triton's JIT specializes them at run time: without them loads cannot be vectorized."""
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+
+
+def ptxas_usage(ptx: str, arch: int) -> str:
+    """What Triton's bundled ptxas reports for `ptx` on sm`arch`a: registers a thread and spilled bytes (the
+    compiled kernel's own n_regs and n_spills need a GPU's driver to load it)."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return f"registers {regs.group(1) if regs else '?'}, spill stores {spills.group(1) if spills else '?'} B"
+
+
+def compile_all(path: str, arch: int, only: list[str] | None = None, registers: bool = False) -> int:
+    """Compile each recorded launch for sm`arch` (`only`: those kernels by name); the number that failed."""
     import importlib
 
     import triton
@@ -126,6 +161,8 @@ def compile_all(path: str, arch: int) -> int:
 
     failed = 0
     for launch in json.load(open(path)):
+        if only and launch["name"] not in only:
+            continue
         fn = getattr(importlib.import_module(launch["module"]), launch["name"])
         while not isinstance(fn, JITFunction):  # autotune / heuristics wrappers
             fn = fn.fn
@@ -133,9 +170,12 @@ def compile_all(path: str, arch: int) -> int:
         start = time.time()
         try:
             kernel = triton.compile(
-                ASTSource(fn, launch["sig"], constants), target=GPUTarget("cuda", arch, 32), options=launch["opts"] or {"num_warps": 4}
+                ASTSource(fn, launch["sig"], constants, divisible(fn, launch["div16"])), target=GPUTarget("cuda", arch, 32),
+                options=launch["opts"] or {"num_warps": 4},
             )
-            print(f"ok   {launch['name']:22s} {time.time() - start:6.1f}s shared memory {kernel.metadata.shared} B", flush=True)
+            usage = f"; {ptxas_usage(kernel.asm['ptx'], arch)}, {kernel.metadata.num_warps} warps, {launch['cx']}" if registers else ""
+            print(f"ok   {launch['name']:22s} {time.time() - start:6.1f}s shared memory {kernel.metadata.shared} B{usage}",
+                  flush=True)  # fmt: skip
         except Exception as e:  # report every failing variant, not just the first
             failed += 1
             print(f"FAIL {launch['name']} {launch['cx']}\n{e}", flush=True)
@@ -146,6 +186,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="kernel kinds (default all)")
+    p.add_argument("--only", nargs="+", help="compile only the kernels of these names (e.g. _bwd_dqk_kernel)")
+    p.add_argument("--registers", action="store_true", help="also print each build's registers and spills (ptxas -v)")
     p.add_argument("--record-to", help=argparse.SUPPRESS)  # the interpreter phase, in its own process
     args = p.parse_args()
     if args.record_to is None and os.environ.get("TRITON_INTERPRET") == "1":
@@ -157,7 +199,7 @@ def main() -> None:
         path = os.path.join(tmp, "launches.json")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         subprocess.run([sys.executable, __file__, "--record-to", path, "--kernels", *args.kernels], check=True, env=env)
-        failed = compile_all(path, args.arch)
+        failed = compile_all(path, args.arch, args.only, args.registers)
     print(f"{failed} failed")
     sys.exit(1 if failed else 0)
 
