@@ -8,7 +8,7 @@ launch, then compiles each one in a second process with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
 Slow (minutes: ptxas runs for every variant), hence a script and not part of `make test`:
 
-    python tests/kernels/compile_sm90.py [--arch 90] [--kernels recurrence conv conv2d noncausal]
+    python tests/kernels/compile_sm90.py [--arch 90] [--kernels recurrence grouped conv conv2d noncausal]
     python tests/kernels/compile_sm90.py --kernels recurrence --only _bwd_dqk_kernel --registers
 
 `--registers` prints what ptxas reports for each build: registers a thread and spilled bytes, which set how many
@@ -34,7 +34,7 @@ import time
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}
 
 
-KERNELS = ("recurrence", "conv", "conv2d", "noncausal")
+KERNELS = ("recurrence", "grouped", "conv", "conv2d", "noncausal")
 
 
 def record(out: str, kernels: list[str]) -> None:
@@ -100,6 +100,20 @@ def record(out: str, kernels: list[str]) -> None:
                     o, ht = linear_recurrence_triton(q, k, v, g, beta, 0.125, h0, True)
                     if grad:
                         (o.float().sum() + ht.sum()).backward()
+    from mmeff.kernels import chunk_o
+
+    # q and k shared by a group of heads under a scalar gate (Mamba-2's SSD): at real sizes a program takes a group's
+    # heads (`_dqk_group`, GH > 1) once there are enough chunks; at these sizes only with GROUP_PROGRAMS at 1. The
+    # ViT's mamba2-bi (state 64, 12 heads a group) and the LM's mamba2 (state 128, 8 heads a program).
+    programs, chunk_o.GROUP_PROGRAMS = chunk_o.GROUP_PROGRAMS, 1
+    for dtype in (torch.float32, torch.bfloat16) if "grouped" in kernels else ():
+        for K, heads in ((64, 12), (128, 8)):
+            q, k = (torch.randn(1, 80, 1, K, dtype=dtype, requires_grad=True) for _ in range(2))
+            v = torch.randn(1, 80, heads, 64, dtype=dtype, requires_grad=True)
+            g = (-torch.rand(1, 80, heads)).requires_grad_()
+            o, _ = linear_recurrence_triton(q, k, v, g, None, 0.125)
+            o.float().sum().backward()
+    chunk_o.GROUP_PROGRAMS = programs
     from mmeff.kernels.conv import CausalConv
 
     for dtype in (torch.float32, torch.bfloat16) if "conv" in kernels else ():
