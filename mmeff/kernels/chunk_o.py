@@ -461,8 +461,9 @@ GROUP_KEYS = 128
 # an H100, bf16 (benchmarks/results/kernels_notes.md, 2026-12-07): at the LM's gla (4 heads, K 128, V 256; B 4 x
 # T 4,096) one program per head and chunk, holding [64, 128] fp32 dq and dk sums across the value loop, took 0.433 ms
 # a call (an earlier session), key tiles of 64 0.230 ms and of 32 0.224 ms (_gla_dv_kernel 0.09 ms either way); at
-# the ViT's (6 heads, K = V = 64; 512 x 196 tokens) one program per head and chunk, dv included, took 0.962 ms (255
-# registers, 14 spilled: one program an SM), key tiles of 32 0.670 ms (121 registers) and _gla_dv_kernel 0.212 ms.
+# K = V = 64 (6 heads; 512 x 196 tokens) one program per head and chunk, dv included, took 0.962 ms (255 registers,
+# 14 spilled: one program an SM), key tiles of 32 0.670 ms (121 registers) and _gla_dv_kernel 0.212 ms. The ViT-S
+# GLA's keys of 32 (expand_k 0.5) keep one program per head and chunk.
 GLA_KEY_TILE = 32
 
 
