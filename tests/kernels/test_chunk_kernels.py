@@ -60,7 +60,7 @@ def test_gla_factored_scores(kernels, gates, dtype):
 
 @pytest.mark.parametrize("gates, dk, packed", [("mixed", 48, False), ("mild", 32, True)])
 def test_gla_key_tiles(kernels, monkeypatch, gates, dk, packed):
-    # Keys wider than chunk_o.GLA_KEY_TILE (the ViT's K 64, the LM's 128; tiles of 32): _bwd_dqk_kernel's programs take a key
+    # Keys wider than chunk_o.GLA_KEY_TILE (K 64, the LM's 128; tiles of 32): _bwd_dqk_kernel's programs take a key
     # tile each (dq, dk and dg columns) and _gla_dv_kernel makes dv; here tiles of 16, K 48 leaving a partial tile
     # of the power of two the kernels pad K to. Mixed gates: chunks on both the factored and the sub-chunk path.
     monkeypatch.setattr(kernels.chunk_o, "GLA_KEY_TILE", 16)
