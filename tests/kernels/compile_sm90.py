@@ -174,8 +174,14 @@ def compile_all(path: str, arch: int, only: list[str] | None = None, registers: 
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    launches = json.load(open(path))
+    unknown = sorted(set(only or ()) - {launch["name"] for launch in launches})
+    if unknown:
+        recorded = " ".join(sorted({launch["name"] for launch in launches}))
+        raise SystemExit(f"compile_sm90: --only {' '.join(unknown)}: no such kernel launched by these --kernels; "
+                         f"launched: {recorded}")  # fmt: skip
     failed = 0
-    for launch in json.load(open(path)):
+    for launch in launches:
         if only and launch["name"] not in only:
             continue
         fn = getattr(importlib.import_module(launch["module"]), launch["name"])

@@ -1,7 +1,10 @@
 """compile_sm90.py's register report: a kernel compiled for Hopper without a GPU, with the alignment hints a launch gives."""
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 import triton
 import triton.language as tl
@@ -32,3 +35,10 @@ def test_compile_sm90_reports_registers_of_the_build_a_launch_gets():
     usage = compile_sm90.ptxas_usage(hinted, 90)
     registers = int(usage.split()[1].rstrip(","))
     assert 0 < registers <= 255 and usage.endswith("spill stores 0 B"), usage
+
+
+def test_compile_sm90_names_an_only_kernel_no_launch_recorded(tmp_path):
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps([{"module": "m", "name": "_fwd_h_kernel", "sig": {}, "cx": {}, "opts": {}, "div16": []}]))
+    with pytest.raises(SystemExit, match="--only _bwd_dqk: no such kernel launched by these --kernels; launched: _fwd_h_kernel"):
+        compile_sm90.compile_all(str(path), 90, only=["_bwd_dqk"])
