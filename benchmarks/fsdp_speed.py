@@ -30,7 +30,6 @@ import contextlib
 import json
 import socket
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from lm_train_speed import REAL, SMOKE, Shape, autocast, run_config, train_step,
 from mmeff.config import FSDPConfig
 from mmeff.strategies import shard_model
 from mmeff.tasks import build_model
-from timing import device_tag, error_note, free, median_ms, write_results
+from timing import device_tag, error_note, free, median_ms, run_id, write_results
 
 MODELS: dict[str, tuple[str, Shape]] = {  # name: (lm_train_speed row, shape)
     "lm_gla": ("gla", REAL),
@@ -172,11 +171,11 @@ def main() -> None:
     models = SMOKE_MODELS if device.type == "cpu" else MODELS
     out = args.out or Path(__file__).parent / "results" / f"fsdp_{device_tag(device)}"
     out = out.with_suffix("") if out.suffix in (".md", ".json") else out
-    run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    records = json.loads(out.with_suffix(".json").read_text())["records"] if out.with_suffix(".json").is_file() else []
+    run = {"run": run_id(records), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "versions": versions(), "command": " ".join(["python", *sys.argv])}  # fmt: skip
     print(f"{run['device']}: writing {out}.{{md,json}}", flush=True)
     mesh = init_world(device)
-    records = json.loads(out.with_suffix(".json").read_text())["records"] if out.with_suffix(".json").is_file() else []
     try:
         for model_name in args.models:
             for T in args.T:

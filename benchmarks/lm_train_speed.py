@@ -99,7 +99,7 @@ from mmeff.tasks.graphs import GraphedTraining
 from mmeff.trainer import compile_options
 from timing import (  # beside this file
     CHECKPOINT, COMPILE_MODES, add_compile_argument, compile_fields, compile_label, copy_bandwidth, device_tag,
-    error_note, free, matmul_rate, median_ms, replays_graphs, run_in_parallel, save_figure, unchecked, write_results,
+    error_note, free, matmul_rate, median_ms, replays_graphs, run_id, run_in_parallel, save_figure, unchecked, write_results,
 )
 
 
@@ -709,7 +709,8 @@ def main() -> None:
     args.rate = matmul_rate(device, 8192 if device.type == "cuda" else 256)
     args.bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**24)
     args.ours = mmeff_kernels() if args.profile and device.type == "cuda" else set()
-    run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    records = load(out.with_suffix(".json"))
+    run = {"run": run_id(records), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "versions": versions(), "shape": f"{shape.depth} layers, width {shape.dim}, SwiGLU {shape.ffn_hidden}",
            "matmul_tflops": args.rate / 1e12, "copy_gbs": args.bandwidth / 1e9,
            "command": " ".join(["python", *sys.argv])}  # fmt: skip
@@ -717,7 +718,6 @@ def main() -> None:
           f"writing {out}.{{md,json,png}}", flush=True)  # fmt: skip
     if args.warm:
         warm(select(args.rows), args, shape)
-    records = load(out.with_suffix(".json"))
     for T, row, ndocs in itertools.product(args.T or shape.lengths, select(args.rows), args.docs):
         if ndocs and row in PEERS:
             continue

@@ -106,6 +106,18 @@ def run_in_parallel(commands: list[list[str]], seconds: float, jobs: int, env: d
     return finished
 
 
+def run_id(records: list[dict[str, Any]]) -> str:
+    """The time now, to the second, as a run's id; with a suffix (".2", ".3", ...) where `records` already have that
+    id: two runs into one file within a second (the tests call main() twice in one process) stay two runs."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    taken = {r.get("run") for r in records}
+    run, n = stamp, 1
+    while run in taken:
+        n += 1
+        run = f"{stamp}.{n}"
+    return run
+
+
 def write_results(stem: Path, data: dict[str, Any], markdown: str) -> None:
     """`stem`.json (`data`) and `stem`.md, each written under a temporary name and renamed: a run cut mid-write
     leaves the last whole files."""

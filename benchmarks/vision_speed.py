@@ -83,7 +83,7 @@ from mmeff.blocks.scan import ScanMixer
 from mmeff.tasks import build_model
 from mmeff.tasks.graphs import GraphedTraining
 from mmeff.trainer import compile_options
-from timing import CHECKPOINT, add_compile_argument, compile_fields, compile_label, device_tag, error_note, free, matmul_rate, median_ms, replays_graphs, save_figure, unchecked, write_results  # benchmarks/timing.py, beside this script
+from timing import CHECKPOINT, add_compile_argument, compile_fields, compile_label, device_tag, error_note, free, matmul_rate, median_ms, replays_graphs, run_id, save_figure, unchecked, write_results  # benchmarks/timing.py, beside this script
 
 SIZES = {224: 256, 512: 64, 1024: 16, 2048: 4}  # px -> batch: about 65k tokens per step
 # --chunk-size: the chunk lengths mmeff's chunked kernels run (mmeff.kernels.pack rounds any other to one of these, so
@@ -549,10 +549,10 @@ def main() -> None:
     name = args.name or f"vision_speed_{device_tag(device)}"
     args.out_dir_resolved = out_dir
     args.rate = matmul_rate(device, 256 if args.smoke else 8192)
-    run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    records = load(out_dir / f"{name}.json")
+    run = {"run": run_id(records), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "matmul_tflops": args.rate / 1e12}  # fmt: skip
     print(f"{run['device']}: matmul {args.rate / 1e12:.3g} TFLOP/s; writing {out_dir / name}.{{md,json,png}}", flush=True)
-    records = load(out_dir / f"{name}.json")
     with pinned_backends(args.backend) as pinned:
         for px in sizes:
             for row in select(args.rows):

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,9 +64,12 @@ def test_lm_train_speed_cpu_smoke_writes_every_field(script, tmp_path):
     assert "| gla_moe | 1 | 0 | eager | 2 |" in (tmp_path / "lm.md").read_text()  # run 1, no documents, eager, B
 
 
-def test_lm_train_speed_graphs_mode_keeps_its_own_ratios(script, tmp_path):
+def test_lm_train_speed_graphs_mode_keeps_its_own_ratios(script, tmp_path, monkeypatch):
     # --graphs: the mmeff rows through GraphedTraining (on the CPU it warns and runs eagerly: the step and the records
-    # are what a GPU run writes), peers and packed rows skipped with a note, ratios only within the mode.
+    # are what a GPU run writes), peers and packed rows skipped with a note, ratios only within the mode. Both runs
+    # within one second (as a fast machine's once did: run ids were the second alone and the two runs merged as run
+    # 1): still runs 1 and 2.
+    monkeypatch.setattr(time, "strftime", lambda fmt: "2026-12-07T11:00:00")
     out = tmp_path / "lm"
     script("lm_train_speed", "--device", "cpu", "--rows", "attn", "hf_llama", "gla", "--warmup", "0", "--iters", "1",
            "--out", str(out))  # fmt: skip
@@ -79,6 +83,7 @@ def test_lm_train_speed_graphs_mode_keeps_its_own_ratios(script, tmp_path):
     attn, gla = graphed[("attn", 0)], graphed[("gla", 0)]
     assert attn["tok_s"] > 0 and gla["vs_attn"] == pytest.approx(gla["tok_s"] / attn["tok_s"])
     assert "vs_peer" not in attn  # its peer did not run in this mode
+    assert {r["run"] for r in records} == {"2026-12-07T11:00:00", "2026-12-07T11:00:00.2"}
     assert "| gla | 2 | 0 | graphs | 2 |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):  # two modes at once
         script("lm_train_speed", "--device", "cpu", "--graphs", "--compile", "--out", str(tmp_path / "x"))
