@@ -160,7 +160,7 @@ def _gla_dv_kernel(
     LIMIT: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # GLA's dv = (k exp(b_C - b)) dh + scale P^T do for one head's chunk, value tiles looped over: _bwd_dqk_kernel's
-    # part where its programs take key tiles (keys wider than GLA_KEY_TILE), P needing every key.
+    # part where its programs take key tiles (keys of GLA_KEY_TILE or wider), P needing every key.
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     _, _, tok, nr = chunk_bounds(cu_seqlens, chunk_indices, i_c, BT)
     keys = tl.arange(0, BK)
@@ -389,7 +389,7 @@ def _bwd_dqk_kernel(
     BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, LIMIT: tl.constexpr, PREC: tl.constexpr,
     GH: tl.constexpr, DV: tl.constexpr,
 ):  # fmt: skip
-    # Full key width per program (BK >= K), but GLA keys wider than GLA_KEY_TILE in key tiles of it (grid axis 2):
+    # Full key width per program (BK >= K), but GLA keys of GLA_KEY_TILE or wider in key tiles of it (grid axis 2):
     # their dq, dk and dg columns need no other tile's keys, and dv (DV false) comes from _gla_dv_kernel. Value tiles
     # are looped over. For the delta rule v is v~ and, instead of dv, dw = -dv~ h^T is produced; dk and the decay
     # gradient are then partial (chunk_delta adds the terms of w and of the triangular solve). GLA chunks within the
@@ -457,13 +457,15 @@ def dv_local(q: Tensor, k: Tensor, b: Optional[Tensor], do: Tensor, chunks: Chun
 # faster at 224 px than 1,024 (2,296 and 2,301 against 2,325 img/s).
 GROUP_PROGRAMS = 1024
 GROUP_KEYS = 128
-# GLA's key columns per _bwd_dqk_kernel program where its keys are wider (dv then from _gla_dv_kernel). Measured on
-# an H100, bf16 (benchmarks/results/kernels_notes.md, 2026-12-07): at the LM's gla (4 heads, K 128, V 256; B 4 x
-# T 4,096) one program per head and chunk, holding [64, 128] fp32 dq and dk sums across the value loop, took 0.433 ms
-# a call (an earlier session), key tiles of 64 0.230 ms and of 32 0.224 ms (_gla_dv_kernel 0.09 ms either way); at
-# K = V = 64 (6 heads; 512 x 196 tokens) one program per head and chunk, dv included, took 0.962 ms (255 registers,
-# 14 spilled: one program an SM), key tiles of 32 0.670 ms (121 registers) and _gla_dv_kernel 0.212 ms. The ViT-S
-# GLA's keys of 32 (expand_k 0.5) keep one program per head and chunk.
+# GLA's key columns per _bwd_dqk_kernel program where its keys are as wide or wider (dv then from _gla_dv_kernel).
+# Measured on an H100, bf16 (benchmarks/results/kernels_notes.md, 2026-12-07): at the LM's gla (4 heads, K 128,
+# V 256; B 4 x T 4,096) one program per head and chunk, holding [64, 128] fp32 dq and dk sums across the value loop,
+# took 0.433 ms a call (an earlier session), key tiles of 64 0.230 ms and of 32 0.224 ms (_gla_dv_kernel 0.09 ms
+# either way); at K = V = 64 (6 heads; 512 x 196 tokens) one program per head and chunk, dv included, took 0.962 ms
+# (255 registers, 14 spilled: one program an SM), key tiles of 32 0.670 ms (121 registers) and _gla_dv_kernel
+# 0.212 ms. At the ViT-S GLA's keys of 32 (expand_k 0.5, V 64; 512 x 196 tokens, 6 heads) dv in the same program
+# held 249 registers and took 0.687 ms, made apart (one key tile) 0.336 ms at 121 registers and _gla_dv_kernel
+# 0.152 ms (twentieth session; the gradients bit for bit the same).
 GLA_KEY_TILE = 32
 
 
@@ -485,7 +487,7 @@ def bwd_dqk(
     grouped_ok = not delta and pow2(dk_) <= GROUP_KEYS
     splits = head_splits(heads // key_heads, chunks.num_chunks * key_heads) if grouped_ok else heads // key_heads
     per_program = heads // key_heads // splits  # GH
-    key_tiles = key_gate and not delta and pow2(dk_) > GLA_KEY_TILE
+    key_tiles = key_gate and not delta and pow2(dk_) >= GLA_KEY_TILE
     bk = GLA_KEY_TILE if key_tiles else pow2(dk_)
 
     def new(last: int, dtype: torch.dtype = torch.float32) -> Tensor:

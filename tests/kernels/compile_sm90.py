@@ -86,8 +86,8 @@ def record(out: str, kernels: list[str]) -> None:
             for delta in (False, True):
                 if gate == "key" and delta:
                     continue  # the chunk path falls back to PyTorch; the fused recurrent kernel covers it below
-                # GLA's keys of 64 and 128 take key tiles in the backward (chunk_o.GLA_KEY_TILE) and _gla_dv_kernel;
-                # the ViT-S GLA's keys of 32 do not
+                # GLA's keys of 32 (the ViT-S GLA's: one tile), 64 and 128 take key tiles in the backward
+                # (chunk_o.GLA_KEY_TILE) and _gla_dv_kernel
                 for T, K in ((80, 64), (8, 64), *([(80, 128), (80, 32)] if gate == "key" else [])):
                     grad = T > 16  # chunked fwd+bwd, and the fused recurrent kernel (short, no grad)
                     q, k = (torch.randn(2, T, 2, K, dtype=dtype, requires_grad=grad) for _ in range(2))

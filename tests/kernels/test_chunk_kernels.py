@@ -58,12 +58,15 @@ def test_gla_factored_scores(kernels, gates, dtype):
     check(kernels, inputs, TOL[dtype], chunk_size=32)
 
 
-@pytest.mark.parametrize("gates, dk, packed", [("mixed", 48, False), ("mild", 32, True)])
-def test_gla_key_tiles(kernels, monkeypatch, gates, dk, packed):
-    # Keys wider than chunk_o.GLA_KEY_TILE (K 64, the LM's 128; tiles of 32): _bwd_dqk_kernel's programs take a key
-    # tile each (dq, dk and dg columns) and _gla_dv_kernel makes dv; here tiles of 16, K 48 leaving a partial tile
-    # of the power of two the kernels pad K to. Mixed gates: chunks on both the factored and the sub-chunk path.
-    monkeypatch.setattr(kernels.chunk_o, "GLA_KEY_TILE", 16)
+@pytest.mark.parametrize("gates, dk, tile, packed, dv_apart",
+                         [("mixed", 48, 16, False, True), ("mild", 32, 16, True, True), ("mild", 16, 16, False, True),
+                          ("mixed", 16, 32, False, False)])  # fmt: skip
+def test_gla_key_tiles(kernels, monkeypatch, gates, dk, tile, packed, dv_apart):
+    # Keys as wide as chunk_o.GLA_KEY_TILE or wider (the ViT-S GLA's 32: one tile; 64, the LM's 128; tiles of 32):
+    # _bwd_dqk_kernel's programs take a key tile each (dq, dk and dg columns) and _gla_dv_kernel makes dv; here tiles
+    # of 16, K 48 leaving a partial tile of the power of two the kernels pad K to, K 16 one tile. Narrower keys keep
+    # dv in the same program. Mixed gates: chunks on both the factored and the sub-chunk path.
+    monkeypatch.setattr(kernels.chunk_o, "GLA_KEY_TILE", tile)
     real, grids = kernels.chunk_o._gla_dv_kernel, []
 
     class Recorded:
@@ -76,7 +79,7 @@ def test_gla_key_tiles(kernels, monkeypatch, gates, dk, packed):
     batch, seqlen = (1, 37) if packed else (2, 75)
     inputs = make_inputs("gla", batch, seqlen, 2, dk, 24, seed=11, gates=gates, num_states=5 if packed else None)
     check(kernels, inputs, TOL[torch.float32], chunk_size=32, cu_seqlens=cu_seqlens)
-    assert len(grids) == 1
+    assert len(grids) == dv_apart
 
 
 @pytest.mark.parametrize(
