@@ -67,8 +67,8 @@ def test_lm_train_speed_cpu_smoke_writes_every_field(script, tmp_path):
 def test_lm_train_speed_graphs_mode_keeps_its_own_ratios(script, tmp_path, monkeypatch):
     # --graphs: the mmeff rows through GraphedTraining (on the CPU it warns and runs eagerly: the step and the records
     # are what a GPU run writes), peers and packed rows skipped with a note, ratios only within the mode. Both runs
-    # within one second (as a fast machine's once did: run ids were the second alone and the two runs merged as run
-    # 1): still runs 1 and 2.
+    # within one second (the clock frozen): still runs 1 and 2. Run ids used to be the second alone, which merges two
+    # such runs as run 1: the likely cause of this test's one failure seen (its output was not kept).
     monkeypatch.setattr(time, "strftime", lambda fmt: "2026-12-07T11:00:00")
     out = tmp_path / "lm"
     script("lm_train_speed", "--device", "cpu", "--rows", "attn", "hf_llama", "gla", "--warmup", "0", "--iters", "1",
