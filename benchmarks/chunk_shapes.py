@@ -23,18 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch import Tensor
 
 from mmeff import ops
 from mmeff.kernels.launch import kept_builds
-from timing import device_tag, median_ms, write_results  # beside this file
+from timing import device_tag, median_ms, run_id, write_results  # beside this file
 
 Case = tuple[str, int, int, int, int, int]  # (op, B, T, heads, K, V)
 # name: (op, B, T, heads, K, V) per shape set; for ssd K is the state and heads share one B and C.
@@ -124,17 +124,21 @@ def compare(new: Path, old: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
-    """Markdown of one run's records."""
-    lines = [f"{run['device']} ({run['versions']}), run {run['run']}: `{run['command']}`", "",
-             "| op | B x T | heads | K | V | fwd+bwd ms | kernels, GPU ms a call | registers, spilled bytes |",
-             "|---|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
-    for r in records:
-        kernels = ", ".join(f"{k} {v:.3f}" for k, v in r.get("kernels", {}).items())
-        regs = ", ".join(f"{k} {v}" for k, v in r.get("registers", {}).items())
-        cells = [r["op"], f"{r['B']} x {r['T']}", r["heads"], r["K"], r["V"], f"{r['ms']:.3f}", kernels, regs]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines) + "\n"
+def table(records: list[dict[str, Any]]) -> str:
+    """Markdown: a table per run (earlier runs' records kept in the file), newest first."""
+    lines = []
+    for run in sorted({r["run"] for r in records}, reverse=True):
+        rows = [r for r in records if r["run"] == run]
+        lines += [f"{rows[0]['device']} ({rows[0]['versions']}), run {run}: `{rows[0]['command']}`", "",
+                  "| op | B x T | heads | K | V | fwd+bwd ms | kernels, GPU ms a call | registers, spilled bytes |",
+                  "|---|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
+        for r in rows:
+            kernels = ", ".join(f"{k} {v:.3f}" for k, v in r.get("kernels", {}).items())
+            regs = ", ".join(f"{k} {v}" for k, v in r.get("registers", {}).items())
+            cells = [r["op"], f"{r['B']} x {r['T']}", r["heads"], r["K"], r["V"], f"{r['ms']:.3f}", kernels, regs]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -157,21 +161,19 @@ def main() -> None:
         raise SystemExit(f"chunk_shapes: --ops {' '.join(args.ops)}: choose from gla retention gated_delta_rule ssd")
     device = torch.device(args.device)
     stem = args.out_dir / (args.name or f"chunk_shapes_{device_tag(device)}")
-    import triton
-
-    run = {"run": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    json_path = stem.with_name(stem.name + ".json")
+    records = json.loads(json_path.read_text())["records"] if json_path.is_file() else []  # earlier runs stay
+    run = {"run": run_id(records), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "versions": f"torch {torch.__version__}, triton {triton.__version__}",
            "command": " ".join(["python", "benchmarks/chunk_shapes.py", *sys.argv[1:]])}  # fmt: skip
-    records = []
     for case in SHAPES[args.shapes]:
         if args.ops and case[0] not in args.ops:
             continue
-        record = measure(case, args, device)
-        records.append(record)
+        record = {**measure(case, args, device), **run}
         if device.type == "cuda":
             record["registers"] = {k: v for k, v in registers().items() if k in record["kernels"]}
-        write_results(stem, {**run, "records": records}, table(records, run))  # row by row: a cut run keeps its rows
+        records.append(record)
+        write_results(stem, {"records": records}, table(records))  # row by row: a cut run keeps its rows
         print(json.dumps(record), flush=True)
 
 
