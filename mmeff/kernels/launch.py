@@ -50,15 +50,6 @@ def clear() -> None:
         launcher.compiled.clear()
 
 
-def kept_builds() -> dict[str, list[Any]]:
-    """The compiled kernels kept so far, by kernel name (their n_regs and n_spills: benchmarks/chunk_shapes.py)."""
-    builds: dict[str, list[Any]] = {}
-    for launcher in list(_LAUNCHERS):
-        fn = getattr(launcher.fn, "fn", launcher.fn)  # an autotuner's JITFunction
-        builds.setdefault(fn.__name__, []).extend(kept[0] for kept in launcher.compiled.values())
-    return builds
-
-
 class Launcher:
     """A Triton JITFunction or Autotuner, launched as `launcher[grid](*args, **kwargs)` (see the module docstring);
     `fn` is the Triton object (as an autotuner's `fn` is its JITFunction), for its own attributes (an autotuner's
