@@ -200,8 +200,9 @@ def _sm90_safe_configs(configs: list, named_args: dict, **constexprs: object) ->
 @triton.jit
 def _value_tile(v, do, hp, dhp, voff, nr, cv, ck, dq_acc, dk_acc, hdh, ds, H: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """One value tile (columns cv..cv + BV) of a head's chunk: its do rows and h transposed (key rows ck..ck + BK),
-    and the inter-chunk dq, dk, <h, dh> and score-gradient sums with it added."""
+    """One value tile (columns cv..cv + BV) of a head's chunk: it reads v and do rows and h, dh transposed (key rows
+    ck..ck + BK), and returns its do rows and h transposed (the callers' dv and dw terms read them) with the
+    inter-chunk dq, dk, <h, dh> and score-gradient sums it added to."""
     vc = load_tile(v + voff, 0, nr, H * V, cv, V, BT, BV)
     doc = load_tile(do + voff, 0, nr, H * V, cv, V, BT, BV)
     h_t = load_tile_t(hp, ck, K, V, cv, V, BK, BV)
