@@ -21,6 +21,9 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   row without a suffix takes), `+no_ckpt` sets `backbone.checkpoint: false`. `+groups` after a scan
   row (`gated_deltanet-bi+groups`, before any `+ckpt...`) sets `scan_tokens: 32768` (GROUP_TOKENS): the batch's
   sequences run their routes in groups of at most that many route-stacked tokens, one group's backward at a time.
+  `+no_recurrence` after a linear-recurrence row (`gla-bi+no_recurrence`, after any `+groups`, before any `+ckpt...`)
+  replaces each mixer's recurrence by a stand-in (`no_recurrence`): the step without the recurrence's kernels, at
+  the row's own FLOP count, so its `of ceiling` is the most a faster recurrence kernel could give that row.
 
 Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, graphs, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
@@ -93,6 +96,7 @@ SCANNED = ("linear_attn", "gla", "retnet", "mamba2", "gated_deltanet", "hybrid")
 HYBRID = ["gla", "gla", "gla", "attn"]
 GROUP_TOKENS = 32768  # `+groups` rows: scan_tokens (at 1,024 px four groups of 4 images, bi)
 FLOP_MATCHED = ("gla-bi", "mamba2-bi")  # rows whose FLOP-matched ceiling the issue sets a goal for (at 224 px)
+STUBBED = "+no_recurrence"  # a row suffix: the row with its recurrence replaced by `no_recurrence`
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,24 @@ def _block(name: str) -> type:
 def audio_grid(shape: Shape) -> tuple[int, int]:
     """(freq, time) patches of the AST-shaped input."""
     return (shape.mels - 16) // shape.audio_stride + 1, (shape.frames - 16) // shape.audio_stride + 1
+
+
+def no_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: list[torch.Tensor], **kw: Any) -> tuple[torch.Tensor, None]:
+    """The stand-in of a `+no_recurrence` row's recurrence: o = v, with q, k and the gates kept in autograd's graph by
+    one mean each (times 0), so that every projection before it still runs its backward."""
+    kept = sum(t.float().reshape(*v.shape[:3], -1).mean(-1, keepdim=True) for t in (q, k, *gates))
+    return v + (kept * 0).to(v.dtype), None
+
+
+def stub_recurrence(model: nn.Module) -> None:
+    """Every linear-recurrence mixer of `model` calls `no_recurrence` instead of its op (a ValueError where none)."""
+    from mmeff.blocks.linear import LinearMixer
+
+    mixers = [m for m in model.modules() if isinstance(m, LinearMixer)]
+    if not mixers:
+        raise ValueError(f"{STUBBED}: the model has no linear-recurrence mixer (mmeff.blocks.linear.LinearMixer)")
+    for m in mixers:
+        m.recur = no_recurrence
 
 
 def build(row: str, px: int | str, shape: Shape) -> tuple[nn.Module, torch.Tensor]:
@@ -278,12 +300,15 @@ def measure(
         model, example = build(row, px, replace(shape, chunk=args.chunk_size) if row != "timm" else shape)
         model = model.to(device)
         record["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        same = (unchecked(row)[0], px, record["params_m"])  # checkpointing recomputes; the model's FLOPs stay
+        # Checkpointing recomputes and a stubbed recurrence runs less: the model's FLOPs, so its ceiling, stay.
+        same = (unchecked(row)[0].removesuffix(STUBBED), px, record["params_m"])
         counted = [r["flops_per_img"] for r in earlier if (r["row"], r["px"], r.get("params_m")) == same and r.get("flops_per_img")]
         if counted and not args.recount:
             record["flops_per_img"] = counted[-1]
         else:
             record["flops_per_img"] = flops_per_input(model, example.to(device), shape.classes)
+        if unchecked(row)[0].endswith(STUBBED):
+            stub_recurrence(model)
         if args.compile:
             torch._dynamo.reset()  # a fresh cache per model: rows would otherwise hit dynamo's recompile limit
             model.compile(**compile_options(args.compile))
@@ -502,11 +527,11 @@ def select(names: list[str] | None) -> list[str]:
     timm always first."""
     rows = row_names()
     if names:
-        base = {n: unchecked(n)[0].removesuffix("+groups") for n in names}
+        base = {n: unchecked(n)[0].removesuffix(STUBBED).removesuffix("+groups") for n in names}
         unknown = [n for n, b in base.items() if b == "timm" != n or not any(r == b or r.startswith(f"{b}-") for r in rows)]
         if unknown:
             raise SystemExit(f"vision_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(rows)} "
-                             f"(each may end in +groups, and in {' or '.join(CHECKPOINT)})")
+                             f"(each may end in +groups, then {STUBBED}, and in {' or '.join(CHECKPOINT)})")
         suffixes = [(b, n[len(b):]) for n, b in base.items()]
         rows = ["timm"] + [r + s for b, s in suffixes for r in rows if r != "timm" and (r == b or r.startswith(f"{b}-"))]
     return list(dict.fromkeys(rows))

@@ -158,6 +158,34 @@ def test_vision_speed_groups_rows_cap_the_scan_tokens_and_the_census_scales_them
     assert all(m.routes.max_tokens is None for m in plain.modules() if isinstance(m, ScanMixer))
 
 
+def test_vision_speed_no_recurrence_rows_skip_only_the_recurrence(script, tmp_path, monkeypatch):
+    # `<row>+no_recurrence` runs the row's step with each linear-recurrence mixer's op replaced by a stand-in (o = v),
+    # at the row's own FLOP count (its ceiling: the most a faster recurrence could give). Every projection before
+    # the recurrence still gets its gradient; a model without such a mixer is refused in the row's note.
+    import torch
+    import vision_speed
+
+    from mmeff import ops
+
+    assert vision_speed.select(["gla-bi+no_recurrence", "retnet-bi+groups+no_recurrence+ckpt"]) == [
+        "timm", "gla-bi+no_recurrence", "retnet-bi+groups+no_recurrence+ckpt"]  # fmt: skip
+    model, example = vision_speed.build("gla-bi+no_recurrence", 32, vision_speed.SMOKE)
+    vision_speed.stub_recurrence(model)
+    monkeypatch.setattr(ops, "gated_linear_attention", lambda *a, **k: pytest.fail("the recurrence ran"))
+    model(example.expand(2, -1, -1, -1)).square().mean().backward()
+    mixer = model.backbone.layers[0].mixer
+    for name, p in (("qkv", mixer.qkv.weight), ("decay", mixer.decay[0].weight), ("gate", mixer.gate.weight)):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert mixer.decay[0].weight.grad.abs().sum() == 0  # kept in the graph at no weight, as the stand-in promises
+    monkeypatch.undo()
+    args = ("--smoke", "--px", "224", "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path), "--name", "speed")
+    script("vision_speed", "--rows", "gla-bi", "gla-bi+no_recurrence", "mamba2-bi+no_recurrence", *args)
+    records = {r["row"]: r for r in json.loads((tmp_path / "speed.json").read_text())["records"]}
+    assert records["gla-bi+no_recurrence"]["flops_per_img"] == records["gla-bi"]["flops_per_img"]
+    assert records["gla-bi+no_recurrence"]["img_s"] > 0
+    assert "no linear-recurrence mixer" in records["mamba2-bi+no_recurrence"]["note"]
+
+
 def test_saved_memory_counts_what_the_gpu_path_keeps(tmp_path):
     # The non-causal linear_attn recomputes its feature maps and keeps q, k, v and a state: no more than softmax
     # attention per token (the block-level census in tests/blocks/test_linear_mixers.py, here through the whole model,
