@@ -177,7 +177,9 @@ def audio_grid(shape: Shape) -> tuple[int, int]:
     return (shape.mels - 16) // shape.audio_stride + 1, (shape.frames - 16) // shape.audio_stride + 1
 
 
-def no_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: list[torch.Tensor], **kw: Any) -> tuple[torch.Tensor, None]:
+def no_recurrence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: list[torch.Tensor], **kw: Any
+) -> tuple[torch.Tensor, None]:
     """The stand-in of a `+no_recurrence` row's recurrence: o = v, with q, k and the gates kept in autograd's graph by
     one mean each (times 0), so that every projection before it still runs its backward."""
     kept = sum(t.float().reshape(*v.shape[:3], -1).mean(-1, keepdim=True) for t in (q, k, *gates))
