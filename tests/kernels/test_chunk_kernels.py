@@ -79,7 +79,7 @@ def test_gla_key_tiles(kernels, monkeypatch, gates, dk, tile, packed, dv_apart):
     batch, seqlen = (1, 37) if packed else (2, 75)
     inputs = make_inputs("gla", batch, seqlen, 2, dk, 24, seed=11, gates=gates, num_states=5 if packed else None)
     check(kernels, inputs, TOL[torch.float32], chunk_size=32, cu_seqlens=cu_seqlens)
-    assert len(grids) == dv_apart
+    assert len(grids) == (1 if dv_apart else 0)  # _gla_dv_kernel launched once, or not at all
 
 
 @pytest.mark.parametrize(
