@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}
 
@@ -199,7 +200,8 @@ def compile_all(path: str, arch: int, only: list[str] | None = None, registers: 
                   flush=True)  # fmt: skip
         except Exception as e:  # report every failing variant, not just the first
             failed += 1
-            print(f"FAIL {launch['name']} {launch['cx']}\n{e}", flush=True)
+            # The whole chain: a CompilationError's own text ends at the failing call, its cause (the type error) below it.
+            print(f"FAIL {launch['name']} {launch['cx']}\n{''.join(traceback.format_exception(e))}", flush=True)
     return failed
 
 
