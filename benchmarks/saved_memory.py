@@ -36,13 +36,15 @@ H100 at 224 px: peaks of 12.1 and 15.6 GiB compiled against 8.0 and 9.0 eager, 8
 `--lm`: the rows of benchmarks/lm_train_speed.py instead (causal LMs of width 1024 on rows of 128 byte tokens, mmeff
 attn first): one layer's bytes per token, a 2-layer model's count less a 1-layer one's (a hybrid: 8 and 4 layers, over
 4), so the embedding and the vocabulary head are out of it. `--lm --peak`: their training step's census as above, from a
-2-layer model (a hybrid: its pattern's 4), rows of 128 tokens, batches of 4 and 2 rows.
+2-layer model (a hybrid: its pattern's 4), rows of 128 tokens, batches of 8 and 4 rows; with `--detail`, what that step's
+peak holds, by the mmeff code that allocated it (per token: the bytes at 8 rows less those at 4).
 
     python benchmarks/saved_memory.py                          # every row of vision_speed.py except the cross scans
     python benchmarks/saved_memory.py --rows timm attn gla-bi --detail
     python benchmarks/saved_memory.py --lm                     # every mmeff row of lm_train_speed.py
     python benchmarks/saved_memory.py --rows timm gated_deltanet-bi --peak
     python benchmarks/saved_memory.py --lm --rows attn mamba2 --peak
+    python benchmarks/saved_memory.py --lm --rows attn gated_deltanet --peak --detail
     python benchmarks/saved_memory.py --rows timm gla-bi mamba2-bi --compiled
     python benchmarks/saved_memory.py --lm --rows attn gated_deltanet retnet --compiled
 
@@ -56,6 +58,7 @@ import argparse
 import gc
 import os
 import sys
+import traceback
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -78,6 +81,8 @@ from timing import save_row_bars, write_results  # noqa: E402
 PX = 128  # 64 tokens an image of 16 px patches: the counts are per token; small keeps the interpreted kernels quick
 LM_T = 128  # --lm: tokens a row
 SMOKE_PX = 64  # --smoke: 64 tokens of 8 px
+SITE_FRAMES = 3  # mmeff frames naming an allocating site (--lm --peak --detail)
+SITES = 16  # the largest sites listed
 
 
 def kept(model: torch.nn.Module, images: torch.Tensor) -> dict[int, tuple[int, tuple[int, ...], torch.dtype]]:
@@ -90,14 +95,14 @@ def kept(model: torch.nn.Module, images: torch.Tensor) -> dict[int, tuple[int, t
 class _Allocations(TorchDispatchMode):
     """Every storage an op returns while active: {data pointer: (weak reference, bytes)}; with `track`, also each
     one's lifetime in ops (`spans`: [first op, op after which it was found freed or None, bytes, address, weak
-    reference])."""
+    reference, allocating code]); the allocating code (`site`) only with `sites`, else None."""
 
     supports_higher_order_operators = True  # FlexAttention (the sparse rows) runs as one
 
-    def __init__(self, track: bool = False) -> None:
+    def __init__(self, track: bool = False, sites: bool = False) -> None:
         super().__init__()
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.track, self.ops, self.spans, self._open = track, 0, [], []
+        self.track, self.sites, self.ops, self.spans, self._open = track, sites, 0, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
@@ -109,7 +114,8 @@ class _Allocations(TorchDispatchMode):
                 if seen is None or seen[0].expired():  # a freed storage's address reused
                     self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
                     if self.track:
-                        self._open.append([self.ops, None, storage.nbytes(), storage.data_ptr(), StorageWeakRef(storage)])
+                        where = site(func) if self.sites else None
+                        self._open.append([self.ops, None, storage.nbytes(), storage.data_ptr(), StorageWeakRef(storage), where])
                         self.spans.append(self._open[-1])
         if self.track:  # the op's inputs it freed are gone by now
             for span in self._open:
@@ -140,19 +146,31 @@ class _Allocations(TorchDispatchMode):
             GridExecutor.__call__ = self._launch
         super().__exit__(*exc)
 
-    def peak(self, leave_out: set[int]) -> int:
-        """Most bytes of the tracked storages alive at once, leaving out those still alive at `leave_out`'s addresses."""
+    def peak(self, leave_out: set[int]) -> tuple[int, Counter]:
+        """Most bytes of the tracked storages alive at once, leaving out those still alive at `leave_out`'s addresses,
+        and those bytes by allocating code (empty without `sites`)."""
+        spans = [span for span in self.spans if not (span[1] is None and span[3] in leave_out)]
         change = [0] * (self.ops + 2)
-        for start, end, nbytes, ptr, _ in self.spans:
-            if end is None and ptr in leave_out:
-                continue
+        for start, end, nbytes, *_ in spans:
             change[start] += nbytes
             change[self.ops + 1 if end is None else end] -= nbytes
-        total = best = 0
-        for c in change:
+        total = best = at = 0
+        for op, c in enumerate(change):
             total += c
-            best = max(best, total)
-        return best
+            if total > best:
+                best, at = total, op
+        by_site: Counter = Counter()
+        for start, end, nbytes, _, _, where in spans:
+            if where is not None and start <= at and (end is None or end > at):
+                by_site[where] += nbytes
+        return best, by_site
+
+
+def site(func: Any) -> str:
+    """The mmeff code allocating through `func`: its innermost frames in mmeff (file:line function), innermost first."""
+    frames = [f for f in traceback.extract_stack() if "/mmeff/" in f.filename][-SITE_FRAMES:]
+    name = func.__name__.split(".")[0]
+    return " < ".join(f"{f.filename.split('/mmeff/')[-1]}:{f.lineno} {f.name}" for f in reversed(frames)) + f" ({name})" if frames else name
 
 
 def compiled_kept(model: torch.nn.Module, images: torch.Tensor) -> int:
@@ -173,11 +191,12 @@ def live(model: torch.nn.Module, images: torch.Tensor) -> int:
     return alive
 
 
-def step_peak(model: torch.nn.Module, images: torch.Tensor) -> int:
+def step_peak(model: torch.nn.Module, images: torch.Tensor, sites: bool = False) -> tuple[int, Counter]:
     """Most bytes live at once of those one bf16-autocast training step (forward, loss, backward) allocates, the
-    weights' gradients left out (the same at every batch, they would hide the activations' peak at small ones)."""
+    weights' gradients left out (the same at every batch, they would hide the activations' peak at small ones), and
+    with `sites` those bytes by allocating code."""
     model.zero_grad(set_to_none=True)
-    with _Allocations(track=True) as allocations, torch.autocast("cpu", dtype=torch.bfloat16):
+    with _Allocations(track=True, sites=sites) as allocations, torch.autocast("cpu", dtype=torch.bfloat16):
         model(images).float().square().mean().backward()
     grads = {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -196,7 +215,7 @@ def transient(row: str, shape: vision_speed.Shape, px: int) -> float:
     for n in (4, 8):
         x = example.expand(n, *example.shape[1:]).clone()
         groups_as_at_1024(model, n, tokens)
-        extra.append(step_peak(model, x) - live(model, x))
+        extra.append(step_peak(model, x)[0] - live(model, x))
     return (extra[1] - extra[0]) / 4 / tokens / 1024
 
 
@@ -242,24 +261,32 @@ def measure(row: str, shape: vision_speed.Shape, px: int, detail: bool, peak: bo
     return record
 
 
-def lm_transient(row: str, shape: lm_train_speed.Shape, T: int) -> float:
+def lm_transient(row: str, shape: lm_train_speed.Shape, T: int, sites: bool = False) -> tuple[float, float, list]:
     """KiB per token that an LM row's training step peaks at beyond what its forward keeps (as `transient`): a model of
     two layers (a hybrid: its pattern's), rows of T tokens, batches of 8 and 4 rows. At 2 rows the weights' bf16 copies
     and their gradients' work buffers set the step's peak, not the activations: since the pre-norms' outputs are made
     again (checkpoint: norm), attn's transient counted from 4 and 2 rows came out negative (-9.7 KiB per token), from
-    8 and 4 rows 4.3."""
+    8 and 4 rows 4.3. Also the 2-layer step's whole peak per token (embedding and vocabulary head included) and, with
+    `sites`, what it holds by allocating code, KiB per token (the bytes at 8 rows less those at 4: the weights' bf16
+    copies drop out), largest first."""
     torch.manual_seed(0)
     model, _ = lm_train_speed.build(row, replace(shape, depth=max(2, len(lm_train_speed.pattern_of(row)))), T)
     rows = [torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(n)) for n in (4, 8)]
-    extra = [step_peak(model, x) - live(model, x) for x in rows]
-    return (extra[1] - extra[0]) / 4 / T / 1024
+    peaks = [step_peak(model, x, sites) for x in rows]
+    extra = [peak - live(model, x) for (peak, _), x in zip(peaks, rows)]
+    by_site = peaks[1][1]
+    by_site.subtract(peaks[0][1])
+    largest = [[where, n / 4 / T / 1024] for where, n in by_site.most_common(SITES) if n > 0]
+    return (extra[1] - extra[0]) / 4 / T / 1024, (peaks[1][0] - peaks[0][0]) / 4 / T / 1024, largest
 
 
-def measure_lm(row: str, shape: lm_train_speed.Shape, T: int, peak: bool, compiled: bool = False) -> dict[str, Any]:
+def measure_lm(row: str, shape: lm_train_speed.Shape, T: int, peak: bool, compiled: bool = False,
+               detail: bool = False) -> dict[str, Any]:  # fmt: skip
     """One record of an lm_train_speed row: KiB one layer keeps (and leaves live) per token, from models of two and one
     times its pattern's layers (a hybrid's mean over its pattern) on rows of T tokens, batches of 2 and 1 rows; with
-    `peak`, the step's transient and its peak per token at the row's full depth, as `measure`; with `compiled`, what
-    torch.compile keeps per token and layer, counted the same way."""
+    `peak`, the step's transient and its peak per token at the row's full depth, as `measure` (with `detail`, what the
+    2-layer step's peak holds by allocating code); with `compiled`, what torch.compile keeps per token and layer,
+    counted the same way."""
     unit = len(lm_train_speed.pattern_of(row))
     per_token = []
     for depth in (unit, 2 * unit):
@@ -273,7 +300,9 @@ def measure_lm(row: str, shape: lm_train_speed.Shape, T: int, peak: bool, compil
     names = ["kib_per_token_layer", "live_kib_per_token_layer", "compiled_kib_per_token_layer"]
     record = {"row": row, **{n: (two - one) / unit / 1024 for n, one, two in zip(names, *per_token)}}
     if peak:
-        record["transient_kib_per_token"] = lm_transient(row, shape, T)
+        record["transient_kib_per_token"], whole, at_peak = lm_transient(row, shape, T, detail)
+        if detail:
+            record["two_layer_peak_kib_per_token"], record["at_peak"] = whole, at_peak
         record["peak_kib_per_token"] = record["live_kib_per_token_layer"] * shape.depth + record["transient_kib_per_token"]
     return record
 
@@ -303,6 +332,11 @@ def table(records: list[dict[str, Any]], command: str, setting: str, base: str) 
                   f"{r['compiled_kib_per_token_layer'] / r['kib_per_token_layer']:.2f}x |"
                   for r in records if "compiled_kib_per_token_layer" in r]  # fmt: skip
     for r in records:
+        if r.get("at_peak"):
+            lines += ["", f"{r['row']}: live at the 2-layer step's peak ({r['two_layer_peak_kib_per_token']:.1f} KiB "
+                      f"per token) by allocating code (innermost mmeff frames; the forward's kept tensors of both layers "
+                      f"and the backward's buffers), KiB per token, the {SITES} largest:", "", "| KiB per token | allocated by |", "|---:|---|"]
+            lines += [f"| {n:.2f} | {where} |" for where, n in r["at_peak"]]
         if r.get("largest"):
             lines += ["", f"{r['row']}, bytes per token and layer by kind of tensor (batch of 2; weights' bf16 copies included):", ""]
             lines += [f"- {kind}: {n:,.0f}" for kind, n in r["largest"]]
@@ -337,7 +371,8 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", help=f"rows of vision_speed.py (default: {' '.join(rows)}); with --lm, of "
                                              f"lm_train_speed.py (default: {' '.join(LM_ROWS)})")  # fmt: skip
     p.add_argument("--lm", action="store_true", help="the causal LMs of lm_train_speed.py, against mmeff attn")
-    p.add_argument("--detail", action="store_true", help="also list each row's largest kinds of kept tensor (vision)")
+    p.add_argument("--detail", action="store_true", help="also list each row's largest kinds of kept tensor (vision); "
+                   "with --lm --peak, what the step's peak holds by allocating code")
     p.add_argument("--peak", action="store_true", help="also the backward's transient bytes and the step's peak per token "
                    "(a 2-layer model's training step each row; a hybrid LM's pattern)")
     p.add_argument("--compiled", action="store_true", help="also what torch.compile keeps for the backward")
@@ -370,7 +405,7 @@ def main() -> None:
     chunk_o.GROUP_PROGRAMS = 1
     records = []
     for row in rows:
-        records.append(measure_lm(row, shape, lm_t, args.peak, args.compiled) if args.lm
+        records.append(measure_lm(row, shape, lm_t, args.peak, args.compiled, args.detail) if args.lm
                        else measure(row, shape, px, args.detail, args.peak, args.compiled))
         for r in records:
             r[f"vs_{base}"] = r["kib_per_token_layer"] / records[0]["kib_per_token_layer"]

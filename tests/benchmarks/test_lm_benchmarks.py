@@ -260,11 +260,16 @@ def test_saved_memory_lm_peak_adds_the_step_transient(tmp_path):
     import subprocess
 
     subprocess.run([sys.executable, str(BENCHMARKS / "saved_memory.py"), "--lm", "--smoke", "--rows", "attn", "--peak",
-                    "--out", str(tmp_path / "mem")], check=True)  # fmt: skip
+                    "--detail", "--out", str(tmp_path / "mem")], check=True)  # fmt: skip
     record = json.loads((tmp_path / "mem.json").read_text())["records"][0]
     assert record["transient_kib_per_token"] > 0 and record["peak_vs_attn"] == 1.0
     assert record["peak_kib_per_token"] == pytest.approx(2 * record["live_kib_per_token_layer"] + record["transient_kib_per_token"])
-    assert "| attn | " in (tmp_path / "mem.md").read_text().split("step peak")[-1]
+    # --detail: the 2-layer step's peak by allocating code, largest first: at most that whole peak and most of it
+    sites, whole = [n for _, n in record["at_peak"]], record["two_layer_peak_kib_per_token"]
+    assert sites == sorted(sites, reverse=True) and 0.5 * whole < sum(sites) <= whole + 1e-6
+    assert any("ffn.py" in where for where, _ in record["at_peak"])  # the SwiGLU's projections, the largest activations
+    text = (tmp_path / "mem.md").read_text()
+    assert "| attn | " in text.split("step peak")[-1] and "allocated by" in text
 
 
 def test_launches_traffic_counts_the_glue_of_an_lm_step(tmp_path):
