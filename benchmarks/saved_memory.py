@@ -146,9 +146,12 @@ class _Allocations(TorchDispatchMode):
             GridExecutor.__call__ = self._launch
         super().__exit__(*exc)
 
-    def peak(self, leave_out: set[int]) -> tuple[int, Counter]:
-        """Most bytes of the tracked storages alive at once, leaving out those still alive at `leave_out`'s addresses,
-        and those bytes by allocating code (empty without `sites`)."""
+    def peak(self, leave_out: set[int]) -> int:
+        """Most bytes of the tracked storages alive at once, leaving out those still alive at `leave_out`'s addresses."""
+        return self.peak_sites(leave_out)[0]
+
+    def peak_sites(self, leave_out: set[int]) -> tuple[int, Counter]:
+        """`peak` and those bytes by allocating code (empty without `sites`)."""
         spans = [span for span in self.spans if not (span[1] is None and span[3] in leave_out)]
         change = [0] * (self.ops + 2)
         for start, end, nbytes, *_ in spans:
@@ -191,16 +194,20 @@ def live(model: torch.nn.Module, images: torch.Tensor) -> int:
     return alive
 
 
-def step_peak(model: torch.nn.Module, images: torch.Tensor, sites: bool = False) -> tuple[int, Counter]:
+def step_peak(model: torch.nn.Module, images: torch.Tensor) -> int:
     """Most bytes live at once of those one bf16-autocast training step (forward, loss, backward) allocates, the
-    weights' gradients left out (the same at every batch, they would hide the activations' peak at small ones), and
-    with `sites` those bytes by allocating code."""
+    weights' gradients left out (the same at every batch, they would hide the activations' peak at small ones)."""
+    return step_peak_sites(model, images, False)[0]
+
+
+def step_peak_sites(model: torch.nn.Module, images: torch.Tensor, sites: bool) -> tuple[int, Counter]:
+    """`step_peak` and, with `sites`, those bytes by allocating code."""
     model.zero_grad(set_to_none=True)
     with _Allocations(track=True, sites=sites) as allocations, torch.autocast("cpu", dtype=torch.bfloat16):
         model(images).float().square().mean().backward()
     grads = {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    return allocations.peak(grads)
+    return allocations.peak_sites(grads)
 
 
 def transient(row: str, shape: vision_speed.Shape, px: int) -> float:
@@ -215,7 +222,7 @@ def transient(row: str, shape: vision_speed.Shape, px: int) -> float:
     for n in (4, 8):
         x = example.expand(n, *example.shape[1:]).clone()
         groups_as_at_1024(model, n, tokens)
-        extra.append(step_peak(model, x)[0] - live(model, x))
+        extra.append(step_peak(model, x) - live(model, x))
     return (extra[1] - extra[0]) / 4 / tokens / 1024
 
 
@@ -272,7 +279,7 @@ def lm_transient(row: str, shape: lm_train_speed.Shape, T: int, sites: bool = Fa
     torch.manual_seed(0)
     model, _ = lm_train_speed.build(row, replace(shape, depth=max(2, len(lm_train_speed.pattern_of(row)))), T)
     rows = [torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(n)) for n in (4, 8)]
-    peaks = [step_peak(model, x, sites) for x in rows]
+    peaks = [step_peak_sites(model, x, sites) for x in rows]
     extra = [peak - live(model, x) for (peak, _), x in zip(peaks, rows)]
     by_site = peaks[1][1]
     by_site.subtract(peaks[0][1])

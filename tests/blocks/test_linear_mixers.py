@@ -257,10 +257,11 @@ def test_remade_gate_is_not_kept_and_gives_the_same_gradients(options):
         block = make("retnet", dim, heads=2, remake_gate=remake, **options)
         gates = []
         block.gate.register_forward_hook(lambda module, args, out: gates.append(out))
-        kept = set()
+        stored = []  # the storages themselves: a saved tensor freed later would free its address for another one
         x = torch.randn(2, T, dim, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.add(t.untyped_storage().data_ptr()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: stored.append(t.untyped_storage()) or t, lambda t: t):
             y = block(x)
+        kept = {storage.data_ptr() for storage in stored}
         assert (gates[0].untyped_storage().data_ptr() in kept) is not remake
         assert x.untyped_storage().data_ptr() in kept  # the projections' input, which the gate is made again from
         y.square().sum().backward()
