@@ -341,7 +341,7 @@ def save_bars(records: list[dict[str, Any]], key: str, ylabel: str, title: str, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", nargs="+", help=f"rows (default {' '.join(VISION_ROWS)}; --lm: {' '.join(LM_ROWS)})")
+    p.add_argument("--rows", nargs="+", help=f"rows (default {' '.join(VISION_ROWS)}; a -bi row may end in {vision_speed.ROUTED}; --lm: {' '.join(LM_ROWS)})")
     p.add_argument("--lm", action="store_true", help="rows of lm_train_speed.py instead of vision_speed.py")
     p.add_argument("--smoke", action="store_true", help="the speed scripts' tiny models (a check that rows run)")
     p.add_argument("--traffic", action="store_true", help="the glue's and the kernels' bytes per token and layer instead")
@@ -351,7 +351,7 @@ def main() -> None:
     args = p.parse_args()
     rows = args.rows or (LM_ROWS if args.lm else VISION_ROWS)
     known = [*lm_train_speed.PATTERNS, "hf_llama"] if args.lm else vision_speed.row_names()
-    unknown = [r for r in rows if r not in known]
+    unknown = [r for r in rows if (r if args.lm else r.removesuffix(vision_speed.ROUTED)) not in known]
     if unknown:
         raise SystemExit(f"launches: unknown rows {' '.join(unknown)}; rows of {'lm_train_speed' if args.lm else 'vision_speed'}.py: "
                          f"{' '.join(known)}")  # fmt: skip

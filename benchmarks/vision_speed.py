@@ -24,6 +24,9 @@ Rows (`--rows`; a mixer's name selects all its scan rows):
   `+no_recurrence` after a linear-recurrence row (`gla-bi+no_recurrence`, after any `+groups`, before any `+ckpt...`)
   replaces each mixer's recurrence by a stand-in (`no_recurrence`): the step without the recurrence's kernels, at
   the row's own FLOP count, so its `of ceiling` is the most a faster recurrence kernel could give that row.
+  `+routes` after a `-bi` row (`gla-bi+routes`, before any `+no_recurrence` or `+ckpt...`) runs `scan: bi` on the
+  scan routes where one op would take both directions (`ScanMixer.both_routes`; GLA: mmeff.ops.bidirectional_gla),
+  so that both forms are timed in one process.
 
 Per record (JSON): row, px, tokens, batch, img_s, ms (median step), peak_gib, vs_timm, compiled, graphs, params_m,
 flops_per_img (matmul and attention FLOPs of one forward + backward, counted by torch's FlopCounterMode on the
@@ -97,6 +100,7 @@ HYBRID = ["gla", "gla", "gla", "attn"]
 GROUP_TOKENS = 32768  # `+groups` rows: scan_tokens (at 1,024 px four groups of 4 images, bi)
 FLOP_MATCHED = ("gla-bi", "mamba2-bi")  # rows whose FLOP-matched ceiling the issue sets a goal for (at 224 px)
 STUBBED = "+no_recurrence"  # a row suffix: the row with its recurrence replaced by `no_recurrence`
+ROUTED = "+routes"  # a row suffix: `scan: bi` on the scan routes, not through an op of both directions
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,8 @@ def no_recurrence(
 
 
 def stub_recurrence(model: nn.Module) -> None:
-    """Every linear-recurrence mixer of `model` calls `no_recurrence` instead of its op (a ValueError where none)."""
+    """Every linear-recurrence mixer of `model` calls `no_recurrence` instead of its op, on the scan routes (a ValueError
+    where none)."""
     from mmeff.blocks.linear import LinearMixer
 
     mixers = [m for m in model.modules() if isinstance(m, LinearMixer)]
@@ -195,6 +200,14 @@ def stub_recurrence(model: nn.Module) -> None:
         raise ValueError(f"{STUBBED}: the model has no linear-recurrence mixer (mmeff.blocks.linear.LinearMixer)")
     for m in mixers:
         m.recur = no_recurrence
+    on_routes(model)  # the stand-in runs where the recurrence did: on the routes
+
+
+def on_routes(model: nn.Module) -> None:
+    """Every scan mixer of `model` runs `scan: bi` on its routes (ScanMixer.both_routes off)."""
+    for m in model.modules():
+        if isinstance(m, ScanMixer):
+            m.both_routes = lambda streams, layout: None
 
 
 def build(row: str, px: int | str, shape: Shape) -> tuple[nn.Module, torch.Tensor]:
@@ -214,7 +227,10 @@ def build(row: str, px: int | str, shape: Shape) -> tuple[nn.Module, torch.Tenso
         {"name": f"vision_speed_{row}", "encoder": encoder, "backbone": backbone(row, shape, grid),
          "task": {"name": "classify", "num_classes": shape.classes}}
     )  # fmt: skip
-    return build_model(cfg), example
+    model = build_model(cfg)
+    if ROUTED in unchecked(row)[0]:
+        on_routes(model)
+    return model, example
 
 
 def timm_model(px: int | str, shape: Shape) -> tuple[nn.Module, torch.Tensor]:
@@ -303,7 +319,7 @@ def measure(
         model = model.to(device)
         record["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         # Checkpointing recomputes and a stubbed recurrence runs less: the model's FLOPs, so its ceiling, stay.
-        same = (unchecked(row)[0].removesuffix(STUBBED), px, record["params_m"])
+        same = (unchecked(row)[0].removesuffix(STUBBED).removesuffix(ROUTED), px, record["params_m"])
         counted = [r["flops_per_img"] for r in earlier if (r["row"], r["px"], r.get("params_m")) == same and r.get("flops_per_img")]
         if counted and not args.recount:
             record["flops_per_img"] = counted[-1]
@@ -529,11 +545,11 @@ def select(names: list[str] | None) -> list[str]:
     timm always first."""
     rows = row_names()
     if names:
-        base = {n: unchecked(n)[0].removesuffix(STUBBED).removesuffix("+groups") for n in names}
+        base = {n: unchecked(n)[0].removesuffix(STUBBED).removesuffix(ROUTED).removesuffix("+groups") for n in names}
         unknown = [n for n, b in base.items() if b == "timm" != n or not any(r == b or r.startswith(f"{b}-") for r in rows)]
         if unknown:
             raise SystemExit(f"vision_speed: unknown row(s) {', '.join(unknown)}; rows: {', '.join(rows)} "
-                             f"(each may end in +groups, then {STUBBED}, and in {' or '.join(CHECKPOINT)})")
+                             f"(each may end in +groups, then {ROUTED}, then {STUBBED}, and in {' or '.join(CHECKPOINT)})")
         suffixes = [(b, n[len(b):]) for n, b in base.items()]
         rows = ["timm"] + [r + s for b, s in suffixes for r in rows if r != "timm" and (r == b or r.startswith(f"{b}-"))]
     return list(dict.fromkeys(rows))

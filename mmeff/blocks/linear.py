@@ -327,6 +327,18 @@ class GLA(LinearMixer):
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
         return ops.gated_linear_attention(q, k, v, gates[0], **kw)
 
+    def both_routes(self, streams: list[Tensor], layout: Layout) -> Tensor | None:
+        """Both routes of `scan: bi` through mmeff.ops.bidirectional_gla where its kernels take the call (q and k
+        mapped before the routes, no short conv); else None: the scan routes."""
+        if self.conv is not None or not self.features_first:
+            return None
+        q, k, v = (t.unflatten(-1, (self.heads, -1)) for t in streams[:3])
+        g = streams[3]
+        if ops.bidirectional_gla_backend(q, v, g) != "triton":
+            return None
+        o = ops.bidirectional_gla(q.to(v.dtype), k.to(v.dtype), v, g, self.scale)
+        return o.flatten(-2)
+
 
 class _BetaMixer(LinearMixer):
     """Delta-rule mixers: a per-head write strength beta = sigmoid(W_b x) (scaled by `beta_scale`)."""

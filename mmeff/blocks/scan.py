@@ -16,6 +16,10 @@ any tokens after the grid are read last on every route, so each route's state ha
 sequence when it reaches them. Packed documents (`layout.docs`) are scanned each on its own: the
 recurrence restarts at every boundary (`cu_seqlens`), and the reverse route reverses each document.
 
+A mixer may take `scan: bi` over a plain token order (no class token, no packed documents, no `scan_tokens`)
+through one op that reads both directions (`ScanMixer.both_routes`; GLA on CUDA: mmeff.ops.bidirectional_gla);
+otherwise, and elsewhere, the routes below run.
+
 Routes are stacked along the batch dimension (each sequence's routes side by side), so the recurrence runs
 once for all of them, with shared weights. Only the order-dependent part of a mixer (short conv + recurrence,
 `mix`) runs per route; projections, gates and output norms are per token and run once (`project`, `output`).
@@ -95,6 +99,13 @@ class Routes:
             bodies = [first] + ([first.flip(0)] if self.scan == "bi" else [])
         rest = torch.cat([torch.arange(layout.special, device=device), torch.arange(layout.special + body, length, device=device)])
         return [torch.cat([b + layout.special, rest]) for b in bodies]
+
+    def flips(self, length: int, layout: Layout) -> bool:
+        """Whether the routes are the token order and its reverse, over whole sequences in one group (what an op of
+        both directions takes instead: ScanMixer.both_routes)."""
+        plain = layout.special == 0 and (layout.grid is None or layout.grid_tokens == length)
+        bi = not self.causal and self.scan == "bi" and self.order == "raster"
+        return bi and plain and layout.docs is None and self.max_tokens is None
 
     def plan(self, batch: int, length: int, layout: Layout, device: torch.device) -> Plan | None:
         """The gathers of `batch` sequences of `length` tokens along the routes (None: the token order only);
@@ -313,6 +324,11 @@ class ScanMixer(nn.Module):
         (and the short conv) restarts at each boundary."""
         raise NotImplementedError
 
+    def both_routes(self, streams: list[Tensor], layout: Layout) -> Tensor | None:
+        """Hook for `scan: bi` over a plain token order (Routes.flips): the mean over both routes from one op that
+        reads both directions, or None (the default): the routes run `mix` on the stacked batch."""
+        return None
+
     def local(self, y: Tensor, streams: list[Tensor], layout: Layout) -> Tensor:
         """Hook after the routes, before `output`: a token-order term from the streams added to `mix`'s output
         (LinearMixer's local_conv); none by default."""
@@ -336,7 +352,11 @@ class ScanMixer(nn.Module):
         if cache is not None and layout.docs is not None:
             raise ValueError("layout.docs (packed documents) is for training and evaluation; decoding takes one sequence per row")
         streams, extras = self.project(x)
-        mixed = self.routes(lambda s, cu: self.mix(s, cache, cu), streams, layout, per_read=int(self.conv is not None))
+        mixed = None
+        if cache is None and self.routes.flips(x.shape[1], layout):
+            mixed = self.both_routes(streams, layout)
+        if mixed is None:
+            mixed = self.routes(lambda s, cu: self.mix(s, cache, cu), streams, layout, per_read=int(self.conv is not None))
         y = self.local(mixed, streams, layout)
         if cache is not None:
             cache.offset += x.shape[1]

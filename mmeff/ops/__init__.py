@@ -1,6 +1,7 @@
 """Functional sequence-mixing ops: linear attention family and state-space models, layout [B, T, H, D]."""
 
 from mmeff.ops import dispatch
+from mmeff.ops.bidirectional import bidirectional_gla, bidirectional_gla_backend
 from mmeff.ops.conv import causal_conv1d
 from mmeff.ops.gates import log_sigmoid_gate, scaled_sigmoid, softplus_decay
 from mmeff.ops.noncausal import global_linear_attention
@@ -18,6 +19,8 @@ __all__ = [
     "act_linear",
     "add_norm",
     "apply_rope",
+    "bidirectional_gla",
+    "bidirectional_gla_backend",
     "causal_conv1d",
     "cu_seqlens_from_docs",
     "delta_rule",

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mmeff.ops import dispatch
 
-__all__ = ["causal_conv_op", "global_linear_attention_op", "grid_conv_op", "linear_recurrence_op", "rope_op"]
+__all__ = ["bidirectional_gla_op", "causal_conv_op", "global_linear_attention_op", "grid_conv_op", "linear_recurrence_op", "rope_op"]
 
 
 def _absent(like: Tensor) -> Tensor:
@@ -265,6 +265,43 @@ def global_linear_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, no
                                feature_map: str) -> Tensor:  # fmt: skip
     """mmeff.kernels.noncausal (forward and backward) through the custom op: o [B, T, H, V]."""
     return _global_la(q, k, v, scale, normalize, eps, feature_map)
+
+
+@torch.library.custom_op("mmeff::bidirectional_gla", mutates_args=())
+def _bigla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float) -> Tensor:
+    return dispatch.triton_kernels("bidirectional_gla").forward(q, k, v, g, scale)
+
+
+@_bigla.register_fake
+def _(q, k, v, g, scale):
+    return torch.empty_like(v)
+
+
+@torch.library.custom_op("mmeff::bidirectional_gla_backward", mutates_args=())
+def _bigla_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return dispatch.triton_kernels("bidirectional_gla").backward(do, q, k, v, g, scale)
+
+
+@_bigla_backward.register_fake
+def _(do, q, k, v, g, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+
+
+def _bigla_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:4])
+    ctx.scale = inputs[4]
+
+
+def _bigla_autograd(ctx, do: Tensor):
+    return (*_bigla_backward(do, *ctx.saved_tensors, ctx.scale), None)
+
+
+_bigla.register_autograd(_bigla_autograd, setup_context=_bigla_setup)
+
+
+def bidirectional_gla_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float) -> Tensor:
+    """mmeff.kernels.bidirectional_gla (forward and backward) through the custom op: o [B, T, H, V]."""
+    return _bigla(q, k, v, g, scale)
 
 
 @torch.library.custom_op("mmeff::rope", mutates_args=())

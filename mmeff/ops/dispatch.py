@@ -150,7 +150,7 @@ def choose(op: str, backend: str, fast: Sequence[Tuple[str, Check]], allowed: Se
     return "torch"
 
 
-KERNEL_MODULES = ("", "norm", "conv", "conv2d", "moe", "noncausal", "pointwise", "rope", "routes")  # mmeff.kernels and the submodules the ops import by name
+KERNEL_MODULES = ("", "bidirectional_gla", "norm", "conv", "conv2d", "moe", "noncausal", "pointwise", "rope", "routes")  # mmeff.kernels and the submodules the ops import by name
 _LOADERS: list[Callable[[], object]] = []  # other libraries' kernels the ops import (mamba-ssm), see `preload`
 
 

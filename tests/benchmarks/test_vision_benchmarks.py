@@ -167,8 +167,8 @@ def test_vision_speed_no_recurrence_rows_skip_only_the_recurrence(script, tmp_pa
 
     from mmeff import ops
 
-    assert vision_speed.select(["gla-bi+no_recurrence", "retnet-bi+groups+no_recurrence+ckpt"]) == [
-        "timm", "gla-bi+no_recurrence", "retnet-bi+groups+no_recurrence+ckpt"]  # fmt: skip
+    assert vision_speed.select(["gla-bi+no_recurrence", "retnet-bi+groups+no_recurrence+ckpt", "gla-bi+routes"]) == [
+        "timm", "gla-bi+no_recurrence", "retnet-bi+groups+no_recurrence+ckpt", "gla-bi+routes"]  # fmt: skip
     model, example = vision_speed.build("gla-bi+no_recurrence", 32, vision_speed.SMOKE)
     vision_speed.stub_recurrence(model)
     monkeypatch.setattr(ops, "gated_linear_attention", lambda *a, **k: pytest.fail("the recurrence ran"))
@@ -179,10 +179,10 @@ def test_vision_speed_no_recurrence_rows_skip_only_the_recurrence(script, tmp_pa
     assert mixer.decay[0].weight.grad.abs().sum() == 0  # kept in the graph at no weight, as the stand-in promises
     monkeypatch.undo()
     args = ("--smoke", "--px", "224", "--warmup", "0", "--reps", "1", "--out-dir", str(tmp_path), "--name", "speed")
-    script("vision_speed", "--rows", "gla-bi", "gla-bi+no_recurrence", "mamba2-bi+no_recurrence", *args)
+    script("vision_speed", "--rows", "gla-bi", "gla-bi+no_recurrence", "gla-bi+routes", "mamba2-bi+no_recurrence", *args)
     records = {r["row"]: r for r in json.loads((tmp_path / "speed.json").read_text())["records"]}
-    assert records["gla-bi+no_recurrence"]["flops_per_img"] == records["gla-bi"]["flops_per_img"]
-    assert records["gla-bi+no_recurrence"]["img_s"] > 0
+    for row in ("gla-bi+no_recurrence", "gla-bi+routes"):  # the same model's FLOPs, taken from gla-bi's record
+        assert records[row]["flops_per_img"] == records["gla-bi"]["flops_per_img"] and records[row]["img_s"] > 0
     assert "no linear-recurrence mixer" in records["mamba2-bi+no_recurrence"]["note"]
 
 
@@ -326,19 +326,28 @@ def test_memory_peak_charges_what_is_live_at_the_peak_to_its_frame(tmp_path, cap
 def test_launches_counts_the_ops_and_kernels_of_a_step(tmp_path):
     # timm launches no Triton kernel; mmeff attn's norms one kernel each way per norm (the residual adds inside them),
     # and each pre-norm's forward again in the backward (backbone.checkpoint: norm, the default);
-    # a bidirectional scan stacks all of its streams in one launch: forward, stacked again in the backward, and the
-    # output's gradient (3 a layer), and merges in 2 (the output; the streams' gradients). In its own process: the
-    # script runs Triton in its interpreter and fakes the GPU.
+    # a bidirectional scan (retnet-bi) stacks all of its streams in one launch: forward, stacked again in the backward,
+    # and the output's gradient (3 a layer), and merges in 2 (the output; the streams' gradients); gla-bi takes no
+    # route in its forward but the bidirectional GLA op (2 kernels: the second only finishes chunks of strong gates),
+    # whose backward stacks the inputs and the output's gradient along the routes (2 launches), runs the chunked
+    # recurrence's backward and merges the gradients in 1; `gla-bi+routes` runs the routes as retnet-bi does. In its
+    # own process: the script runs Triton in its interpreter and fakes the GPU.
     import subprocess
     import sys
 
     subprocess.run([sys.executable, str(BENCHMARKS / "launches.py"), "--smoke", "--rows", "timm", "attn", "gla-bi",
-                    "--out", str(tmp_path / "launches")], check=True)  # fmt: skip
+                    "gla-bi+routes", "retnet-bi", "--out", str(tmp_path / "launches")], check=True)  # fmt: skip
     records = {r["row"]: r for r in json.loads((tmp_path / "launches.json").read_text())["records"]}
     depth = 2  # vision_speed.SMOKE
     assert records["timm"]["triton_launches"] == 0 and records["timm"]["aten"]["native_layer_norm"] == 2 * depth + 1
     assert records["attn"]["triton"] == {"_norm_fwd_kernel": 4 * depth + 1, "_norm_bwd_kernel": 2 * depth + 1}
-    assert records["gla-bi"]["triton"]["_stack_kernel"] == 3 * depth and records["gla-bi"]["triton"]["_merge_kernel"] == 2 * depth
+    for row in ("retnet-bi", "gla-bi+routes"):
+        assert records[row]["triton"]["_stack_kernel"] == 3 * depth and records[row]["triton"]["_merge_kernel"] == 2 * depth
+    assert not any(name.startswith("_bigla") for name in records["gla-bi+routes"]["triton"])
+    gla = records["gla-bi"]["triton"]
+    assert {name: n for name, n in gla.items() if name.startswith("_bigla")} == {"_bigla_fwd_kernel": depth,
+                                                                                 "_bigla_exact_fwd_kernel": depth}
+    assert gla["_stack_kernel"] == 2 * depth and gla["_merge_kernel"] == depth and "_fwd_h_kernel" in gla  # fmt: skip
     assert records["timm"]["launches"] < records["gla-bi"]["launches"] and records["timm"]["vs_timm"] == 1.0
     assert "| gla-bi |" in (tmp_path / "launches.md").read_text() and (tmp_path / "launches.png").stat().st_size > 0
 

@@ -2,7 +2,7 @@
 
 The interpreter accepts code that compiled Triton rejects (e.g. a `tl.static_range` bound that is not a
 constexpr, globals that are not `tl.constexpr`). This script runs the kernels' entry points (the recurrence, the
-short conv, the grid conv, non-causal linear attention; `--kernels` picks some) under `TRITON_INTERPRET=1` at small
+short conv, the grid conv, non-causal linear attention, the bidirectional GLA forward; `--kernels` picks some) under `TRITON_INTERPRET=1` at small
 sizes, records the signature and constexprs of each distinct
 launch, then compiles each one in a second process with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
@@ -35,7 +35,7 @@ import traceback
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}
 
 
-KERNELS = ("recurrence", "grouped", "conv", "conv2d", "noncausal")
+KERNELS = ("recurrence", "grouped", "conv", "conv2d", "noncausal", "bidirectional")
 
 
 def record(out: str, kernels: list[str]) -> None:
@@ -138,6 +138,12 @@ def record(out: str, kernels: list[str]) -> None:
                 qkv = torch.randn(2, 70, 3 * 2 * dim, dtype=dtype, requires_grad=True)
                 q, k, v = (t.unflatten(-1, (2, dim)) for t in qkv.chunk(3, -1))
                 global_linear_attention_op(q, k, v, 0.125, normalize, 1e-6, feature_map).float().sum().backward()
+    from mmeff.ops.custom_ops import bidirectional_gla_op
+
+    for dtype in (torch.float32, torch.bfloat16) if "bidirectional" in kernels else ():
+        for dk, dv in ((32, 64), (64, 128)):  # the ViT-S's heads; the widest the kernels take
+            q, k = (torch.rand(2, 130, 2, dk, dtype=dtype) for _ in range(2))  # its own kernels are forward-only
+            bidirectional_gla_op(q, k, torch.randn(2, 130, 2, dv, dtype=dtype), -torch.rand(2, 130, 2, dk), 0.125)
     with open(out, "w") as f:
         json.dump(list(launches.values()), f)
     print(f"{len(launches)} distinct launches recorded", flush=True)
