@@ -67,9 +67,14 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 def device_tag(device: torch.device) -> str:
     """'h200' for an NVIDIA H200, 'cpu' on the CPU."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]", "", torch.cuda.get_device_name(device).split()[-1].lower())
+    return "cpu" if device.type != "cuda" else gpu_tag(torch.cuda.get_device_name(device))
+
+
+def gpu_tag(name: str) -> str:
+    """The model in a GPU's name, lower case: 'NVIDIA H100 80GB HBM3' -> 'h100' (its last word, 'hbm3', named the
+    results of an H100 before), 'NVIDIA H200' -> 'h200'; the last word where no word is letters then digits."""
+    model = re.search(r"\b[A-Z]+[0-9]+[A-Z]*\b", name)
+    return re.sub(r"[^a-z0-9]", "", (model.group(0) if model else name.split()[-1]).lower())
 
 
 def free(device: torch.device) -> None:
