@@ -336,8 +336,7 @@ class GLA(LinearMixer):
         g = streams[3]
         if ops.bidirectional_gla_backend(q, v, g) != "triton":
             return None
-        o = ops.bidirectional_gla(q.to(v.dtype), k.to(v.dtype), v, g, self.scale)
-        return o.flatten(-2)
+        return ops.bidirectional_gla(q, k, v, g, self.scale).flatten(-2)
 
 
 class _BetaMixer(LinearMixer):

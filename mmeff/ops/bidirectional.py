@@ -4,10 +4,10 @@
     o = (GLA(q, k, v, g) + flip(GLA(flip(q), flip(k), flip(v), flip(g)))) / 2     (flip: along T)
 
 Backend "triton" runs mmeff.kernels.bidirectional_gla through the custom op mmeff::bidirectional_gla (eagerly and
-under torch.compile): in the forward each chunk's program reads both directions' states from the other chunks, with no
-scan, no reversed copy and no stacked batch; the backward is the scan routes'. "torch" is the definition above on mmeff.ops.gated_linear_attention, the
-reference the kernels are tested against; the mixers leave it to their scan routes (mmeff.blocks.scan), which run
-the same two recurrences as one call on a route-stacked batch.
+under torch.compile): in the forward each chunk's program reads both directions' states from the other chunks, with
+no scan, no reversed copy and no stacked batch; the backward is the scan routes'. "torch" is the definition above on
+mmeff.ops.gated_linear_attention, the reference the kernels are tested against; the mixers leave it to their scan
+routes (mmeff.blocks.scan), which run the same two recurrences as one call on a route-stacked batch.
 """
 
 from __future__ import annotations
