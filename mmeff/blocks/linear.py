@@ -13,6 +13,7 @@ import functools
 from typing import Any, ClassVar, ContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmeff import ops
@@ -99,8 +100,13 @@ class LinearMixer(ScanMixer):
             else None
         )
 
-    def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per-token inputs of the recurrence besides q, k, v (decays, betas), [B, T, H(, K)]."""
+    def side_linears(self) -> list[nn.Linear]:
+        """The projections of the block's input that `gates` reads, which `project` runs in qkv's matmul."""
+        return []
+
+    def gates(self, side: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-token inputs of the recurrence besides q, k, v (decays, betas), [B, T, H(, K)], from the outputs of
+        `side_linears`."""
         return []
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
@@ -116,8 +122,21 @@ class LinearMixer(ScanMixer):
         """The state the recurrence starts from (`batch` sequences): the cached one, else zeros (None)."""
         return cache.get("state") if cache is not None else None
 
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(qkv, the outputs of `side_linears`) of x, as one matmul over their weights concatenated where each is a
+        plain nn.Linear without a bias (a LoRA adapter or a bias keeps them apart)."""
+        side = self.side_linears()
+        linears = [self.qkv, *side]
+        if not side or any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            return self.qkv(x), [m(x) for m in side]
+        # One weight cast and one matmul forward, one matmul each for the input's and the weights' gradients backward,
+        # where separate projections took one of each per projection and added up the input's gradients: the
+        # gated_deltanet LM step issues 1,078 launches, 1,198 before (results/launches_side_projections_cpu.md).
+        qkv, *outs = F.linear(x, torch.cat([m.weight for m in linears])).split([m.out_features for m in linears], -1)
+        return qkv, outs
+
     def project(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        qkv = self.qkv(x)
+        qkv, side = self.projections(x)
         # Without a short conv, q, k and v travel as three streams: a bidirectional scan's route gathers then
         # write them contiguous, where splitting one gathered qkv stream would leave the kernels three copies.
         if self.conv is not None:
@@ -132,7 +151,7 @@ class LinearMixer(ScanMixer):
             else:
                 q, k, v = qkv.split(self.widths, -1)
             streams = [q, k, v]
-        return [*streams, *self.gates(x)], x
+        return [*streams, *self.gates(side)], x
 
     def mix(self, streams: list[torch.Tensor], cache: Cache | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         batch, length = streams[0].shape[:2]
@@ -142,7 +161,9 @@ class LinearMixer(ScanMixer):
             qkv, *gates = streams
             # The recurrence keeps v (and q, k where no feature map makes new ones), views of the conv's output: kept
             # as the conv's input instead, made again in the backward.
-            out, kept_as_input = self.conv.made_again(qkv, cache, cu_seqlens)
+            # qkv can be a view of one projection with the side linears' outputs (`projections`): kept as it is, their
+            # few columns with it, rather than copied whole.
+            out, kept_as_input = self.conv.made_again(qkv, cache, cu_seqlens, keep_view=True)
             parts = out.split(self.widths, -1)
         else:
             parts, gates = streams[:3], streams[3:]
@@ -320,8 +341,13 @@ class GLA(LinearMixer):
         self.gate_normalizer = gate_normalizer
         self.decay = nn.Sequential(nn.Linear(dim, gate_rank, bias=False), nn.Linear(gate_rank, self.key_dim))
 
-    def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        log_g = ops.log_sigmoid_gate(self.decay(x), self.gate_normalizer)
+    def side_linears(self) -> list[nn.Linear]:
+        return [self.decay[0]]
+
+    def gates(self, side: list[torch.Tensor]) -> list[torch.Tensor]:
+        # The second projection keeps its input for its weight gradient: a view would keep the whole qkv projection,
+        # which the mixer does not keep otherwise where q and k go through a feature map (the ViT's elu).
+        log_g = ops.log_sigmoid_gate(self.decay[1](side[0].contiguous()), self.gate_normalizer)
         return [log_g.unflatten(-1, (self.heads, -1))]
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
@@ -348,8 +374,11 @@ class _BetaMixer(LinearMixer):
         super().__init__(dim, causal=causal, **options)
         self.beta = nn.Linear(dim, self.heads, bias=False)
 
-    def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [ops.scaled_sigmoid(self.beta(x), self.beta_scale)]
+    def side_linears(self) -> list[nn.Linear]:
+        return [self.beta]
+
+    def gates(self, side: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [ops.scaled_sigmoid(side[-1], self.beta_scale)]
 
 
 @register("deltanet")
@@ -385,9 +414,12 @@ class GatedDeltaNet(_BetaMixer):
         self.A_log = no_decay_parameter(torch.empty(self.heads).uniform_(1e-4, 16).log())
         self.dt_bias = no_decay_parameter(dt_bias_init(self.heads))
 
-    def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        log_g = ops.softplus_decay(self.alpha(x), self.dt_bias, -self.A_log.float().exp())[1]
-        return [log_g, *super().gates(x)]
+    def side_linears(self) -> list[nn.Linear]:
+        return [self.alpha, *super().side_linears()]
+
+    def gates(self, side: list[torch.Tensor]) -> list[torch.Tensor]:
+        log_g = ops.softplus_decay(side[0], self.dt_bias, -self.A_log.float().exp())[1]
+        return [log_g, *super().gates(side[1:])]
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:
         return ops.gated_delta_rule(q, k, v, gates[0], gates[1], **kw)

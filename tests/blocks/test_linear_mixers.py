@@ -376,3 +376,61 @@ def test_local_conv_is_refused_where_it_would_leak_or_has_no_grid():
     mixer = make("linear_attn", causal=False, scan="global", local_conv=3)
     with pytest.raises(ValueError, match="local_conv needs the token grid"):
         mixer(torch.randn(1, 6, 32))
+
+
+@pytest.mark.parametrize("name,options", [("gla", {}), ("gla", {"causal": False, "scan": "bi"}), ("deltanet", {}),
+                                          ("gated_deltanet", {}), ("ttt", {})])  # fmt: skip
+def test_side_projections_run_in_the_qkv_matmul(name, options, monkeypatch):
+    # The gates' projections of the block's input (GLA's decay, the delta rule's beta, Gated DeltaNet's alpha) run as
+    # one matmul with qkv: the block's output and every gradient as with the projections apart, parameters unchanged.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.__name__.split(".")[0] in ("mm", "addmm", "bmm")
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = make(name, 32, heads=2, **options)
+    side = block.side_linears()
+    names = {"gla": ["decay.0"], "deltanet": ["beta"], "gated_deltanet": ["alpha", "beta"], "ttt": ["beta"]}[name]
+    assert side == [block.get_submodule(n) for n in names]  # the modules (and parameter names) of before
+    x = torch.randn(2, 24, 32)
+    with Matmuls() as counted:
+        block.projections(x)
+    assert counted.count == 1
+    runs, kept = [], []
+    for apart in (False, True):
+        if apart:
+            monkeypatch.setattr(block, "projections", lambda x: (block.qkv(x), [m(x) for m in side]))
+        block.zero_grad()
+        xg = x.clone().requires_grad_()
+        with saved_storages() as saved:
+            y = block(xg)
+        kept.append(sum(t.untyped_storage().nbytes() for t in saved.values()))
+        del saved  # its tensors, found through weak references, let go before the backward frees them
+        y.square().sum().backward()
+        runs.append([y, xg.grad, *(p.grad for p in block.parameters())])
+    for fused, apart in zip(*runs):  # fp32 rounding: the matmuls sum in another order
+        assert ((fused - apart).norm() / apart.norm()).item() < 1e-5
+    # Kept for the backward: at most the side projections' few columns more (the whole projection where a view of it
+    # is kept), not the projection itself where the mixer keeps no view of it otherwise (GLA's elu feature map).
+    assert kept[0] <= kept[1] + x.shape[0] * x.shape[1] * sum(m.out_features for m in side) * 4, kept
+
+
+def test_side_projections_stay_apart_under_a_lora_adapter():
+    # A LoRA adapter on qkv (or a bias) is not a plain bias-free nn.Linear: qkv keeps its own call, adapter included.
+    from mmeff import lora
+
+    torch.manual_seed(0)
+    block = make("gated_deltanet", 32, heads=2)
+    lora.apply(block, {"targets": ["qkv"], "rank": 2})
+    torch.nn.init.normal_(block.qkv.lora_B)
+    x = torch.randn(2, 8, 32)
+    qkv, side = block.projections(x)
+    torch.testing.assert_close(qkv, block.qkv(x))
+    torch.testing.assert_close(side[0], block.alpha(x))
