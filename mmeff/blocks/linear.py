@@ -123,11 +123,14 @@ class LinearMixer(ScanMixer):
         return cache.get("state") if cache is not None else None
 
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(qkv, the outputs of `side_linears`) of x, as one matmul over their weights concatenated where each is a
-        plain nn.Linear without a bias (a LoRA adapter or a bias keeps them apart)."""
+        """(qkv, the outputs of `side_linears`) of x; while autograd records, one matmul over their weights
+        concatenated where each is a plain nn.Linear without a bias (a LoRA adapter or a bias keeps them apart)."""
         side = self.side_linears()
         linears = [self.qkv, *side]
-        if not side or any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+        # Only while training: each call concatenates the weights, which decoding (a few tokens, the weights read once
+        # by each projection) would pay for with three times the projections' own weight traffic.
+        plain = all(type(m) is nn.Linear and m.bias is None for m in linears)
+        if not side or not plain or not torch.is_grad_enabled():
             return self.qkv(x), [m(x) for m in side]
         # One weight cast and one matmul forward, one matmul each for the input's and the weights' gradients backward,
         # where separate projections took one of each per projection and added up the input's gradients: the

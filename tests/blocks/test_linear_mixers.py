@@ -403,6 +403,9 @@ def test_side_projections_run_in_the_qkv_matmul(name, options, monkeypatch):
     with Matmuls() as counted:
         block.projections(x)
     assert counted.count == 1
+    with Matmuls() as counted, torch.no_grad():  # inference (decoding): the projections apart, no weight copy
+        block.projections(x)
+    assert counted.count == 1 + len(side)
     runs, kept = [], []
     for apart in (False, True):
         if apart:
