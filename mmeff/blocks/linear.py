@@ -421,7 +421,7 @@ class GatedDeltaNet(_BetaMixer):
         return [self.alpha, *super().side_linears()]
 
     def gates(self, side: list[torch.Tensor]) -> list[torch.Tensor]:
-        log_g = ops.softplus_decay(side[0], self.dt_bias, -self.A_log.float().exp())[1]
+        log_g = ops.softplus_decay(side[0], self.dt_bias, self.A_log.float(), A_log=True)[1]
         return [log_g, *super().gates(side[1:])]
 
     def recur(self, q: Tensor, k: Tensor, v: Tensor, gates: list[Tensor], **kw: Any) -> Recurred:

@@ -122,7 +122,8 @@ class Pointwise(torch.autograd.Function):
 
 @jit
 def _decay_fwd_kernel(x, b, A, dt, log_decay, kept, N, H, sx, lo, hi, HAS_B: tl.constexpr, SOFTPLUS: tl.constexpr,
-                      CLAMP: tl.constexpr, KEEP: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+                      CLAMP: tl.constexpr, KEEP: tl.constexpr, A_LOG: tl.constexpr, BR: tl.constexpr,
+                      BH: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BH)
     inside = (rows < N)[:, None] & (cols < H)[None, :]
@@ -137,6 +138,8 @@ def _decay_fwd_kernel(x, b, A, dt, log_decay, kept, N, H, sx, lo, hi, HAS_B: tl.
     if CLAMP:
         v = tl.minimum(tl.maximum(v, lo), hi)
     a = tl.load(A + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    if A_LOG:  # A given as Mamba's A_log
+        a = -tl.exp(a)
     off = rows[:, None] * H + cols[None, :]
     tl.store(dt + off, v, mask=inside)
     tl.store(log_decay + off, v * a, mask=inside)
@@ -145,7 +148,7 @@ def _decay_fwd_kernel(x, b, A, dt, log_decay, kept, N, H, sx, lo, hi, HAS_B: tl.
 @jit
 def _decay_bwd_kernel(x, b, A, ddt, dlog, dx, db_part, dA_part, N, H, sx, lo, hi, HAS_B: tl.constexpr,
                       SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_DDT: tl.constexpr, HAS_DLOG: tl.constexpr,
-                      BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+                      A_LOG: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BH)
@@ -156,7 +159,10 @@ def _decay_bwd_kernel(x, b, A, ddt, dlog, dx, db_part, dA_part, N, H, sx, lo, hi
     v = u
     if SOFTPLUS:
         v = tl.where(u > 20.0, u, tl.log(1.0 + tl.exp(u)))
-    a = tl.load(A + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    a1 = tl.load(A + cols, mask=cols < H, other=0.0).to(tl.float32)
+    if A_LOG:  # A = -exp(A_log), whose derivative is A itself
+        a1 = -tl.exp(a1)
+    a = a1[None, :]
     off = rows[:, None] * H + cols[None, :]
     g = tl.zeros([BR, BH], dtype=tl.float32)
     if HAS_DDT:
@@ -168,7 +174,10 @@ def _decay_bwd_kernel(x, b, A, ddt, dlog, dx, db_part, dA_part, N, H, sx, lo, hi
         g = tl.where((v >= lo) & (v <= hi), g, 0.0)
         v = tl.minimum(tl.maximum(v, lo), hi)
     if HAS_DLOG:
-        tl.store(dA_part + pid * H + cols, tl.sum(gl * v, 0), mask=cols < H)
+        dA = tl.sum(gl * v, 0)
+        if A_LOG:
+            dA = dA * a1
+        tl.store(dA_part + pid * H + cols, dA, mask=cols < H)
     if SOFTPLUS:
         g = tl.where(u > 20.0, g, g * tl.sigmoid(u))
     tl.store(dx + rows[:, None] * H + cols[None, :], g.to(dx.dtype.element_ty), mask=inside)
@@ -178,11 +187,12 @@ def _decay_bwd_kernel(x, b, A, ddt, dlog, dx, db_part, dA_part, N, H, sx, lo, hi
 
 class Decay(torch.autograd.Function):
     """(dt, A dt) with dt = clamp(softplus(x + b), lo, hi), both fp32 [..., H] (see the module's docstring); b may be
-    None, softplus and the clamp off (`clamp` False: no clamp, as where softplus cannot leave [lo, hi])."""
+    None, softplus and the clamp off (`clamp` False: no clamp, as where softplus cannot leave [lo, hi]); `A_log`: A
+    is given as Mamba's A_log, the kernels take A = -exp(A_log) (and its gradient) themselves."""
 
     @staticmethod
     def forward(ctx, x: Tensor, b: Optional[Tensor], A: Tensor, lo: float, hi: float, softplus: bool,  # type: ignore[override]
-                clamp: bool) -> Tuple[Tensor, Tensor]:  # fmt: skip
+                clamp: bool, A_log: bool = False) -> Tuple[Tensor, Tensor]:  # fmt: skip
         flat = x.reshape(-1, x.shape[-1])
         flat = flat if flat.stride(-1) == 1 else flat.contiguous()
         n, h = flat.shape
@@ -196,16 +206,16 @@ class Decay(torch.autograd.Function):
         if n:
             _decay_fwd_kernel[(cdiv(n, ROWS),)](flat, b, A, dt, log_decay, kept, n, h, flat.stride(0), lo, hi,
                                                 HAS_B=b is not None, SOFTPLUS=softplus, CLAMP=clamp, KEEP=not own,
-                                                BR=ROWS, BH=next_pow2(h))  # fmt: skip
+                                                A_LOG=A_log, BR=ROWS, BH=next_pow2(h))  # fmt: skip
         ctx.save_for_backward(kept, b, A)
-        ctx.options = (lo, hi, softplus, clamp)
+        ctx.options = (lo, hi, softplus, clamp, A_log)
         ctx.set_materialize_grads(False)
         return dt, log_decay
 
     @staticmethod
     def backward(ctx, ddt: Optional[Tensor], dlog: Optional[Tensor]):  # type: ignore[override]
         x, b, A = ctx.saved_tensors
-        lo, hi, softplus, clamp = ctx.options
+        lo, hi, softplus, clamp, A_log = ctx.options
         flat = x.reshape(-1, x.shape[-1])
         n, h = flat.shape
         programs = cdiv(n, ROWS)
@@ -216,11 +226,11 @@ class Decay(torch.autograd.Function):
             _decay_bwd_kernel[(programs,)](
                 flat, b, A, None if ddt is None else ddt.contiguous(), None if dlog is None else dlog.contiguous(), dx, db_part,
                 dA_part, n, h, flat.stride(0), lo, hi, HAS_B=b is not None, SOFTPLUS=softplus, CLAMP=clamp,
-                HAS_DDT=ddt is not None, HAS_DLOG=dlog is not None, BR=ROWS, BH=next_pow2(h),
+                HAS_DDT=ddt is not None, HAS_DLOG=dlog is not None, A_LOG=A_log, BR=ROWS, BH=next_pow2(h),
             )  # fmt: skip
         db = None if b is None else db_part.sum(0).to(b.dtype)
         dA = None if dlog is None else dA_part.sum(0).to(A.dtype)
-        return dx, db, dA, None, None, None, None
+        return dx, db, dA, None, None, None, None, None
 
 
 HEAD_TILE = 4096  # elements of a HeadScale / HeadSkip program: tokens x (heads x head width)

@@ -61,18 +61,22 @@ def scaled_sigmoid(x: Tensor, scale: float = 1.0) -> Tensor:
 
 
 def softplus_decay(
-    x: Tensor, bias: Optional[Tensor], A: Tensor, limit: tuple[float, float] = (0.0, math.inf), softplus: bool = True
+    x: Tensor, bias: Optional[Tensor], A: Tensor, limit: tuple[float, float] = (0.0, math.inf), softplus: bool = True,
+    A_log: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(dt, A * dt) in fp32 (or wider) with dt = clamp(softplus(x + bias), *limit): Mamba's time step and log decay
-    per head, x [..., H], bias and A [H] (Mamba-2's SSD, Gated DeltaNet's decay). On CUDA one Triton kernel each way
-    (mmeff.kernels.pointwise.Decay), where PyTorch launched 5 forward and 10 backward; else the plain ops."""
+    per head, x [..., H], bias and A [H] (Mamba-2's SSD, Gated DeltaNet's decay); `A_log`: A is given as Mamba's
+    A_log, A = -exp(A_log). On CUDA one Triton kernel each way (mmeff.kernels.pointwise.Decay), where PyTorch
+    launched 5 forward and 10 backward (and 2 and 2 for A from A_log); else the plain ops."""
     if A.shape != x.shape[-1:] or (bias is not None and bias.shape != A.shape):
         raise ValueError(f"A {tuple(A.shape)} and bias {None if bias is None else tuple(bias.shape)} must be [H] of "
                          f"x {tuple(x.shape)}")  # fmt: skip
     clamp = not (softplus and limit == (0.0, math.inf))  # softplus never leaves [0, inf)
     fast = [("triton", lambda: pointwise_unsupported(x) or ("A not fp32" if A.dtype != torch.float32 else ""))]
     if dispatch.choose("softplus_decay", "auto", fast) == "triton":
-        return dispatch.triton_kernels("pointwise").Decay.apply(x, bias, A, *limit, softplus, clamp)
+        return dispatch.triton_kernels("pointwise").Decay.apply(x, bias, A, *limit, softplus, clamp, A_log)
+    if A_log:
+        A = -A.exp()
     dt = at_least_fp32(x)
     if bias is not None:
         dt = dt + at_least_fp32(bias)

@@ -110,6 +110,34 @@ def test_softplus_decay_matches_reference(fake_gpu, monkeypatch, dtype, strided,
         assert (err <= 1e-6 + rtol * (w.float().abs().max() if w.dim() == 1 else w.float().abs())).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softplus_decay_takes_A_as_its_log(fake_gpu, monkeypatch, dtype):
+    # A_log=True (Gated DeltaNet's decay): the kernels make A = -exp(A_log) and its gradient themselves, where the
+    # block launched exp and neg forward and their two backwards; values and every gradient as the reference's from
+    # A_log (tolerances as above).
+    gen = torch.Generator().manual_seed(12)
+    x0 = (torch.randn(2, 70, 6, generator=gen) * 8).to(dtype)
+    b0, log0 = torch.randn(6, generator=gen), (torch.rand(6, generator=gen) * 16 + 1e-4).log()
+
+    def run():
+        x, b, A_log = (t.detach().clone().requires_grad_() for t in (x0, b0, log0))
+        dt, log_decay = gates.softplus_decay(x, b, A_log, A_log=True)
+        grads = torch.autograd.grad([dt, log_decay], [x, b, A_log], [torch.linspace(-1, 1, dt.numel()).view(dt.shape)] * 2)
+        return [dt, log_decay, *grads]
+
+    calls = []
+    monkeypatch.setattr(fake_gpu.Decay, "apply", lambda *a, f=fake_gpu.Decay.apply: calls.append(1) or f(*a))
+    got = run()
+    monkeypatch.setattr(dispatch, "on_cuda", lambda x: False)
+    want = run()
+    assert len(calls) == 1
+    for g, w in zip(got, want):
+        rtol = 1e-5 if g.dtype == torch.float32 else 2**-7
+        err = (g.float() - w.float()).abs()
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert (err <= 1e-6 + rtol * (w.float().abs().max() if w.dim() == 1 else w.float().abs())).all()
+
+
 @pytest.mark.parametrize("strided", [False, True])
 def test_softplus_decay_keeps_only_its_own_inputs(fake_gpu, strided):
     # x a slice of a wider projection (Mamba-2's dt in its in_proj output): the kernel keeps x's own copy, not the
